@@ -1,0 +1,49 @@
+//! Configuration pieces shared by the daemons: each binary flattens [`CommonArgs`] into its
+//! own clap struct, so every setting is both a flag and an environment variable.
+
+use std::net::SocketAddr;
+
+use crate::telemetry::LogFormat;
+
+pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+pub const DEFAULT_EXCHANGE: &str = "credits.events";
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct CommonArgs {
+    /// RabbitMQ URL.
+    #[arg(long, env = "AMQP_URL", default_value = DEFAULT_AMQP_URL)]
+    pub amqp_url: String,
+    /// Topic exchange that events are published to.
+    #[arg(long, env = "CREDITS_EXCHANGE", default_value = DEFAULT_EXCHANGE)]
+    pub exchange: String,
+    /// When set, every RPC but health needs `authorization: Bearer <token>`.
+    #[arg(long, env = "CREDITS_AUTH_TOKEN", hide_env_values = true)]
+    pub auth_token: Option<String>,
+    /// Log format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Address of the Prometheus metrics endpoint (`/metrics`); "off" disables it.
+    #[arg(long, env = "METRICS_ADDR")]
+    pub metrics_addr: Option<String>,
+}
+
+impl CommonArgs {
+    /// The metrics address, with `default` when unset and `None` when "off".
+    pub fn metrics_addr_or(&self, default: SocketAddr) -> anyhow::Result<Option<SocketAddr>> {
+        match self.metrics_addr.as_deref() {
+            None => Ok(Some(default)),
+            Some("off") | Some("") => Ok(None),
+            Some(s) => Ok(Some(s.parse().map_err(|e| anyhow::anyhow!("METRICS_ADDR {s:?}: {e}"))?)),
+        }
+    }
+}
+
+/// Installs the global Prometheus recorder with its HTTP listener (`GET /metrics`).
+pub fn install_metrics(addr: SocketAddr) -> anyhow::Result<()> {
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .install()
+        .map_err(|e| anyhow::anyhow!("cannot serve metrics on {addr}: {e}"))?;
+    tracing::info!(%addr, "metrics listening");
+    Ok(())
+}

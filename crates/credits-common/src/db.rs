@@ -1,0 +1,106 @@
+//! Database start-up: create the daemon's database if it is missing, connect, and keep
+//! retrying with backoff (one clear line naming the URL each time) while PostgreSQL is
+//! unreachable, instead of crashing.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, PgPool};
+use tokio_util::sync::CancellationToken;
+
+/// The URL with any password replaced, for logs.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    match rest.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
+/// Connects to `url`, creating its database first if needed. Retries until it succeeds or
+/// `shutdown` is cancelled.
+pub async fn connect(url: &str, max_connections: u32, shutdown: &CancellationToken) -> anyhow::Result<PgPool> {
+    let opts = PgConnectOptions::from_str(url)
+        .map_err(|e| anyhow::anyhow!("invalid database URL {}: {e}", redact_url(url)))?
+        .application_name("credits")
+        .log_statements(tracing::log::LevelFilter::Trace);
+    let mut delay = Duration::from_millis(200);
+    loop {
+        let attempt = async {
+            ensure_database(&opts).await?;
+            PgPoolOptions::new()
+                .max_connections(max_connections)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect_with(opts.clone())
+                .await
+        };
+        match attempt.await {
+            Ok(pool) => return Ok(pool),
+            Err(e) => {
+                tracing::warn!(
+                    "cannot reach PostgreSQL at {}: {e}; retrying in {:.1}s",
+                    redact_url(url),
+                    delay.as_secs_f32()
+                );
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {},
+            _ = shutdown.cancelled() => anyhow::bail!("shut down while waiting for PostgreSQL"),
+        }
+        delay = (delay * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// Creates the database named in `opts` when it does not exist, through the `postgres`
+/// maintenance database. Racing creators are fine: "already exists" counts as success.
+async fn ensure_database(opts: &PgConnectOptions) -> Result<(), sqlx::Error> {
+    let Some(name) = opts.get_database().map(str::to_owned) else {
+        return Ok(());
+    };
+    // Connecting to the database itself is the cheap, common case.
+    if let Ok(conn) = opts.connect().await {
+        let _ = conn.close().await;
+        return Ok(());
+    }
+    let mut admin = opts.clone().database("postgres").connect().await?;
+    let exists: Option<i32> = sqlx::query_scalar("SELECT 1 FROM pg_database WHERE datname = $1")
+        .bind(&name)
+        .fetch_optional(&mut admin)
+        .await?;
+    if exists.is_none() {
+        let sql = format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""));
+        match sqlx::query(&sql).execute(&mut admin).await {
+            Ok(_) => tracing::info!(database = %name, "created database"),
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => {}
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("23505") => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let _ = admin.close().await;
+    Ok(())
+}
+
+/// True for errors that mean "the database went away", worth a retry rather than a 500.
+pub fn is_connection_error(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed)
+        || matches!(e, sqlx::Error::Database(d) if d.code().as_deref().is_some_and(|c| c.starts_with("57P") || c.starts_with("08")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn passwords_never_reach_logs() {
+        assert_eq!(redact_url("postgres://u:secret@h/db"), "postgres://u:***@h/db");
+        assert_eq!(redact_url("amqp://guest:guest@127.0.0.1:5672/%2f"), "amqp://guest:***@127.0.0.1:5672/%2f");
+        assert_eq!(redact_url("postgres://localhost/db"), "postgres://localhost/db");
+    }
+}

@@ -1,0 +1,36 @@
+//! The gRPC server scaffolding every daemon shares: health (never behind auth), server
+//! reflection (behind auth like every other RPC), and serving on an already-bound listener
+//! until shutdown, so tests can bind port 0.
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Server;
+use tonic::transport::server::{Router, TcpIncoming};
+use tonic_health::server::HealthReporter;
+
+use crate::auth::BearerAuth;
+
+/// A router holding health and reflection; the daemon adds its own service(s).
+pub fn base_router(
+    descriptor_set: &'static [u8],
+    auth: BearerAuth,
+) -> anyhow::Result<(Router, HealthReporter)> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(descriptor_set)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let router = Server::builder()
+        .tcp_nodelay(true)
+        .add_service(health)
+        .add_service(InterceptedService::new(reflection, auth));
+    Ok((router, reporter))
+}
+
+/// Serves until `shutdown` is cancelled, then lets in-flight RPCs finish.
+pub async fn serve(router: Router, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    router.serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned()).await?;
+    Ok(())
+}

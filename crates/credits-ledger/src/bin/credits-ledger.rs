@@ -1,0 +1,41 @@
+//! `credits-ledger`: clap/env → config → telemetry → `App::build(cfg).run(listener, shutdown)`.
+
+use std::net::SocketAddr;
+
+use clap::Parser;
+use credits_common::config::CommonArgs;
+
+#[derive(Parser, Debug)]
+#[command(name = "credits-ledger", version, about = "The credits ledger daemon")]
+struct Args {
+    /// PostgreSQL URL of the ledger's own database (created if missing).
+    #[arg(long, env = "DATABASE_URL", default_value = credits_ledger::DEFAULT_DATABASE_URL)]
+    database_url: String,
+    /// gRPC listen address.
+    #[arg(long, env = "LEDGER_LISTEN_ADDR", default_value = credits_ledger::DEFAULT_LISTEN)]
+    listen: SocketAddr,
+    /// Most PostgreSQL connections in the pool.
+    #[arg(long, env = "DB_MAX_CONNECTIONS", default_value_t = 32)]
+    db_max_connections: u32,
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    credits_common::telemetry::init(args.common.log_format, "info");
+    if let Some(addr) = args.common.metrics_addr_or(credits_ledger::DEFAULT_METRICS.parse()?)? {
+        credits_common::config::install_metrics(addr)?;
+    }
+    let shutdown = credits_common::shutdown::on_signal();
+    let mut cfg = credits_ledger::Config::new(&args.database_url, &args.common.amqp_url);
+    cfg.exchange = args.common.exchange.clone();
+    cfg.auth_token = args.common.auth_token.clone();
+    cfg.db_max_connections = args.db_max_connections;
+    let app = credits_ledger::App::build(cfg, &shutdown).await?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
+    app.run(listener, shutdown).await
+}

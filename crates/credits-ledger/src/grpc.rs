@@ -1,0 +1,319 @@
+//! The gRPC edge of the ledger: converts wire types to domain requests (validating every
+//! field, SPEC §4), calls the store, and converts results back. The only module that knows
+//! prost types.
+
+use chrono::{DateTime, Utc};
+use credits_common::Money;
+use credits_proto::ledger::v1 as pb;
+use tonic::{Request, Response, Status};
+
+use crate::domain::*;
+use crate::store::Store;
+
+pub const DEFAULT_PAGE_SIZE: i32 = 50;
+pub const MAX_PAGE_SIZE: i32 = 500;
+pub const MAX_BATCH: usize = 1000;
+
+pub struct LedgerGrpc {
+    store: Store,
+}
+
+impl LedgerGrpc {
+    pub fn new(store: Store) -> Self {
+        Self { store }
+    }
+}
+
+pub fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp { seconds: t.timestamp(), nanos: t.timestamp_subsec_nanos() as i32 }
+}
+
+fn billing_mode_from_wire(v: i32) -> Result<BillingMode, LedgerError> {
+    match pb::BillingMode::try_from(v) {
+        Ok(pb::BillingMode::Unspecified | pb::BillingMode::Prepaid) => Ok(BillingMode::PREPAID),
+        Ok(pb::BillingMode::Contract) => Ok(BillingMode::CONTRACT),
+        Err(_) => Err(LedgerError::invalid(format!("billing_mode: unknown value {v}"))),
+    }
+}
+
+fn billing_mode_to_wire(m: BillingMode) -> pb::BillingMode {
+    match m {
+        BillingMode::PREPAID => pb::BillingMode::Prepaid,
+        BillingMode::CONTRACT => pb::BillingMode::Contract,
+    }
+}
+
+fn access_to_wire(a: Access) -> pb::Access {
+    match a {
+        Access::PENDING_FIRST_PURCHASE => pb::Access::PendingFirstPurchase,
+        Access::ACTIVE => pb::Access::Active,
+        Access::SUSPENDED => pb::Access::Suspended,
+    }
+}
+
+fn category_from_wire(v: i32) -> Result<UsageCategory, LedgerError> {
+    match pb::UsageCategory::try_from(v) {
+        Ok(pb::UsageCategory::ApiRequests) => Ok(UsageCategory::API_REQUESTS),
+        Ok(pb::UsageCategory::DedicatedEndpoints) => Ok(UsageCategory::DEDICATED_ENDPOINTS),
+        Ok(pb::UsageCategory::FineTuning) => Ok(UsageCategory::FINE_TUNING),
+        Ok(pb::UsageCategory::Evaluations) => Ok(UsageCategory::EVALUATIONS),
+        Ok(pb::UsageCategory::Other) => Ok(UsageCategory::OTHER),
+        Ok(pb::UsageCategory::Unspecified) => Err(LedgerError::invalid(
+            "category: is required (API_REQUESTS, DEDICATED_ENDPOINTS, FINE_TUNING, EVALUATIONS or OTHER)",
+        )),
+        Err(_) => Err(LedgerError::invalid(format!("category: unknown value {v}"))),
+    }
+}
+
+fn category_to_wire(c: UsageCategory) -> pb::UsageCategory {
+    match c {
+        UsageCategory::API_REQUESTS => pb::UsageCategory::ApiRequests,
+        UsageCategory::DEDICATED_ENDPOINTS => pb::UsageCategory::DedicatedEndpoints,
+        UsageCategory::FINE_TUNING => pb::UsageCategory::FineTuning,
+        UsageCategory::EVALUATIONS => pb::UsageCategory::Evaluations,
+        UsageCategory::OTHER => pb::UsageCategory::Other,
+    }
+}
+
+fn source_from_wire(v: i32) -> Result<CreditSource, LedgerError> {
+    match pb::CreditSource::try_from(v) {
+        Ok(pb::CreditSource::Purchase) => Ok(CreditSource::PURCHASE),
+        Ok(pb::CreditSource::AutoRecharge) => Ok(CreditSource::AUTO_RECHARGE),
+        Ok(pb::CreditSource::Grant) => Ok(CreditSource::GRANT),
+        Ok(pb::CreditSource::Adjustment) => Ok(CreditSource::ADJUSTMENT),
+        Ok(pb::CreditSource::Unspecified) => Err(LedgerError::invalid(
+            "source: is required (PURCHASE, AUTO_RECHARGE, GRANT or ADJUSTMENT)",
+        )),
+        Err(_) => Err(LedgerError::invalid(format!("source: unknown value {v}"))),
+    }
+}
+
+fn source_to_wire(s: CreditSource) -> pb::CreditSource {
+    match s {
+        CreditSource::PURCHASE => pb::CreditSource::Purchase,
+        CreditSource::AUTO_RECHARGE => pb::CreditSource::AutoRecharge,
+        CreditSource::GRANT => pb::CreditSource::Grant,
+        CreditSource::ADJUSTMENT => pb::CreditSource::Adjustment,
+    }
+}
+
+fn account_to_wire(a: Account) -> pb::Account {
+    pb::Account {
+        account_id: a.account_id.as_str().to_owned(),
+        billing_mode: billing_mode_to_wire(a.billing_mode) as i32,
+        display_name: a.display_name,
+        balance: a.balance.to_wire(),
+        access: access_to_wire(a.access) as i32,
+        created_at: Some(timestamp(a.created_at)),
+        balance_threshold: a.threshold.map(|t| t.to_wire()).unwrap_or_default(),
+    }
+}
+
+fn entry_to_wire(e: Entry) -> pb::Entry {
+    let (kind, category, source) = match e.posting {
+        Posting::Usage(c) => (pb::EntryKind::Usage, category_to_wire(c), pb::CreditSource::Unspecified),
+        Posting::Credit(s) => (pb::EntryKind::Credit, pb::UsageCategory::Unspecified, source_to_wire(s)),
+    };
+    pb::Entry {
+        entry_id: e.entry_id.to_string(),
+        account_id: e.account_id.as_str().to_owned(),
+        kind: kind as i32,
+        category: category as i32,
+        source: source as i32,
+        amount: e.amount.to_wire(),
+        balance_after: e.balance_after.to_wire(),
+        reference: e.reference,
+        created_at: Some(timestamp(e.created_at)),
+        description: e.description,
+        idempotency_key: e.idempotency_key,
+    }
+}
+
+fn usage_request(r: &pb::RecordUsageRequest) -> Result<PostingRequest, LedgerError> {
+    Ok(PostingRequest {
+        account_id: AccountId::parse(&r.account_id)?,
+        posting: Posting::Usage(category_from_wire(r.category)?),
+        amount: Money::parse_positive("amount", &r.amount)?,
+        reference: String::new(),
+        description: bounded_text("description", &r.description, 1024)?,
+        idempotency_key: IdempotencyKey::parse(&r.idempotency_key)?,
+    })
+}
+
+fn usage_response(p: Posted) -> pb::RecordUsageResponse {
+    pb::RecordUsageResponse {
+        balance: p.balance.to_wire(),
+        allowed: p.access.allows_api(),
+        entry: Some(entry_to_wire(p.entry)),
+    }
+}
+
+fn page_size(v: i32) -> Result<i64, LedgerError> {
+    match v {
+        v if v < 0 => Err(LedgerError::invalid("page_size: must not be negative")),
+        0 => Ok(DEFAULT_PAGE_SIZE as i64),
+        v => Ok(v.min(MAX_PAGE_SIZE) as i64),
+    }
+}
+
+fn page_token(s: &str) -> Result<Option<i64>, LedgerError> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    s.parse::<i64>()
+        .ok()
+        .filter(|v| *v > 0)
+        .map(Some)
+        .ok_or_else(|| LedgerError::invalid("page_token: not a token returned by ListEntries"))
+}
+
+fn record_posted(p: &Posted) {
+    if p.replayed {
+        metrics::counter!("credits_ledger_idempotent_replays_total").increment(1);
+        return;
+    }
+    match p.entry.posting {
+        Posting::Usage(c) => metrics::counter!("credits_ledger_usage_entries_total", "category" => c.as_str()).increment(1),
+        Posting::Credit(s) => metrics::counter!("credits_ledger_credit_entries_total", "source" => s.as_str()).increment(1),
+    }
+}
+
+#[tonic::async_trait]
+impl pb::ledger_service_server::LedgerService for LedgerGrpc {
+    async fn create_account(&self, req: Request<pb::CreateAccountRequest>) -> Result<Response<pb::Account>, Status> {
+        let r = req.into_inner();
+        let new = NewAccount {
+            account_id: AccountId::parse(&r.account_id)?,
+            billing_mode: billing_mode_from_wire(r.billing_mode)?,
+            display_name: bounded_text("display_name", &r.display_name, 200)?,
+        };
+        let account = self.store.create_account(&new).await?;
+        tracing::info!(account_id = %account.account_id.as_str(), billing_mode = account.billing_mode.as_str(), "account created");
+        Ok(Response::new(account_to_wire(account)))
+    }
+
+    async fn get_account(&self, req: Request<pb::GetAccountRequest>) -> Result<Response<pb::Account>, Status> {
+        let id = AccountId::parse(&req.into_inner().account_id)?;
+        Ok(Response::new(account_to_wire(self.store.get_account(&id).await?)))
+    }
+
+    async fn check_access(&self, req: Request<pb::CheckAccessRequest>) -> Result<Response<pb::CheckAccessResponse>, Status> {
+        let id = AccountId::parse(&req.into_inner().account_id)?;
+        let (access, balance) = self.store.access(&id).await?;
+        Ok(Response::new(pb::CheckAccessResponse {
+            allowed: access.allows_api(),
+            access: access_to_wire(access) as i32,
+            balance: balance.to_wire(),
+        }))
+    }
+
+    async fn record_usage(&self, req: Request<pb::RecordUsageRequest>) -> Result<Response<pb::RecordUsageResponse>, Status> {
+        let posting = usage_request(req.get_ref())?;
+        let posted = self.store.post(&posting).await?;
+        record_posted(&posted);
+        Ok(Response::new(usage_response(posted)))
+    }
+
+    async fn record_usage_batch(
+        &self,
+        req: Request<pb::RecordUsageBatchRequest>,
+    ) -> Result<Response<pb::RecordUsageBatchResponse>, Status> {
+        let items = req.into_inner().items;
+        if items.len() > MAX_BATCH {
+            return Err(LedgerError::invalid(format!("items: at most {MAX_BATCH} per batch")).into());
+        }
+        // Items that fail validation get their error in place; the rest go to the database
+        // in one statement.
+        let parsed: Vec<Result<PostingRequest, LedgerError>> = items.iter().map(usage_request).collect();
+        let valid: Vec<PostingRequest> = parsed.iter().filter_map(|p| p.as_ref().ok().cloned()).collect();
+        let mut posted = self.store.post_batch(&valid).await?.into_iter();
+        let results = parsed
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let outcome = match p {
+                    Ok(_) => posted.next().unwrap_or_else(|| Err(LedgerError::Internal("missing batch result".into()))),
+                    Err(e) => Err(e),
+                };
+                let result = match outcome {
+                    Ok(p) => {
+                        record_posted(&p);
+                        pb::record_usage_batch_result::Result::Ok(usage_response(p))
+                    }
+                    Err(e) => {
+                        let status = Status::from(e);
+                        pb::record_usage_batch_result::Result::Error(pb::Status {
+                            code: status.code() as i32,
+                            message: format!("items[{i}]: {}", status.message()),
+                        })
+                    }
+                };
+                pb::RecordUsageBatchResult { result: Some(result) }
+            })
+            .collect();
+        Ok(Response::new(pb::RecordUsageBatchResponse { results }))
+    }
+
+    async fn add_credits(&self, req: Request<pb::AddCreditsRequest>) -> Result<Response<pb::AddCreditsResponse>, Status> {
+        let r = req.into_inner();
+        let posting = PostingRequest {
+            account_id: AccountId::parse(&r.account_id)?,
+            posting: Posting::Credit(source_from_wire(r.source)?),
+            amount: Money::parse_positive("amount", &r.amount)?,
+            reference: bounded_text("reference", &r.reference, 255)?,
+            description: bounded_text("description", &r.description, 1024)?,
+            idempotency_key: IdempotencyKey::parse(&r.idempotency_key)?,
+        };
+        let posted = self.store.post(&posting).await?;
+        record_posted(&posted);
+        if !posted.replayed {
+            tracing::info!(
+                account_id = %posting.account_id.as_str(),
+                amount = %posting.amount,
+                reference = %posting.reference,
+                balance = %posted.balance,
+                "credits added"
+            );
+        }
+        Ok(Response::new(pb::AddCreditsResponse {
+            balance: posted.balance.to_wire(),
+            entry: Some(entry_to_wire(posted.entry)),
+        }))
+    }
+
+    async fn list_entries(&self, req: Request<pb::ListEntriesRequest>) -> Result<Response<pb::ListEntriesResponse>, Status> {
+        let r = req.into_inner();
+        let id = AccountId::parse(&r.account_id)?;
+        let limit = page_size(r.page_size)?;
+        let before = page_token(&r.page_token)?;
+        let entries = self.store.list_entries(&id, before, limit).await?;
+        let next_page_token = match entries.last() {
+            Some(last) if entries.len() as i64 == limit && last.seq > 1 => last.seq.to_string(),
+            _ => String::new(),
+        };
+        Ok(Response::new(pb::ListEntriesResponse {
+            entries: entries.into_iter().map(entry_to_wire).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn set_balance_threshold(
+        &self,
+        req: Request<pb::SetBalanceThresholdRequest>,
+    ) -> Result<Response<pb::BalanceThreshold>, Status> {
+        let r = req.into_inner();
+        let id = AccountId::parse(&r.account_id)?;
+        let threshold = Money::parse_non_negative("threshold", &r.threshold).map_err(LedgerError::from)?;
+        self.store.set_threshold(&id, Some(threshold)).await?;
+        Ok(Response::new(pb::BalanceThreshold { account_id: r.account_id, threshold: threshold.to_wire() }))
+    }
+
+    async fn clear_balance_threshold(
+        &self,
+        req: Request<pb::ClearBalanceThresholdRequest>,
+    ) -> Result<Response<pb::ClearBalanceThresholdResponse>, Status> {
+        let id = AccountId::parse(&req.into_inner().account_id)?;
+        self.store.set_threshold(&id, None).await?;
+        Ok(Response::new(pb::ClearBalanceThresholdResponse {}))
+    }
+}

@@ -1,0 +1,98 @@
+//! The ledger daemon: the only writer of money movements.
+//!
+//! It owns accounts, the append-only journal (`entries`), balances, access state (R3–R5)
+//! and balance thresholds, in its own PostgreSQL database. Layout:
+//! - [`domain`]: types and rules, no I/O;
+//! - [`store`]: SQL (one `ledger_post` call per posting);
+//! - [`grpc`]: the `LedgerService` edge, wire ↔ domain;
+//! - this module: configuration and the [`App`] that wires them with the outbox relay.
+
+pub mod domain;
+pub mod grpc;
+pub mod store;
+
+use std::time::Duration;
+
+use credits_common::auth::BearerAuth;
+use credits_common::outbox::{RelayConfig, run_relay};
+use credits_proto::ledger::v1::ledger_service_server::LedgerServiceServer;
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+pub const DEFAULT_DATABASE_URL: &str = "postgres://localhost/credits_ledger";
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:50051";
+pub const DEFAULT_METRICS: &str = "0.0.0.0:9151";
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub database_url: String,
+    pub amqp_url: String,
+    pub exchange: String,
+    pub auth_token: Option<String>,
+    pub db_max_connections: u32,
+    /// How often the outbox relay looks for events when no notification arrives.
+    pub relay_poll: Duration,
+    /// Name of the AMQP connection, as shown by `rabbitmqctl list_connections`.
+    pub amqp_connection_name: String,
+}
+
+impl Config {
+    pub fn new(database_url: &str, amqp_url: &str) -> Self {
+        Self {
+            database_url: database_url.to_owned(),
+            amqp_url: amqp_url.to_owned(),
+            exchange: credits_common::config::DEFAULT_EXCHANGE.to_owned(),
+            auth_token: None,
+            db_max_connections: 32,
+            relay_poll: Duration::from_millis(500),
+            amqp_connection_name: "credits-ledger".to_owned(),
+        }
+    }
+}
+
+pub struct App {
+    cfg: Config,
+    pool: PgPool,
+}
+
+impl App {
+    /// Connects to PostgreSQL (creating the database if missing, retrying while it is
+    /// unreachable) and runs migrations.
+    pub async fn build(cfg: Config, shutdown: &CancellationToken) -> anyhow::Result<App> {
+        let pool = credits_common::db::connect(&cfg.database_url, cfg.db_max_connections, shutdown).await?;
+        MIGRATOR.run(&pool).await?;
+        Ok(App { cfg, pool })
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Serves gRPC on `listener` and relays the outbox until `shutdown` is cancelled.
+    pub async fn run(self, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let relay = tokio::spawn(run_relay(
+            self.pool.clone(),
+            RelayConfig {
+                amqp_url: self.cfg.amqp_url.clone(),
+                exchange: self.cfg.exchange.clone(),
+                connection_name: self.cfg.amqp_connection_name.clone(),
+                poll_interval: self.cfg.relay_poll,
+            },
+            shutdown.clone(),
+        ));
+        let auth = BearerAuth::new(self.cfg.auth_token.clone());
+        let (router, health) = credits_common::grpc::base_router(credits_proto::FILE_DESCRIPTOR_SET, auth.clone())?;
+        let svc = LedgerServiceServer::with_interceptor(grpc::LedgerGrpc::new(store::Store::new(self.pool.clone())), auth);
+        health.set_serving::<LedgerServiceServer<grpc::LedgerGrpc>>().await;
+        tracing::info!(addr = %listener.local_addr()?, "ledger listening");
+        let served = credits_common::grpc::serve(router.add_service(svc), listener, shutdown.clone()).await;
+        shutdown.cancel();
+        let _ = relay.await;
+        self.pool.close().await;
+        tracing::info!("ledger stopped");
+        served
+    }
+}
