@@ -1,1 +1,795 @@
+//! Ledger integration tests: an in-process ledger on port 0, its own database and
+//! exchange, the machine's real PostgreSQL and RabbitMQ, driven over real gRPC.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use credits_proto::ledger::v1 as pb;
+use credits_proto::ledger::v1::ledger_service_client::LedgerServiceClient;
+use credits_tests::{EventTap, Ledger, LedgerOptions, kill_amqp_connections};
+use rust_decimal::Decimal;
+use tonic::Code;
+use tonic::transport::Channel;
+
+type Client = LedgerServiceClient<Channel>;
+
+const EVENT_WAIT: Duration = Duration::from_secs(10);
+
+fn dec(s: &str) -> Decimal {
+    s.parse().unwrap()
+}
+
+async fn create(c: &mut Client, id: &str, mode: pb::BillingMode) -> pb::Account {
+    c.create_account(pb::CreateAccountRequest {
+        account_id: id.into(),
+        billing_mode: mode as i32,
+        display_name: format!("{id} Inc."),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+async fn credit(
+    c: &mut Client,
+    id: &str,
+    amount: &str,
+    source: pb::CreditSource,
+    key: &str,
+) -> pb::AddCreditsResponse {
+    c.add_credits(pb::AddCreditsRequest {
+        account_id: id.into(),
+        amount: amount.into(),
+        source: source as i32,
+        reference: format!("ch_{key}"),
+        idempotency_key: key.into(),
+        description: String::new(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+fn usage_req(id: &str, amount: &str, key: &str) -> pb::RecordUsageRequest {
+    pb::RecordUsageRequest {
+        account_id: id.into(),
+        category: pb::UsageCategory::ApiRequests as i32,
+        amount: amount.into(),
+        idempotency_key: key.into(),
+        description: "chat completions".into(),
+    }
+}
+
+async fn usage(c: &mut Client, id: &str, amount: &str, key: &str) -> pb::RecordUsageResponse {
+    c.record_usage(usage_req(id, amount, key))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+async fn access(c: &mut Client, id: &str) -> pb::CheckAccessResponse {
+    c.check_access(pb::CheckAccessRequest {
+        account_id: id.into(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+async fn all_entries(c: &mut Client, id: &str) -> Vec<pb::Entry> {
+    let mut out = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = c
+            .list_entries(pb::ListEntriesRequest {
+                account_id: id.into(),
+                page_size: 500,
+                page_token: token,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        out.extend(page.entries);
+        if page.next_page_token.is_empty() {
+            return out;
+        }
+        token = page.next_page_token;
+    }
+}
+
+/// Balance recomputed from the journal in SQL, for the "balance = sum of journal" invariant.
+async fn journal_sum(ledger: &Ledger, id: &str) -> (Decimal, Decimal) {
+    let mut db = ledger.db().await;
+    sqlx::query_as::<_, (Decimal, Decimal)>(
+        "SELECT a.balance, COALESCE(sum(CASE e.kind WHEN 'CREDIT' THEN e.amount ELSE -e.amount END), 0)
+         FROM accounts a LEFT JOIN entries e USING (account_id) WHERE a.account_id = $1 GROUP BY a.balance",
+    )
+    .bind(id)
+    .fetch_one(&mut db)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn new_prepaid_account_has_no_access_until_first_purchase_r3() {
+    let ledger = Ledger::start().await;
+    let mut c = ledger.client().await;
+    let acct = create(&mut c, "acme", pb::BillingMode::Unspecified).await;
+    assert_eq!(acct.billing_mode, pb::BillingMode::Prepaid as i32);
+    assert_eq!(acct.access, pb::Access::PendingFirstPurchase as i32);
+    assert_eq!(acct.balance, "0.00");
+    assert!(!access(&mut c, "acme").await.allowed);
+
+    // A grant is not a purchase: still no access.
+    credit(&mut c, "acme", "3.00", pb::CreditSource::Grant, "grant-1").await;
+    let a = access(&mut c, "acme").await;
+    assert!(!a.allowed);
+    assert_eq!(a.access, pb::Access::PendingFirstPurchase as i32);
+
+    let r = credit(&mut c, "acme", "25.00", pb::CreditSource::Purchase, "buy-1").await;
+    assert_eq!(r.balance, "28.00");
+    let a = access(&mut c, "acme").await;
+    assert!(a.allowed);
+    assert_eq!(a.access, pb::Access::Active as i32);
+    ledger.stop().await;
+}
+
+#[tokio::test]
+async fn usage_past_zero_is_recorded_suspends_and_credits_reactivate_r4() {
+    let ledger = Ledger::start().await;
+    let mut tap = EventTap::bind(&ledger.exchange, "ledger.account.*").await;
+    let mut c = ledger.client().await;
+    create(&mut c, "acme", pb::BillingMode::Prepaid).await;
+    credit(&mut c, "acme", "5.00", pb::CreditSource::Purchase, "buy-1").await;
+    assert!(
+        tap.next_of("ledger.account.activated", EVENT_WAIT)
+            .await
+            .is_some()
+    );
+
+    let r = usage(&mut c, "acme", "4.999999999", "u1").await;
+    assert!(r.allowed);
+    assert_eq!(r.balance, "0.000000001");
+    // Served usage is recorded even though it takes the balance below zero.
+    let r = usage(&mut c, "acme", "2", "u2").await;
+    assert!(!r.allowed);
+    assert_eq!(r.balance, "-1.999999999");
+    assert_eq!(r.entry.unwrap().balance_after, "-1.999999999");
+    assert_eq!(
+        access(&mut c, "acme").await.access,
+        pb::Access::Suspended as i32
+    );
+    let ev = tap
+        .next_of("ledger.account.suspended", EVENT_WAIT)
+        .await
+        .expect("suspended event");
+    assert_eq!(ev["data"]["balance"], "-1.999999999");
+
+    // Exactly zero is still suspended.
+    credit(
+        &mut c,
+        "acme",
+        "1.999999999",
+        pb::CreditSource::Adjustment,
+        "adj-1",
+    )
+    .await;
+    assert!(!access(&mut c, "acme").await.allowed);
+    credit(&mut c, "acme", "0.01", pb::CreditSource::Purchase, "buy-2").await;
+    assert!(access(&mut c, "acme").await.allowed);
+    let ev = tap
+        .next_of("ledger.account.reactivated", EVENT_WAIT)
+        .await
+        .expect("reactivated event");
+    assert_eq!(ev["account_id"], "acme");
+    assert_eq!(ev["data"]["balance"], "0.01");
+    ledger.stop().await;
+}
+
+#[tokio::test]
+async fn contract_accounts_are_never_suspended_r5() {
+    let ledger = Ledger::start().await;
+    let mut tap = EventTap::bind(&ledger.exchange, "ledger.account.*").await;
+    let mut c = ledger.client().await;
+    let acct = create(&mut c, "bigco", pb::BillingMode::Contract).await;
+    assert_eq!(acct.access, pb::Access::Active as i32);
+    let r = usage(&mut c, "bigco", "1000.50", "u1").await;
+    assert!(r.allowed);
+    assert_eq!(r.balance, "-1000.50");
+    assert!(access(&mut c, "bigco").await.allowed);
+    assert!(
+        tap.drain(Duration::from_secs(1)).await.is_empty(),
+        "no access events for contract accounts"
+    );
+    ledger.stop().await;
+}
+
+#[tokio::test]
+async fn create_account_is_idempotent_but_refuses_different_settings() {
+    let ledger = Ledger::start().await;
+    let mut c = ledger.client().await;
+    let a = create(&mut c, "acme", pb::BillingMode::Prepaid).await;
+    let b = create(&mut c, "acme", pb::BillingMode::Prepaid).await;
+    assert_eq!(a.created_at, b.created_at);
+    let err = c
+        .create_account(pb::CreateAccountRequest {
+            account_id: "acme".into(),
+            billing_mode: pb::BillingMode::Contract as i32,
+            display_name: "acme Inc.".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists);
+    let err = c
+        .get_account(pb::GetAccountRequest {
+            account_id: "nobody".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    ledger.stop().await;
+}
+
+#[tokio::test]
+async fn same_key_same_request_returns_first_result_different_request_is_rejected_r12() {
+    let ledger = Ledger::start().await;
+    let mut c = ledger.client().await;
+    create(&mut c, "acme", pb::BillingMode::Prepaid).await;
+    create(&mut c, "other", pb::BillingMode::Prepaid).await;
+    credit(&mut c, "acme", "10", pb::CreditSource::Purchase, "buy").await;
+    let first = usage(&mut c, "acme", "1.25", "req-1").await;
+    usage(&mut c, "acme", "1", "req-2").await;
+    let again = usage(&mut c, "acme", "1.250", "req-1").await;
+    assert_eq!(first.entry, again.entry, "replay returns the first entry");
+    assert_eq!(again.entry.as_ref().unwrap().balance_after, "8.75");
+
+    let err = c
+        .record_usage(usage_req("acme", "2.00", "req-1"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists);
+    assert!(
+        err.message().contains("idempotency_key"),
+        "{}",
+        err.message()
+    );
+    // A credit reusing a usage key is a different request too.
+    let err = c
+        .add_credits(pb::AddCreditsRequest {
+            account_id: "acme".into(),
+            amount: "1.25".into(),
+            source: pb::CreditSource::Grant as i32,
+            idempotency_key: "req-1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists);
+    assert_eq!(access(&mut c, "acme").await.balance, "7.75");
+    assert_eq!(all_entries(&mut c, "acme").await.len(), 3);
+
+    // Keys are scoped per account.
+    credit(&mut c, "other", "5", pb::CreditSource::Purchase, "buy").await;
+    assert_eq!(usage(&mut c, "other", "1", "req-1").await.balance, "4.00");
+    ledger.stop().await;
+}
+
+#[tokio::test]
+async fn fifty_concurrent_duplicates_post_once_r12() {
+    let ledger = Ledger::start().await;
+    let mut c = ledger.client().await;
+    create(&mut c, "acme", pb::BillingMode::Prepaid).await;
+    credit(&mut c, "acme", "100", pb::CreditSource::Purchase, "buy").await;
+    let mut tasks = Vec::new();
+    for i in 0..50 {
+        let mut c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            if i % 2 == 0 {
+                c.record_usage(usage_req("acme", "0.5", "dup"))
+                    .await
+                    .map(|r| r.into_inner().entry.unwrap().entry_id)
+            } else {
+                c.add_credits(pb::AddCreditsRequest {
+                    account_id: "acme".into(),
+                    amount: "7".into(),
+                    source: pb::CreditSource::Purchase as i32,
+                    reference: "ch_1".into(),
+                    idempotency_key: "dup-credit".into(),
+                    description: String::new(),
+                })
+                .await
+                .map(|r| r.into_inner().entry.unwrap().entry_id)
+            }
+        }));
+    }
+    let mut usage_ids = std::collections::HashSet::new();
+    let mut credit_ids = std::collections::HashSet::new();
+    for (i, t) in tasks.into_iter().enumerate() {
+        let id = t.await.unwrap().expect("every duplicate succeeds");
+        if i % 2 == 0 {
+            usage_ids.insert(id)
+        } else {
+            credit_ids.insert(id)
+        };
+    }
+    assert_eq!(usage_ids.len(), 1);
+    assert_eq!(credit_ids.len(), 1);
+    assert_eq!(all_entries(&mut c, "acme").await.len(), 3);
+    assert_eq!(access(&mut c, "acme").await.balance, "106.50");
+    ledger.stop().await;
+}
+
+#[tokio::test]
+async fn concurrent_usage_on_one_account_keeps_balance_equal_to_journal() {
+    let ledger = Ledger::start().await;
+    let mut c = ledger.client().await;
+    create(&mut c, "hot", pb::BillingMode::Prepaid).await;
+    credit(&mut c, "hot", "50", pb::CreditSource::Purchase, "buy").await;
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let mut c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            c.record_usage(usage_req("hot", "0.333333333", &format!("u{i}")))
+                .await
+                .unwrap()
+                .into_inner()
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let expected = dec("50") - dec("0.333333333") * Decimal::from(200);
+    assert_eq!(dec(&access(&mut c, "hot").await.balance), expected);
+    let (balance, sum) = journal_sum(&ledger, "hot").await;
+    assert_eq!(balance, sum);
+    assert_eq!(balance, expected);
+    // balance_after forms an unbroken chain: each entry's balance_after follows from the
+    // previous one, so no two postings raced on a stale balance.
+    let mut entries = all_entries(&mut c, "hot").await;
+    entries.reverse();
+    let mut running = Decimal::ZERO;
+    for e in &entries {
+        let amt = dec(&e.amount);
+        running += if e.kind == pb::EntryKind::Credit as i32 {
+            amt
+        } else {
+            -amt
+        };
+        assert_eq!(dec(&e.balance_after), running);
+    }
+    ledger.stop().await;
+}
+
+#[tokio::test]
+async fn threshold_crossing_publishes_exactly_one_event_per_crossing_r7() {
+    let ledger = Ledger::start().await;
+    let mut tap = EventTap::bind(&ledger.exchange, "ledger.balance.#").await;
+    let mut c = ledger.client().await;
+    create(&mut c, "acme", pb::BillingMode::Prepaid).await;
+    credit(&mut c, "acme", "25", pb::CreditSource::Purchase, "buy-1").await;
+    let t = c
+        .set_balance_threshold(pb::SetBalanceThresholdRequest {
+            account_id: "acme".into(),
+            threshold: "10".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(t.threshold, "10.00");
+    assert_eq!(
+        c.get_account(pb::GetAccountRequest {
+            account_id: "acme".into()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .balance_threshold,
+        "10.00"
+    );
+
+    usage(&mut c, "acme", "15", "u1").await; // 10.00: at the threshold is not below it
+    let crossing = usage(&mut c, "acme", "0.01", "u2").await; // 9.99: crossing
+    usage(&mut c, "acme", "1", "u3").await; // 8.99: already below, no event
+    credit(
+        &mut c,
+        "acme",
+        "20",
+        pb::CreditSource::AutoRecharge,
+        "top-1",
+    )
+    .await; // 28.99
+    usage(&mut c, "acme", "30", "u4").await; // -1.01: second crossing
+
+    let events = tap.drain(Duration::from_secs(3)).await;
+    let crossings: Vec<_> = events
+        .iter()
+        .filter(|e| e["type"] == "ledger.balance.threshold_crossed")
+        .collect();
+    assert_eq!(crossings.len(), 2, "{events:#?}");
+    let first = crossings[0];
+    assert_eq!(first["account_id"], "acme");
+    assert_eq!(first["data"]["threshold"], "10.00");
+    assert_eq!(first["data"]["balance_before"], "10.00");
+    assert_eq!(first["data"]["balance_after"], "9.99");
+    assert_eq!(first["data"]["entry_id"], crossing.entry.unwrap().entry_id);
+    assert_eq!(first["_amqp"]["message_id"], first["id"]);
+    assert_eq!(first["_amqp"]["type"], "ledger.balance.threshold_crossed");
+    assert_eq!(first["_amqp"]["content_type"], "application/json");
+    assert_eq!(first["_amqp"]["delivery_mode"], 2);
+    assert_eq!(crossings[1]["data"]["balance_after"], "-1.01");
+
+    // Cleared: no more crossings.
+    c.clear_balance_threshold(pb::ClearBalanceThresholdRequest {
+        account_id: "acme".into(),
+    })
+    .await
+    .unwrap();
+    credit(&mut c, "acme", "50", pb::CreditSource::Purchase, "buy-2").await;
+    usage(&mut c, "acme", "45", "u5").await;
+    assert!(tap.drain(Duration::from_secs(1)).await.is_empty());
+    ledger.stop().await;
+}
+
+#[tokio::test]
+async fn outbox_events_survive_a_rabbitmq_connection_drop() {
+    let ledger = Ledger::start().await;
+    let mut tap = EventTap::bind(&ledger.exchange, "ledger.#").await;
+    let mut c = ledger.client().await;
+    create(&mut c, "acme", pb::BillingMode::Prepaid).await;
+    credit(&mut c, "acme", "20", pb::CreditSource::Purchase, "buy-1").await;
+    assert!(
+        tap.next_of("ledger.account.activated", EVENT_WAIT)
+            .await
+            .is_some()
+    );
+    c.set_balance_threshold(pb::SetBalanceThresholdRequest {
+        account_id: "acme".into(),
+        threshold: "10".into(),
+    })
+    .await
+    .unwrap();
+
+    assert!(
+        kill_amqp_connections(&ledger.connection_name).await >= 1,
+        "the relay's connection was found and closed"
+    );
+    usage(&mut c, "acme", "15", "u1").await;
+    let ev = tap
+        .next_of("ledger.balance.threshold_crossed", Duration::from_secs(30))
+        .await;
+    assert!(
+        ev.is_some(),
+        "the crossing recorded while the connection was down is published after reconnecting"
+    );
+    let mut db = ledger.db().await;
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+        .fetch_one(&mut db)
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "outbox drained");
+    ledger.stop().await;
+}
+
+#[tokio::test]
+async fn entries_list_newest_first_with_pages_r13() {
+    let ledger = Ledger::start().await;
+    let mut c = ledger.client().await;
+    create(&mut c, "acme", pb::BillingMode::Prepaid).await;
+    credit(&mut c, "acme", "10", pb::CreditSource::Purchase, "buy").await;
+    for i in 0..6 {
+        usage(&mut c, "acme", "0.1", &format!("u{i}")).await;
+    }
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    let mut pages = 0;
+    loop {
+        let page = c
+            .list_entries(pb::ListEntriesRequest {
+                account_id: "acme".into(),
+                page_size: 3,
+                page_token: token,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        pages += 1;
+        seen.extend(page.entries);
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(seen.len(), 7);
+    assert!(pages >= 3);
+    let keys: Vec<_> = seen.iter().map(|e| e.idempotency_key.as_str()).collect();
+    assert_eq!(keys, ["u5", "u4", "u3", "u2", "u1", "u0", "buy"]);
+    assert_eq!(seen[6].kind, pb::EntryKind::Credit as i32);
+    assert_eq!(seen[6].source, pb::CreditSource::Purchase as i32);
+    assert_eq!(seen[6].reference, "ch_buy");
+    assert_eq!(seen[0].category, pb::UsageCategory::ApiRequests as i32);
+    ledger.stop().await;
+}
+
+#[tokio::test]
+async fn usage_batch_answers_each_item_in_order() {
+    let ledger = Ledger::start().await;
+    let mut c = ledger.client().await;
+    create(&mut c, "b", pb::BillingMode::Prepaid).await;
+    create(&mut c, "a", pb::BillingMode::Prepaid).await;
+    credit(&mut c, "a", "10", pb::CreditSource::Purchase, "buy").await;
+    credit(&mut c, "b", "10", pb::CreditSource::Purchase, "buy").await;
+    let items = vec![
+        usage_req("b", "1", "k1"),
+        usage_req("a", "2", "k1"),
+        usage_req("a", "-1", "k2"),    // invalid amount
+        usage_req("ghost", "1", "k1"), // unknown account
+        usage_req("b", "1.5", "k2"),
+        usage_req("b", "1", "k1"), // replay of item 0
+        usage_req("b", "9", "k1"), // same key, different request
+    ];
+    let res = c
+        .record_usage_batch(pb::RecordUsageBatchRequest { items })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    use pb::record_usage_batch_result::Result as R;
+    let ok = |i: usize| match &res[i].result {
+        Some(R::Ok(r)) => r.clone(),
+        other => panic!("item {i}: {other:?}"),
+    };
+    let err = |i: usize| match &res[i].result {
+        Some(R::Error(s)) => s.clone(),
+        other => panic!("item {i}: {other:?}"),
+    };
+    assert_eq!(res.len(), 7);
+    assert_eq!(ok(0).balance, "9.00");
+    assert_eq!(ok(1).balance, "8.00");
+    assert_eq!(err(2).code, Code::InvalidArgument as i32);
+    assert!(err(2).message.contains("amount"));
+    assert_eq!(err(3).code, Code::NotFound as i32);
+    assert_eq!(ok(4).entry.unwrap().balance_after, "7.50");
+    assert_eq!(ok(5).entry, ok(0).entry);
+    assert_eq!(err(6).code, Code::AlreadyExists as i32);
+    assert_eq!(access(&mut c, "b").await.balance, "7.50");
+    ledger.stop().await;
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_clear_error_and_changes_nothing_spec_4() {
+    let ledger = Ledger::start().await;
+    let mut c = ledger.client().await;
+    create(&mut c, "acme", pb::BillingMode::Prepaid).await;
+    credit(&mut c, "acme", "10", pb::CreditSource::Purchase, "buy").await;
+
+    let bad_amounts = [
+        "",
+        "-1",
+        "0",
+        "0.00",
+        "NaN",
+        "Infinity",
+        "1e3",
+        "1E-3",
+        "1.0000000001",
+        "+1",
+        " 1",
+        "1,5",
+        "99999999999999999999999999999999999999999",
+        "0x10",
+        "١",
+    ];
+    for amount in bad_amounts {
+        let err = c
+            .record_usage(usage_req("acme", amount, "bad"))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "usage amount {amount:?}");
+        assert!(
+            err.message().starts_with("amount:"),
+            "{amount:?}: {}",
+            err.message()
+        );
+        let err = c
+            .add_credits(pb::AddCreditsRequest {
+                account_id: "acme".into(),
+                amount: amount.into(),
+                source: pb::CreditSource::Purchase as i32,
+                idempotency_key: "bad".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.code(),
+            Code::InvalidArgument,
+            "credit amount {amount:?}"
+        );
+        assert!(err.message().starts_with("amount:"));
+    }
+    let cases: Vec<(pb::RecordUsageRequest, &str)> = vec![
+        (usage_req("", "1", "k"), "account_id"),
+        (usage_req("bad id!", "1", "k"), "account_id"),
+        (usage_req(&"x".repeat(65), "1", "k"), "account_id"),
+        (usage_req("acme", "1", ""), "idempotency_key"),
+        (usage_req("acme", "1", &"k".repeat(256)), "idempotency_key"),
+        (
+            pb::RecordUsageRequest {
+                category: 0,
+                ..usage_req("acme", "1", "k")
+            },
+            "category",
+        ),
+        (
+            pb::RecordUsageRequest {
+                category: 99,
+                ..usage_req("acme", "1", "k")
+            },
+            "category",
+        ),
+        (
+            pb::RecordUsageRequest {
+                description: "d".repeat(1025),
+                ..usage_req("acme", "1", "k")
+            },
+            "description",
+        ),
+    ];
+    for (req, field) in cases {
+        let err = c.record_usage(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(
+            err.message().starts_with(field),
+            "{field}: {}",
+            err.message()
+        );
+    }
+    let err = c
+        .add_credits(pb::AddCreditsRequest {
+            account_id: "acme".into(),
+            amount: "1".into(),
+            idempotency_key: "k".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("source"));
+    for threshold in ["-1", "", "abc", "1e2"] {
+        let err = c
+            .set_balance_threshold(pb::SetBalanceThresholdRequest {
+                account_id: "acme".into(),
+                threshold: threshold.into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{threshold:?}");
+        assert!(err.message().starts_with("threshold"));
+    }
+    let err = c
+        .create_account(pb::CreateAccountRequest {
+            account_id: "x".into(),
+            billing_mode: 7,
+            display_name: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("billing_mode"));
+    for (size, token) in [(-1, ""), (10, "garbage"), (10, "-5")] {
+        let err = c
+            .list_entries(pb::ListEntriesRequest {
+                account_id: "acme".into(),
+                page_size: size,
+                page_token: token.into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+    }
+    let err = c
+        .record_usage(usage_req("ghost", "1", "k"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = c
+        .check_access(pb::CheckAccessRequest {
+            account_id: "ghost".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = c
+        .set_balance_threshold(pb::SetBalanceThresholdRequest {
+            account_id: "ghost".into(),
+            threshold: "1".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+
+    // Nothing changed: one entry (the purchase), same balance, no stray accounts.
+    assert_eq!(all_entries(&mut c, "acme").await.len(), 1);
+    assert_eq!(access(&mut c, "acme").await.balance, "10.00");
+    let mut db = ledger.db().await;
+    let accounts: i64 = sqlx::query_scalar("SELECT count(*) FROM accounts")
+        .fetch_one(&mut db)
+        .await
+        .unwrap();
+    assert_eq!(accounts, 1);
+    ledger.stop().await;
+}
+
+#[tokio::test]
+async fn the_journal_is_append_only() {
+    let ledger = Ledger::start().await;
+    let mut c = ledger.client().await;
+    create(&mut c, "acme", pb::BillingMode::Prepaid).await;
+    credit(&mut c, "acme", "10", pb::CreditSource::Purchase, "buy").await;
+    let mut db = ledger.db().await;
+    for sql in [
+        "UPDATE entries SET amount = 1000",
+        "DELETE FROM entries",
+        "TRUNCATE entries CASCADE",
+    ] {
+        let err = sqlx::query(sql).execute(&mut db).await.unwrap_err();
+        assert!(err.to_string().contains("append-only"), "{sql}: {err}");
+    }
+    assert_eq!(all_entries(&mut c, "acme").await[0].amount, "10.00");
+    ledger.stop().await;
+}
+
+#[tokio::test]
+async fn bearer_token_guards_every_rpc_but_health() {
+    let ledger = Ledger::start_with(LedgerOptions {
+        auth_token: Some("s3cret".into()),
+    })
+    .await;
+    let mut c = ledger.client().await;
+    let err = c
+        .check_access(pb::CheckAccessRequest {
+            account_id: "acme".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    let mut req = tonic::Request::new(pb::CheckAccessRequest {
+        account_id: "acme".into(),
+    });
+    req.metadata_mut()
+        .insert("authorization", "Bearer wrong".parse().unwrap());
+    assert_eq!(
+        c.check_access(req).await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
+    let mut req = tonic::Request::new(pb::CheckAccessRequest {
+        account_id: "acme".into(),
+    });
+    req.metadata_mut()
+        .insert("authorization", "Bearer s3cret".parse().unwrap());
+    assert_eq!(
+        c.check_access(req).await.unwrap_err().code(),
+        Code::NotFound,
+        "authenticated, account unknown"
+    );
+
+    let channel = tonic::transport::Endpoint::from_shared(ledger.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "credits.ledger.v1.LedgerService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        status.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    ledger.stop().await;
+}

@@ -66,7 +66,10 @@ impl Publisher {
     }
 
     /// Publishes every message (persistent, JSON) and waits until the broker confirmed all.
-    pub async fn publish_confirmed(&mut self, messages: &[OutgoingMessage]) -> Result<(), PublishError> {
+    pub async fn publish_confirmed(
+        &mut self,
+        messages: &[OutgoingMessage],
+    ) -> Result<(), PublishError> {
         let result = self.try_publish(messages).await;
         if result.is_err() {
             self.state = None;
@@ -107,7 +110,8 @@ impl Publisher {
 
 /// Opens a connection with a name visible in the broker's management tools.
 pub async fn connect(url: &str, connection_name: &str) -> Result<Connection, lapin::Error> {
-    let opts = ConnectionProperties::default().with_connection_name(LongString::from(connection_name));
+    let opts =
+        ConnectionProperties::default().with_connection_name(LongString::from(connection_name));
     Connection::connect(url, opts).await
 }
 
@@ -116,7 +120,10 @@ pub async fn declare_exchange(ch: &Channel, exchange: &str) -> Result<(), lapin:
     ch.exchange_declare(
         exchange.into(),
         ExchangeKind::Topic,
-        ExchangeDeclareOptions { durable: true, ..Default::default() },
+        ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
         FieldTable::default(),
     )
     .await

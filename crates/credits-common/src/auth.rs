@@ -10,7 +10,11 @@ pub struct BearerAuth {
 
 impl BearerAuth {
     pub fn new(token: Option<String>) -> Self {
-        Self { expected: token.filter(|t| !t.is_empty()).map(|t| format!("Bearer {t}")) }
+        Self {
+            expected: token
+                .filter(|t| !t.is_empty())
+                .map(|t| format!("Bearer {t}")),
+        }
     }
 }
 
@@ -19,10 +23,16 @@ impl tonic::service::Interceptor for BearerAuth {
         let Some(expected) = &self.expected else {
             return Ok(req);
         };
-        match req.metadata().get("authorization").and_then(|v| v.to_str().ok()) {
+        match req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+        {
             Some(got) if constant_time_eq(got.as_bytes(), expected.as_bytes()) => Ok(req),
             Some(_) => Err(Status::unauthenticated("invalid bearer token")),
-            None => Err(Status::unauthenticated("missing authorization: Bearer <token>")),
+            None => Err(Status::unauthenticated(
+                "missing authorization: Bearer <token>",
+            )),
         }
     }
 }

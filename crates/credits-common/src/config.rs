@@ -33,7 +33,10 @@ impl CommonArgs {
         match self.metrics_addr.as_deref() {
             None => Ok(Some(default)),
             Some("off") | Some("") => Ok(None),
-            Some(s) => Ok(Some(s.parse().map_err(|e| anyhow::anyhow!("METRICS_ADDR {s:?}: {e}"))?)),
+            Some(s) => Ok(Some(
+                s.parse()
+                    .map_err(|e| anyhow::anyhow!("METRICS_ADDR {s:?}: {e}"))?,
+            )),
         }
     }
 }

@@ -25,7 +25,11 @@ pub fn redact_url(url: &str) -> String {
 
 /// Connects to `url`, creating its database first if needed. Retries until it succeeds or
 /// `shutdown` is cancelled.
-pub async fn connect(url: &str, max_connections: u32, shutdown: &CancellationToken) -> anyhow::Result<PgPool> {
+pub async fn connect(
+    url: &str,
+    max_connections: u32,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<PgPool> {
     let opts = PgConnectOptions::from_str(url)
         .map_err(|e| anyhow::anyhow!("invalid database URL {}: {e}", redact_url(url)))?
         .application_name("credits")
@@ -89,8 +93,10 @@ async fn ensure_database(opts: &PgConnectOptions) -> Result<(), sqlx::Error> {
 
 /// True for errors that mean "the database went away", worth a retry rather than a 500.
 pub fn is_connection_error(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed)
-        || matches!(e, sqlx::Error::Database(d) if d.code().as_deref().is_some_and(|c| c.starts_with("57P") || c.starts_with("08")))
+    matches!(
+        e,
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed
+    ) || matches!(e, sqlx::Error::Database(d) if d.code().as_deref().is_some_and(|c| c.starts_with("57P") || c.starts_with("08")))
 }
 
 #[cfg(test)]
@@ -99,8 +105,17 @@ mod tests {
 
     #[test]
     fn passwords_never_reach_logs() {
-        assert_eq!(redact_url("postgres://u:secret@h/db"), "postgres://u:***@h/db");
-        assert_eq!(redact_url("amqp://guest:guest@127.0.0.1:5672/%2f"), "amqp://guest:***@127.0.0.1:5672/%2f");
-        assert_eq!(redact_url("postgres://localhost/db"), "postgres://localhost/db");
+        assert_eq!(
+            redact_url("postgres://u:secret@h/db"),
+            "postgres://u:***@h/db"
+        );
+        assert_eq!(
+            redact_url("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            "amqp://guest:***@127.0.0.1:5672/%2f"
+        );
+        assert_eq!(
+            redact_url("postgres://localhost/db"),
+            "postgres://localhost/db"
+        );
     }
 }

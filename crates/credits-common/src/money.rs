@@ -32,7 +32,10 @@ pub struct MoneyError {
 
 impl MoneyError {
     fn new(field: &str, reason: impl Into<String>) -> Self {
-        Self { field: field.to_owned(), reason: reason.into() }
+        Self {
+            field: field.to_owned(),
+            reason: reason.into(),
+        }
     }
 }
 
@@ -65,10 +68,16 @@ impl Money {
     /// Parses a wire amount that may be zero but not negative (thresholds, targets).
     pub fn parse_non_negative(field: &str, s: &str) -> Result<Money, MoneyError> {
         if s.is_empty() {
-            return Err(MoneyError::new(field, "is required (a decimal string such as \"12.50\")"));
+            return Err(MoneyError::new(
+                field,
+                "is required (a decimal string such as \"12.50\")",
+            ));
         }
         if s.starts_with('-') {
-            return Err(MoneyError::new(field, format!("must not be negative (got {s:?})")));
+            return Err(MoneyError::new(
+                field,
+                format!("must not be negative (got {s:?})"),
+            ));
         }
         let (int, frac) = match s.split_once('.') {
             Some((i, f)) => (i, Some(f)),
@@ -111,7 +120,10 @@ impl Money {
 
     /// Rounds up to the next whole cent (R8: a top-up never leaves the balance short).
     pub fn ceil_to_cents(&self) -> Money {
-        Money(self.0.round_dp_with_strategy(2, RoundingStrategy::ToPositiveInfinity))
+        Money(
+            self.0
+                .round_dp_with_strategy(2, RoundingStrategy::ToPositiveInfinity),
+        )
     }
 
     pub fn is_positive(&self) -> bool {
@@ -177,14 +189,36 @@ mod tests {
         assert_eq!(pos("0.000125").unwrap().to_wire(), "0.000125");
         assert_eq!(pos("5").unwrap().to_wire(), "5.00");
         assert_eq!(pos("0.000000001").unwrap().to_wire(), "0.000000001");
-        assert_eq!(pos("999999999999999.999999999").unwrap().to_wire(), "999999999999999.999999999");
+        assert_eq!(
+            pos("999999999999999.999999999").unwrap().to_wire(),
+            "999999999999999.999999999"
+        );
     }
 
     #[test]
     fn rejects_every_bad_form_of_spec_section_4() {
         for bad in [
-            "", "-1", "-0.01", "NaN", "nan", "inf", "1e3", "1E-2", "1.0000000001", "+5", " 5", "5 ",
-            "1,5", ".5", "5.", "0x10", "1.2.3", "١٢", "9999999999999999", "0", "0.000",
+            "",
+            "-1",
+            "-0.01",
+            "NaN",
+            "nan",
+            "inf",
+            "1e3",
+            "1E-2",
+            "1.0000000001",
+            "+5",
+            " 5",
+            "5 ",
+            "1,5",
+            ".5",
+            "5.",
+            "0x10",
+            "1.2.3",
+            "١٢",
+            "9999999999999999",
+            "0",
+            "0.000",
         ] {
             let err = pos(bad).unwrap_err();
             assert_eq!(err.field, "amount", "{bad:?}");
@@ -201,7 +235,10 @@ mod tests {
 
     #[test]
     fn zero_is_a_valid_threshold() {
-        assert_eq!(Money::parse_non_negative("threshold", "0").unwrap(), Money::ZERO);
+        assert_eq!(
+            Money::parse_non_negative("threshold", "0").unwrap(),
+            Money::ZERO
+        );
     }
 
     #[test]

@@ -49,7 +49,13 @@ pub async fn enqueue<T: Serialize>(
     data: T,
 ) -> Result<Uuid, sqlx::Error> {
     let id = Uuid::now_v7();
-    let envelope = Envelope { id, kind: routing_key, occurred_at: Utc::now(), account_id, data };
+    let envelope = Envelope {
+        id,
+        kind: routing_key,
+        occurred_at: Utc::now(),
+        account_id,
+        data,
+    };
     let payload = serde_json::to_value(&envelope).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
     sqlx::query("INSERT INTO outbox (event_id, routing_key, payload) VALUES ($1, $2, $3)")
         .bind(id)
@@ -57,7 +63,10 @@ pub async fn enqueue<T: Serialize>(
         .bind(payload)
         .execute(&mut **tx)
         .await?;
-    sqlx::query("SELECT pg_notify($1, '')").bind(NOTIFY_CHANNEL).execute(&mut **tx).await?;
+    sqlx::query("SELECT pg_notify($1, '')")
+        .bind(NOTIFY_CHANNEL)
+        .execute(&mut **tx)
+        .await?;
     Ok(id)
 }
 
@@ -168,7 +177,10 @@ async fn relay_batch(pool: &PgPool, publisher: &mut Publisher) -> Result<usize, 
         .collect();
     publisher.publish_confirmed(&messages).await?;
     let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
-    sqlx::query("DELETE FROM outbox WHERE seq = ANY($1)").bind(&seqs).execute(&mut *tx).await?;
+    sqlx::query("DELETE FROM outbox WHERE seq = ANY($1)")
+        .bind(&seqs)
+        .execute(&mut *tx)
+        .await?;
     tx.commit().await?;
     for r in &rows {
         tracing::debug!(event_id = %r.event_id, routing_key = %r.routing_key, "event published");

@@ -12,7 +12,8 @@ pub struct AccountId(String);
 impl AccountId {
     pub fn parse(s: &str) -> Result<Self, LedgerError> {
         let ok = (1..=64).contains(&s.len())
-            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
         if ok {
             Ok(AccountId(s.to_owned()))
         } else if s.is_empty() {
@@ -40,7 +41,9 @@ impl IdempotencyKey {
             return Err(LedgerError::invalid("idempotency_key: is required"));
         }
         if s.chars().count() > 255 {
-            return Err(LedgerError::invalid("idempotency_key: at most 255 characters"));
+            return Err(LedgerError::invalid(
+                "idempotency_key: at most 255 characters",
+            ));
         }
         Ok(IdempotencyKey(s.to_owned()))
     }
@@ -53,7 +56,9 @@ impl IdempotencyKey {
 /// Checks a free-text field's length.
 pub fn bounded_text(field: &str, s: &str, max: usize) -> Result<String, LedgerError> {
     if s.chars().count() > max {
-        return Err(LedgerError::invalid(format!("{field}: at most {max} characters")));
+        return Err(LedgerError::invalid(format!(
+            "{field}: at most {max} characters"
+        )));
     }
     Ok(s.to_owned())
 }
@@ -99,7 +104,12 @@ text_enum!(
     /// R2.
     UsageCategory { API_REQUESTS, DEDICATED_ENDPOINTS, FINE_TUNING, EVALUATIONS, OTHER }
 );
-text_enum!(CreditSource { PURCHASE, AUTO_RECHARGE, GRANT, ADJUSTMENT });
+text_enum!(CreditSource {
+    PURCHASE,
+    AUTO_RECHARGE,
+    GRANT,
+    ADJUSTMENT
+});
 text_enum!(EntryKind { USAGE, CREDIT });
 
 impl Access {
@@ -214,10 +224,10 @@ impl From<sqlx::Error> for LedgerError {
         if credits_common::db::is_connection_error(&e) {
             return LedgerError::Unavailable(format!("database unavailable: {e}"));
         }
-        if let sqlx::Error::Database(d) = &e {
-            if d.code().as_deref() == Some("23505") {
-                return LedgerError::AlreadyExists(d.message().to_owned());
-            }
+        if let sqlx::Error::Database(d) = &e
+            && d.code().as_deref() == Some("23505")
+        {
+            return LedgerError::AlreadyExists(d.message().to_owned());
         }
         tracing::error!(error = %e, "database error");
         LedgerError::Internal("internal database error".to_owned())

@@ -25,14 +25,19 @@ impl LedgerGrpc {
 }
 
 pub fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp { seconds: t.timestamp(), nanos: t.timestamp_subsec_nanos() as i32 }
+    prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: t.timestamp_subsec_nanos() as i32,
+    }
 }
 
 fn billing_mode_from_wire(v: i32) -> Result<BillingMode, LedgerError> {
     match pb::BillingMode::try_from(v) {
         Ok(pb::BillingMode::Unspecified | pb::BillingMode::Prepaid) => Ok(BillingMode::PREPAID),
         Ok(pb::BillingMode::Contract) => Ok(BillingMode::CONTRACT),
-        Err(_) => Err(LedgerError::invalid(format!("billing_mode: unknown value {v}"))),
+        Err(_) => Err(LedgerError::invalid(format!(
+            "billing_mode: unknown value {v}"
+        ))),
     }
 }
 
@@ -111,8 +116,16 @@ fn account_to_wire(a: Account) -> pb::Account {
 
 fn entry_to_wire(e: Entry) -> pb::Entry {
     let (kind, category, source) = match e.posting {
-        Posting::Usage(c) => (pb::EntryKind::Usage, category_to_wire(c), pb::CreditSource::Unspecified),
-        Posting::Credit(s) => (pb::EntryKind::Credit, pb::UsageCategory::Unspecified, source_to_wire(s)),
+        Posting::Usage(c) => (
+            pb::EntryKind::Usage,
+            category_to_wire(c),
+            pb::CreditSource::Unspecified,
+        ),
+        Posting::Credit(s) => (
+            pb::EntryKind::Credit,
+            pb::UsageCategory::Unspecified,
+            source_to_wire(s),
+        ),
     };
     pb::Entry {
         entry_id: e.entry_id.to_string(),
@@ -173,14 +186,23 @@ fn record_posted(p: &Posted) {
         return;
     }
     match p.entry.posting {
-        Posting::Usage(c) => metrics::counter!("credits_ledger_usage_entries_total", "category" => c.as_str()).increment(1),
-        Posting::Credit(s) => metrics::counter!("credits_ledger_credit_entries_total", "source" => s.as_str()).increment(1),
+        Posting::Usage(c) => {
+            metrics::counter!("credits_ledger_usage_entries_total", "category" => c.as_str())
+                .increment(1)
+        }
+        Posting::Credit(s) => {
+            metrics::counter!("credits_ledger_credit_entries_total", "source" => s.as_str())
+                .increment(1)
+        }
     }
 }
 
 #[tonic::async_trait]
 impl pb::ledger_service_server::LedgerService for LedgerGrpc {
-    async fn create_account(&self, req: Request<pb::CreateAccountRequest>) -> Result<Response<pb::Account>, Status> {
+    async fn create_account(
+        &self,
+        req: Request<pb::CreateAccountRequest>,
+    ) -> Result<Response<pb::Account>, Status> {
         let r = req.into_inner();
         let new = NewAccount {
             account_id: AccountId::parse(&r.account_id)?,
@@ -192,12 +214,20 @@ impl pb::ledger_service_server::LedgerService for LedgerGrpc {
         Ok(Response::new(account_to_wire(account)))
     }
 
-    async fn get_account(&self, req: Request<pb::GetAccountRequest>) -> Result<Response<pb::Account>, Status> {
+    async fn get_account(
+        &self,
+        req: Request<pb::GetAccountRequest>,
+    ) -> Result<Response<pb::Account>, Status> {
         let id = AccountId::parse(&req.into_inner().account_id)?;
-        Ok(Response::new(account_to_wire(self.store.get_account(&id).await?)))
+        Ok(Response::new(account_to_wire(
+            self.store.get_account(&id).await?,
+        )))
     }
 
-    async fn check_access(&self, req: Request<pb::CheckAccessRequest>) -> Result<Response<pb::CheckAccessResponse>, Status> {
+    async fn check_access(
+        &self,
+        req: Request<pb::CheckAccessRequest>,
+    ) -> Result<Response<pb::CheckAccessResponse>, Status> {
         let id = AccountId::parse(&req.into_inner().account_id)?;
         let (access, balance) = self.store.access(&id).await?;
         Ok(Response::new(pb::CheckAccessResponse {
@@ -207,7 +237,10 @@ impl pb::ledger_service_server::LedgerService for LedgerGrpc {
         }))
     }
 
-    async fn record_usage(&self, req: Request<pb::RecordUsageRequest>) -> Result<Response<pb::RecordUsageResponse>, Status> {
+    async fn record_usage(
+        &self,
+        req: Request<pb::RecordUsageRequest>,
+    ) -> Result<Response<pb::RecordUsageResponse>, Status> {
         let posting = usage_request(req.get_ref())?;
         let posted = self.store.post(&posting).await?;
         record_posted(&posted);
@@ -220,19 +253,27 @@ impl pb::ledger_service_server::LedgerService for LedgerGrpc {
     ) -> Result<Response<pb::RecordUsageBatchResponse>, Status> {
         let items = req.into_inner().items;
         if items.len() > MAX_BATCH {
-            return Err(LedgerError::invalid(format!("items: at most {MAX_BATCH} per batch")).into());
+            return Err(
+                LedgerError::invalid(format!("items: at most {MAX_BATCH} per batch")).into(),
+            );
         }
         // Items that fail validation get their error in place; the rest go to the database
         // in one statement.
-        let parsed: Vec<Result<PostingRequest, LedgerError>> = items.iter().map(usage_request).collect();
-        let valid: Vec<PostingRequest> = parsed.iter().filter_map(|p| p.as_ref().ok().cloned()).collect();
+        let parsed: Vec<Result<PostingRequest, LedgerError>> =
+            items.iter().map(usage_request).collect();
+        let valid: Vec<PostingRequest> = parsed
+            .iter()
+            .filter_map(|p| p.as_ref().ok().cloned())
+            .collect();
         let mut posted = self.store.post_batch(&valid).await?.into_iter();
         let results = parsed
             .into_iter()
             .enumerate()
             .map(|(i, p)| {
                 let outcome = match p {
-                    Ok(_) => posted.next().unwrap_or_else(|| Err(LedgerError::Internal("missing batch result".into()))),
+                    Ok(_) => posted.next().unwrap_or_else(|| {
+                        Err(LedgerError::Internal("missing batch result".into()))
+                    }),
                     Err(e) => Err(e),
                 };
                 let result = match outcome {
@@ -248,13 +289,18 @@ impl pb::ledger_service_server::LedgerService for LedgerGrpc {
                         })
                     }
                 };
-                pb::RecordUsageBatchResult { result: Some(result) }
+                pb::RecordUsageBatchResult {
+                    result: Some(result),
+                }
             })
             .collect();
         Ok(Response::new(pb::RecordUsageBatchResponse { results }))
     }
 
-    async fn add_credits(&self, req: Request<pb::AddCreditsRequest>) -> Result<Response<pb::AddCreditsResponse>, Status> {
+    async fn add_credits(
+        &self,
+        req: Request<pb::AddCreditsRequest>,
+    ) -> Result<Response<pb::AddCreditsResponse>, Status> {
         let r = req.into_inner();
         let posting = PostingRequest {
             account_id: AccountId::parse(&r.account_id)?,
@@ -281,7 +327,10 @@ impl pb::ledger_service_server::LedgerService for LedgerGrpc {
         }))
     }
 
-    async fn list_entries(&self, req: Request<pb::ListEntriesRequest>) -> Result<Response<pb::ListEntriesResponse>, Status> {
+    async fn list_entries(
+        &self,
+        req: Request<pb::ListEntriesRequest>,
+    ) -> Result<Response<pb::ListEntriesResponse>, Status> {
         let r = req.into_inner();
         let id = AccountId::parse(&r.account_id)?;
         let limit = page_size(r.page_size)?;
@@ -303,9 +352,13 @@ impl pb::ledger_service_server::LedgerService for LedgerGrpc {
     ) -> Result<Response<pb::BalanceThreshold>, Status> {
         let r = req.into_inner();
         let id = AccountId::parse(&r.account_id)?;
-        let threshold = Money::parse_non_negative("threshold", &r.threshold).map_err(LedgerError::from)?;
+        let threshold =
+            Money::parse_non_negative("threshold", &r.threshold).map_err(LedgerError::from)?;
         self.store.set_threshold(&id, Some(threshold)).await?;
-        Ok(Response::new(pb::BalanceThreshold { account_id: r.account_id, threshold: threshold.to_wire() }))
+        Ok(Response::new(pb::BalanceThreshold {
+            account_id: r.account_id,
+            threshold: threshold.to_wire(),
+        }))
     }
 
     async fn clear_balance_threshold(

@@ -62,7 +62,8 @@ impl App {
     /// Connects to PostgreSQL (creating the database if missing, retrying while it is
     /// unreachable) and runs migrations.
     pub async fn build(cfg: Config, shutdown: &CancellationToken) -> anyhow::Result<App> {
-        let pool = credits_common::db::connect(&cfg.database_url, cfg.db_max_connections, shutdown).await?;
+        let pool = credits_common::db::connect(&cfg.database_url, cfg.db_max_connections, shutdown)
+            .await?;
         MIGRATOR.run(&pool).await?;
         Ok(App { cfg, pool })
     }
@@ -72,7 +73,11 @@ impl App {
     }
 
     /// Serves gRPC on `listener` and relays the outbox until `shutdown` is cancelled.
-    pub async fn run(self, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    pub async fn run(
+        self,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
         let relay = tokio::spawn(run_relay(
             self.pool.clone(),
             RelayConfig {
@@ -84,11 +89,18 @@ impl App {
             shutdown.clone(),
         ));
         let auth = BearerAuth::new(self.cfg.auth_token.clone());
-        let (router, health) = credits_common::grpc::base_router(credits_proto::FILE_DESCRIPTOR_SET, auth.clone())?;
-        let svc = LedgerServiceServer::with_interceptor(grpc::LedgerGrpc::new(store::Store::new(self.pool.clone())), auth);
-        health.set_serving::<LedgerServiceServer<grpc::LedgerGrpc>>().await;
+        let (router, health) =
+            credits_common::grpc::base_router(credits_proto::FILE_DESCRIPTOR_SET, auth.clone())?;
+        let svc = LedgerServiceServer::with_interceptor(
+            grpc::LedgerGrpc::new(store::Store::new(self.pool.clone())),
+            auth,
+        );
+        health
+            .set_serving::<LedgerServiceServer<grpc::LedgerGrpc>>()
+            .await;
         tracing::info!(addr = %listener.local_addr()?, "ledger listening");
-        let served = credits_common::grpc::serve(router.add_service(svc), listener, shutdown.clone()).await;
+        let served =
+            credits_common::grpc::serve(router.add_service(svc), listener, shutdown.clone()).await;
         shutdown.cancel();
         let _ = relay.await;
         self.pool.close().await;

@@ -72,11 +72,17 @@ struct EntryRow {
     created_at: DateTime<Utc>,
 }
 
-fn posting_from_db(kind: &str, category: Option<&str>, source: Option<&str>) -> Result<Posting, LedgerError> {
+fn posting_from_db(
+    kind: &str,
+    category: Option<&str>,
+    source: Option<&str>,
+) -> Result<Posting, LedgerError> {
     match (EntryKind::from_db(kind)?, category, source) {
         (EntryKind::USAGE, Some(c), _) => Ok(Posting::Usage(UsageCategory::from_db(c)?)),
         (EntryKind::CREDIT, _, Some(s)) => Ok(Posting::Credit(CreditSource::from_db(s)?)),
-        _ => Err(LedgerError::Internal("entry without category or source".into())),
+        _ => Err(LedgerError::Internal(
+            "entry without category or source".into(),
+        )),
     }
 }
 
@@ -201,10 +207,13 @@ impl Store {
 
     /// The gateway's hot path: one primary-key read.
     pub async fn access(&self, id: &AccountId) -> Result<(Access, Money), LedgerError> {
-        let row = sqlx::query!("SELECT access, balance FROM accounts WHERE account_id = $1", id.as_str())
-            .fetch_optional(&self.pool)
-            .await?
-            .ok_or_else(|| LedgerError::account_not_found(id))?;
+        let row = sqlx::query!(
+            "SELECT access, balance FROM accounts WHERE account_id = $1",
+            id.as_str()
+        )
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or_else(|| LedgerError::account_not_found(id))?;
         Ok((Access::from_db(&row.access)?, Money::new(row.balance)))
     }
 
@@ -232,7 +241,10 @@ impl Store {
     /// Posts many usage items in one statement (one round trip, one transaction). Items are
     /// applied in account order, which keeps concurrent batches free of deadlocks, and in
     /// request order within one account; results come back in request order.
-    pub async fn post_batch(&self, reqs: &[PostingRequest]) -> Result<Vec<Result<Posted, LedgerError>>, LedgerError> {
+    pub async fn post_batch(
+        &self,
+        reqs: &[PostingRequest],
+    ) -> Result<Vec<Result<Posted, LedgerError>>, LedgerError> {
         let mut order: Vec<usize> = (0..reqs.len()).collect();
         order.sort_by(|&a, &b| reqs[a].account_id.cmp(&reqs[b].account_id));
         let mut accounts = Vec::with_capacity(reqs.len());
@@ -279,9 +291,12 @@ impl Store {
         .fetch_all(&self.pool)
         .await?;
         if rows.len() != reqs.len() {
-            return Err(LedgerError::Internal("batch returned a different number of rows".into()));
+            return Err(LedgerError::Internal(
+                "batch returned a different number of rows".into(),
+            ));
         }
-        let mut results: Vec<Option<Result<Posted, LedgerError>>> = (0..reqs.len()).map(|_| None).collect();
+        let mut results: Vec<Option<Result<Posted, LedgerError>>> =
+            (0..reqs.len()).map(|_| None).collect();
         for (&i, row) in order.iter().zip(rows) {
             results[i] = Some(posted(&reqs[i], row));
         }
@@ -319,7 +334,11 @@ impl Store {
         rows.into_iter().map(Entry::try_from).collect()
     }
 
-    pub async fn set_threshold(&self, id: &AccountId, threshold: Option<Money>) -> Result<(), LedgerError> {
+    pub async fn set_threshold(
+        &self,
+        id: &AccountId,
+        threshold: Option<Money>,
+    ) -> Result<(), LedgerError> {
         let updated = sqlx::query!(
             "UPDATE accounts SET threshold = $2, updated_at = now() WHERE account_id = $1",
             id.as_str(),

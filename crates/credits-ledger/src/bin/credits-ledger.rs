@@ -25,7 +25,10 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     credits_common::telemetry::init(args.common.log_format, "info");
-    if let Some(addr) = args.common.metrics_addr_or(credits_ledger::DEFAULT_METRICS.parse()?)? {
+    if let Some(addr) = args
+        .common
+        .metrics_addr_or(credits_ledger::DEFAULT_METRICS.parse()?)?
+    {
         credits_common::config::install_metrics(addr)?;
     }
     let shutdown = credits_common::shutdown::on_signal();
