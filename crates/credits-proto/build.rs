@@ -6,7 +6,10 @@ use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
-    let protos = ["credits/ledger/v1/ledger.proto"];
+    let protos = [
+        "credits/ledger/v1/ledger.proto",
+        "credits/payments/v1/payments.proto",
+    ];
     let files: Vec<PathBuf> = protos.iter().map(|p| root.join(p)).collect();
     for f in &files {
         println!("cargo:rerun-if-changed={}", f.display());

@@ -39,12 +39,6 @@ impl MoneyError {
     }
 }
 
-impl From<MoneyError> for tonic::Status {
-    fn from(e: MoneyError) -> Self {
-        tonic::Status::invalid_argument(e.to_string())
-    }
-}
-
 impl Money {
     pub const ZERO: Money = Money(Decimal::ZERO);
 

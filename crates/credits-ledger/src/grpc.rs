@@ -2,16 +2,15 @@
 //! field, SPEC §4), calls the store, and converts results back. The only module that knows
 //! prost types.
 
-use chrono::{DateTime, Utc};
 use credits_common::Money;
+use credits_common::ids::paging::{next_token, page_size, page_token};
+use credits_common::ids::timestamp;
 use credits_proto::ledger::v1 as pb;
 use tonic::{Request, Response, Status};
 
 use crate::domain::*;
 use crate::store::Store;
 
-pub const DEFAULT_PAGE_SIZE: i32 = 50;
-pub const MAX_PAGE_SIZE: i32 = 500;
 pub const MAX_BATCH: usize = 1000;
 
 pub struct LedgerGrpc {
@@ -21,13 +20,6 @@ pub struct LedgerGrpc {
 impl LedgerGrpc {
     pub fn new(store: Store) -> Self {
         Self { store }
-    }
-}
-
-pub fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: t.timestamp(),
-        nanos: t.timestamp_subsec_nanos() as i32,
     }
 }
 
@@ -161,25 +153,6 @@ fn usage_response(p: Posted) -> pb::RecordUsageResponse {
     }
 }
 
-fn page_size(v: i32) -> Result<i64, LedgerError> {
-    match v {
-        v if v < 0 => Err(LedgerError::invalid("page_size: must not be negative")),
-        0 => Ok(DEFAULT_PAGE_SIZE as i64),
-        v => Ok(v.min(MAX_PAGE_SIZE) as i64),
-    }
-}
-
-fn page_token(s: &str) -> Result<Option<i64>, LedgerError> {
-    if s.is_empty() {
-        return Ok(None);
-    }
-    s.parse::<i64>()
-        .ok()
-        .filter(|v| *v > 0)
-        .map(Some)
-        .ok_or_else(|| LedgerError::invalid("page_token: not a token returned by ListEntries"))
-}
-
 fn record_posted(p: &Posted) {
     if p.replayed {
         metrics::counter!("credits_ledger_idempotent_replays_total").increment(1);
@@ -305,7 +278,7 @@ impl pb::ledger_service_server::LedgerService for LedgerGrpc {
         let posting = PostingRequest {
             account_id: AccountId::parse(&r.account_id)?,
             posting: Posting::Credit(source_from_wire(r.source)?),
-            amount: Money::parse_positive("amount", &r.amount)?,
+            amount: Money::parse_positive("amount", &r.amount).map_err(LedgerError::from)?,
             reference: bounded_text("reference", &r.reference, 255)?,
             description: bounded_text("description", &r.description, 1024)?,
             idempotency_key: IdempotencyKey::parse(&r.idempotency_key)?,
@@ -336,10 +309,7 @@ impl pb::ledger_service_server::LedgerService for LedgerGrpc {
         let limit = page_size(r.page_size)?;
         let before = page_token(&r.page_token)?;
         let entries = self.store.list_entries(&id, before, limit).await?;
-        let next_page_token = match entries.last() {
-            Some(last) if entries.len() as i64 == limit && last.seq > 1 => last.seq.to_string(),
-            _ => String::new(),
-        };
+        let next_page_token = next_token(entries.len(), limit, entries.last().map(|e| e.seq));
         Ok(Response::new(pb::ListEntriesResponse {
             entries: entries.into_iter().map(entry_to_wire).collect(),
             next_page_token,

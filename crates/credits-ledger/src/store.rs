@@ -111,7 +111,7 @@ fn missing(col: &str) -> LedgerError {
 /// Turns one `ledger_post` outcome into the domain result, for the request it answers.
 fn posted(req: &PostingRequest, r: PostRow) -> Result<Posted, LedgerError> {
     match r.outcome.as_str() {
-        "not_found" => return Err(LedgerError::account_not_found(&req.account_id)),
+        "not_found" => return Err(account_not_found(&req.account_id)),
         "conflict" => {
             return Err(LedgerError::AlreadyExists(format!(
                 "idempotency_key {:?} was already used for a different request on account {:?}",
@@ -201,7 +201,7 @@ impl Store {
         )
         .fetch_optional(&self.pool)
         .await?
-        .ok_or_else(|| LedgerError::account_not_found(id))?
+        .ok_or_else(|| account_not_found(id))?
         .try_into()
     }
 
@@ -213,7 +213,7 @@ impl Store {
         )
         .fetch_optional(&self.pool)
         .await?
-        .ok_or_else(|| LedgerError::account_not_found(id))?;
+        .ok_or_else(|| account_not_found(id))?;
         Ok((Access::from_db(&row.access)?, Money::new(row.balance)))
     }
 
@@ -347,7 +347,7 @@ impl Store {
         .execute(&self.pool)
         .await?;
         if updated.rows_affected() == 0 {
-            return Err(LedgerError::account_not_found(id));
+            return Err(account_not_found(id));
         }
         Ok(())
     }

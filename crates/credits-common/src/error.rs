@@ -1,0 +1,91 @@
+//! The error every credits service speaks: one variant per gRPC status class of SPEC §4,
+//! each carrying a message that names the field or the rule. Domains alias it
+//! (`LedgerError`, `PaymentsError`, …) and convert to `tonic::Status` in one place.
+
+use crate::money::MoneyError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ServiceError {
+    pub fn invalid(msg: impl Into<String>) -> Self {
+        ServiceError::InvalidArgument(msg.into())
+    }
+
+    pub fn precondition(msg: impl Into<String>) -> Self {
+        ServiceError::FailedPrecondition(msg.into())
+    }
+
+    pub fn not_found(msg: impl Into<String>) -> Self {
+        ServiceError::NotFound(msg.into())
+    }
+
+    pub fn internal(msg: impl Into<String>) -> Self {
+        ServiceError::Internal(msg.into())
+    }
+}
+
+impl From<MoneyError> for ServiceError {
+    fn from(e: MoneyError) -> Self {
+        ServiceError::InvalidArgument(e.to_string())
+    }
+}
+
+impl From<sqlx::Error> for ServiceError {
+    fn from(e: sqlx::Error) -> Self {
+        if crate::db::is_connection_error(&e) {
+            return ServiceError::Unavailable(format!("database unavailable: {e}"));
+        }
+        if let sqlx::Error::Database(d) = &e
+            && d.code().as_deref() == Some("23505")
+        {
+            return ServiceError::AlreadyExists(d.message().to_owned());
+        }
+        tracing::error!(error = %e, "database error");
+        ServiceError::Internal("internal database error".to_owned())
+    }
+}
+
+/// A dependency answered with a gRPC error: keep its class, say who answered.
+impl From<tonic::Status> for ServiceError {
+    fn from(s: tonic::Status) -> Self {
+        use tonic::Code;
+        let msg = s.message().to_owned();
+        match s.code() {
+            Code::InvalidArgument | Code::OutOfRange => ServiceError::InvalidArgument(msg),
+            Code::NotFound => ServiceError::NotFound(msg),
+            Code::AlreadyExists => ServiceError::AlreadyExists(msg),
+            Code::FailedPrecondition => ServiceError::FailedPrecondition(msg),
+            Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::ResourceExhausted | Code::Aborted => {
+                ServiceError::Unavailable(msg)
+            }
+            _ => ServiceError::Internal(msg),
+        }
+    }
+}
+
+impl From<ServiceError> for tonic::Status {
+    fn from(e: ServiceError) -> Self {
+        match e {
+            ServiceError::InvalidArgument(m) => tonic::Status::invalid_argument(m),
+            ServiceError::NotFound(m) => tonic::Status::not_found(m),
+            ServiceError::AlreadyExists(m) => tonic::Status::already_exists(m),
+            ServiceError::FailedPrecondition(m) => tonic::Status::failed_precondition(m),
+            ServiceError::Unavailable(m) => tonic::Status::unavailable(m),
+            ServiceError::Internal(m) => tonic::Status::internal(m),
+        }
+    }
+}

@@ -1,0 +1,155 @@
+//! Validated identifiers and text fields shared by every service's requests.
+
+use crate::error::ServiceError;
+
+/// 1–64 of `[A-Za-z0-9_-]` (SPEC §2).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AccountId(String);
+
+impl AccountId {
+    pub fn parse(s: &str) -> Result<Self, ServiceError> {
+        let ok = (1..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if ok {
+            Ok(AccountId(s.to_owned()))
+        } else if s.is_empty() {
+            Err(ServiceError::invalid("account_id: is required"))
+        } else {
+            Err(ServiceError::invalid(format!(
+                "account_id: must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-' (got {:?})",
+                s.chars().take(80).collect::<String>()
+            )))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for AccountId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A client-chosen key, 1–255 characters, scoped per account (R12).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct IdempotencyKey(String);
+
+impl IdempotencyKey {
+    pub fn parse(s: &str) -> Result<Self, ServiceError> {
+        if s.is_empty() {
+            return Err(ServiceError::invalid("idempotency_key: is required"));
+        }
+        if s.chars().count() > 255 {
+            return Err(ServiceError::invalid("idempotency_key: at most 255 characters"));
+        }
+        Ok(IdempotencyKey(s.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Checks a free-text field's length.
+pub fn bounded_text(field: &str, s: &str, max: usize) -> Result<String, ServiceError> {
+    if s.chars().count() > max {
+        return Err(ServiceError::invalid(format!("{field}: at most {max} characters")));
+    }
+    Ok(s.to_owned())
+}
+
+/// A database text column held a value the code does not know.
+pub fn unknown_db_value(kind: &str, value: &str) -> ServiceError {
+    ServiceError::internal(format!("unknown {kind} {value:?} in database"))
+}
+
+/// Declares an enum whose variants are spelled as in the contract, the database and
+/// events, with `as_str` and `from_db`.
+#[macro_export]
+macro_rules! text_enum {
+    ($(#[$m:meta])* $name:ident { $($variant:ident),+ $(,)? }) => {
+        $(#[$m])*
+        #[allow(non_camel_case_types)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum $name { $($variant),+ }
+
+        impl $name {
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => stringify!($variant)),+ }
+            }
+
+            pub fn from_db(s: &str) -> Result<Self, $crate::error::ServiceError> {
+                match s {
+                    $(stringify!($variant) => Ok($name::$variant),)+
+                    other => Err($crate::ids::unknown_db_value(stringify!($name), other)),
+                }
+            }
+        }
+    };
+}
+
+/// List RPC paging (SPEC §2): newest first, `page_size` default 50 and capped at 500, the
+/// token an opaque cursor (the last row's sequence number).
+pub mod paging {
+    use crate::error::ServiceError;
+
+    pub const DEFAULT_PAGE_SIZE: i64 = 50;
+    pub const MAX_PAGE_SIZE: i64 = 500;
+
+    pub fn page_size(v: i32) -> Result<i64, ServiceError> {
+        match v {
+            v if v < 0 => Err(ServiceError::invalid("page_size: must not be negative")),
+            0 => Ok(DEFAULT_PAGE_SIZE),
+            v => Ok((v as i64).min(MAX_PAGE_SIZE)),
+        }
+    }
+
+    /// The exclusive upper bound of the sequence numbers to return.
+    pub fn page_token(s: &str) -> Result<Option<i64>, ServiceError> {
+        if s.is_empty() {
+            return Ok(None);
+        }
+        s.parse::<i64>()
+            .ok()
+            .filter(|v| *v > 0)
+            .map(Some)
+            .ok_or_else(|| ServiceError::invalid("page_token: not a token returned by a previous page"))
+    }
+
+    /// The token for the next page, empty when this page was the last.
+    pub fn next_token(returned: usize, limit: i64, last_seq: Option<i64>) -> String {
+        match last_seq {
+            Some(seq) if returned as i64 == limit && seq > 1 => seq.to_string(),
+            _ => String::new(),
+        }
+    }
+}
+
+pub fn timestamp(t: chrono::DateTime<chrono::Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp { seconds: t.timestamp(), nanos: t.timestamp_subsec_nanos() as i32 }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn account_ids_follow_the_contract() {
+        assert!(AccountId::parse("acct_42-A").is_ok());
+        assert!(AccountId::parse(&"a".repeat(64)).is_ok());
+        for bad in ["", "has space", "ünï", "a/b", &"a".repeat(65)] {
+            let e = AccountId::parse(bad).unwrap_err();
+            assert!(e.to_string().starts_with("account_id:"), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn idempotency_keys_are_required_and_bounded() {
+        assert!(IdempotencyKey::parse("k").is_ok());
+        assert!(IdempotencyKey::parse("").is_err());
+        assert!(IdempotencyKey::parse(&"k".repeat(256)).is_err());
+    }
+}
