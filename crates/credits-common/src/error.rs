@@ -69,9 +69,11 @@ impl From<tonic::Status> for ServiceError {
             Code::NotFound => ServiceError::NotFound(msg),
             Code::AlreadyExists => ServiceError::AlreadyExists(msg),
             Code::FailedPrecondition => ServiceError::FailedPrecondition(msg),
-            Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::ResourceExhausted | Code::Aborted => {
-                ServiceError::Unavailable(msg)
-            }
+            Code::Unavailable
+            | Code::DeadlineExceeded
+            | Code::Cancelled
+            | Code::ResourceExhausted
+            | Code::Aborted => ServiceError::Unavailable(msg),
             _ => ServiceError::Internal(msg),
         }
     }

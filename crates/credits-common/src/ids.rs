@@ -8,7 +8,9 @@ pub struct AccountId(String);
 
 impl AccountId {
     pub fn parse(s: &str) -> Result<Self, ServiceError> {
-        let ok = (1..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        let ok = (1..=64).contains(&s.len())
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
         if ok {
             Ok(AccountId(s.to_owned()))
         } else if s.is_empty() {
@@ -42,7 +44,9 @@ impl IdempotencyKey {
             return Err(ServiceError::invalid("idempotency_key: is required"));
         }
         if s.chars().count() > 255 {
-            return Err(ServiceError::invalid("idempotency_key: at most 255 characters"));
+            return Err(ServiceError::invalid(
+                "idempotency_key: at most 255 characters",
+            ));
         }
         Ok(IdempotencyKey(s.to_owned()))
     }
@@ -55,7 +59,9 @@ impl IdempotencyKey {
 /// Checks a free-text field's length.
 pub fn bounded_text(field: &str, s: &str, max: usize) -> Result<String, ServiceError> {
     if s.chars().count() > max {
-        return Err(ServiceError::invalid(format!("{field}: at most {max} characters")));
+        return Err(ServiceError::invalid(format!(
+            "{field}: at most {max} characters"
+        )));
     }
     Ok(s.to_owned())
 }
@@ -115,7 +121,9 @@ pub mod paging {
             .ok()
             .filter(|v| *v > 0)
             .map(Some)
-            .ok_or_else(|| ServiceError::invalid("page_token: not a token returned by a previous page"))
+            .ok_or_else(|| {
+                ServiceError::invalid("page_token: not a token returned by a previous page")
+            })
     }
 
     /// The token for the next page, empty when this page was the last.
@@ -128,7 +136,10 @@ pub mod paging {
 }
 
 pub fn timestamp(t: chrono::DateTime<chrono::Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp { seconds: t.timestamp(), nanos: t.timestamp_subsec_nanos() as i32 }
+    prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: t.timestamp_subsec_nanos() as i32,
+    }
 }
 
 #[cfg(test)]

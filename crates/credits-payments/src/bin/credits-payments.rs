@@ -1,1 +1,65 @@
-fn main() {}
+//! `credits-payments`: clap/env → config → telemetry → `App::build(cfg).run(listener, shutdown)`.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+use credits_common::Money;
+use credits_common::config::CommonArgs;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "credits-payments",
+    version,
+    about = "The credits payments daemon"
+)]
+struct Args {
+    /// PostgreSQL URL of the payments database (created if missing).
+    #[arg(long, env = "DATABASE_URL", default_value = credits_payments::DEFAULT_DATABASE_URL)]
+    database_url: String,
+    /// gRPC listen address.
+    #[arg(long, env = "PAYMENTS_LISTEN_ADDR", default_value = credits_payments::DEFAULT_LISTEN)]
+    listen: SocketAddr,
+    /// URL of the ledger's gRPC service.
+    #[arg(long, env = "LEDGER_URL", default_value = credits_payments::DEFAULT_LEDGER_URL)]
+    ledger_url: String,
+    /// Smallest credit purchase, in dollars (R3).
+    #[arg(long, env = "MIN_PURCHASE", default_value = "5.00")]
+    min_purchase: String,
+    /// Artificial latency of every sandbox processor call, in milliseconds.
+    #[arg(long, env = "SANDBOX_LATENCY_MS", default_value_t = 0)]
+    sandbox_latency_ms: u64,
+    /// How long sandbox ACH debits stay pending, in milliseconds.
+    #[arg(long, env = "SANDBOX_ACH_SETTLE_MS", default_value_t = 5000)]
+    sandbox_ach_settle_ms: u64,
+    #[arg(long, env = "DB_MAX_CONNECTIONS", default_value_t = 32)]
+    db_max_connections: u32,
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    credits_common::telemetry::init(args.common.log_format, "info");
+    if let Some(addr) = args
+        .common
+        .metrics_addr_or(credits_payments::DEFAULT_METRICS.parse()?)?
+    {
+        credits_common::config::install_metrics(addr)?;
+    }
+    let shutdown = credits_common::shutdown::on_signal();
+    let mut cfg =
+        credits_payments::Config::new(&args.database_url, &args.common.amqp_url, &args.ledger_url);
+    cfg.exchange = args.common.exchange.clone();
+    cfg.auth_token = args.common.auth_token.clone();
+    cfg.db_max_connections = args.db_max_connections;
+    cfg.min_purchase = Money::parse_positive("MIN_PURCHASE", &args.min_purchase)?;
+    cfg.sandbox.latency = Duration::from_millis(args.sandbox_latency_ms);
+    cfg.sandbox.ach_settle_delay = Duration::from_millis(args.sandbox_ach_settle_ms);
+    let app = credits_payments::App::build(cfg, &shutdown).await?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
+    app.run(listener, shutdown).await
+}

@@ -1,0 +1,507 @@
+//! Payments use cases, independent of the wire: payment methods with the one-default rule,
+//! the charge state machine, purchases that end in exactly one ledger credit, and the
+//! recovery loop that finishes whatever a crash or an outage left half-done.
+//!
+//! Charge flow: record the charge (`PROCESSING`) → call the processor with the charge id as
+//! its idempotency key → record the outcome and its event in one transaction. Every step
+//! can be repeated: the processor answers a repeated key with the same charge, the
+//! transition happens once, and the ledger answers a repeated credit key with the same entry.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use credits_common::Money;
+use credits_common::auth::AttachToken;
+use credits_common::outbox;
+use credits_proto::ledger::v1 as ledger_pb;
+use credits_proto::ledger::v1::ledger_service_client::LedgerServiceClient;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+use crate::domain::*;
+use crate::processor::{PaymentProcessor, ProcessorError, ProcessorStatus};
+use crate::store::Store;
+
+pub type LedgerClient = LedgerServiceClient<InterceptedService<Channel, AttachToken>>;
+
+/// A transient processor failure is retried this many times (by the client's retries and
+/// the recovery loop) before the charge fails for good with `processing_error`.
+pub const MAX_PROCESSOR_ATTEMPTS: i32 = 5;
+
+pub struct Payments {
+    pub store: Store,
+    pub processor: Arc<dyn PaymentProcessor>,
+    pub ledger: LedgerClient,
+    pub min_purchase: Money,
+}
+
+/// The result of a purchase: the charge and, once credited, the ledger entry and balance.
+pub struct Purchase {
+    pub charge: Charge,
+    pub entry: Option<ledger_pb::Entry>,
+    pub balance: Option<String>,
+}
+
+impl Payments {
+    /// NOT_FOUND unless the ledger knows the account.
+    pub async fn ensure_account(
+        &self,
+        account: &AccountId,
+    ) -> Result<ledger_pb::Account, PaymentsError> {
+        let mut ledger = self.ledger.clone();
+        ledger
+            .get_account(ledger_pb::GetAccountRequest {
+                account_id: account.as_str().to_owned(),
+            })
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| match s.code() {
+                tonic::Code::NotFound => {
+                    PaymentsError::not_found(format!("account {:?} not found", account.as_str()))
+                }
+                _ => PaymentsError::Unavailable(format!("ledger unavailable: {}", s.message())),
+            })
+    }
+
+    pub async fn add_method(
+        &self,
+        account: &AccountId,
+        method: NewMethod,
+        make_default: bool,
+    ) -> Result<PaymentMethod, PaymentsError> {
+        self.ensure_account(account).await?;
+        let (tok, method_type, exp) = match &method {
+            NewMethod::Card(c) => (
+                self.processor.tokenize_card(c).await,
+                MethodType::CARD,
+                Some((c.exp_month as i32, c.exp_year as i32)),
+            ),
+            NewMethod::UsBankAccount(b) => (
+                self.processor.tokenize_bank_account(b).await,
+                MethodType::US_BANK_ACCOUNT,
+                None,
+            ),
+        };
+        let tok = tok.map_err(processor_error)?;
+        let mut tx = self.store.pool().begin().await?;
+        Store::lock_account(&mut tx, account.as_str()).await?;
+        let had_default = Store::default_method(&mut tx, account.as_str())
+            .await?
+            .is_some();
+        let becomes_default = make_default || !had_default;
+        let pm = PaymentMethod {
+            payment_method_id: new_id("pm"),
+            account_id: account.as_str().to_owned(),
+            method_type,
+            brand: tok.brand,
+            last4: tok.last4,
+            exp_month: exp.map(|e| e.0),
+            exp_year: exp.map(|e| e.1),
+            is_default: false,
+            processor_token: tok.token,
+            created_at: chrono::Utc::now(),
+        };
+        Store::insert_method(&mut tx, &pm).await?;
+        let pm = if becomes_default {
+            Store::set_default(&mut tx, account.as_str(), Some(&pm.payment_method_id)).await?;
+            default_changed(&mut tx, &pm).await?;
+            PaymentMethod {
+                is_default: true,
+                ..pm
+            }
+        } else {
+            pm
+        };
+        tx.commit().await?;
+        tracing::info!(account_id = %account, payment_method_id = %pm.payment_method_id, r#type = pm.method_type.as_str(), is_default = pm.is_default, "payment method added");
+        Ok(pm)
+    }
+
+    pub async fn list_methods(
+        &self,
+        account: &AccountId,
+    ) -> Result<Vec<PaymentMethod>, PaymentsError> {
+        let methods = self.store.list_methods(account.as_str()).await?;
+        if methods.is_empty() {
+            self.ensure_account(account).await?;
+        }
+        Ok(methods)
+    }
+
+    pub async fn set_default(
+        &self,
+        account: &AccountId,
+        id: &str,
+    ) -> Result<PaymentMethod, PaymentsError> {
+        let mut tx = self.store.pool().begin().await?;
+        Store::lock_account(&mut tx, account.as_str()).await?;
+        let pm = Store::find_method(&mut tx, account.as_str(), id)
+            .await?
+            .ok_or_else(|| method_not_found(account, id))?;
+        if !pm.is_default {
+            Store::set_default(&mut tx, account.as_str(), Some(id)).await?;
+            default_changed(&mut tx, &pm).await?;
+            tracing::info!(account_id = %account, payment_method_id = id, r#type = pm.method_type.as_str(), "default payment method changed");
+        }
+        tx.commit().await?;
+        Ok(PaymentMethod {
+            is_default: true,
+            ..pm
+        })
+    }
+
+    pub async fn remove_method(&self, account: &AccountId, id: &str) -> Result<(), PaymentsError> {
+        let mut tx = self.store.pool().begin().await?;
+        Store::lock_account(&mut tx, account.as_str()).await?;
+        let pm = Store::find_method(&mut tx, account.as_str(), id)
+            .await?
+            .ok_or_else(|| method_not_found(account, id))?;
+        Store::mark_removed(&mut tx, id).await?;
+        outbox::enqueue(
+            &mut tx,
+            "payments.payment_method.removed",
+            account.as_str(),
+            json!({ "payment_method_id": id, "was_default": pm.is_default, "type": pm.method_type.as_str() }),
+        )
+        .await?;
+        tx.commit().await?;
+        tracing::info!(account_id = %account, payment_method_id = id, was_default = pm.is_default, "payment method removed");
+        Ok(())
+    }
+
+    /// Charges once per idempotency key, resuming an unfinished charge with the same key.
+    pub async fn charge(&self, req: &ChargeRequest) -> Result<Charge, PaymentsError> {
+        let charge = match self
+            .store
+            .charge_by_key(req.account_id.as_str(), req.idempotency_key.as_str())
+            .await?
+        {
+            Some(existing) => self.replay(req, existing)?,
+            None => {
+                let method = self.resolve_method(req).await?;
+                match self.store.insert_charge(req, &method).await? {
+                    Some(c) => c,
+                    // A concurrent duplicate recorded it first: answer as its replay.
+                    None => {
+                        let existing = self
+                            .store
+                            .charge_by_key(req.account_id.as_str(), req.idempotency_key.as_str())
+                            .await?
+                            .ok_or_else(|| PaymentsError::internal("charge vanished"))?;
+                        self.replay(req, existing)?
+                    }
+                }
+            }
+        };
+        if charge.status == ChargeStatus::PROCESSING {
+            self.drive(charge).await
+        } else {
+            Ok(charge)
+        }
+    }
+
+    fn replay(&self, req: &ChargeRequest, existing: Charge) -> Result<Charge, PaymentsError> {
+        if req.matches(&existing) {
+            Ok(existing)
+        } else {
+            Err(PaymentsError::AlreadyExists(format!(
+                "idempotency_key {:?} was already used for a different request on account {:?}",
+                req.idempotency_key.as_str(),
+                req.account_id.as_str()
+            )))
+        }
+    }
+
+    async fn resolve_method(&self, req: &ChargeRequest) -> Result<PaymentMethod, PaymentsError> {
+        let mut conn = self.store.pool().acquire().await?;
+        if req.payment_method_id.is_empty() {
+            if let Some(pm) = Store::default_method(&mut conn, req.account_id.as_str()).await? {
+                return Ok(pm);
+            }
+            drop(conn);
+            self.ensure_account(&req.account_id).await?;
+            return Err(PaymentsError::precondition(format!(
+                "account {:?} has no default payment method; add one or name payment_method_id",
+                req.account_id.as_str()
+            )));
+        }
+        Store::find_method(&mut conn, req.account_id.as_str(), &req.payment_method_id)
+            .await?
+            .ok_or_else(|| method_not_found(&req.account_id, &req.payment_method_id))
+    }
+
+    /// Calls the processor for a PROCESSING charge and records the outcome.
+    pub async fn drive(&self, charge: Charge) -> Result<Charge, PaymentsError> {
+        let token = self.store.method_token(&charge.payment_method_id).await?;
+        let result = self
+            .processor
+            .charge(
+                &token,
+                charge.payment_method_type,
+                charge.amount,
+                &charge.charge_id,
+            )
+            .await;
+        match result {
+            Ok(pc) => {
+                let (status, code) = match &pc.status {
+                    ProcessorStatus::Succeeded => (ChargeStatus::SUCCEEDED, ""),
+                    ProcessorStatus::Pending => (ChargeStatus::PENDING, ""),
+                    ProcessorStatus::Failed(code) => (ChargeStatus::FAILED, code.as_str()),
+                };
+                self.finish(&charge, status, code, Some(&pc.processor_charge_id))
+                    .await
+            }
+            Err(ProcessorError::Transient(reason)) => {
+                let attempts = self.store.count_attempt(&charge.charge_id).await?;
+                metrics::counter!("credits_payments_processor_transient_errors_total").increment(1);
+                if attempts >= MAX_PROCESSOR_ATTEMPTS {
+                    tracing::warn!(charge_id = %charge.charge_id, attempts, "processor kept failing; charge failed");
+                    return self
+                        .finish(&charge, ChargeStatus::FAILED, "processing_error", None)
+                        .await;
+                }
+                tracing::warn!(charge_id = %charge.charge_id, attempts, reason = %reason, "transient processor failure");
+                Err(PaymentsError::Unavailable(format!(
+                    "payment processor failed transiently ({reason}) on charge {}; retry with the same idempotency_key",
+                    charge.charge_id
+                )))
+            }
+            Err(e) => Err(PaymentsError::internal(e.to_string())),
+        }
+    }
+
+    /// Records a charge's new status and, when final, its event, in one transaction.
+    async fn finish(
+        &self,
+        charge: &Charge,
+        status: ChargeStatus,
+        code: &str,
+        processor_id: Option<&str>,
+    ) -> Result<Charge, PaymentsError> {
+        let mut tx = self.store.pool().begin().await?;
+        let moved =
+            Store::transition(&mut tx, &charge.charge_id, status, code, processor_id).await?;
+        if let Some(c) = &moved
+            && c.status.is_final()
+        {
+            let key = if c.status == ChargeStatus::SUCCEEDED {
+                "payments.charge.succeeded"
+            } else {
+                "payments.charge.failed"
+            };
+            outbox::enqueue(
+                &mut tx,
+                key,
+                &c.account_id,
+                json!({
+                    "charge_id": c.charge_id,
+                    "amount": c.amount.to_wire(),
+                    "failure_code": c.failure_code,
+                    "payment_method_id": c.payment_method_id,
+                    "purpose": c.purpose.as_str(),
+                }),
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        let c = match moved {
+            Some(c) => {
+                tracing::info!(charge_id = %c.charge_id, account_id = %c.account_id, status = c.status.as_str(), failure_code = %c.failure_code, amount = %c.amount, "charge updated");
+                metrics::counter!("credits_payments_charges_total", "status" => c.status.as_str())
+                    .increment(1);
+                c
+            }
+            // Someone else (a duplicate request, the recovery loop) got there first.
+            None => self
+                .store
+                .charge_by_id(&charge.account_id, &charge.charge_id)
+                .await?
+                .ok_or_else(|| PaymentsError::internal("charge vanished"))?,
+        };
+        Ok(c)
+    }
+
+    pub async fn purchase(&self, req: &ChargeRequest) -> Result<Purchase, PaymentsError> {
+        if req.amount < self.min_purchase {
+            return Err(PaymentsError::precondition(format!(
+                "a credit purchase must be at least ${} (R3); got ${}",
+                self.min_purchase, req.amount
+            )));
+        }
+        // An unknown account is NOT_FOUND before anything is charged.
+        if self
+            .store
+            .charge_by_key(req.account_id.as_str(), req.idempotency_key.as_str())
+            .await?
+            .is_none()
+        {
+            self.ensure_account(&req.account_id).await?;
+        }
+        let charge = self.charge(req).await?;
+        if charge.status != ChargeStatus::SUCCEEDED {
+            let balance = self
+                .ensure_account(&req.account_id)
+                .await
+                .ok()
+                .map(|a| a.balance);
+            return Ok(Purchase {
+                charge,
+                entry: None,
+                balance,
+            });
+        }
+        let (entry, balance) = self.credit_purchase(&charge).await.map_err(|e| {
+            PaymentsError::Unavailable(format!(
+                "charge {} succeeded but crediting the ledger failed ({e}); it will be credited \
+                 automatically, or repeat the request with the same idempotency_key",
+                charge.charge_id
+            ))
+        })?;
+        let charge = Charge {
+            ledger_entry_id: Some(entry.entry_id.clone()),
+            ..charge
+        };
+        Ok(Purchase {
+            charge,
+            entry: Some(entry),
+            balance: Some(balance),
+        })
+    }
+
+    /// Credits a succeeded purchase to the ledger. The ledger key is derived from the charge,
+    /// so repeating this (retries, recovery, replicas) yields one credit.
+    pub async fn credit_purchase(
+        &self,
+        charge: &Charge,
+    ) -> Result<(ledger_pb::Entry, String), PaymentsError> {
+        let mut ledger = self.ledger.clone();
+        let resp = ledger
+            .add_credits(ledger_pb::AddCreditsRequest {
+                account_id: charge.account_id.clone(),
+                amount: charge.amount.to_wire(),
+                source: ledger_pb::CreditSource::Purchase as i32,
+                reference: charge.charge_id.clone(),
+                idempotency_key: format!("purchase:{}", charge.charge_id),
+                description: format!("credit purchase, charge {}", charge.charge_id),
+            })
+            .await
+            .map_err(PaymentsError::from)?
+            .into_inner();
+        let entry = resp
+            .entry
+            .ok_or_else(|| PaymentsError::internal("ledger returned no entry"))?;
+        self.store
+            .set_ledger_entry(&charge.charge_id, &entry.entry_id)
+            .await?;
+        Ok((entry, resp.balance))
+    }
+
+    /// One pass of recovery: resume stale PROCESSING charges, settle pending ACH debits,
+    /// credit succeeded purchases that were not credited. Returns how much it touched.
+    pub async fn recover_once(&self, stale_after: Duration) -> Result<usize, PaymentsError> {
+        let work = self
+            .store
+            .claim_unfinished(stale_after.as_secs_f64(), 100)
+            .await?;
+        let mut done = 0;
+        for c in work.stale_processing {
+            tracing::info!(charge_id = %c.charge_id, "resuming unfinished charge");
+            let purpose = c.purpose;
+            match self.drive(c).await {
+                Ok(c) if purpose == Purpose::PURCHASE && c.status == ChargeStatus::SUCCEEDED => {
+                    self.credit_logged(&c).await;
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "resuming a charge failed; will retry"),
+            }
+            done += 1;
+        }
+        for (c, processor_id) in work.pending {
+            match self.processor.retrieve(&processor_id).await {
+                Ok(pc) if pc.status == ProcessorStatus::Succeeded => {
+                    let c = self.finish(&c, ChargeStatus::SUCCEEDED, "", None).await?;
+                    if c.purpose == Purpose::PURCHASE {
+                        self.credit_logged(&c).await;
+                    }
+                    done += 1;
+                }
+                Ok(pc) => {
+                    if let ProcessorStatus::Failed(code) = pc.status {
+                        self.finish(&c, ChargeStatus::FAILED, &code, None).await?;
+                        done += 1;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(charge_id = %c.charge_id, error = %e, "cannot read pending charge")
+                }
+            }
+        }
+        for c in work.uncredited {
+            self.credit_logged(&c).await;
+            done += 1;
+        }
+        Ok(done)
+    }
+
+    async fn credit_logged(&self, c: &Charge) {
+        match self.credit_purchase(c).await {
+            Ok((entry, balance)) => {
+                tracing::info!(charge_id = %c.charge_id, entry_id = %entry.entry_id, balance = %balance, "purchase credited")
+            }
+            Err(e) => {
+                tracing::warn!(charge_id = %c.charge_id, error = %e, "crediting purchase failed; will retry")
+            }
+        }
+    }
+
+    pub async fn run_recovery(
+        self: Arc<Self>,
+        every: Duration,
+        stale_after: Duration,
+        shutdown: CancellationToken,
+    ) {
+        loop {
+            if let Err(e) = self.recover_once(stale_after).await {
+                tracing::warn!(error = %e, "payments recovery pass failed");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {},
+                _ = shutdown.cancelled() => break,
+            }
+        }
+    }
+}
+
+async fn default_changed(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    pm: &PaymentMethod,
+) -> Result<(), PaymentsError> {
+    outbox::enqueue(
+        tx,
+        "payments.payment_method.default_changed",
+        &pm.account_id,
+        json!({ "payment_method_id": pm.payment_method_id, "type": pm.method_type.as_str() }),
+    )
+    .await?;
+    Ok(())
+}
+
+fn method_not_found(account: &AccountId, id: &str) -> PaymentsError {
+    PaymentsError::not_found(format!(
+        "payment method {id:?} not found on account {:?}",
+        account.as_str()
+    ))
+}
+
+fn processor_error(e: ProcessorError) -> PaymentsError {
+    match e {
+        ProcessorError::Rejected(m) => PaymentsError::InvalidArgument(m),
+        ProcessorError::Transient(m) => {
+            PaymentsError::Unavailable(format!("payment processor unavailable: {m}"))
+        }
+        ProcessorError::Other(m) => PaymentsError::internal(m),
+    }
+}
