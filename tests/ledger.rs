@@ -744,6 +744,7 @@ async fn the_journal_is_append_only() {
 async fn bearer_token_guards_every_rpc_but_health() {
     let ledger = Ledger::start_with(LedgerOptions {
         auth_token: Some("s3cret".into()),
+        ..Default::default()
     })
     .await;
     let mut c = ledger.client().await;

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use credits_proto::ledger::v1::ledger_service_client::LedgerServiceClient;
+use credits_proto::payments::v1::payments_service_client::PaymentsServiceClient;
 use tonic::transport::Channel;
 
 pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -55,6 +56,12 @@ pub struct Ledger {
 #[derive(Default, Clone)]
 pub struct LedgerOptions {
     pub auth_token: Option<String>,
+    /// Reuse a database (to restart a ledger); a fresh one when `None`.
+    pub database_url: Option<String>,
+    /// Reuse an exchange (to share one with other daemons); a fresh one when `None`.
+    pub exchange: Option<String>,
+    /// Bind this address (to restart on the same port); 127.0.0.1:0 when `None`.
+    pub addr: Option<std::net::SocketAddr>,
 }
 
 impl Ledger {
@@ -64,8 +71,14 @@ impl Ledger {
 
     pub async fn start_with(opts: LedgerOptions) -> Ledger {
         credits_common::telemetry::init_for_tests();
-        let database_url = fresh_database_url("ledger");
-        let exchange = unique("credits.events.test");
+        let database_url = opts
+            .database_url
+            .clone()
+            .unwrap_or_else(|| fresh_database_url("ledger"));
+        let exchange = opts
+            .exchange
+            .clone()
+            .unwrap_or_else(|| unique("credits.events.test"));
         let connection_name = unique("credits-ledger-test");
         let mut cfg = credits_ledger::Config::new(&database_url, AMQP_URL);
         cfg.exchange = exchange.clone();
@@ -77,9 +90,7 @@ impl Ledger {
         let app = credits_ledger::App::build(cfg, &shutdown)
             .await
             .expect("build ledger");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+        let listener = bind(opts.addr).await;
         let addr = listener.local_addr().expect("addr");
         let task = tokio::spawn(app.run(listener, shutdown.clone()));
         Ledger {
@@ -109,6 +120,128 @@ impl Ledger {
     pub async fn stop(self) {
         self.shutdown.cancel();
         self.task.await.expect("join").expect("ledger ran cleanly");
+    }
+
+    /// Options that bring this ledger back on the same address, database and exchange.
+    pub fn restart_options(&self) -> LedgerOptions {
+        LedgerOptions {
+            auth_token: None,
+            database_url: Some(self.database_url.clone()),
+            exchange: Some(self.exchange.clone()),
+            addr: Some(self.addr),
+        }
+    }
+}
+
+async fn bind(addr: Option<std::net::SocketAddr>) -> tokio::net::TcpListener {
+    let addr = addr.unwrap_or_else(|| "127.0.0.1:0".parse().unwrap());
+    // A just-closed port can take a moment to be free again.
+    for _ in 0..50 {
+        if let Ok(l) = tokio::net::TcpListener::bind(addr).await {
+            return l;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("cannot bind {addr}");
+}
+
+/// A running in-process payments daemon.
+pub struct Payments {
+    pub addr: std::net::SocketAddr,
+    pub database_url: String,
+    pub shutdown: CancellationToken,
+    pub task: JoinHandle<anyhow::Result<()>>,
+}
+
+#[derive(Clone)]
+pub struct PaymentsOptions {
+    pub ledger_url: String,
+    pub exchange: String,
+    pub database_url: Option<String>,
+    pub ach_settle: Duration,
+    pub auth_token: Option<String>,
+    pub sandbox_latency: Duration,
+}
+
+impl PaymentsOptions {
+    pub fn for_ledger(ledger: &Ledger) -> Self {
+        Self {
+            ledger_url: ledger.url(),
+            exchange: ledger.exchange.clone(),
+            database_url: None,
+            ach_settle: Duration::from_millis(1500),
+            auth_token: None,
+            sandbox_latency: Duration::ZERO,
+        }
+    }
+}
+
+impl Payments {
+    pub async fn start(opts: PaymentsOptions) -> Payments {
+        credits_common::telemetry::init_for_tests();
+        let database_url = opts
+            .database_url
+            .clone()
+            .unwrap_or_else(|| fresh_database_url("payments"));
+        let mut cfg = credits_payments::Config::new(&database_url, AMQP_URL, &opts.ledger_url);
+        cfg.exchange = opts.exchange.clone();
+        cfg.auth_token = opts.auth_token.clone();
+        cfg.db_max_connections = 16;
+        cfg.relay_poll = Duration::from_millis(200);
+        cfg.recovery_every = Duration::from_millis(200);
+        cfg.recovery_stale_after = Duration::from_millis(500);
+        cfg.sandbox.ach_settle_delay = opts.ach_settle;
+        cfg.sandbox.latency = opts.sandbox_latency;
+        cfg.amqp_connection_name = unique("credits-payments-test");
+        let shutdown = CancellationToken::new();
+        let app = credits_payments::App::build(cfg, &shutdown)
+            .await
+            .expect("build payments");
+        let listener = bind(None).await;
+        let addr = listener.local_addr().expect("addr");
+        let task = tokio::spawn(app.run(listener, shutdown.clone()));
+        Payments {
+            addr,
+            database_url,
+            shutdown,
+            task,
+        }
+    }
+
+    pub async fn client(&self) -> PaymentsServiceClient<Channel> {
+        PaymentsServiceClient::connect(format!("http://{}", self.addr))
+            .await
+            .expect("connect to payments")
+    }
+
+    pub async fn db(&self) -> PgConnection {
+        pg_connect(&self.database_url).await
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.task
+            .await
+            .expect("join")
+            .expect("payments ran cleanly");
+    }
+}
+
+/// Polls `check` until it returns `Some`, or panics after `wait`.
+pub async fn eventually<T, F, Fut>(wait: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out after {wait:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

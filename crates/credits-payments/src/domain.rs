@@ -120,7 +120,7 @@ pub fn luhn_valid(digits: &str) -> bool {
         }
         sum += d;
     }
-    sum % 10 == 0
+    sum.is_multiple_of(10)
 }
 
 pub struct BankAccountDetails {
@@ -178,7 +178,7 @@ impl BankAccountDetails {
 
 fn aba_checksum_valid(r: &str) -> bool {
     let d: Vec<u32> = r.bytes().map(|b| u32::from(b - b'0')).collect();
-    (3 * (d[0] + d[3] + d[6]) + 7 * (d[1] + d[4] + d[7]) + (d[2] + d[5] + d[8])) % 10 == 0
+    (3 * (d[0] + d[3] + d[6]) + 7 * (d[1] + d[4] + d[7]) + (d[2] + d[5] + d[8])).is_multiple_of(10)
 }
 
 #[derive(Debug)]
