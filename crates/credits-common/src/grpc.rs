@@ -9,7 +9,20 @@ use tonic::transport::Server;
 use tonic::transport::server::{Router, TcpIncoming};
 use tonic_health::server::HealthReporter;
 
-use crate::auth::BearerAuth;
+use crate::auth::{AttachToken, BearerAuth};
+
+/// A client channel to another credits service, carrying the bearer token.
+pub type AuthChannel = InterceptedService<tonic::transport::Channel, AttachToken>;
+
+/// Connects lazily, so a daemon starts (and retries) while its peers are down.
+pub fn lazy_channel(url: &str, token: Option<&str>) -> anyhow::Result<AuthChannel> {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())?
+        .connect_timeout(std::time::Duration::from_secs(2))
+        .timeout(std::time::Duration::from_secs(10))
+        .tcp_nodelay(true)
+        .connect_lazy();
+    Ok(InterceptedService::new(channel, AttachToken::new(token)?))
+}
 
 /// A router holding health and reflection; the daemon adds its own service(s).
 pub fn base_router(

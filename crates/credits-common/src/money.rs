@@ -107,6 +107,14 @@ impl Money {
         Ok(Money(d))
     }
 
+    /// Parses a signed amount from a trusted peer (a balance another service returned).
+    pub fn parse_signed(field: &str, s: &str) -> Result<Money, MoneyError> {
+        match s.strip_prefix('-') {
+            Some(abs) => Ok(Money::ZERO - Self::parse_non_negative(field, abs)?),
+            None => Self::parse_non_negative(field, s),
+        }
+    }
+
     /// Whether the amount is a whole number of cents (card and bank charges, R1).
     pub fn is_whole_cents(&self) -> bool {
         self.0.normalize().scale() <= 2

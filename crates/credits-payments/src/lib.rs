@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use credits_common::Money;
-use credits_common::auth::{AttachToken, BearerAuth};
+use credits_common::auth::BearerAuth;
 use credits_common::outbox::{RelayConfig, run_relay};
 use credits_proto::ledger::v1::ledger_service_client::LedgerServiceClient;
 use credits_proto::payments::v1::payments_service_server::PaymentsServiceServer;
@@ -75,17 +75,10 @@ pub struct App {
     pool: PgPool,
 }
 
-/// A ledger client that connects lazily (payments starts even while the ledger is down)
-/// and carries the bearer token.
+/// A ledger client that connects lazily (payments starts even while the ledger is down).
 pub fn ledger_client(url: &str, token: Option<&str>) -> anyhow::Result<service::LedgerClient> {
-    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())?
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(10))
-        .tcp_nodelay(true)
-        .connect_lazy();
-    Ok(LedgerServiceClient::with_interceptor(
-        channel,
-        AttachToken::new(token)?,
+    Ok(LedgerServiceClient::new(
+        credits_common::grpc::lazy_channel(url, token)?,
     ))
 }
 

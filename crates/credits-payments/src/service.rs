@@ -11,20 +11,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use credits_common::Money;
-use credits_common::auth::AttachToken;
 use credits_common::outbox;
 use credits_proto::ledger::v1 as ledger_pb;
 use credits_proto::ledger::v1::ledger_service_client::LedgerServiceClient;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
 
 use crate::domain::*;
 use crate::processor::{PaymentProcessor, ProcessorError, ProcessorStatus};
 use crate::store::Store;
 
-pub type LedgerClient = LedgerServiceClient<InterceptedService<Channel, AttachToken>>;
+pub type LedgerClient = LedgerServiceClient<credits_common::grpc::AuthChannel>;
 
 /// A transient processor failure is retried this many times (by the client's retries and
 /// the recovery loop) before the charge fails for good with `processing_error`.

@@ -17,5 +17,11 @@ pub mod payments {
     }
 }
 
+pub mod recharge {
+    pub mod v1 {
+        tonic::include_proto!("credits.recharge.v1");
+    }
+}
+
 /// Encoded `FileDescriptorSet` of every credits proto, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("credits_descriptor");

@@ -1,0 +1,76 @@
+//! `credits-recharge`: clap/env → config → telemetry → `App::build(cfg).run(listener, shutdown)`.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+use credits_common::Money;
+use credits_common::config::CommonArgs;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "credits-recharge",
+    version,
+    about = "The credits auto-recharge worker"
+)]
+struct Args {
+    /// PostgreSQL URL of the recharge database (created if missing).
+    #[arg(long, env = "DATABASE_URL", default_value = credits_recharge::DEFAULT_DATABASE_URL)]
+    database_url: String,
+    /// gRPC listen address.
+    #[arg(long, env = "RECHARGE_LISTEN_ADDR", default_value = credits_recharge::DEFAULT_LISTEN)]
+    listen: SocketAddr,
+    /// URL of the ledger's gRPC service.
+    #[arg(long, env = "LEDGER_URL", default_value = "http://127.0.0.1:50051")]
+    ledger_url: String,
+    /// URL of the payments gRPC service.
+    #[arg(long, env = "PAYMENTS_URL", default_value = credits_recharge::DEFAULT_PAYMENTS_URL)]
+    payments_url: String,
+    /// Durable quorum queue the worker consumes (replicas share it).
+    #[arg(long, env = "RECHARGE_QUEUE", default_value = credits_recharge::DEFAULT_QUEUE)]
+    queue: String,
+    /// Smallest credit purchase, in dollars (R6 keeps target - threshold at least this).
+    #[arg(long, env = "MIN_PURCHASE", default_value = "5.00")]
+    min_purchase: String,
+    /// After a declined top-up, seconds until the balance is looked at again.
+    #[arg(
+        long,
+        env = "RECHARGE_RETRY_AFTER_FAILURE_SECS",
+        default_value_t = 3600
+    )]
+    retry_after_failure_secs: u64,
+    #[arg(long, env = "DB_MAX_CONNECTIONS", default_value_t = 32)]
+    db_max_connections: u32,
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    credits_common::telemetry::init(args.common.log_format, "info");
+    if let Some(addr) = args
+        .common
+        .metrics_addr_or(credits_recharge::DEFAULT_METRICS.parse()?)?
+    {
+        credits_common::config::install_metrics(addr)?;
+    }
+    let shutdown = credits_common::shutdown::on_signal();
+    let mut cfg = credits_recharge::Config::new(
+        &args.database_url,
+        &args.common.amqp_url,
+        &args.ledger_url,
+        &args.payments_url,
+    );
+    cfg.exchange = args.common.exchange.clone();
+    cfg.queue = args.queue.clone();
+    cfg.auth_token = args.common.auth_token.clone();
+    cfg.db_max_connections = args.db_max_connections;
+    cfg.min_purchase = Money::parse_positive("MIN_PURCHASE", &args.min_purchase)?;
+    cfg.worker.retry_after_failure = Duration::from_secs(args.retry_after_failure_secs);
+    let app = credits_recharge::App::build(cfg, &shutdown).await?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
+    app.run(listener, shutdown).await
+}
