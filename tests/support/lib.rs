@@ -18,6 +18,7 @@ use uuid::Uuid;
 
 use credits_proto::ledger::v1::ledger_service_client::LedgerServiceClient;
 use credits_proto::payments::v1::payments_service_client::PaymentsServiceClient;
+use credits_proto::recharge::v1::auto_recharge_service_client::AutoRechargeServiceClient;
 use tonic::transport::Channel;
 
 pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -225,6 +226,186 @@ impl Payments {
             .expect("join")
             .expect("payments ran cleanly");
     }
+}
+
+/// A running in-process recharge worker (one replica).
+pub struct Recharge {
+    pub addr: std::net::SocketAddr,
+    pub database_url: String,
+    pub shutdown: CancellationToken,
+    pub task: JoinHandle<anyhow::Result<()>>,
+}
+
+#[derive(Clone)]
+pub struct RechargeOptions {
+    pub ledger_url: String,
+    pub payments_url: String,
+    pub exchange: String,
+    pub queue: String,
+    pub database_url: String,
+    pub stop_after_charge: bool,
+}
+
+impl Recharge {
+    pub async fn start(opts: RechargeOptions) -> Recharge {
+        credits_common::telemetry::init_for_tests();
+        let mut cfg = credits_recharge::Config::new(
+            &opts.database_url,
+            AMQP_URL,
+            &opts.ledger_url,
+            &opts.payments_url,
+        );
+        cfg.exchange = opts.exchange.clone();
+        cfg.queue = opts.queue.clone();
+        cfg.db_max_connections = 16;
+        cfg.relay_poll = Duration::from_millis(200);
+        cfg.worker.lease = Duration::from_secs(1);
+        cfg.worker.retry_after_failure = Duration::from_millis(300);
+        cfg.worker.backoff_base = Duration::from_millis(100);
+        cfg.worker.backoff_max = Duration::from_secs(2);
+        cfg.worker.sweep_every = Duration::from_millis(200);
+        cfg.faults.stop_after_charge = opts.stop_after_charge;
+        cfg.amqp_connection_name = unique("credits-recharge-test");
+        let shutdown = CancellationToken::new();
+        let app = credits_recharge::App::build(cfg, &shutdown)
+            .await
+            .expect("build recharge");
+        let listener = bind(None).await;
+        let addr = listener.local_addr().expect("addr");
+        let task = tokio::spawn(app.run(listener, shutdown.clone()));
+        Recharge {
+            addr,
+            database_url: opts.database_url,
+            shutdown,
+            task,
+        }
+    }
+
+    pub async fn client(&self) -> AutoRechargeServiceClient<Channel> {
+        AutoRechargeServiceClient::connect(format!("http://{}", self.addr))
+            .await
+            .expect("connect to recharge")
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.task
+            .await
+            .expect("join")
+            .expect("recharge ran cleanly");
+    }
+}
+
+/// The three daemons wired together, with `replicas` recharge workers sharing one database
+/// and one queue, as in production.
+pub struct System {
+    pub ledger: Ledger,
+    pub payments: Payments,
+    pub recharge: Vec<Recharge>,
+    pub recharge_opts: RechargeOptions,
+}
+
+impl System {
+    pub async fn start(replicas: usize) -> System {
+        let ledger = Ledger::start().await;
+        let payments = Payments::start(PaymentsOptions::for_ledger(&ledger)).await;
+        let recharge_opts = RechargeOptions {
+            ledger_url: ledger.url(),
+            payments_url: format!("http://{}", payments.addr),
+            exchange: ledger.exchange.clone(),
+            queue: unique("credits.recharge.test"),
+            database_url: fresh_database_url("recharge"),
+            stop_after_charge: false,
+        };
+        let mut recharge = Vec::new();
+        for _ in 0..replicas {
+            recharge.push(Recharge::start(recharge_opts.clone()).await);
+        }
+        System {
+            ledger,
+            payments,
+            recharge,
+            recharge_opts,
+        }
+    }
+
+    pub async fn recharge_db(&self) -> PgConnection {
+        pg_connect(&self.recharge_opts.database_url).await
+    }
+
+    pub async fn stop(self) {
+        for r in self.recharge {
+            r.stop().await;
+        }
+        self.payments.stop().await;
+        self.ledger.stop().await;
+        delete_queues(&self.recharge_opts.queue).await;
+    }
+}
+
+/// Removes a test's durable queues (quorum queues outlive their consumers).
+pub async fn delete_queues(queue: &str) {
+    let Ok(conn) =
+        lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default()).await
+    else {
+        return;
+    };
+    if let Ok(ch) = conn.create_channel().await {
+        for q in [queue.to_owned(), format!("{queue}.dlq")] {
+            let _ = ch
+                .queue_delete(
+                    q.as_str().into(),
+                    lapin::options::QueueDeleteOptions::default(),
+                )
+                .await;
+        }
+    }
+    let _ = conn.close(0, "test done".into()).await;
+}
+
+/// Publishes a raw message to an exchange, as another service (or a bug) would.
+pub async fn publish_raw(exchange: &str, routing_key: &str, body: &[u8]) {
+    let conn = lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default())
+        .await
+        .expect("amqp");
+    let ch = conn.create_channel().await.expect("channel");
+    ch.confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    ch.basic_publish(
+        exchange.into(),
+        routing_key.into(),
+        lapin::options::BasicPublishOptions::default(),
+        body,
+        lapin::BasicProperties::default().with_delivery_mode(2),
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("confirm");
+    let _ = conn.close(0, "done".into()).await;
+}
+
+/// How many messages wait in a queue (declared passively).
+pub async fn queue_depth(queue: &str) -> u32 {
+    let conn = lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default())
+        .await
+        .expect("amqp");
+    let ch = conn.create_channel().await.expect("channel");
+    let q = ch
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("queue exists");
+    let n = q.message_count();
+    let _ = conn.close(0, "done".into()).await;
+    n
 }
 
 /// Polls `check` until it returns `Some`, or panics after `wait`.

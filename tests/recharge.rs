@@ -1,0 +1,701 @@
+//! Recharge integration tests: ledger, payments and one or two recharge replicas in
+//! process, against the real PostgreSQL and RabbitMQ, over real gRPC.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use credits_proto::ledger::v1 as lpb;
+use credits_proto::ledger::v1::ledger_service_client::LedgerServiceClient;
+use credits_proto::payments::v1 as ppb;
+use credits_proto::payments::v1::payments_service_client::PaymentsServiceClient;
+use credits_proto::recharge::v1 as pb;
+use credits_proto::recharge::v1::auto_recharge_service_client::AutoRechargeServiceClient;
+use credits_tests::{EventTap, Recharge, System, eventually, publish_raw, queue_depth};
+use rust_decimal::Decimal;
+use tonic::Code;
+use tonic::transport::Channel;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+struct Clients {
+    l: LedgerServiceClient<Channel>,
+    p: PaymentsServiceClient<Channel>,
+    r: AutoRechargeServiceClient<Channel>,
+}
+
+async fn clients(sys: &System) -> Clients {
+    Clients {
+        l: sys.ledger.client().await,
+        p: sys.payments.client().await,
+        r: sys.recharge[0].client().await,
+    }
+}
+
+fn dec(s: &str) -> Decimal {
+    s.parse().unwrap()
+}
+
+fn card(number: &str) -> ppb::add_payment_method_request::Method {
+    ppb::add_payment_method_request::Method::Card(ppb::CardDetails {
+        number: number.into(),
+        exp_month: 12,
+        exp_year: 2034,
+        cvc: "123".into(),
+    })
+}
+
+fn bank() -> ppb::add_payment_method_request::Method {
+    ppb::add_payment_method_request::Method::UsBankAccount(ppb::UsBankAccountDetails {
+        routing_number: "110000000".into(),
+        account_number: "000123456789".into(),
+        holder_name: "Jane Roe".into(),
+    })
+}
+
+impl Clients {
+    async fn account(&mut self, id: &str, mode: lpb::BillingMode) {
+        self.l
+            .create_account(lpb::CreateAccountRequest {
+                account_id: id.into(),
+                billing_mode: mode as i32,
+                display_name: String::new(),
+            })
+            .await
+            .unwrap();
+    }
+
+    async fn add_method(
+        &mut self,
+        id: &str,
+        m: ppb::add_payment_method_request::Method,
+        make_default: bool,
+    ) -> ppb::PaymentMethod {
+        self.p
+            .add_payment_method(ppb::AddPaymentMethodRequest {
+                account_id: id.into(),
+                method: Some(m),
+                make_default,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    async fn buy(&mut self, id: &str, amount: &str, key: &str) {
+        let r = self
+            .p
+            .purchase_credits(ppb::PurchaseCreditsRequest {
+                account_id: id.into(),
+                amount: amount.into(),
+                payment_method_id: String::new(),
+                idempotency_key: key.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(r.entry.is_some(), "purchase credited");
+    }
+
+    async fn enable(
+        &mut self,
+        id: &str,
+        threshold: &str,
+        target: &str,
+    ) -> Result<pb::AutoRecharge, tonic::Status> {
+        self.r
+            .set_auto_recharge(pb::SetAutoRechargeRequest {
+                account_id: id.into(),
+                enabled: true,
+                threshold: threshold.into(),
+                target: target.into(),
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    async fn settings(&mut self, id: &str) -> pb::AutoRecharge {
+        self.r
+            .get_auto_recharge(pb::GetAutoRechargeRequest {
+                account_id: id.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    async fn use_credits(&mut self, id: &str, amount: &str, key: &str) -> lpb::RecordUsageResponse {
+        self.l
+            .record_usage(lpb::RecordUsageRequest {
+                account_id: id.into(),
+                category: lpb::UsageCategory::ApiRequests as i32,
+                amount: amount.into(),
+                idempotency_key: key.into(),
+                description: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    async fn balance(&mut self, id: &str) -> String {
+        self.l
+            .get_account(lpb::GetAccountRequest {
+                account_id: id.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .balance
+    }
+
+    async fn attempts(&mut self, id: &str) -> Vec<pb::RechargeAttempt> {
+        self.r
+            .list_recharge_attempts(pb::ListRechargeAttemptsRequest {
+                account_id: id.into(),
+                page_size: 500,
+                page_token: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .attempts
+    }
+
+    /// Waits until `n` attempts are finished and none is in flight.
+    async fn settled_attempts(&mut self, id: &str, n: usize) -> Vec<pb::RechargeAttempt> {
+        let r = self.r.clone();
+        let id = id.to_owned();
+        eventually(WAIT, "attempts to settle", move || {
+            let mut c = Clients {
+                l: self.l.clone(),
+                p: self.p.clone(),
+                r: r.clone(),
+            };
+            let id = id.clone();
+            async move {
+                let a = c.attempts(&id).await;
+                let finished = a
+                    .iter()
+                    .filter(|a| {
+                        a.status == pb::AttemptStatus::Succeeded as i32
+                            || a.status == pb::AttemptStatus::Failed as i32
+                    })
+                    .count();
+                (finished == a.len() && a.len() >= n).then_some(a)
+            }
+        })
+        .await
+    }
+
+    async fn charges(&mut self, id: &str) -> Vec<ppb::Charge> {
+        self.p
+            .list_charges(ppb::ListChargesRequest {
+                account_id: id.into(),
+                page_size: 500,
+                page_token: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .charges
+    }
+
+    async fn entries(&mut self, id: &str) -> Vec<lpb::Entry> {
+        self.l
+            .list_entries(lpb::ListEntriesRequest {
+                account_id: id.into(),
+                page_size: 500,
+                page_token: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .entries
+    }
+}
+
+/// Account with a Visa on file and $25 bought, auto-recharge below 10 up to 50.
+async fn funded(c: &mut Clients, id: &str) {
+    c.account(id, lpb::BillingMode::Prepaid).await;
+    c.add_method(id, card("4242424242424242"), false).await;
+    c.buy(id, "25.00", &format!("{id}-buy")).await;
+    let s = c.enable(id, "10", "50").await.unwrap();
+    assert!(s.enabled);
+    assert_eq!(
+        (s.threshold.as_str(), s.target.as_str()),
+        ("10.00", "50.00")
+    );
+}
+
+#[tokio::test]
+async fn the_seed_walkthrough_charges_once_to_reach_the_target_r8() {
+    let sys = System::start(1).await;
+    let mut tap = EventTap::bind(&sys.ledger.exchange, "recharge.#").await;
+    let mut c = clients(&sys).await;
+    funded(&mut c, "acme").await;
+    let r = c.use_credits("acme", "15.01", "u1").await;
+    assert_eq!(r.balance, "9.99");
+    let attempts = c.settled_attempts("acme", 1).await;
+    assert_eq!(attempts.len(), 1);
+    let a = &attempts[0];
+    assert_eq!(a.status, pb::AttemptStatus::Succeeded as i32);
+    assert_eq!(a.amount, "40.01");
+    assert_eq!(a.balance_at_trigger, "9.99");
+    assert_eq!(a.trigger, "threshold_crossed");
+    assert_eq!(c.balance("acme").await, "50.00");
+    let charges = c.charges("acme").await;
+    assert_eq!(charges.len(), 2, "the purchase and exactly one top-up");
+    assert_eq!(charges[0].amount, "40.01");
+    assert_eq!(charges[0].charge_id, a.charge_id);
+    let entries = c.entries("acme").await;
+    assert_eq!(entries[0].source, lpb::CreditSource::AutoRecharge as i32);
+    assert_eq!(entries[0].reference, a.charge_id);
+    let ev = tap
+        .next_of("recharge.attempt.succeeded", WAIT)
+        .await
+        .unwrap();
+    assert_eq!(ev["data"]["attempt_id"], a.attempt_id);
+    assert_eq!(ev["data"]["amount"], "40.01");
+    assert_eq!(ev["data"]["charge_id"], a.charge_id);
+    sys.stop().await;
+}
+
+#[tokio::test]
+async fn top_ups_round_up_to_the_cent_r8() {
+    let sys = System::start(1).await;
+    let mut c = clients(&sys).await;
+    funded(&mut c, "acme").await;
+    c.use_credits("acme", "15.005", "u1").await; // 9.995
+    let a = c.settled_attempts("acme", 1).await;
+    assert_eq!(a[0].amount, "40.01", "40.005 rounds up");
+    assert_eq!(c.balance("acme").await, "50.005");
+    sys.stop().await;
+}
+
+#[tokio::test]
+async fn enabling_below_the_threshold_tops_up_at_once_r7() {
+    let sys = System::start(1).await;
+    let mut c = clients(&sys).await;
+    c.account("acme", lpb::BillingMode::Prepaid).await;
+    c.add_method("acme", card("5555555555554444"), false).await;
+    c.buy("acme", "8.00", "b").await;
+    c.enable("acme", "10", "50").await.unwrap();
+    let a = c.settled_attempts("acme", 1).await;
+    assert_eq!(a[0].trigger, "enabled_below_threshold");
+    assert_eq!(a[0].amount, "42.00");
+    assert_eq!(c.balance("acme").await, "50.00");
+    sys.stop().await;
+}
+
+#[tokio::test]
+async fn usage_that_outruns_a_top_up_gets_another_r9() {
+    let sys = System::start(1).await;
+    let mut c = clients(&sys).await;
+    funded(&mut c, "acme").await;
+    // Crosses, then usage lands before the top-up does: the first top-up (decided at 9.00)
+    // leaves the balance below the threshold, so another follows.
+    c.use_credits("acme", "16", "u1").await; // 9.00
+    c.use_credits("acme", "45", "u2").await; // -36.00 (or 4.00 if the top-up landed)
+    let attempts = eventually(WAIT, "balance back at or above the threshold", || {
+        let mut c = Clients {
+            l: c.l.clone(),
+            p: c.p.clone(),
+            r: c.r.clone(),
+        };
+        async move {
+            let a = c.settled_attempts("acme", 1).await;
+            (dec(&c.balance("acme").await) >= dec("10")).then_some(a)
+        }
+    })
+    .await;
+    assert!(
+        attempts
+            .iter()
+            .all(|a| a.status == pb::AttemptStatus::Succeeded as i32)
+    );
+    let topped: Decimal = attempts.iter().map(|a| dec(&a.amount)).sum();
+    assert_eq!(
+        dec(&c.balance("acme").await),
+        dec("25") - dec("61") + topped
+    );
+    sys.stop().await;
+}
+
+#[tokio::test]
+async fn settings_are_validated_r5_r6() {
+    let sys = System::start(1).await;
+    let mut c = clients(&sys).await;
+    c.account("acme", lpb::BillingMode::Prepaid).await;
+    c.add_method("acme", card("4242424242424242"), false).await;
+    let never = c.settings("acme").await;
+    assert!(!never.enabled);
+    assert_eq!(never.disabled_reason, pb::DisabledReason::None as i32);
+    for (t, g, field) in [
+        ("10", "10", "target"),
+        ("10", "14.99", "target"),
+        ("-1", "50", "threshold"),
+        ("", "50", "threshold"),
+        ("10", "1e2", "target"),
+        ("10", "", "target"),
+    ] {
+        let err = c.enable("acme", t, g).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{t} {g}");
+        assert!(
+            err.message().starts_with(field),
+            "{field}: {}",
+            err.message()
+        );
+    }
+    assert!(!c.settings("acme").await.enabled, "nothing changed");
+    assert!(
+        c.enable("acme", "0", "5").await.is_ok(),
+        "threshold 0 and exactly the minimum apart"
+    );
+
+    c.account("bigco", lpb::BillingMode::Contract).await;
+    c.add_method("bigco", card("4242424242424242"), false).await;
+    let err = c.enable("bigco", "10", "50").await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("contract"));
+    let err =
+        c.r.get_auto_recharge(pb::GetAutoRechargeRequest {
+            account_id: "ghost".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = c.enable("ghost", "10", "50").await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    sys.stop().await;
+}
+
+#[tokio::test]
+async fn ach_default_refuses_enabling_and_turns_auto_recharge_off_r10() {
+    let sys = System::start(1).await;
+    let mut tap = EventTap::bind(&sys.ledger.exchange, "recharge.settings.disabled").await;
+    let mut c = clients(&sys).await;
+    c.account("acme", lpb::BillingMode::Prepaid).await;
+    let ach = c.add_method("acme", bank(), false).await;
+    let err = c.enable("acme", "10", "50").await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(
+        err.message().contains("US bank account"),
+        "{}",
+        err.message()
+    );
+
+    // A card as default works even with the bank account on file.
+    let visa = c.add_method("acme", card("4242424242424242"), true).await;
+    c.buy("acme", "25.00", "b").await;
+    assert!(c.enable("acme", "10", "50").await.unwrap().enabled);
+
+    // Making the bank account the default turns it off, with the reason recorded.
+    c.p.set_default_payment_method(ppb::SetDefaultPaymentMethodRequest {
+        account_id: "acme".into(),
+        payment_method_id: ach.payment_method_id.clone(),
+    })
+    .await
+    .unwrap();
+    let ev = tap
+        .next_of("recharge.settings.disabled", WAIT)
+        .await
+        .expect("disabled event");
+    assert_eq!(ev["data"]["reason"], "DEFAULT_PAYMENT_METHOD_NOT_CARD");
+    let s = c.settings("acme").await;
+    assert!(!s.enabled);
+    assert_eq!(
+        s.disabled_reason,
+        pb::DisabledReason::DefaultPaymentMethodNotCard as i32
+    );
+
+    // Back to the card: it stays off until the user turns it on.
+    c.p.set_default_payment_method(ppb::SetDefaultPaymentMethodRequest {
+        account_id: "acme".into(),
+        payment_method_id: visa.payment_method_id.clone(),
+    })
+    .await
+    .unwrap();
+    c.use_credits("acme", "20", "u1").await; // crosses while off
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!c.settings("acme").await.enabled);
+    assert!(
+        c.attempts("acme").await.is_empty(),
+        "crossings while off create no attempt"
+    );
+
+    // Removing the default card turns it off with NO_DEFAULT_PAYMENT_METHOD.
+    c.enable("acme", "1", "50").await.unwrap();
+    c.p.remove_payment_method(ppb::RemovePaymentMethodRequest {
+        account_id: "acme".into(),
+        payment_method_id: visa.payment_method_id,
+    })
+    .await
+    .unwrap();
+    let ev = tap
+        .next_of("recharge.settings.disabled", WAIT)
+        .await
+        .expect("disabled event");
+    assert_eq!(ev["data"]["reason"], "NO_DEFAULT_PAYMENT_METHOD");
+    assert_eq!(
+        c.settings("acme").await.disabled_reason,
+        pb::DisabledReason::NoDefaultPaymentMethod as i32
+    );
+    sys.stop().await;
+}
+
+#[tokio::test]
+async fn three_declined_top_ups_turn_auto_recharge_off_r11() {
+    let sys = System::start(1).await;
+    let mut tap = EventTap::bind(&sys.ledger.exchange, "recharge.#").await;
+    let mut c = clients(&sys).await;
+    c.account("acme", lpb::BillingMode::Prepaid).await;
+    c.add_method("acme", card("4000000000000002"), false).await;
+    c.enable("acme", "10", "50").await.unwrap(); // balance 0: below the threshold at once
+    let ev = tap
+        .next_of("recharge.settings.disabled", WAIT)
+        .await
+        .expect("turned off");
+    assert_eq!(ev["data"]["reason"], "REPEATED_FAILURES");
+    let attempts = c.settled_attempts("acme", 3).await;
+    assert_eq!(attempts.len(), 3);
+    for a in &attempts {
+        assert_eq!(a.status, pb::AttemptStatus::Failed as i32);
+        assert_eq!(a.failure_code, "card_declined");
+        assert!(!a.charge_id.is_empty(), "the declined charge is recorded");
+    }
+    let failed = tap.drain(Duration::from_millis(500)).await;
+    let s = c.settings("acme").await;
+    assert!(!s.enabled);
+    assert_eq!(
+        s.disabled_reason,
+        pb::DisabledReason::RepeatedFailures as i32
+    );
+    assert_eq!(s.consecutive_failures, 3);
+    assert!(
+        failed
+            .iter()
+            .filter(|e| e["type"] == "recharge.attempt.failed")
+            .count()
+            <= 3
+    );
+    assert_eq!(c.balance("acme").await, "0.00");
+
+    // insufficient_funds is recorded with its own code.
+    c.account("poor", lpb::BillingMode::Prepaid).await;
+    c.add_method("poor", card("4000000000009995"), false).await;
+    c.enable("poor", "10", "50").await.unwrap();
+    let a = c.settled_attempts("poor", 1).await;
+    assert_eq!(a.last().unwrap().failure_code, "insufficient_funds");
+    sys.stop().await;
+}
+
+#[tokio::test]
+async fn the_same_threshold_event_delivered_five_times_charges_once() {
+    let sys = System::start(1).await;
+    let mut tap = EventTap::bind(&sys.ledger.exchange, "ledger.balance.threshold_crossed").await;
+    let mut c = clients(&sys).await;
+    funded(&mut c, "acme").await;
+    c.use_credits("acme", "15.01", "u1").await;
+    let ev = tap
+        .next_of("ledger.balance.threshold_crossed", WAIT)
+        .await
+        .unwrap();
+    let mut body = ev.clone();
+    body.as_object_mut().unwrap().remove("_amqp");
+    let body = serde_json::to_vec(&body).unwrap();
+    for _ in 0..5 {
+        publish_raw(
+            &sys.ledger.exchange,
+            "ledger.balance.threshold_crossed",
+            &body,
+        )
+        .await;
+    }
+    let a = c.settled_attempts("acme", 1).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(c.attempts("acme").await.len(), 1);
+    assert_eq!(a[0].amount, "40.01");
+    assert_eq!(c.charges("acme").await.len(), 2);
+    assert_eq!(c.balance("acme").await, "50.00");
+    sys.stop().await;
+}
+
+#[tokio::test]
+async fn a_poison_message_is_dead_lettered_and_the_worker_keeps_working() {
+    let sys = System::start(1).await;
+    let mut c = clients(&sys).await;
+    funded(&mut c, "acme").await;
+    publish_raw(
+        &sys.ledger.exchange,
+        "ledger.balance.threshold_crossed",
+        b"{not json",
+    )
+    .await;
+    publish_raw(&sys.ledger.exchange, "payments.payment_method.default_changed", br#"{"id":"x","type":"payments.payment_method.default_changed","account_id":"acme","data":{}}"#).await;
+    let dlq = format!("{}.dlq", sys.recharge_opts.queue);
+    let depth = eventually(WAIT, "poison messages in the dead-letter queue", || {
+        let dlq = dlq.clone();
+        async move {
+            let n = queue_depth(&dlq).await;
+            (n >= 2).then_some(n)
+        }
+    })
+    .await;
+    assert_eq!(depth, 2);
+    c.use_credits("acme", "15.01", "u1").await;
+    let a = c.settled_attempts("acme", 1).await;
+    assert_eq!(a[0].status, pb::AttemptStatus::Succeeded as i32);
+    assert_eq!(c.balance("acme").await, "50.00");
+    sys.stop().await;
+}
+
+#[tokio::test]
+async fn a_worker_killed_between_charge_and_credit_resumes_with_one_charge_and_one_credit() {
+    let mut sys = System::start(0).await;
+    let crashing = Recharge::start(credits_tests::RechargeOptions {
+        stop_after_charge: true,
+        ..sys.recharge_opts.clone()
+    })
+    .await;
+    let mut c = Clients {
+        l: sys.ledger.client().await,
+        p: sys.payments.client().await,
+        r: crashing.client().await,
+    };
+    funded(&mut c, "acme").await;
+    c.use_credits("acme", "15.01", "u1").await;
+    // The card is charged, then the worker "dies" before crediting.
+    let charges = eventually(WAIT, "the top-up charge", || {
+        let mut c = Clients {
+            l: c.l.clone(),
+            p: c.p.clone(),
+            r: c.r.clone(),
+        };
+        async move {
+            let ch = c.charges("acme").await;
+            (ch.len() == 2).then_some(ch)
+        }
+    })
+    .await;
+    assert_eq!(charges[0].amount, "40.01");
+    assert_eq!(c.balance("acme").await, "9.99", "not credited yet");
+    crashing.stop().await;
+
+    // A healthy worker on the same database resumes the attempt with the same keys.
+    sys.recharge
+        .push(Recharge::start(sys.recharge_opts.clone()).await);
+    c.r = sys.recharge[0].client().await;
+    let a = c.settled_attempts("acme", 1).await;
+    assert_eq!(a.len(), 1);
+    assert_eq!(a[0].status, pb::AttemptStatus::Succeeded as i32);
+    assert_eq!(c.balance("acme").await, "50.00");
+    assert_eq!(c.charges("acme").await.len(), 2, "one top-up charge");
+    let credits = c
+        .entries("acme")
+        .await
+        .into_iter()
+        .filter(|e| e.source == lpb::CreditSource::AutoRecharge as i32)
+        .count();
+    assert_eq!(credits, 1, "one top-up credit");
+    sys.stop().await;
+}
+
+#[tokio::test]
+async fn a_usage_storm_with_two_replicas_charges_exactly_what_it_credits() {
+    let sys = System::start(2).await;
+    let mut c = clients(&sys).await;
+    funded(&mut c, "acme").await;
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let mut l = c.l.clone();
+        tasks.push(tokio::spawn(async move {
+            // Spread the storm over ~2 s so the balance crosses the threshold again and
+            // again while top-ups are landing.
+            tokio::time::sleep(Duration::from_millis(i as u64 * 10)).await;
+            l.record_usage(lpb::RecordUsageRequest {
+                account_id: "acme".into(),
+                category: lpb::UsageCategory::ApiRequests as i32,
+                amount: "1.37".into(),
+                idempotency_key: format!("storm-{i}"),
+                description: String::new(),
+            })
+            .await
+            .unwrap();
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // Quiescence: nothing in flight and the balance back at or above the threshold.
+    let attempts = eventually(Duration::from_secs(60), "the storm to settle", || {
+        let mut c = Clients {
+            l: c.l.clone(),
+            p: c.p.clone(),
+            r: c.r.clone(),
+        };
+        async move {
+            let a = c.settled_attempts("acme", 1).await;
+            (dec(&c.balance("acme").await) >= dec("10")).then_some(a)
+        }
+    })
+    .await;
+    let succeeded: Vec<_> = attempts
+        .iter()
+        .filter(|a| a.status == pb::AttemptStatus::Succeeded as i32)
+        .collect();
+    assert_eq!(
+        succeeded.len(),
+        attempts.len(),
+        "no failures with a good card"
+    );
+    assert!(
+        succeeded.len() >= 3,
+        "the storm crossed the threshold repeatedly ({} top-ups)",
+        succeeded.len()
+    );
+    let top_up_charges: Vec<_> = c
+        .charges("acme")
+        .await
+        .into_iter()
+        .filter(|ch| ch.description.starts_with("auto-recharge"))
+        .collect();
+    let entries = c.entries("acme").await;
+    let top_up_credits: Vec<_> = entries
+        .iter()
+        .filter(|e| e.source == lpb::CreditSource::AutoRecharge as i32)
+        .collect();
+    assert_eq!(
+        top_up_charges.len(),
+        succeeded.len(),
+        "charges = attempts succeeded"
+    );
+    assert_eq!(
+        top_up_credits.len(),
+        succeeded.len(),
+        "credits = attempts succeeded"
+    );
+    let mut charge_ids: Vec<_> = top_up_charges
+        .iter()
+        .map(|ch| ch.charge_id.clone())
+        .collect();
+    let mut credit_refs: Vec<_> = top_up_credits.iter().map(|e| e.reference.clone()).collect();
+    charge_ids.sort();
+    credit_refs.sort();
+    assert_eq!(charge_ids, credit_refs, "every charge has its credit");
+    let topped: Decimal = succeeded.iter().map(|a| dec(&a.amount)).sum();
+    let used = dec("1.37") * Decimal::from(200);
+    assert_eq!(
+        dec(&c.balance("acme").await),
+        dec("25") + topped - used,
+        "balance = purchases + top-ups - usage"
+    );
+    // The processor agrees: one sandbox charge per top-up plus the purchase.
+    let mut db = sys.payments.db().await;
+    let processor_charges: i64 = sqlx::query_scalar("SELECT count(*) FROM sandbox_charges")
+        .fetch_one(&mut db)
+        .await
+        .unwrap();
+    assert_eq!(processor_charges as usize, succeeded.len() + 1);
+    sys.stop().await;
+}
