@@ -1,0 +1,135 @@
+//! `credits`: run the whole system locally (`credits up`), operate it over gRPC, or watch
+//! the demo story. Thin over the daemon libraries and the generated clients.
+
+mod demo;
+mod ops;
+mod output;
+mod up;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "credits",
+    version,
+    about = "Prepaid credits: run the daemons, operate accounts, payments and auto-recharge"
+)]
+struct Cli {
+    #[command(flatten)]
+    conn: ops::Conn,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run ledger, payments and recharge in one process on their default ports.
+    Up(up::UpArgs),
+    /// Accounts: create, show, entries.
+    #[command(subcommand, alias = "account")]
+    Accounts(ops::AccountCmd),
+    /// Record usage.
+    #[command(subcommand)]
+    Usage(ops::UsageCmd),
+    /// Buy credits with the default (or a named) payment method.
+    Purchase {
+        account_id: String,
+        amount: String,
+        #[arg(long)]
+        method: Option<String>,
+        #[arg(long)]
+        key: Option<String>,
+    },
+    /// Payment methods: add-card, add-bank, list, default, remove.
+    #[command(subcommand, alias = "method")]
+    Methods(ops::MethodCmd),
+    /// Auto-recharge: show, set, off, attempts.
+    #[command(subcommand)]
+    Recharge(ops::RechargeCmd),
+    /// Charges of an account, newest first.
+    Charges {
+        account_id: String,
+        #[arg(long, default_value_t = 20)]
+        limit: i32,
+    },
+    /// Walk the product's story against a running system.
+    Demo {
+        /// Account id to use (a fresh demo-… id by default).
+        #[arg(long)]
+        account: Option<String>,
+    },
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    let code = match run(cli).await {
+        Ok(()) => 0,
+        Err(Failure::Rpc(s)) => {
+            eprintln!("error: {}: {}", code_name(s.code()), s.message());
+            ops::exit_code(&s)
+        }
+        Err(Failure::Other(e)) => {
+            eprintln!("error: {e:#}");
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+enum Failure {
+    Rpc(tonic::Status),
+    Other(anyhow::Error),
+}
+
+impl From<tonic::Status> for Failure {
+    fn from(s: tonic::Status) -> Self {
+        Failure::Rpc(s)
+    }
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        Failure::Other(e)
+    }
+}
+
+fn code_name(c: tonic::Code) -> String {
+    // "InvalidArgument" → "INVALID_ARGUMENT", as gRPC documents them.
+    let s = format!("{c:?}");
+    let mut out = String::new();
+    for (i, ch) in s.chars().enumerate() {
+        if ch.is_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.push(ch.to_ascii_uppercase());
+    }
+    out
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    if let Cmd::Up(args) = cli.cmd {
+        return Ok(up::run(args).await?);
+    }
+    let out = output::Out {
+        json: cli.conn.json,
+    };
+    let mut c = cli.conn.clients()?;
+    match cli.cmd {
+        Cmd::Up(_) => Ok(()),
+        Cmd::Accounts(cmd) => Ok(ops::accounts(&mut c, &out, cmd).await?),
+        Cmd::Usage(cmd) => Ok(ops::usage(&mut c, &out, cmd).await?),
+        Cmd::Purchase {
+            account_id,
+            amount,
+            method,
+            key,
+        } => Ok(ops::purchase(&mut c, &out, account_id, amount, method, key).await?),
+        Cmd::Methods(cmd) => Ok(ops::methods(&mut c, &out, cmd).await?),
+        Cmd::Recharge(cmd) => Ok(ops::recharge(&mut c, &out, cmd).await?),
+        Cmd::Charges { account_id, limit } => {
+            Ok(ops::charges(&mut c, &out, account_id, limit).await?)
+        }
+        Cmd::Demo { account } => Ok(demo::run(&mut c, account).await?),
+    }
+}

@@ -1,0 +1,178 @@
+//! `credits up`: the three daemons in one process, for local use.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use credits_common::Money;
+use tokio_util::sync::CancellationToken;
+
+#[derive(clap::Args, Debug)]
+pub struct UpArgs {
+    /// PostgreSQL server URL without a database; each daemon uses (and creates)
+    /// credits_ledger, credits_payments and credits_recharge on it.
+    #[arg(long, env = "CREDITS_PG_URL", default_value = "postgres://localhost")]
+    pub pg_url: String,
+    /// Database names are <prefix>_ledger, <prefix>_payments, <prefix>_recharge.
+    #[arg(long, env = "CREDITS_DB_PREFIX", default_value = "credits")]
+    pub db_prefix: String,
+    #[arg(long, env = "AMQP_URL", default_value = credits_common::config::DEFAULT_AMQP_URL)]
+    pub amqp_url: String,
+    #[arg(long, env = "CREDITS_EXCHANGE", default_value = credits_common::config::DEFAULT_EXCHANGE)]
+    pub exchange: String,
+    #[arg(long, env = "RECHARGE_QUEUE", default_value = credits_recharge::DEFAULT_QUEUE)]
+    pub queue: String,
+    #[arg(long, default_value = "0.0.0.0:50051")]
+    pub ledger_addr: SocketAddr,
+    #[arg(long, default_value = "0.0.0.0:50052")]
+    pub payments_addr: SocketAddr,
+    #[arg(long, default_value = "0.0.0.0:50053")]
+    pub recharge_addr: SocketAddr,
+    /// One Prometheus endpoint for the whole process; "off" disables it.
+    #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9150")]
+    pub metrics_addr: String,
+    #[arg(long, env = "CREDITS_AUTH_TOKEN", hide_env_values = true)]
+    pub auth_token: Option<String>,
+    #[arg(long, env = "MIN_PURCHASE", default_value = "5.00")]
+    pub min_purchase: String,
+    #[arg(long, env = "SANDBOX_ACH_SETTLE_MS", default_value_t = 5000)]
+    pub sandbox_ach_settle_ms: u64,
+    #[arg(
+        long,
+        env = "RECHARGE_RETRY_AFTER_FAILURE_SECS",
+        default_value_t = 3600
+    )]
+    pub retry_after_failure_secs: u64,
+}
+
+fn db(base: &str, prefix: &str, service: &str) -> String {
+    format!("{}/{prefix}_{service}", base.trim_end_matches('/'))
+}
+
+/// A local URL peers can dial for an address that may be the wildcard.
+fn dial(addr: SocketAddr) -> String {
+    let host = if addr.ip().is_unspecified() {
+        "127.0.0.1".to_owned()
+    } else {
+        addr.ip().to_string()
+    };
+    format!("http://{host}:{}", addr.port())
+}
+
+async fn bind(name: &str, addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("{name}: cannot listen on {addr}: {e}"))
+}
+
+pub async fn run(a: UpArgs) -> anyhow::Result<()> {
+    credits_common::telemetry::init(credits_common::telemetry::LogFormat::Text, "info");
+    if a.metrics_addr != "off" {
+        credits_common::config::install_metrics(a.metrics_addr.parse()?)?;
+    }
+    let min_purchase = Money::parse_positive("MIN_PURCHASE", &a.min_purchase)?;
+    let shutdown = credits_common::shutdown::on_signal();
+
+    let mut ledger =
+        credits_ledger::Config::new(&db(&a.pg_url, &a.db_prefix, "ledger"), &a.amqp_url);
+    ledger.exchange = a.exchange.clone();
+    ledger.auth_token = a.auth_token.clone();
+    let mut payments = credits_payments::Config::new(
+        &db(&a.pg_url, &a.db_prefix, "payments"),
+        &a.amqp_url,
+        &dial(a.ledger_addr),
+    );
+    payments.exchange = a.exchange.clone();
+    payments.auth_token = a.auth_token.clone();
+    payments.min_purchase = min_purchase;
+    payments.sandbox.ach_settle_delay = Duration::from_millis(a.sandbox_ach_settle_ms);
+    let mut recharge = credits_recharge::Config::new(
+        &db(&a.pg_url, &a.db_prefix, "recharge"),
+        &a.amqp_url,
+        &dial(a.ledger_addr),
+        &dial(a.payments_addr),
+    );
+    recharge.exchange = a.exchange.clone();
+    recharge.queue = a.queue.clone();
+    recharge.auth_token = a.auth_token.clone();
+    recharge.min_purchase = min_purchase;
+    recharge.worker.retry_after_failure = Duration::from_secs(a.retry_after_failure_secs);
+
+    let (l, p, r) = tokio::try_join!(
+        credits_ledger::App::build(ledger, &shutdown),
+        credits_payments::App::build(payments, &shutdown),
+        credits_recharge::App::build(recharge, &shutdown),
+    )?;
+    let (ll, pl, rl) = (
+        bind("ledger", a.ledger_addr).await?,
+        bind("payments", a.payments_addr).await?,
+        bind("recharge", a.recharge_addr).await?,
+    );
+    banner(&a, &ll, &pl, &rl)?;
+    let stop = |token: &CancellationToken| {
+        let t = token.clone();
+        move |res: anyhow::Result<()>| {
+            t.cancel();
+            res
+        }
+    };
+    let (lr, pr, rr) = tokio::join!(
+        async { stop(&shutdown)(l.run(ll, shutdown.clone()).await) },
+        async { stop(&shutdown)(p.run(pl, shutdown.clone()).await) },
+        async { stop(&shutdown)(r.run(rl, shutdown.clone()).await) },
+    );
+    lr.and(pr).and(rr)
+}
+
+#[allow(clippy::print_stdout)] // the banner is this command's output
+fn banner(
+    a: &UpArgs,
+    l: &tokio::net::TcpListener,
+    p: &tokio::net::TcpListener,
+    r: &tokio::net::TcpListener,
+) -> anyhow::Result<()> {
+    println!("credits is up (Ctrl-C stops all three)");
+    println!(
+        "  ledger    grpc {}   db {}",
+        l.local_addr()?,
+        db(
+            &credits_common::db::redact_url(&a.pg_url),
+            &a.db_prefix,
+            "ledger"
+        )
+    );
+    println!(
+        "  payments  grpc {}   db {}",
+        p.local_addr()?,
+        db(
+            &credits_common::db::redact_url(&a.pg_url),
+            &a.db_prefix,
+            "payments"
+        )
+    );
+    println!(
+        "  recharge  grpc {}   db {}",
+        r.local_addr()?,
+        db(
+            &credits_common::db::redact_url(&a.pg_url),
+            &a.db_prefix,
+            "recharge"
+        )
+    );
+    println!(
+        "  events    {} on {}",
+        a.exchange,
+        credits_common::db::redact_url(&a.amqp_url)
+    );
+    if a.metrics_addr != "off" {
+        println!("  metrics   http://{}/metrics", a.metrics_addr);
+    }
+    println!(
+        "  auth      {}",
+        if a.auth_token.is_some() {
+            "bearer token required"
+        } else {
+            "off"
+        }
+    );
+    Ok(())
+}
