@@ -4,6 +4,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod procs;
+
 use std::collections::VecDeque;
 use std::time::Duration;
 
