@@ -150,9 +150,24 @@ pub async fn markdown(a: &Args, r: &[Stats]) -> anyhow::Result<String> {
     md.push_str("## Reproduce\n\n```sh\nscripts/bench            # builds release binaries, starts the three daemons, runs everything\n```\n\n");
     md.push_str("## Results\n\n| scenario | throughput/s | p50 ms | p90 ms | p99 ms | p99.9 ms | errors | note |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n");
     for s in r {
+        // pgbench reports an average latency only; its percentiles are not measured.
+        let pct = |v: f64| {
+            if s.name.starts_with("pgbench") {
+                "—".to_owned()
+            } else {
+                format!("{v:.2}")
+            }
+        };
         md.push_str(&format!(
-            "| {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} |\n",
-            s.name, s.throughput, s.p50_ms, s.p90_ms, s.p99_ms, s.p999_ms, s.errors, s.note
+            "| {} | {:.0} | {:.2} | {} | {} | {} | {} | {} |\n",
+            s.name,
+            s.throughput,
+            s.p50_ms,
+            pct(s.p90_ms),
+            pct(s.p99_ms),
+            pct(s.p999_ms),
+            s.errors,
+            s.note
         ));
     }
     md.push_str(
@@ -163,6 +178,11 @@ pub async fn markdown(a: &Args, r: &[Stats]) -> anyhow::Result<String> {
             "| {l} | {v} | {t} | {} |\n",
             if m { "yes" } else { "**no**" }
         ));
+    }
+    // The hand-written record of what changed and why survives regenerating the report.
+    if let Ok(changes) = std::fs::read_to_string("docs/benchmark-changes.md") {
+        md.push('\n');
+        md.push_str(&changes);
     }
     md.push_str("\n## Memory\n\n| scenario | resident memory after it |\n| --- | --- |\n");
     for s in r.iter().filter(|s| !s.rss_mib.is_empty()) {

@@ -4,7 +4,7 @@
 
 use crate::money::MoneyError;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum ServiceError {
     #[error("{0}")]
     InvalidArgument(String),

@@ -8,6 +8,7 @@ use credits_common::ids::timestamp;
 use credits_proto::ledger::v1 as pb;
 use tonic::{Request, Response, Status};
 
+use crate::coalesce::Coalescer;
 use crate::domain::*;
 use crate::store::Store;
 
@@ -15,11 +16,12 @@ pub const MAX_BATCH: usize = 1000;
 
 pub struct LedgerGrpc {
     store: Store,
+    coalescer: Coalescer,
 }
 
 impl LedgerGrpc {
-    pub fn new(store: Store) -> Self {
-        Self { store }
+    pub fn new(store: Store, coalescer: Coalescer) -> Self {
+        Self { store, coalescer }
     }
 }
 
@@ -215,7 +217,7 @@ impl pb::ledger_service_server::LedgerService for LedgerGrpc {
         req: Request<pb::RecordUsageRequest>,
     ) -> Result<Response<pb::RecordUsageResponse>, Status> {
         let posting = usage_request(req.get_ref())?;
-        let posted = self.store.post(&posting).await?;
+        let posted = self.coalescer.post(posting).await?;
         record_posted(&posted);
         Ok(Response::new(usage_response(posted)))
     }

@@ -7,6 +7,7 @@
 //! - [`grpc`]: the `LedgerService` edge, wire ↔ domain;
 //! - this module: configuration and the [`App`] that wires them with the outbox relay.
 
+pub mod coalesce;
 pub mod domain;
 pub mod grpc;
 pub mod store;
@@ -37,6 +38,9 @@ pub struct Config {
     pub relay_poll: Duration,
     /// Name of the AMQP connection, as shown by `rabbitmqctl list_connections`.
     pub amqp_connection_name: String,
+    /// Group commit: concurrent batch posters, and the most postings one commit carries.
+    pub group_commit_workers: usize,
+    pub group_commit_max: usize,
 }
 
 impl Config {
@@ -49,6 +53,8 @@ impl Config {
             db_max_connections: 32,
             relay_poll: Duration::from_millis(500),
             amqp_connection_name: "credits-ledger".to_owned(),
+            group_commit_workers: 4,
+            group_commit_max: 128,
         }
     }
 }
@@ -91,10 +97,14 @@ impl App {
         let auth = BearerAuth::new(self.cfg.auth_token.clone());
         let (router, health) =
             credits_common::grpc::base_router(credits_proto::FILE_DESCRIPTOR_SET, auth.clone())?;
-        let svc = LedgerServiceServer::with_interceptor(
-            grpc::LedgerGrpc::new(store::Store::new(self.pool.clone())),
-            auth,
+        let store = store::Store::new(self.pool.clone());
+        let coalescer = coalesce::Coalescer::start(
+            store.clone(),
+            self.cfg.group_commit_workers,
+            self.cfg.group_commit_max,
         );
+        let svc =
+            LedgerServiceServer::with_interceptor(grpc::LedgerGrpc::new(store, coalescer), auth);
         health
             .set_serving::<LedgerServiceServer<grpc::LedgerGrpc>>()
             .await;

@@ -159,45 +159,59 @@ async fn consume(
         )
         .await?;
     tracing::info!(queue = %cfg.queue, "event consumer connected");
-    loop {
+    // Deliveries are handled concurrently (at most `prefetch` unacknowledged at once):
+    // events of different accounts are independent, and decisions for one account
+    // serialise on its settings row.
+    let mut in_flight = tokio::task::JoinSet::new();
+    let result = loop {
         let next = tokio::select! {
             d = deliveries.next() => d,
-            _ = shutdown.cancelled() => return Ok(()),
+            _ = shutdown.cancelled() => break Ok(()),
+            Some(_) = in_flight.join_next(), if !in_flight.is_empty() => continue,
         };
         let delivery = match next {
             Some(Ok(d)) => d,
-            Some(Err(e)) => return Err(e.into()),
-            None => anyhow::bail!("the broker ended the consumer"),
+            Some(Err(e)) => break Err(e.into()),
+            None => break Err(anyhow::anyhow!("the broker ended the consumer")),
         };
-        match handle(worker, &delivery.data).await {
-            Outcome::Done => {
-                delivery.ack(BasicAckOptions::default()).await?;
-            }
-            Outcome::Poison(why) => {
-                tracing::warn!(reason = %why, "unparseable event dead-lettered");
-                metrics::counter!("credits_recharge_dead_lettered_total").increment(1);
-                delivery
-                    .nack(BasicNackOptions {
-                        requeue: false,
-                        ..Default::default()
-                    })
-                    .await?;
-            }
-            Outcome::Retry(why) => {
-                tracing::warn!(reason = %why, "event processing failed; requeued");
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_millis(500)) => {},
-                    _ = shutdown.cancelled() => {},
+        let worker = worker.clone();
+        let shutdown = shutdown.clone();
+        in_flight.spawn(async move {
+            let acked = match handle(&worker, &delivery.data).await {
+                Outcome::Done => delivery.ack(BasicAckOptions::default()).await,
+                Outcome::Poison(why) => {
+                    tracing::warn!(reason = %why, "unparseable event dead-lettered");
+                    metrics::counter!("credits_recharge_dead_lettered_total").increment(1);
+                    delivery
+                        .nack(BasicNackOptions {
+                            requeue: false,
+                            ..Default::default()
+                        })
+                        .await
                 }
-                delivery
-                    .nack(BasicNackOptions {
-                        requeue: true,
-                        ..Default::default()
-                    })
-                    .await?;
+                Outcome::Retry(why) => {
+                    tracing::warn!(reason = %why, "event processing failed; requeued");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {},
+                        _ = shutdown.cancelled() => {},
+                    }
+                    delivery
+                        .nack(BasicNackOptions {
+                            requeue: true,
+                            ..Default::default()
+                        })
+                        .await
+                }
+            };
+            if let Err(e) = acked {
+                // The broker redelivers an unacknowledged message; its effect is idempotent.
+                tracing::warn!(error = %e, "could not acknowledge an event");
             }
-        }
-    }
+        });
+    };
+    // Let handlers that already started finish (their effects commit either way).
+    while in_flight.join_next().await.is_some() {}
+    result
 }
 
 async fn handle(worker: &Arc<Recharge>, body: &[u8]) -> Outcome {
