@@ -1,0 +1,348 @@
+//! Quiescence and the invariants, read straight from the three databases and the broker.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use rust_decimal::Decimal;
+use sqlx::{Connection, PgConnection};
+
+use crate::workload::{Account, Report};
+use crate::{Args, Cluster};
+
+async fn db(pg: &str, name: &str) -> anyhow::Result<PgConnection> {
+    Ok(PgConnection::connect(&format!("{}/{name}", pg.trim_end_matches('/'))).await?)
+}
+
+pub async fn terminate_backends(pg: &str, name: &str) {
+    if let Ok(mut c) = db(pg, "postgres").await {
+        let _ = sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()")
+            .bind(name)
+            .execute(&mut c)
+            .await;
+    }
+}
+
+pub async fn drop_all(pg: &str, dbs: &[String; 3], amqp_url: &str, queue: &str) {
+    if let Ok(mut c) = db(pg, "postgres").await {
+        for d in dbs {
+            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{d}\" WITH (FORCE)"))
+                .execute(&mut c)
+                .await;
+        }
+    }
+    if let Ok(conn) =
+        lapin::Connection::connect(amqp_url, lapin::ConnectionProperties::default()).await
+        && let Ok(ch) = conn.create_channel().await
+    {
+        for q in [queue.to_owned(), format!("{queue}.dlq")] {
+            let _ = ch
+                .queue_delete(
+                    q.as_str().into(),
+                    lapin::options::QueueDeleteOptions::default(),
+                )
+                .await;
+        }
+    }
+}
+
+/// (ready, unacknowledged) messages of a queue, from rabbitmqctl.
+async fn queue_counts(queue: &str) -> Option<(u64, u64)> {
+    let out = tokio::process::Command::new("rabbitmqctl")
+        .args([
+            "-q",
+            "list_queues",
+            "name",
+            "messages_ready",
+            "messages_unacknowledged",
+        ])
+        .output()
+        .await
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(queue))?;
+    let mut it = line.split_whitespace().skip(1);
+    Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
+}
+
+async fn scalar(c: &mut PgConnection, sql: &str) -> i64 {
+    sqlx::query_scalar::<_, i64>(sql)
+        .fetch_one(c)
+        .await
+        .unwrap_or(-1)
+}
+
+/// Everything that must drain before the books can be checked.
+async fn busy(a: &Args, c: &Cluster) -> anyhow::Result<Vec<String>> {
+    let mut left = Vec::new();
+    for name in &c.dbs {
+        let mut conn = db(&a.pg_url, name).await?;
+        let n = scalar(&mut conn, "SELECT count(*) FROM outbox").await;
+        if n != 0 {
+            left.push(format!("{name}: {n} outbox events"));
+        }
+    }
+    let mut p = db(&a.pg_url, &c.dbs[1]).await?;
+    let n = scalar(&mut p, "SELECT count(*) FROM charges WHERE status IN ('PROCESSING','PENDING') OR (purpose = 'PURCHASE' AND status = 'SUCCEEDED' AND ledger_entry_id IS NULL)").await;
+    if n != 0 {
+        left.push(format!("{n} unfinished charges"));
+    }
+    let mut r = db(&a.pg_url, &c.dbs[2]).await?;
+    let n = scalar(
+        &mut r,
+        "SELECT count(*) FROM attempts WHERE status IN ('PENDING','CHARGING')",
+    )
+    .await;
+    if n != 0 {
+        left.push(format!("{n} attempts in flight"));
+    }
+    match queue_counts(&c.queue).await {
+        Some((0, 0)) => {}
+        Some((ready, unacked)) => left.push(format!("queue: {ready} ready, {unacked} unacked")),
+        None => left.push("queue not listed".into()),
+    }
+    Ok(left)
+}
+
+struct Check {
+    failed: bool,
+}
+
+impl Check {
+    fn report(&mut self, ok: bool, what: &str, detail: String) {
+        println!("  [{}] {what}: {detail}", if ok { "ok" } else { "FAIL" });
+        self.failed |= !ok;
+    }
+}
+
+pub async fn settle_and_check(
+    a: &Args,
+    c: &Cluster,
+    accounts: &[Account],
+    rep: &Report,
+    poison: u32,
+    t0: Instant,
+) -> anyhow::Result<bool> {
+    // Quiescence: nothing left to drain twice in a row, one second apart.
+    let deadline = Instant::now() + Duration::from_secs(a.settle);
+    let mut quiet_in_a_row = 0;
+    let mut last = Vec::new();
+    while quiet_in_a_row < 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        last = busy(a, c)
+            .await
+            .unwrap_or_else(|e| vec![format!("cannot read: {e}")]);
+        quiet_in_a_row = if last.is_empty() {
+            quiet_in_a_row + 1
+        } else {
+            0
+        };
+    }
+    println!(
+        "[{:6.1}s] quiescence: {}",
+        t0.elapsed().as_secs_f32(),
+        if last.is_empty() {
+            "reached".to_owned()
+        } else {
+            format!("NOT reached: {last:?}")
+        }
+    );
+    let mut ck = Check {
+        failed: !last.is_empty(),
+    };
+
+    let mut l = db(&a.pg_url, &c.dbs[0]).await?;
+    let mut p = db(&a.pg_url, &c.dbs[1]).await?;
+    let mut r = db(&a.pg_url, &c.dbs[2]).await?;
+
+    // Payments' charges, the processor's charges, recharge's attempts.
+    let charges: Vec<(String, String, String, String, Decimal)> =
+        sqlx::query_as("SELECT charge_id, purpose, status, idempotency_key, amount FROM charges")
+            .fetch_all(&mut p)
+            .await?;
+    let processor: Vec<(String, String, Decimal)> =
+        sqlx::query_as("SELECT idempotency_key, status, amount FROM sandbox_charges")
+            .fetch_all(&mut p)
+            .await?;
+    let attempts: Vec<(String, String, Option<String>, Option<String>)> =
+        sqlx::query_as("SELECT attempt_id, status, charge_id, trigger_event_id FROM attempts")
+            .fetch_all(&mut r)
+            .await?;
+    let credits: Vec<(String, String, Decimal)> =
+        sqlx::query_as("SELECT reference, source, amount FROM entries WHERE kind = 'CREDIT' AND source IN ('PURCHASE','AUTO_RECHARGE')").fetch_all(&mut l).await?;
+
+    println!("invariants:");
+    // 1. No crossing charged twice: processor charges ↔ payments charges ↔ attempts/purchases.
+    let by_id: HashMap<&str, &(String, String, String, String, Decimal)> =
+        charges.iter().map(|c| (c.0.as_str(), c)).collect();
+    let orphans = processor
+        .iter()
+        .filter(|(key, _, _)| !by_id.contains_key(key.as_str()))
+        .count();
+    let attempt_ids: HashSet<&str> = attempts.iter().map(|a| a.0.as_str()).collect();
+    let unexplained = charges
+        .iter()
+        .filter(|(_, purpose, _, key, _)| match purpose.as_str() {
+            "CHARGE" => !key
+                .strip_prefix("recharge:")
+                .is_some_and(|id| attempt_ids.contains(id)),
+            _ => !(key == "initial" || key.starts_with("buy-")),
+        })
+        .count();
+    let processed: HashSet<&str> = processor.iter().map(|p| p.0.as_str()).collect();
+    let final_without_processor = charges
+        .iter()
+        .filter(|c| c.2 == "SUCCEEDED" && !processed.contains(c.0.as_str()))
+        .count();
+    let mut per_charge: HashMap<&str, usize> = HashMap::new();
+    for a in &attempts {
+        if let Some(ch) = &a.2 {
+            *per_charge.entry(ch.as_str()).or_default() += 1;
+        }
+    }
+    let shared = per_charge.values().filter(|n| **n > 1).count();
+    let succeeded_without_charge = attempts
+        .iter()
+        .filter(|a| a.1 == "SUCCEEDED" && a.2.is_none())
+        .count();
+    let mut events: HashMap<&str, usize> = HashMap::new();
+    for a in &attempts {
+        if let Some(e) = &a.3 {
+            *events.entry(e.as_str()).or_default() += 1;
+        }
+    }
+    let twice = events.values().filter(|n| **n > 1).count();
+    ck.report(
+        orphans == 0 && unexplained == 0 && final_without_processor == 0 && shared == 0 && succeeded_without_charge == 0 && twice == 0,
+        "1. every processor charge ↔ one attempt or purchase",
+        format!(
+            "{} processor charges, {} payments charges, {} attempts; orphan processor charges {orphans}, charges without attempt/purchase {unexplained}, \
+             succeeded without processor charge {final_without_processor}, charges shared by attempts {shared}, succeeded attempts without charge {succeeded_without_charge}, \
+             crossings with >1 attempt {twice}",
+            processor.len(), charges.len(), attempts.len()
+        ),
+    );
+
+    // 2. Every succeeded charge has exactly one ledger credit; no credit lacks a charge.
+    let mut credit_count: HashMap<&str, usize> = HashMap::new();
+    for (reference, _, _) in &credits {
+        *credit_count.entry(reference.as_str()).or_default() += 1;
+    }
+    let succeeded: Vec<_> = charges.iter().filter(|c| c.2 == "SUCCEEDED").collect();
+    let uncredited = succeeded
+        .iter()
+        .filter(|c| credit_count.get(c.0.as_str()).copied().unwrap_or(0) != 1)
+        .count();
+    let credit_without_charge = credits
+        .iter()
+        .filter(|(reference, _, _)| {
+            by_id
+                .get(reference.as_str())
+                .is_none_or(|c| c.2 != "SUCCEEDED")
+        })
+        .count();
+    let amount_mismatch = credits
+        .iter()
+        .filter(|(reference, _, amount)| {
+            by_id
+                .get(reference.as_str())
+                .is_some_and(|c| c.4 != *amount)
+        })
+        .count();
+    ck.report(
+        uncredited == 0 && credit_without_charge == 0 && amount_mismatch == 0,
+        "2. succeeded charge ↔ exactly one ledger credit",
+        format!("{} succeeded charges, {} credits; not credited exactly once {uncredited}, credits without a succeeded charge {credit_without_charge}, amount mismatches {amount_mismatch}", succeeded.len(), credits.len()),
+    );
+
+    // 3. Every acknowledged RecordUsage is in the journal exactly once.
+    let usage: Vec<(String, String)> =
+        sqlx::query_as("SELECT account_id, idempotency_key FROM entries WHERE kind = 'USAGE'")
+            .fetch_all(&mut l)
+            .await?;
+    let journal: HashSet<(&str, &str)> = usage
+        .iter()
+        .map(|(a, k)| (a.as_str(), k.as_str()))
+        .collect();
+    let missing = rep
+        .acked
+        .iter()
+        .filter(|(a, k)| !journal.contains(&(a.as_str(), k.as_str())))
+        .count();
+    ck.report(
+        missing == 0 && journal.len() == usage.len(),
+        "3. acknowledged usage in the journal exactly once",
+        format!(
+            "{} acknowledged, {} usage entries, missing {missing}, duplicate keys {}",
+            rep.acked.len(),
+            usage.len(),
+            usage.len() - journal.len()
+        ),
+    );
+
+    // 4. Each balance equals the sum of its journal.
+    let off: i64 = scalar(
+        &mut l,
+        "SELECT count(*) FROM accounts a WHERE a.balance <> COALESCE((SELECT sum(CASE kind WHEN 'CREDIT' THEN amount ELSE -amount END) FROM entries e WHERE e.account_id = a.account_id), 0)",
+    )
+    .await;
+    let chain: i64 = scalar(
+        &mut l,
+        "SELECT count(*) FROM (SELECT balance_after, lag(balance_after) OVER w AS prev, CASE kind WHEN 'CREDIT' THEN amount ELSE -amount END AS delta, \
+         row_number() OVER w AS n FROM entries WINDOW w AS (PARTITION BY account_id ORDER BY seq)) x WHERE (n = 1 AND balance_after <> delta) OR (n > 1 AND balance_after <> prev + delta)",
+    )
+    .await;
+    ck.report(
+        off == 0 && chain == 0,
+        "4. balance = sum of journal",
+        format!(
+            "{} accounts, balances off {off}, broken balance_after chains {chain}",
+            accounts.len()
+        ),
+    );
+
+    // 5. Auto-recharge on ⇒ at or above threshold, or a recorded failed attempt says why not.
+    let settings: Vec<(String, Decimal)> =
+        sqlx::query_as("SELECT account_id, threshold FROM settings WHERE enabled")
+            .fetch_all(&mut r)
+            .await?;
+    let latest: HashMap<String, String> = sqlx::query_as::<_, (String, String)>("SELECT DISTINCT ON (account_id) account_id, status FROM attempts ORDER BY account_id, seq DESC")
+        .fetch_all(&mut r)
+        .await?
+        .into_iter()
+        .collect();
+    let balances: HashMap<String, Decimal> =
+        sqlx::query_as::<_, (String, Decimal)>("SELECT account_id, balance FROM accounts")
+            .fetch_all(&mut l)
+            .await?
+            .into_iter()
+            .collect();
+    let unexplained_low: Vec<&str> = settings
+        .iter()
+        .filter(|(acct, threshold)| {
+            balances.get(acct).is_some_and(|b| b < threshold)
+                && latest.get(acct).map(String::as_str) != Some("FAILED")
+        })
+        .map(|(a, _)| a.as_str())
+        .collect();
+    let off_count: i64 = scalar(&mut r, "SELECT count(*) FROM settings WHERE NOT enabled").await;
+    ck.report(
+        unexplained_low.is_empty(),
+        "5. auto-recharge on ⇒ balance ≥ threshold or a failed attempt",
+        format!("{} accounts on, {off_count} turned off (ACH / repeated failures); below threshold without explanation: {unexplained_low:?}", settings.len()),
+    );
+
+    // 6. Nothing stuck: outboxes empty, queue drained, dead letters = injected poison only.
+    let stuck = busy(a, c).await?;
+    let dlq = queue_counts(&format!("{}.dlq", c.queue))
+        .await
+        .map(|(r, u)| r + u)
+        .unwrap_or(u64::MAX);
+    ck.report(
+        stuck.is_empty() && dlq == u64::from(poison),
+        "6. no stuck event, no unacked message, DLQ = injected poison",
+        format!("left: {stuck:?}; dead-lettered {dlq}, poison injected {poison}"),
+    );
+    Ok(!ck.failed)
+}

@@ -1,0 +1,390 @@
+//! `credits-chaos`: a bounded soak that runs every daemon as its own process (one ledger,
+//! two payments, two recharge workers), drives usage and purchases on prepaid accounts with
+//! auto-recharge, injects faults — `kill -9` and restart, RabbitMQ connection kills and
+//! broker restarts, PostgreSQL connection terminations, a slow processor, poison messages —
+//! then stops the faults, waits for quiescence, and checks the money invariants, printing
+//! each figure. Exits non-zero if any invariant fails. The seed is printed for replay.
+
+#![allow(clippy::print_stdout)] // the report is this tool's output
+
+mod check;
+mod procs;
+mod rng;
+mod workload;
+
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+
+use crate::procs::{Daemon, Spec, sh};
+use crate::rng::Rng;
+
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "credits-chaos",
+    about = "Fault-injection soak with invariant checks"
+)]
+pub struct Args {
+    /// Seconds of workload under faults.
+    #[arg(long, default_value_t = 120)]
+    pub duration: u64,
+    /// Seed for the workload and the fault schedule (random when omitted; always printed).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    #[arg(long, default_value_t = 200)]
+    pub accounts: usize,
+    /// Concurrent workload callers.
+    #[arg(long, default_value_t = 12)]
+    pub workers: usize,
+    /// Mean milliseconds between faults.
+    #[arg(long, default_value_t = 3000)]
+    pub fault_every_ms: u64,
+    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432")]
+    pub pg_url: String,
+    #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    pub amqp_url: String,
+    /// Seconds to wait for quiescence after the faults stop.
+    #[arg(long, default_value_t = 180)]
+    pub settle: u64,
+    /// Keep the databases and logs for inspection.
+    #[arg(long)]
+    pub keep: bool,
+}
+
+pub struct Cluster {
+    pub run: String,
+    pub ledger: Daemon,
+    pub payments: Vec<Daemon>,
+    pub recharge: Vec<Daemon>,
+    pub exchange: String,
+    pub queue: String,
+    pub dbs: [String; 3],
+}
+
+impl Cluster {
+    pub fn all(&mut self) -> Vec<&mut Daemon> {
+        let mut v: Vec<&mut Daemon> = vec![&mut self.ledger];
+        v.extend(self.payments.iter_mut());
+        v.extend(self.recharge.iter_mut());
+        v
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(0)
+}
+
+fn cluster(a: &Args, run: &str, logdir: &std::path::Path) -> Cluster {
+    let base = a.pg_url.trim_end_matches('/');
+    let dbs = [
+        format!("{run}_ledger"),
+        format!("{run}_payments"),
+        format!("{run}_recharge"),
+    ];
+    let exchange = format!("credits.events.{run}");
+    let queue = format!("credits.recharge.{run}");
+    let common = |db: &str| {
+        vec![
+            ("DATABASE_URL".to_owned(), format!("{base}/{db}")),
+            ("AMQP_URL".to_owned(), a.amqp_url.clone()),
+            ("CREDITS_EXCHANGE".to_owned(), exchange.clone()),
+            ("DB_MAX_CONNECTIONS".to_owned(), "10".to_owned()),
+        ]
+    };
+    let lp = free_port();
+    let mut env = common(&dbs[0]);
+    env.push(("LEDGER_LISTEN_ADDR".into(), format!("127.0.0.1:{lp}")));
+    let ledger = Daemon::new(
+        Spec {
+            name: "ledger".into(),
+            binary: "credits-ledger".into(),
+            env,
+            port: lp,
+        },
+        logdir,
+    );
+    let mut payments = Vec::new();
+    for name in ["payments-a", "payments-b"] {
+        let p = free_port();
+        let mut env = common(&dbs[1]);
+        env.push(("PAYMENTS_LISTEN_ADDR".into(), format!("127.0.0.1:{p}")));
+        env.push(("LEDGER_URL".into(), format!("http://127.0.0.1:{lp}")));
+        env.push(("SANDBOX_ACH_SETTLE_MS".into(), "1000".into()));
+        payments.push(Daemon::new(
+            Spec {
+                name: name.into(),
+                binary: "credits-payments".into(),
+                env,
+                port: p,
+            },
+            logdir,
+        ));
+    }
+    let mut recharge = Vec::new();
+    for (i, name) in ["recharge-a", "recharge-b"].into_iter().enumerate() {
+        let p = free_port();
+        let mut env = common(&dbs[2]);
+        env.push(("RECHARGE_LISTEN_ADDR".into(), format!("127.0.0.1:{p}")));
+        env.push(("LEDGER_URL".into(), format!("http://127.0.0.1:{lp}")));
+        env.push(("PAYMENTS_URL".into(), payments[i].url()));
+        env.push(("RECHARGE_QUEUE".into(), queue.clone()));
+        env.push(("RECHARGE_RETRY_AFTER_FAILURE_SECS".into(), "2".into()));
+        recharge.push(Daemon::new(
+            Spec {
+                name: name.into(),
+                binary: "credits-recharge".into(),
+                env,
+                port: p,
+            },
+            logdir,
+        ));
+    }
+    Cluster {
+        run: run.to_owned(),
+        ledger,
+        payments,
+        recharge,
+        exchange,
+        queue,
+        dbs,
+    }
+}
+
+/// Waits until a daemon's health service says SERVING.
+async fn healthy(url: &str, service: &str) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if let Ok(ch) = tonic::transport::Endpoint::from_shared(url.to_owned())
+            .map(|e| e.connect_timeout(Duration::from_secs(1)))
+            && let Ok(ch) = ch.connect().await
+        {
+            let mut h = tonic_health::pb::health_client::HealthClient::new(ch);
+            if let Ok(r) = h
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: service.to_owned(),
+                })
+                .await
+                && r.into_inner().status
+                    == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+            {
+                return true;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    false
+}
+
+async fn all_healthy(c: &Cluster) -> bool {
+    let mut ok = healthy(&c.ledger.url(), "credits.ledger.v1.LedgerService").await;
+    for p in &c.payments {
+        ok &= healthy(&p.url(), "credits.payments.v1.PaymentsService").await;
+    }
+    for r in &c.recharge {
+        ok &= healthy(&r.url(), "credits.recharge.v1.AutoRechargeService").await;
+    }
+    ok
+}
+
+#[derive(Default, Debug)]
+pub struct FaultCounts {
+    pub kill9: u32,
+    pub amqp_close_all: u32,
+    pub broker_restart: u32,
+    pub pg_terminate: u32,
+    pub slow_processor: u32,
+    pub poison: u32,
+}
+
+async fn inject_faults(
+    c: &mut Cluster,
+    a: &Args,
+    mut rng: Rng,
+    until: Instant,
+    counts: &mut FaultCounts,
+    t0: Instant,
+) {
+    let mut slow = [false, false];
+    while Instant::now() < until {
+        let wait = a.fault_every_ms / 2 + rng.below(a.fault_every_ms.max(2));
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+        if Instant::now() >= until {
+            break;
+        }
+        let roll = rng.below(100);
+        let at = t0.elapsed().as_secs_f32();
+        if roll < 45 {
+            let n = c.all().len() as u64;
+            let i = rng.below(n) as usize;
+            let pause = 300 + rng.below(1200);
+            let d = &mut c.all()[i];
+            println!(
+                "[{at:6.1}s] fault: kill -9 {} (restart in {pause} ms)",
+                d.spec.name
+            );
+            d.kill9().await;
+            tokio::time::sleep(Duration::from_millis(pause)).await;
+            if let Err(e) = d.restart().await {
+                println!("           restart of {} failed: {e}", d.spec.name);
+            }
+            counts.kill9 += 1;
+        } else if roll < 60 {
+            println!("[{at:6.1}s] fault: rabbitmqctl close_all_connections");
+            sh(
+                "rabbitmqctl",
+                &["-q", "close_all_connections", "chaos: connection kill"],
+            )
+            .await;
+            counts.amqp_close_all += 1;
+        } else if roll < 70 {
+            println!("[{at:6.1}s] fault: rabbitmqctl stop_app / start_app");
+            sh("rabbitmqctl", &["-q", "stop_app"]).await;
+            tokio::time::sleep(Duration::from_millis(1000 + rng.below(2000))).await;
+            sh("rabbitmqctl", &["-q", "start_app"]).await;
+            counts.broker_restart += 1;
+        } else if roll < 85 {
+            let db = c.dbs[rng.below(3) as usize].clone();
+            println!("[{at:6.1}s] fault: pg_terminate_backend on {db}");
+            check::terminate_backends(&a.pg_url, &db).await;
+            counts.pg_terminate += 1;
+        } else {
+            let i = rng.below(2) as usize;
+            slow[i] = !slow[i];
+            let latency = if slow[i] { "400" } else { "0" };
+            let d = &mut c.payments[i];
+            d.spec.env.retain(|(k, _)| k != "SANDBOX_LATENCY_MS");
+            d.spec
+                .env
+                .push(("SANDBOX_LATENCY_MS".into(), latency.into()));
+            println!(
+                "[{at:6.1}s] fault: {} restarted with processor latency {latency} ms",
+                d.spec.name
+            );
+            let _ = d.restart().await;
+            counts.slow_processor += 1;
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let a = Args::parse();
+    let seed = a.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+    });
+    println!(
+        "credits-chaos: seed {seed} (replay with --seed {seed}), {} s, {} accounts, {} workers",
+        a.duration, a.accounts, a.workers
+    );
+    let code = match run(&a, seed).await {
+        Ok(true) => {
+            println!("chaos: all invariants held");
+            0
+        }
+        Ok(false) => {
+            println!("chaos: INVARIANTS FAILED (seed {seed})");
+            1
+        }
+        Err(e) => {
+            println!("chaos: harness error: {e:#} (seed {seed})");
+            2
+        }
+    };
+    std::process::exit(code);
+}
+
+async fn run(a: &Args, seed: u64) -> anyhow::Result<bool> {
+    let mut rng = Rng::new(seed);
+    let run = format!(
+        "chaos_{seed:x}_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..6]
+    );
+    let logdir = std::env::temp_dir().join(&run);
+    std::fs::create_dir_all(&logdir)?;
+    println!("logs in {}", logdir.display());
+    let mut c = cluster(a, &run, &logdir);
+    for d in c.all() {
+        d.start()?;
+    }
+    anyhow::ensure!(
+        all_healthy(&c).await,
+        "daemons did not become healthy; see {}",
+        logdir.display()
+    );
+
+    let t0 = Instant::now();
+    let clients = workload::Clients::new(&c)?;
+    let accounts = workload::setup(&clients, a.accounts, &mut rng).await?;
+    println!(
+        "[{:6.1}s] set up {} accounts ({} with declining cards, {} that will switch to ACH)",
+        t0.elapsed().as_secs_f32(),
+        accounts.len(),
+        accounts
+            .iter()
+            .filter(|x| x.kind == workload::Kind::Declining)
+            .count(),
+        accounts
+            .iter()
+            .filter(|x| x.kind == workload::Kind::AchSwitcher)
+            .count()
+    );
+
+    let mut faults = FaultCounts::default();
+    for key in [
+        "ledger.balance.threshold_crossed",
+        "payments.payment_method.default_changed",
+    ] {
+        workload::publish_poison(&a.amqp_url, &c.exchange, key).await?;
+        faults.poison += 1;
+    }
+    let until = Instant::now() + Duration::from_secs(a.duration);
+    let load = tokio::spawn(workload::drive(
+        clients.clone(),
+        accounts.clone(),
+        a.workers,
+        rng.fork(),
+        until,
+    ));
+    inject_faults(&mut c, a, rng.fork(), until, &mut faults, t0).await;
+    let report = load.await?;
+    // Faults are over: the broker runs, every daemon runs.
+    sh("rabbitmqctl", &["-q", "start_app"]).await;
+    for d in c.all() {
+        if d.child
+            .as_mut()
+            .is_none_or(|ch| ch.try_wait().ok().flatten().is_some())
+        {
+            let _ = d.restart().await;
+        }
+    }
+    println!(
+        "[{:6.1}s] faults stopped: {faults:?}",
+        t0.elapsed().as_secs_f32()
+    );
+    println!("workload: {report}");
+
+    let ok = check::settle_and_check(a, &c, &accounts, &report, faults.poison, t0).await?;
+
+    let mut clean = true;
+    for d in c.all() {
+        clean &= d.stop().await;
+    }
+    println!("daemons stopped cleanly on SIGTERM: {clean}");
+    if !a.keep && ok {
+        check::drop_all(&a.pg_url, &c.dbs, &a.amqp_url, &c.queue).await;
+        let _ = std::fs::remove_dir_all(&logdir);
+    } else {
+        println!(
+            "kept databases {:?} and logs in {}",
+            c.dbs,
+            logdir.display()
+        );
+    }
+    Ok(ok && clean)
+}
