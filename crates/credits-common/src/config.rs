@@ -50,3 +50,23 @@ pub fn install_metrics(addr: SocketAddr) -> anyhow::Result<()> {
     tracing::info!(%addr, "metrics listening");
     Ok(())
 }
+
+/// A daemon binary's start-up: logging, the metrics endpoint (unless "off"), and the
+/// shutdown token cancelled by SIGINT/SIGTERM.
+pub fn start_daemon(
+    common: &CommonArgs,
+    default_metrics: &str,
+) -> anyhow::Result<tokio_util::sync::CancellationToken> {
+    crate::telemetry::init(common.log_format, "info");
+    if let Some(addr) = common.metrics_addr_or(default_metrics.parse()?)? {
+        install_metrics(addr)?;
+    }
+    Ok(crate::shutdown::on_signal())
+}
+
+/// Binds the gRPC listener, naming the address when it cannot.
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))
+}

@@ -24,21 +24,13 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    credits_common::telemetry::init(args.common.log_format, "info");
-    if let Some(addr) = args
-        .common
-        .metrics_addr_or(credits_ledger::DEFAULT_METRICS.parse()?)?
-    {
-        credits_common::config::install_metrics(addr)?;
-    }
-    let shutdown = credits_common::shutdown::on_signal();
+    let shutdown =
+        credits_common::config::start_daemon(&args.common, credits_ledger::DEFAULT_METRICS)?;
     let mut cfg = credits_ledger::Config::new(&args.database_url, &args.common.amqp_url);
     cfg.exchange = args.common.exchange.clone();
     cfg.auth_token = args.common.auth_token.clone();
     cfg.db_max_connections = args.db_max_connections;
     let app = credits_ledger::App::build(cfg, &shutdown).await?;
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
+    let listener = credits_common::config::bind(args.listen).await?;
     app.run(listener, shutdown).await
 }

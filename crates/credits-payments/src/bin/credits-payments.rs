@@ -41,14 +41,8 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    credits_common::telemetry::init(args.common.log_format, "info");
-    if let Some(addr) = args
-        .common
-        .metrics_addr_or(credits_payments::DEFAULT_METRICS.parse()?)?
-    {
-        credits_common::config::install_metrics(addr)?;
-    }
-    let shutdown = credits_common::shutdown::on_signal();
+    let shutdown =
+        credits_common::config::start_daemon(&args.common, credits_payments::DEFAULT_METRICS)?;
     let mut cfg =
         credits_payments::Config::new(&args.database_url, &args.common.amqp_url, &args.ledger_url);
     cfg.exchange = args.common.exchange.clone();
@@ -58,8 +52,6 @@ async fn main() -> anyhow::Result<()> {
     cfg.sandbox.latency = Duration::from_millis(args.sandbox_latency_ms);
     cfg.sandbox.ach_settle_delay = Duration::from_millis(args.sandbox_ach_settle_ms);
     let app = credits_payments::App::build(cfg, &shutdown).await?;
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
+    let listener = credits_common::config::bind(args.listen).await?;
     app.run(listener, shutdown).await
 }

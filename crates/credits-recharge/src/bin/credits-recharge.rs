@@ -48,14 +48,8 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    credits_common::telemetry::init(args.common.log_format, "info");
-    if let Some(addr) = args
-        .common
-        .metrics_addr_or(credits_recharge::DEFAULT_METRICS.parse()?)?
-    {
-        credits_common::config::install_metrics(addr)?;
-    }
-    let shutdown = credits_common::shutdown::on_signal();
+    let shutdown =
+        credits_common::config::start_daemon(&args.common, credits_recharge::DEFAULT_METRICS)?;
     let mut cfg = credits_recharge::Config::new(
         &args.database_url,
         &args.common.amqp_url,
@@ -69,8 +63,6 @@ async fn main() -> anyhow::Result<()> {
     cfg.min_purchase = Money::parse_positive("MIN_PURCHASE", &args.min_purchase)?;
     cfg.worker.retry_after_failure = Duration::from_secs(args.retry_after_failure_secs);
     let app = credits_recharge::App::build(cfg, &shutdown).await?;
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
+    let listener = credits_common::config::bind(args.listen).await?;
     app.run(listener, shutdown).await
 }
