@@ -17,6 +17,12 @@ struct Args {
     /// Most PostgreSQL connections in the pool.
     #[arg(long, env = "DB_MAX_CONNECTIONS", default_value_t = 32)]
     db_max_connections: u32,
+    /// Group commit: concurrent batch posters.
+    #[arg(long, env = "GROUP_COMMIT_WORKERS", default_value_t = 4)]
+    group_commit_workers: usize,
+    /// Group commit: most postings one commit carries.
+    #[arg(long, env = "GROUP_COMMIT_MAX", default_value_t = 128)]
+    group_commit_max: usize,
     #[command(flatten)]
     common: CommonArgs,
 }
@@ -30,6 +36,8 @@ async fn main() -> anyhow::Result<()> {
     cfg.exchange = args.common.exchange.clone();
     cfg.auth_token = args.common.auth_token.clone();
     cfg.db_max_connections = args.db_max_connections;
+    cfg.group_commit_workers = args.group_commit_workers;
+    cfg.group_commit_max = args.group_commit_max;
     let app = credits_ledger::App::build(cfg, &shutdown).await?;
     let listener = credits_common::config::bind(args.listen).await?;
     app.run(listener, shutdown).await
