@@ -331,6 +331,18 @@ async fn settings_are_validated_r5_r6() {
     let never = c.settings("acme").await;
     assert!(!never.enabled);
     assert_eq!(never.disabled_reason, pb::DisabledReason::None as i32);
+    // Turning off what was never on succeeds and stores nothing.
+    let off =
+        c.r.set_auto_recharge(pb::SetAutoRechargeRequest {
+            account_id: "acme".into(),
+            enabled: false,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!off.enabled);
+    assert_eq!(off.disabled_reason, pb::DisabledReason::None as i32);
     for (t, g, field) in [
         ("10", "10", "target"),
         ("10", "14.99", "target"),

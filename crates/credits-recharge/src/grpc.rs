@@ -124,6 +124,16 @@ impl pb::auto_recharge_service_server::AutoRechargeService for RechargeGrpc {
         let r = req.into_inner();
         let account = AccountId::parse(&r.account_id)?;
         let stored = self.worker.store.settings(account.as_str()).await?;
+        if !r.enabled && r.threshold.is_empty() && r.target.is_empty() && stored.is_none() {
+            // Turning off what was never on: nothing to store, nothing to tell the ledger.
+            self.known_account(&account).await?;
+            return Ok(Response::new(pb::AutoRecharge {
+                account_id: account.as_str().to_owned(),
+                enabled: false,
+                disabled_reason: pb::DisabledReason::None as i32,
+                ..Default::default()
+            }));
+        }
         // Disabling may leave the amounts out: the stored ones are kept.
         let (threshold, target) = match (
             r.enabled,
