@@ -476,7 +476,20 @@ async fn three_declined_top_ups_turn_auto_recharge_off_r11() {
         assert_eq!(a.failure_code, "card_declined");
         assert!(!a.charge_id.is_empty(), "the declined charge is recorded");
     }
-    let failed = tap.drain(Duration::from_millis(500)).await;
+    // Exactly one recharge.attempt.failed event per failed attempt, with the processor's code.
+    let mut failed = Vec::new();
+    while failed.len() < 3 {
+        match tap.next_of("recharge.attempt.failed", WAIT).await {
+            Some(ev) => failed.push(ev),
+            None => break,
+        }
+    }
+    failed.extend(
+        tap.drain(Duration::from_millis(500))
+            .await
+            .into_iter()
+            .filter(|e| e["type"] == "recharge.attempt.failed"),
+    );
     let s = c.settings("acme").await;
     assert!(!s.enabled);
     assert_eq!(
@@ -484,13 +497,19 @@ async fn three_declined_top_ups_turn_auto_recharge_off_r11() {
         pb::DisabledReason::RepeatedFailures as i32
     );
     assert_eq!(s.consecutive_failures, 3);
+    assert_eq!(failed.len(), 3, "{failed:#?}");
     assert!(
         failed
             .iter()
-            .filter(|e| e["type"] == "recharge.attempt.failed")
-            .count()
-            <= 3
+            .all(|e| e["data"]["failure_code"] == "card_declined")
     );
+    let mut ids: Vec<_> = failed
+        .iter()
+        .map(|e| e["data"]["attempt_id"].as_str().unwrap().to_owned())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 3, "three distinct attempts");
     assert_eq!(c.balance("acme").await, "0.00");
 
     // insufficient_funds is recorded with its own code.
