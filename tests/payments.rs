@@ -577,16 +577,35 @@ async fn ach_purchase_credits_only_after_settling() {
     })
     .await;
     assert_eq!(balance, "20.00");
-    let c =
-        e.p.get_charge(pb::GetChargeRequest {
+    // The charge records its ledger entry right after the credit lands.
+    let c = eventually(WAIT, "the charge to record its ledger entry", || {
+        let mut p = e.p.clone();
+        let charge_id = charge.charge_id.clone();
+        async move {
+            let c = p
+                .get_charge(pb::GetChargeRequest {
+                    account_id: "acme".into(),
+                    charge_id,
+                })
+                .await
+                .ok()?
+                .into_inner();
+            (!c.ledger_entry_id.is_empty()).then_some(c)
+        }
+    })
+    .await;
+    assert_eq!(c.status, pb::ChargeStatus::Succeeded as i32);
+    let entries =
+        e.l.list_entries(lpb::ListEntriesRequest {
             account_id: "acme".into(),
-            charge_id: charge.charge_id.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()
-        .into_inner();
-    assert_eq!(c.status, pb::ChargeStatus::Succeeded as i32);
-    assert!(!c.ledger_entry_id.is_empty());
+        .into_inner()
+        .entries;
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].entry_id, c.ledger_entry_id);
     e.stop().await;
 }
 

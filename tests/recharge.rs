@@ -322,6 +322,48 @@ async fn usage_that_outruns_a_top_up_gets_another_r9() {
     sys.stop().await;
 }
 
+/// Found by credits-chaos: the ledger was killed just as a top-up landed, the re-check that
+/// R9 needs failed, and the account stayed below its threshold with nothing scheduled.
+#[tokio::test]
+async fn the_re_check_after_a_top_up_survives_losing_the_worker_r9() {
+    // A slow processor lets usage land before the top-up; the worker skips its immediate
+    // re-check as a crash right after the success commit would.
+    let sys = System::start_with(1, Duration::from_millis(700), true).await;
+    let mut c = clients(&sys).await;
+    funded(&mut c, "acme").await;
+    c.use_credits("acme", "16", "u1").await; // 9.00: crossing, top-up of 41.00 decided
+    eventually(WAIT, "the first top-up to be in flight", || {
+        let mut c = Clients {
+            l: c.l.clone(),
+            p: c.p.clone(),
+            r: c.r.clone(),
+        };
+        async move { (!c.attempts("acme").await.is_empty()).then_some(()) }
+    })
+    .await;
+    c.use_credits("acme", "45", "u2").await; // -36.00 before it lands: no new crossing
+    let attempts = eventually(WAIT, "a second top-up from the scheduled re-check", || {
+        let mut c = Clients {
+            l: c.l.clone(),
+            p: c.p.clone(),
+            r: c.r.clone(),
+        };
+        async move {
+            let a = c.settled_attempts("acme", 2).await;
+            (dec(&c.balance("acme").await) >= dec("10")).then_some(a)
+        }
+    })
+    .await;
+    assert_eq!(attempts.len(), 2, "{attempts:#?}");
+    assert_eq!(attempts[1].trigger, "threshold_crossed");
+    assert_eq!(attempts[1].amount, "41.00");
+    assert_eq!(attempts[0].trigger, "still_below_threshold");
+    assert_eq!(attempts[0].balance_at_trigger, "5.00");
+    assert_eq!(attempts[0].amount, "45.00");
+    assert_eq!(c.balance("acme").await, "50.00");
+    sys.stop().await;
+}
+
 #[tokio::test]
 async fn settings_are_validated_r5_r6() {
     let sys = System::start(1).await;

@@ -246,6 +246,7 @@ pub struct RechargeOptions {
     pub queue: String,
     pub database_url: String,
     pub stop_after_charge: bool,
+    pub skip_recheck_after_success: bool,
 }
 
 impl Recharge {
@@ -267,6 +268,7 @@ impl Recharge {
         cfg.worker.backoff_max = Duration::from_secs(2);
         cfg.worker.sweep_every = Duration::from_millis(200);
         cfg.faults.stop_after_charge = opts.stop_after_charge;
+        cfg.faults.skip_recheck_after_success = opts.skip_recheck_after_success;
         cfg.amqp_connection_name = unique("credits-recharge-test");
         let shutdown = CancellationToken::new();
         let app = credits_recharge::App::build(cfg, &shutdown)
@@ -309,8 +311,21 @@ pub struct System {
 
 impl System {
     pub async fn start(replicas: usize) -> System {
+        Self::start_with(replicas, Duration::ZERO, false).await
+    }
+
+    /// With a slow sandbox processor and, optionally, no immediate R9 re-check.
+    pub async fn start_with(
+        replicas: usize,
+        processor_latency: Duration,
+        skip_recheck_after_success: bool,
+    ) -> System {
         let ledger = Ledger::start().await;
-        let payments = Payments::start(PaymentsOptions::for_ledger(&ledger)).await;
+        let payments = Payments::start(PaymentsOptions {
+            sandbox_latency: processor_latency,
+            ..PaymentsOptions::for_ledger(&ledger)
+        })
+        .await;
         let recharge_opts = RechargeOptions {
             ledger_url: ledger.url(),
             payments_url: format!("http://{}", payments.addr),
@@ -318,6 +333,7 @@ impl System {
             queue: unique("credits.recharge.test"),
             database_url: fresh_database_url("recharge"),
             stop_after_charge: false,
+            skip_recheck_after_success,
         };
         let mut recharge = Vec::new();
         for _ in 0..replicas {

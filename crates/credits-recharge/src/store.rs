@@ -324,13 +324,30 @@ impl Store {
         .transpose()
     }
 
-    /// After a success: the failure streak is over.
-    pub async fn reset_failures(
+    /// After a success: the failure streak is over, and a re-check of the balance is due
+    /// now (R9). Scheduling it in the success transaction makes it durable: if the worker
+    /// dies or the ledger is unreachable right after, the sweeper still runs it.
+    pub async fn after_success(
         conn: &mut PgConnection,
         account: &str,
     ) -> Result<(), RechargeError> {
         sqlx::query!(
-            "UPDATE settings SET consecutive_failures = 0, retry_at = NULL WHERE account_id = $1",
+            "UPDATE settings SET consecutive_failures = 0, retry_at = now() WHERE account_id = $1",
+            account
+        )
+        .execute(conn)
+        .await?;
+        Ok(())
+    }
+
+    /// A scheduled re-check is being carried out (inside the deciding transaction, so a
+    /// failed decision leaves it scheduled).
+    pub async fn clear_recheck(
+        conn: &mut PgConnection,
+        account: &str,
+    ) -> Result<(), RechargeError> {
+        sqlx::query!(
+            "UPDATE settings SET retry_at = NULL WHERE account_id = $1",
             account
         )
         .execute(conn)
@@ -355,17 +372,19 @@ impl Store {
         .await?)
     }
 
-    /// Accounts whose post-failure retry is due; clears their `retry_at` (claimed).
-    pub async fn claim_due_retries(&self, limit: i64) -> Result<Vec<String>, RechargeError> {
-        Ok(sqlx::query_scalar!(
-            "UPDATE settings SET retry_at = NULL
-             WHERE account_id IN (SELECT account_id FROM settings WHERE enabled AND retry_at <= now()
-                                  ORDER BY retry_at LIMIT $1 FOR UPDATE SKIP LOCKED)
-             RETURNING account_id",
+    /// Accounts with a re-check due (after a success, or a failure's retry delay), with
+    /// their failure streak.
+    pub async fn due_rechecks(&self, limit: i64) -> Result<Vec<(String, i32)>, RechargeError> {
+        Ok(sqlx::query!(
+            "SELECT account_id, consecutive_failures FROM settings
+             WHERE enabled AND retry_at <= now() ORDER BY retry_at LIMIT $1",
             limit
         )
         .fetch_all(&self.pool)
-        .await?)
+        .await?
+        .into_iter()
+        .map(|r| (r.account_id, r.consecutive_failures))
+        .collect())
     }
 
     pub async fn list_attempts(

@@ -29,6 +29,14 @@ use crate::domain::*;
 use crate::store::Store;
 
 pub type LedgerClient = LedgerServiceClient<AuthChannel>;
+
+/// Re-check triggers (scheduled in `settings.retry_at`).
+pub const STILL_BELOW: &str = "still_below_threshold";
+pub const RETRY_AFTER_FAILURE: &str = "retry_after_failure";
+
+fn is_recheck(trigger: &str) -> bool {
+    trigger == STILL_BELOW || trigger == RETRY_AFTER_FAILURE
+}
 pub type PaymentsClient = PaymentsServiceClient<AuthChannel>;
 
 #[derive(Clone, Debug)]
@@ -61,6 +69,9 @@ impl Default for WorkerConfig {
 #[derive(Clone, Debug, Default)]
 pub struct Faults {
     pub stop_after_charge: bool,
+    /// Skip the immediate R9 re-check after a top-up, as a crash right after the success
+    /// commit (or an unreachable ledger) would.
+    pub skip_recheck_after_success: bool,
 }
 
 pub struct Recharge {
@@ -119,6 +130,9 @@ impl Recharge {
             tx.commit().await?;
             return Ok(None);
         };
+        if is_recheck(trigger) {
+            Store::clear_recheck(&mut tx, account).await?;
+        }
         if !settings.enabled || Store::has_in_flight(&mut tx, account).await? {
             // Off: crossings are ignored. In flight: that attempt re-checks when it lands (R9).
             tx.commit().await?;
@@ -285,9 +299,17 @@ impl Recharge {
                 )),
             })?;
         self.succeed(a, &charge.charge_id).await?;
-        // R9: usage may have outrun the top-up.
-        self.decide_and_start(&a.account_id, "still_below_threshold", None)
-            .await?;
+        // R9: usage may have outrun the top-up. The success scheduled this re-check
+        // durably; doing it now only saves the sweeper's delay, so a failure here is
+        // left to the sweeper.
+        if self.faults.skip_recheck_after_success {
+            tracing::warn!(attempt_id = %a.attempt_id, "fault injected: no immediate re-check after the top-up");
+        } else if let Err(e) = self
+            .decide_and_start(&a.account_id, STILL_BELOW, None)
+            .await
+        {
+            tracing::warn!(account_id = %a.account_id, error = %e, "re-check after top-up deferred to the sweeper");
+        }
         Ok(Step::Done)
     }
 
@@ -330,7 +352,7 @@ impl Recharge {
         )
         .await?
         {
-            Store::reset_failures(&mut tx, &a.account_id).await?;
+            Store::after_success(&mut tx, &a.account_id).await?;
             outbox::enqueue(
                 &mut tx,
                 "recharge.attempt.succeeded",
@@ -422,9 +444,15 @@ impl Recharge {
                 tracing::warn!(attempt_id = %id, error = %e, "resuming attempt failed");
             }
         }
-        for account in self.store.claim_due_retries(100).await? {
-            self.decide_and_start(&account, "retry_after_failure", None)
-                .await?;
+        for (account, failures) in self.store.due_rechecks(100).await? {
+            let trigger = if failures > 0 {
+                RETRY_AFTER_FAILURE
+            } else {
+                STILL_BELOW
+            };
+            if let Err(e) = self.decide_and_start(&account, trigger, None).await {
+                tracing::warn!(account_id = %account, error = %e, "re-check failed; it stays scheduled");
+            }
         }
         Ok(())
     }
