@@ -183,10 +183,15 @@ impl pb::auto_recharge_service_server::AutoRechargeService for RechargeGrpc {
             .await?;
         tracing::info!(account_id = %account, enabled = saved.enabled, threshold = %saved.threshold, target = %saved.target, "auto-recharge settings saved");
         if saved.enabled {
-            // R7: enabling while already below the threshold tops up at once.
-            self.worker
-                .decide_and_start(account.as_str(), "enabled_below_threshold", None)
-                .await?;
+            // R7: enabling while already below the threshold tops up at once. Saving
+            // scheduled this re-check, so if it fails now the sweeper runs it.
+            if let Err(e) = self
+                .worker
+                .decide_and_start(account.as_str(), crate::worker::ENABLED_BELOW, None)
+                .await
+            {
+                tracing::warn!(account_id = %account, error = %e, "re-check after enabling deferred to the sweeper");
+            }
         }
         Ok(Response::new(settings_to_wire(saved)))
     }

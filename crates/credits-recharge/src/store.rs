@@ -121,7 +121,9 @@ impl Store {
         .transpose()
     }
 
-    /// Stores what the user asked for. Enabling clears the failure count and any reason.
+    /// Stores what the user asked for. Enabling clears the failure count and any reason,
+    /// and schedules a re-check of the balance (R7, after a 2 s grace) that the deciding
+    /// transaction clears.
     pub async fn save_settings(
         &self,
         account: &str,
@@ -136,12 +138,12 @@ impl Store {
         };
         sqlx::query_as!(
             SettingsRow,
-            r#"INSERT INTO settings (account_id, enabled, threshold, target, disabled_reason)
-               VALUES ($1, $2, $3, $4, $5)
+            r#"INSERT INTO settings (account_id, enabled, threshold, target, disabled_reason, retry_at)
+               VALUES ($1, $2, $3, $4, $5, CASE WHEN $2 THEN now() + interval '2 seconds' END)
                ON CONFLICT (account_id) DO UPDATE
                SET enabled = $2, threshold = $3, target = $4, disabled_reason = $5,
                    consecutive_failures = CASE WHEN $2 THEN 0 ELSE settings.consecutive_failures END,
-                   retry_at = NULL, updated_at = now()
+                   retry_at = CASE WHEN $2 THEN now() + interval '2 seconds' END, updated_at = now()
                RETURNING account_id, enabled, threshold, target, disabled_reason, consecutive_failures, updated_at"#,
             account,
             enabled,
@@ -324,15 +326,16 @@ impl Store {
         .transpose()
     }
 
-    /// After a success: the failure streak is over, and a re-check of the balance is due
-    /// now (R9). Scheduling it in the success transaction makes it durable: if the worker
-    /// dies or the ledger is unreachable right after, the sweeper still runs it.
+    /// After a success: the failure streak is over, and a re-check of the balance is
+    /// scheduled (R9). Scheduling it in the success transaction makes it durable: the
+    /// worker does it at once and clears it; if the worker dies or the ledger is
+    /// unreachable right after, the sweeper runs it when the 2 s grace has passed.
     pub async fn after_success(
         conn: &mut PgConnection,
         account: &str,
     ) -> Result<(), RechargeError> {
         sqlx::query!(
-            "UPDATE settings SET consecutive_failures = 0, retry_at = now() WHERE account_id = $1",
+            "UPDATE settings SET consecutive_failures = 0, retry_at = now() + interval '2 seconds' WHERE account_id = $1",
             account
         )
         .execute(conn)

@@ -31,11 +31,12 @@ use crate::store::Store;
 pub type LedgerClient = LedgerServiceClient<AuthChannel>;
 
 /// Re-check triggers (scheduled in `settings.retry_at`).
+pub const ENABLED_BELOW: &str = "enabled_below_threshold";
 pub const STILL_BELOW: &str = "still_below_threshold";
 pub const RETRY_AFTER_FAILURE: &str = "retry_after_failure";
 
 fn is_recheck(trigger: &str) -> bool {
-    trigger == STILL_BELOW || trigger == RETRY_AFTER_FAILURE
+    trigger == ENABLED_BELOW || trigger == STILL_BELOW || trigger == RETRY_AFTER_FAILURE
 }
 pub type PaymentsClient = PaymentsServiceClient<AuthChannel>;
 
