@@ -372,6 +372,7 @@ async fn threshold_crossing_publishes_exactly_one_event_per_crossing_r7() {
         .set_balance_threshold(pb::SetBalanceThresholdRequest {
             account_id: "acme".into(),
             threshold: "10".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -422,6 +423,7 @@ async fn threshold_crossing_publishes_exactly_one_event_per_crossing_r7() {
     // Cleared: no more crossings.
     c.clear_balance_threshold(pb::ClearBalanceThresholdRequest {
         account_id: "acme".into(),
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -446,6 +448,7 @@ async fn outbox_events_survive_a_rabbitmq_connection_drop() {
     c.set_balance_threshold(pb::SetBalanceThresholdRequest {
         account_id: "acme".into(),
         threshold: "10".into(),
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -661,6 +664,7 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing_spec_4() {
             .set_balance_threshold(pb::SetBalanceThresholdRequest {
                 account_id: "acme".into(),
                 threshold: threshold.into(),
+                ..Default::default()
             })
             .await
             .unwrap_err();
@@ -704,6 +708,7 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing_spec_4() {
         .set_balance_threshold(pb::SetBalanceThresholdRequest {
             account_id: "ghost".into(),
             threshold: "1".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();

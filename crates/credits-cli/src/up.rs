@@ -34,12 +34,13 @@ pub struct UpArgs {
     pub auth_token: Option<String>,
     #[arg(long, env = "MIN_PURCHASE", default_value = "5.00")]
     pub min_purchase: String,
-    #[arg(long, env = "SANDBOX_ACH_SETTLE_MS", default_value_t = 5000)]
+    #[arg(long, env = "SANDBOX_ACH_SETTLE_MS", default_value_t = 5000, value_parser = credits_common::config::ranged::<0, 604_800_000>)]
     pub sandbox_ach_settle_ms: u64,
     #[arg(
         long,
         env = "RECHARGE_RETRY_AFTER_FAILURE_SECS",
-        default_value_t = 3600
+        default_value_t = 3600,
+        value_parser = credits_common::config::ranged::<1, 604_800>
     )]
     pub retry_after_failure_secs: u64,
 }

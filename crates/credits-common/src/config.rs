@@ -41,6 +41,21 @@ impl CommonArgs {
     }
 }
 
+/// A clap value parser for a whole number within `MIN..=MAX`, so a zero or absurd setting
+/// (`GROUP_COMMIT_WORKERS=0`, a pool of a million connections) is a clear start-up error
+/// naming the setting, never a panic later.
+pub fn ranged<const MIN: u64, const MAX: u64>(s: &str) -> Result<u64, String> {
+    let v: u64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a whole number"))?;
+    if (MIN..=MAX).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{v} is out of range: must be {MIN} to {MAX}"))
+    }
+}
+
 /// Installs the global Prometheus recorder with its HTTP listener (`GET /metrics`).
 pub fn install_metrics(addr: SocketAddr) -> anyhow::Result<()> {
     metrics_exporter_prometheus::PrometheusBuilder::new()
@@ -69,4 +84,18 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ranged;
+
+    #[test]
+    fn zero_or_absurd_settings_are_refused() {
+        assert_eq!(ranged::<1, 64>("4"), Ok(4));
+        assert!(ranged::<1, 64>("0").unwrap_err().contains("1 to 64"));
+        assert!(ranged::<1, 64>("65").is_err());
+        assert!(ranged::<1, 64>("-1").is_err());
+        assert!(ranged::<1, 64>("lots").is_err());
+    }
 }

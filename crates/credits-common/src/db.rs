@@ -62,6 +62,35 @@ pub async fn connect(
     }
 }
 
+/// Runs the daemon's migrations, retrying with backoff (one line each time) while the
+/// database blips, as [`connect`] does: a restart of PostgreSQL during start-up delays the
+/// daemon, it does not crash it. A migration that fails for any other reason (a bad
+/// schema change) is an error at once.
+pub async fn migrate(
+    migrator: &sqlx::migrate::Migrator,
+    pool: &PgPool,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match migrator.run(pool).await {
+            Ok(()) => return Ok(()),
+            Err(sqlx::migrate::MigrateError::Execute(e)) if is_connection_error(&e) => {
+                tracing::warn!(
+                    "database went away while migrating: {e}; retrying in {:.1}s",
+                    delay.as_secs_f32()
+                );
+            }
+            Err(e) => return Err(anyhow::anyhow!("migration failed: {e}")),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {},
+            _ = shutdown.cancelled() => anyhow::bail!("shut down while migrating"),
+        }
+        delay = (delay * 2).min(Duration::from_secs(10));
+    }
+}
+
 /// Creates the database named in `opts` when it does not exist, through the `postgres`
 /// maintenance database. Racing creators are fine: "already exists" counts as success.
 async fn ensure_database(opts: &PgConnectOptions) -> Result<(), sqlx::Error> {

@@ -30,14 +30,21 @@ pub fn base_router(
     auth: BearerAuth,
 ) -> anyhow::Result<(Router, HealthReporter)> {
     let (reporter, health) = tonic_health::server::health_reporter();
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(descriptor_set)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(descriptor_set)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    // Both versions: grpc_cli, the Python reflection client, older grpcurl and IDE plugins
+    // speak only v1alpha.
     let router = Server::builder()
         .tcp_nodelay(true)
         .add_service(health)
-        .add_service(InterceptedService::new(reflection, auth));
+        .add_service(InterceptedService::new(
+            reflection().build_v1()?,
+            auth.clone(),
+        ))
+        .add_service(InterceptedService::new(reflection().build_v1alpha()?, auth));
     Ok((router, reporter))
 }
 

@@ -43,12 +43,7 @@ impl IdempotencyKey {
         if s.is_empty() {
             return Err(ServiceError::invalid("idempotency_key: is required"));
         }
-        if s.chars().count() > 255 {
-            return Err(ServiceError::invalid(
-                "idempotency_key: at most 255 characters",
-            ));
-        }
-        Ok(IdempotencyKey(s.to_owned()))
+        Ok(IdempotencyKey(bounded_text("idempotency_key", s, 255)?))
     }
 
     pub fn as_str(&self) -> &str {
@@ -56,8 +51,32 @@ impl IdempotencyKey {
     }
 }
 
-/// Checks a free-text field's length.
+/// R21: a one-line free-text field (`display_name`, `reference`, `holder_name`, keys…):
+/// at most `max` characters, no NUL nor any other control character. Prost has already
+/// refused invalid UTF-8, so this is the rest of the rule.
 pub fn bounded_text(field: &str, s: &str, max: usize) -> Result<String, ServiceError> {
+    checked_text(field, s, max, false)
+}
+
+/// R21 for `description`: like [`bounded_text`], but tab, newline and carriage return are
+/// allowed.
+pub fn description_text(field: &str, s: &str, max: usize) -> Result<String, ServiceError> {
+    checked_text(field, s, max, true)
+}
+
+fn checked_text(field: &str, s: &str, max: usize, multiline: bool) -> Result<String, ServiceError> {
+    let allowed = |c: char| multiline && matches!(c, '\t' | '\n' | '\r');
+    if let Some((at, c)) = s
+        .chars()
+        .enumerate()
+        .find(|&(_, c)| c.is_control() && !allowed(c))
+    {
+        let what = if c == '\0' { "NUL" } else { "control" };
+        return Err(ServiceError::invalid(format!(
+            "{field}: must not contain {what} characters (U+{:04X} at character {at})",
+            c as u32
+        )));
+    }
     if s.chars().count() > max {
         return Err(ServiceError::invalid(format!(
             "{field}: at most {max} characters"
@@ -155,6 +174,27 @@ mod tests {
             let e = AccountId::parse(bad).unwrap_err();
             assert!(e.to_string().starts_with("account_id:"), "{bad:?}: {e}");
         }
+    }
+
+    #[test]
+    fn text_fields_refuse_nul_and_control_characters_r21() {
+        for bad in [
+            "a\0b",
+            "\u{1}",
+            "x\u{7f}",
+            "\u{85}",
+            "tab\there",
+            "new\nline",
+        ] {
+            let e = bounded_text("reference", bad, 255).unwrap_err();
+            assert!(e.to_string().starts_with("reference:"), "{bad:?}: {e}");
+        }
+        assert!(description_text("description", "line 1\n\tline 2\r\n", 1024).is_ok());
+        assert!(description_text("description", "nul\0", 1024).is_err());
+        assert!(bounded_text("display_name", "Ünïcode ✓ 日本", 200).is_ok());
+        assert!(bounded_text("display_name", &"é".repeat(200), 200).is_ok());
+        assert!(bounded_text("display_name", &"é".repeat(201), 200).is_err());
+        assert!(IdempotencyKey::parse("k\0").is_err());
     }
 
     #[test]

@@ -104,7 +104,9 @@ impl Money {
         }
         let d = Decimal::from_str_exact(s)
             .map_err(|e| MoneyError::new(field, format!("not a valid decimal ({e})")))?;
-        Ok(Money(d))
+        // R22: "25.000" is the amount "25.00": trailing zeros carry no meaning, so they are
+        // dropped here, once, and storage and idempotency comparisons see one spelling.
+        Ok(Money(d.normalize()))
     }
 
     /// Parses a signed amount from a trusted peer (a balance another service returned).
@@ -251,6 +253,22 @@ mod tests {
         assert!(pos("40.01").unwrap().is_whole_cents());
         assert!(pos("40.010").unwrap().is_whole_cents());
         assert!(!pos("40.011").unwrap().is_whole_cents());
+    }
+
+    #[test]
+    fn trailing_zeros_spell_the_same_amount_r22() {
+        for (spelled, canonical) in [
+            ("25.000", "25.00"),
+            ("40.010", "40.01"),
+            ("5.000000000", "5"),
+        ] {
+            let a = pos(spelled).unwrap();
+            let b = pos(canonical).unwrap();
+            assert_eq!(a, b);
+            assert_eq!(a.as_decimal().scale(), b.as_decimal().scale(), "{spelled}");
+            assert_eq!(a.to_wire(), b.to_wire());
+        }
+        assert_eq!(pos("40.010").unwrap().as_decimal().scale(), 2);
     }
 
     #[test]

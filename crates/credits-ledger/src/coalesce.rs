@@ -24,10 +24,11 @@ pub struct Coalescer {
 impl Coalescer {
     /// Starts `workers` batch posters taking up to `max_batch` postings each.
     pub fn start(store: Store, workers: usize, max_batch: usize) -> Coalescer {
+        let (workers, max_batch) = (workers.max(1), max_batch.max(1));
         let (tx, rx) = mpsc::channel(max_batch * workers * 4);
         let rx = Arc::new(Mutex::new(rx));
-        for _ in 0..workers.max(1) {
-            tokio::spawn(worker(store.clone(), rx.clone(), max_batch.max(1)));
+        for _ in 0..workers {
+            tokio::spawn(worker(store.clone(), rx.clone(), max_batch));
         }
         Coalescer { tx }
     }
@@ -67,17 +68,11 @@ async fn worker(
         }
         metrics::histogram!("credits_ledger_group_commit_size").record(batch.len() as f64);
         let (reqs, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
-        match store.post_batch(&reqs).await {
-            Ok(results) => {
-                for (reply, result) in replies.into_iter().zip(results) {
-                    let _ = reply.send(result);
-                }
-            }
-            Err(e) => {
-                for reply in replies {
-                    let _ = reply.send(Err(e.clone()));
-                }
-            }
+        for (reply, result) in replies
+            .into_iter()
+            .zip(store.post_batch_isolated(&reqs).await)
+        {
+            let _ = reply.send(result);
         }
     }
 }

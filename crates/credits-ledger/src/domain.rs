@@ -6,7 +6,7 @@ use credits_common::Money;
 use uuid::Uuid;
 
 pub use credits_common::error::ServiceError as LedgerError;
-pub use credits_common::ids::{AccountId, IdempotencyKey, bounded_text};
+pub use credits_common::ids::{AccountId, IdempotencyKey, bounded_text, description_text};
 use credits_common::text_enum;
 
 text_enum!(
@@ -43,7 +43,15 @@ pub struct Account {
     pub balance: Money,
     pub access: Access,
     pub threshold: Option<Money>,
+    pub threshold_version: i64,
     pub created_at: DateTime<Utc>,
+}
+
+/// The balance threshold as stored, with the version of its last versioned write.
+#[derive(Clone, Copy, Debug)]
+pub struct StoredThreshold {
+    pub threshold: Option<Money>,
+    pub version: i64,
 }
 
 #[derive(Clone, Debug)]

@@ -105,6 +105,7 @@ fn account_to_wire(a: Account) -> pb::Account {
         access: access_to_wire(a.access) as i32,
         created_at: Some(timestamp(a.created_at)),
         balance_threshold: a.threshold.map(|t| t.to_wire()).unwrap_or_default(),
+        balance_threshold_version: a.threshold_version,
     }
 }
 
@@ -136,13 +137,20 @@ fn entry_to_wire(e: Entry) -> pb::Entry {
     }
 }
 
+fn threshold_version(v: i64) -> Result<i64, LedgerError> {
+    if v < 0 {
+        return Err(LedgerError::invalid("version: must not be negative"));
+    }
+    Ok(v)
+}
+
 fn usage_request(r: &pb::RecordUsageRequest) -> Result<PostingRequest, LedgerError> {
     Ok(PostingRequest {
         account_id: AccountId::parse(&r.account_id)?,
         posting: Posting::Usage(category_from_wire(r.category)?),
         amount: Money::parse_positive("amount", &r.amount)?,
         reference: String::new(),
-        description: bounded_text("description", &r.description, 1024)?,
+        description: description_text("description", &r.description, 1024)?,
         idempotency_key: IdempotencyKey::parse(&r.idempotency_key)?,
     })
 }
@@ -240,7 +248,7 @@ impl pb::ledger_service_server::LedgerService for LedgerGrpc {
             .iter()
             .filter_map(|p| p.as_ref().ok().cloned())
             .collect();
-        let mut posted = self.store.post_batch(&valid).await?.into_iter();
+        let mut posted = self.store.post_batch_isolated(&valid).await.into_iter();
         let results = parsed
             .into_iter()
             .enumerate()
@@ -282,7 +290,7 @@ impl pb::ledger_service_server::LedgerService for LedgerGrpc {
             posting: Posting::Credit(source_from_wire(r.source)?),
             amount: Money::parse_positive("amount", &r.amount).map_err(LedgerError::from)?,
             reference: bounded_text("reference", &r.reference, 255)?,
-            description: bounded_text("description", &r.description, 1024)?,
+            description: description_text("description", &r.description, 1024)?,
             idempotency_key: IdempotencyKey::parse(&r.idempotency_key)?,
         };
         let posted = self.store.post(&posting).await?;
@@ -326,10 +334,14 @@ impl pb::ledger_service_server::LedgerService for LedgerGrpc {
         let id = AccountId::parse(&r.account_id)?;
         let threshold =
             Money::parse_non_negative("threshold", &r.threshold).map_err(LedgerError::from)?;
-        self.store.set_threshold(&id, Some(threshold)).await?;
+        let stored = self
+            .store
+            .set_threshold(&id, Some(threshold), threshold_version(r.version)?)
+            .await?;
         Ok(Response::new(pb::BalanceThreshold {
             account_id: r.account_id,
-            threshold: threshold.to_wire(),
+            threshold: stored.threshold.map(|t| t.to_wire()).unwrap_or_default(),
+            version: stored.version,
         }))
     }
 
@@ -337,8 +349,15 @@ impl pb::ledger_service_server::LedgerService for LedgerGrpc {
         &self,
         req: Request<pb::ClearBalanceThresholdRequest>,
     ) -> Result<Response<pb::ClearBalanceThresholdResponse>, Status> {
-        let id = AccountId::parse(&req.into_inner().account_id)?;
-        self.store.set_threshold(&id, None).await?;
-        Ok(Response::new(pb::ClearBalanceThresholdResponse {}))
+        let r = req.into_inner();
+        let id = AccountId::parse(&r.account_id)?;
+        let stored = self
+            .store
+            .set_threshold(&id, None, threshold_version(r.version)?)
+            .await?;
+        Ok(Response::new(pb::ClearBalanceThresholdResponse {
+            threshold: stored.threshold.map(|t| t.to_wire()).unwrap_or_default(),
+            version: stored.version,
+        }))
     }
 }

@@ -70,7 +70,7 @@ impl App {
     pub async fn build(cfg: Config, shutdown: &CancellationToken) -> anyhow::Result<App> {
         let pool = credits_common::db::connect(&cfg.database_url, cfg.db_max_connections, shutdown)
             .await?;
-        MIGRATOR.run(&pool).await?;
+        credits_common::db::migrate(&MIGRATOR, &pool, shutdown).await?;
         Ok(App { cfg, pool })
     }
 

@@ -22,6 +22,7 @@ struct AccountRow {
     balance: Decimal,
     access: String,
     threshold: Option<Decimal>,
+    threshold_version: i64,
     created_at: DateTime<Utc>,
 }
 
@@ -35,6 +36,7 @@ impl TryFrom<AccountRow> for Account {
             balance: Money::new(r.balance),
             access: Access::from_db(&r.access)?,
             threshold: r.threshold.map(Money::new),
+            threshold_version: r.threshold_version,
             created_at: r.created_at,
         })
     }
@@ -170,7 +172,7 @@ impl Store {
             r#"INSERT INTO accounts (account_id, billing_mode, display_name, access)
                VALUES ($1, $2, $3, $4)
                ON CONFLICT (account_id) DO NOTHING
-               RETURNING account_id, billing_mode, display_name, balance, access, threshold, created_at"#,
+               RETURNING account_id, billing_mode, display_name, balance, access, threshold, threshold_version, created_at"#,
             new.account_id.as_str(),
             new.billing_mode.as_str(),
             new.display_name,
@@ -195,7 +197,7 @@ impl Store {
     pub async fn get_account(&self, id: &AccountId) -> Result<Account, LedgerError> {
         sqlx::query_as!(
             AccountRow,
-            r#"SELECT account_id, billing_mode, display_name, balance, access, threshold, created_at
+            r#"SELECT account_id, billing_mode, display_name, balance, access, threshold, threshold_version, created_at
                FROM accounts WHERE account_id = $1"#,
             id.as_str()
         )
@@ -306,6 +308,31 @@ impl Store {
             .collect())
     }
 
+    /// [`Store::post_batch`], with one caller's failure kept to that caller (R21): when the
+    /// batch statement fails for any reason but a lost database, each item is posted on its
+    /// own, so every other item still gets its own result. A lost database fails every item
+    /// alike (`UNAVAILABLE`, safe to retry with the same keys).
+    pub async fn post_batch_isolated(
+        &self,
+        reqs: &[PostingRequest],
+    ) -> Vec<Result<Posted, LedgerError>> {
+        match self.post_batch(reqs).await {
+            Ok(results) => results,
+            Err(e) if reqs.len() == 1 || matches!(e, LedgerError::Unavailable(_)) => {
+                reqs.iter().map(|_| Err(e.clone())).collect()
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, items = reqs.len(), "batch posting failed; posting its items one by one");
+                metrics::counter!("credits_ledger_group_commit_isolations_total").increment(1);
+                let mut results = Vec::with_capacity(reqs.len());
+                for req in reqs {
+                    results.push(self.post(req).await);
+                }
+                results
+            }
+        }
+    }
+
     /// Entries newest first; `before` is the exclusive upper bound of `seq` (page token).
     pub async fn list_entries(
         &self,
@@ -334,21 +361,31 @@ impl Store {
         rows.into_iter().map(Entry::try_from).collect()
     }
 
+    /// Sets (or clears, with `None`) the threshold. A `version` > 0 applies only when newer
+    /// than the last versioned write; 0 always applies. Returns what is stored afterwards.
     pub async fn set_threshold(
         &self,
         id: &AccountId,
         threshold: Option<Money>,
-    ) -> Result<(), LedgerError> {
-        let updated = sqlx::query!(
-            "UPDATE accounts SET threshold = $2, updated_at = now() WHERE account_id = $1",
+        version: i64,
+    ) -> Result<StoredThreshold, LedgerError> {
+        let row = sqlx::query!(
+            r#"UPDATE accounts
+               SET threshold = CASE WHEN $3::bigint = 0 OR $3 > threshold_version THEN $2 ELSE threshold END,
+                   threshold_version = GREATEST(threshold_version, $3),
+                   updated_at = now()
+               WHERE account_id = $1
+               RETURNING threshold, threshold_version"#,
             id.as_str(),
             threshold.map(|m| m.as_decimal()),
+            version,
         )
-        .execute(&self.pool)
-        .await?;
-        if updated.rows_affected() == 0 {
-            return Err(account_not_found(id));
-        }
-        Ok(())
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or_else(|| account_not_found(id))?;
+        Ok(StoredThreshold {
+            threshold: row.threshold.map(Money::new),
+            version: row.threshold_version,
+        })
     }
 }

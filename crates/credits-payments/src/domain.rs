@@ -6,7 +6,7 @@ use credits_common::Money;
 use credits_common::text_enum;
 
 pub use credits_common::error::ServiceError as PaymentsError;
-pub use credits_common::ids::{AccountId, IdempotencyKey, bounded_text};
+pub use credits_common::ids::{AccountId, IdempotencyKey, bounded_text, description_text};
 
 text_enum!(
     /// R10: only cards can back auto-recharge.

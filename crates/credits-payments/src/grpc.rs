@@ -152,7 +152,7 @@ impl pb::payments_service_server::PaymentsService for PaymentsGrpc {
             amount: parse_cents("amount", &r.amount)?,
             payment_method_id: bounded_text("payment_method_id", &r.payment_method_id, 64)?,
             idempotency_key: IdempotencyKey::parse(&r.idempotency_key)?,
-            description: bounded_text("description", &r.description, 1024)?,
+            description: description_text("description", &r.description, 1024)?,
             purpose: Purpose::CHARGE,
         };
         Ok(Response::new(charge_to_wire(self.svc.charge(&req).await?)))

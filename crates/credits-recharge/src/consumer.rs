@@ -1,8 +1,14 @@
 //! The event consumer: a durable quorum queue bound to the events the worker acts on, with
-//! a dead-letter exchange for messages it cannot parse. It acknowledges a message only
-//! after its effect is committed; transient failures are requeued after a pause (the
-//! quorum queue's delivery limit dead-letters a message that keeps failing), and it
-//! reconnects with backoff when the broker goes away.
+//! a dead-letter exchange for messages it cannot parse.
+//!
+//! A crossing is acknowledged only after a local transaction recorded it as a due balance
+//! check (`Recharge::record_crossing`); the check that needs the ledger runs from that
+//! record, so a crossing never depends on the ledger being up nor on the queue's delivery
+//! limit. A message that cannot be handled *yet* (our database or payments away, a peer
+//! refusing our token) is kept unacknowledged and retried here with backoff for as long as
+//! it takes, never requeued towards the delivery limit and never dead-lettered: only a
+//! message that cannot be parsed goes to the DLQ. The consumer re-declares its queue and
+//! reconnects with backoff when the broker goes away or the queue is deleted.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use credits_common::db::redact_url;
 
-use crate::domain::{DisabledReason, RechargeError};
+use crate::domain::{RechargeError, Trigger};
 use crate::worker::Recharge;
 
 pub const DEAD_LETTER_EXCHANGE: &str = "credits.dlx";
@@ -39,14 +45,20 @@ pub struct ConsumerConfig {
 }
 
 #[derive(Debug, Deserialize)]
-struct Envelope {
-    id: String,
+pub struct Envelope {
+    pub id: String,
     #[serde(rename = "type")]
-    kind: String,
-    account_id: String,
+    pub kind: String,
+    pub account_id: String,
     #[serde(default)]
-    data: serde_json::Value,
+    pub data: serde_json::Value,
 }
+
+/// Backoff of an event that cannot be applied yet: first pause, and the longest.
+const RETRY_FIRST: Duration = Duration::from_millis(200);
+const RETRY_MAX: Duration = Duration::from_secs(15);
+/// After this many tries in a row the retry is logged as an error (a dependency is down).
+const RETRIES_BEFORE_ERROR: u32 = 10;
 
 enum Outcome {
     Done,
@@ -177,30 +189,36 @@ async fn consume(
         let worker = worker.clone();
         let shutdown = shutdown.clone();
         in_flight.spawn(async move {
-            let acked = match handle(&worker, &delivery.data).await {
-                Outcome::Done => delivery.ack(BasicAckOptions::default()).await,
-                Outcome::Poison(why) => {
-                    tracing::warn!(reason = %why, "unparseable event dead-lettered");
-                    metrics::counter!("credits_recharge_dead_lettered_total").increment(1);
-                    delivery
-                        .nack(BasicNackOptions {
-                            requeue: false,
-                            ..Default::default()
-                        })
-                        .await
-                }
-                Outcome::Retry(why) => {
-                    tracing::warn!(reason = %why, "event processing failed; requeued");
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_millis(500)) => {},
-                        _ = shutdown.cancelled() => {},
+            let mut backoff = RETRY_FIRST;
+            let mut tries = 0u32;
+            let acked = loop {
+                match handle(&worker, &delivery.data).await {
+                    Outcome::Done => break delivery.ack(BasicAckOptions::default()).await,
+                    Outcome::Poison(why) => {
+                        tracing::warn!(reason = %why, "unparseable event dead-lettered");
+                        metrics::counter!("credits_recharge_dead_lettered_total").increment(1);
+                        break delivery
+                            .nack(BasicNackOptions {
+                                requeue: false,
+                                ..Default::default()
+                            })
+                            .await;
                     }
-                    delivery
-                        .nack(BasicNackOptions {
-                            requeue: true,
-                            ..Default::default()
-                        })
-                        .await
+                    Outcome::Retry(why) => {
+                        tries += 1;
+                        metrics::counter!("credits_recharge_event_retries_total").increment(1);
+                        if tries == RETRIES_BEFORE_ERROR {
+                            tracing::error!(reason = %why, tries, "an event still cannot be applied: a dependency is down; holding it and retrying");
+                        } else {
+                            tracing::warn!(reason = %why, tries, "event cannot be applied yet; retrying in {:.1}s", backoff.as_secs_f32());
+                        }
+                        tokio::select! {
+                            _ = tokio::time::sleep(backoff) => {},
+                            // Left unacknowledged: the broker hands it to the next consumer.
+                            _ = shutdown.cancelled() => return,
+                        }
+                        backoff = (backoff * 2).min(RETRY_MAX);
+                    }
                 }
             };
             if let Err(e) = acked {
@@ -214,46 +232,49 @@ async fn consume(
     result
 }
 
-async fn handle(worker: &Arc<Recharge>, body: &[u8]) -> Outcome {
-    let env: Envelope = match serde_json::from_slice(body) {
-        Ok(e) => e,
-        Err(e) => return Outcome::Poison(format!("not an event envelope: {e}")),
-    };
-    if env.id.is_empty() || env.account_id.is_empty() {
-        return Outcome::Poison("event without id or account_id".to_owned());
+/// Parses and checks an event envelope; the reason when it is unusable (poison): not JSON,
+/// not the envelope, an id that is not a UUID, an account id that breaks the contract.
+pub fn parse_envelope(body: &[u8]) -> Result<Envelope, String> {
+    let env: Envelope =
+        serde_json::from_slice(body).map_err(|e| format!("not an event envelope: {e}"))?;
+    if uuid::Uuid::parse_str(&env.id).is_err() {
+        return Err(format!(
+            "event id is not a UUID: {:?}",
+            env.id.chars().take(80).collect::<String>()
+        ));
     }
+    credits_common::ids::AccountId::parse(&env.account_id)
+        .map_err(|e| format!("event account_id: {e}"))?;
+    Ok(env)
+}
+
+async fn handle(worker: &Arc<Recharge>, body: &[u8]) -> Outcome {
+    let env = match parse_envelope(body) {
+        Ok(e) => e,
+        Err(why) => return Outcome::Poison(why),
+    };
     let result = match env.kind.as_str() {
         "ledger.balance.threshold_crossed" => {
-            worker
-                .decide_and_start(&env.account_id, "threshold_crossed", Some(&env.id))
-                .await
+            match worker.record_crossing(&env.account_id, &env.id).await {
+                Ok(true) => {
+                    // Durable now; carrying it out at once only saves the sweeper's delay.
+                    worker.spawn_decide(env.account_id.clone(), Trigger::ThresholdCrossed);
+                    Ok(())
+                }
+                Ok(false) => Ok(()),
+                Err(e) => Err(e),
+            }
         }
         "payments.payment_method.default_changed" => {
             match env.data.get("type").and_then(|t| t.as_str()) {
                 Some("CARD") => Ok(()),
-                Some(_) => {
-                    worker
-                        .disable_for_event(
-                            &env.account_id,
-                            DisabledReason::DEFAULT_PAYMENT_METHOD_NOT_CARD,
-                            &env.id,
-                        )
-                        .await
-                }
+                Some(_) => worker.apply_method_event(&env.account_id, &env.id).await,
                 None => return Outcome::Poison("default_changed without data.type".to_owned()),
             }
         }
         "payments.payment_method.removed" => {
             match env.data.get("was_default").and_then(|t| t.as_bool()) {
-                Some(true) => {
-                    worker
-                        .disable_for_event(
-                            &env.account_id,
-                            DisabledReason::NO_DEFAULT_PAYMENT_METHOD,
-                            &env.id,
-                        )
-                        .await
-                }
+                Some(true) => worker.apply_method_event(&env.account_id, &env.id).await,
                 Some(false) => Ok(()),
                 None => return Outcome::Poison("removed without data.was_default".to_owned()),
             }
@@ -267,8 +288,36 @@ async fn handle(worker: &Arc<Recharge>, body: &[u8]) -> Outcome {
         Ok(()) => Outcome::Done,
         Err(RechargeError::Unavailable(m)) | Err(RechargeError::Internal(m)) => Outcome::Retry(m),
         Err(e) => {
-            tracing::warn!(event_id = %env.id, account_id = %env.account_id, error = %e, "event could not be applied; acknowledged");
+            // A well-formed event about something that no longer applies (an account the
+            // ledger does not know, …): nothing to do, and retrying would not change that.
+            tracing::warn!(event_id = %env.id, account_id = %env.account_id, error = %e, "event does not apply; acknowledged");
             Outcome::Done
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::parse_envelope;
+
+    #[test]
+    fn only_well_formed_envelopes_are_accepted() {
+        let ok = br#"{"id":"0190a5b0-0000-7000-8000-000000000001","type":"x","account_id":"acme","data":{}}"#;
+        assert!(parse_envelope(ok).is_ok());
+        for bad in [
+            &b"not json"[..],
+            br#"{"id":"","type":"x","account_id":"acme"}"#,
+            br#"{"id":"nul\u0000","type":"x","account_id":"acme"}"#,
+            br#"{"id":"0190a5b0-0000-7000-8000-000000000001","type":"x","account_id":"a b"}"#,
+            br#"{"id":"0190a5b0-0000-7000-8000-000000000001","type":"x"}"#,
+            br#"[]"#,
+        ] {
+            assert!(
+                parse_envelope(bad).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 }

@@ -31,15 +31,72 @@ pub struct Settings {
     pub disabled_reason: DisabledReason,
     pub consecutive_failures: i32,
     pub updated_at: DateTime<Utc>,
+    /// Version of the last threshold written to the ledger (see the hardening migration).
+    pub version: i64,
+    /// Bumped by every change of the settings row: a decision commits only at the
+    /// revision it read.
+    pub revision: i64,
+    /// A balance check that is due, and why.
+    pub due: Option<Due>,
 }
 
-/// Validates R6: `0 <= threshold < target` and `target - threshold >= min_purchase`, so
-/// that every top-up is a valid purchase.
+/// A due balance check: what made it due, and the crossing event if one did.
+#[derive(Clone, Debug)]
+pub struct Due {
+    pub trigger: String,
+    pub event_id: Option<String>,
+}
+
+/// Why a balance check (and the attempt it may decide) happens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Trigger {
+    /// A posting took the balance from at or above the threshold to below it (R7).
+    ThresholdCrossed,
+    /// Auto-recharge was enabled (R7: enabling while already below tops up).
+    EnabledBelowThreshold,
+    /// A top-up landed; usage may have outrun it (R9).
+    StillBelowThreshold,
+    /// The retry delay after a declined top-up passed (R11).
+    RetryAfterFailure,
+    /// The reconciler found the balance below the threshold with nothing due or in flight
+    /// (a crossing lost outside our control, e.g. while the queue was deleted).
+    FoundBelowThreshold,
+}
+
+impl Trigger {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::ThresholdCrossed => "threshold_crossed",
+            Trigger::EnabledBelowThreshold => "enabled_below_threshold",
+            Trigger::StillBelowThreshold => "still_below_threshold",
+            Trigger::RetryAfterFailure => "retry_after_failure",
+            Trigger::FoundBelowThreshold => "found_below_threshold",
+        }
+    }
+}
+
+/// An attempt held by one worker: every write it makes shows `owner`, so a worker that
+/// lost its lease (paused past it, slow) can no longer move the attempt on.
+#[derive(Clone, Debug)]
+pub struct Lease {
+    pub attempt: Attempt,
+    pub owner: uuid::Uuid,
+}
+
+/// Validates R6: `0 < threshold < target` and `target - threshold >= min_purchase`, so
+/// that every top-up is a valid purchase. A threshold of 0 is refused: a prepaid balance
+/// that stops at exactly 0.00 is suspended without ever going *below* 0, so it would never
+/// cross it and never be topped up.
 pub fn validate_amounts(
     threshold: Money,
     target: Money,
     min_purchase: Money,
 ) -> Result<(), RechargeError> {
+    if !threshold.is_positive() {
+        return Err(RechargeError::invalid(
+            "threshold: must be greater than zero; a balance that stops at 0.00 never goes below 0 (R6)",
+        ));
+    }
     if threshold >= target {
         return Err(RechargeError::invalid(format!(
             "target: must be greater than threshold (threshold {threshold}, target {target}) (R6)"
@@ -107,7 +164,8 @@ mod tests {
     fn settings_follow_r6() {
         let min = m("5");
         assert!(validate_amounts(m("10"), m("50"), min).is_ok());
-        assert!(validate_amounts(m("0"), m("5"), min).is_ok());
+        assert!(validate_amounts(m("0.01"), m("5.01"), min).is_ok());
+        assert!(validate_amounts(m("0"), m("5"), min).is_err());
         assert!(validate_amounts(m("10"), m("10"), min).is_err());
         assert!(validate_amounts(m("10"), m("9"), min).is_err());
         assert!(validate_amounts(m("10"), m("14.99"), min).is_err());

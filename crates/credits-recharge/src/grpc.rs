@@ -158,41 +158,10 @@ impl pb::auto_recharge_service_server::AutoRechargeService for RechargeGrpc {
             }
             self.require_card_default(&account).await?;
         }
-        // The ledger learns (or forgets) the threshold first: if that fails, nothing changed.
-        let mut ledger = self.worker.ledger.clone();
-        if r.enabled {
-            ledger
-                .set_balance_threshold(lpb::SetBalanceThresholdRequest {
-                    account_id: account.as_str().to_owned(),
-                    threshold: threshold.to_wire(),
-                })
-                .await
-                .map_err(RechargeError::from)?;
-        } else {
-            ledger
-                .clear_balance_threshold(lpb::ClearBalanceThresholdRequest {
-                    account_id: account.as_str().to_owned(),
-                })
-                .await
-                .map_err(RechargeError::from)?;
-        }
         let saved = self
             .worker
-            .store
-            .save_settings(account.as_str(), r.enabled, threshold, target)
+            .save_settings(&account, r.enabled, threshold, target)
             .await?;
-        tracing::info!(account_id = %account, enabled = saved.enabled, threshold = %saved.threshold, target = %saved.target, "auto-recharge settings saved");
-        if saved.enabled {
-            // R7: enabling while already below the threshold tops up at once. Saving
-            // scheduled this re-check, so if it fails now the sweeper runs it.
-            if let Err(e) = self
-                .worker
-                .decide_and_start(account.as_str(), crate::worker::ENABLED_BELOW, None)
-                .await
-            {
-                tracing::warn!(account_id = %account, error = %e, "re-check after enabling deferred to the sweeper");
-            }
-        }
         Ok(Response::new(settings_to_wire(saved)))
     }
 

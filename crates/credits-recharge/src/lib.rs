@@ -7,6 +7,7 @@
 pub mod consumer;
 pub mod domain;
 pub mod grpc;
+pub mod settings;
 pub mod store;
 pub mod worker;
 
@@ -79,7 +80,7 @@ impl App {
     pub async fn build(cfg: Config, shutdown: &CancellationToken) -> anyhow::Result<App> {
         let pool = credits_common::db::connect(&cfg.database_url, cfg.db_max_connections, shutdown)
             .await?;
-        MIGRATOR.run(&pool).await?;
+        credits_common::db::migrate(&MIGRATOR, &pool, shutdown).await?;
         Ok(App { cfg, pool })
     }
 

@@ -8,6 +8,7 @@ use chrono::{DateTime, Utc};
 use credits_common::Money;
 use rust_decimal::Decimal;
 use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
 
 use crate::domain::*;
 
@@ -24,6 +25,10 @@ struct SettingsRow {
     disabled_reason: String,
     consecutive_failures: i32,
     updated_at: DateTime<Utc>,
+    version: i64,
+    revision: i64,
+    due_trigger: Option<String>,
+    due_event_id: Option<String>,
 }
 
 impl TryFrom<SettingsRow> for Settings {
@@ -37,6 +42,12 @@ impl TryFrom<SettingsRow> for Settings {
             disabled_reason: DisabledReason::from_db(&r.disabled_reason)?,
             consecutive_failures: r.consecutive_failures,
             updated_at: r.updated_at,
+            version: r.version,
+            revision: r.revision,
+            due: r.due_trigger.map(|trigger| Due {
+                trigger,
+                event_id: r.due_event_id,
+            }),
         })
     }
 }
@@ -94,7 +105,8 @@ impl Store {
     pub async fn settings(&self, account: &str) -> Result<Option<Settings>, RechargeError> {
         sqlx::query_as!(
             SettingsRow,
-            r#"SELECT account_id, enabled, threshold, target, disabled_reason, consecutive_failures, updated_at
+            r#"SELECT account_id, enabled, threshold, target, disabled_reason, consecutive_failures, updated_at,
+                      version, revision, due_trigger, due_event_id
                FROM settings WHERE account_id = $1"#,
             account
         )
@@ -111,7 +123,8 @@ impl Store {
     ) -> Result<Option<Settings>, RechargeError> {
         sqlx::query_as!(
             SettingsRow,
-            r#"SELECT account_id, enabled, threshold, target, disabled_reason, consecutive_failures, updated_at
+            r#"SELECT account_id, enabled, threshold, target, disabled_reason, consecutive_failures, updated_at,
+                      version, revision, due_trigger, due_event_id
                FROM settings WHERE account_id = $1 FOR UPDATE"#,
             account
         )
@@ -121,16 +134,27 @@ impl Store {
         .transpose()
     }
 
-    /// Stores what the user asked for. Enabling clears the failure count and any reason,
-    /// and schedules a re-check of the balance (R7, after a 2 s grace) that the deciding
-    /// transaction clears.
+    /// A fresh settings version: larger than every version handed out before.
+    pub async fn next_version(&self) -> Result<i64, RechargeError> {
+        Ok(
+            sqlx::query_scalar!(r#"SELECT nextval('settings_version_seq') AS "v!""#)
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    /// Stores what the user asked for, as `version` — only over an older version, so of
+    /// racing writers the newest wins here as it does in the ledger. `None` when a newer
+    /// version is already stored. Enabling clears the failure count and any reason, and
+    /// makes a balance check due (R7: enabling while already below the threshold).
     pub async fn save_settings(
         &self,
         account: &str,
         enabled: bool,
         threshold: Money,
         target: Money,
-    ) -> Result<Settings, RechargeError> {
+        version: i64,
+    ) -> Result<Option<Settings>, RechargeError> {
         let reason = if enabled {
             DisabledReason::NONE
         } else {
@@ -138,22 +162,70 @@ impl Store {
         };
         sqlx::query_as!(
             SettingsRow,
-            r#"INSERT INTO settings (account_id, enabled, threshold, target, disabled_reason, retry_at)
-               VALUES ($1, $2, $3, $4, $5, CASE WHEN $2 THEN now() + interval '2 seconds' END)
+            r#"INSERT INTO settings (account_id, enabled, threshold, target, disabled_reason, version,
+                                   retry_at, due_trigger)
+               VALUES ($1, $2, $3, $4, $5, $6, CASE WHEN $2 THEN now() END, CASE WHEN $2 THEN $7 END)
                ON CONFLICT (account_id) DO UPDATE
-               SET enabled = $2, threshold = $3, target = $4, disabled_reason = $5,
+               SET enabled = $2, threshold = $3, target = $4, disabled_reason = $5, version = $6,
                    consecutive_failures = CASE WHEN $2 THEN 0 ELSE settings.consecutive_failures END,
-                   retry_at = CASE WHEN $2 THEN now() + interval '2 seconds' END, updated_at = now()
-               RETURNING account_id, enabled, threshold, target, disabled_reason, consecutive_failures, updated_at"#,
+                   retry_at = CASE WHEN $2 THEN now() END,
+                   due_trigger = CASE WHEN $2 THEN $7 END, due_event_id = NULL,
+                   updated_at = now()
+               WHERE settings.version < $6
+               RETURNING account_id, enabled, threshold, target, disabled_reason, consecutive_failures, updated_at,
+                         version, revision, due_trigger, due_event_id"#,
             account,
             enabled,
             threshold.as_decimal(),
             target.as_decimal(),
             reason.as_str(),
+            version,
+            Trigger::EnabledBelowThreshold.as_str(),
         )
-        .fetch_one(&self.pool)
+        .fetch_optional(&self.pool)
         .await?
-        .try_into()
+        .map(Settings::try_from)
+        .transpose()
+    }
+
+    /// Moves an enabled account's settings to a fresh version (threshold unchanged) if they
+    /// are still at `version`: the reconciler's claim before it re-writes the ledger.
+    pub async fn bump_version(
+        &self,
+        account: &str,
+        version: i64,
+    ) -> Result<Option<(i64, Money)>, RechargeError> {
+        Ok(sqlx::query!(
+            "UPDATE settings SET version = nextval('settings_version_seq')
+             WHERE account_id = $1 AND version = $2 AND enabled
+             RETURNING version, threshold",
+            account,
+            version
+        )
+        .fetch_optional(&self.pool)
+        .await?
+        .map(|r| (r.version, Money::new(r.threshold))))
+    }
+
+    /// Enabled settings after `after` (by account id), for the reconciler's pages.
+    pub async fn enabled_page(
+        &self,
+        after: &str,
+        limit: i64,
+    ) -> Result<Vec<Settings>, RechargeError> {
+        sqlx::query_as!(
+            SettingsRow,
+            r#"SELECT account_id, enabled, threshold, target, disabled_reason, consecutive_failures, updated_at,
+                      version, revision, due_trigger, due_event_id
+               FROM settings WHERE enabled AND account_id > $1 ORDER BY account_id LIMIT $2"#,
+            after,
+            limit
+        )
+        .fetch_all(&self.pool)
+        .await?
+        .into_iter()
+        .map(Settings::try_from)
+        .collect()
     }
 
     /// Turns auto-recharge off for `reason` if it is on; true when this call turned it off.
@@ -162,11 +234,24 @@ impl Store {
         account: &str,
         reason: DisabledReason,
     ) -> Result<bool, RechargeError> {
+        Self::disable_at(conn, account, reason, None).await
+    }
+
+    /// [`Store::disable`], only if the settings are still at `revision` (nothing changed
+    /// since the caller looked): a late event must not undo a newer choice.
+    pub async fn disable_at(
+        conn: &mut PgConnection,
+        account: &str,
+        reason: DisabledReason,
+        revision: Option<i64>,
+    ) -> Result<bool, RechargeError> {
         let r = sqlx::query!(
-            "UPDATE settings SET enabled = false, disabled_reason = $2, retry_at = NULL, updated_at = now()
-             WHERE account_id = $1 AND enabled",
+            "UPDATE settings SET enabled = false, disabled_reason = $2, retry_at = NULL,
+                                 due_trigger = NULL, due_event_id = NULL, updated_at = now()
+             WHERE account_id = $1 AND enabled AND ($3::bigint IS NULL OR revision = $3)",
             account,
-            reason.as_str()
+            reason.as_str(),
+            revision
         )
         .execute(conn)
         .await?;
@@ -185,6 +270,44 @@ impl Store {
         .execute(conn)
         .await?;
         Ok(r.rows_affected() == 1)
+    }
+
+    /// Makes a balance check due now for an enabled account (a crossing arrived); false
+    /// when auto-recharge is off or was never configured (the crossing is ignored).
+    pub async fn mark_due(
+        conn: &mut PgConnection,
+        account: &str,
+        trigger: Trigger,
+        event_id: Option<&str>,
+    ) -> Result<bool, RechargeError> {
+        let r = sqlx::query!(
+            "UPDATE settings SET retry_at = now(), due_trigger = $2, due_event_id = $3
+             WHERE account_id = $1 AND enabled",
+            account,
+            trigger.as_str(),
+            event_id
+        )
+        .execute(conn)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// The due check was carried out (or found nothing to do) by a decision that read the
+    /// settings at `revision`; a newer change leaves it due.
+    pub async fn clear_due(
+        conn: &mut PgConnection,
+        account: &str,
+        revision: i64,
+    ) -> Result<(), RechargeError> {
+        sqlx::query!(
+            "UPDATE settings SET retry_at = NULL, due_trigger = NULL, due_event_id = NULL
+             WHERE account_id = $1 AND revision = $2",
+            account,
+            revision
+        )
+        .execute(conn)
+        .await?;
+        Ok(())
     }
 
     pub async fn has_in_flight(
@@ -229,24 +352,32 @@ impl Store {
     }
 
     /// Takes the lease of an in-flight attempt whose lease has run out (or was never
-    /// taken). `None` when it is finished or another worker holds it.
+    /// taken), under a new owner token that every later write of this worker must show.
+    /// `None` when it is finished or another worker holds it.
     pub async fn claim(
         &self,
         attempt_id: &str,
         lease: Duration,
-    ) -> Result<Option<Attempt>, RechargeError> {
-        sqlx::query_as!(
+    ) -> Result<Option<Lease>, RechargeError> {
+        let owner = Uuid::new_v4();
+        let row = sqlx::query_as!(
             AttemptRow,
-            r#"UPDATE attempts SET lease_until = now() + make_interval(secs => $2)
+            r#"UPDATE attempts SET lease_until = now() + make_interval(secs => $2), lease_owner = $3
                WHERE attempt_id = $1 AND status IN ('PENDING', 'CHARGING') AND lease_until <= now()
                RETURNING seq, attempt_id, account_id, trigger, balance_at_trigger, amount, status,
                          payment_method_id, charge_id, failure_code, retries, created_at, completed_at"#,
             attempt_id,
             secs(lease),
+            owner,
         )
         .fetch_optional(&self.pool)
-        .await?
-        .map(Attempt::try_from)
+        .await?;
+        row.map(|r| {
+            Ok(Lease {
+                attempt: Attempt::try_from(r)?,
+                owner,
+            })
+        })
         .transpose()
     }
 
@@ -262,49 +393,58 @@ impl Store {
         .await?)
     }
 
-    /// PENDING → CHARGING with the method chosen; resumes keep that method.
+    /// PENDING → CHARGING with the method chosen; resumes keep that method. False when the
+    /// lease was lost.
     pub async fn start_charging(
         &self,
-        attempt_id: &str,
+        lease: &Lease,
         payment_method_id: &str,
-    ) -> Result<(), RechargeError> {
-        sqlx::query!(
-            "UPDATE attempts SET status = 'CHARGING', payment_method_id = $2 WHERE attempt_id = $1 AND status = 'PENDING'",
-            attempt_id,
-            payment_method_id
+    ) -> Result<bool, RechargeError> {
+        let r = sqlx::query!(
+            "UPDATE attempts SET status = 'CHARGING', payment_method_id = $2
+             WHERE attempt_id = $1 AND status = 'PENDING' AND lease_owner = $3",
+            lease.attempt.attempt_id,
+            payment_method_id,
+            lease.owner,
         )
         .execute(&self.pool)
         .await?;
-        Ok(())
+        Ok(r.rows_affected() == 1)
     }
 
-    pub async fn set_charge(&self, attempt_id: &str, charge_id: &str) -> Result<(), RechargeError> {
-        sqlx::query!(
-            "UPDATE attempts SET charge_id = $2 WHERE attempt_id = $1",
-            attempt_id,
-            charge_id
+    /// Records the charge of the attempt; false when the lease was lost.
+    pub async fn set_charge(&self, lease: &Lease, charge_id: &str) -> Result<bool, RechargeError> {
+        let r = sqlx::query!(
+            "UPDATE attempts SET charge_id = $2 WHERE attempt_id = $1 AND lease_owner = $3",
+            lease.attempt.attempt_id,
+            charge_id,
+            lease.owner,
         )
         .execute(&self.pool)
         .await?;
-        Ok(())
+        Ok(r.rows_affected() == 1)
     }
 
-    /// Gives the attempt back for a later retry (transient failure), after `delay`.
-    pub async fn defer(&self, attempt_id: &str, delay: Duration) -> Result<i32, RechargeError> {
-        Ok(sqlx::query_scalar!(
+    /// Gives the attempt back for a later retry (transient failure), after `delay`; false
+    /// when the lease was lost already.
+    pub async fn defer(&self, lease: &Lease, delay: Duration) -> Result<bool, RechargeError> {
+        let r = sqlx::query!(
             "UPDATE attempts SET retries = retries + 1, lease_until = now() + make_interval(secs => $2)
-             WHERE attempt_id = $1 RETURNING retries",
-            attempt_id,
-            secs(delay)
+             WHERE attempt_id = $1 AND lease_owner = $3 AND status IN ('PENDING', 'CHARGING')",
+            lease.attempt.attempt_id,
+            secs(delay),
+            lease.owner,
         )
-        .fetch_one(&self.pool)
-        .await?)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() == 1)
     }
 
-    /// Finishes an in-flight attempt; `None` if it was already finished.
+    /// Finishes an in-flight attempt held under `lease`; `None` if it was already finished
+    /// or the lease was lost (the new owner finishes it).
     pub async fn finish(
         conn: &mut PgConnection,
-        attempt_id: &str,
+        lease: &Lease,
         status: AttemptStatus,
         charge_id: Option<&str>,
         failure_code: &str,
@@ -312,13 +452,14 @@ impl Store {
         sqlx::query_as!(
             AttemptRow,
             r#"UPDATE attempts SET status = $2, charge_id = COALESCE($3, charge_id), failure_code = $4, completed_at = now()
-               WHERE attempt_id = $1 AND status IN ('PENDING', 'CHARGING')
+               WHERE attempt_id = $1 AND status IN ('PENDING', 'CHARGING') AND lease_owner = $5
                RETURNING seq, attempt_id, account_id, trigger, balance_at_trigger, amount, status,
                          payment_method_id, charge_id, failure_code, retries, created_at, completed_at"#,
-            attempt_id,
+            lease.attempt.attempt_id,
             status.as_str(),
             charge_id,
             failure_code,
+            lease.owner,
         )
         .fetch_optional(conn)
         .await?
@@ -326,32 +467,20 @@ impl Store {
         .transpose()
     }
 
-    /// After a success: the failure streak is over, and a re-check of the balance is
-    /// scheduled (R9). Scheduling it in the success transaction makes it durable: the
-    /// worker does it at once and clears it; if the worker dies or the ledger is
-    /// unreachable right after, the sweeper runs it when the 2 s grace has passed.
+    /// After a success: the failure streak is over, and a balance check is due (R9).
+    /// Scheduling it in the success transaction makes it durable: the worker does it at
+    /// once; if the worker dies or the ledger is unreachable right after, the sweeper runs
+    /// it when the 2 s grace has passed.
     pub async fn after_success(
         conn: &mut PgConnection,
         account: &str,
     ) -> Result<(), RechargeError> {
         sqlx::query!(
-            "UPDATE settings SET consecutive_failures = 0, retry_at = now() + interval '2 seconds' WHERE account_id = $1",
-            account
-        )
-        .execute(conn)
-        .await?;
-        Ok(())
-    }
-
-    /// A scheduled re-check is being carried out (inside the deciding transaction, so a
-    /// failed decision leaves it scheduled).
-    pub async fn clear_recheck(
-        conn: &mut PgConnection,
-        account: &str,
-    ) -> Result<(), RechargeError> {
-        sqlx::query!(
-            "UPDATE settings SET retry_at = NULL WHERE account_id = $1",
-            account
+            "UPDATE settings SET consecutive_failures = 0, retry_at = now() + interval '2 seconds',
+                                 due_trigger = $2, due_event_id = NULL
+             WHERE account_id = $1",
+            account,
+            Trigger::StillBelowThreshold.as_str(),
         )
         .execute(conn)
         .await?;
@@ -366,28 +495,27 @@ impl Store {
     ) -> Result<i32, RechargeError> {
         Ok(sqlx::query_scalar!(
             "UPDATE settings SET consecutive_failures = consecutive_failures + 1,
-                                 retry_at = now() + make_interval(secs => $2)
+                                 retry_at = now() + make_interval(secs => $2),
+                                 due_trigger = $3, due_event_id = NULL
              WHERE account_id = $1 RETURNING consecutive_failures",
             account,
-            secs(retry_after)
+            secs(retry_after),
+            Trigger::RetryAfterFailure.as_str(),
         )
         .fetch_one(conn)
         .await?)
     }
 
-    /// Accounts with a re-check due (after a success, or a failure's retry delay), with
-    /// their failure streak.
-    pub async fn due_rechecks(&self, limit: i64) -> Result<Vec<(String, i32)>, RechargeError> {
-        Ok(sqlx::query!(
-            "SELECT account_id, consecutive_failures FROM settings
-             WHERE enabled AND retry_at <= now() ORDER BY retry_at LIMIT $1",
+    /// Accounts with a balance check due (a crossing, enabling, after a top-up, after a
+    /// failure's retry delay), oldest first; the partial index `settings_due` finds them.
+    pub async fn due_checks(&self, limit: i64) -> Result<Vec<String>, RechargeError> {
+        Ok(sqlx::query_scalar!(
+            "SELECT account_id FROM settings
+             WHERE enabled AND retry_at IS NOT NULL AND retry_at <= now() ORDER BY retry_at LIMIT $1",
             limit
         )
         .fetch_all(&self.pool)
-        .await?
-        .into_iter()
-        .map(|r| (r.account_id, r.consecutive_failures))
-        .collect())
+        .await?)
     }
 
     pub async fn list_attempts(

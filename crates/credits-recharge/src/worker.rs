@@ -23,22 +23,22 @@ use credits_proto::ledger::v1::ledger_service_client::LedgerServiceClient;
 use credits_proto::payments::v1 as ppb;
 use credits_proto::payments::v1::payments_service_client::PaymentsServiceClient;
 use serde_json::json;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::*;
 use crate::store::Store;
 
 pub type LedgerClient = LedgerServiceClient<AuthChannel>;
-
-/// Re-check triggers (scheduled in `settings.retry_at`).
-pub const ENABLED_BELOW: &str = "enabled_below_threshold";
-pub const STILL_BELOW: &str = "still_below_threshold";
-pub const RETRY_AFTER_FAILURE: &str = "retry_after_failure";
-
-fn is_recheck(trigger: &str) -> bool {
-    trigger == ENABLED_BELOW || trigger == STILL_BELOW || trigger == RETRY_AFTER_FAILURE
-}
 pub type PaymentsClient = PaymentsServiceClient<AuthChannel>;
+
+/// Most due checks or resumed attempts one sweeper pass carries out at once.
+pub const SWEEP_CONCURRENCY: usize = 16;
+/// Most due checks or attempts one sweeper pass takes on.
+pub const SWEEP_BATCH: i64 = 100;
+/// How often a decision re-reads when the settings changed under it before leaving the
+/// check due for the sweeper.
+const DECIDE_ROUNDS: usize = 3;
 
 #[derive(Clone, Debug)]
 pub struct WorkerConfig {
@@ -49,8 +49,10 @@ pub struct WorkerConfig {
     /// Backoff of transient failures: base doubled per retry, capped.
     pub backoff_base: Duration,
     pub backoff_max: Duration,
-    /// How often the sweeper looks for attempts to resume and retries that are due.
+    /// How often the sweeper looks for attempts to resume and checks that are due.
     pub sweep_every: Duration,
+    /// How often the reconciler compares every enabled account with the ledger.
+    pub reconcile_every: Duration,
 }
 
 impl Default for WorkerConfig {
@@ -61,6 +63,7 @@ impl Default for WorkerConfig {
             backoff_base: Duration::from_millis(200),
             backoff_max: Duration::from_secs(30),
             sweep_every: Duration::from_secs(1),
+            reconcile_every: Duration::from_secs(60),
         }
     }
 }
@@ -88,6 +91,32 @@ enum Step {
     Done,
     /// Transient trouble: try again later under the same keys.
     Retry(String),
+    /// Another worker took the attempt over; it carries on.
+    LeaseLost,
+}
+
+/// A peer's gRPC error as the worker sees it: a dependency that is down or refuses our
+/// credentials is `Unavailable` (retried, loudly logged), never a reason to give up.
+fn peer_error(peer: &str, s: tonic::Status) -> RechargeError {
+    match s.code() {
+        tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => {
+            tracing::error!(peer, status = %s.message(), "a peer refuses our credentials (CREDITS_AUTH_TOKEN / token file); retrying");
+            RechargeError::Unavailable(format!("{peer} refused our credentials: {}", s.message()))
+        }
+        tonic::Code::NotFound
+        | tonic::Code::InvalidArgument
+        | tonic::Code::FailedPrecondition
+        | tonic::Code::AlreadyExists => RechargeError::from(s),
+        _ => RechargeError::Unavailable(format!("{peer} unavailable: {}", s.message())),
+    }
+}
+
+/// What the account's default payment method is (R10).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DefaultMethod {
+    Card(String),
+    NotCard,
+    None,
 }
 
 impl Recharge {
@@ -102,81 +131,150 @@ impl Recharge {
         {
             Ok(r) => Ok(Some(r.into_inner())),
             Err(s) if s.code() == tonic::Code::NotFound => Ok(None),
-            Err(s) => Err(RechargeError::Unavailable(format!(
-                "ledger unavailable: {}",
-                s.message()
-            ))),
+            Err(s) => Err(peer_error("ledger", s)),
         }
     }
 
-    /// Decides whether a top-up is due now and records it. Returns the new attempt.
+    /// The account's default payment method, as payments knows it now.
+    pub async fn default_method(&self, account: &str) -> Result<DefaultMethod, RechargeError> {
+        let mut payments = self.payments.clone();
+        let methods = payments
+            .list_payment_methods(ppb::ListPaymentMethodsRequest {
+                account_id: account.to_owned(),
+            })
+            .await
+            .map_err(|s| peer_error("payments", s))?
+            .into_inner()
+            .payment_methods;
+        Ok(match methods.into_iter().find(|m| m.is_default) {
+            Some(m) if m.r#type == ppb::PaymentMethodType::Card as i32 => {
+                DefaultMethod::Card(m.payment_method_id)
+            }
+            Some(_) => DefaultMethod::NotCard,
+            None => DefaultMethod::None,
+        })
+    }
+
+    /// Records a crossing as a due balance check, in the transaction that marks the event
+    /// processed. Once this returned, the event may be acknowledged: the check is durable
+    /// and any replica's sweeper carries it out, however long the ledger is away.
+    pub async fn record_crossing(
+        &self,
+        account: &str,
+        event_id: &str,
+    ) -> Result<bool, RechargeError> {
+        let mut tx = self.store.pool().begin().await?;
+        if !Store::mark_processed(&mut tx, event_id).await? {
+            tracing::debug!(event_id, account_id = account, "duplicate event ignored");
+            return Ok(false);
+        }
+        // Off or never configured: the crossing is ignored (SPEC §2).
+        let due =
+            Store::mark_due(&mut tx, account, Trigger::ThresholdCrossed, Some(event_id)).await?;
+        tx.commit().await?;
+        Ok(due)
+    }
+
+    /// Carries out the account's balance check: decides whether a top-up is due now and
+    /// records it. Returns the new attempt.
+    ///
+    /// The ledger is read with no lock and no connection held; the attempt is then inserted
+    /// only if the settings row is still at the revision read before (a top-up landing, a
+    /// change of settings or another replica's decision bumps it), so a stale balance never
+    /// decides a charge. When the row keeps changing the check stays due for the sweeper.
     pub async fn decide(
         &self,
         account: &str,
-        trigger: &str,
-        event_id: Option<&str>,
+        fallback: Trigger,
     ) -> Result<Option<Attempt>, RechargeError> {
-        let mut tx = self.store.pool().begin().await?;
-        if let Some(id) = event_id
-            && !Store::mark_processed(&mut tx, id).await?
-        {
-            tracing::debug!(
-                event_id = id,
-                account_id = account,
-                "duplicate event ignored"
-            );
-            return Ok(None);
-        }
-        let Some(settings) = Store::lock_settings(&mut tx, account).await? else {
+        for _ in 0..DECIDE_ROUNDS {
+            let Some(seen) = self.store.settings(account).await? else {
+                return Ok(None);
+            };
+            if !seen.enabled {
+                return Ok(None);
+            }
+            {
+                let mut conn = self.store.pool().acquire().await?;
+                if Store::has_in_flight(&mut conn, account).await? {
+                    // That attempt makes a check due again when it ends (R9, R11).
+                    Store::clear_due(&mut conn, account, seen.revision).await?;
+                    return Ok(None);
+                }
+            }
+            let acct = self.account(account).await?;
+            let mut tx = self.store.pool().begin().await?;
+            let Some(now) = Store::lock_settings(&mut tx, account).await? else {
+                return Ok(None);
+            };
+            if now.revision != seen.revision {
+                tx.rollback().await?;
+                continue;
+            }
+            let Some(acct) = acct else {
+                tracing::warn!(
+                    account_id = account,
+                    "account unknown to the ledger; nothing to top up"
+                );
+                Store::clear_due(&mut tx, account, seen.revision).await?;
+                tx.commit().await?;
+                return Ok(None);
+            };
+            let balance = Money::parse_signed("balance", &acct.balance)?;
+            Store::clear_due(&mut tx, account, seen.revision).await?;
+            if balance >= now.threshold {
+                tx.commit().await?;
+                return Ok(None);
+            }
+            let (trigger, event_id) = match &now.due {
+                Some(d) => (d.trigger.clone(), d.event_id.clone()),
+                None => (fallback.as_str().to_owned(), None),
+            };
+            let amount = top_up_amount(now.target, balance);
+            let attempt = Store::insert_attempt(
+                &mut tx,
+                account,
+                &trigger,
+                event_id.as_deref(),
+                balance,
+                amount,
+            )
+            .await?;
             tx.commit().await?;
-            return Ok(None);
-        };
-        if is_recheck(trigger) {
-            Store::clear_recheck(&mut tx, account).await?;
+            if let Some(a) = &attempt {
+                metrics::counter!("credits_recharge_attempts_total", "trigger" => trigger.clone())
+                    .increment(1);
+                tracing::info!(account_id = account, attempt_id = %a.attempt_id, %balance, %amount, trigger, "top-up decided");
+            }
+            return Ok(attempt);
         }
-        if !settings.enabled || Store::has_in_flight(&mut tx, account).await? {
-            // Off: crossings are ignored. In flight: that attempt re-checks when it lands (R9).
-            tx.commit().await?;
-            return Ok(None);
-        }
-        // Read under the lock and after the in-flight check, so a top-up that just landed
-        // is seen and never doubled.
-        let Some(acct) = self.account(account).await? else {
-            tracing::warn!(
-                account_id = account,
-                "account unknown to the ledger; nothing to top up"
-            );
-            tx.commit().await?;
-            return Ok(None);
-        };
-        let balance = Money::parse_signed("balance", &acct.balance)?;
-        if balance >= settings.threshold {
-            tx.commit().await?;
-            return Ok(None);
-        }
-        let amount = top_up_amount(settings.target, balance);
-        let attempt =
-            Store::insert_attempt(&mut tx, account, trigger, event_id, balance, amount).await?;
-        tx.commit().await?;
-        if let Some(a) = &attempt {
-            metrics::counter!("credits_recharge_attempts_total", "trigger" => trigger.to_owned())
-                .increment(1);
-            tracing::info!(account_id = account, attempt_id = %a.attempt_id, %balance, %amount, trigger, "top-up decided");
-        }
-        Ok(attempt)
+        tracing::debug!(
+            account_id = account,
+            "settings kept changing; the check stays due"
+        );
+        Ok(None)
     }
 
     /// Decides, and if a top-up is due, starts it in the background.
     pub async fn decide_and_start(
         self: &Arc<Self>,
         account: &str,
-        trigger: &str,
-        event_id: Option<&str>,
+        fallback: Trigger,
     ) -> Result<(), RechargeError> {
-        if let Some(a) = self.decide(account, trigger, event_id).await? {
+        if let Some(a) = self.decide(account, fallback).await? {
             self.spawn_execute(a.attempt_id);
         }
         Ok(())
+    }
+
+    /// Runs the account's due check in the background; a failure leaves it due.
+    pub fn spawn_decide(self: &Arc<Self>, account: String, fallback: Trigger) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = me.decide_and_start(&account, fallback).await {
+                tracing::warn!(account_id = %account, error = %e, "balance check deferred to the sweeper");
+            }
+        });
     }
 
     pub fn spawn_execute(self: &Arc<Self>, attempt_id: String) {
@@ -190,15 +288,23 @@ impl Recharge {
 
     /// Carries an attempt as far as it can go now.
     pub async fn execute(self: &Arc<Self>, attempt_id: &str) -> Result<(), RechargeError> {
-        let Some(attempt) = self.store.claim(attempt_id, self.cfg.lease).await? else {
+        let Some(lease) = self.store.claim(attempt_id, self.cfg.lease).await? else {
             return Ok(()); // finished, or another worker holds it
         };
-        match self.run_attempt(&attempt).await {
+        match self.run_attempt(&lease).await {
             Ok(Step::Done) => Ok(()),
+            Ok(Step::LeaseLost) => {
+                tracing::warn!(
+                    attempt_id,
+                    "lease lost to another worker; it carries the attempt on"
+                );
+                Ok(())
+            }
             Ok(Step::Retry(why)) | Err(RechargeError::Unavailable(why)) => {
-                let delay = self.backoff(attempt.retries);
-                self.store.defer(&attempt.attempt_id, delay).await?;
-                tracing::warn!(attempt_id = %attempt.attempt_id, retries = attempt.retries + 1, delay_ms = delay.as_millis() as u64, reason = %why, "top-up deferred");
+                let delay = self.backoff(lease.attempt.retries);
+                if self.store.defer(&lease, delay).await? {
+                    tracing::warn!(attempt_id, retries = lease.attempt.retries + 1, delay_ms = delay.as_millis() as u64, reason = %why, "top-up deferred");
+                }
                 Ok(())
             }
             Err(e) => Err(e),
@@ -213,17 +319,38 @@ impl Recharge {
             .min(self.cfg.backoff_max)
     }
 
-    async fn run_attempt(self: &Arc<Self>, a: &Attempt) -> Result<Step, RechargeError> {
+    async fn run_attempt(self: &Arc<Self>, lease: &Lease) -> Result<Step, RechargeError> {
+        let a = &lease.attempt;
+        // A resumed attempt charges the card it fixed before, never a newer default: the
+        // same key with another method would be a different request.
         let method_id = match &a.payment_method_id {
             Some(id) => id.clone(),
-            None => match self.choose_card(a).await? {
-                Ok(id) => {
-                    self.store.start_charging(&a.attempt_id, &id).await?;
+            None => match self.default_method(&a.account_id).await? {
+                DefaultMethod::Card(id) => {
+                    if !self.store.start_charging(lease, &id).await? {
+                        return Ok(Step::LeaseLost);
+                    }
                     id
                 }
-                Err((code, reason)) => {
-                    self.fail(a, None, code, Some(reason)).await?;
-                    return Ok(Step::Done);
+                DefaultMethod::NotCard => {
+                    return self
+                        .fail(
+                            lease,
+                            None,
+                            "default_payment_method_not_card",
+                            Some(DisabledReason::DEFAULT_PAYMENT_METHOD_NOT_CARD),
+                        )
+                        .await;
+                }
+                DefaultMethod::None => {
+                    return self
+                        .fail(
+                            lease,
+                            None,
+                            "no_default_payment_method",
+                            Some(DisabledReason::NO_DEFAULT_PAYMENT_METHOD),
+                        )
+                        .await;
                 }
             },
         };
@@ -242,17 +369,21 @@ impl Recharge {
             Err(s) => {
                 return match s.code() {
                     tonic::Code::NotFound => {
-                        self.fail(a, None, "payment_method_not_found", None).await?;
-                        Ok(Step::Done)
+                        self.fail(lease, None, "payment_method_not_found", None)
+                            .await
                     }
-                    tonic::Code::FailedPrecondition
-                    | tonic::Code::InvalidArgument
-                    | tonic::Code::AlreadyExists => {
+                    tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument => {
                         tracing::error!(attempt_id = %a.attempt_id, status = %s.message(), "payments refused the top-up");
-                        self.fail(a, None, "charge_refused", None).await?;
-                        Ok(Step::Done)
+                        self.fail(lease, None, "charge_refused", None).await
                     }
-                    _ => Ok(Step::Retry(format!("payments: {}", s.message()))),
+                    // The key is already taken by a charge that differs from what this
+                    // copy of the attempt asks: this copy is stale. Reload and go on from
+                    // what is stored; never record a failure for a charge that may exist.
+                    tonic::Code::AlreadyExists => {
+                        tracing::error!(attempt_id = %a.attempt_id, status = %s.message(), "payments holds a different charge under this attempt's key; reloading");
+                        Ok(Step::Retry(format!("payments: {}", s.message())))
+                    }
+                    _ => Err(peer_error("payments", s)),
                 };
             }
         };
@@ -263,9 +394,9 @@ impl Recharge {
         match ppb::ChargeStatus::try_from(charge.status) {
             Ok(ppb::ChargeStatus::Succeeded) => {}
             Ok(ppb::ChargeStatus::Failed) => {
-                self.fail(a, Some(&charge.charge_id), &charge.failure_code, None)
-                    .await?;
-                return Ok(Step::Done);
+                return self
+                    .fail(lease, Some(&charge.charge_id), &charge.failure_code, None)
+                    .await;
             }
             _ => {
                 return Ok(Step::Retry(format!(
@@ -274,9 +405,9 @@ impl Recharge {
                 )));
             }
         }
-        self.store
-            .set_charge(&a.attempt_id, &charge.charge_id)
-            .await?;
+        if !self.store.set_charge(lease, &charge.charge_id).await? {
+            return Ok(Step::LeaseLost);
+        }
         let mut ledger = self.ledger.clone();
         ledger
             .add_credits(lpb::AddCreditsRequest {
@@ -288,195 +419,351 @@ impl Recharge {
                 description: format!("auto-recharge {}", a.attempt_id),
             })
             .await
-            .map_err(|s| match s.code() {
-                tonic::Code::Unavailable
-                | tonic::Code::DeadlineExceeded
-                | tonic::Code::Cancelled => {
-                    RechargeError::Unavailable(format!("ledger: {}", s.message()))
+            .map_err(|s| match peer_error("ledger", s) {
+                RechargeError::Unavailable(m) => RechargeError::Unavailable(m),
+                other => {
+                    RechargeError::internal(format!("ledger refused the top-up credit: {other}"))
                 }
-                _ => RechargeError::internal(format!(
-                    "ledger refused the top-up credit: {}",
-                    s.message()
-                )),
             })?;
-        self.succeed(a, &charge.charge_id).await?;
-        // R9: usage may have outrun the top-up. The success scheduled this re-check
-        // durably; doing it now only saves the sweeper's delay, so a failure here is
-        // left to the sweeper.
+        if !self.succeed(lease, &charge.charge_id).await? {
+            return Ok(Step::LeaseLost);
+        }
+        // R9: usage may have outrun the top-up. The success made this check due durably;
+        // doing it now only saves the sweeper's delay.
         if self.faults.skip_recheck_after_success {
             tracing::warn!(attempt_id = %a.attempt_id, "fault injected: no immediate re-check after the top-up");
-        } else if let Err(e) = self
-            .decide_and_start(&a.account_id, STILL_BELOW, None)
-            .await
-        {
-            tracing::warn!(account_id = %a.account_id, error = %e, "re-check after top-up deferred to the sweeper");
+        } else {
+            self.spawn_decide(a.account_id.clone(), Trigger::StillBelowThreshold);
         }
         Ok(Step::Done)
     }
 
-    /// The account's default method, if it is a card (R10); otherwise the failure code and
-    /// the reason to turn auto-recharge off.
-    async fn choose_card(
-        &self,
-        a: &Attempt,
-    ) -> Result<Result<String, (&'static str, DisabledReason)>, RechargeError> {
-        let mut payments = self.payments.clone();
-        let methods = payments
-            .list_payment_methods(ppb::ListPaymentMethodsRequest {
-                account_id: a.account_id.clone(),
-            })
-            .await
-            .map_err(|s| RechargeError::Unavailable(format!("payments: {}", s.message())))?
-            .into_inner()
-            .payment_methods;
-        Ok(match methods.into_iter().find(|m| m.is_default) {
-            Some(m) if m.r#type == ppb::PaymentMethodType::Card as i32 => Ok(m.payment_method_id),
-            Some(_) => Err((
-                "default_payment_method_not_card",
-                DisabledReason::DEFAULT_PAYMENT_METHOD_NOT_CARD,
-            )),
-            None => Err((
-                "no_default_payment_method",
-                DisabledReason::NO_DEFAULT_PAYMENT_METHOD,
-            )),
-        })
-    }
-
-    async fn succeed(&self, a: &Attempt, charge_id: &str) -> Result<(), RechargeError> {
+    /// Records the success with its event; false when the lease was lost first.
+    async fn succeed(&self, lease: &Lease, charge_id: &str) -> Result<bool, RechargeError> {
+        let a = &lease.attempt;
         let mut tx = self.store.pool().begin().await?;
-        if let Some(done) = Store::finish(
+        let Some(done) = Store::finish(
             &mut tx,
-            &a.attempt_id,
+            lease,
             AttemptStatus::SUCCEEDED,
             Some(charge_id),
             "",
         )
         .await?
-        {
-            Store::after_success(&mut tx, &a.account_id).await?;
-            outbox::enqueue(
-                &mut tx,
-                "recharge.attempt.succeeded",
-                &a.account_id,
-                json!({ "attempt_id": done.attempt_id, "amount": done.amount.to_wire(), "charge_id": charge_id, "failure_code": "" }),
-            )
-            .await?;
-            metrics::counter!("credits_recharge_topups_total", "status" => "SUCCEEDED")
-                .increment(1);
-            tracing::info!(account_id = %a.account_id, attempt_id = %a.attempt_id, charge_id, amount = %a.amount, "top-up succeeded");
-        }
+        else {
+            return Ok(false);
+        };
+        Store::after_success(&mut tx, &a.account_id).await?;
+        outbox::enqueue(
+            &mut tx,
+            "recharge.attempt.succeeded",
+            &a.account_id,
+            json!({ "attempt_id": done.attempt_id, "amount": done.amount.to_wire(), "charge_id": charge_id, "failure_code": "" }),
+        )
+        .await?;
         tx.commit().await?;
-        Ok(())
+        metrics::counter!("credits_recharge_topups_total", "status" => "SUCCEEDED").increment(1);
+        tracing::info!(account_id = %a.account_id, attempt_id = %a.attempt_id, charge_id, amount = %a.amount, "top-up succeeded");
+        Ok(true)
     }
 
     /// Records a failed attempt (R11): its event, the failure streak, and turning
     /// auto-recharge off on the third failure in a row or when the method rules it out.
     async fn fail(
         &self,
-        a: &Attempt,
+        lease: &Lease,
         charge_id: Option<&str>,
         code: &str,
         disable: Option<DisabledReason>,
-    ) -> Result<(), RechargeError> {
+    ) -> Result<Step, RechargeError> {
+        let a = &lease.attempt;
         let mut tx = self.store.pool().begin().await?;
-        if Store::finish(
-            &mut tx,
-            &a.attempt_id,
-            AttemptStatus::FAILED,
-            charge_id,
-            code,
-        )
-        .await?
-        .is_some()
+        if Store::finish(&mut tx, lease, AttemptStatus::FAILED, charge_id, code)
+            .await?
+            .is_none()
         {
-            outbox::enqueue(
-                &mut tx,
-                "recharge.attempt.failed",
-                &a.account_id,
-                json!({ "attempt_id": a.attempt_id, "amount": a.amount.to_wire(), "charge_id": charge_id.unwrap_or(""), "failure_code": code }),
-            )
-            .await?;
-            let streak =
-                Store::count_failure(&mut tx, &a.account_id, self.cfg.retry_after_failure).await?;
-            let reason = disable
-                .or((streak >= MAX_CONSECUTIVE_FAILURES)
-                    .then_some(DisabledReason::REPEATED_FAILURES));
-            if let Some(reason) = reason {
-                disable_in_tx(&mut tx, &a.account_id, reason).await?;
-            }
-            metrics::counter!("credits_recharge_topups_total", "status" => "FAILED").increment(1);
-            tracing::warn!(account_id = %a.account_id, attempt_id = %a.attempt_id, failure_code = code, streak, "top-up failed");
+            return Ok(Step::LeaseLost);
+        }
+        outbox::enqueue(
+            &mut tx,
+            "recharge.attempt.failed",
+            &a.account_id,
+            json!({ "attempt_id": a.attempt_id, "amount": a.amount.to_wire(), "charge_id": charge_id.unwrap_or(""), "failure_code": code }),
+        )
+        .await?;
+        let streak =
+            Store::count_failure(&mut tx, &a.account_id, self.cfg.retry_after_failure).await?;
+        let reason = disable
+            .or((streak >= MAX_CONSECUTIVE_FAILURES).then_some(DisabledReason::REPEATED_FAILURES));
+        if let Some(reason) = reason {
+            disable_in_tx(&mut tx, &a.account_id, reason, None).await?;
         }
         tx.commit().await?;
-        Ok(())
+        metrics::counter!("credits_recharge_topups_total", "status" => "FAILED").increment(1);
+        tracing::warn!(account_id = %a.account_id, attempt_id = %a.attempt_id, failure_code = code, streak, "top-up failed");
+        Ok(Step::Done)
     }
 
-    /// Turns auto-recharge off because of an event (R10), once per event.
-    pub async fn disable_for_event(
+    /// Acts on a payment-method event that may rule auto-recharge out (R10): a new default
+    /// that is not a card, or the default removed.
+    ///
+    /// Events can arrive late — after the user switched back to a card and re-enabled — so
+    /// the event only says "look again": the current default is read from payments, and
+    /// auto-recharge is turned off only if it still rules it out and the settings did not
+    /// change meanwhile. A late event never undoes a newer choice.
+    pub async fn apply_method_event(
         &self,
         account: &str,
-        reason: DisabledReason,
         event_id: &str,
     ) -> Result<(), RechargeError> {
-        let mut tx = self.store.pool().begin().await?;
-        if Store::mark_processed(&mut tx, event_id).await? {
-            disable_in_tx(&mut tx, account, reason).await?;
+        for _ in 0..DECIDE_ROUNDS {
+            let Some(seen) = self.store.settings(account).await? else {
+                return Ok(());
+            };
+            if !seen.enabled {
+                return Ok(());
+            }
+            let reason = match self.default_method(account).await? {
+                DefaultMethod::Card(_) => {
+                    tracing::info!(
+                        account_id = account,
+                        event_id,
+                        "payment-method event is older than the card default now in place; ignored"
+                    );
+                    return Ok(());
+                }
+                DefaultMethod::NotCard => DisabledReason::DEFAULT_PAYMENT_METHOD_NOT_CARD,
+                DefaultMethod::None => DisabledReason::NO_DEFAULT_PAYMENT_METHOD,
+            };
+            let mut tx = self.store.pool().begin().await?;
+            if !Store::mark_processed(&mut tx, event_id).await? {
+                return Ok(());
+            }
+            if disable_in_tx(&mut tx, account, reason, Some(seen.revision)).await? {
+                tx.commit().await?;
+                return Ok(());
+            }
+            tx.rollback().await?;
         }
-        tx.commit().await?;
-        Ok(())
+        Err(RechargeError::Unavailable(format!(
+            "settings of {account} kept changing while applying event {event_id}"
+        )))
     }
 
-    /// Resumes attempts whose lease ran out and runs retries that are due, until shutdown.
+    /// Resumes attempts whose lease ran out, and carries out due balance checks, until
+    /// shutdown. The two run as separate loops so that slow attempts (a slow processor)
+    /// never hold up checks that are due.
     pub async fn run_sweeper(self: Arc<Self>, shutdown: CancellationToken) {
+        let attempts = {
+            let me = self.clone();
+            let shutdown = shutdown.clone();
+            async move {
+                me.every(
+                    me.cfg.sweep_every,
+                    &shutdown,
+                    "resuming attempts",
+                    |me| async move { me.resume_once().await.map(|_| ()) },
+                )
+                .await
+            }
+        };
+        let checks = {
+            let me = self.clone();
+            let shutdown = shutdown.clone();
+            async move {
+                me.every(
+                    me.cfg.sweep_every,
+                    &shutdown,
+                    "due balance checks",
+                    |me| async move { me.due_checks_once().await.map(|_| ()) },
+                )
+                .await
+            }
+        };
+        let reconcile = {
+            let me = self.clone();
+            let shutdown = shutdown.clone();
+            async move {
+                me.every(
+                    me.cfg.reconcile_every,
+                    &shutdown,
+                    "reconciling with the ledger",
+                    |me| async move { me.reconcile_once().await.map(|_| ()) },
+                )
+                .await
+            }
+        };
+        tokio::join!(attempts, checks, reconcile);
+    }
+
+    async fn every<F, Fut>(
+        self: &Arc<Self>,
+        period: Duration,
+        shutdown: &CancellationToken,
+        what: &str,
+        pass: F,
+    ) where
+        F: Fn(Arc<Self>) -> Fut,
+        Fut: std::future::Future<Output = Result<(), RechargeError>>,
+    {
         loop {
-            if let Err(e) = self.sweep_once().await {
-                tracing::warn!(error = %e, "recharge sweep failed");
+            if let Err(e) = pass(self.clone()).await {
+                tracing::warn!(error = %e, "{what} failed; next pass retries");
             }
             tokio::select! {
-                _ = tokio::time::sleep(self.cfg.sweep_every) => {},
+                _ = tokio::time::sleep(period) => {},
                 _ = shutdown.cancelled() => break,
             }
         }
     }
 
-    pub async fn sweep_once(self: &Arc<Self>) -> Result<(), RechargeError> {
-        for id in self.store.claimable(100).await? {
-            if let Err(e) = self.execute(&id).await {
-                tracing::warn!(attempt_id = %id, error = %e, "resuming attempt failed");
+    /// One pass over attempts whose lease ran out; returns how many it took on.
+    pub async fn resume_once(self: &Arc<Self>) -> Result<usize, RechargeError> {
+        let ids = self.store.claimable(SWEEP_BATCH).await?;
+        let n = ids.len();
+        let mut running = JoinSet::new();
+        for id in ids {
+            while running.len() >= SWEEP_CONCURRENCY {
+                running.join_next().await;
+            }
+            let me = self.clone();
+            running.spawn(async move {
+                if let Err(e) = me.execute(&id).await {
+                    tracing::warn!(attempt_id = %id, error = %e, "resuming attempt failed");
+                }
+            });
+        }
+        while running.join_next().await.is_some() {}
+        Ok(n)
+    }
+
+    /// One pass over due balance checks; returns how many it carried out.
+    pub async fn due_checks_once(self: &Arc<Self>) -> Result<usize, RechargeError> {
+        let accounts = self.store.due_checks(SWEEP_BATCH).await?;
+        let n = accounts.len();
+        let mut running = JoinSet::new();
+        for account in accounts {
+            while running.len() >= SWEEP_CONCURRENCY {
+                running.join_next().await;
+            }
+            let me = self.clone();
+            running.spawn(async move {
+                if let Err(e) = me.decide_and_start(&account, Trigger::StillBelowThreshold).await {
+                    tracing::warn!(account_id = %account, error = %e, "balance check failed; it stays due");
+                }
+            });
+        }
+        while running.join_next().await.is_some() {}
+        Ok(n)
+    }
+
+    /// Compares every enabled account with the ledger and repairs what diverged:
+    /// - the ledger's threshold must be the settings' threshold (a crash between
+    ///   SetAutoRecharge's two writes, or a writer that lost a race, can leave it behind);
+    /// - a balance below the threshold with nothing due and nothing in flight means a
+    ///   crossing was lost before it reached us (e.g. the queue was deleted): a check is
+    ///   made due.
+    ///
+    /// Returns how many accounts it repaired.
+    pub async fn reconcile_once(self: &Arc<Self>) -> Result<usize, RechargeError> {
+        let mut after = String::new();
+        let mut repaired = 0;
+        loop {
+            let page = self.store.enabled_page(&after, SWEEP_BATCH).await?;
+            let Some(last) = page.last() else { break };
+            after = last.account_id.clone();
+            for s in page {
+                match self.reconcile_account(&s).await {
+                    Ok(true) => repaired += 1,
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(account_id = %s.account_id, error = %e, "reconciling failed; next pass retries")
+                    }
+                }
             }
         }
-        for (account, failures) in self.store.due_rechecks(100).await? {
-            let trigger = if failures > 0 {
-                RETRY_AFTER_FAILURE
-            } else {
-                STILL_BELOW
+        Ok(repaired)
+    }
+
+    async fn reconcile_account(self: &Arc<Self>, s: &Settings) -> Result<bool, RechargeError> {
+        let Some(acct) = self.account(&s.account_id).await? else {
+            return Ok(false);
+        };
+        let ledger_threshold = match acct.balance_threshold.as_str() {
+            "" => None,
+            t => Some(Money::parse_signed("balance_threshold", t)?),
+        };
+        if ledger_threshold != Some(s.threshold) {
+            // Claim a fresh version first: a SetAutoRecharge racing this repair then loses
+            // its store (older version) and retries with a newer one than ours.
+            let Some((version, threshold)) =
+                self.store.bump_version(&s.account_id, s.version).await?
+            else {
+                return Ok(false); // the settings changed meanwhile; the next pass looks again
             };
-            if let Err(e) = self.decide_and_start(&account, trigger, None).await {
-                tracing::warn!(account_id = %account, error = %e, "re-check failed; it stays scheduled");
+            let mut ledger = self.ledger.clone();
+            ledger
+                .set_balance_threshold(lpb::SetBalanceThresholdRequest {
+                    account_id: s.account_id.clone(),
+                    threshold: threshold.to_wire(),
+                    version,
+                })
+                .await
+                .map_err(|e| peer_error("ledger", e))?;
+            metrics::counter!("credits_recharge_reconciler_repairs_total", "what" => "threshold")
+                .increment(1);
+            tracing::warn!(account_id = %s.account_id, settings_threshold = %threshold, ledger_threshold = %acct.balance_threshold, version, "ledger threshold differed from the settings; repaired");
+            return Ok(true);
+        }
+        let balance = Money::parse_signed("balance", &acct.balance)?;
+        if balance < s.threshold && s.due.is_none() && s.consecutive_failures == 0 {
+            let mut tx = self.store.pool().begin().await?;
+            let in_flight = Store::has_in_flight(&mut tx, &s.account_id).await?;
+            let marked = !in_flight
+                && sqlx::query_scalar!(
+                    r#"SELECT (revision = $2) AS "same!" FROM settings WHERE account_id = $1 FOR UPDATE"#,
+                    s.account_id,
+                    s.revision
+                )
+                .fetch_optional(&mut *tx)
+                .await?
+                .unwrap_or(false)
+                && Store::mark_due(&mut tx, &s.account_id, Trigger::FoundBelowThreshold, None).await?;
+            tx.commit().await?;
+            if marked {
+                metrics::counter!("credits_recharge_reconciler_repairs_total", "what" => "missed_crossing")
+                    .increment(1);
+                tracing::warn!(account_id = %s.account_id, %balance, threshold = %s.threshold, "balance below the threshold with no check due or attempt in flight; a crossing was lost upstream — check made due");
+                self.spawn_decide(s.account_id.clone(), Trigger::FoundBelowThreshold);
+                return Ok(true);
             }
         }
-        Ok(())
+        Ok(false)
     }
 }
 
+/// Turns auto-recharge off with its event; with `revision`, only if the settings are
+/// still at it. True when this call turned it off.
 async fn disable_in_tx(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     account: &str,
     reason: DisabledReason,
-) -> Result<(), RechargeError> {
-    if Store::disable(tx, account, reason).await? {
-        outbox::enqueue(
-            tx,
-            "recharge.settings.disabled",
-            account,
-            json!({ "reason": reason.as_str() }),
-        )
-        .await?;
-        tracing::warn!(
-            account_id = account,
-            reason = reason.as_str(),
-            "auto-recharge turned off"
-        );
+    revision: Option<i64>,
+) -> Result<bool, RechargeError> {
+    if !Store::disable_at(tx, account, reason, revision).await? {
+        return Ok(false);
     }
-    Ok(())
+    outbox::enqueue(
+        tx,
+        "recharge.settings.disabled",
+        account,
+        json!({ "reason": reason.as_str() }),
+    )
+    .await?;
+    tracing::warn!(
+        account_id = account,
+        reason = reason.as_str(),
+        "auto-recharge turned off"
+    );
+    Ok(true)
 }

@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 
 use clap::Parser;
-use credits_common::config::CommonArgs;
+use credits_common::config::{CommonArgs, ranged};
 
 #[derive(Parser, Debug)]
 #[command(name = "credits-ledger", version, about = "The credits ledger daemon")]
@@ -15,14 +15,14 @@ struct Args {
     #[arg(long, env = "LEDGER_LISTEN_ADDR", default_value = credits_ledger::DEFAULT_LISTEN)]
     listen: SocketAddr,
     /// Most PostgreSQL connections in the pool.
-    #[arg(long, env = "DB_MAX_CONNECTIONS", default_value_t = 32)]
-    db_max_connections: u32,
+    #[arg(long, env = "DB_MAX_CONNECTIONS", default_value_t = 32, value_parser = ranged::<1, 1000>)]
+    db_max_connections: u64,
     /// Group commit: concurrent batch posters.
-    #[arg(long, env = "GROUP_COMMIT_WORKERS", default_value_t = 4)]
-    group_commit_workers: usize,
+    #[arg(long, env = "GROUP_COMMIT_WORKERS", default_value_t = 4, value_parser = ranged::<1, 64>)]
+    group_commit_workers: u64,
     /// Group commit: most postings one commit carries.
-    #[arg(long, env = "GROUP_COMMIT_MAX", default_value_t = 128)]
-    group_commit_max: usize,
+    #[arg(long, env = "GROUP_COMMIT_MAX", default_value_t = 128, value_parser = ranged::<1, 1000>)]
+    group_commit_max: u64,
     #[command(flatten)]
     common: CommonArgs,
 }
@@ -35,9 +35,9 @@ async fn main() -> anyhow::Result<()> {
     let mut cfg = credits_ledger::Config::new(&args.database_url, &args.common.amqp_url);
     cfg.exchange = args.common.exchange.clone();
     cfg.auth_token = args.common.auth_token.clone();
-    cfg.db_max_connections = args.db_max_connections;
-    cfg.group_commit_workers = args.group_commit_workers;
-    cfg.group_commit_max = args.group_commit_max;
+    cfg.db_max_connections = args.db_max_connections as u32;
+    cfg.group_commit_workers = args.group_commit_workers as usize;
+    cfg.group_commit_max = args.group_commit_max as usize;
     let app = credits_ledger::App::build(cfg, &shutdown).await?;
     let listener = credits_common::config::bind(args.listen).await?;
     app.run(listener, shutdown).await

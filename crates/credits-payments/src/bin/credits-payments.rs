@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use credits_common::Money;
-use credits_common::config::CommonArgs;
+use credits_common::config::{CommonArgs, ranged};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -27,13 +27,14 @@ struct Args {
     #[arg(long, env = "MIN_PURCHASE", default_value = "5.00")]
     min_purchase: String,
     /// Artificial latency of every sandbox processor call, in milliseconds.
-    #[arg(long, env = "SANDBOX_LATENCY_MS", default_value_t = 0)]
+    #[arg(long, env = "SANDBOX_LATENCY_MS", default_value_t = 0, value_parser = ranged::<0, 60_000>)]
     sandbox_latency_ms: u64,
     /// How long sandbox ACH debits stay pending, in milliseconds.
-    #[arg(long, env = "SANDBOX_ACH_SETTLE_MS", default_value_t = 5000)]
+    #[arg(long, env = "SANDBOX_ACH_SETTLE_MS", default_value_t = 5000, value_parser = ranged::<0, 604_800_000>)]
     sandbox_ach_settle_ms: u64,
-    #[arg(long, env = "DB_MAX_CONNECTIONS", default_value_t = 32)]
-    db_max_connections: u32,
+    /// Most PostgreSQL connections in the pool.
+    #[arg(long, env = "DB_MAX_CONNECTIONS", default_value_t = 32, value_parser = ranged::<1, 1000>)]
+    db_max_connections: u64,
     #[command(flatten)]
     common: CommonArgs,
 }
@@ -47,7 +48,7 @@ async fn main() -> anyhow::Result<()> {
         credits_payments::Config::new(&args.database_url, &args.common.amqp_url, &args.ledger_url);
     cfg.exchange = args.common.exchange.clone();
     cfg.auth_token = args.common.auth_token.clone();
-    cfg.db_max_connections = args.db_max_connections;
+    cfg.db_max_connections = args.db_max_connections as u32;
     cfg.min_purchase = Money::parse_positive("MIN_PURCHASE", &args.min_purchase)?;
     cfg.sandbox.latency = Duration::from_millis(args.sandbox_latency_ms);
     cfg.sandbox.ach_settle_delay = Duration::from_millis(args.sandbox_ach_settle_ms);

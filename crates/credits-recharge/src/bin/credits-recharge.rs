@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use credits_common::Money;
-use credits_common::config::CommonArgs;
+use credits_common::config::{CommonArgs, ranged};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -36,11 +36,13 @@ struct Args {
     #[arg(
         long,
         env = "RECHARGE_RETRY_AFTER_FAILURE_SECS",
-        default_value_t = 3600
+        default_value_t = 3600,
+        value_parser = ranged::<1, 604_800>
     )]
     retry_after_failure_secs: u64,
-    #[arg(long, env = "DB_MAX_CONNECTIONS", default_value_t = 32)]
-    db_max_connections: u32,
+    /// Most PostgreSQL connections in the pool.
+    #[arg(long, env = "DB_MAX_CONNECTIONS", default_value_t = 32, value_parser = ranged::<1, 1000>)]
+    db_max_connections: u64,
     #[command(flatten)]
     common: CommonArgs,
 }
@@ -59,7 +61,7 @@ async fn main() -> anyhow::Result<()> {
     cfg.exchange = args.common.exchange.clone();
     cfg.queue = args.queue.clone();
     cfg.auth_token = args.common.auth_token.clone();
-    cfg.db_max_connections = args.db_max_connections;
+    cfg.db_max_connections = args.db_max_connections as u32;
     cfg.min_purchase = Money::parse_positive("MIN_PURCHASE", &args.min_purchase)?;
     cfg.worker.retry_after_failure = Duration::from_secs(args.retry_after_failure_secs);
     let app = credits_recharge::App::build(cfg, &shutdown).await?;
