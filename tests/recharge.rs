@@ -392,6 +392,9 @@ async fn settings_are_validated_r5_r6() {
         ("", "50", "threshold"),
         ("10", "1e2", "target"),
         ("10", "", "target"),
+        // R6: a balance that stops at exactly 0.00 never goes below a threshold of 0.
+        ("0", "5", "threshold"),
+        ("0.000", "50", "threshold"),
     ] {
         let err = c.enable("acme", t, g).await.unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{t} {g}");
@@ -403,8 +406,8 @@ async fn settings_are_validated_r5_r6() {
     }
     assert!(!c.settings("acme").await.enabled, "nothing changed");
     assert!(
-        c.enable("acme", "0", "5").await.is_ok(),
-        "threshold 0 and exactly the minimum apart"
+        c.enable("acme", "0.01", "5.01").await.is_ok(),
+        "the smallest threshold, exactly the minimum apart"
     );
 
     c.account("bigco", lpb::BillingMode::Contract).await;

@@ -26,7 +26,23 @@ pub enum PublishError {
     Amqp(#[from] lapin::Error),
     #[error("the broker refused (nacked) a published message")]
     Nacked,
+    #[error("the broker did not confirm within {0:?}")]
+    TimedOut(std::time::Duration),
 }
+
+/// What the broker did with one confirmed message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Delivery {
+    /// Routed to at least one queue and confirmed.
+    Routed,
+    /// Published `mandatory` and returned: no queue is bound for its routing key. The
+    /// broker kept nothing; the caller must keep the message.
+    Unroutable,
+}
+
+/// Longest a publish and its confirms may take before the connection is given up (a
+/// broker that stopped its app can accept TCP and never answer).
+pub const PUBLISH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub struct Publisher {
     url: String,
@@ -60,24 +76,71 @@ impl Publisher {
         let ch = conn.create_channel().await?;
         ch.confirm_select(ConfirmSelectOptions::default()).await?;
         declare_exchange(&ch, &self.exchange).await?;
+        ch.queue_declare(
+            self.parking_queue().as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
         tracing::info!(url = %redact_url(&self.url), exchange = %self.exchange, "AMQP publisher connected");
         self.state = Some((conn, ch.clone()));
         Ok(ch)
     }
 
-    /// Publishes every message (persistent, JSON) and waits until the broker confirmed all.
+    /// Publishes every message (persistent, JSON, `mandatory`) to the exchange and waits
+    /// until the broker confirmed all, within [`PUBLISH_TIMEOUT`]; says per message whether
+    /// a queue received it.
     pub async fn publish_confirmed(
         &mut self,
         messages: &[OutgoingMessage],
-    ) -> Result<(), PublishError> {
-        let result = self.try_publish(messages).await;
+    ) -> Result<Vec<Delivery>, PublishError> {
+        let exchange = self.exchange.clone();
+        self.publish_to(&exchange, messages, |m| m.routing_key.clone())
+            .await
+    }
+
+    /// Publishes messages that no queue would receive to the durable parking queue
+    /// `<exchange>.unrouted` (through the default exchange), where they are kept for an
+    /// operator to replay; their routing key stays in their `type` property.
+    pub async fn park(
+        &mut self,
+        messages: &[OutgoingMessage],
+    ) -> Result<Vec<Delivery>, PublishError> {
+        let queue = self.parking_queue();
+        self.publish_to("", messages, |_| queue.clone()).await
+    }
+
+    pub fn parking_queue(&self) -> String {
+        format!("{}.unrouted", self.exchange)
+    }
+
+    async fn publish_to(
+        &mut self,
+        exchange: &str,
+        messages: &[OutgoingMessage],
+        routing_key: impl Fn(&OutgoingMessage) -> String,
+    ) -> Result<Vec<Delivery>, PublishError> {
+        let result = tokio::time::timeout(
+            PUBLISH_TIMEOUT,
+            self.try_publish(exchange, messages, routing_key),
+        )
+        .await
+        .unwrap_or(Err(PublishError::TimedOut(PUBLISH_TIMEOUT)));
         if result.is_err() {
             self.state = None;
         }
         result
     }
 
-    async fn try_publish(&mut self, messages: &[OutgoingMessage]) -> Result<(), PublishError> {
+    async fn try_publish(
+        &mut self,
+        exchange: &str,
+        messages: &[OutgoingMessage],
+        routing_key: impl Fn(&OutgoingMessage) -> String,
+    ) -> Result<Vec<Delivery>, PublishError> {
         let ch = self.channel().await?;
         let mut confirms = Vec::with_capacity(messages.len());
         for m in messages {
@@ -89,22 +152,32 @@ impl Publisher {
                 .with_timestamp(m.timestamp_secs);
             let confirm = ch
                 .basic_publish(
-                    self.exchange.as_str().into(),
-                    m.routing_key.as_str().into(),
-                    BasicPublishOptions::default(),
+                    exchange.into(),
+                    routing_key(m).as_str().into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
                     &m.body,
                     props,
                 )
                 .await?;
             confirms.push(confirm);
         }
+        let mut out = Vec::with_capacity(confirms.len());
         for c in confirms {
-            let confirmation = c.await?;
-            if confirmation.is_nack() {
-                return Err(PublishError::Nacked);
+            match c.await? {
+                lapin::Confirmation::Ack(None)
+                | lapin::Confirmation::NotRequested => out.push(Delivery::Routed),
+                lapin::Confirmation::Ack(Some(_)) => {
+                    out.push(Delivery::Unroutable)
+                }
+                lapin::Confirmation::Nack(_) => {
+                    return Err(PublishError::Nacked);
+                }
             }
         }
-        Ok(())
+        Ok(out)
     }
 }
 

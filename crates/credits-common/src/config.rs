@@ -7,6 +7,7 @@ use crate::telemetry::LogFormat;
 
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 pub const DEFAULT_EXCHANGE: &str = "credits.events";
+pub const DEFAULT_OUTBOX_PARK_AFTER_SECS: u64 = 600;
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct CommonArgs {
@@ -22,6 +23,10 @@ pub struct CommonArgs {
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Seconds an event that no queue receives is retried before it is parked in
+    /// `<exchange>.unrouted`.
+    #[arg(long, env = "OUTBOX_PARK_AFTER_SECS", default_value_t = DEFAULT_OUTBOX_PARK_AFTER_SECS, value_parser = ranged::<1, 604_800>)]
+    pub outbox_park_after_secs: u64,
     /// Address of the Prometheus metrics endpoint (`/metrics`); "off" disables it.
     #[arg(long, env = "METRICS_ADDR")]
     pub metrics_addr: Option<String>,

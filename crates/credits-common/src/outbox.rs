@@ -2,10 +2,14 @@
 //!
 //! Each daemon writes its events to its own `outbox` table in the same transaction as the
 //! change they report (so an event exists if and only if the change committed). This relay
-//! moves them to RabbitMQ: it claims a batch with `FOR UPDATE SKIP LOCKED` (replicas never
-//! publish the same row concurrently), publishes with confirms, and deletes the rows only
-//! after the broker confirmed them. A crash between confirm and delete republishes: events
-//! are at-least-once and consumers de-duplicate by event id.
+//! moves them to RabbitMQ: it claims a batch (`claimed_until`, chosen with `FOR UPDATE SKIP
+//! LOCKED` so replicas never take the same rows) and commits, publishes `mandatory` with
+//! confirms under a timeout, and deletes the rows only after the broker confirmed that a
+//! queue received them — no transaction is held open across broker I/O. An event returned
+//! as unroutable (no queue bound, e.g. a consumer's queue was deleted) is kept and retried
+//! with backoff; after `park_after` it is parked in `<exchange>.unrouted` instead of being
+//! dropped. A crash between confirm and delete republishes: events are at-least-once and
+//! consumers de-duplicate by event id.
 //!
 //! The relay wakes on `NOTIFY credits_outbox` (sent by writers of events) and also polls, so
 //! a lost notification only delays an event by the poll interval.
@@ -23,7 +27,7 @@ use sqlx::{PgPool, Postgres, Transaction};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::amqp::{OutgoingMessage, Publisher};
+use crate::amqp::{Delivery, OutgoingMessage, Publisher};
 use crate::db::redact_url;
 
 pub const NOTIFY_CHANNEL: &str = "credits_outbox";
@@ -75,7 +79,18 @@ pub struct RelayConfig {
     pub exchange: String,
     pub connection_name: String,
     pub poll_interval: Duration,
+    /// How long an event that no queue receives is retried before it is parked in
+    /// `<exchange>.unrouted` (kept there for an operator, and deleted from the outbox).
+    pub park_after: Duration,
 }
+
+/// How long a relay owns the rows it claimed; past it another relay may take them.
+const CLAIM: Duration = Duration::from_secs(60);
+/// Backoff of an event returned as unroutable: first wait, and the longest.
+const UNROUTABLE_FIRST: Duration = Duration::from_secs(1);
+const UNROUTABLE_MAX: Duration = Duration::from_secs(60);
+/// How often the depth and age gauges are refreshed.
+const GAUGE_EVERY: Duration = Duration::from_secs(5);
 
 /// Runs until `shutdown` is cancelled. Never returns an error: every failure is logged and
 /// retried with backoff.
@@ -83,11 +98,16 @@ pub async fn run_relay(pool: PgPool, cfg: RelayConfig, shutdown: CancellationTok
     let mut publisher = Publisher::new(&cfg.amqp_url, &cfg.exchange, &cfg.connection_name);
     let mut listener: Option<PgListener> = None;
     let mut backoff = Duration::from_millis(100);
+    let mut gauges_at = tokio::time::Instant::now();
     loop {
         if shutdown.is_cancelled() {
             break;
         }
-        match relay_batch(&pool, &mut publisher).await {
+        if gauges_at.elapsed() >= GAUGE_EVERY {
+            gauges_at = tokio::time::Instant::now();
+            record_gauges(&pool, &cfg.connection_name).await;
+        }
+        match relay_batch(&pool, &mut publisher, &cfg).await {
             Ok(n) if n > 0 => {
                 backoff = Duration::from_millis(100);
                 metrics::counter!("credits_outbox_published_total").increment(n as u64);
@@ -95,6 +115,7 @@ pub async fn run_relay(pool: PgPool, cfg: RelayConfig, shutdown: CancellationTok
             }
             Ok(_) => backoff = Duration::from_millis(100),
             Err(e) => {
+                metrics::counter!("credits_outbox_relay_errors_total").increment(1);
                 tracing::warn!(
                     amqp_url = %redact_url(&cfg.amqp_url),
                     "outbox relay cannot publish: {e}; retrying in {:.1}s",
@@ -133,6 +154,22 @@ pub async fn run_relay(pool: PgPool, cfg: RelayConfig, shutdown: CancellationTok
     tracing::info!("outbox relay stopped");
 }
 
+/// `credits_outbox_depth` and `credits_outbox_oldest_age_seconds` (label `relay`: the
+/// daemon's relay, several of which share a process under `credits up`).
+async fn record_gauges(pool: &PgPool, relay: &str) {
+    let row: Result<(i64, Option<f64>), sqlx::Error> = sqlx::query_as(
+        "SELECT count(*), extract(epoch FROM now() - min(created_at))::float8 FROM outbox",
+    )
+    .fetch_one(pool)
+    .await;
+    if let Ok((depth, age)) = row {
+        let relay = relay.to_owned();
+        metrics::gauge!("credits_outbox_depth", "relay" => relay.clone()).set(depth as f64);
+        metrics::gauge!("credits_outbox_oldest_age_seconds", "relay" => relay)
+            .set(age.unwrap_or(0.0).max(0.0));
+    }
+}
+
 #[derive(sqlx::FromRow)]
 struct Row {
     seq: i64,
@@ -140,6 +177,8 @@ struct Row {
     routing_key: String,
     payload: serde_json::Value,
     created_at: DateTime<Utc>,
+    attempts: i32,
+    first_returned_at: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -150,40 +189,119 @@ enum RelayError {
     Publish(#[from] crate::amqp::PublishError),
 }
 
-/// Publishes and deletes one batch; returns how many rows it relayed.
-async fn relay_batch(pool: &PgPool, publisher: &mut Publisher) -> Result<usize, RelayError> {
-    let mut tx = pool.begin().await?;
+fn message(r: &Row) -> OutgoingMessage {
+    OutgoingMessage {
+        message_id: r.event_id.to_string(),
+        routing_key: r.routing_key.clone(),
+        body: r.payload.to_string().into_bytes(),
+        timestamp_secs: r.created_at.timestamp().max(0) as u64,
+    }
+}
+
+/// Relays one batch: claim (and commit), publish, delete what a queue received; returns
+/// how many rows it took on. No transaction is open while the broker is talked to.
+async fn relay_batch(
+    pool: &PgPool,
+    publisher: &mut Publisher,
+    cfg: &RelayConfig,
+) -> Result<usize, RelayError> {
     // The shared relay queries the outbox at run time: every daemon owns its own copy of
     // the table, so there is no single schema to check them against at compile time.
-    let rows: Vec<Row> = sqlx::query_as(
-        "SELECT seq, event_id, routing_key, payload, created_at FROM outbox \
-         ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED",
+    let mut rows: Vec<Row> = sqlx::query_as(
+        "UPDATE outbox SET claimed_until = now() + make_interval(secs => $2)
+         WHERE seq IN (SELECT seq FROM outbox
+                       WHERE next_attempt_at <= now()
+                         AND (claimed_until IS NULL OR claimed_until < now())
+                       ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED)
+         RETURNING seq, event_id, routing_key, payload, created_at, attempts, first_returned_at",
     )
     .bind(BATCH)
-    .fetch_all(&mut *tx)
+    .bind(CLAIM.as_secs_f64())
+    .fetch_all(pool)
     .await?;
     if rows.is_empty() {
-        tx.commit().await?;
         return Ok(0);
     }
-    let messages: Vec<OutgoingMessage> = rows
-        .iter()
-        .map(|r| OutgoingMessage {
-            message_id: r.event_id.to_string(),
-            routing_key: r.routing_key.clone(),
-            body: r.payload.to_string().into_bytes(),
-            timestamp_secs: r.created_at.timestamp().max(0) as u64,
-        })
-        .collect();
-    publisher.publish_confirmed(&messages).await?;
-    let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
+    rows.sort_by_key(|r| r.seq);
+    let messages: Vec<OutgoingMessage> = rows.iter().map(message).collect();
+    let deliveries = match publisher.publish_confirmed(&messages).await {
+        Ok(d) => d,
+        Err(e) => {
+            release(pool, &rows).await;
+            return Err(e.into());
+        }
+    };
+    let mut routed = Vec::new();
+    let mut returned = Vec::new();
+    for (r, d) in rows.iter().zip(&deliveries) {
+        match d {
+            Delivery::Routed => routed.push(r),
+            Delivery::Unroutable => returned.push(r),
+        }
+    }
+    // Returned long enough: kept in the parking queue instead, then deleted here.
+    let now = Utc::now();
+    let park_after = chrono::Duration::from_std(cfg.park_after).unwrap_or(chrono::Duration::MAX);
+    let (to_park, to_retry): (Vec<&Row>, Vec<&Row>) = returned
+        .into_iter()
+        .partition(|r| r.first_returned_at.is_some_and(|t| now - t >= park_after));
+    if !to_park.is_empty() {
+        let parked: Vec<OutgoingMessage> = to_park.iter().map(|r| message(r)).collect();
+        match publisher.park(&parked).await {
+            Ok(d) if d.iter().all(|d| *d == Delivery::Routed) => {
+                for r in &to_park {
+                    tracing::warn!(event_id = %r.event_id, routing_key = %r.routing_key, queue = %publisher.parking_queue(), "no queue takes this event; parked");
+                }
+                metrics::counter!("credits_outbox_parked_total").increment(to_park.len() as u64);
+                routed.extend(to_park);
+            }
+            Ok(_) => release(pool, &rows).await,
+            Err(e) => {
+                release(pool, &rows).await;
+                return Err(e.into());
+            }
+        }
+    }
+    let seqs: Vec<i64> = routed.iter().map(|r| r.seq).collect();
     sqlx::query("DELETE FROM outbox WHERE seq = ANY($1)")
         .bind(&seqs)
-        .execute(&mut *tx)
+        .execute(pool)
         .await?;
-    tx.commit().await?;
-    for r in &rows {
+    for r in &routed {
         tracing::debug!(event_id = %r.event_id, routing_key = %r.routing_key, "event published");
     }
+    for r in &to_retry {
+        let wait = UNROUTABLE_FIRST
+            .saturating_mul(2u32.saturating_pow(r.attempts.clamp(0, 16) as u32))
+            .min(UNROUTABLE_MAX);
+        if r.attempts == 0 {
+            tracing::warn!(event_id = %r.event_id, routing_key = %r.routing_key, "no queue is bound for this event; kept and retried");
+        }
+        sqlx::query(
+            "UPDATE outbox SET claimed_until = NULL, attempts = attempts + 1,
+                               first_returned_at = COALESCE(first_returned_at, now()),
+                               next_attempt_at = now() + make_interval(secs => $2)
+             WHERE seq = $1",
+        )
+        .bind(r.seq)
+        .bind(wait.as_secs_f64())
+        .execute(pool)
+        .await?;
+    }
+    if !to_retry.is_empty() {
+        metrics::counter!("credits_outbox_unroutable_total").increment(to_retry.len() as u64);
+    }
     Ok(rows.len())
+}
+
+/// Gives claimed rows back at once after a failed publish (their claim would expire anyway).
+async fn release(pool: &PgPool, rows: &[Row]) {
+    let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
+    if let Err(e) = sqlx::query("UPDATE outbox SET claimed_until = NULL WHERE seq = ANY($1)")
+        .bind(&seqs)
+        .execute(pool)
+        .await
+    {
+        tracing::warn!(error = %e, "could not release claimed outbox rows; their claim expires");
+    }
 }

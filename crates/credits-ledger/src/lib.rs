@@ -36,6 +36,8 @@ pub struct Config {
     pub db_max_connections: u32,
     /// How often the outbox relay looks for events when no notification arrives.
     pub relay_poll: Duration,
+    /// Unroutable events are retried this long, then parked (see `outbox`).
+    pub outbox_park_after: Duration,
     /// Name of the AMQP connection, as shown by `rabbitmqctl list_connections`.
     pub amqp_connection_name: String,
     /// Group commit: concurrent batch posters, and the most postings one commit carries.
@@ -52,6 +54,9 @@ impl Config {
             auth_token: None,
             db_max_connections: 32,
             relay_poll: Duration::from_millis(500),
+            outbox_park_after: Duration::from_secs(
+                credits_common::config::DEFAULT_OUTBOX_PARK_AFTER_SECS,
+            ),
             amqp_connection_name: "credits-ledger".to_owned(),
             group_commit_workers: 4,
             group_commit_max: 128,
@@ -91,6 +96,7 @@ impl App {
                 exchange: self.cfg.exchange.clone(),
                 connection_name: self.cfg.amqp_connection_name.clone(),
                 poll_interval: self.cfg.relay_poll,
+                park_after: self.cfg.outbox_park_after,
             },
             shutdown.clone(),
         ));

@@ -44,6 +44,8 @@ pub struct Config {
     pub min_purchase: Money,
     pub sandbox: SandboxConfig,
     pub relay_poll: Duration,
+    /// Unroutable events are retried this long, then parked (see `outbox`).
+    pub outbox_park_after: Duration,
     /// How often the recovery loop runs, and how long a charge must sit idle before it
     /// counts as unfinished.
     pub recovery_every: Duration,
@@ -63,6 +65,9 @@ impl Config {
             min_purchase: Money::new(rust_decimal::Decimal::new(500, 2)),
             sandbox: SandboxConfig::default(),
             relay_poll: Duration::from_millis(500),
+            outbox_park_after: Duration::from_secs(
+                credits_common::config::DEFAULT_OUTBOX_PARK_AFTER_SECS,
+            ),
             recovery_every: Duration::from_secs(1),
             recovery_stale_after: Duration::from_secs(10),
             amqp_connection_name: "credits-payments".to_owned(),
@@ -108,6 +113,7 @@ impl App {
                 exchange: self.cfg.exchange.clone(),
                 connection_name: self.cfg.amqp_connection_name.clone(),
                 poll_interval: self.cfg.relay_poll,
+                park_after: self.cfg.outbox_park_after,
             },
             shutdown.clone(),
         ));

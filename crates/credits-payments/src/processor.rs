@@ -72,6 +72,13 @@ pub trait PaymentProcessor: Send + Sync + 'static {
     ) -> Result<ProcessorCharge, ProcessorError>;
     /// The charge's current state (for pending ACH debits).
     async fn retrieve(&self, processor_charge_id: &str) -> Result<ProcessorCharge, ProcessorError>;
+    /// The charge made under `idempotency_key`, if the processor made one. Asked before a
+    /// charge is given up after transient errors: a charge the processor made must never
+    /// be recorded as failed.
+    async fn find_by_key(
+        &self,
+        idempotency_key: &str,
+    ) -> Result<Option<ProcessorCharge>, ProcessorError>;
 }
 
 #[derive(Clone, Debug)]
@@ -246,6 +253,13 @@ impl PaymentProcessor for Sandbox {
             .ok_or_else(|| ProcessorError::Other("charge vanished".to_owned()))
     }
 
+    async fn find_by_key(
+        &self,
+        idempotency_key: &str,
+    ) -> Result<Option<ProcessorCharge>, ProcessorError> {
+        self.by_key(idempotency_key).await
+    }
+
     async fn retrieve(&self, processor_charge_id: &str) -> Result<ProcessorCharge, ProcessorError> {
         self.delay().await;
         // Settlement happens when it is due, observed on read.
@@ -268,6 +282,7 @@ impl PaymentProcessor for Sandbox {
 
 impl Sandbox {
     async fn by_key(&self, key: &str) -> Result<Option<ProcessorCharge>, ProcessorError> {
+        self.delay().await;
         let row: Option<(String, String, String)> =
             sqlx::query_as("SELECT processor_charge_id, status, failure_code FROM sandbox_charges WHERE idempotency_key = $1")
                 .bind(key)

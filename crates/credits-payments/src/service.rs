@@ -243,11 +243,7 @@ impl Payments {
             .await;
         match result {
             Ok(pc) => {
-                let (status, code) = match &pc.status {
-                    ProcessorStatus::Succeeded => (ChargeStatus::SUCCEEDED, ""),
-                    ProcessorStatus::Pending => (ChargeStatus::PENDING, ""),
-                    ProcessorStatus::Failed(code) => (ChargeStatus::FAILED, code.as_str()),
-                };
+                let (status, code) = outcome(&pc.status);
                 self.finish(&charge, status, code, Some(&pc.processor_charge_id))
                     .await
             }
@@ -255,10 +251,25 @@ impl Payments {
                 let attempts = self.store.count_attempt(&charge.charge_id).await?;
                 metrics::counter!("credits_payments_processor_transient_errors_total").increment(1);
                 if attempts >= MAX_PROCESSOR_ATTEMPTS {
-                    tracing::warn!(charge_id = %charge.charge_id, attempts, "processor kept failing; charge failed");
-                    return self
-                        .finish(&charge, ChargeStatus::FAILED, "processing_error", None)
-                        .await;
+                    // The error may have hidden a charge the processor did make (its answer
+                    // was lost): ask by our key before recording a failure.
+                    return match self.processor.find_by_key(&charge.charge_id).await {
+                        Ok(Some(pc)) => {
+                            tracing::warn!(charge_id = %charge.charge_id, attempts, processor_charge_id = %pc.processor_charge_id, "processor errors hid a charge it made; recording its outcome");
+                            let (status, code) = outcome(&pc.status);
+                            self.finish(&charge, status, code, Some(&pc.processor_charge_id))
+                                .await
+                        }
+                        Ok(None) => {
+                            tracing::warn!(charge_id = %charge.charge_id, attempts, "processor kept failing and made no charge; charge failed");
+                            self.finish(&charge, ChargeStatus::FAILED, "processing_error", None)
+                                .await
+                        }
+                        Err(e) => Err(PaymentsError::Unavailable(format!(
+                            "payment processor unreachable ({e}) on charge {}; it stays processing and is looked up again",
+                            charge.charge_id
+                        ))),
+                    };
                 }
                 tracing::warn!(charge_id = %charge.charge_id, attempts, reason = %reason, "transient processor failure");
                 Err(PaymentsError::Unavailable(format!(
@@ -484,6 +495,15 @@ async fn default_changed(
     )
     .await?;
     Ok(())
+}
+
+/// The charge status and failure code a processor outcome records.
+fn outcome(s: &ProcessorStatus) -> (ChargeStatus, &str) {
+    match s {
+        ProcessorStatus::Succeeded => (ChargeStatus::SUCCEEDED, ""),
+        ProcessorStatus::Pending => (ChargeStatus::PENDING, ""),
+        ProcessorStatus::Failed(code) => (ChargeStatus::FAILED, code.as_str()),
+    }
 }
 
 fn method_not_found(account: &AccountId, id: &str) -> PaymentsError {

@@ -48,6 +48,8 @@ pub struct Config {
     pub worker: WorkerConfig,
     pub faults: Faults,
     pub relay_poll: Duration,
+    /// Unroutable events are retried this long, then parked (see `outbox`).
+    pub outbox_park_after: Duration,
     pub amqp_connection_name: String,
 }
 
@@ -66,6 +68,9 @@ impl Config {
             worker: WorkerConfig::default(),
             faults: Faults::default(),
             relay_poll: Duration::from_millis(500),
+            outbox_park_after: Duration::from_secs(
+                credits_common::config::DEFAULT_OUTBOX_PARK_AFTER_SECS,
+            ),
             amqp_connection_name: "credits-recharge".to_owned(),
         }
     }
@@ -111,6 +116,7 @@ impl App {
                 exchange: self.cfg.exchange.clone(),
                 connection_name: format!("{}-relay", self.cfg.amqp_connection_name),
                 poll_interval: self.cfg.relay_poll,
+                park_after: self.cfg.outbox_park_after,
             },
             shutdown.clone(),
         ));

@@ -34,6 +34,7 @@ async fn main() -> anyhow::Result<()> {
         credits_common::config::start_daemon(&args.common, credits_ledger::DEFAULT_METRICS)?;
     let mut cfg = credits_ledger::Config::new(&args.database_url, &args.common.amqp_url);
     cfg.exchange = args.common.exchange.clone();
+    cfg.outbox_park_after = std::time::Duration::from_secs(args.common.outbox_park_after_secs);
     cfg.auth_token = args.common.auth_token.clone();
     cfg.db_max_connections = args.db_max_connections as u32;
     cfg.group_commit_workers = args.group_commit_workers as usize;

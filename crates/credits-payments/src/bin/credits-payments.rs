@@ -47,6 +47,7 @@ async fn main() -> anyhow::Result<()> {
     let mut cfg =
         credits_payments::Config::new(&args.database_url, &args.common.amqp_url, &args.ledger_url);
     cfg.exchange = args.common.exchange.clone();
+    cfg.outbox_park_after = std::time::Duration::from_secs(args.common.outbox_park_after_secs);
     cfg.auth_token = args.common.auth_token.clone();
     cfg.db_max_connections = args.db_max_connections as u32;
     cfg.min_purchase = Money::parse_positive("MIN_PURCHASE", &args.min_purchase)?;

@@ -40,6 +40,13 @@ struct Args {
         value_parser = ranged::<1, 604_800>
     )]
     retry_after_failure_secs: u64,
+    /// How long a worker owns an attempt it executes, in seconds; past it any replica
+    /// resumes the attempt (and the first worker's writes are refused).
+    #[arg(long, env = "RECHARGE_LEASE_SECS", default_value_t = 30, value_parser = ranged::<2, 3600>)]
+    lease_secs: u64,
+    /// Seconds between passes of the reconciler (ledger threshold and lost crossings).
+    #[arg(long, env = "RECHARGE_RECONCILE_SECS", default_value_t = 60, value_parser = ranged::<1, 86_400>)]
+    reconcile_secs: u64,
     /// Most PostgreSQL connections in the pool.
     #[arg(long, env = "DB_MAX_CONNECTIONS", default_value_t = 32, value_parser = ranged::<1, 1000>)]
     db_max_connections: u64,
@@ -59,11 +66,14 @@ async fn main() -> anyhow::Result<()> {
         &args.payments_url,
     );
     cfg.exchange = args.common.exchange.clone();
+    cfg.outbox_park_after = std::time::Duration::from_secs(args.common.outbox_park_after_secs);
     cfg.queue = args.queue.clone();
     cfg.auth_token = args.common.auth_token.clone();
     cfg.db_max_connections = args.db_max_connections as u32;
     cfg.min_purchase = Money::parse_positive("MIN_PURCHASE", &args.min_purchase)?;
     cfg.worker.retry_after_failure = Duration::from_secs(args.retry_after_failure_secs);
+    cfg.worker.lease = Duration::from_secs(args.lease_secs);
+    cfg.worker.reconcile_every = Duration::from_secs(args.reconcile_secs);
     let app = credits_recharge::App::build(cfg, &shutdown).await?;
     let listener = credits_common::config::bind(args.listen).await?;
     app.run(listener, shutdown).await
