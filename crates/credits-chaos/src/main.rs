@@ -59,6 +59,9 @@ pub struct Cluster {
     pub exchange: String,
     pub queue: String,
     pub dbs: [String; 3],
+    /// The bearer token every daemon requires and sends (`CREDITS_AUTH_TOKEN`): running
+    /// with auth on is what production does, and what the token-mismatch fault breaks.
+    pub token: String,
 }
 
 impl Cluster {
@@ -86,12 +89,14 @@ fn cluster(a: &Args, run: &str, logdir: &std::path::Path) -> Cluster {
     ];
     let exchange = format!("credits.events.{run}");
     let queue = format!("credits.recharge.{run}");
+    let token = uuid::Uuid::new_v4().simple().to_string();
     let common = |db: &str| {
         vec![
             ("DATABASE_URL".to_owned(), format!("{base}/{db}")),
             ("AMQP_URL".to_owned(), a.amqp_url.clone()),
             ("CREDITS_EXCHANGE".to_owned(), exchange.clone()),
             ("DB_MAX_CONNECTIONS".to_owned(), "10".to_owned()),
+            ("CREDITS_AUTH_TOKEN".to_owned(), token.clone()),
         ]
     };
     let lp = free_port();
@@ -150,6 +155,7 @@ fn cluster(a: &Args, run: &str, logdir: &std::path::Path) -> Cluster {
         exchange,
         queue,
         dbs,
+        token,
     }
 }
 

@@ -26,18 +26,20 @@ pub struct Clients {
 }
 
 impl Clients {
+    /// Every client sends the cluster's bearer token (`AttachToken`, inside `lazy_channel`).
     pub fn new(c: &Cluster) -> anyhow::Result<Clients> {
+        let token = Some(c.token.as_str());
         Ok(Clients {
-            ledger: LedgerServiceClient::new(lazy_channel(&c.ledger.url(), None)?),
+            ledger: LedgerServiceClient::new(lazy_channel(&c.ledger.url(), token)?),
             payments: c
                 .payments
                 .iter()
-                .map(|p| lazy_channel(&p.url(), None).map(PaymentsServiceClient::new))
+                .map(|p| lazy_channel(&p.url(), token).map(PaymentsServiceClient::new))
                 .collect::<Result<_, _>>()?,
             recharge: c
                 .recharge
                 .iter()
-                .map(|r| lazy_channel(&r.url(), None).map(AutoRechargeServiceClient::new))
+                .map(|r| lazy_channel(&r.url(), token).map(AutoRechargeServiceClient::new))
                 .collect::<Result<_, _>>()?,
         })
     }
