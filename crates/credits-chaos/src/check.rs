@@ -45,9 +45,18 @@ pub async fn drop_all(pg: &str, dbs: &[String; 3], amqp_url: &str, queue: &str) 
     }
 }
 
-/// (ready, unacknowledged) messages of a queue, from rabbitmqctl.
-async fn queue_counts(queue: &str) -> Option<(u64, u64)> {
-    let out = tokio::process::Command::new("rabbitmqctl")
+/// What rabbitmqctl says of a queue.
+enum QueueState {
+    /// (ready, unacknowledged) messages.
+    Counts(u64, u64),
+    /// The broker answered without it: deleted and not declared again.
+    Missing,
+    /// No answer (the broker's app is still starting, say).
+    Unknown,
+}
+
+async fn queue_counts(queue: &str) -> QueueState {
+    let Ok(out) = tokio::process::Command::new("rabbitmqctl")
         .args([
             "-q",
             "list_queues",
@@ -57,13 +66,27 @@ async fn queue_counts(queue: &str) -> Option<(u64, u64)> {
         ])
         .output()
         .await
-        .ok()?;
+    else {
+        return QueueState::Unknown;
+    };
+    if !out.status.success() {
+        return QueueState::Unknown;
+    }
     let text = String::from_utf8_lossy(&out.stdout);
-    let line = text
+    let Some(line) = text
         .lines()
-        .find(|l| l.split_whitespace().next() == Some(queue))?;
+        .find(|l| l.split_whitespace().next() == Some(queue))
+    else {
+        return QueueState::Missing;
+    };
     let mut it = line.split_whitespace().skip(1);
-    Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
+    match (
+        it.next().and_then(|n| n.parse().ok()),
+        it.next().and_then(|n| n.parse().ok()),
+    ) {
+        (Some(ready), Some(unacked)) => QueueState::Counts(ready, unacked),
+        _ => QueueState::Unknown,
+    }
 }
 
 async fn scalar(c: &mut PgConnection, sql: &str) -> i64 {
@@ -98,9 +121,15 @@ async fn busy(a: &Args, c: &Cluster) -> anyhow::Result<Vec<String>> {
         left.push(format!("{n} attempts in flight"));
     }
     match queue_counts(&c.queue).await {
-        Some((0, 0)) => {}
-        Some((ready, unacked)) => left.push(format!("queue: {ready} ready, {unacked} unacked")),
-        None => left.push("queue not listed".into()),
+        QueueState::Counts(0, 0) => {}
+        QueueState::Counts(ready, unacked) => {
+            left.push(format!("queue: {ready} ready, {unacked} unacked"))
+        }
+        QueueState::Missing => left.push(format!(
+            "queue {} missing (deleted and not declared again)",
+            c.queue
+        )),
+        QueueState::Unknown => left.push("queues cannot be listed".into()),
     }
     Ok(left)
 }
@@ -335,10 +364,10 @@ pub async fn settle_and_check(
 
     // 6. Nothing stuck: outboxes empty, queue drained, dead letters = injected poison only.
     let stuck = busy(a, c).await?;
-    let dlq = queue_counts(&format!("{}.dlq", c.queue))
-        .await
-        .map(|(r, u)| r + u)
-        .unwrap_or(u64::MAX);
+    let dlq = match queue_counts(&format!("{}.dlq", c.queue)).await {
+        QueueState::Counts(r, u) => r + u,
+        QueueState::Missing | QueueState::Unknown => u64::MAX,
+    };
     ck.report(
         stuck.is_empty() && dlq == u64::from(poison),
         "6. no stuck event, no unacked message, DLQ = injected poison",
