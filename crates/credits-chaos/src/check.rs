@@ -45,9 +45,18 @@ pub async fn drop_all(pg: &str, dbs: &[String; 3], amqp_url: &str, queue: &str) 
     }
 }
 
-/// (ready, unacknowledged) messages of a queue, from rabbitmqctl.
-async fn queue_counts(queue: &str) -> Option<(u64, u64)> {
-    let out = tokio::process::Command::new("rabbitmqctl")
+/// What rabbitmqctl says of a queue.
+enum QueueState {
+    /// (ready, unacknowledged) messages.
+    Counts(u64, u64),
+    /// The broker answered without it: deleted and not declared again.
+    Missing,
+    /// No answer (the broker's app is still starting, say).
+    Unknown,
+}
+
+async fn queue_counts(queue: &str) -> QueueState {
+    let Ok(out) = tokio::process::Command::new("rabbitmqctl")
         .args([
             "-q",
             "list_queues",
@@ -57,13 +66,27 @@ async fn queue_counts(queue: &str) -> Option<(u64, u64)> {
         ])
         .output()
         .await
-        .ok()?;
+    else {
+        return QueueState::Unknown;
+    };
+    if !out.status.success() {
+        return QueueState::Unknown;
+    }
     let text = String::from_utf8_lossy(&out.stdout);
-    let line = text
+    let Some(line) = text
         .lines()
-        .find(|l| l.split_whitespace().next() == Some(queue))?;
+        .find(|l| l.split_whitespace().next() == Some(queue))
+    else {
+        return QueueState::Missing;
+    };
     let mut it = line.split_whitespace().skip(1);
-    Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
+    match (
+        it.next().and_then(|n| n.parse().ok()),
+        it.next().and_then(|n| n.parse().ok()),
+    ) {
+        (Some(ready), Some(unacked)) => QueueState::Counts(ready, unacked),
+        _ => QueueState::Unknown,
+    }
 }
 
 async fn scalar(c: &mut PgConnection, sql: &str) -> i64 {
@@ -98,12 +121,54 @@ async fn busy(a: &Args, c: &Cluster) -> anyhow::Result<Vec<String>> {
         left.push(format!("{n} attempts in flight"));
     }
     match queue_counts(&c.queue).await {
-        Some((0, 0)) => {}
-        Some((ready, unacked)) => left.push(format!("queue: {ready} ready, {unacked} unacked")),
-        None => left.push("queue not listed".into()),
+        QueueState::Counts(0, 0) => {}
+        QueueState::Counts(ready, unacked) => {
+            left.push(format!("queue: {ready} ready, {unacked} unacked"))
+        }
+        QueueState::Missing => left.push(format!(
+            "queue {} missing (deleted and not declared again)",
+            c.queue
+        )),
+        QueueState::Unknown => left.push("queues cannot be listed".into()),
     }
     Ok(left)
 }
+
+/// Accounts with auto-recharge on whose ledger threshold is not their settings threshold:
+/// (accounts on, [(account, settings threshold, ledger threshold)]).
+#[allow(clippy::type_complexity)]
+async fn threshold_drift(
+    a: &Args,
+    c: &Cluster,
+) -> anyhow::Result<(usize, Vec<(String, Decimal, Option<Decimal>)>)> {
+    let mut l = db(&a.pg_url, &c.dbs[0]).await?;
+    let mut r = db(&a.pg_url, &c.dbs[2]).await?;
+    let on: Vec<(String, Decimal)> = sqlx::query_as(
+        "SELECT account_id, threshold FROM settings WHERE enabled ORDER BY account_id",
+    )
+    .fetch_all(&mut r)
+    .await?;
+    let ledger: HashMap<String, Option<Decimal>> = sqlx::query_as::<_, (String, Option<Decimal>)>(
+        "SELECT account_id, threshold FROM accounts",
+    )
+    .fetch_all(&mut l)
+    .await?
+    .into_iter()
+    .collect();
+    // Decimal equality is numeric (10 = 10.00), as the invariant asks.
+    let drift = on
+        .iter()
+        .filter_map(|(acct, t)| {
+            let lt = ledger.get(acct).copied().flatten();
+            (lt != Some(*t)).then(|| (acct.clone(), *t, lt))
+        })
+        .collect();
+    Ok((on.len(), drift))
+}
+
+/// How long threshold drift may last once the faults stop: the recharge daemon's
+/// reconciler repairs it within seconds; this leaves it room under a loaded machine.
+const DRIFT_ALLOWANCE: Duration = Duration::from_secs(30);
 
 struct Check {
     failed: bool,
@@ -124,15 +189,29 @@ pub async fn settle_and_check(
     poison: u32,
     t0: Instant,
 ) -> anyhow::Result<bool> {
-    // Quiescence: nothing left to drain twice in a row, one second apart.
-    let deadline = Instant::now() + Duration::from_secs(a.settle);
+    // Quiescence: nothing left to drain twice in a row, one second apart. Threshold drift
+    // counts as unfinished work for the first DRIFT_ALLOWANCE: repairing it may cross a
+    // threshold and start a top-up, which the books must include.
+    let settle_start = Instant::now();
+    let deadline = settle_start + Duration::from_secs(a.settle);
     let mut quiet_in_a_row = 0;
     let mut last = Vec::new();
+    let mut drift_gone_after: Option<Duration> = None;
     while quiet_in_a_row < 2 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_secs(1)).await;
         last = busy(a, c)
             .await
             .unwrap_or_else(|e| vec![format!("cannot read: {e}")]);
+        if drift_gone_after.is_none() {
+            match threshold_drift(a, c).await {
+                Ok((_, d)) if d.is_empty() => drift_gone_after = Some(settle_start.elapsed()),
+                Ok((_, d)) if settle_start.elapsed() < DRIFT_ALLOWANCE => {
+                    last.push(format!("{} accounts with threshold drift", d.len()))
+                }
+                Ok(_) => {}
+                Err(e) => last.push(format!("cannot read thresholds: {e}")),
+            }
+        }
         quiet_in_a_row = if last.is_empty() {
             quiet_in_a_row + 1
         } else {
@@ -335,14 +414,53 @@ pub async fn settle_and_check(
 
     // 6. Nothing stuck: outboxes empty, queue drained, dead letters = injected poison only.
     let stuck = busy(a, c).await?;
-    let dlq = queue_counts(&format!("{}.dlq", c.queue))
-        .await
-        .map(|(r, u)| r + u)
-        .unwrap_or(u64::MAX);
+    let dlq = match queue_counts(&format!("{}.dlq", c.queue)).await {
+        QueueState::Counts(r, u) => r + u,
+        QueueState::Missing | QueueState::Unknown => u64::MAX,
+    };
     ck.report(
         stuck.is_empty() && dlq == u64::from(poison),
         "6. no stuck event, no unacked message, DLQ = injected poison",
         format!("left: {stuck:?}; dead-lettered {dlq}, poison injected {poison}"),
+    );
+
+    // 7. Auto-recharge on ⇒ the ledger watches the same threshold the settings hold
+    //    (otherwise crossings fire at the wrong balance, or never).
+    let (on, drift) = threshold_drift(a, c).await?;
+    let shown: Vec<String> = drift
+        .iter()
+        .take(5)
+        .map(|(acct, t, lt)| {
+            format!(
+                "{acct}: settings {t}, ledger {}",
+                lt.map_or("none".to_owned(), |l| l.to_string())
+            )
+        })
+        .collect();
+    ck.report(
+        drift.is_empty(),
+        "7. auto-recharge on ⇒ ledger threshold = settings threshold",
+        format!(
+            "{on} accounts on, {} differ; {}{}",
+            drift.len(),
+            match (drift_gone_after, drift.is_empty()) {
+                (Some(t), _) =>
+                    format!("no drift {:.0} s after the faults stopped", t.as_secs_f32()),
+                (None, true) => format!(
+                    "drift repaired only after the {} s allowance",
+                    DRIFT_ALLOWANCE.as_secs()
+                ),
+                (None, false) => format!(
+                    "drift still there past the {} s allowance",
+                    DRIFT_ALLOWANCE.as_secs()
+                ),
+            },
+            if shown.is_empty() {
+                String::new()
+            } else {
+                format!("; e.g. {}", shown.join("; "))
+            }
+        ),
     );
     Ok(!ck.failed)
 }

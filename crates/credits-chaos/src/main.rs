@@ -1,13 +1,16 @@
 //! `credits-chaos`: a bounded soak that runs every daemon as its own process (one ledger,
 //! two payments, two recharge workers), drives usage and purchases on prepaid accounts with
 //! auto-recharge, injects faults — `kill -9` and restart, RabbitMQ connection kills and
-//! broker restarts, PostgreSQL connection terminations, a slow processor, poison messages —
+//! broker restarts, PostgreSQL connection terminations, a slow processor, poison messages,
+//! and long ones: the ledger or the broker down for a minute or more, the recharge queue
+//! deleted, a recharge replica frozen past its lease or running with a wrong auth token —
 //! then stops the faults, waits for quiescence, and checks the money invariants, printing
 //! each figure. Exits non-zero if any invariant fails. The seed is printed for replay.
 
 #![allow(clippy::print_stdout)] // the report is this tool's output
 
 mod check;
+mod faults;
 mod procs;
 mod rng;
 mod workload;
@@ -16,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 
+use crate::faults::{Durations, FaultCounts};
 use crate::procs::{Daemon, Spec, sh};
 use crate::rng::Rng;
 
@@ -59,6 +63,9 @@ pub struct Cluster {
     pub exchange: String,
     pub queue: String,
     pub dbs: [String; 3],
+    /// The bearer token every daemon requires and sends (`CREDITS_AUTH_TOKEN`): running
+    /// with auth on is what production does, and what the token-mismatch fault breaks.
+    pub token: String,
 }
 
 impl Cluster {
@@ -86,12 +93,14 @@ fn cluster(a: &Args, run: &str, logdir: &std::path::Path) -> Cluster {
     ];
     let exchange = format!("credits.events.{run}");
     let queue = format!("credits.recharge.{run}");
+    let token = uuid::Uuid::new_v4().simple().to_string();
     let common = |db: &str| {
         vec![
             ("DATABASE_URL".to_owned(), format!("{base}/{db}")),
             ("AMQP_URL".to_owned(), a.amqp_url.clone()),
             ("CREDITS_EXCHANGE".to_owned(), exchange.clone()),
             ("DB_MAX_CONNECTIONS".to_owned(), "10".to_owned()),
+            ("CREDITS_AUTH_TOKEN".to_owned(), token.clone()),
         ]
     };
     let lp = free_port();
@@ -150,6 +159,7 @@ fn cluster(a: &Args, run: &str, logdir: &std::path::Path) -> Cluster {
         exchange,
         queue,
         dbs,
+        token,
     }
 }
 
@@ -187,86 +197,6 @@ async fn all_healthy(c: &Cluster) -> bool {
         ok &= healthy(&r.url(), "credits.recharge.v1.AutoRechargeService").await;
     }
     ok
-}
-
-#[derive(Default, Debug)]
-pub struct FaultCounts {
-    pub kill9: u32,
-    pub amqp_close_all: u32,
-    pub broker_restart: u32,
-    pub pg_terminate: u32,
-    pub slow_processor: u32,
-    pub poison: u32,
-}
-
-async fn inject_faults(
-    c: &mut Cluster,
-    a: &Args,
-    mut rng: Rng,
-    until: Instant,
-    counts: &mut FaultCounts,
-    t0: Instant,
-) {
-    let mut slow = [false, false];
-    while Instant::now() < until {
-        let wait = a.fault_every_ms / 2 + rng.below(a.fault_every_ms.max(2));
-        tokio::time::sleep(Duration::from_millis(wait)).await;
-        if Instant::now() >= until {
-            break;
-        }
-        let roll = rng.below(100);
-        let at = t0.elapsed().as_secs_f32();
-        if roll < 45 {
-            let n = c.all().len() as u64;
-            let i = rng.below(n) as usize;
-            let pause = 300 + rng.below(1200);
-            let d = &mut c.all()[i];
-            println!(
-                "[{at:6.1}s] fault: kill -9 {} (restart in {pause} ms)",
-                d.spec.name
-            );
-            d.kill9().await;
-            tokio::time::sleep(Duration::from_millis(pause)).await;
-            if let Err(e) = d.restart().await {
-                println!("           restart of {} failed: {e}", d.spec.name);
-            }
-            counts.kill9 += 1;
-        } else if roll < 60 {
-            println!("[{at:6.1}s] fault: rabbitmqctl close_all_connections");
-            sh(
-                "rabbitmqctl",
-                &["-q", "close_all_connections", "chaos: connection kill"],
-            )
-            .await;
-            counts.amqp_close_all += 1;
-        } else if roll < 70 {
-            println!("[{at:6.1}s] fault: rabbitmqctl stop_app / start_app");
-            sh("rabbitmqctl", &["-q", "stop_app"]).await;
-            tokio::time::sleep(Duration::from_millis(1000 + rng.below(2000))).await;
-            sh("rabbitmqctl", &["-q", "start_app"]).await;
-            counts.broker_restart += 1;
-        } else if roll < 85 {
-            let db = c.dbs[rng.below(3) as usize].clone();
-            println!("[{at:6.1}s] fault: pg_terminate_backend on {db}");
-            check::terminate_backends(&a.pg_url, &db).await;
-            counts.pg_terminate += 1;
-        } else {
-            let i = rng.below(2) as usize;
-            slow[i] = !slow[i];
-            let latency = if slow[i] { "400" } else { "0" };
-            let d = &mut c.payments[i];
-            d.spec.env.retain(|(k, _)| k != "SANDBOX_LATENCY_MS");
-            d.spec
-                .env
-                .push(("SANDBOX_LATENCY_MS".into(), latency.into()));
-            println!(
-                "[{at:6.1}s] fault: {} restarted with processor latency {latency} ms",
-                d.spec.name
-            );
-            let _ = d.restart().await;
-            counts.slow_processor += 1;
-        }
-    }
 }
 
 #[tokio::main]
@@ -308,6 +238,8 @@ async fn run(a: &Args, seed: u64) -> anyhow::Result<bool> {
     let logdir = std::env::temp_dir().join(&run);
     std::fs::create_dir_all(&logdir)?;
     println!("logs in {}", logdir.display());
+    // A run interrupted in the middle of a broker outage leaves the app stopped.
+    sh("rabbitmqctl", &["-q", "start_app"]).await;
     let mut c = cluster(a, &run, &logdir);
     for d in c.all() {
         d.start()?;
@@ -335,6 +267,15 @@ async fn run(a: &Args, seed: u64) -> anyhow::Result<bool> {
             .count()
     );
 
+    let durations = Durations::for_run(a.duration);
+    println!(
+        "long faults: ledger outage {:.1} s, broker outage {:.1} s, wrong token {:.1} s, recharge replica paused {:.0} s (lease {} s); each forced once at the start",
+        durations.ledger_outage.as_secs_f32(),
+        durations.broker_outage.as_secs_f32(),
+        durations.token_mismatch.as_secs_f32(),
+        durations.recharge_pause.as_secs_f32(),
+        faults::RECHARGE_LEASE.as_secs()
+    );
     let mut faults = FaultCounts::default();
     for key in [
         "ledger.balance.threshold_crossed",
@@ -351,7 +292,7 @@ async fn run(a: &Args, seed: u64) -> anyhow::Result<bool> {
         rng.fork(),
         until,
     ));
-    inject_faults(&mut c, a, rng.fork(), until, &mut faults, t0).await;
+    faults::inject(&mut c, a, rng.fork(), until, &mut faults, t0, durations).await;
     let report = load.await?;
     // Faults are over: the broker runs, every daemon runs.
     sh("rabbitmqctl", &["-q", "start_app"]).await;
@@ -364,7 +305,7 @@ async fn run(a: &Args, seed: u64) -> anyhow::Result<bool> {
         }
     }
     println!(
-        "[{:6.1}s] faults stopped: {faults:?}",
+        "[{:6.1}s] faults stopped: {faults}",
         t0.elapsed().as_secs_f32()
     );
     println!("workload: {report}");

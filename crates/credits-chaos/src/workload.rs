@@ -1,6 +1,6 @@
 //! The workload: prepaid accounts with auto-recharge (some with declining cards, some that
 //! switch their default to ACH mid-run), usage from concurrent callers, purchases with
-//! reused idempotency keys, and replays of acknowledged usage.
+//! reused idempotency keys, replays of acknowledged usage, and threshold changes.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -26,18 +26,20 @@ pub struct Clients {
 }
 
 impl Clients {
+    /// Every client sends the cluster's bearer token (`AttachToken`, inside `lazy_channel`).
     pub fn new(c: &Cluster) -> anyhow::Result<Clients> {
+        let token = Some(c.token.as_str());
         Ok(Clients {
-            ledger: LedgerServiceClient::new(lazy_channel(&c.ledger.url(), None)?),
+            ledger: LedgerServiceClient::new(lazy_channel(&c.ledger.url(), token)?),
             payments: c
                 .payments
                 .iter()
-                .map(|p| lazy_channel(&p.url(), None).map(PaymentsServiceClient::new))
+                .map(|p| lazy_channel(&p.url(), token).map(PaymentsServiceClient::new))
                 .collect::<Result<_, _>>()?,
             recharge: c
                 .recharge
                 .iter()
-                .map(|r| lazy_channel(&r.url(), None).map(AutoRechargeServiceClient::new))
+                .map(|r| lazy_channel(&r.url(), token).map(AutoRechargeServiceClient::new))
                 .collect::<Result<_, _>>()?,
         })
     }
@@ -221,6 +223,7 @@ pub struct Report {
     pub usage_replays_ok: usize,
     pub purchases_ok: usize,
     pub switched_to_ach: usize,
+    pub thresholds_set: usize,
     pub errors: HashMap<String, usize>,
     /// (account, idempotency key) of every RecordUsage acknowledged.
     pub acked: Vec<(String, String)>,
@@ -230,11 +233,12 @@ impl std::fmt::Display for Report {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} usage acknowledged, {} usage replays answered, {} purchases answered, {} accounts switched to ACH, errors {:?}",
+            "{} usage acknowledged, {} usage replays answered, {} purchases answered, {} accounts switched to ACH, {} threshold changes answered, errors {:?}",
             self.usage_acked,
             self.usage_replays_ok,
             self.purchases_ok,
             self.switched_to_ach,
+            self.thresholds_set,
             self.errors
         )
     }
@@ -326,6 +330,19 @@ pub async fn drive(
                     } else {
                         Ok("noop")
                     }
+                } else if roll == 94 && acct.kind == Kind::Good {
+                    // Move the threshold between $10 and $12 through either replica:
+                    // concurrent changes, and changes cut by faults, are what can leave
+                    // the ledger watching another threshold than the settings hold (7).
+                    let mut r = c.recharge[rng.below(2) as usize].clone();
+                    r.set_auto_recharge(rpb::SetAutoRechargeRequest {
+                        account_id: acct.id.clone(),
+                        enabled: true,
+                        threshold: if rng.below(2) == 0 { "10" } else { "12" }.into(),
+                        target: "50".into(),
+                    })
+                    .await
+                    .map(|_| "threshold")
                 } else if let Some((id, key, amount)) = mine
                     .get(rng.below(mine.len().max(1) as u64) as usize)
                     .cloned()
@@ -348,6 +365,7 @@ pub async fn drive(
                     match outcome {
                         Ok("purchase") => rep.purchases_ok += 1,
                         Ok("replay") => rep.usage_replays_ok += 1,
+                        Ok("threshold") => rep.thresholds_set += 1,
                         Ok(_) => {}
                         Err(s) => *rep.errors.entry(format!("{:?}", s.code())).or_default() += 1,
                     }
