@@ -14,9 +14,9 @@ use crate::procs::{Spec, sh};
 use crate::rng::Rng;
 use crate::{Args, Cluster, check};
 
-/// The recharge worker's attempt lease (`WorkerConfig::lease`). No environment variable
-/// shortens it, so the pause has to outlast this default.
-pub const RECHARGE_LEASE: Duration = Duration::from_secs(30);
+/// The recharge workers' attempt lease, passed to them as `RECHARGE_LEASE_SECS`; the
+/// pause fault outlasts it.
+pub const RECHARGE_LEASE: Duration = Duration::from_secs(10);
 
 #[derive(Default, Debug)]
 pub struct FaultCounts {

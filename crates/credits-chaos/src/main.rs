@@ -101,6 +101,10 @@ fn cluster(a: &Args, run: &str, logdir: &std::path::Path) -> Cluster {
             ("CREDITS_EXCHANGE".to_owned(), exchange.clone()),
             ("DB_MAX_CONNECTIONS".to_owned(), "10".to_owned()),
             ("CREDITS_AUTH_TOKEN".to_owned(), token.clone()),
+            // Events no queue takes here (charges, attempts, access changes) are parked
+            // soon, so the outboxes drain; crossings lost while the recharge queue is
+            // deleted are found by the reconciler.
+            ("OUTBOX_PARK_AFTER_SECS".to_owned(), "3".to_owned()),
         ]
     };
     let lp = free_port();
@@ -141,6 +145,11 @@ fn cluster(a: &Args, run: &str, logdir: &std::path::Path) -> Cluster {
         env.push(("PAYMENTS_URL".into(), payments[i].url()));
         env.push(("RECHARGE_QUEUE".into(), queue.clone()));
         env.push(("RECHARGE_RETRY_AFTER_FAILURE_SECS".into(), "2".into()));
+        env.push((
+            "RECHARGE_LEASE_SECS".into(),
+            faults::RECHARGE_LEASE.as_secs().to_string(),
+        ));
+        env.push(("RECHARGE_RECONCILE_SECS".into(), "3".into()));
         recharge.push(Daemon::new(
             Spec {
                 name: name.into(),

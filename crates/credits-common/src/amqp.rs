@@ -167,11 +167,10 @@ impl Publisher {
         let mut out = Vec::with_capacity(confirms.len());
         for c in confirms {
             match c.await? {
-                lapin::Confirmation::Ack(None)
-                | lapin::Confirmation::NotRequested => out.push(Delivery::Routed),
-                lapin::Confirmation::Ack(Some(_)) => {
-                    out.push(Delivery::Unroutable)
+                lapin::Confirmation::Ack(None) | lapin::Confirmation::NotRequested => {
+                    out.push(Delivery::Routed)
                 }
+                lapin::Confirmation::Ack(Some(_)) => out.push(Delivery::Unroutable),
                 lapin::Confirmation::Nack(_) => {
                     return Err(PublishError::Nacked);
                 }

@@ -20,6 +20,10 @@ pub struct CommonArgs {
     /// When set, every RPC but health needs `authorization: Bearer <token>`.
     #[arg(long, env = "CREDITS_AUTH_TOKEN", hide_env_values = true)]
     pub auth_token: Option<String>,
+    /// File of `<role> <token>` lines (roles gateway, billing, internal) limiting each
+    /// token to what its role may call; see `credits_common::auth`.
+    #[arg(long, env = "CREDITS_AUTH_TOKENS_FILE")]
+    pub auth_tokens_file: Option<std::path::PathBuf>,
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

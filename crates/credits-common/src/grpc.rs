@@ -9,7 +9,7 @@ use tonic::transport::Server;
 use tonic::transport::server::{Router, TcpIncoming};
 use tonic_health::server::HealthReporter;
 
-use crate::auth::{AttachToken, BearerAuth};
+use crate::auth::{AttachToken, AuthLayer, Policy};
 
 /// A client channel to another credits service, carrying the bearer token.
 pub type AuthChannel = InterceptedService<tonic::transport::Channel, AttachToken>;
@@ -24,11 +24,15 @@ pub fn lazy_channel(url: &str, token: Option<&str>) -> anyhow::Result<AuthChanne
     Ok(InterceptedService::new(channel, AttachToken::new(token)?))
 }
 
-/// A router holding health and reflection; the daemon adds its own service(s).
+/// A daemon's router: every request but health goes through the token [`Policy`].
+pub type AuthRouter = Router<tower_layer::Stack<AuthLayer, tower_layer::Identity>>;
+
+/// A router holding health and reflection behind `policy`; the daemon adds its own
+/// service(s).
 pub fn base_router(
     descriptor_set: &'static [u8],
-    auth: BearerAuth,
-) -> anyhow::Result<(Router, HealthReporter)> {
+    policy: Policy,
+) -> anyhow::Result<(AuthRouter, HealthReporter)> {
     let (reporter, health) = tonic_health::server::health_reporter();
     let reflection = || {
         tonic_reflection::server::Builder::configure()
@@ -39,18 +43,16 @@ pub fn base_router(
     // speak only v1alpha.
     let router = Server::builder()
         .tcp_nodelay(true)
+        .layer(AuthLayer::new(policy))
         .add_service(health)
-        .add_service(InterceptedService::new(
-            reflection().build_v1()?,
-            auth.clone(),
-        ))
-        .add_service(InterceptedService::new(reflection().build_v1alpha()?, auth));
+        .add_service(reflection().build_v1()?)
+        .add_service(reflection().build_v1alpha()?);
     Ok((router, reporter))
 }
 
 /// Serves until `shutdown` is cancelled, then lets in-flight RPCs finish.
 pub async fn serve(
-    router: Router,
+    router: AuthRouter,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {

@@ -14,7 +14,7 @@ pub mod store;
 
 use std::time::Duration;
 
-use credits_common::auth::BearerAuth;
+use credits_common::auth::Policy;
 use credits_common::outbox::{RelayConfig, run_relay};
 use credits_proto::ledger::v1::ledger_service_server::LedgerServiceServer;
 use sqlx::PgPool;
@@ -33,6 +33,8 @@ pub struct Config {
     pub amqp_url: String,
     pub exchange: String,
     pub auth_token: Option<String>,
+    /// Tokens limited to roles (`CREDITS_AUTH_TOKENS_FILE`), besides `auth_token`.
+    pub auth_tokens_file: Option<std::path::PathBuf>,
     pub db_max_connections: u32,
     /// How often the outbox relay looks for events when no notification arrives.
     pub relay_poll: Duration,
@@ -52,6 +54,7 @@ impl Config {
             amqp_url: amqp_url.to_owned(),
             exchange: credits_common::config::DEFAULT_EXCHANGE.to_owned(),
             auth_token: None,
+            auth_tokens_file: None,
             db_max_connections: 32,
             relay_poll: Duration::from_millis(500),
             outbox_park_after: Duration::from_secs(
@@ -100,17 +103,19 @@ impl App {
             },
             shutdown.clone(),
         ));
-        let auth = BearerAuth::new(self.cfg.auth_token.clone());
+        let policy = Policy::load(
+            self.cfg.auth_token.as_deref(),
+            self.cfg.auth_tokens_file.as_deref(),
+        )?;
         let (router, health) =
-            credits_common::grpc::base_router(credits_proto::FILE_DESCRIPTOR_SET, auth.clone())?;
+            credits_common::grpc::base_router(credits_proto::FILE_DESCRIPTOR_SET, policy)?;
         let store = store::Store::new(self.pool.clone());
         let coalescer = coalesce::Coalescer::start(
             store.clone(),
             self.cfg.group_commit_workers,
             self.cfg.group_commit_max,
         );
-        let svc =
-            LedgerServiceServer::with_interceptor(grpc::LedgerGrpc::new(store, coalescer), auth);
+        let svc = LedgerServiceServer::new(grpc::LedgerGrpc::new(store, coalescer));
         health
             .set_serving::<LedgerServiceServer<grpc::LedgerGrpc>>()
             .await;

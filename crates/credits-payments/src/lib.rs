@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use credits_common::Money;
-use credits_common::auth::BearerAuth;
+use credits_common::auth::Policy;
 use credits_common::outbox::{RelayConfig, run_relay};
 use credits_proto::ledger::v1::ledger_service_client::LedgerServiceClient;
 use credits_proto::payments::v1::payments_service_server::PaymentsServiceServer;
@@ -39,6 +39,8 @@ pub struct Config {
     pub amqp_url: String,
     pub exchange: String,
     pub auth_token: Option<String>,
+    /// Tokens limited to roles (`CREDITS_AUTH_TOKENS_FILE`), besides `auth_token`.
+    pub auth_tokens_file: Option<std::path::PathBuf>,
     pub ledger_url: String,
     pub db_max_connections: u32,
     pub min_purchase: Money,
@@ -60,6 +62,7 @@ impl Config {
             amqp_url: amqp_url.to_owned(),
             exchange: credits_common::config::DEFAULT_EXCHANGE.to_owned(),
             auth_token: None,
+            auth_tokens_file: None,
             ledger_url: ledger_url.to_owned(),
             db_max_connections: 32,
             min_purchase: Money::new(rust_decimal::Decimal::new(500, 2)),
@@ -122,10 +125,13 @@ impl App {
             self.cfg.recovery_stale_after,
             shutdown.clone(),
         ));
-        let auth = BearerAuth::new(self.cfg.auth_token.clone());
+        let policy = Policy::load(
+            self.cfg.auth_token.as_deref(),
+            self.cfg.auth_tokens_file.as_deref(),
+        )?;
         let (router, health) =
-            credits_common::grpc::base_router(credits_proto::FILE_DESCRIPTOR_SET, auth.clone())?;
-        let server = PaymentsServiceServer::with_interceptor(grpc::PaymentsGrpc::new(svc), auth);
+            credits_common::grpc::base_router(credits_proto::FILE_DESCRIPTOR_SET, policy)?;
+        let server = PaymentsServiceServer::new(grpc::PaymentsGrpc::new(svc));
         health
             .set_serving::<PaymentsServiceServer<grpc::PaymentsGrpc>>()
             .await;

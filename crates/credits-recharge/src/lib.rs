@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use credits_common::Money;
-use credits_common::auth::BearerAuth;
+use credits_common::auth::Policy;
 use credits_common::outbox::{RelayConfig, run_relay};
 use credits_proto::ledger::v1::ledger_service_client::LedgerServiceClient;
 use credits_proto::payments::v1::payments_service_client::PaymentsServiceClient;
@@ -41,6 +41,8 @@ pub struct Config {
     pub exchange: String,
     pub queue: String,
     pub auth_token: Option<String>,
+    /// Tokens limited to roles (`CREDITS_AUTH_TOKENS_FILE`), besides `auth_token`.
+    pub auth_tokens_file: Option<std::path::PathBuf>,
     pub ledger_url: String,
     pub payments_url: String,
     pub db_max_connections: u32,
@@ -61,6 +63,7 @@ impl Config {
             exchange: credits_common::config::DEFAULT_EXCHANGE.to_owned(),
             queue: DEFAULT_QUEUE.to_owned(),
             auth_token: None,
+            auth_tokens_file: None,
             ledger_url: ledger_url.to_owned(),
             payments_url: payments_url.to_owned(),
             db_max_connections: 32,
@@ -132,11 +135,13 @@ impl App {
             shutdown.clone(),
         ));
         let sweeper = tokio::spawn(worker.clone().run_sweeper(shutdown.clone()));
-        let auth = BearerAuth::new(self.cfg.auth_token.clone());
+        let policy = Policy::load(
+            self.cfg.auth_token.as_deref(),
+            self.cfg.auth_tokens_file.as_deref(),
+        )?;
         let (router, health) =
-            credits_common::grpc::base_router(credits_proto::FILE_DESCRIPTOR_SET, auth.clone())?;
-        let server =
-            AutoRechargeServiceServer::with_interceptor(grpc::RechargeGrpc::new(worker), auth);
+            credits_common::grpc::base_router(credits_proto::FILE_DESCRIPTOR_SET, policy)?;
+        let server = AutoRechargeServiceServer::new(grpc::RechargeGrpc::new(worker));
         health
             .set_serving::<AutoRechargeServiceServer<grpc::RechargeGrpc>>()
             .await;

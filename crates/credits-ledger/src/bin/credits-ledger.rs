@@ -36,6 +36,7 @@ async fn main() -> anyhow::Result<()> {
     cfg.exchange = args.common.exchange.clone();
     cfg.outbox_park_after = std::time::Duration::from_secs(args.common.outbox_park_after_secs);
     cfg.auth_token = args.common.auth_token.clone();
+    cfg.auth_tokens_file = args.common.auth_tokens_file.clone();
     cfg.db_max_connections = args.db_max_connections as u32;
     cfg.group_commit_workers = args.group_commit_workers as usize;
     cfg.group_commit_max = args.group_commit_max as usize;

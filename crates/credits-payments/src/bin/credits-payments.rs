@@ -49,6 +49,7 @@ async fn main() -> anyhow::Result<()> {
     cfg.exchange = args.common.exchange.clone();
     cfg.outbox_park_after = std::time::Duration::from_secs(args.common.outbox_park_after_secs);
     cfg.auth_token = args.common.auth_token.clone();
+    cfg.auth_tokens_file = args.common.auth_tokens_file.clone();
     cfg.db_max_connections = args.db_max_connections as u32;
     cfg.min_purchase = Money::parse_positive("MIN_PURCHASE", &args.min_purchase)?;
     cfg.sandbox.latency = Duration::from_millis(args.sandbox_latency_ms);

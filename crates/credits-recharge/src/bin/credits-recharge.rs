@@ -69,6 +69,7 @@ async fn main() -> anyhow::Result<()> {
     cfg.outbox_park_after = std::time::Duration::from_secs(args.common.outbox_park_after_secs);
     cfg.queue = args.queue.clone();
     cfg.auth_token = args.common.auth_token.clone();
+    cfg.auth_tokens_file = args.common.auth_tokens_file.clone();
     cfg.db_max_connections = args.db_max_connections as u32;
     cfg.min_purchase = Money::parse_positive("MIN_PURCHASE", &args.min_purchase)?;
     cfg.worker.retry_after_failure = Duration::from_secs(args.retry_after_failure_secs);
