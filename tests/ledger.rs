@@ -799,3 +799,263 @@ async fn bearer_token_guards_every_rpc_but_health() {
     );
     ledger.stop().await;
 }
+
+#[tokio::test]
+async fn text_fields_with_nul_or_control_characters_are_invalid_and_change_nothing_r21() {
+    let ledger = Ledger::start().await;
+    let mut c = ledger.client().await;
+    create(&mut c, "acme", pb::BillingMode::Prepaid).await;
+    credit(&mut c, "acme", "10", pb::CreditSource::Purchase, "buy").await;
+    let mut bad = usage_req("acme", "1", "u-nul");
+    bad.description = "chat\0completions".into();
+    let e = c.record_usage(bad).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().starts_with("description:"), "{}", e.message());
+    let e = c
+        .record_usage(usage_req("acme", "1", "key\u{1}"))
+        .await
+        .unwrap_err();
+    assert!(
+        e.message().starts_with("idempotency_key:"),
+        "{}",
+        e.message()
+    );
+    let e = c
+        .create_account(pb::CreateAccountRequest {
+            account_id: "bell".into(),
+            display_name: "Bell\u{7}".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(e.message().starts_with("display_name:"), "{}", e.message());
+    let e = c
+        .add_credits(pb::AddCreditsRequest {
+            account_id: "acme".into(),
+            amount: "1".into(),
+            source: pb::CreditSource::Grant as i32,
+            reference: "line\nbreak".into(),
+            idempotency_key: "g1".into(),
+            description: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert!(e.message().starts_with("reference:"), "{}", e.message());
+    // Tab and newline are fine in a description.
+    let mut ok = usage_req("acme", "1", "u-ok");
+    ok.description = "line 1\n\tline 2".into();
+    c.record_usage(ok).await.unwrap();
+    assert_eq!(
+        all_entries(&mut c, "acme").await.len(),
+        2,
+        "only the good debit"
+    );
+    assert_eq!(access(&mut c, "acme").await.balance, "9.00");
+    ledger.stop().await;
+}
+
+#[tokio::test]
+async fn one_callers_bad_input_never_fails_another_callers_debit_r21() {
+    let ledger = Ledger::start().await;
+    let mut c = ledger.client().await;
+    create(&mut c, "acme", pb::BillingMode::Prepaid).await;
+    credit(&mut c, "acme", "1000", pb::CreditSource::Purchase, "buy").await;
+    let mut calls = Vec::new();
+    for i in 0..100 {
+        let mut good = c.clone();
+        calls.push(tokio::spawn(async move {
+            good.record_usage(usage_req("acme", "0.01", &format!("good-{i}")))
+                .await
+                .map(|_| ())
+        }));
+        let mut evil = c.clone();
+        calls.push(tokio::spawn(async move {
+            let mut r = usage_req("acme", "0.01", &format!("evil-{i}"));
+            r.description = "\0".into();
+            let e = evil.record_usage(r).await.unwrap_err();
+            assert_eq!(e.code(), Code::InvalidArgument);
+            Ok(())
+        }));
+    }
+    for call in calls {
+        call.await.unwrap().unwrap();
+    }
+    let items = (0..10)
+        .map(|i| {
+            let mut r = usage_req("acme", "0.01", &format!("batch-{i}"));
+            if i == 3 {
+                r.description = "nul\0".into();
+            }
+            r
+        })
+        .collect();
+    let results = c
+        .record_usage_batch(pb::RecordUsageBatchRequest { items })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    for (i, r) in results.iter().enumerate() {
+        match r.result.as_ref().unwrap() {
+            pb::record_usage_batch_result::Result::Ok(_) => assert_ne!(i, 3),
+            pb::record_usage_batch_result::Result::Error(e) => {
+                assert_eq!(i, 3);
+                assert_eq!(e.code, Code::InvalidArgument as i32);
+            }
+        }
+    }
+    assert_eq!(
+        access(&mut c, "acme").await.balance,
+        "998.91",
+        "109 debits of 0.01"
+    );
+    ledger.stop().await;
+}
+
+/// The edge refuses bad text before it reaches the database, so to prove the group commit
+/// itself isolates a failure this posts below the edge: one item the database refuses
+/// (NUL) in a batch of good ones.
+#[tokio::test]
+async fn group_commit_isolates_an_item_the_database_refuses_r21() {
+    use credits_common::Money;
+    use credits_ledger::domain::{
+        AccountId, IdempotencyKey, Posting, PostingRequest, UsageCategory,
+    };
+    let ledger = Ledger::start().await;
+    let mut c = ledger.client().await;
+    create(&mut c, "acme", pb::BillingMode::Prepaid).await;
+    credit(&mut c, "acme", "100", pb::CreditSource::Purchase, "buy").await;
+    let pool = sqlx::PgPool::connect(&ledger.database_url).await.unwrap();
+    let store = credits_ledger::store::Store::new(pool);
+    let reqs: Vec<PostingRequest> = (0..20)
+        .map(|i| PostingRequest {
+            account_id: AccountId::parse("acme").unwrap(),
+            posting: Posting::Usage(UsageCategory::API_REQUESTS),
+            amount: Money::parse_positive("amount", "1").unwrap(),
+            reference: String::new(),
+            description: if i == 7 {
+                "bad\0".into()
+            } else {
+                String::new()
+            },
+            idempotency_key: IdempotencyKey::parse(&format!("k{i}")).unwrap(),
+        })
+        .collect();
+    let results = store.post_batch_isolated(&reqs).await;
+    assert_eq!(results.len(), 20);
+    for (i, r) in results.iter().enumerate() {
+        assert_eq!(r.is_ok(), i != 7, "item {i}: {:?}", r.as_ref().err());
+    }
+    assert_eq!(access(&mut c, "acme").await.balance, "81.00");
+    let (balance, sum) = journal_sum(&ledger, "acme").await;
+    assert_eq!(balance, sum);
+    ledger.stop().await;
+}
+
+#[tokio::test]
+async fn scoped_tokens_limit_each_role_and_the_gateway_cannot_mint_credits() {
+    let dir = std::env::temp_dir().join(credits_tests::unique("tokens"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("tokens");
+    std::fs::write(
+        &file,
+        "gateway gw-0123456789abcdef\nbilling bill-0123456789abcdef\ninternal int-0123456789abcdef\n",
+    )
+    .unwrap();
+    let ledger = Ledger::start_with(LedgerOptions {
+        auth_tokens_file: Some(file),
+        ..Default::default()
+    })
+    .await;
+    let mut c = ledger.client().await;
+    fn with<T>(token: &str, msg: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(msg);
+        r.metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        r
+    }
+    let create_req = pb::CreateAccountRequest {
+        account_id: "acme".into(),
+        ..Default::default()
+    };
+    c.create_account(with("bill-0123456789abcdef", create_req))
+        .await
+        .unwrap();
+    let grant = pb::AddCreditsRequest {
+        account_id: "acme".into(),
+        amount: "1000".into(),
+        source: pb::CreditSource::Grant as i32,
+        idempotency_key: "free-money".into(),
+        ..Default::default()
+    };
+    for token in ["gw-0123456789abcdef", "bill-0123456789abcdef"] {
+        let e = c.add_credits(with(token, grant.clone())).await.unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{token}: {}", e.message());
+    }
+    let e = c
+        .add_credits(with("nobody-0123456789", grant.clone()))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    let r = c
+        .record_usage(with("gw-0123456789abcdef", usage_req("acme", "1", "u1")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.balance, "-1.00", "the gateway records usage");
+    let r = c
+        .add_credits(with("int-0123456789abcdef", grant))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.balance, "999.00", "internal may add credits");
+    assert_eq!(
+        c.set_balance_threshold(with(
+            "bill-0123456789abcdef",
+            pb::SetBalanceThresholdRequest {
+                account_id: "acme".into(),
+                threshold: "10".into(),
+                version: 0,
+            }
+        ))
+        .await
+        .unwrap_err()
+        .code(),
+        Code::PermissionDenied
+    );
+    ledger.stop().await;
+}
+
+#[tokio::test]
+async fn reflection_v1alpha_is_served_beside_v1() {
+    use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
+    use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
+    let ledger = Ledger::start().await;
+    let channel = tonic::transport::Endpoint::from_shared(ledger.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = ServerReflectionClient::new(channel);
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut answers = client
+        .server_reflection_info(tokio_stream::iter(vec![req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let answer = answers.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = answer.message_response else {
+        panic!("not a service list: {answer:?}");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(
+        names.iter().any(|n| n == "credits.ledger.v1.LedgerService"),
+        "{names:?}"
+    );
+    ledger.stop().await;
+}

@@ -740,3 +740,159 @@ async fn bad_payment_input_gets_a_clear_error_and_changes_nothing() {
     );
     e.stop().await;
 }
+
+#[tokio::test]
+async fn amounts_with_trailing_zeros_are_the_same_amount_r22() {
+    let mut e = env().await;
+    add(&mut e.p, "acme", card("4242424242424242"), true).await;
+    let p =
+        e.p.purchase_credits(purchase_req("25.000", "buy-1"))
+            .await
+            .unwrap()
+            .into_inner();
+    let charge = p.charge.unwrap();
+    assert_eq!(charge.amount, "25.00");
+    assert_eq!(p.balance, "25.00");
+    // The same purchase spelled the canonical way is the same request: a replay.
+    let again =
+        e.p.purchase_credits(purchase_req("25.00", "buy-1"))
+            .await
+            .unwrap()
+            .into_inner();
+    assert_eq!(again.charge.unwrap().charge_id, charge.charge_id);
+    let c =
+        e.p.charge(charge_req("40.010", "", "ch-1"))
+            .await
+            .unwrap()
+            .into_inner();
+    assert_eq!(c.amount, "40.01");
+    let same =
+        e.p.charge(charge_req("40.01", "", "ch-1"))
+            .await
+            .unwrap()
+            .into_inner();
+    assert_eq!(same.charge_id, c.charge_id);
+    // Not whole cents however it is spelled.
+    let err =
+        e.p.charge(charge_req("40.0100001", "", "ch-2"))
+            .await
+            .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(e.sandbox_charges().await, 2);
+    assert_eq!(e.balance("acme").await, "25.00");
+    e.stop().await;
+}
+
+/// A processor whose answers are lost: it makes the charge, then reports a transient
+/// error, every time.
+struct LostAnswers(credits_payments::processor::Sandbox);
+
+#[tonic::async_trait]
+impl credits_payments::processor::PaymentProcessor for LostAnswers {
+    async fn tokenize_card(
+        &self,
+        card: &credits_payments::domain::CardDetails,
+    ) -> Result<credits_payments::processor::Tokenized, credits_payments::processor::ProcessorError>
+    {
+        self.0.tokenize_card(card).await
+    }
+    async fn tokenize_bank_account(
+        &self,
+        bank: &credits_payments::domain::BankAccountDetails,
+    ) -> Result<credits_payments::processor::Tokenized, credits_payments::processor::ProcessorError>
+    {
+        self.0.tokenize_bank_account(bank).await
+    }
+    async fn charge(
+        &self,
+        token: &str,
+        method: credits_payments::domain::MethodType,
+        amount: credits_common::Money,
+        key: &str,
+    ) -> Result<
+        credits_payments::processor::ProcessorCharge,
+        credits_payments::processor::ProcessorError,
+    > {
+        self.0.charge(token, method, amount, key).await?;
+        Err(credits_payments::processor::ProcessorError::Transient(
+            "connection reset after the charge".into(),
+        ))
+    }
+    async fn retrieve(
+        &self,
+        id: &str,
+    ) -> Result<
+        credits_payments::processor::ProcessorCharge,
+        credits_payments::processor::ProcessorError,
+    > {
+        self.0.retrieve(id).await
+    }
+    async fn find_by_key(
+        &self,
+        key: &str,
+    ) -> Result<
+        Option<credits_payments::processor::ProcessorCharge>,
+        credits_payments::processor::ProcessorError,
+    > {
+        self.0.find_by_key(key).await
+    }
+}
+
+#[tokio::test]
+async fn a_charge_the_processor_made_is_never_recorded_as_failed() {
+    use credits_payments::domain::{
+        AccountId, ChargeRequest, ChargeStatus, IdempotencyKey, Purpose,
+    };
+    let mut e = env().await;
+    add(&mut e.p, "acme", card("4242424242424242"), true).await;
+    // The daemon's own recovery loop would finish the charge through the honest sandbox;
+    // stop it and drive payments directly with the processor that loses its answers.
+    let database_url = e.payments.database_url.clone();
+    let ledger_url = e.ledger.url();
+    e.payments.shutdown.cancel();
+    let pool = sqlx::PgPool::connect(&database_url).await.unwrap();
+    let svc = credits_payments::service::Payments {
+        store: credits_payments::store::Store::new(pool.clone()),
+        processor: std::sync::Arc::new(LostAnswers(credits_payments::processor::Sandbox::new(
+            pool.clone(),
+            Default::default(),
+        ))),
+        ledger: LedgerServiceClient::new(
+            credits_common::grpc::lazy_channel(&ledger_url, None).unwrap(),
+        ),
+        min_purchase: credits_common::Money::parse_positive("m", "5").unwrap(),
+    };
+    let req = ChargeRequest {
+        account_id: AccountId::parse("acme").unwrap(),
+        amount: credits_common::Money::parse_positive("amount", "12.34").unwrap(),
+        payment_method_id: String::new(),
+        idempotency_key: IdempotencyKey::parse("lost-1").unwrap(),
+        description: String::new(),
+        purpose: Purpose::CHARGE,
+    };
+    let mut outcome = None;
+    for _ in 0..credits_payments::service::MAX_PROCESSOR_ATTEMPTS + 1 {
+        match svc.charge(&req).await {
+            Ok(c) => {
+                outcome = Some(c);
+                break;
+            }
+            Err(err) => assert!(
+                matches!(err, credits_common::error::ServiceError::Unavailable(_)),
+                "{err}"
+            ),
+        }
+    }
+    let charge = outcome.expect("the charge is settled after the retries");
+    assert_eq!(
+        charge.status,
+        ChargeStatus::SUCCEEDED,
+        "the processor made it"
+    );
+    let made: i64 = sqlx::query_scalar("SELECT count(*) FROM sandbox_charges")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(made, 1);
+    e.ledger.stop().await;
+}

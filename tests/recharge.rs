@@ -775,3 +775,281 @@ async fn a_usage_storm_with_two_replicas_charges_exactly_what_it_credits() {
     assert_eq!(processor_charges as usize, succeeded.len() + 1);
     sys.stop().await;
 }
+
+/// The ledger's threshold for the account, read from its database.
+async fn ledger_threshold(sys: &System, id: &str) -> Option<Decimal> {
+    let mut db = sys.ledger.db().await;
+    sqlx::query_scalar("SELECT threshold FROM accounts WHERE account_id = $1")
+        .bind(id)
+        .fetch_one(&mut db)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn concurrent_settings_changes_leave_ledger_and_settings_agreeing_r6() {
+    let sys = System::start(2).await;
+    let mut c = clients(&sys).await;
+    let accounts: Vec<String> = (0..10).map(|i| format!("acct-{i}")).collect();
+    for id in &accounts {
+        funded(&mut c, id).await;
+    }
+    let mut calls = Vec::new();
+    for id in &accounts {
+        for (i, threshold) in ["10", "11", "12", "13"].into_iter().enumerate() {
+            // Through both replicas, as two browser tabs or two services would.
+            let mut r = sys.recharge[i % 2].client().await;
+            let id = id.clone();
+            calls.push(tokio::spawn(async move {
+                r.set_auto_recharge(pb::SetAutoRechargeRequest {
+                    account_id: id,
+                    enabled: true,
+                    threshold: threshold.into(),
+                    target: "50".into(),
+                })
+                .await
+                .map(|_| ())
+            }));
+        }
+    }
+    for call in calls {
+        call.await.unwrap().unwrap();
+    }
+    for id in &accounts {
+        let s = c.settings(id).await;
+        assert!(s.enabled);
+        assert_eq!(
+            ledger_threshold(&sys, id).await,
+            Some(dec(&s.threshold)),
+            "{id}: the ledger follows the stored settings"
+        );
+    }
+    sys.stop().await;
+}
+
+#[tokio::test]
+async fn the_reconciler_repairs_a_ledger_threshold_that_drifted() {
+    let sys = System::start(1).await;
+    let mut c = clients(&sys).await;
+    funded(&mut c, "acme").await;
+    c.enable("acme", "10", "50").await.unwrap();
+    // Something outside recharge (an operator, a half-applied save) moves the threshold.
+    c.l.set_balance_threshold(lpb::SetBalanceThresholdRequest {
+        account_id: "acme".into(),
+        threshold: "3".into(),
+        version: 0,
+    })
+    .await
+    .unwrap();
+    let repaired = eventually(WAIT, "the reconciler to repair the threshold", || async {
+        (ledger_threshold(&sys, "acme").await == Some(dec("10"))).then_some(())
+    })
+    .await;
+    assert_eq!(repaired, ());
+    sys.stop().await;
+}
+
+#[tokio::test]
+async fn a_crossing_is_acknowledged_once_recorded_and_topped_up_after_a_ledger_outage() {
+    let System {
+        ledger,
+        payments,
+        mut recharge,
+        recharge_opts,
+    } = System::start(1).await;
+    let mut c = Clients {
+        l: ledger.client().await,
+        p: payments.client().await,
+        r: recharge[0].client().await,
+    };
+    funded(&mut c, "acme").await;
+    c.enable("acme", "10", "50").await.unwrap();
+    // Recharge is away while the crossing happens, then the ledger goes away too.
+    recharge.pop().unwrap().stop().await;
+    c.use_credits("acme", "15.01", "u1").await;
+    let restart = ledger.restart_options();
+    ledger.stop().await;
+    let recharge = Recharge::start(recharge_opts.clone()).await;
+    // The crossing is acknowledged with the ledger still down: it is recorded as due.
+    let queue = recharge_opts.queue.clone();
+    eventually(WAIT, "the crossing to be acknowledged", || {
+        let queue = queue.clone();
+        async move { (queue_depth(&queue).await == 0).then_some(()) }
+    })
+    .await;
+    let mut db = credits_tests::pg_connect(&recharge_opts.database_url).await;
+    let due: Option<String> =
+        sqlx::query_scalar("SELECT due_trigger FROM settings WHERE account_id = 'acme'")
+            .fetch_one(&mut db)
+            .await
+            .unwrap();
+    assert_eq!(due.as_deref(), Some("threshold_crossed"));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let ledger = credits_tests::Ledger::start_with(restart).await;
+    c.l = ledger.client().await;
+    c.r = recharge.client().await;
+    let a = c.settled_attempts("acme", 1).await;
+    assert_eq!(a[0].status, pb::AttemptStatus::Succeeded as i32);
+    assert_eq!(a[0].trigger, "threshold_crossed");
+    assert_eq!(c.balance("acme").await, "50.00");
+    recharge.stop().await;
+    payments.stop().await;
+    ledger.stop().await;
+    credits_tests::delete_queues(&recharge_opts.queue).await;
+}
+
+#[tokio::test]
+async fn a_crossing_lost_upstream_is_found_by_the_reconciler_r9() {
+    let System {
+        ledger,
+        payments,
+        mut recharge,
+        recharge_opts,
+    } = System::start(1).await;
+    let mut c = Clients {
+        l: ledger.client().await,
+        p: payments.client().await,
+        r: recharge[0].client().await,
+    };
+    funded(&mut c, "acme").await;
+    c.enable("acme", "10", "50").await.unwrap();
+    // The queue is gone while the crossing is published: the event is parked, not lost
+    // from the outbox, but it never reaches recharge.
+    recharge.pop().unwrap().stop().await;
+    credits_tests::delete_queues(&recharge_opts.queue).await;
+    c.use_credits("acme", "15.01", "u1").await;
+    let ledger_db = ledger.database_url.clone();
+    eventually(WAIT, "the crossing to leave the ledger's outbox", || {
+        let url = ledger_db.clone();
+        async move {
+            let mut db = credits_tests::pg_connect(&url).await;
+            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+                .fetch_one(&mut db)
+                .await
+                .unwrap();
+            (n == 0).then_some(())
+        }
+    })
+    .await;
+    let recharge = Recharge::start(recharge_opts.clone()).await;
+    c.r = recharge.client().await;
+    let a = c.settled_attempts("acme", 1).await;
+    assert_eq!(a[0].status, pb::AttemptStatus::Succeeded as i32);
+    assert_eq!(a[0].trigger, "found_below_threshold");
+    assert_eq!(c.balance("acme").await, "50.00");
+    recharge.stop().await;
+    payments.stop().await;
+    ledger.stop().await;
+    credits_tests::delete_queues(&recharge_opts.queue).await;
+}
+
+#[tokio::test]
+async fn a_late_bank_default_event_does_not_undo_a_newer_choice_r10() {
+    let sys = System::start(1).await;
+    let mut c = clients(&sys).await;
+    funded(&mut c, "acme").await;
+    let bank = c.add_method("acme", bank(), true).await;
+    assert!(!c.settings("acme").await.enabled);
+    // The user switches back to a card and turns auto-recharge on again ...
+    let visa = c.add_method("acme", card("5555555555554444"), true).await;
+    c.enable("acme", "10", "50").await.unwrap();
+    // ... and only now does an old "default is a bank account" event arrive.
+    let late = serde_json::json!({
+        "id": uuid::Uuid::new_v4().to_string(),
+        "type": "payments.payment_method.default_changed",
+        "occurred_at": "2026-01-01T00:00:00Z",
+        "account_id": "acme",
+        "data": { "payment_method_id": bank.payment_method_id, "type": "US_BANK_ACCOUNT" },
+    });
+    publish_raw(
+        &sys.ledger.exchange,
+        "payments.payment_method.default_changed",
+        &serde_json::to_vec(&late).unwrap(),
+    )
+    .await;
+    let queue = sys.recharge_opts.queue.clone();
+    eventually(WAIT, "the late event to be consumed", || {
+        let queue = queue.clone();
+        async move { (queue_depth(&queue).await == 0).then_some(()) }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let s = c.settings("acme").await;
+    assert!(s.enabled, "the newer choice stands: {s:?}");
+    assert!(!visa.payment_method_id.is_empty());
+    sys.stop().await;
+}
+
+#[tokio::test]
+async fn a_worker_that_lost_its_lease_cannot_move_the_attempt_on() {
+    use credits_recharge::domain::AttemptStatus;
+    use credits_recharge::store::Store;
+    let sys = System::start(0).await;
+    let mut c = clients_without_recharge(&sys).await;
+    c.account("acme", lpb::BillingMode::Prepaid).await;
+    // A recharge database with one in-flight attempt, and no worker to take it.
+    let opts = sys.recharge_opts.clone();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let cfg = credits_recharge::Config::new(
+        &opts.database_url,
+        credits_tests::AMQP_URL,
+        &opts.ledger_url,
+        &opts.payments_url,
+    );
+    let app = credits_recharge::App::build(cfg, &shutdown).await.unwrap();
+    drop(app);
+    let pool = sqlx::PgPool::connect(&opts.database_url).await.unwrap();
+    sqlx::query("INSERT INTO settings (account_id, enabled, threshold, target) VALUES ('acme', true, 10, 50)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO attempts (attempt_id, account_id, trigger, balance_at_trigger, amount, status) VALUES ('att_1', 'acme', 'threshold_crossed', 9.99, 40.01, 'PENDING')")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let store = Store::new(pool.clone());
+    let first = store
+        .claim("att_1", Duration::from_millis(100))
+        .await
+        .unwrap()
+        .expect("first worker takes the lease");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second = store
+        .claim("att_1", Duration::from_secs(30))
+        .await
+        .unwrap()
+        .expect("the lease ran out: another worker takes it");
+    // The first worker wakes up (it was paused past its lease): every write is refused.
+    assert!(!store.start_charging(&first, "pm_1").await.unwrap());
+    assert!(!store.set_charge(&first, "ch_1").await.unwrap());
+    assert!(!store.defer(&first, Duration::from_secs(1)).await.unwrap());
+    let mut tx = pool.begin().await.unwrap();
+    assert!(
+        Store::finish(&mut tx, &first, AttemptStatus::FAILED, None, "x")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    tx.rollback().await.unwrap();
+    // The current owner's writes go through.
+    assert!(store.start_charging(&second, "pm_1").await.unwrap());
+    let mut tx = pool.begin().await.unwrap();
+    assert!(
+        Store::finish(&mut tx, &second, AttemptStatus::SUCCEEDED, Some("ch_1"), "")
+            .await
+            .unwrap()
+            .is_some()
+    );
+    tx.commit().await.unwrap();
+    sys.stop().await;
+}
+
+async fn clients_without_recharge(sys: &System) -> Clients {
+    Clients {
+        l: sys.ledger.client().await,
+        p: sys.payments.client().await,
+        r: AutoRechargeServiceClient::new(
+            tonic::transport::Endpoint::from_static("http://127.0.0.1:9").connect_lazy(),
+        ),
+    }
+}

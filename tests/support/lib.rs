@@ -25,6 +25,10 @@ use tonic::transport::Channel;
 
 pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
+/// Most test exchanges have no queue for most events: park them soon instead of holding
+/// them for the production default.
+pub const OUTBOX_PARK_AFTER: Duration = Duration::from_secs(2);
+
 /// Base URL of the test PostgreSQL server (no database).
 pub fn pg_base() -> String {
     std::env::var("TEST_PG_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned())
@@ -65,6 +69,8 @@ pub struct LedgerOptions {
     pub exchange: Option<String>,
     /// Bind this address (to restart on the same port); 127.0.0.1:0 when `None`.
     pub addr: Option<std::net::SocketAddr>,
+    /// A `CREDITS_AUTH_TOKENS_FILE` (scoped tokens).
+    pub auth_tokens_file: Option<std::path::PathBuf>,
 }
 
 impl Ledger {
@@ -86,8 +92,10 @@ impl Ledger {
         let mut cfg = credits_ledger::Config::new(&database_url, AMQP_URL);
         cfg.exchange = exchange.clone();
         cfg.auth_token = opts.auth_token;
+        cfg.auth_tokens_file = opts.auth_tokens_file;
         cfg.db_max_connections = 16;
         cfg.relay_poll = Duration::from_millis(200);
+        cfg.outbox_park_after = OUTBOX_PARK_AFTER;
         cfg.amqp_connection_name = connection_name.clone();
         let shutdown = CancellationToken::new();
         let app = credits_ledger::App::build(cfg, &shutdown)
@@ -132,6 +140,7 @@ impl Ledger {
             database_url: Some(self.database_url.clone()),
             exchange: Some(self.exchange.clone()),
             addr: Some(self.addr),
+            auth_tokens_file: None,
         }
     }
 }
@@ -192,6 +201,7 @@ impl Payments {
         cfg.db_max_connections = 16;
         cfg.relay_poll = Duration::from_millis(200);
         cfg.recovery_every = Duration::from_millis(200);
+        cfg.outbox_park_after = OUTBOX_PARK_AFTER;
         cfg.recovery_stale_after = Duration::from_millis(500);
         cfg.sandbox.ach_settle_delay = opts.ach_settle;
         cfg.sandbox.latency = opts.sandbox_latency;
@@ -267,6 +277,8 @@ impl Recharge {
         cfg.worker.backoff_base = Duration::from_millis(100);
         cfg.worker.backoff_max = Duration::from_secs(2);
         cfg.worker.sweep_every = Duration::from_millis(200);
+        cfg.worker.reconcile_every = Duration::from_millis(500);
+        cfg.outbox_park_after = OUTBOX_PARK_AFTER;
         cfg.faults.stop_after_charge = opts.stop_after_charge;
         cfg.faults.skip_recheck_after_success = opts.skip_recheck_after_success;
         cfg.amqp_connection_name = unique("credits-recharge-test");

@@ -192,7 +192,7 @@ impl pb::payments_service_server::PaymentsService for PaymentsGrpc {
             .store
             .list_charges(account.as_str(), before, limit)
             .await?;
-        if charges.is_empty() && before.is_none() {
+        if charges.is_empty() {
             self.svc.ensure_account(&account).await?;
         }
         let next_page_token = next_token(charges.len(), limit, charges.last().map(|c| c.seq));

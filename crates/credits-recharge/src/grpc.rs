@@ -178,7 +178,7 @@ impl pb::auto_recharge_service_server::AutoRechargeService for RechargeGrpc {
             .store
             .list_attempts(account.as_str(), before, limit)
             .await?;
-        if attempts.is_empty() && before.is_none() {
+        if attempts.is_empty() {
             self.known_account(&account).await?;
         }
         let next_page_token = next_token(attempts.len(), limit, attempts.last().map(|a| a.seq));
