@@ -1003,6 +1003,7 @@ impl World {
                     2 => Req::CheckAccess(lpb::CheckAccessRequest { account_id: id }),
                     _ => Req::ClearBalanceThreshold(lpb::ClearBalanceThresholdRequest {
                         account_id: id,
+                        version: 0,
                     }),
                 };
                 (req, f)
@@ -1105,6 +1106,7 @@ impl World {
                     Req::SetBalanceThreshold(lpb::SetBalanceThresholdRequest {
                         account_id: a.v,
                         threshold: t.v,
+                        version: 0,
                     }),
                     f,
                 )

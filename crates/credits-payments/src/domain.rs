@@ -157,13 +157,15 @@ impl BankAccountDetails {
                 "us_bank_account.account_number: must be 4 to 17 digits",
             ));
         }
-        let holder = holder.trim();
-        if holder.is_empty() {
+        // R21 on what was sent, before trimming: "Jane\r\n" is refused, not cleaned up.
+        let holder_name = bounded_text("us_bank_account.holder_name", holder, 200)?
+            .trim()
+            .to_owned();
+        if holder_name.is_empty() {
             return Err(PaymentsError::invalid(
                 "us_bank_account.holder_name: is required",
             ));
         }
-        let holder_name = bounded_text("us_bank_account.holder_name", holder, 200)?;
         Ok(BankAccountDetails {
             routing_number: routing.to_owned(),
             account_number: account.to_owned(),
