@@ -877,13 +877,28 @@ async fn a_crossing_is_acknowledged_once_recorded_and_topped_up_after_a_ledger_o
         async move { (queue_depth(&queue).await == 0).then_some(()) }
     })
     .await;
-    let mut db = credits_tests::pg_connect(&recharge_opts.database_url).await;
-    let due: Option<String> =
-        sqlx::query_scalar("SELECT due_trigger FROM settings WHERE account_id = 'acme'")
-            .fetch_one(&mut db)
-            .await
-            .unwrap();
-    assert_eq!(due.as_deref(), Some("threshold_crossed"));
+    let url = recharge_opts.database_url.clone();
+    let due = eventually(WAIT, "the crossing to be recorded as a due check", || {
+        let url = url.clone();
+        async move {
+            let mut db = credits_tests::pg_connect(&url).await;
+            let due: Option<String> =
+                sqlx::query_scalar("SELECT due_trigger FROM settings WHERE account_id = 'acme'")
+                    .fetch_one(&mut db)
+                    .await
+                    .unwrap();
+            due
+        }
+    })
+    .await;
+    assert_eq!(due, "threshold_crossed");
+    // Acknowledged: nothing ready nor waiting for an ack in the queue.
+    let queue = recharge_opts.queue.clone();
+    eventually(WAIT, "the crossing to be acknowledged", || {
+        let queue = queue.clone();
+        async move { (queue_depth(&queue).await == 0).then_some(()) }
+    })
+    .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let ledger = credits_tests::Ledger::start_with(restart).await;
     c.l = ledger.client().await;
@@ -949,7 +964,21 @@ async fn a_late_bank_default_event_does_not_undo_a_newer_choice_r10() {
     let mut c = clients(&sys).await;
     funded(&mut c, "acme").await;
     let bank = c.add_method("acme", bank(), true).await;
-    assert!(!c.settings("acme").await.enabled);
+    let r = c.r.clone();
+    eventually(WAIT, "the bank default to turn auto-recharge off", || {
+        let mut r = r.clone();
+        async move {
+            let s = r
+                .get_auto_recharge(pb::GetAutoRechargeRequest {
+                    account_id: "acme".into(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            (!s.enabled).then_some(())
+        }
+    })
+    .await;
     // The user switches back to a card and turns auto-recharge on again ...
     let visa = c.add_method("acme", card("5555555555554444"), true).await;
     c.enable("acme", "10", "50").await.unwrap();
