@@ -61,6 +61,11 @@ impl Publisher {
         }
     }
 
+    /// Drops the connection; the next publish connects and declares everything again.
+    pub fn reset(&mut self) {
+        self.state = None;
+    }
+
     pub fn exchange(&self) -> &str {
         &self.exchange
     }

@@ -242,7 +242,7 @@ async fn relay_batch(
     // Returned long enough: kept in the parking queue instead, then deleted here.
     let now = Utc::now();
     let park_after = chrono::Duration::from_std(cfg.park_after).unwrap_or(chrono::Duration::MAX);
-    let (to_park, to_retry): (Vec<&Row>, Vec<&Row>) = returned
+    let (to_park, mut to_retry): (Vec<&Row>, Vec<&Row>) = returned
         .into_iter()
         .partition(|r| r.first_returned_at.is_some_and(|t| now - t >= park_after));
     if !to_park.is_empty() {
@@ -255,10 +255,15 @@ async fn relay_batch(
                 metrics::counter!("credits_outbox_parked_total").increment(to_park.len() as u64);
                 routed.extend(to_park);
             }
-            Ok(_) => release(pool, &rows).await,
+            // The parking queue itself is gone or refused: keep them, back off, and
+            // declare it again on a fresh channel.
+            Ok(_) => {
+                publisher.reset();
+                to_retry.extend(to_park);
+            }
             Err(e) => {
-                release(pool, &rows).await;
-                return Err(e.into());
+                tracing::warn!(error = %e, "parking unroutable events failed; they stay in the outbox");
+                to_retry.extend(to_park);
             }
         }
     }

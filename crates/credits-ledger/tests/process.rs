@@ -121,3 +121,35 @@ async fn sigterm_stops_a_running_ledger_cleanly() {
         .unwrap();
     assert!(status.success(), "{status:?}");
 }
+
+#[tokio::test]
+async fn zero_or_absurd_settings_are_a_clear_start_up_error_not_a_panic() {
+    for (name, value) in [
+        ("GROUP_COMMIT_WORKERS", "0"),
+        ("GROUP_COMMIT_MAX", "1000000"),
+        ("DB_MAX_CONNECTIONS", "0"),
+        ("OUTBOX_PARK_AFTER_SECS", "-5"),
+    ] {
+        let out = ledger()
+            .env(name, value)
+            .stderr(Stdio::piped())
+            .output()
+            .await
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{name}={value} must not start");
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{name}={value}: a usage error\n{stderr}"
+        );
+        assert!(
+            stderr.contains(name),
+            "{name}={value}: names the setting\n{stderr}"
+        );
+        assert!(
+            !stderr.contains("panicked"),
+            "{name}={value}: no panic\n{stderr}"
+        );
+    }
+}

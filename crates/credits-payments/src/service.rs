@@ -26,6 +26,9 @@ pub type LedgerClient = LedgerServiceClient<credits_common::grpc::AuthChannel>;
 /// A transient processor failure is retried this many times (by the client's retries and
 /// the recovery loop) before the charge fails for good with `processing_error`.
 pub const MAX_PROCESSOR_ATTEMPTS: i32 = 5;
+/// A charge is failed for good only when the processor shows no charge under its key this
+/// long after the charge was recorded (any concurrent processor call has ended by then).
+pub const PROCESSOR_SETTLE_SECS: i64 = 60;
 
 pub struct Payments {
     pub store: Store,
@@ -259,6 +262,18 @@ impl Payments {
                             let (status, code) = outcome(&pc.status);
                             self.finish(&charge, status, code, Some(&pc.processor_charge_id))
                                 .await
+                        }
+                        // Another drive of this charge (a retried request, the recovery loop)
+                        // may still be inside its processor call: give it time to land
+                        // before concluding the processor made nothing.
+                        Ok(None)
+                            if chrono::Utc::now() - charge.created_at
+                                < chrono::Duration::seconds(PROCESSOR_SETTLE_SECS) =>
+                        {
+                            Err(PaymentsError::Unavailable(format!(
+                                "payment processor failed transiently on charge {}; it stays processing and is looked up again",
+                                charge.charge_id
+                            )))
                         }
                         Ok(None) => {
                             tracing::warn!(charge_id = %charge.charge_id, attempts, "processor kept failing and made no charge; charge failed");

@@ -175,6 +175,9 @@ async fn consume(
     // events of different accounts are independent, and decisions for one account
     // serialise on its settings row.
     let mut in_flight = tokio::task::JoinSet::new();
+    // Handlers holding an event they cannot apply yet give it back (unacknowledged) when
+    // this connection ends, so the consumer reconnects at once instead of waiting for them.
+    let connection = shutdown.child_token();
     let result = loop {
         let next = tokio::select! {
             d = deliveries.next() => d,
@@ -187,7 +190,7 @@ async fn consume(
             None => break Err(anyhow::anyhow!("the broker ended the consumer")),
         };
         let worker = worker.clone();
-        let shutdown = shutdown.clone();
+        let shutdown = connection.clone();
         in_flight.spawn(async move {
             let mut backoff = RETRY_FIRST;
             let mut tries = 0u32;
@@ -227,7 +230,9 @@ async fn consume(
             }
         });
     };
-    // Let handlers that already started finish (their effects commit either way).
+    // Let handlers that already started finish (their effects commit either way); those
+    // still waiting on a dependency stop waiting.
+    connection.cancel();
     while in_flight.join_next().await.is_some() {}
     result
 }

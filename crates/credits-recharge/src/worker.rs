@@ -39,6 +39,9 @@ pub const SWEEP_BATCH: i64 = 100;
 /// How often a decision re-reads when the settings changed under it before leaving the
 /// check due for the sweeper.
 const DECIDE_ROUNDS: usize = 3;
+/// An attempt whose key payments keeps refusing as a different request is failed after
+/// this many reloads.
+const MAX_KEY_CONFLICTS: i32 = 10;
 
 #[derive(Clone, Debug)]
 pub struct WorkerConfig {
@@ -379,9 +382,15 @@ impl Recharge {
                     // The key is already taken by a charge that differs from what this
                     // copy of the attempt asks: this copy is stale. Reload and go on from
                     // what is stored; never record a failure for a charge that may exist.
-                    tonic::Code::AlreadyExists => {
+                    tonic::Code::AlreadyExists if a.retries < MAX_KEY_CONFLICTS => {
                         tracing::error!(attempt_id = %a.attempt_id, status = %s.message(), "payments holds a different charge under this attempt's key; reloading");
                         Ok(Step::Retry(format!("payments: {}", s.message())))
+                    }
+                    // Reloading did not resolve it: end the attempt visibly rather than
+                    // block the account's auto-recharge behind it for ever.
+                    tonic::Code::AlreadyExists => {
+                        tracing::error!(attempt_id = %a.attempt_id, status = %s.message(), "idempotency conflict persists; attempt failed");
+                        self.fail(lease, None, "idempotency_conflict", None).await
                     }
                     _ => Err(peer_error("payments", s)),
                 };
@@ -716,7 +725,9 @@ impl Recharge {
             return Ok(true);
         }
         let balance = Money::parse_signed("balance", &acct.balance)?;
-        if balance < s.threshold && s.due.is_none() && s.consecutive_failures == 0 {
+        // A failure streak needs no exception: a declined top-up always leaves a check due
+        // (its retry delay), so `due` is empty only once that retry was carried out.
+        if balance < s.threshold && s.due.is_none() {
             let mut tx = self.store.pool().begin().await?;
             let in_flight = Store::has_in_flight(&mut tx, &s.account_id).await?;
             let marked = !in_flight
