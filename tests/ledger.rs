@@ -1059,3 +1059,38 @@ async fn reflection_v1alpha_is_served_beside_v1() {
     );
     ledger.stop().await;
 }
+
+/// `GetAccountRequest` with its `account_id` (field 1) as raw bytes, so a test can send
+/// what a typed client never would: a string field that is not UTF-8.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawGetAccount {
+    #[prost(bytes = "vec", tag = "1")]
+    account_id: Vec<u8>,
+}
+
+#[tokio::test]
+async fn a_text_field_that_is_not_utf8_is_invalid_not_internal_r21() {
+    let ledger = Ledger::start().await;
+    let channel = tonic::transport::Endpoint::from_shared(ledger.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let path = http::uri::PathAndQuery::from_static("/credits.ledger.v1.LedgerService/GetAccount");
+    let codec: tonic_prost::ProstCodec<RawGetAccount, pb::Account> =
+        tonic_prost::ProstCodec::default();
+    let err = grpc
+        .unary(
+            tonic::Request::new(RawGetAccount {
+                account_id: vec![b'a', 0xff, 0xfe],
+            }),
+            path,
+            codec,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+    ledger.stop().await;
+}

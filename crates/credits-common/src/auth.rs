@@ -252,13 +252,41 @@ where
             .get("authorization")
             .and_then(|v| v.to_str().ok());
         match self.policy.check(req.uri().path(), authorization) {
-            Ok(()) => Box::pin(self.inner.call(req)),
+            Ok(()) => {
+                let answer = self.inner.call(req);
+                Box::pin(async move { answer.await.map(undecodable_is_invalid) })
+            }
             Err(status) => {
                 let response = status.into_http();
                 Box::pin(async move { Ok(response) })
             }
         }
     }
+}
+
+/// A request that is not a valid protobuf message — a string field that is not UTF-8, a
+/// truncated body — is refused by the codec before any handler runs, as `INTERNAL`. For
+/// the caller it is bad input like any other (SPEC §4, R21): answer `INVALID_ARGUMENT`.
+fn undecodable_is_invalid<R>(mut response: http::Response<R>) -> http::Response<R> {
+    let headers = response.headers_mut();
+    let undecodable = headers.get("grpc-status").is_some_and(|s| s == "13")
+        && headers
+            .get("grpc-message")
+            .and_then(|m| m.to_str().ok())
+            .is_some_and(|m| {
+                m.replace("%20", " ")
+                    .starts_with("failed to decode Protobuf message")
+            });
+    if undecodable {
+        headers.insert("grpc-status", http::HeaderValue::from_static("3"));
+        headers.insert(
+            "grpc-message",
+            http::HeaderValue::from_static(
+                "request: not a valid message (a text field that is not UTF-8, or a malformed body)",
+            ),
+        );
+    }
+    response
 }
 
 /// Adds the bearer token to outgoing requests of a client, when one is configured.
