@@ -73,7 +73,14 @@ impl From<tonic::Status> for ServiceError {
             | Code::DeadlineExceeded
             | Code::Cancelled
             | Code::ResourceExhausted
-            | Code::Aborted => ServiceError::Unavailable(msg),
+            | Code::Aborted
+            // A peer that died mid-call answers UNKNOWN: it is down, not broken.
+            | Code::Unknown => ServiceError::Unavailable(msg),
+            // Our credentials are refused by a peer: to our caller that is a dependency
+            // down (misconfigured), retryable once fixed; their request was fine.
+            Code::Unauthenticated | Code::PermissionDenied => ServiceError::Unavailable(format!(
+                "a dependency refused this service's credentials: {msg}"
+            )),
             _ => ServiceError::Internal(msg),
         }
     }

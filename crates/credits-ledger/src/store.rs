@@ -110,18 +110,41 @@ fn missing(col: &str) -> LedgerError {
     LedgerError::Internal(format!("ledger_post returned no {col}"))
 }
 
+/// What `ledger_post` did, as the function spells it. Matched exhaustively: an outcome
+/// this code does not know is an error, never read as "posted".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PostOutcome {
+    Posted,
+    Replayed,
+    Conflict,
+    NotFound,
+}
+
+impl PostOutcome {
+    fn parse(s: &str) -> Result<Self, LedgerError> {
+        match s {
+            "posted" => Ok(PostOutcome::Posted),
+            "replayed" => Ok(PostOutcome::Replayed),
+            "conflict" => Ok(PostOutcome::Conflict),
+            "not_found" => Ok(PostOutcome::NotFound),
+            other => Err(credits_common::ids::unknown_db_value("ledger_post outcome", other)),
+        }
+    }
+}
+
 /// Turns one `ledger_post` outcome into the domain result, for the request it answers.
 fn posted(req: &PostingRequest, r: PostRow) -> Result<Posted, LedgerError> {
-    match r.outcome.as_str() {
-        "not_found" => return Err(account_not_found(&req.account_id)),
-        "conflict" => {
+    let outcome = PostOutcome::parse(&r.outcome)?;
+    match outcome {
+        PostOutcome::NotFound => return Err(account_not_found(&req.account_id)),
+        PostOutcome::Conflict => {
             return Err(LedgerError::AlreadyExists(format!(
                 "idempotency_key {:?} was already used for a different request on account {:?}",
                 req.idempotency_key.as_str(),
                 req.account_id.as_str()
             )));
         }
-        _ => {}
+        PostOutcome::Posted | PostOutcome::Replayed => {}
     }
     let kind = r.kind.ok_or_else(|| missing("kind"))?;
     let entry = Entry {
@@ -140,7 +163,7 @@ fn posted(req: &PostingRequest, r: PostRow) -> Result<Posted, LedgerError> {
         entry,
         balance: Money::new(r.balance.ok_or_else(|| missing("balance"))?),
         access: Access::from_db(&r.access.ok_or_else(|| missing("access"))?)?,
-        replayed: r.outcome == "replayed",
+        replayed: outcome == PostOutcome::Replayed,
     })
 }
 
@@ -387,5 +410,18 @@ impl Store {
             threshold: row.threshold.map(Money::new),
             version: row.threshold_version,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PostOutcome;
+
+    #[test]
+    fn an_unknown_posting_outcome_is_an_error_not_a_posting() {
+        assert_eq!(PostOutcome::parse("posted").ok(), Some(PostOutcome::Posted));
+        assert_eq!(PostOutcome::parse("replayed").ok(), Some(PostOutcome::Replayed));
+        assert!(PostOutcome::parse("posted_maybe").is_err());
+        assert!(PostOutcome::parse("").is_err());
     }
 }
