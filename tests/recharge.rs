@@ -328,7 +328,7 @@ async fn usage_that_outruns_a_top_up_gets_another_r9() {
 async fn the_re_check_after_a_top_up_survives_losing_the_worker_r9() {
     // A slow processor lets usage land before the top-up; the worker skips its immediate
     // re-check as a crash right after the success commit would.
-    let sys = System::start_with(1, Duration::from_millis(700), true).await;
+    let sys = System::start_with(1, Duration::from_millis(2000), true).await;
     let mut c = clients(&sys).await;
     funded(&mut c, "acme").await;
     c.use_credits("acme", "16", "u1").await; // 9.00: crossing, top-up of 41.00 decided

@@ -127,7 +127,10 @@ impl PostOutcome {
             "replayed" => Ok(PostOutcome::Replayed),
             "conflict" => Ok(PostOutcome::Conflict),
             "not_found" => Ok(PostOutcome::NotFound),
-            other => Err(credits_common::ids::unknown_db_value("ledger_post outcome", other)),
+            other => Err(credits_common::ids::unknown_db_value(
+                "ledger_post outcome",
+                other,
+            )),
         }
     }
 }
@@ -420,7 +423,10 @@ mod tests {
     #[test]
     fn an_unknown_posting_outcome_is_an_error_not_a_posting() {
         assert_eq!(PostOutcome::parse("posted").ok(), Some(PostOutcome::Posted));
-        assert_eq!(PostOutcome::parse("replayed").ok(), Some(PostOutcome::Replayed));
+        assert_eq!(
+            PostOutcome::parse("replayed").ok(),
+            Some(PostOutcome::Replayed)
+        );
         assert!(PostOutcome::parse("posted_maybe").is_err());
         assert!(PostOutcome::parse("").is_err());
     }

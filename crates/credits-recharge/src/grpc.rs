@@ -2,11 +2,8 @@
 
 use std::sync::Arc;
 
-use credits_common::Money;
 use credits_common::ids::paging::{next_token, page_size, page_token};
 use credits_common::ids::timestamp;
-use credits_proto::ledger::v1 as lpb;
-use credits_proto::payments::v1 as ppb;
 use credits_proto::recharge::v1 as pb;
 use tonic::{Request, Response, Status};
 
@@ -21,33 +18,15 @@ impl RechargeGrpc {
     pub fn new(worker: Arc<Recharge>) -> Self {
         Self { worker }
     }
+}
 
-    async fn known_account(&self, account: &AccountId) -> Result<lpb::Account, RechargeError> {
-        self.worker.account(account.as_str()).await?.ok_or_else(|| {
-            RechargeError::not_found(format!("account {:?} not found", account.as_str()))
-        })
-    }
-
-    /// R10: the default payment method must be a card.
-    async fn require_card_default(&self, account: &AccountId) -> Result<(), RechargeError> {
-        let mut payments = self.worker.payments.clone();
-        let methods = payments
-            .list_payment_methods(ppb::ListPaymentMethodsRequest {
-                account_id: account.as_str().to_owned(),
-            })
-            .await
-            .map_err(RechargeError::from)?
-            .into_inner()
-            .payment_methods;
-        match methods.iter().find(|m| m.is_default) {
-            Some(m) if m.r#type == ppb::PaymentMethodType::Card as i32 => Ok(()),
-            Some(_) => Err(RechargeError::precondition(
-                "auto-recharge needs a credit or debit card as the default payment method; the default is a US bank account (R10)",
-            )),
-            None => Err(RechargeError::precondition(
-                "auto-recharge needs a default payment method, and the account has none; add a card (R10)",
-            )),
-        }
+/// `GetAutoRecharge` of an account that never configured it (SPEC §2).
+fn never_configured(account: &AccountId) -> pb::AutoRecharge {
+    pb::AutoRecharge {
+        account_id: account.as_str().to_owned(),
+        enabled: false,
+        disabled_reason: pb::DisabledReason::None as i32,
+        ..Default::default()
     }
 }
 
@@ -103,18 +82,12 @@ impl pb::auto_recharge_service_server::AutoRechargeService for RechargeGrpc {
         req: Request<pb::GetAutoRechargeRequest>,
     ) -> Result<Response<pb::AutoRecharge>, Status> {
         let account = AccountId::parse(&req.into_inner().account_id)?;
-        match self.worker.store.settings(account.as_str()).await? {
-            Some(s) => Ok(Response::new(settings_to_wire(s))),
-            None => {
-                self.known_account(&account).await?;
-                Ok(Response::new(pb::AutoRecharge {
-                    account_id: account.as_str().to_owned(),
-                    enabled: false,
-                    disabled_reason: pb::DisabledReason::None as i32,
-                    ..Default::default()
-                }))
-            }
-        }
+        Ok(Response::new(
+            match self.worker.auto_recharge(&account).await? {
+                Some(s) => settings_to_wire(s),
+                None => never_configured(&account),
+            },
+        ))
     }
 
     async fn set_auto_recharge(
@@ -123,46 +96,14 @@ impl pb::auto_recharge_service_server::AutoRechargeService for RechargeGrpc {
     ) -> Result<Response<pb::AutoRecharge>, Status> {
         let r = req.into_inner();
         let account = AccountId::parse(&r.account_id)?;
-        let stored = self.worker.store.settings(account.as_str()).await?;
-        if !r.enabled && r.threshold.is_empty() && r.target.is_empty() && stored.is_none() {
-            // Turning off what was never on: nothing to store, nothing to tell the ledger.
-            self.known_account(&account).await?;
-            return Ok(Response::new(pb::AutoRecharge {
-                account_id: account.as_str().to_owned(),
-                enabled: false,
-                disabled_reason: pb::DisabledReason::None as i32,
-                ..Default::default()
-            }));
-        }
-        // Disabling may leave the amounts out: the stored ones are kept.
-        let (threshold, target) = match (
-            r.enabled,
-            r.threshold.is_empty() && r.target.is_empty(),
-            &stored,
-        ) {
-            (false, true, Some(s)) => (s.threshold, s.target),
-            _ => (
-                Money::parse_non_negative("threshold", &r.threshold)
-                    .map_err(RechargeError::from)?,
-                Money::parse_non_negative("target", &r.target).map_err(RechargeError::from)?,
-            ),
-        };
-        validate_amounts(threshold, target, self.worker.min_purchase)?;
-        let acct = self.known_account(&account).await?;
-        if r.enabled {
-            if acct.billing_mode == lpb::BillingMode::Contract as i32 {
-                return Err(RechargeError::precondition(
-                    "auto-recharge does not apply to contract accounts; they are invoiced under their contract (R5)",
-                )
-                .into());
-            }
-            self.require_card_default(&account).await?;
-        }
         let saved = self
             .worker
-            .save_settings(&account, r.enabled, threshold, target)
+            .set_auto_recharge(&account, r.enabled, &r.threshold, &r.target)
             .await?;
-        Ok(Response::new(settings_to_wire(saved)))
+        Ok(Response::new(match saved {
+            Some(s) => settings_to_wire(s),
+            None => never_configured(&account),
+        }))
     }
 
     async fn list_recharge_attempts(
@@ -173,14 +114,7 @@ impl pb::auto_recharge_service_server::AutoRechargeService for RechargeGrpc {
         let account = AccountId::parse(&r.account_id)?;
         let limit = page_size(r.page_size)?;
         let before = page_token(&r.page_token)?;
-        let attempts = self
-            .worker
-            .store
-            .list_attempts(account.as_str(), before, limit)
-            .await?;
-        if attempts.is_empty() {
-            self.known_account(&account).await?;
-        }
+        let attempts = self.worker.attempts(&account, before, limit).await?;
         let next_page_token = next_token(attempts.len(), limit, attempts.last().map(|a| a.seq));
         Ok(Response::new(pb::ListRechargeAttemptsResponse {
             attempts: attempts.into_iter().map(attempt_to_wire).collect(),

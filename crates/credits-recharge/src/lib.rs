@@ -7,6 +7,7 @@
 pub mod consumer;
 pub mod domain;
 pub mod grpc;
+pub mod ports;
 pub mod settings;
 pub mod store;
 pub mod worker;
@@ -98,20 +99,18 @@ impl App {
         shutdown: CancellationToken,
     ) -> anyhow::Result<()> {
         let token = self.cfg.auth_token.as_deref();
-        let worker = Arc::new(Recharge {
-            store: store::Store::new(self.pool.clone()),
-            ledger: LedgerServiceClient::new(credits_common::grpc::lazy_channel(
-                &self.cfg.ledger_url,
-                token,
-            )?),
-            payments: PaymentsServiceClient::new(credits_common::grpc::lazy_channel(
-                &self.cfg.payments_url,
-                token,
-            )?),
-            min_purchase: self.cfg.min_purchase,
-            cfg: self.cfg.worker.clone(),
-            faults: self.cfg.faults.clone(),
-        });
+        let worker = Arc::new(Recharge::new(
+            store::Store::new(self.pool.clone()),
+            Arc::new(ports::GrpcLedger(LedgerServiceClient::new(
+                credits_common::grpc::lazy_channel(&self.cfg.ledger_url, token)?,
+            ))),
+            Arc::new(ports::GrpcPayments(PaymentsServiceClient::new(
+                credits_common::grpc::lazy_channel(&self.cfg.payments_url, token)?,
+            ))),
+            self.cfg.min_purchase,
+            self.cfg.worker.clone(),
+            self.cfg.faults.clone(),
+        ));
         let relay = tokio::spawn(run_relay(
             self.pool.clone(),
             RelayConfig {

@@ -10,15 +10,105 @@
 //! the two writes leaves the ledger ahead of the settings: the reconciler repairs that.
 
 use credits_common::Money;
-use credits_proto::ledger::v1 as lpb;
 
 use crate::domain::*;
+use crate::ports::{DefaultMethod, LedgerAccount};
 use crate::worker::Recharge;
 
 /// How often a save starts again after losing a race before giving up with UNAVAILABLE.
 const SAVE_ROUNDS: usize = 5;
 
 impl Recharge {
+    /// NOT_FOUND unless the ledger knows the account.
+    pub async fn known_account(&self, account: &AccountId) -> Result<LedgerAccount, RechargeError> {
+        self.account(account.as_str()).await?.ok_or_else(|| {
+            RechargeError::not_found(format!("account {:?} not found", account.as_str()))
+        })
+    }
+
+    /// The account's settings; `None` when it never configured auto-recharge (an account
+    /// the ledger does not know is NOT_FOUND).
+    pub async fn auto_recharge(
+        &self,
+        account: &AccountId,
+    ) -> Result<Option<Settings>, RechargeError> {
+        match self.store().settings(account.as_str()).await? {
+            Some(s) => Ok(Some(s)),
+            None => {
+                self.known_account(account).await?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Attempts newest first (R13); NOT_FOUND for an account the ledger does not know.
+    pub async fn attempts(
+        &self,
+        account: &AccountId,
+        before: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<Attempt>, RechargeError> {
+        let attempts = self
+            .store()
+            .list_attempts(account.as_str(), before, limit)
+            .await?;
+        if attempts.is_empty() {
+            self.known_account(account).await?;
+        }
+        Ok(attempts)
+    }
+
+    /// `SetAutoRecharge`: validates (R5, R6, R10) and saves. Disabling may leave the
+    /// amounts empty (the stored ones are kept); turning off what was never on stores
+    /// nothing and answers `None`.
+    pub async fn set_auto_recharge(
+        self: &std::sync::Arc<Self>,
+        account: &AccountId,
+        enabled: bool,
+        threshold: &str,
+        target: &str,
+    ) -> Result<Option<Settings>, RechargeError> {
+        let stored = self.store().settings(account.as_str()).await?;
+        let amounts_left_out = threshold.is_empty() && target.is_empty();
+        if !enabled && amounts_left_out && stored.is_none() {
+            // Turning off what was never on: nothing to store, nothing to tell the ledger.
+            self.known_account(account).await?;
+            return Ok(None);
+        }
+        let (threshold, target) = match (enabled, amounts_left_out, &stored) {
+            (false, true, Some(s)) => (s.threshold, s.target),
+            _ => (
+                Money::parse_non_negative("threshold", threshold)?,
+                Money::parse_non_negative("target", target)?,
+            ),
+        };
+        validate_amounts(threshold, target, self.min_purchase())?;
+        let acct = self.known_account(account).await?;
+        if enabled {
+            if acct.contract {
+                return Err(RechargeError::precondition(
+                    "auto-recharge does not apply to contract accounts; they are invoiced under their contract (R5)",
+                ));
+            }
+            match self.default_method(account.as_str()).await? {
+                DefaultMethod::Card(_) => {}
+                DefaultMethod::NotCard => {
+                    return Err(RechargeError::precondition(
+                        "auto-recharge needs a credit or debit card as the default payment method; the default is a US bank account (R10)",
+                    ));
+                }
+                DefaultMethod::None => {
+                    return Err(RechargeError::precondition(
+                        "auto-recharge needs a default payment method, and the account has none; add a card (R10)",
+                    ));
+                }
+            }
+        }
+        self.save_settings(account, enabled, threshold, target)
+            .await
+            .map(Some)
+    }
+
     /// Stores the settings (R6 already validated by the caller) and the ledger threshold,
     /// then, when enabled, carries out the balance check that enabling made due (R7).
     pub async fn save_settings(
@@ -29,35 +119,16 @@ impl Recharge {
         target: Money,
     ) -> Result<Settings, RechargeError> {
         for _ in 0..SAVE_ROUNDS {
-            let version = self.store.next_version().await?;
-            let mut ledger = self.ledger.clone();
-            let stored_version = if enabled {
-                ledger
-                    .set_balance_threshold(lpb::SetBalanceThresholdRequest {
-                        account_id: account.as_str().to_owned(),
-                        threshold: threshold.to_wire(),
-                        version,
-                    })
-                    .await
-                    .map_err(RechargeError::from)?
-                    .into_inner()
-                    .version
-            } else {
-                ledger
-                    .clear_balance_threshold(lpb::ClearBalanceThresholdRequest {
-                        account_id: account.as_str().to_owned(),
-                        version,
-                    })
-                    .await
-                    .map_err(RechargeError::from)?
-                    .into_inner()
-                    .version
-            };
+            let version = self.store().next_version().await?;
+            let stored_version = self
+                .ledger()
+                .set_threshold(account.as_str(), enabled.then_some(threshold), version)
+                .await?;
             if stored_version != version {
                 continue; // a newer save reached the ledger first
             }
             let Some(saved) = self
-                .store
+                .store()
                 .save_settings(account.as_str(), enabled, threshold, target, version)
                 .await?
             else {

@@ -16,21 +16,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use credits_common::Money;
-use credits_common::grpc::AuthChannel;
 use credits_common::outbox;
-use credits_proto::ledger::v1 as lpb;
-use credits_proto::ledger::v1::ledger_service_client::LedgerServiceClient;
-use credits_proto::payments::v1 as ppb;
-use credits_proto::payments::v1::payments_service_client::PaymentsServiceClient;
 use serde_json::json;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::*;
+use crate::ports::{
+    ChargeAnswer, DefaultMethod, LedgerAccount, LedgerPort, PaymentsPort, TopUpCharge,
+};
 use crate::store::Store;
-
-pub type LedgerClient = LedgerServiceClient<AuthChannel>;
-pub type PaymentsClient = PaymentsServiceClient<AuthChannel>;
 
 /// Most due checks or resumed attempts one sweeper pass carries out at once.
 pub const SWEEP_CONCURRENCY: usize = 16;
@@ -82,12 +77,12 @@ pub struct Faults {
 }
 
 pub struct Recharge {
-    pub store: Store,
-    pub ledger: LedgerClient,
-    pub payments: PaymentsClient,
-    pub min_purchase: Money,
-    pub cfg: WorkerConfig,
-    pub faults: Faults,
+    store: Store,
+    ledger: Arc<dyn LedgerPort>,
+    payments: Arc<dyn PaymentsPort>,
+    min_purchase: Money,
+    cfg: WorkerConfig,
+    faults: Faults,
 }
 
 enum Step {
@@ -98,64 +93,45 @@ enum Step {
     LeaseLost,
 }
 
-/// A peer's gRPC error as the worker sees it: a dependency that is down or refuses our
-/// credentials is `Unavailable` (retried, loudly logged), never a reason to give up.
-fn peer_error(peer: &str, s: tonic::Status) -> RechargeError {
-    match s.code() {
-        tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => {
-            tracing::error!(peer, status = %s.message(), "a peer refuses our credentials (CREDITS_AUTH_TOKEN / token file); retrying");
-            RechargeError::Unavailable(format!("{peer} refused our credentials: {}", s.message()))
-        }
-        tonic::Code::NotFound
-        | tonic::Code::InvalidArgument
-        | tonic::Code::FailedPrecondition
-        | tonic::Code::AlreadyExists => RechargeError::from(s),
-        _ => RechargeError::Unavailable(format!("{peer} unavailable: {}", s.message())),
-    }
-}
-
-/// What the account's default payment method is (R10).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum DefaultMethod {
-    Card(String),
-    NotCard,
-    None,
-}
-
 impl Recharge {
-    /// The ledger's view of the account; `None` when the ledger does not know it.
-    pub async fn account(&self, account: &str) -> Result<Option<lpb::Account>, RechargeError> {
-        let mut ledger = self.ledger.clone();
-        match ledger
-            .get_account(lpb::GetAccountRequest {
-                account_id: account.to_owned(),
-            })
-            .await
-        {
-            Ok(r) => Ok(Some(r.into_inner())),
-            Err(s) if s.code() == tonic::Code::NotFound => Ok(None),
-            Err(s) => Err(peer_error("ledger", s)),
+    pub fn new(
+        store: Store,
+        ledger: Arc<dyn LedgerPort>,
+        payments: Arc<dyn PaymentsPort>,
+        min_purchase: Money,
+        cfg: WorkerConfig,
+        faults: Faults,
+    ) -> Self {
+        Self {
+            store,
+            ledger,
+            payments,
+            min_purchase,
+            cfg,
+            faults,
         }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn min_purchase(&self) -> Money {
+        self.min_purchase
+    }
+
+    pub(crate) fn ledger(&self) -> &dyn LedgerPort {
+        self.ledger.as_ref()
+    }
+
+    /// The ledger's view of the account; `None` when the ledger does not know it.
+    pub async fn account(&self, account: &str) -> Result<Option<LedgerAccount>, RechargeError> {
+        self.ledger.account(account).await
     }
 
     /// The account's default payment method, as payments knows it now.
     pub async fn default_method(&self, account: &str) -> Result<DefaultMethod, RechargeError> {
-        let mut payments = self.payments.clone();
-        let methods = payments
-            .list_payment_methods(ppb::ListPaymentMethodsRequest {
-                account_id: account.to_owned(),
-            })
-            .await
-            .map_err(|s| peer_error("payments", s))?
-            .into_inner()
-            .payment_methods;
-        Ok(match methods.into_iter().find(|m| m.is_default) {
-            Some(m) if m.r#type == ppb::PaymentMethodType::Card as i32 => {
-                DefaultMethod::Card(m.payment_method_id)
-            }
-            Some(_) => DefaultMethod::NotCard,
-            None => DefaultMethod::None,
-        })
+        self.payments.default_method(account).await
     }
 
     /// Records a crossing as a due balance check, in the transaction that marks the event
@@ -223,7 +199,7 @@ impl Recharge {
                 tx.commit().await?;
                 return Ok(None);
             };
-            let balance = Money::parse_signed("balance", &acct.balance)?;
+            let balance = acct.balance;
             Store::clear_due(&mut tx, account, seen.revision).await?;
             if balance >= now.threshold {
                 tx.commit().await?;
@@ -357,84 +333,53 @@ impl Recharge {
                 }
             },
         };
-        let mut payments = self.payments.clone();
-        let charge = payments
-            .charge(ppb::ChargeRequest {
-                account_id: a.account_id.clone(),
-                amount: a.amount.to_wire(),
-                payment_method_id: method_id,
-                idempotency_key: a.key(),
-                description: format!("auto-recharge {}", a.attempt_id),
-            })
-            .await;
-        let charge = match charge {
-            Ok(c) => c.into_inner(),
-            Err(s) => {
-                return match s.code() {
-                    tonic::Code::NotFound => {
-                        self.fail(lease, None, "payment_method_not_found", None)
-                            .await
-                    }
-                    tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument => {
-                        tracing::error!(attempt_id = %a.attempt_id, status = %s.message(), "payments refused the top-up");
-                        self.fail(lease, None, "charge_refused", None).await
-                    }
-                    // The key is already taken by a charge that differs from what this
-                    // copy of the attempt asks: this copy is stale. Reload and go on from
-                    // what is stored; never record a failure for a charge that may exist.
-                    tonic::Code::AlreadyExists if a.retries < MAX_KEY_CONFLICTS => {
-                        tracing::error!(attempt_id = %a.attempt_id, status = %s.message(), "payments holds a different charge under this attempt's key; reloading");
-                        Ok(Step::Retry(format!("payments: {}", s.message())))
-                    }
-                    // Reloading did not resolve it: end the attempt visibly rather than
-                    // block the account's auto-recharge behind it for ever.
-                    tonic::Code::AlreadyExists => {
-                        tracing::error!(attempt_id = %a.attempt_id, status = %s.message(), "idempotency conflict persists; attempt failed");
-                        self.fail(lease, None, "idempotency_conflict", None).await
-                    }
-                    _ => Err(peer_error("payments", s)),
-                };
+        let request = TopUpCharge {
+            account_id: a.account_id.clone(),
+            amount: a.amount,
+            payment_method_id: method_id,
+            idempotency_key: a.key(),
+            description: format!("auto-recharge {}", a.attempt_id),
+        };
+        let charge_id = match self.payments.charge(&request).await? {
+            ChargeAnswer::Succeeded { charge_id } => charge_id,
+            ChargeAnswer::Declined { charge_id, code } => {
+                return self.fail(lease, Some(&charge_id), &code, None).await;
+            }
+            ChargeAnswer::NotFinal { charge_id } => {
+                return Ok(Step::Retry(format!("charge {charge_id} is not final yet")));
+            }
+            ChargeAnswer::MethodNotFound => {
+                return self
+                    .fail(lease, None, "payment_method_not_found", None)
+                    .await;
+            }
+            ChargeAnswer::Refused(why) => {
+                tracing::error!(attempt_id = %a.attempt_id, status = %why, "payments refused the top-up");
+                return self.fail(lease, None, "charge_refused", None).await;
+            }
+            // The key is already taken by a charge that differs from what this copy of the
+            // attempt asks: this copy is stale. Reload and go on from what is stored; never
+            // record a failure for a charge that may exist.
+            ChargeAnswer::KeyConflict(why) if a.retries < MAX_KEY_CONFLICTS => {
+                tracing::error!(attempt_id = %a.attempt_id, status = %why, "payments holds a different charge under this attempt's key; reloading");
+                return Ok(Step::Retry(format!("payments: {why}")));
+            }
+            // Reloading did not resolve it: end the attempt visibly rather than block the
+            // account's auto-recharge behind it for ever.
+            ChargeAnswer::KeyConflict(why) => {
+                tracing::error!(attempt_id = %a.attempt_id, status = %why, "idempotency conflict persists; attempt failed");
+                return self.fail(lease, None, "idempotency_conflict", None).await;
             }
         };
         if self.faults.stop_after_charge {
             tracing::warn!(attempt_id = %a.attempt_id, "fault injected: worker stops after the charge");
             return Err(RechargeError::internal("fault injected after charge"));
         }
-        match ppb::ChargeStatus::try_from(charge.status) {
-            Ok(ppb::ChargeStatus::Succeeded) => {}
-            Ok(ppb::ChargeStatus::Failed) => {
-                return self
-                    .fail(lease, Some(&charge.charge_id), &charge.failure_code, None)
-                    .await;
-            }
-            _ => {
-                return Ok(Step::Retry(format!(
-                    "charge {} is not final yet",
-                    charge.charge_id
-                )));
-            }
-        }
-        if !self.store.set_charge(lease, &charge.charge_id).await? {
+        if !self.store.set_charge(lease, &charge_id).await? {
             return Ok(Step::LeaseLost);
         }
-        let mut ledger = self.ledger.clone();
-        ledger
-            .add_credits(lpb::AddCreditsRequest {
-                account_id: a.account_id.clone(),
-                amount: a.amount.to_wire(),
-                source: lpb::CreditSource::AutoRecharge as i32,
-                reference: charge.charge_id.clone(),
-                idempotency_key: a.key(),
-                description: format!("auto-recharge {}", a.attempt_id),
-            })
-            .await
-            .map_err(|s| match peer_error("ledger", s) {
-                RechargeError::Unavailable(m) => RechargeError::Unavailable(m),
-                other => {
-                    RechargeError::internal(format!("ledger refused the top-up credit: {other}"))
-                }
-            })?;
-        if !self.succeed(lease, &charge.charge_id).await? {
+        self.ledger.credit_top_up(&request, &charge_id).await?;
+        if !self.succeed(lease, &charge_id).await? {
             return Ok(Step::LeaseLost);
         }
         // R9: usage may have outrun the top-up. The success made this check due durably;
@@ -698,11 +643,7 @@ impl Recharge {
         let Some(acct) = self.account(&s.account_id).await? else {
             return Ok(false);
         };
-        let ledger_threshold = match acct.balance_threshold.as_str() {
-            "" => None,
-            t => Some(Money::parse_signed("balance_threshold", t)?),
-        };
-        if ledger_threshold != Some(s.threshold) {
+        if acct.threshold != Some(s.threshold) {
             // Claim a fresh version first: a SetAutoRecharge racing this repair then loses
             // its store (older version) and retries with a newer one than ours.
             let Some((version, threshold)) =
@@ -710,21 +651,15 @@ impl Recharge {
             else {
                 return Ok(false); // the settings changed meanwhile; the next pass looks again
             };
-            let mut ledger = self.ledger.clone();
-            ledger
-                .set_balance_threshold(lpb::SetBalanceThresholdRequest {
-                    account_id: s.account_id.clone(),
-                    threshold: threshold.to_wire(),
-                    version,
-                })
-                .await
-                .map_err(|e| peer_error("ledger", e))?;
+            self.ledger
+                .set_threshold(&s.account_id, Some(threshold), version)
+                .await?;
             metrics::counter!("credits_recharge_reconciler_repairs_total", "what" => "threshold")
                 .increment(1);
-            tracing::warn!(account_id = %s.account_id, settings_threshold = %threshold, ledger_threshold = %acct.balance_threshold, version, "ledger threshold differed from the settings; repaired");
+            tracing::warn!(account_id = %s.account_id, settings_threshold = %threshold, ledger_threshold = ?acct.threshold, version, "ledger threshold differed from the settings; repaired");
             return Ok(true);
         }
-        let balance = Money::parse_signed("balance", &acct.balance)?;
+        let balance = acct.balance;
         // A failure streak needs no exception: a declined top-up always leaves a check due
         // (its retry delay), so `due` is empty only once that retry was carried out.
         if balance < s.threshold && s.due.is_none() {
