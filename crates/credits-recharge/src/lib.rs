@@ -140,7 +140,7 @@ impl App {
         )?;
         let (router, health) =
             credits_common::grpc::base_router(credits_proto::FILE_DESCRIPTOR_SET, policy)?;
-        let server = AutoRechargeServiceServer::new(grpc::RechargeGrpc::new(worker));
+        let server = AutoRechargeServiceServer::new(grpc::RechargeGrpc::new(worker.clone()));
         health
             .set_serving::<AutoRechargeServiceServer<grpc::RechargeGrpc>>()
             .await;
@@ -150,6 +150,7 @@ impl App {
                 .await;
         shutdown.cancel();
         let _ = tokio::join!(relay, consumer, sweeper);
+        worker.drain().await;
         self.pool.close().await;
         tracing::info!("recharge stopped");
         served

@@ -20,6 +20,7 @@ use credits_common::outbox;
 use serde_json::json;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::domain::*;
 use crate::ports::{
@@ -83,6 +84,8 @@ pub struct Recharge {
     min_purchase: Money,
     cfg: WorkerConfig,
     faults: Faults,
+    /// Every attempt and check started in the background, drained on shutdown.
+    tasks: TaskTracker,
 }
 
 enum Step {
@@ -109,7 +112,15 @@ impl Recharge {
             min_purchase,
             cfg,
             faults,
+            tasks: TaskTracker::new(),
         }
+    }
+
+    /// Waits for every background attempt and check to finish (after shutdown: each one
+    /// ends at its next step, and what it left is resumed by any replica).
+    pub async fn drain(&self) {
+        self.tasks.close();
+        self.tasks.wait().await;
     }
 
     pub fn store(&self) -> &Store {
@@ -249,7 +260,7 @@ impl Recharge {
     /// Runs the account's due check in the background; a failure leaves it due.
     pub fn spawn_decide(self: &Arc<Self>, account: String, fallback: Trigger) {
         let me = self.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             if let Err(e) = me.decide_and_start(&account, fallback).await {
                 tracing::warn!(account_id = %account, error = %e, "balance check deferred to the sweeper");
             }
@@ -258,7 +269,7 @@ impl Recharge {
 
     pub fn spawn_execute(self: &Arc<Self>, attempt_id: String) {
         let me = self.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             if let Err(e) = me.execute(&attempt_id).await {
                 tracing::warn!(attempt_id, error = %e, "attempt interrupted; the sweeper resumes it");
             }
