@@ -1094,3 +1094,88 @@ async fn a_text_field_that_is_not_utf8_is_invalid_not_internal_r21() {
     assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
     ledger.stop().await;
 }
+
+/// The golden test of the event contract: what the ledger's SQL (`ledger_event`) publishes,
+/// through the real outbox relay and RabbitMQ, parses into `credits_common::events` with the
+/// expected variant and fields, and carries a UUID v7 id like every Rust publisher's.
+#[tokio::test]
+async fn ledger_events_are_the_contract_type_with_v7_ids() {
+    use credits_common::Money;
+    use credits_common::events::{
+        AccountBalance, Envelope, Event, SCHEMA_VERSION, ThresholdCrossed,
+    };
+
+    let money = |s: &str| Money::parse_signed("amount", s).unwrap();
+    let ledger = Ledger::start().await;
+    let mut tap = EventTap::bind(&ledger.exchange, "ledger.#").await;
+    let mut c = ledger.client().await;
+    create(&mut c, "acme", pb::BillingMode::Prepaid).await;
+    credit(&mut c, "acme", "25", pb::CreditSource::Purchase, "buy-1").await; // activated
+    c.set_balance_threshold(pb::SetBalanceThresholdRequest {
+        account_id: "acme".into(),
+        threshold: "10".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let crossing = usage(&mut c, "acme", "15.01", "u1").await; // 9.99: crossed
+    usage(&mut c, "acme", "10", "u2").await; // -0.01: suspended
+    credit(&mut c, "acme", "0.02", pb::CreditSource::Purchase, "buy-2").await; // reactivated
+    let entry_id: uuid::Uuid = crossing.entry.unwrap().entry_id.parse().unwrap();
+
+    let expected = [
+        Event::AccountActivated(AccountBalance {
+            balance: money("25.00"),
+        }),
+        Event::BalanceThresholdCrossed(ThresholdCrossed {
+            threshold: money("10.00"),
+            balance_before: money("25.00"),
+            balance_after: money("9.99"),
+            entry_id,
+        }),
+        Event::AccountSuspended(AccountBalance {
+            balance: money("-0.01"),
+        }),
+        Event::AccountReactivated(AccountBalance {
+            balance: money("0.01"),
+        }),
+    ];
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let mut last_ms = 0;
+    for want in expected {
+        let key = want.routing_key();
+        let ev = tap
+            .next_of(key, EVENT_WAIT)
+            .await
+            .unwrap_or_else(|| panic!("no {key} event"));
+        let body = ev["_amqp"]["body"].as_str().unwrap();
+        let env = Envelope::parse(body.as_bytes()).unwrap_or_else(|e| panic!("{key}: {e}: {body}"));
+        assert_eq!(env.event, want, "{body}");
+        assert_eq!(env.account_id.as_str(), "acme");
+        assert_eq!(env.schema_version, SCHEMA_VERSION, "{body}");
+        assert_eq!(ev["_amqp"]["message_id"], env.id.to_string());
+        assert_eq!(ev["_amqp"]["type"], key);
+        assert_eq!(env.id.get_version_num(), 7, "{key} id {}", env.id);
+        // A v7 id carries its time: the moment the event was written, in order.
+        let (secs, nanos) = env.id.get_timestamp().unwrap().to_unix();
+        let id_ms = secs as i64 * 1000 + i64::from(nanos / 1_000_000);
+        let at_ms = env.occurred_at.timestamp_millis();
+        assert!(
+            (id_ms - at_ms).abs() < 5_000 && (id_ms - now_ms).abs() < 60_000,
+            "{key}: id time {id_ms}, occurred_at {at_ms}, now {now_ms}"
+        );
+        assert!(id_ms >= last_ms, "{key}: ids are time-ordered");
+        last_ms = id_ms;
+        // What the type writes back is what the SQL wrote.
+        let mut sql: serde_json::Value = serde_json::from_str(body).unwrap();
+        let mut typed = env.to_value().unwrap();
+        for v in [&mut sql, &mut typed] {
+            v.as_object_mut().unwrap().remove("occurred_at");
+        }
+        assert_eq!(typed, sql, "{key}");
+    }
+    ledger.stop().await;
+}

@@ -525,6 +525,8 @@ impl EventTap {
             "type": delivery.properties.kind().as_ref().map(|s| s.to_string()),
             "content_type": delivery.properties.content_type().as_ref().map(|s| s.to_string()),
             "delivery_mode": delivery.properties.delivery_mode(),
+            // The body as it arrived, for tests that parse it with the contract's type.
+            "body": String::from_utf8_lossy(&delivery.data),
         });
         Some(body)
     }

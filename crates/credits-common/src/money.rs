@@ -158,6 +158,22 @@ impl FromStr for Money {
     }
 }
 
+/// In JSON (events) money is its canonical wire string, never a JSON number: a number would
+/// go through `f64` in most consumers' parsers.
+impl serde::Serialize for Money {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_wire())
+    }
+}
+
+/// Read from a trusted peer's JSON: signed (a balance can be negative), R1's spelling rules.
+impl<'de> serde::Deserialize<'de> for Money {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        Money::parse_signed("amount", &s).map_err(serde::de::Error::custom)
+    }
+}
+
 impl From<Decimal> for Money {
     fn from(d: Decimal) -> Self {
         Money(d)

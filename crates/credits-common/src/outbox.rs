@@ -21,7 +21,6 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
 use sqlx::postgres::PgListener;
 use sqlx::{PgPool, Postgres, Transaction};
 use tokio_util::sync::CancellationToken;
@@ -29,41 +28,25 @@ use uuid::Uuid;
 
 use crate::amqp::{Delivery, OutgoingMessage, Publisher};
 use crate::db::redact_url;
+use crate::events::{self, Event};
 
 pub const NOTIFY_CHANNEL: &str = "credits_outbox";
 const BATCH: i64 = 200;
 
-/// The JSON envelope of every event (SPEC §3).
-#[derive(Debug, Serialize)]
-pub struct Envelope<'a, T: Serialize> {
-    pub id: Uuid,
-    #[serde(rename = "type")]
-    pub kind: &'a str,
-    pub occurred_at: DateTime<Utc>,
-    pub account_id: &'a str,
-    pub data: T,
-}
-
 /// Writes one event into the outbox inside the caller's transaction, and asks the relay to
 /// wake when that transaction commits (NOTIFY is delivered at commit, never on rollback).
-pub async fn enqueue<T: Serialize>(
+/// The body is the contract's envelope ([`crate::events::Envelope`]) with a fresh v7 id.
+pub async fn enqueue(
     tx: &mut Transaction<'_, Postgres>,
-    routing_key: &str,
     account_id: &str,
-    data: T,
+    event: &Event,
 ) -> Result<Uuid, sqlx::Error> {
     let id = Uuid::now_v7();
-    let envelope = Envelope {
-        id,
-        kind: routing_key,
-        occurred_at: Utc::now(),
-        account_id,
-        data,
-    };
-    let payload = serde_json::to_value(&envelope).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+    let payload = events::body(id, Utc::now(), account_id, event)
+        .map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
     sqlx::query("INSERT INTO outbox (event_id, routing_key, payload) VALUES ($1, $2, $3)")
         .bind(id)
-        .bind(routing_key)
+        .bind(event.routing_key())
         .bind(payload)
         .execute(&mut **tx)
         .await?;

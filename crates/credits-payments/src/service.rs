@@ -11,10 +11,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use credits_common::Money;
+use credits_common::events::{ChargeFinished, DefaultChanged, Event, MethodRemoved};
 use credits_common::outbox;
 use credits_proto::ledger::v1 as ledger_pb;
 use credits_proto::ledger::v1::ledger_service_client::LedgerServiceClient;
-use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::*;
@@ -159,13 +159,12 @@ impl Payments {
             .await?
             .ok_or_else(|| method_not_found(account, id))?;
         Store::mark_removed(&mut tx, id).await?;
-        outbox::enqueue(
-            &mut tx,
-            "payments.payment_method.removed",
-            account.as_str(),
-            json!({ "payment_method_id": id, "was_default": pm.is_default, "type": pm.method_type.as_str() }),
-        )
-        .await?;
+        let event = Event::PaymentMethodRemoved(MethodRemoved {
+            payment_method_id: id.to_owned(),
+            was_default: pm.is_default,
+            method_type: pm.method_type.as_str().into(),
+        });
+        outbox::enqueue(&mut tx, account.as_str(), &event).await?;
         tx.commit().await?;
         tracing::info!(account_id = %account, payment_method_id = id, was_default = pm.is_default, "payment method removed");
         Ok(())
@@ -310,24 +309,19 @@ impl Payments {
         if let Some(c) = &moved
             && c.status.is_final()
         {
-            let key = if c.status == ChargeStatus::SUCCEEDED {
-                "payments.charge.succeeded"
-            } else {
-                "payments.charge.failed"
+            let data = ChargeFinished {
+                charge_id: c.charge_id.clone(),
+                amount: c.amount,
+                failure_code: c.failure_code.clone(),
+                payment_method_id: c.payment_method_id.clone(),
+                purpose: c.purpose.as_str().into(),
             };
-            outbox::enqueue(
-                &mut tx,
-                key,
-                &c.account_id,
-                json!({
-                    "charge_id": c.charge_id,
-                    "amount": c.amount.to_wire(),
-                    "failure_code": c.failure_code,
-                    "payment_method_id": c.payment_method_id,
-                    "purpose": c.purpose.as_str(),
-                }),
-            )
-            .await?;
+            let event = if c.status == ChargeStatus::SUCCEEDED {
+                Event::ChargeSucceeded(data)
+            } else {
+                Event::ChargeFailed(data)
+            };
+            outbox::enqueue(&mut tx, &c.account_id, &event).await?;
         }
         tx.commit().await?;
         let c = match moved {
@@ -502,13 +496,11 @@ async fn default_changed(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     pm: &PaymentMethod,
 ) -> Result<(), PaymentsError> {
-    outbox::enqueue(
-        tx,
-        "payments.payment_method.default_changed",
-        &pm.account_id,
-        json!({ "payment_method_id": pm.payment_method_id, "type": pm.method_type.as_str() }),
-    )
-    .await?;
+    let event = Event::PaymentMethodDefaultChanged(DefaultChanged {
+        payment_method_id: pm.payment_method_id.clone(),
+        method_type: pm.method_type.as_str().into(),
+    });
+    outbox::enqueue(tx, &pm.account_id, &event).await?;
     Ok(())
 }
 

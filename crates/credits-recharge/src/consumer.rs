@@ -20,10 +20,10 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, ExchangeKind};
-use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
 use credits_common::db::redact_url;
+use credits_common::events::{Envelope, Event, EventParseError, PaymentMethodType};
 
 use crate::domain::{RechargeError, Trigger};
 use crate::worker::Recharge;
@@ -42,16 +42,6 @@ pub struct ConsumerConfig {
     pub queue: String,
     pub prefetch: u16,
     pub connection_name: String,
-}
-
-#[derive(Debug, Deserialize)]
-pub struct Envelope {
-    pub id: String,
-    #[serde(rename = "type")]
-    pub kind: String,
-    pub account_id: String,
-    #[serde(default)]
-    pub data: serde_json::Value,
 }
 
 /// Backoff of an event that cannot be applied yet: first pause, and the longest.
@@ -237,55 +227,71 @@ async fn consume(
     result
 }
 
-/// Parses and checks an event envelope; the reason when it is unusable (poison): not JSON,
-/// not the envelope, an id that is not a UUID, an account id that breaks the contract.
-pub fn parse_envelope(body: &[u8]) -> Result<Envelope, String> {
-    let env: Envelope =
-        serde_json::from_slice(body).map_err(|e| format!("not an event envelope: {e}"))?;
-    if uuid::Uuid::parse_str(&env.id).is_err() {
-        return Err(format!(
-            "event id is not a UUID: {:?}",
-            env.id.chars().take(80).collect::<String>()
-        ));
+/// What a body asks of this consumer: an event to act on, one to acknowledge unread (a type
+/// the contract added after this build), or poison — not JSON, not the envelope, an id that
+/// is not a UUID, an account id that breaks the contract, data that is not its type's.
+fn classify(body: &[u8]) -> Result<Option<Envelope>, String> {
+    match Envelope::parse(body) {
+        Ok(env) => Ok(Some(env)),
+        Err(EventParseError::UnknownType { kind, .. }) => {
+            tracing::debug!(kind, "event type not handled; acknowledged");
+            Ok(None)
+        }
+        Err(e) => Err(e.to_string()),
     }
-    credits_common::ids::AccountId::parse(&env.account_id)
-        .map_err(|e| format!("event account_id: {e}"))?;
-    Ok(env)
 }
 
 async fn handle(worker: &Arc<Recharge>, body: &[u8]) -> Outcome {
-    let env = match parse_envelope(body) {
-        Ok(e) => e,
+    let env = match classify(body) {
+        Ok(Some(env)) => env,
+        Ok(None) => return Outcome::Done,
         Err(why) => return Outcome::Poison(why),
     };
-    let result = match env.kind.as_str() {
-        "ledger.balance.threshold_crossed" => {
-            match worker.record_crossing(&env.account_id, &env.id).await {
+    let account = env.account_id.as_str();
+    let event_id = env.id.to_string();
+    let result = match &env.event {
+        Event::BalanceThresholdCrossed(_) => {
+            match worker.record_crossing(account, &event_id).await {
                 Ok(true) => {
                     // Durable now; carrying it out at once only saves the sweeper's delay.
-                    worker.spawn_decide(env.account_id.clone(), Trigger::ThresholdCrossed);
+                    worker.spawn_decide(account.to_owned(), Trigger::ThresholdCrossed);
                     Ok(())
                 }
                 Ok(false) => Ok(()),
                 Err(e) => Err(e),
             }
         }
-        "payments.payment_method.default_changed" => {
-            match env.data.get("type").and_then(|t| t.as_str()) {
-                Some("CARD") => Ok(()),
-                Some(_) => worker.apply_method_event(&env.account_id, &env.id).await,
-                None => return Outcome::Poison("default_changed without data.type".to_owned()),
+        Event::PaymentMethodDefaultChanged(changed) => match changed.method_type {
+            PaymentMethodType::Card => Ok(()),
+            _ => worker.apply_method_event(account, &event_id).await,
+        },
+        Event::PaymentMethodRemoved(removed) => {
+            if removed.was_default {
+                worker.apply_method_event(account, &event_id).await
+            } else {
+                Ok(())
             }
         }
-        "payments.payment_method.removed" => {
-            match env.data.get("was_default").and_then(|t| t.as_bool()) {
-                Some(true) => worker.apply_method_event(&env.account_id, &env.id).await,
-                Some(false) => Ok(()),
-                None => return Outcome::Poison("removed without data.was_default".to_owned()),
-            }
-        }
-        other => {
-            tracing::debug!(kind = other, "event type not handled; acknowledged");
+        // In the contract, but not what this worker acts on (its queue is bound to BINDINGS
+        // only); listed so that a new event is a decision here, not a silent ack.
+        Event::AccountSuspended(_)
+        | Event::AccountReactivated(_)
+        | Event::AccountActivated(_)
+        | Event::HoldCreated(_)
+        | Event::HoldCaptured(_)
+        | Event::HoldReleased(_)
+        | Event::HoldExpired(_)
+        | Event::BalanceAlert(_)
+        | Event::ChargeSucceeded(_)
+        | Event::ChargeFailed(_)
+        | Event::AttemptSucceeded(_)
+        | Event::AttemptFailed(_)
+        | Event::SettingsDisabled(_)
+        | Event::LimitReached(_) => {
+            tracing::debug!(
+                kind = env.event.routing_key(),
+                "event type not handled; acknowledged"
+            );
             Ok(())
         }
     };
@@ -295,7 +301,7 @@ async fn handle(worker: &Arc<Recharge>, body: &[u8]) -> Outcome {
         Err(e) => {
             // A well-formed event about something that no longer applies (an account the
             // ledger does not know, …): nothing to do, and retrying would not change that.
-            tracing::warn!(event_id = %env.id, account_id = %env.account_id, error = %e, "event does not apply; acknowledged");
+            tracing::warn!(event_id = %env.id, account_id = %account, error = %e, "event does not apply; acknowledged");
             Outcome::Done
         }
     }
@@ -304,25 +310,43 @@ async fn handle(worker: &Arc<Recharge>, body: &[u8]) -> Outcome {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use super::parse_envelope;
+    use super::{BINDINGS, classify};
+    use credits_common::events::Event;
+
+    const ID: &str = "0190a5b0-0000-7000-8000-000000000001";
 
     #[test]
     fn only_well_formed_envelopes_are_accepted() {
-        let ok = br#"{"id":"0190a5b0-0000-7000-8000-000000000001","type":"x","account_id":"acme","data":{}}"#;
-        assert!(parse_envelope(ok).is_ok());
+        let ok = format!(
+            r#"{{"id":"{ID}","type":"payments.payment_method.removed","occurred_at":"2026-11-25T00:27:37Z","account_id":"acme","data":{{"payment_method_id":"pm_1","was_default":true,"type":"CARD"}}}}"#
+        );
+        assert!(classify(ok.as_bytes()).unwrap().is_some());
         for bad in [
             &b"not json"[..],
             br#"{"id":"","type":"x","account_id":"acme"}"#,
-            br#"{"id":"nul\u0000","type":"x","account_id":"acme"}"#,
-            br#"{"id":"0190a5b0-0000-7000-8000-000000000001","type":"x","account_id":"a b"}"#,
+            br#"{"id":"nul\u0000","type":"x","occurred_at":"2026-11-25T00:27:37Z","account_id":"acme"}"#,
+            br#"{"id":"0190a5b0-0000-7000-8000-000000000001","type":"x","occurred_at":"2026-11-25T00:27:37Z","account_id":"a b"}"#,
             br#"{"id":"0190a5b0-0000-7000-8000-000000000001","type":"x"}"#,
             br#"[]"#,
+            // A type this worker acts on, without the data it needs.
+            br#"{"id":"0190a5b0-0000-7000-8000-000000000001","type":"payments.payment_method.removed","occurred_at":"2026-11-25T00:27:37Z","account_id":"acme","data":{}}"#,
         ] {
-            assert!(
-                parse_envelope(bad).is_err(),
-                "{}",
-                String::from_utf8_lossy(bad)
-            );
+            assert!(classify(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn an_event_type_this_build_does_not_know_is_acknowledged_not_dead_lettered() {
+        let body = format!(
+            r#"{{"id":"{ID}","type":"ledger.something.new","occurred_at":"2026-11-25T00:27:37Z","account_id":"acme","data":{{}}}}"#
+        );
+        assert!(classify(body.as_bytes()).unwrap().is_none());
+    }
+
+    #[test]
+    fn the_queue_is_bound_only_to_contract_routing_keys() {
+        for key in BINDINGS {
+            assert!(Event::ROUTING_KEYS.contains(&key), "{key}");
         }
     }
 }

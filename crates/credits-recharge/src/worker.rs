@@ -16,8 +16,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use credits_common::Money;
+use credits_common::events::{AttemptFinished, Event, SettingsDisabled};
 use credits_common::outbox;
-use serde_json::json;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -419,13 +419,13 @@ impl Recharge {
             return Ok(false);
         };
         Store::after_success(&mut tx, &a.account_id).await?;
-        outbox::enqueue(
-            &mut tx,
-            "recharge.attempt.succeeded",
-            &a.account_id,
-            json!({ "attempt_id": done.attempt_id, "amount": done.amount.to_wire(), "charge_id": charge_id, "failure_code": "" }),
-        )
-        .await?;
+        let event = Event::AttemptSucceeded(AttemptFinished {
+            attempt_id: done.attempt_id.clone(),
+            amount: done.amount,
+            charge_id: charge_id.to_owned(),
+            failure_code: String::new(),
+        });
+        outbox::enqueue(&mut tx, &a.account_id, &event).await?;
         tx.commit().await?;
         metrics::counter!("credits_recharge_topups_total", "status" => "SUCCEEDED").increment(1);
         tracing::info!(account_id = %a.account_id, attempt_id = %a.attempt_id, charge_id, amount = %a.amount, "top-up succeeded");
@@ -449,13 +449,13 @@ impl Recharge {
         {
             return Ok(Step::LeaseLost);
         }
-        outbox::enqueue(
-            &mut tx,
-            "recharge.attempt.failed",
-            &a.account_id,
-            json!({ "attempt_id": a.attempt_id, "amount": a.amount.to_wire(), "charge_id": charge_id.unwrap_or(""), "failure_code": code }),
-        )
-        .await?;
+        let event = Event::AttemptFailed(AttemptFinished {
+            attempt_id: a.attempt_id.clone(),
+            amount: a.amount,
+            charge_id: charge_id.unwrap_or("").to_owned(),
+            failure_code: code.to_owned(),
+        });
+        outbox::enqueue(&mut tx, &a.account_id, &event).await?;
         let streak =
             Store::count_failure(&mut tx, &a.account_id, self.cfg.retry_after_failure).await?;
         let reason = disable
@@ -710,13 +710,10 @@ async fn disable_in_tx(
     if !Store::disable_at(tx, account, reason, revision).await? {
         return Ok(false);
     }
-    outbox::enqueue(
-        tx,
-        "recharge.settings.disabled",
-        account,
-        json!({ "reason": reason.as_str() }),
-    )
-    .await?;
+    let event = Event::SettingsDisabled(SettingsDisabled {
+        reason: reason.as_str().into(),
+    });
+    outbox::enqueue(tx, account, &event).await?;
     tracing::warn!(
         account_id = account,
         reason = reason.as_str(),
