@@ -3,20 +3,16 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use credits_common::grpc::{AuthChannel, lazy_channel};
-use credits_proto::ledger::v1 as lpb;
-use credits_proto::ledger::v1::ledger_service_client::LedgerServiceClient;
-use credits_proto::payments::v1 as ppb;
-use credits_proto::payments::v1::payments_service_client::PaymentsServiceClient;
-use credits_proto::recharge::v1 as rpb;
-use credits_proto::recharge::v1::auto_recharge_service_client::AutoRechargeServiceClient;
+use credits_client::{
+    AccountId, AutoRechargeChange, BillingMode, CardDetails, Client, ClientConfig, ClientError,
+    CreditSource, CreditsToAdd, Entry, EntryKind, IdempotencyKey, Ledger, Money, NewPaymentMethod,
+    RetryPolicy, UsageCategory, UsageRecord,
+};
 use futures_util::StreamExt;
 
 use crate::Args;
 use crate::load::{self, Stats};
 use crate::pgbench;
-
-type Ledger = LedgerServiceClient<AuthChannel>;
 
 /// A few channels shared round-robin: one HTTP/2 connection caps throughput on its own.
 struct Pool<T: Clone> {
@@ -29,9 +25,22 @@ impl<T: Clone> Pool<T> {
     }
 }
 
+/// A client of the system under test. Calls are sent once: a benchmark counts failures,
+/// it does not hide them behind retries.
+fn client(a: &Args) -> anyhow::Result<Client> {
+    Ok(Client::connect(ClientConfig {
+        ledger_url: a.ledger.clone(),
+        payments_url: a.payments.clone(),
+        recharge_url: a.recharge.clone(),
+        token: a.token.clone(),
+        timeout: credits_client::DEFAULT_TIMEOUT,
+        retry: RetryPolicy::none(),
+    })?)
+}
+
 fn ledger_pool(a: &Args) -> anyhow::Result<Pool<Ledger>> {
     let clients = (0..8)
-        .map(|_| lazy_channel(&a.ledger, a.token.as_deref()).map(LedgerServiceClient::new))
+        .map(|_| client(a).map(|c| c.ledger().clone()))
         .collect::<Result<_, _>>()?;
     Ok(Pool { clients })
 }
@@ -40,14 +49,24 @@ fn run_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()[..8].to_owned()
 }
 
-fn usage(account: String, amount: &str, key: String) -> lpb::RecordUsageRequest {
-    lpb::RecordUsageRequest {
+/// Parses an id, amount or key the bench made up itself.
+fn ours<T, E: std::fmt::Display>(what: &str, r: Result<T, E>) -> Result<T, String> {
+    r.map_err(|e| format!("bench {what}: {e}"))
+}
+
+fn usage(account: AccountId, amount: Money, key: &str) -> Result<UsageRecord, String> {
+    Ok(UsageRecord {
         account_id: account,
-        category: lpb::UsageCategory::ApiRequests as i32,
-        amount: amount.to_owned(),
-        idempotency_key: key,
+        category: UsageCategory::ApiRequests,
+        amount,
+        idempotency_key: ours("key", IdempotencyKey::parse(key))?,
         description: String::new(),
-    }
+    })
+}
+
+/// The amount of one usage debit in the load scenarios.
+fn tiny() -> Money {
+    Money::new(rust_decimal::Decimal::new(125, 6))
 }
 
 /// Creates `n` accounts funded with a large grant so usage never suspends them.
@@ -55,25 +74,24 @@ async fn funded_accounts(
     pool: &Pool<Ledger>,
     prefix: &str,
     n: usize,
-) -> anyhow::Result<Vec<String>> {
-    let ids: Vec<String> = (0..n).map(|i| format!("{prefix}-{i}")).collect();
+) -> anyhow::Result<Vec<AccountId>> {
+    let ids: Vec<AccountId> = (0..n)
+        .map(|i| AccountId::parse(&format!("{prefix}-{i}")))
+        .collect::<Result<_, _>>()?;
+    let fund = Money::new(rust_decimal::Decimal::new(1_000_000, 0));
+    let key = IdempotencyKey::parse("fund")?;
     let results: Vec<anyhow::Result<()>> =
         futures_util::stream::iter(ids.clone().into_iter().enumerate())
             .map(|(i, id)| {
-                let mut l = pool.get(i);
+                let (l, key) = (pool.get(i), key.clone());
                 async move {
-                    l.create_account(lpb::CreateAccountRequest {
-                        account_id: id.clone(),
-                        billing_mode: lpb::BillingMode::Prepaid as i32,
-                        display_name: String::new(),
-                    })
-                    .await?;
-                    l.add_credits(lpb::AddCreditsRequest {
-                        account_id: id.clone(),
-                        amount: "1000000".into(),
-                        source: lpb::CreditSource::Purchase as i32,
+                    l.create_account(&id, BillingMode::Prepaid, "").await?;
+                    l.add_credits(&CreditsToAdd {
+                        account_id: id,
+                        amount: fund,
+                        source: CreditSource::Purchase,
                         reference: "bench".into(),
-                        idempotency_key: "fund".into(),
+                        idempotency_key: key,
                         description: String::new(),
                     })
                     .await?;
@@ -115,11 +133,11 @@ pub async fn run_all(a: &Args) -> anyhow::Result<Vec<Stats>> {
             a.duration(),
             1,
             move |w, i| {
-                let mut l = p.get(w);
+                let l = p.get(w);
                 let acct = accts[(w * 7919 + i as usize * 104_729) % n].clone();
                 let key = format!("{r}-s-{w}-{i}");
                 async move {
-                    l.record_usage(usage(acct, "0.000125", key))
+                    l.record_usage(&usage(acct, tiny(), &key)?)
                         .await
                         .map(|_| ())
                         .map_err(|e| e.to_string())
@@ -139,10 +157,10 @@ pub async fn run_all(a: &Args) -> anyhow::Result<Vec<Stats>> {
         }
         let (p, r) = (pool.clone(), run.clone());
         let s = load::run("usage-hot", a.concurrency, a.duration(), 1, move |w, i| {
-            let mut l = p.get(w);
+            let l = p.get(w);
             let (acct, key) = (hot.clone(), format!("{r}-h-{w}-{i}"));
             async move {
-                l.record_usage(usage(acct, "0.000125", key))
+                l.record_usage(&usage(acct, tiny(), &key)?)
                     .await
                     .map(|_| ())
                     .map_err(|e| e.to_string())
@@ -160,29 +178,23 @@ pub async fn run_all(a: &Args) -> anyhow::Result<Vec<Stats>> {
             a.duration(),
             size as u64,
             move |w, i| {
-                let mut l = p.get(w);
-                let items: Vec<_> = (0..size)
+                let l = p.get(w);
+                let items: Result<Vec<_>, String> = (0..size)
                     .map(|k| {
                         usage(
                             accts[(w * 31 + i as usize * 131 + k * 7) % n].clone(),
-                            "0.000125",
-                            format!("{r}-b-{w}-{i}-{k}"),
+                            tiny(),
+                            &format!("{r}-b-{w}-{i}-{k}"),
                         )
                     })
                     .collect();
                 async move {
                     let res = l
-                        .record_usage_batch(lpb::RecordUsageBatchRequest { items })
+                        .record_usage_batch(&items?)
                         .await
-                        .map_err(|e| e.to_string())?
-                        .into_inner();
-                    match res.results.iter().find(|r| {
-                        matches!(
-                            r.result,
-                            Some(lpb::record_usage_batch_result::Result::Error(_))
-                        )
-                    }) {
-                        Some(bad) => Err(format!("batch item failed: {bad:?}")),
+                        .map_err(|e| e.to_string())?;
+                    match res.into_iter().find_map(Result::err) {
+                        Some(bad) => Err(format!("batch item failed: {bad}")),
                         None => Ok(()),
                     }
                 }
@@ -202,10 +214,10 @@ pub async fn run_all(a: &Args) -> anyhow::Result<Vec<Stats>> {
             a.duration(),
             1,
             move |w, i| {
-                let mut l = p.get(w);
+                let l = p.get(w);
                 let acct = accts[(w * 7919 + i as usize * 104_729) % n].clone();
                 async move {
-                    l.check_access(lpb::CheckAccessRequest { account_id: acct })
+                    l.check_access(&acct)
                         .await
                         .map(|_| ())
                         .map_err(|e| e.to_string())
@@ -237,51 +249,40 @@ fn with_rss(a: &Args, mut s: Stats) -> Stats {
 /// 500 accounts with auto-recharge each cross their threshold once; the latency is from
 /// the crossing `RecordUsage` returning to the top-up credit being visible in the ledger.
 async fn recharge_latency(a: &Args, pool: &Pool<Ledger>, run: &str) -> anyhow::Result<Stats> {
-    let payments: PaymentsServiceClient<AuthChannel> =
-        PaymentsServiceClient::new(lazy_channel(&a.payments, a.token.as_deref())?);
-    let recharge: AutoRechargeServiceClient<AuthChannel> =
-        AutoRechargeServiceClient::new(lazy_channel(&a.recharge, a.token.as_deref())?);
-    let ids: Vec<String> = (0..a.recharge_accounts)
-        .map(|i| format!("rc-{run}-{i}"))
-        .collect();
+    let c = client(a)?;
+    let (payments, recharge) = (c.payments(), c.recharge());
+    let ids: Vec<AccountId> = (0..a.recharge_accounts)
+        .map(|i| AccountId::parse(&format!("rc-{run}-{i}")))
+        .collect::<Result<_, _>>()?;
+    let card = NewPaymentMethod::Card(CardDetails {
+        number: "4242424242424242".into(),
+        exp_month: 12,
+        exp_year: 2034,
+        cvc: "123".into(),
+    });
+    let buy = IdempotencyKey::parse("buy")?;
+    let settings = AutoRechargeChange::Enable {
+        threshold: Money::new(rust_decimal::Decimal::new(10, 0)),
+        target: Money::new(rust_decimal::Decimal::new(50, 0)),
+    };
     // Setup: account, card, $25 purchase, auto-recharge below 10 up to 50.
-    let setup: Vec<anyhow::Result<()>> =
+    let setup: Vec<Result<(), ClientError>> =
         futures_util::stream::iter(ids.clone().into_iter().enumerate())
             .map(|(i, id)| {
-                let (mut l, mut p, mut r) = (pool.get(i), payments.clone(), recharge.clone());
+                let l = pool.get(i);
+                let (card, buy) = (&card, &buy);
                 async move {
-                    l.create_account(lpb::CreateAccountRequest {
-                        account_id: id.clone(),
-                        ..Default::default()
-                    })
-                    .await?;
-                    p.add_payment_method(ppb::AddPaymentMethodRequest {
-                        account_id: id.clone(),
-                        method: Some(ppb::add_payment_method_request::Method::Card(
-                            ppb::CardDetails {
-                                number: "4242424242424242".into(),
-                                exp_month: 12,
-                                exp_year: 2034,
-                                cvc: "123".into(),
-                            },
-                        )),
-                        make_default: true,
-                    })
-                    .await?;
-                    p.purchase_credits(ppb::PurchaseCreditsRequest {
-                        account_id: id.clone(),
-                        amount: "25.00".into(),
-                        payment_method_id: String::new(),
-                        idempotency_key: "buy".into(),
-                    })
-                    .await?;
-                    r.set_auto_recharge(rpb::SetAutoRechargeRequest {
-                        account_id: id.clone(),
-                        enabled: true,
-                        threshold: "10".into(),
-                        target: "50".into(),
-                    })
-                    .await?;
+                    l.create_account(&id, BillingMode::Prepaid, "").await?;
+                    payments.add_payment_method(&id, card, true).await?;
+                    payments
+                        .purchase_credits(
+                            &id,
+                            Money::new(rust_decimal::Decimal::new(2500, 2)),
+                            None,
+                            buy,
+                        )
+                        .await?;
+                    recharge.set_auto_recharge(&id, settings).await?;
                     Ok(())
                 }
             })
@@ -291,6 +292,7 @@ async fn recharge_latency(a: &Args, pool: &Pool<Ledger>, run: &str) -> anyhow::R
     for s in setup {
         s?;
     }
+    let crossing_usage = Money::new(rust_decimal::Decimal::new(1501, 2));
     let mut h = load::histogram();
     let start = Instant::now();
     // Latency is measured on the ledger's own clock: from the crossing entry to the
@@ -299,39 +301,25 @@ async fn recharge_latency(a: &Args, pool: &Pool<Ledger>, run: &str) -> anyhow::R
     let timings: Vec<Result<Duration, String>> =
         futures_util::stream::iter(ids.clone().into_iter().enumerate())
             .map(|(i, id)| {
-                let mut l = pool.get(i);
+                let l = pool.get(i);
                 async move {
-                    l.record_usage(usage(id.clone(), "15.01", "cross".into()))
+                    l.record_usage(&usage(id.clone(), crossing_usage, "cross")?)
                         .await
                         .map_err(|e| e.to_string())?;
                     let t = Instant::now();
                     loop {
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         let entries = l
-                            .list_entries(lpb::ListEntriesRequest {
-                                account_id: id.clone(),
-                                page_size: 10,
-                                page_token: String::new(),
-                            })
+                            .list_entries(&id, 10, None)
                             .await
                             .map_err(|e| e.to_string())?
-                            .into_inner()
-                            .entries;
-                        let at = |e: &lpb::Entry| {
-                            e.created_at
-                                .as_ref()
-                                .map(|t| Duration::new(t.seconds as u64, t.nanos as u32))
-                        };
-                        let crossing = entries
-                            .iter()
-                            .find(|e| e.idempotency_key == "cross")
-                            .and_then(at);
+                            .items;
+                        let crossing = entries.iter().find(|e| e.idempotency_key == "cross");
                         let credit = entries
                             .iter()
-                            .find(|e| e.source == lpb::CreditSource::AutoRecharge as i32)
-                            .and_then(at);
+                            .find(|e| e.kind == EntryKind::Credit(CreditSource::AutoRecharge));
                         if let (Some(c), Some(t)) = (crossing, credit) {
-                            return Ok(t.saturating_sub(c));
+                            return Ok(between(c, t));
                         }
                         if t.elapsed() > Duration::from_secs(60) {
                             return Err(format!("{id}: no top-up within 60 s"));
@@ -354,17 +342,8 @@ async fn recharge_latency(a: &Args, pool: &Pool<Ledger>, run: &str) -> anyhow::R
     }
     // Charges must equal crossings: count top-up charges per account.
     let mut top_ups = 0usize;
-    let mut p = payments.clone();
     for id in &ids {
-        let charges = p
-            .list_charges(ppb::ListChargesRequest {
-                account_id: id.clone(),
-                page_size: 50,
-                page_token: String::new(),
-            })
-            .await?
-            .into_inner()
-            .charges;
+        let charges = payments.list_charges(id, 50, None).await?.items;
         top_ups += charges
             .iter()
             .filter(|c| c.description.starts_with("auto-recharge"))
@@ -382,4 +361,11 @@ async fn recharge_latency(a: &Args, pool: &Pool<Ledger>, run: &str) -> anyhow::R
         }
     );
     Ok(s)
+}
+
+/// Time from one entry to a later one, zero if they are out of order.
+fn between(first: &Entry, then: &Entry) -> Duration {
+    (then.created_at - first.created_at)
+        .to_std()
+        .unwrap_or_default()
 }

@@ -6,19 +6,19 @@
 
 use std::time::Duration;
 
-use credits_proto::ledger::v1 as lpb;
-use credits_proto::payments::v1 as ppb;
-use credits_proto::recharge::v1 as rpb;
+use credits_client::{
+    AccountId, AttemptStatus, AutoRechargeChange, BankAccountDetails, BillingMode, CardDetails,
+    Client, ClientError, IdempotencyKey, Money, NewPaymentMethod, UsageCategory, UsageRecord,
+};
 
-use crate::ops::Clients;
 use crate::output::{self, Out};
 
 const WAIT: Duration = Duration::from_secs(30);
 
-async fn poll<T, F, Fut>(what: &str, mut f: F) -> Result<T, tonic::Status>
+async fn poll<T, F, Fut>(what: &str, mut f: F) -> Result<T, ClientError>
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<Option<T>, tonic::Status>>,
+    Fut: std::future::Future<Output = Result<Option<T>, ClientError>>,
 {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
@@ -26,174 +26,129 @@ where
             return Ok(v);
         }
         if tokio::time::Instant::now() > deadline {
-            return Err(tonic::Status::deadline_exceeded(format!(
-                "demo: gave up waiting for {what}"
-            )));
+            return Err(ClientError::DeadlineExceeded {
+                message: format!("demo: gave up waiting for {what}"),
+            });
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
-pub async fn run(c: &mut Clients, account: Option<String>) -> Result<(), tonic::Status> {
+/// A demo amount; the literals below are valid, so this never fails.
+fn dollars(s: &str) -> Result<Money, ClientError> {
+    Ok(Money::parse_non_negative("amount", s)?)
+}
+
+pub async fn run(c: &Client, account: Option<String>) -> Result<(), ClientError> {
     let table = Out { json: false };
     let id = account
         .unwrap_or_else(|| format!("demo-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]));
-    let key = |k: &str| format!("demo-{id}-{k}");
+    let acct = AccountId::parse(&id)?;
+    let key = |k: &str| IdempotencyKey::parse(&format!("demo-{id}-{k}"));
 
     let a = c
-        .ledger
-        .create_account(lpb::CreateAccountRequest {
-            account_id: id.clone(),
-            billing_mode: lpb::BillingMode::Prepaid as i32,
-            display_name: "Demo Co".into(),
-        })
-        .await?
-        .into_inner();
+        .ledger()
+        .create_account(&acct, BillingMode::Prepaid, "Demo Co")
+        .await?;
     println!(
         "1. Created prepaid account {id}: balance {}, access {} (no free trial, R3)",
-        a.balance,
-        output::account(&a)["access"].as_str().unwrap_or("")
+        a.balance, a.access
     );
 
     let card = c
-        .payments
-        .add_payment_method(ppb::AddPaymentMethodRequest {
-            account_id: id.clone(),
-            method: Some(ppb::add_payment_method_request::Method::Card(
-                ppb::CardDetails {
-                    number: "4242424242424242".into(),
-                    exp_month: 12,
-                    exp_year: 2034,
-                    cvc: "123".into(),
-                },
-            )),
-            make_default: true,
-        })
-        .await?
-        .into_inner();
+        .payments()
+        .add_payment_method(
+            &acct,
+            &NewPaymentMethod::Card(CardDetails {
+                number: "4242424242424242".into(),
+                exp_month: 12,
+                exp_year: 2034,
+                cvc: "123".into(),
+            }),
+            true,
+        )
+        .await?;
     println!(
         "2. Added card {} ****{} as the default payment method",
         card.brand, card.last4
     );
 
     let p = c
-        .payments
-        .purchase_credits(ppb::PurchaseCreditsRequest {
-            account_id: id.clone(),
-            amount: "25.00".into(),
-            payment_method_id: String::new(),
-            idempotency_key: key("buy"),
-        })
-        .await?
-        .into_inner();
-    let access = c
-        .ledger
-        .check_access(lpb::CheckAccessRequest {
-            account_id: id.clone(),
-        })
-        .await?
-        .into_inner();
+        .payments()
+        .purchase_credits(&acct, dollars("25.00")?, None, &key("buy")?)
+        .await?;
+    let access = c.ledger().check_access(&acct).await?;
     println!(
         "3. Bought $25.00 (charge {}): balance {}, API access allowed: {}",
-        p.charge.map(|c| c.charge_id).unwrap_or_default(),
-        p.balance,
+        p.charge.charge_id,
+        p.balance.map(|b| b.to_wire()).unwrap_or_default(),
         access.allowed
     );
 
     let s = c
-        .recharge
-        .set_auto_recharge(rpb::SetAutoRechargeRequest {
-            account_id: id.clone(),
-            enabled: true,
-            threshold: "10".into(),
-            target: "50".into(),
-        })
-        .await?
-        .into_inner();
+        .recharge()
+        .set_auto_recharge(
+            &acct,
+            AutoRechargeChange::Enable {
+                threshold: dollars("10")?,
+                target: dollars("50")?,
+            },
+        )
+        .await?;
+    let shown = |m: Option<Money>| m.map(|m| m.to_wire()).unwrap_or_default();
     println!(
         "4. Auto-recharge on: when the balance goes below ${}, bring it back up to ${}",
-        s.threshold, s.target
+        shown(s.threshold),
+        shown(s.target)
     );
 
     let mut balance = String::new();
     for (i, amount) in ["5.00", "5.00", "5.01"].iter().enumerate() {
         let u = c
-            .ledger
-            .record_usage(lpb::RecordUsageRequest {
-                account_id: id.clone(),
-                category: lpb::UsageCategory::ApiRequests as i32,
-                amount: (*amount).into(),
-                idempotency_key: key(&format!("usage-{i}")),
+            .ledger()
+            .record_usage(&UsageRecord {
+                account_id: acct.clone(),
+                category: UsageCategory::ApiRequests,
+                amount: dollars(amount)?,
+                idempotency_key: key(&format!("usage-{i}"))?,
                 description: "demo traffic".into(),
             })
-            .await?
-            .into_inner();
-        balance = u.balance;
+            .await?;
+        balance = u.balance.to_wire();
     }
     println!("5. Recorded $15.01 of API usage: balance {balance}, below the $10.00 threshold");
 
-    let recharge = c.recharge.clone();
+    let recharge = c.recharge().clone();
     let attempt = poll("the top-up", || {
-        let mut r = recharge.clone();
-        let id = id.clone();
+        let (r, acct) = (recharge.clone(), acct.clone());
         async move {
-            let list = r
-                .list_recharge_attempts(rpb::ListRechargeAttemptsRequest {
-                    account_id: id,
-                    page_size: 10,
-                    page_token: String::new(),
-                })
-                .await?
-                .into_inner();
-            Ok(list.attempts.into_iter().find(|a| {
-                a.status == rpb::AttemptStatus::Succeeded as i32
-                    || a.status == rpb::AttemptStatus::Failed as i32
-            }))
+            let page = r.list_recharge_attempts(&acct, 10, None).await?;
+            Ok(page
+                .items
+                .into_iter()
+                .find(|a| matches!(a.status, AttemptStatus::Succeeded | AttemptStatus::Failed)))
         }
     })
     .await?;
-    let account = c
-        .ledger
-        .get_account(lpb::GetAccountRequest {
-            account_id: id.clone(),
-        })
-        .await?
-        .into_inner();
+    let account = c.ledger().get_account(&acct).await?;
     println!(
         "6. Auto-recharge charged the card once: ${} (attempt {}, charge {}); balance now {}",
-        attempt.amount, attempt.attempt_id, attempt.charge_id, account.balance
+        attempt.amount,
+        attempt.attempt_id,
+        attempt.charge_id.as_deref().unwrap_or_default(),
+        account.balance
     );
-    let charges = c
-        .payments
-        .list_charges(ppb::ListChargesRequest {
-            account_id: id.clone(),
-            page_size: 10,
-            page_token: String::new(),
-        })
-        .await?
-        .into_inner();
+    let charges = c.payments().list_charges(&acct, 10, None).await?;
     println!("\n   Charges:");
     table.list(
-        &charges
-            .charges
-            .iter()
-            .map(output::charge)
-            .collect::<Vec<_>>(),
+        &charges.items.iter().map(output::charge).collect::<Vec<_>>(),
         &["charge_id", "status", "amount", "description"],
     );
-    let attempts = c
-        .recharge
-        .list_recharge_attempts(rpb::ListRechargeAttemptsRequest {
-            account_id: id.clone(),
-            page_size: 10,
-            page_token: String::new(),
-        })
-        .await?
-        .into_inner();
+    let attempts = c.recharge().list_recharge_attempts(&acct, 10, None).await?;
     println!("\n   Recharge attempts:");
     table.list(
         &attempts
-            .attempts
+            .items
             .iter()
             .map(output::attempt)
             .collect::<Vec<_>>(),
@@ -201,42 +156,32 @@ pub async fn run(c: &mut Clients, account: Option<String>) -> Result<(), tonic::
     );
 
     let bank = c
-        .payments
-        .add_payment_method(ppb::AddPaymentMethodRequest {
-            account_id: id.clone(),
-            method: Some(ppb::add_payment_method_request::Method::UsBankAccount(
-                ppb::UsBankAccountDetails {
-                    routing_number: "110000000".into(),
-                    account_number: "000123456789".into(),
-                    holder_name: "Demo Co".into(),
-                },
-            )),
-            make_default: true,
-        })
-        .await?
-        .into_inner();
+        .payments()
+        .add_payment_method(
+            &acct,
+            &NewPaymentMethod::UsBankAccount(BankAccountDetails {
+                routing_number: "110000000".into(),
+                account_number: "000123456789".into(),
+                holder_name: "Demo Co".into(),
+            }),
+            true,
+        )
+        .await?;
     println!(
         "\n7. Made bank account ****{} (ACH) the default payment method",
         bank.last4
     );
     let settings = poll("auto-recharge to turn off", || {
-        let mut r = recharge.clone();
-        let id = id.clone();
+        let (r, acct) = (recharge.clone(), acct.clone());
         async move {
-            let s = r
-                .get_auto_recharge(rpb::GetAutoRechargeRequest { account_id: id })
-                .await?
-                .into_inner();
+            let s = r.get_auto_recharge(&acct).await?;
             Ok((!s.enabled).then_some(s))
         }
     })
     .await?;
     println!(
         "8. Auto-recharge turned itself off: enabled={}, reason {} (R10: cards only)",
-        settings.enabled,
-        output::auto_recharge(&settings)["disabled_reason"]
-            .as_str()
-            .unwrap_or("")
+        settings.enabled, settings.disabled_reason
     );
     println!(
         "\nDemo complete for account {id}: final balance {}",

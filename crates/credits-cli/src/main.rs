@@ -1,5 +1,5 @@
 //! `credits`: run the whole system locally (`credits up`), operate it over gRPC, or watch
-//! the demo story. Thin over the daemon libraries and the generated clients.
+//! the demo story. Thin over the daemon libraries and the typed client (`credits-client`).
 
 mod demo;
 mod ops;
@@ -7,6 +7,7 @@ mod output;
 mod up;
 
 use clap::{Parser, Subcommand};
+use credits_client::{ClientError, Code};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -65,9 +66,9 @@ async fn main() {
     let cli = Cli::parse();
     let code = match run(cli).await {
         Ok(()) => 0,
-        Err(Failure::Rpc(s)) => {
-            eprintln!("error: {}: {}", code_name(s.code()), s.message());
-            ops::exit_code(&s)
+        Err(Failure::Rpc(e)) => {
+            eprintln!("error: {}: {}", code_name(e.code()), e.message());
+            ops::exit_code(e.code())
         }
         Err(Failure::Other(e)) => {
             eprintln!("error: {e:#}");
@@ -78,13 +79,13 @@ async fn main() {
 }
 
 enum Failure {
-    Rpc(tonic::Status),
+    Rpc(ClientError),
     Other(anyhow::Error),
 }
 
-impl From<tonic::Status> for Failure {
-    fn from(s: tonic::Status) -> Self {
-        Failure::Rpc(s)
+impl From<ClientError> for Failure {
+    fn from(e: ClientError) -> Self {
+        Failure::Rpc(e)
     }
 }
 
@@ -94,7 +95,7 @@ impl From<anyhow::Error> for Failure {
     }
 }
 
-fn code_name(c: tonic::Code) -> String {
+fn code_name(c: Code) -> String {
     // "InvalidArgument" → "INVALID_ARGUMENT", as gRPC documents them.
     let s = format!("{c:?}");
     let mut out = String::new();
@@ -114,22 +115,20 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     let out = output::Out {
         json: cli.conn.json,
     };
-    let mut c = cli.conn.clients()?;
+    let c = cli.conn.client()?;
     match cli.cmd {
         Cmd::Up(_) => Ok(()),
-        Cmd::Accounts(cmd) => Ok(ops::accounts(&mut c, &out, cmd).await?),
-        Cmd::Usage(cmd) => Ok(ops::usage(&mut c, &out, cmd).await?),
+        Cmd::Accounts(cmd) => Ok(ops::accounts(&c, &out, cmd).await?),
+        Cmd::Usage(cmd) => Ok(ops::usage(&c, &out, cmd).await?),
         Cmd::Purchase {
             account_id,
             amount,
             method,
             key,
-        } => Ok(ops::purchase(&mut c, &out, account_id, amount, method, key).await?),
-        Cmd::Methods(cmd) => Ok(ops::methods(&mut c, &out, cmd).await?),
-        Cmd::Recharge(cmd) => Ok(ops::recharge(&mut c, &out, cmd).await?),
-        Cmd::Charges { account_id, limit } => {
-            Ok(ops::charges(&mut c, &out, account_id, limit).await?)
-        }
-        Cmd::Demo { account } => Ok(demo::run(&mut c, account).await?),
+        } => Ok(ops::purchase(&c, &out, account_id, amount, method, key).await?),
+        Cmd::Methods(cmd) => Ok(ops::methods(&c, &out, cmd).await?),
+        Cmd::Recharge(cmd) => Ok(ops::recharge(&c, &out, cmd).await?),
+        Cmd::Charges { account_id, limit } => Ok(ops::charges(&c, &out, account_id, limit).await?),
+        Cmd::Demo { account } => Ok(demo::run(&c, account).await?),
     }
 }

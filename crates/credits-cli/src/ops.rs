@@ -1,14 +1,15 @@
-//! Operator subcommands: thin gRPC calls with readable output and exit codes scripts can
-//! trust (see [`exit_code`]).
+//! Operator subcommands: thin calls through the typed client with readable output and
+//! exit codes scripts can trust (see [`exit_code`]).
+//!
+//! Inputs (account ids, amounts, keys, page sizes) are parsed with the same validators and
+//! field names the services use, so a bad one reads exactly as the server would put it.
 
 use clap::Subcommand;
-use credits_common::grpc::{AuthChannel, lazy_channel};
-use credits_proto::ledger::v1 as lpb;
-use credits_proto::ledger::v1::ledger_service_client::LedgerServiceClient;
-use credits_proto::payments::v1 as ppb;
-use credits_proto::payments::v1::payments_service_client::PaymentsServiceClient;
-use credits_proto::recharge::v1 as rpb;
-use credits_proto::recharge::v1::auto_recharge_service_client::AutoRechargeServiceClient;
+use credits_client::{
+    AccountId, AutoRechargeChange, BankAccountDetails, BillingMode, CardDetails, Client,
+    ClientConfig, ClientError, Code, IdempotencyKey, Money, NewPaymentMethod, RetryPolicy,
+    UsageCategory, UsageRecord,
+};
 
 use crate::output::{self, Out};
 
@@ -47,25 +48,38 @@ pub struct Conn {
     pub json: bool,
 }
 
-pub struct Clients {
-    pub ledger: LedgerServiceClient<AuthChannel>,
-    pub payments: PaymentsServiceClient<AuthChannel>,
-    pub recharge: AutoRechargeServiceClient<AuthChannel>,
-}
-
 impl Conn {
-    pub fn clients(&self) -> anyhow::Result<Clients> {
-        let t = self.token.as_deref();
-        Ok(Clients {
-            ledger: LedgerServiceClient::new(lazy_channel(&self.ledger, t)?),
-            payments: PaymentsServiceClient::new(lazy_channel(&self.payments, t)?),
-            recharge: AutoRechargeServiceClient::new(lazy_channel(&self.recharge, t)?),
-        })
+    /// A client of the three services. Every call is sent once, as the CLI always did:
+    /// an operator sees the first failure and decides whether to run the command again.
+    pub fn client(&self) -> anyhow::Result<Client> {
+        Ok(Client::connect(ClientConfig {
+            ledger_url: self.ledger.clone(),
+            payments_url: self.payments.clone(),
+            recharge_url: self.recharge.clone(),
+            token: self.token.clone(),
+            timeout: credits_client::DEFAULT_TIMEOUT,
+            retry: RetryPolicy::none(),
+        })?)
     }
 }
 
 fn new_key() -> String {
     format!("cli-{}", uuid::Uuid::new_v4())
+}
+
+fn account_id(s: &str) -> Result<AccountId, ClientError> {
+    Ok(AccountId::parse(s)?)
+}
+
+/// The given idempotency key, or a fresh one.
+fn key(k: Option<String>) -> Result<IdempotencyKey, ClientError> {
+    Ok(IdempotencyKey::parse(&k.unwrap_or_else(new_key))?)
+}
+
+/// `--limit`, refused when negative as the server's paging would refuse it.
+fn page_size(limit: i32) -> Result<u32, ClientError> {
+    credits_common::ids::paging::page_size(limit)?;
+    Ok(u32::try_from(limit).unwrap_or_default())
 }
 
 #[derive(Subcommand, Debug)]
@@ -162,48 +176,38 @@ pub enum RechargeCmd {
     },
 }
 
-pub async fn accounts(c: &mut Clients, out: &Out, cmd: AccountCmd) -> Result<(), tonic::Status> {
+pub async fn accounts(c: &Client, out: &Out, cmd: AccountCmd) -> Result<(), ClientError> {
     match cmd {
         AccountCmd::Create {
-            account_id,
+            account_id: id,
             contract,
             name,
         } => {
             let mode = if contract {
-                lpb::BillingMode::Contract
+                BillingMode::Contract
             } else {
-                lpb::BillingMode::Prepaid
+                BillingMode::Prepaid
             };
             let a = c
-                .ledger
-                .create_account(lpb::CreateAccountRequest {
-                    account_id,
-                    billing_mode: mode as i32,
-                    display_name: name,
-                })
-                .await?
-                .into_inner();
+                .ledger()
+                .create_account(&account_id(&id)?, mode, &name)
+                .await?;
             out.one(&output::account(&a));
         }
-        AccountCmd::Show { account_id } => {
-            let a = c
-                .ledger
-                .get_account(lpb::GetAccountRequest { account_id })
-                .await?
-                .into_inner();
+        AccountCmd::Show { account_id: id } => {
+            let a = c.ledger().get_account(&account_id(&id)?).await?;
             out.one(&output::account(&a));
         }
-        AccountCmd::Entries { account_id, limit } => {
-            let r = c
-                .ledger
-                .list_entries(lpb::ListEntriesRequest {
-                    account_id,
-                    page_size: limit,
-                    page_token: String::new(),
-                })
-                .await?
-                .into_inner();
-            let rows: Vec<_> = r.entries.iter().map(output::entry).collect();
+        AccountCmd::Entries {
+            account_id: id,
+            limit,
+        } => {
+            let id = account_id(&id)?;
+            let page = c
+                .ledger()
+                .list_entries(&id, page_size(limit)?, None)
+                .await?;
+            let rows: Vec<_> = page.items.iter().map(output::entry).collect();
             out.list(
                 &rows,
                 &[
@@ -220,61 +224,59 @@ pub async fn accounts(c: &mut Clients, out: &Out, cmd: AccountCmd) -> Result<(),
     Ok(())
 }
 
-pub async fn usage(c: &mut Clients, out: &Out, cmd: UsageCmd) -> Result<(), tonic::Status> {
+pub async fn usage(c: &Client, out: &Out, cmd: UsageCmd) -> Result<(), ClientError> {
     let UsageCmd::Record {
-        account_id,
+        account_id: id,
         amount,
         category,
-        key,
+        key: k,
         description,
     } = cmd;
-    let category =
-        lpb::UsageCategory::from_str_name(&category).unwrap_or(lpb::UsageCategory::Unspecified);
+    // In the order the ledger checks them, so the first bad field is the one it would name.
+    let account_id = account_id(&id)?;
+    let category: UsageCategory = category.parse().map_err(|e| ClientError::InvalidArgument {
+        message: format!("category: {e}"),
+    })?;
+    let amount = Money::parse_positive("amount", &amount)?;
     let r = c
-        .ledger
-        .record_usage(lpb::RecordUsageRequest {
+        .ledger()
+        .record_usage(&UsageRecord {
             account_id,
-            category: category as i32,
+            category,
             amount,
-            idempotency_key: key.unwrap_or_else(new_key),
+            idempotency_key: key(k)?,
             description,
         })
-        .await?
-        .into_inner();
-    let mut v = r.entry.as_ref().map(output::entry).unwrap_or_default();
-    v["balance"] = r.balance.into();
+        .await?;
+    let mut v = output::entry(&r.entry);
+    v["balance"] = r.balance.to_wire().into();
     v["allowed"] = r.allowed.into();
     out.one(&v);
     Ok(())
 }
 
 pub async fn purchase(
-    c: &mut Clients,
+    c: &Client,
     out: &Out,
-    account_id: String,
+    id: String,
     amount: String,
     method: Option<String>,
-    key: Option<String>,
-) -> Result<(), tonic::Status> {
+    k: Option<String>,
+) -> Result<(), ClientError> {
+    let account = account_id(&id)?;
+    let amount = Money::parse_positive("amount", &amount)?;
     let r = c
-        .payments
-        .purchase_credits(ppb::PurchaseCreditsRequest {
-            account_id,
-            amount,
-            payment_method_id: method.unwrap_or_default(),
-            idempotency_key: key.unwrap_or_else(new_key),
-        })
-        .await?
-        .into_inner();
-    let mut v = r.charge.as_ref().map(output::charge).unwrap_or_default();
+        .payments()
+        .purchase_credits(&account, amount, method.as_deref(), &key(k)?)
+        .await?;
+    let mut v = output::charge(&r.charge);
     v["ledger_entry_id"] = r.entry.map(|e| e.entry_id).unwrap_or_default().into();
-    v["balance"] = r.balance.into();
+    v["balance"] = r.balance.map(|b| b.to_wire()).unwrap_or_default().into();
     out.one(&v);
     Ok(())
 }
 
-pub async fn methods(c: &mut Clients, out: &Out, cmd: MethodCmd) -> Result<(), tonic::Status> {
-    use ppb::add_payment_method_request::Method;
+pub async fn methods(c: &Client, out: &Out, cmd: MethodCmd) -> Result<(), ClientError> {
     let added = match cmd {
         MethodCmd::AddCard {
             account_id,
@@ -285,7 +287,7 @@ pub async fn methods(c: &mut Clients, out: &Out, cmd: MethodCmd) -> Result<(), t
             default,
         } => Some((
             account_id,
-            Method::Card(ppb::CardDetails {
+            NewPaymentMethod::Card(CardDetails {
                 number,
                 exp_month,
                 exp_year,
@@ -301,20 +303,16 @@ pub async fn methods(c: &mut Clients, out: &Out, cmd: MethodCmd) -> Result<(), t
             default,
         } => Some((
             account_id,
-            Method::UsBankAccount(ppb::UsBankAccountDetails {
+            NewPaymentMethod::UsBankAccount(BankAccountDetails {
                 routing_number,
                 account_number,
                 holder_name,
             }),
             default,
         )),
-        MethodCmd::List { account_id } => {
-            let r = c
-                .payments
-                .list_payment_methods(ppb::ListPaymentMethodsRequest { account_id })
-                .await?
-                .into_inner();
-            let rows: Vec<_> = r.payment_methods.iter().map(output::method).collect();
+        MethodCmd::List { account_id: id } => {
+            let methods = c.payments().list_payment_methods(&account_id(&id)?).await?;
+            let rows: Vec<_> = methods.iter().map(output::method).collect();
             out.list(
                 &rows,
                 &[
@@ -329,99 +327,73 @@ pub async fn methods(c: &mut Clients, out: &Out, cmd: MethodCmd) -> Result<(), t
             None
         }
         MethodCmd::Default {
-            account_id,
+            account_id: id,
             payment_method_id,
         } => {
             let m = c
-                .payments
-                .set_default_payment_method(ppb::SetDefaultPaymentMethodRequest {
-                    account_id,
-                    payment_method_id,
-                })
-                .await?
-                .into_inner();
+                .payments()
+                .set_default_payment_method(&account_id(&id)?, &payment_method_id)
+                .await?;
             out.one(&output::method(&m));
             None
         }
         MethodCmd::Remove {
-            account_id,
+            account_id: id,
             payment_method_id,
         } => {
-            c.payments
-                .remove_payment_method(ppb::RemovePaymentMethodRequest {
-                    account_id,
-                    payment_method_id: payment_method_id.clone(),
-                })
+            c.payments()
+                .remove_payment_method(&account_id(&id)?, &payment_method_id)
                 .await?;
             out.say(&format!("removed {payment_method_id}"));
             None
         }
     };
-    if let Some((account_id, method, make_default)) = added {
+    if let Some((id, method, make_default)) = added {
         let m = c
-            .payments
-            .add_payment_method(ppb::AddPaymentMethodRequest {
-                account_id,
-                method: Some(method),
-                make_default,
-            })
-            .await?
-            .into_inner();
+            .payments()
+            .add_payment_method(&account_id(&id)?, &method, make_default)
+            .await?;
         out.one(&output::method(&m));
     }
     Ok(())
 }
 
-pub async fn recharge(c: &mut Clients, out: &Out, cmd: RechargeCmd) -> Result<(), tonic::Status> {
+pub async fn recharge(c: &Client, out: &Out, cmd: RechargeCmd) -> Result<(), ClientError> {
     match cmd {
-        RechargeCmd::Show { account_id } => {
-            let a = c
-                .recharge
-                .get_auto_recharge(rpb::GetAutoRechargeRequest { account_id })
-                .await?
-                .into_inner();
+        RechargeCmd::Show { account_id: id } => {
+            let a = c.recharge().get_auto_recharge(&account_id(&id)?).await?;
             out.one(&output::auto_recharge(&a));
         }
         RechargeCmd::Set {
-            account_id,
+            account_id: id,
             threshold,
             target,
         } => {
-            let a = c
-                .recharge
-                .set_auto_recharge(rpb::SetAutoRechargeRequest {
-                    account_id,
-                    enabled: true,
-                    threshold,
-                    target,
-                })
-                .await?
-                .into_inner();
+            let account = account_id(&id)?;
+            let change = AutoRechargeChange::Enable {
+                threshold: Money::parse_non_negative("threshold", &threshold)?,
+                target: Money::parse_non_negative("target", &target)?,
+            };
+            let a = c.recharge().set_auto_recharge(&account, change).await?;
             out.one(&output::auto_recharge(&a));
         }
-        RechargeCmd::Off { account_id } => {
+        RechargeCmd::Off { account_id: id } => {
             let a = c
-                .recharge
-                .set_auto_recharge(rpb::SetAutoRechargeRequest {
-                    account_id,
-                    enabled: false,
-                    ..Default::default()
-                })
-                .await?
-                .into_inner();
+                .recharge()
+                .set_auto_recharge(&account_id(&id)?, AutoRechargeChange::Disable)
+                .await?;
             out.one(&output::auto_recharge(&a));
         }
-        RechargeCmd::Attempts { account_id, limit } => {
-            let r = c
-                .recharge
-                .list_recharge_attempts(rpb::ListRechargeAttemptsRequest {
-                    account_id,
-                    page_size: limit,
-                    page_token: String::new(),
-                })
-                .await?
-                .into_inner();
-            let rows: Vec<_> = r.attempts.iter().map(output::attempt).collect();
+        RechargeCmd::Attempts {
+            account_id: id,
+            limit,
+        } => {
+            let id = account_id(&id)?;
+            let page = c
+                .recharge()
+                .list_recharge_attempts(&id, page_size(limit)?, None)
+                .await?;
+            let rows: Vec<_> = page.items.iter().map(output::attempt).collect();
             out.list(
                 &rows,
                 &[
@@ -439,22 +411,13 @@ pub async fn recharge(c: &mut Clients, out: &Out, cmd: RechargeCmd) -> Result<()
     Ok(())
 }
 
-pub async fn charges(
-    c: &mut Clients,
-    out: &Out,
-    account_id: String,
-    limit: i32,
-) -> Result<(), tonic::Status> {
-    let r = c
-        .payments
-        .list_charges(ppb::ListChargesRequest {
-            account_id,
-            page_size: limit,
-            page_token: String::new(),
-        })
-        .await?
-        .into_inner();
-    let rows: Vec<_> = r.charges.iter().map(output::charge).collect();
+pub async fn charges(c: &Client, out: &Out, id: String, limit: i32) -> Result<(), ClientError> {
+    let id = account_id(&id)?;
+    let page = c
+        .payments()
+        .list_charges(&id, page_size(limit)?, None)
+        .await?;
+    let rows: Vec<_> = page.items.iter().map(output::charge).collect();
     out.list(
         &rows,
         &[
@@ -472,9 +435,8 @@ pub async fn charges(
 /// Exit codes: 0 success, 2 usage error (clap), 3 invalid argument, 4 not found,
 /// 5 refused by a rule (failed precondition) or idempotency conflict (already exists),
 /// 6 a service unavailable, 7 unauthenticated, 1 anything else.
-pub fn exit_code(s: &tonic::Status) -> i32 {
-    use tonic::Code;
-    match s.code() {
+pub fn exit_code(code: Code) -> i32 {
+    match code {
         Code::InvalidArgument | Code::OutOfRange => 3,
         Code::NotFound => 4,
         Code::FailedPrecondition | Code::AlreadyExists => 5,

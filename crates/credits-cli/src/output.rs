@@ -3,9 +3,8 @@
 
 #![allow(clippy::print_stdout)] // printing is this module's job
 
-use credits_proto::ledger::v1 as lpb;
-use credits_proto::payments::v1 as ppb;
-use credits_proto::recharge::v1 as rpb;
+use chrono::{DateTime, Utc};
+use credits_client::{Account, AutoRecharge, Charge, Entry, Money, PaymentMethod, RechargeAttempt};
 use serde_json::{Value, json};
 
 pub struct Out {
@@ -77,154 +76,106 @@ impl Out {
     }
 }
 
-fn ts(t: &Option<prost_types::Timestamp>) -> Value {
+/// RFC 3339 to the second, UTC; `null` when absent.
+fn ts(t: Option<DateTime<Utc>>) -> Value {
     match t {
-        Some(t) => match chrono_like(t) {
-            Some(s) => Value::String(s),
-            None => Value::Null,
-        },
+        Some(t) => Value::String(t.format("%Y-%m-%dT%H:%M:%SZ").to_string()),
         None => Value::Null,
     }
 }
 
-/// RFC 3339 without pulling chrono into the CLI's public surface.
-fn chrono_like(t: &prost_types::Timestamp) -> Option<String> {
-    let secs = t.seconds;
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    // Civil-from-days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    Some(format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    ))
+/// An optional amount as the wire spells it: empty when absent.
+fn money(m: Option<Money>) -> String {
+    m.map(|m| m.to_wire()).unwrap_or_default()
 }
 
-fn name<E: std::fmt::Debug>(v: Result<E, prost::UnknownEnumValue>) -> String {
-    match v {
-        Ok(e) => {
-            // prost's Debug is CamelCase; the contract's names are SCREAMING_SNAKE.
-            let s = format!("{e:?}");
-            let mut out = String::new();
-            for (i, ch) in s.chars().enumerate() {
-                if ch.is_uppercase() && i > 0 {
-                    out.push('_');
-                }
-                out.push(ch.to_ascii_uppercase());
-            }
-            out
-        }
-        Err(e) => e.to_string(),
-    }
-}
-
-pub fn account(a: &lpb::Account) -> Value {
+pub fn account(a: &Account) -> Value {
     json!({
-        "account_id": a.account_id,
-        "billing_mode": name(lpb::BillingMode::try_from(a.billing_mode)),
+        "account_id": a.account_id.as_str(),
+        "billing_mode": a.billing_mode.as_str(),
         "display_name": a.display_name,
-        "balance": a.balance,
-        "access": name(lpb::Access::try_from(a.access)),
-        "balance_threshold": a.balance_threshold,
-        "created_at": ts(&a.created_at),
+        "balance": a.balance.to_wire(),
+        "access": a.access.as_str(),
+        "balance_threshold": money(a.balance_threshold),
+        "created_at": ts(Some(a.created_at)),
     })
 }
 
-pub fn entry(e: &lpb::Entry) -> Value {
-    let kind = lpb::EntryKind::try_from(e.kind);
-    let what = if kind == Ok(lpb::EntryKind::Usage) {
-        name(lpb::UsageCategory::try_from(e.category))
-    } else {
-        name(lpb::CreditSource::try_from(e.source))
-    };
+pub fn entry(e: &Entry) -> Value {
     json!({
         "entry_id": e.entry_id,
-        "kind": name(kind),
-        "category_or_source": what,
-        "amount": e.amount,
-        "balance_after": e.balance_after,
+        "kind": e.kind.as_str(),
+        "category_or_source": e.kind.detail(),
+        "amount": e.amount.to_wire(),
+        "balance_after": e.balance_after.to_wire(),
         "reference": e.reference,
-        "created_at": ts(&e.created_at),
+        "created_at": ts(Some(e.created_at)),
     })
 }
 
-pub fn method(m: &ppb::PaymentMethod) -> Value {
+pub fn method(m: &PaymentMethod) -> Value {
     json!({
         "payment_method_id": m.payment_method_id,
-        "type": name(ppb::PaymentMethodType::try_from(m.r#type)),
+        "type": m.method_type.as_str(),
         "brand": m.brand,
         "last4": m.last4,
-        "expiry": if m.exp_month > 0 { format!("{:02}/{}", m.exp_month, m.exp_year) } else { String::new() },
+        "expiry": m.expiry.map(|x| format!("{:02}/{}", x.month, x.year)).unwrap_or_default(),
         "is_default": m.is_default,
     })
 }
 
-pub fn charge(c: &ppb::Charge) -> Value {
+pub fn charge(c: &Charge) -> Value {
     json!({
         "charge_id": c.charge_id,
-        "status": name(ppb::ChargeStatus::try_from(c.status)),
-        "amount": c.amount,
-        "failure_code": c.failure_code,
+        "status": c.status.as_str(),
+        "amount": c.amount.to_wire(),
+        "failure_code": c.failure_code.as_deref().unwrap_or_default(),
         "payment_method_id": c.payment_method_id,
         "description": c.description,
-        "created_at": ts(&c.created_at),
+        "created_at": ts(Some(c.created_at)),
     })
 }
 
-pub fn auto_recharge(a: &rpb::AutoRecharge) -> Value {
+pub fn auto_recharge(a: &AutoRecharge) -> Value {
     json!({
-        "account_id": a.account_id,
+        "account_id": a.account_id.as_str(),
         "enabled": a.enabled,
-        "threshold": a.threshold,
-        "target": a.target,
-        "disabled_reason": name(rpb::DisabledReason::try_from(a.disabled_reason)),
+        "threshold": money(a.threshold),
+        "target": money(a.target),
+        "disabled_reason": a.disabled_reason.as_str(),
         "consecutive_failures": a.consecutive_failures,
-        "updated_at": ts(&a.updated_at),
+        "updated_at": ts(a.updated_at),
     })
 }
 
-pub fn attempt(a: &rpb::RechargeAttempt) -> Value {
+pub fn attempt(a: &RechargeAttempt) -> Value {
     json!({
         "attempt_id": a.attempt_id,
-        "status": name(rpb::AttemptStatus::try_from(a.status)),
+        "status": a.status.as_str(),
         "trigger": a.trigger,
-        "balance_at_trigger": a.balance_at_trigger,
-        "amount": a.amount,
-        "charge_id": a.charge_id,
-        "failure_code": a.failure_code,
-        "created_at": ts(&a.created_at),
+        "balance_at_trigger": a.balance_at_trigger.to_wire(),
+        "amount": a.amount.to_wire(),
+        "charge_id": a.charge_id.as_deref().unwrap_or_default(),
+        "failure_code": a.failure_code.as_deref().unwrap_or_default(),
+        "created_at": ts(Some(a.created_at)),
     })
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
     #[test]
-    fn enum_names_follow_the_contract() {
-        assert_eq!(name(lpb::Access::try_from(1)), "PENDING_FIRST_PURCHASE");
-        assert_eq!(
-            name(rpb::DisabledReason::try_from(2)),
-            "DEFAULT_PAYMENT_METHOD_NOT_CARD"
-        );
+    fn timestamps_are_rfc3339_to_the_second() {
+        let t = DateTime::from_timestamp(1_795_478_400, 999_000_000).unwrap();
+        assert_eq!(ts(Some(t)), Value::String("2026-11-24T00:00:00Z".into()));
+        assert_eq!(ts(None), Value::Null);
     }
 
     #[test]
-    fn timestamps_are_rfc3339() {
-        let t = prost_types::Timestamp {
-            seconds: 1_795_478_400,
-            nanos: 0,
-        };
-        assert_eq!(chrono_like(&t).as_deref(), Some("2026-11-24T00:00:00Z"));
+    fn absent_amounts_print_as_the_wire_does() {
+        assert_eq!(money(None), "");
+        assert_eq!(money(Some("12.5".parse().unwrap())), "12.50");
     }
 }

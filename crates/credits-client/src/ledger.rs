@@ -1,0 +1,259 @@
+//! [`Ledger`]: every RPC of `credits.ledger.v1.LedgerService` — accounts, the journal,
+//! balances, access and balance thresholds.
+
+use credits_common::Money;
+use credits_common::ids::AccountId;
+use credits_proto::ledger::v1 as lpb;
+use credits_proto::ledger::v1::ledger_service_client::LedgerServiceClient;
+
+use crate::retry::{self, Repeat, RetryPolicy};
+use crate::types::{
+    AccessCheck, Account, BalanceThreshold, BillingMode, CreditsAdded, CreditsToAdd, Entry, Page,
+    UsageRecord, UsageRecorded, page_size,
+};
+use crate::{AuthChannel, ClientError};
+
+/// The ledger service (default port 50051). Cheap to clone; clones share the connection.
+#[derive(Clone, Debug)]
+pub struct Ledger {
+    inner: LedgerServiceClient<AuthChannel>,
+    retry: RetryPolicy,
+}
+
+impl Ledger {
+    pub(crate) fn new(channel: AuthChannel, retry: RetryPolicy) -> Self {
+        Ledger {
+            inner: LedgerServiceClient::new(channel),
+            retry,
+        }
+    }
+
+    /// Creates an account (R3: a prepaid account has no access until its first purchase).
+    ///
+    /// Retried when transient: creating an account that exists with the same settings
+    /// returns it, so a repeat cannot create a second one; different settings are
+    /// [`ClientError::AlreadyExists`].
+    pub async fn create_account(
+        &self,
+        account: &AccountId,
+        billing_mode: BillingMode,
+        display_name: &str,
+    ) -> Result<Account, ClientError> {
+        let req = lpb::CreateAccountRequest {
+            account_id: account.to_string(),
+            billing_mode: billing_mode.to_wire(),
+            display_name: display_name.to_owned(),
+        };
+        retry::call(
+            &self.retry,
+            Repeat::Safe,
+            &self.inner,
+            req,
+            |mut c, r| async move { c.create_account(r).await },
+        )
+        .await?
+        .try_into()
+    }
+
+    pub async fn get_account(&self, account: &AccountId) -> Result<Account, ClientError> {
+        let req = lpb::GetAccountRequest {
+            account_id: account.to_string(),
+        };
+        retry::call(
+            &self.retry,
+            Repeat::Safe,
+            &self.inner,
+            req,
+            |mut c, r| async move { c.get_account(r).await },
+        )
+        .await?
+        .try_into()
+    }
+
+    /// Whether the account may call the API right now (R4, R5).
+    pub async fn check_access(&self, account: &AccountId) -> Result<AccessCheck, ClientError> {
+        let req = lpb::CheckAccessRequest {
+            account_id: account.to_string(),
+        };
+        retry::call(
+            &self.retry,
+            Repeat::Safe,
+            &self.inner,
+            req,
+            |mut c, r| async move { c.check_access(r).await },
+        )
+        .await?
+        .try_into()
+    }
+
+    /// Records usage that was already served (R4). Retried when transient: the
+    /// idempotency key makes a repeat return the first result (R12).
+    pub async fn record_usage(&self, usage: &UsageRecord) -> Result<UsageRecorded, ClientError> {
+        retry::call(
+            &self.retry,
+            Repeat::Safe,
+            &self.inner,
+            usage.to_wire(),
+            |mut c, r| async move { c.record_usage(r).await },
+        )
+        .await?
+        .try_into()
+    }
+
+    /// Records many usage items in one call; each succeeds or fails on its own, and the
+    /// results come back in the order of `items`. The call as a whole fails only when the
+    /// batch could not be processed at all. Retried when transient (every item carries
+    /// its idempotency key).
+    pub async fn record_usage_batch(
+        &self,
+        items: &[UsageRecord],
+    ) -> Result<Vec<Result<UsageRecorded, ClientError>>, ClientError> {
+        let req = lpb::RecordUsageBatchRequest {
+            items: items.iter().map(UsageRecord::to_wire).collect(),
+        };
+        let r = retry::call(
+            &self.retry,
+            Repeat::Safe,
+            &self.inner,
+            req,
+            |mut c, r| async move { c.record_usage_batch(r).await },
+        )
+        .await?;
+        if r.results.len() != items.len() {
+            return Err(ClientError::bad_response(format!(
+                "results: {} for {} items",
+                r.results.len(),
+                items.len()
+            )));
+        }
+        Ok(r.results.into_iter().map(batch_result).collect())
+    }
+
+    /// Adds credits. Retried when transient (idempotency key, R12).
+    pub async fn add_credits(&self, credits: &CreditsToAdd) -> Result<CreditsAdded, ClientError> {
+        retry::call(
+            &self.retry,
+            Repeat::Safe,
+            &self.inner,
+            credits.to_wire(),
+            |mut c, r| async move { c.add_credits(r).await },
+        )
+        .await?
+        .try_into()
+    }
+
+    /// Journal entries, newest first (R13). `page_size` 0 is the server's default (50);
+    /// pass the previous page's `next_page_token` to continue.
+    pub async fn list_entries(
+        &self,
+        account: &AccountId,
+        page_size_: u32,
+        page_token: Option<&str>,
+    ) -> Result<Page<Entry>, ClientError> {
+        let req = lpb::ListEntriesRequest {
+            account_id: account.to_string(),
+            page_size: page_size(page_size_),
+            page_token: page_token.unwrap_or_default().to_owned(),
+        };
+        let r = retry::call(
+            &self.retry,
+            Repeat::Safe,
+            &self.inner,
+            req,
+            |mut c, r| async move { c.list_entries(r).await },
+        )
+        .await?;
+        Page::from_wire(r.entries, r.next_page_token)
+    }
+
+    /// Registers the balance below which a posting publishes a threshold crossing.
+    ///
+    /// With a `version`, the write applies only if it is newer than the last versioned
+    /// one, so it is safe to repeat and is retried when transient; without one it always
+    /// applies, so a late repeat could overwrite a newer writer, and it is sent once.
+    pub async fn set_balance_threshold(
+        &self,
+        account: &AccountId,
+        threshold: Money,
+        version: Option<i64>,
+    ) -> Result<BalanceThreshold, ClientError> {
+        let req = lpb::SetBalanceThresholdRequest {
+            account_id: account.to_string(),
+            threshold: threshold.to_wire(),
+            version: version.unwrap_or(0),
+        };
+        retry::call(
+            &self.retry,
+            versioned(version),
+            &self.inner,
+            req,
+            |mut c, r| async move { c.set_balance_threshold(r).await },
+        )
+        .await?
+        .try_into()
+    }
+
+    /// Removes the balance threshold; `version` as in [`Ledger::set_balance_threshold`].
+    pub async fn clear_balance_threshold(
+        &self,
+        account: &AccountId,
+        version: Option<i64>,
+    ) -> Result<BalanceThreshold, ClientError> {
+        let req = lpb::ClearBalanceThresholdRequest {
+            account_id: account.to_string(),
+            version: version.unwrap_or(0),
+        };
+        retry::call(
+            &self.retry,
+            versioned(version),
+            &self.inner,
+            req,
+            |mut c, r| async move { c.clear_balance_threshold(r).await },
+        )
+        .await?
+        .try_into()
+    }
+}
+
+fn versioned(version: Option<i64>) -> Repeat {
+    match version {
+        Some(v) if v > 0 => Repeat::Safe,
+        _ => Repeat::Once,
+    }
+}
+
+fn batch_result(r: lpb::RecordUsageBatchResult) -> Result<UsageRecorded, ClientError> {
+    use lpb::record_usage_batch_result::Result as R;
+    match r.result {
+        Some(R::Ok(ok)) => UsageRecorded::try_from(ok),
+        Some(R::Error(s)) => Err(ClientError::from_code(tonic::Code::from(s.code), s.message)),
+        None => Err(ClientError::bad_response("results[]: neither ok nor error")),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_item_errors_keep_their_class() {
+        let r = batch_result(lpb::RecordUsageBatchResult {
+            result: Some(lpb::record_usage_batch_result::Result::Error(lpb::Status {
+                code: tonic::Code::AlreadyExists as i32,
+                message: "items[3]: key reused".into(),
+            })),
+        });
+        let e = r.unwrap_err();
+        assert!(matches!(e, ClientError::AlreadyExists { .. }), "{e:?}");
+        assert_eq!(e.message(), "items[3]: key reused");
+        assert!(batch_result(lpb::RecordUsageBatchResult { result: None }).is_err());
+    }
+
+    #[test]
+    fn only_versioned_threshold_writes_are_repeatable() {
+        assert_eq!(versioned(None), Repeat::Once);
+        assert_eq!(versioned(Some(0)), Repeat::Once);
+        assert_eq!(versioned(Some(7)), Repeat::Safe);
+    }
+}

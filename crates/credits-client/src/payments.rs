@@ -1,0 +1,214 @@
+//! [`Payments`]: every RPC of `credits.payments.v1.PaymentsService` — payment methods,
+//! charges and credit purchases.
+
+use credits_common::Money;
+use credits_common::ids::{AccountId, IdempotencyKey};
+use credits_proto::payments::v1 as ppb;
+use credits_proto::payments::v1::payments_service_client::PaymentsServiceClient;
+
+use crate::retry::{self, Repeat, RetryPolicy};
+use crate::types::{Charge, NewPaymentMethod, Page, PaymentMethod, Purchase, page_size};
+use crate::{AuthChannel, ClientError};
+
+/// The payments service (default port 50052). Cheap to clone; clones share the
+/// connection.
+#[derive(Clone, Debug)]
+pub struct Payments {
+    inner: PaymentsServiceClient<AuthChannel>,
+    retry: RetryPolicy,
+}
+
+impl Payments {
+    pub(crate) fn new(channel: AuthChannel, retry: RetryPolicy) -> Self {
+        Payments {
+            inner: PaymentsServiceClient::new(channel),
+            retry,
+        }
+    }
+
+    /// Adds a card or bank account (tokenised by the processor, never stored, R14). Sent
+    /// once: a repeat after a lost answer would add a second method.
+    pub async fn add_payment_method(
+        &self,
+        account: &AccountId,
+        method: &NewPaymentMethod,
+        make_default: bool,
+    ) -> Result<PaymentMethod, ClientError> {
+        let req = ppb::AddPaymentMethodRequest {
+            account_id: account.to_string(),
+            method: Some(method.to_wire()),
+            make_default,
+        };
+        retry::call(
+            &self.retry,
+            Repeat::Once,
+            &self.inner,
+            req,
+            |mut c, r| async move { c.add_payment_method(r).await },
+        )
+        .await?
+        .try_into()
+    }
+
+    pub async fn list_payment_methods(
+        &self,
+        account: &AccountId,
+    ) -> Result<Vec<PaymentMethod>, ClientError> {
+        let req = ppb::ListPaymentMethodsRequest {
+            account_id: account.to_string(),
+        };
+        retry::call(
+            &self.retry,
+            Repeat::Safe,
+            &self.inner,
+            req,
+            |mut c, r| async move { c.list_payment_methods(r).await },
+        )
+        .await?
+        .payment_methods
+        .into_iter()
+        .map(PaymentMethod::try_from)
+        .collect()
+    }
+
+    /// Makes a method the default (R10: a bank account as default turns auto-recharge
+    /// off). Sent once.
+    pub async fn set_default_payment_method(
+        &self,
+        account: &AccountId,
+        payment_method_id: &str,
+    ) -> Result<PaymentMethod, ClientError> {
+        let req = ppb::SetDefaultPaymentMethodRequest {
+            account_id: account.to_string(),
+            payment_method_id: payment_method_id.to_owned(),
+        };
+        retry::call(
+            &self.retry,
+            Repeat::Once,
+            &self.inner,
+            req,
+            |mut c, r| async move { c.set_default_payment_method(r).await },
+        )
+        .await?
+        .try_into()
+    }
+
+    /// Removes a method. Sent once.
+    pub async fn remove_payment_method(
+        &self,
+        account: &AccountId,
+        payment_method_id: &str,
+    ) -> Result<(), ClientError> {
+        let req = ppb::RemovePaymentMethodRequest {
+            account_id: account.to_string(),
+            payment_method_id: payment_method_id.to_owned(),
+        };
+        retry::call(
+            &self.retry,
+            Repeat::Once,
+            &self.inner,
+            req,
+            |mut c, r| async move { c.remove_payment_method(r).await },
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Charges a method (`None`: the default) once per idempotency key; `amount` in whole
+    /// cents. Retried when transient (R12). A `Pending` card charge may be completed by
+    /// calling again with the same key.
+    pub async fn charge(
+        &self,
+        account: &AccountId,
+        amount: Money,
+        payment_method_id: Option<&str>,
+        idempotency_key: &IdempotencyKey,
+        description: &str,
+    ) -> Result<Charge, ClientError> {
+        let req = ppb::ChargeRequest {
+            account_id: account.to_string(),
+            amount: amount.to_wire(),
+            payment_method_id: payment_method_id.unwrap_or_default().to_owned(),
+            idempotency_key: idempotency_key.as_str().to_owned(),
+            description: description.to_owned(),
+        };
+        retry::call(
+            &self.retry,
+            Repeat::Safe,
+            &self.inner,
+            req,
+            |mut c, r| async move { c.charge(r).await },
+        )
+        .await?
+        .try_into()
+    }
+
+    /// Charges, then credits the ledger (R3: at least the minimum purchase). Retried when
+    /// transient (R12). With an ACH method the credit comes when the charge settles.
+    pub async fn purchase_credits(
+        &self,
+        account: &AccountId,
+        amount: Money,
+        payment_method_id: Option<&str>,
+        idempotency_key: &IdempotencyKey,
+    ) -> Result<Purchase, ClientError> {
+        let req = ppb::PurchaseCreditsRequest {
+            account_id: account.to_string(),
+            amount: amount.to_wire(),
+            payment_method_id: payment_method_id.unwrap_or_default().to_owned(),
+            idempotency_key: idempotency_key.as_str().to_owned(),
+        };
+        retry::call(
+            &self.retry,
+            Repeat::Safe,
+            &self.inner,
+            req,
+            |mut c, r| async move { c.purchase_credits(r).await },
+        )
+        .await?
+        .try_into()
+    }
+
+    /// Charges, newest first (R13); paging as in [`crate::Ledger::list_entries`].
+    pub async fn list_charges(
+        &self,
+        account: &AccountId,
+        page_size_: u32,
+        page_token: Option<&str>,
+    ) -> Result<Page<Charge>, ClientError> {
+        let req = ppb::ListChargesRequest {
+            account_id: account.to_string(),
+            page_size: page_size(page_size_),
+            page_token: page_token.unwrap_or_default().to_owned(),
+        };
+        let r = retry::call(
+            &self.retry,
+            Repeat::Safe,
+            &self.inner,
+            req,
+            |mut c, r| async move { c.list_charges(r).await },
+        )
+        .await?;
+        Page::from_wire(r.charges, r.next_page_token)
+    }
+
+    pub async fn get_charge(
+        &self,
+        account: &AccountId,
+        charge_id: &str,
+    ) -> Result<Charge, ClientError> {
+        let req = ppb::GetChargeRequest {
+            account_id: account.to_string(),
+            charge_id: charge_id.to_owned(),
+        };
+        retry::call(
+            &self.retry,
+            Repeat::Safe,
+            &self.inner,
+            req,
+            |mut c, r| async move { c.get_charge(r).await },
+        )
+        .await?
+        .try_into()
+    }
+}
