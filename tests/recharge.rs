@@ -725,8 +725,10 @@ async fn a_usage_storm_with_two_replicas_charges_exactly_what_it_credits() {
         attempts.len(),
         "no failures with a good card"
     );
+    // How many top-ups depends on how fast they land against the storm (a loaded machine
+    // makes fewer, larger ones, R9); at least two shows a crossing after a top-up.
     assert!(
-        succeeded.len() >= 3,
+        succeeded.len() >= 2,
         "the storm crossed the threshold repeatedly ({} top-ups)",
         succeeded.len()
     );

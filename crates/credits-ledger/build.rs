@@ -2,4 +2,5 @@
 //! would not rebuild the crate, and an incremental build would run the old set.
 fn main() {
     println!("cargo:rerun-if-changed=migrations");
+    println!("cargo:rerun-if-changed=sql");
 }

@@ -90,13 +90,13 @@ impl Ledger {
             .unwrap_or_else(|| unique("credits.events.test"));
         let connection_name = unique("credits-ledger-test");
         let mut cfg = credits_ledger::Config::new(&database_url, AMQP_URL);
-        cfg.exchange = exchange.clone();
-        cfg.auth_token = opts.auth_token;
-        cfg.auth_tokens_file = opts.auth_tokens_file;
-        cfg.db_max_connections = 16;
-        cfg.relay_poll = Duration::from_millis(200);
-        cfg.outbox_park_after = OUTBOX_PARK_AFTER;
-        cfg.amqp_connection_name = connection_name.clone();
+        cfg.daemon.exchange = exchange.clone();
+        cfg.daemon.auth_token = opts.auth_token.map(credits_common::config::Secret::new);
+        cfg.daemon.auth_tokens_file = opts.auth_tokens_file;
+        cfg.daemon.db_max_connections = 16;
+        cfg.daemon.relay_poll = Duration::from_millis(200);
+        cfg.daemon.outbox_park_after = OUTBOX_PARK_AFTER;
+        cfg.daemon.amqp_connection_name = connection_name.clone();
         let shutdown = CancellationToken::new();
         let app = credits_ledger::App::build(cfg, &shutdown)
             .await
@@ -196,16 +196,19 @@ impl Payments {
             .clone()
             .unwrap_or_else(|| fresh_database_url("payments"));
         let mut cfg = credits_payments::Config::new(&database_url, AMQP_URL, &opts.ledger_url);
-        cfg.exchange = opts.exchange.clone();
-        cfg.auth_token = opts.auth_token.clone();
-        cfg.db_max_connections = 16;
-        cfg.relay_poll = Duration::from_millis(200);
+        cfg.daemon.exchange = opts.exchange.clone();
+        cfg.daemon.auth_token = opts
+            .auth_token
+            .clone()
+            .map(credits_common::config::Secret::new);
+        cfg.daemon.db_max_connections = 16;
+        cfg.daemon.relay_poll = Duration::from_millis(200);
         cfg.recovery_every = Duration::from_millis(200);
-        cfg.outbox_park_after = OUTBOX_PARK_AFTER;
+        cfg.daemon.outbox_park_after = OUTBOX_PARK_AFTER;
         cfg.recovery_stale_after = Duration::from_millis(500);
         cfg.sandbox.ach_settle_delay = opts.ach_settle;
         cfg.sandbox.latency = opts.sandbox_latency;
-        cfg.amqp_connection_name = unique("credits-payments-test");
+        cfg.daemon.amqp_connection_name = unique("credits-payments-test");
         let shutdown = CancellationToken::new();
         let app = credits_payments::App::build(cfg, &shutdown)
             .await
@@ -268,20 +271,20 @@ impl Recharge {
             &opts.ledger_url,
             &opts.payments_url,
         );
-        cfg.exchange = opts.exchange.clone();
+        cfg.daemon.exchange = opts.exchange.clone();
         cfg.queue = opts.queue.clone();
-        cfg.db_max_connections = 16;
-        cfg.relay_poll = Duration::from_millis(200);
+        cfg.daemon.db_max_connections = 16;
+        cfg.daemon.relay_poll = Duration::from_millis(200);
         cfg.worker.lease = Duration::from_secs(1);
         cfg.worker.retry_after_failure = Duration::from_millis(300);
         cfg.worker.backoff_base = Duration::from_millis(100);
         cfg.worker.backoff_max = Duration::from_secs(2);
         cfg.worker.sweep_every = Duration::from_millis(200);
         cfg.worker.reconcile_every = Duration::from_millis(500);
-        cfg.outbox_park_after = OUTBOX_PARK_AFTER;
+        cfg.daemon.outbox_park_after = OUTBOX_PARK_AFTER;
         cfg.faults.stop_after_charge = opts.stop_after_charge;
         cfg.faults.skip_recheck_after_success = opts.skip_recheck_after_success;
-        cfg.amqp_connection_name = unique("credits-recharge-test");
+        cfg.daemon.amqp_connection_name = unique("credits-recharge-test");
         let shutdown = CancellationToken::new();
         let app = credits_recharge::App::build(cfg, &shutdown)
             .await

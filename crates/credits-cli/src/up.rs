@@ -75,15 +75,21 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
 
     let mut ledger =
         credits_ledger::Config::new(&db(&a.pg_url, &a.db_prefix, "ledger"), &a.amqp_url);
-    ledger.exchange = a.exchange.clone();
-    ledger.auth_token = a.auth_token.clone();
+    ledger.daemon.exchange = a.exchange.clone();
+    ledger.daemon.auth_token = a
+        .auth_token
+        .clone()
+        .map(credits_common::config::Secret::new);
     let mut payments = credits_payments::Config::new(
         &db(&a.pg_url, &a.db_prefix, "payments"),
         &a.amqp_url,
         &dial(a.ledger_addr),
     );
-    payments.exchange = a.exchange.clone();
-    payments.auth_token = a.auth_token.clone();
+    payments.daemon.exchange = a.exchange.clone();
+    payments.daemon.auth_token = a
+        .auth_token
+        .clone()
+        .map(credits_common::config::Secret::new);
     payments.min_purchase = min_purchase;
     payments.sandbox.ach_settle_delay = Duration::from_millis(a.sandbox_ach_settle_ms);
     let mut recharge = credits_recharge::Config::new(
@@ -92,9 +98,12 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
         &dial(a.ledger_addr),
         &dial(a.payments_addr),
     );
-    recharge.exchange = a.exchange.clone();
+    recharge.daemon.exchange = a.exchange.clone();
     recharge.queue = a.queue.clone();
-    recharge.auth_token = a.auth_token.clone();
+    recharge.daemon.auth_token = a
+        .auth_token
+        .clone()
+        .map(credits_common::config::Secret::new);
     recharge.min_purchase = min_purchase;
     recharge.worker.retry_after_failure = Duration::from_secs(a.retry_after_failure_secs);
 

@@ -2,6 +2,7 @@
 //! own clap struct, so every setting is both a flag and an environment variable.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use crate::telemetry::LogFormat;
 
@@ -27,6 +28,9 @@ pub struct CommonArgs {
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Most PostgreSQL connections in the daemon's pool.
+    #[arg(long, env = "DB_MAX_CONNECTIONS", default_value_t = DEFAULT_DB_MAX_CONNECTIONS as u64, value_parser = ranged::<1, 1000>)]
+    pub db_max_connections: u64,
     /// Seconds an event that no queue receives is retried before it is parked in
     /// `<exchange>.unrouted`.
     #[arg(long, env = "OUTBOX_PARK_AFTER_SECS", default_value_t = DEFAULT_OUTBOX_PARK_AFTER_SECS, value_parser = ranged::<1, 604_800>)]
@@ -107,5 +111,141 @@ mod tests {
         assert!(ranged::<1, 64>("65").is_err());
         assert!(ranged::<1, 64>("-1").is_err());
         assert!(ranged::<1, 64>("lots").is_err());
+    }
+}
+
+/// A secret setting (a bearer token): kept out of `Debug` output and logs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+
+    /// The value itself, for the one place that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// A database URL: its password never shows in `Debug` output.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DatabaseUrl(String);
+
+impl DatabaseUrl {
+    pub fn new(s: impl Into<String>) -> Self {
+        DatabaseUrl(s.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DatabaseUrl({})", crate::db::redact_url(&self.0))
+    }
+}
+
+/// Default pool size of every daemon (`DB_MAX_CONNECTIONS`).
+pub const DEFAULT_DB_MAX_CONNECTIONS: u32 = 32;
+/// How often an outbox relay looks for events when no notification arrives.
+pub const DEFAULT_RELAY_POLL: Duration = Duration::from_millis(500);
+
+/// What every daemon is configured with, once: its database, the broker, the exchange,
+/// who may call it, its pool, and its outbox relay. Each daemon's `Config` holds one.
+#[derive(Clone, Debug)]
+pub struct DaemonConfig {
+    pub database_url: DatabaseUrl,
+    pub amqp_url: String,
+    pub exchange: String,
+    /// The all-powerful token (`CREDITS_AUTH_TOKEN`); daemons send it to each other.
+    pub auth_token: Option<Secret>,
+    /// Tokens limited to roles (`CREDITS_AUTH_TOKENS_FILE`).
+    pub auth_tokens_file: Option<std::path::PathBuf>,
+    pub db_max_connections: u32,
+    pub relay_poll: Duration,
+    /// Unroutable events are retried this long, then parked (see `outbox`).
+    pub outbox_park_after: Duration,
+    /// Name of the AMQP connection, as shown by `rabbitmqctl list_connections`.
+    pub amqp_connection_name: String,
+}
+
+impl DaemonConfig {
+    pub fn new(database_url: &str, amqp_url: &str, connection_name: &str) -> Self {
+        Self {
+            database_url: DatabaseUrl::new(database_url),
+            amqp_url: amqp_url.to_owned(),
+            exchange: DEFAULT_EXCHANGE.to_owned(),
+            auth_token: None,
+            auth_tokens_file: None,
+            db_max_connections: DEFAULT_DB_MAX_CONNECTIONS,
+            relay_poll: DEFAULT_RELAY_POLL,
+            outbox_park_after: Duration::from_secs(DEFAULT_OUTBOX_PARK_AFTER_SECS),
+            amqp_connection_name: connection_name.to_owned(),
+        }
+    }
+
+    /// Takes the shared settings from a binary's flags and environment.
+    pub fn apply(&mut self, common: &CommonArgs) {
+        self.amqp_url = common.amqp_url.clone();
+        self.exchange = common.exchange.clone();
+        self.auth_token = common
+            .auth_token
+            .clone()
+            .filter(|t| !t.is_empty())
+            .map(Secret::new);
+        self.auth_tokens_file = common.auth_tokens_file.clone();
+        self.db_max_connections = common.db_max_connections as u32;
+        self.outbox_park_after = Duration::from_secs(common.outbox_park_after_secs);
+    }
+
+    /// The token table for this daemon's servers.
+    pub fn policy(&self) -> anyhow::Result<crate::auth::Policy> {
+        crate::auth::Policy::load(
+            self.auth_token.as_ref().map(Secret::expose),
+            self.auth_tokens_file.as_deref(),
+        )
+    }
+
+    /// The token this daemon sends to its peers.
+    pub fn peer_token(&self) -> Option<&str> {
+        self.auth_token.as_ref().map(Secret::expose)
+    }
+
+    /// Connects to the daemon's database (created if missing, retried while down) and runs
+    /// its migrations (retried on a blip).
+    pub async fn connect_database(
+        &self,
+        migrator: &sqlx::migrate::Migrator,
+        shutdown: &tokio_util::sync::CancellationToken,
+    ) -> anyhow::Result<sqlx::PgPool> {
+        let pool = crate::db::connect(
+            self.database_url.expose(),
+            self.db_max_connections,
+            shutdown,
+        )
+        .await?;
+        crate::db::migrate(migrator, &pool, shutdown).await?;
+        Ok(pool)
+    }
+
+    /// The outbox relay's settings, under a connection name with `suffix`.
+    pub fn relay(&self, suffix: &str) -> crate::outbox::RelayConfig {
+        crate::outbox::RelayConfig {
+            amqp_url: self.amqp_url.clone(),
+            exchange: self.exchange.clone(),
+            connection_name: format!("{}{suffix}", self.amqp_connection_name),
+            poll_interval: self.relay_poll,
+            park_after: self.outbox_park_after,
+        }
     }
 }

@@ -91,6 +91,42 @@ pub async fn migrate(
     }
 }
 
+/// Applies a file of `CREATE OR REPLACE FUNCTION …` (the current text of a schema's
+/// functions) after the migrations, in one transaction under an advisory lock so that
+/// replicas starting together do not race; retried on a database blip like [`migrate`].
+pub async fn apply_functions(
+    pool: &PgPool,
+    sql: &'static str,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        let attempt = async {
+            let mut tx = pool.begin().await?;
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtext('credits_functions'))")
+                .execute(&mut *tx)
+                .await?;
+            sqlx::raw_sql(sql).execute(&mut *tx).await?;
+            tx.commit().await
+        };
+        match attempt.await {
+            Ok(()) => return Ok(()),
+            Err(e) if is_connection_error(&e) => {
+                tracing::warn!(
+                    "database went away while applying functions: {e}; retrying in {:.1}s",
+                    delay.as_secs_f32()
+                );
+            }
+            Err(e) => return Err(anyhow::anyhow!("applying functions failed: {e}")),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {},
+            _ = shutdown.cancelled() => anyhow::bail!("shut down while applying functions"),
+        }
+        delay = (delay * 2).min(Duration::from_secs(10));
+    }
+}
+
 /// Creates the database named in `opts` when it does not exist, through the `postgres`
 /// maintenance database. Racing creators are fine: "already exists" counts as success.
 async fn ensure_database(opts: &PgConnectOptions) -> Result<(), sqlx::Error> {

@@ -12,10 +12,7 @@ pub mod domain;
 pub mod grpc;
 pub mod store;
 
-use std::time::Duration;
-
-use credits_common::auth::Policy;
-use credits_common::outbox::{RelayConfig, run_relay};
+use credits_common::outbox::run_relay;
 use credits_proto::ledger::v1::ledger_service_server::LedgerServiceServer;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
@@ -23,25 +20,18 @@ use tokio_util::sync::CancellationToken;
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
+/// The current text of every function of the schema (`sql/functions.sql`), applied after
+/// the migrations.
+pub static FUNCTIONS: &str = include_str!("../sql/functions.sql");
+
 pub const DEFAULT_DATABASE_URL: &str = "postgres://localhost/credits_ledger";
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:50051";
 pub const DEFAULT_METRICS: &str = "0.0.0.0:9151";
 
 #[derive(Clone, Debug)]
 pub struct Config {
-    pub database_url: String,
-    pub amqp_url: String,
-    pub exchange: String,
-    pub auth_token: Option<String>,
-    /// Tokens limited to roles (`CREDITS_AUTH_TOKENS_FILE`), besides `auth_token`.
-    pub auth_tokens_file: Option<std::path::PathBuf>,
-    pub db_max_connections: u32,
-    /// How often the outbox relay looks for events when no notification arrives.
-    pub relay_poll: Duration,
-    /// Unroutable events are retried this long, then parked (see `outbox`).
-    pub outbox_park_after: Duration,
-    /// Name of the AMQP connection, as shown by `rabbitmqctl list_connections`.
-    pub amqp_connection_name: String,
+    /// What every daemon is configured with: database, broker, tokens, pool, relay.
+    pub daemon: credits_common::config::DaemonConfig,
     /// Group commit: concurrent batch posters, and the most postings one commit carries.
     pub group_commit_workers: usize,
     pub group_commit_max: usize,
@@ -50,17 +40,11 @@ pub struct Config {
 impl Config {
     pub fn new(database_url: &str, amqp_url: &str) -> Self {
         Self {
-            database_url: database_url.to_owned(),
-            amqp_url: amqp_url.to_owned(),
-            exchange: credits_common::config::DEFAULT_EXCHANGE.to_owned(),
-            auth_token: None,
-            auth_tokens_file: None,
-            db_max_connections: 32,
-            relay_poll: Duration::from_millis(500),
-            outbox_park_after: Duration::from_secs(
-                credits_common::config::DEFAULT_OUTBOX_PARK_AFTER_SECS,
+            daemon: credits_common::config::DaemonConfig::new(
+                database_url,
+                amqp_url,
+                "credits-ledger",
             ),
-            amqp_connection_name: "credits-ledger".to_owned(),
             group_commit_workers: 4,
             group_commit_max: 128,
         }
@@ -76,9 +60,8 @@ impl App {
     /// Connects to PostgreSQL (creating the database if missing, retrying while it is
     /// unreachable) and runs migrations.
     pub async fn build(cfg: Config, shutdown: &CancellationToken) -> anyhow::Result<App> {
-        let pool = credits_common::db::connect(&cfg.database_url, cfg.db_max_connections, shutdown)
-            .await?;
-        credits_common::db::migrate(&MIGRATOR, &pool, shutdown).await?;
+        let pool = cfg.daemon.connect_database(&MIGRATOR, shutdown).await?;
+        credits_common::db::apply_functions(&pool, FUNCTIONS, shutdown).await?;
         Ok(App { cfg, pool })
     }
 
@@ -94,19 +77,10 @@ impl App {
     ) -> anyhow::Result<()> {
         let relay = tokio::spawn(run_relay(
             self.pool.clone(),
-            RelayConfig {
-                amqp_url: self.cfg.amqp_url.clone(),
-                exchange: self.cfg.exchange.clone(),
-                connection_name: self.cfg.amqp_connection_name.clone(),
-                poll_interval: self.cfg.relay_poll,
-                park_after: self.cfg.outbox_park_after,
-            },
+            self.cfg.daemon.relay(""),
             shutdown.clone(),
         ));
-        let policy = Policy::load(
-            self.cfg.auth_token.as_deref(),
-            self.cfg.auth_tokens_file.as_deref(),
-        )?;
+        let policy = self.cfg.daemon.policy()?;
         let (router, health) =
             credits_common::grpc::base_router(credits_proto::FILE_DESCRIPTOR_SET, policy)?;
         let store = store::Store::new(self.pool.clone());
@@ -127,5 +101,40 @@ impl App {
         self.pool.close().await;
         tracing::info!("ledger stopped");
         served
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    /// The migrations are history; `sql/functions.sql` is where a reader finds what each
+    /// function does today. A function a migration creates and that file does not define
+    /// would leave its current text scattered again.
+    #[test]
+    fn every_schema_function_has_its_current_text_in_functions_sql() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/migrations");
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+            for (i, _) in text.match_indices("FUNCTION ") {
+                let before = &text[..i];
+                if !before.trim_end().ends_with("CREATE") && !before.trim_end().ends_with("REPLACE")
+                {
+                    continue;
+                }
+                let name: String = text[i + 9..]
+                    .chars()
+                    .take_while(|c| c.is_alphanumeric() || *c == '_')
+                    .collect();
+                names.push(name);
+            }
+        }
+        assert!(names.iter().any(|n| n == "ledger_post"), "{names:?}");
+        for name in names {
+            assert!(
+                super::FUNCTIONS.contains(&format!("CREATE OR REPLACE FUNCTION {name}(")),
+                "sql/functions.sql lacks {name}"
+            );
+        }
     }
 }

@@ -15,8 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use credits_common::Money;
-use credits_common::auth::Policy;
-use credits_common::outbox::{RelayConfig, run_relay};
+use credits_common::outbox::run_relay;
 use credits_proto::ledger::v1::ledger_service_client::LedgerServiceClient;
 use credits_proto::payments::v1::payments_service_server::PaymentsServiceServer;
 use sqlx::PgPool;
@@ -35,45 +34,30 @@ pub const DEFAULT_LEDGER_URL: &str = "http://127.0.0.1:50051";
 
 #[derive(Clone, Debug)]
 pub struct Config {
-    pub database_url: String,
-    pub amqp_url: String,
-    pub exchange: String,
-    pub auth_token: Option<String>,
-    /// Tokens limited to roles (`CREDITS_AUTH_TOKENS_FILE`), besides `auth_token`.
-    pub auth_tokens_file: Option<std::path::PathBuf>,
+    /// What every daemon is configured with: database, broker, tokens, pool, relay.
+    pub daemon: credits_common::config::DaemonConfig,
     pub ledger_url: String,
-    pub db_max_connections: u32,
     pub min_purchase: Money,
     pub sandbox: SandboxConfig,
-    pub relay_poll: Duration,
-    /// Unroutable events are retried this long, then parked (see `outbox`).
-    pub outbox_park_after: Duration,
     /// How often the recovery loop runs, and how long a charge must sit idle before it
     /// counts as unfinished.
     pub recovery_every: Duration,
     pub recovery_stale_after: Duration,
-    pub amqp_connection_name: String,
 }
 
 impl Config {
     pub fn new(database_url: &str, amqp_url: &str, ledger_url: &str) -> Self {
         Self {
-            database_url: database_url.to_owned(),
-            amqp_url: amqp_url.to_owned(),
-            exchange: credits_common::config::DEFAULT_EXCHANGE.to_owned(),
-            auth_token: None,
-            auth_tokens_file: None,
+            daemon: credits_common::config::DaemonConfig::new(
+                database_url,
+                amqp_url,
+                "credits-payments",
+            ),
             ledger_url: ledger_url.to_owned(),
-            db_max_connections: 32,
             min_purchase: Money::new(rust_decimal::Decimal::new(500, 2)),
             sandbox: SandboxConfig::default(),
-            relay_poll: Duration::from_millis(500),
-            outbox_park_after: Duration::from_secs(
-                credits_common::config::DEFAULT_OUTBOX_PARK_AFTER_SECS,
-            ),
             recovery_every: Duration::from_secs(1),
             recovery_stale_after: Duration::from_secs(10),
-            amqp_connection_name: "credits-payments".to_owned(),
         }
     }
 }
@@ -92,9 +76,7 @@ pub fn ledger_client(url: &str, token: Option<&str>) -> anyhow::Result<service::
 
 impl App {
     pub async fn build(cfg: Config, shutdown: &CancellationToken) -> anyhow::Result<App> {
-        let pool = credits_common::db::connect(&cfg.database_url, cfg.db_max_connections, shutdown)
-            .await?;
-        credits_common::db::migrate(&MIGRATOR, &pool, shutdown).await?;
+        let pool = cfg.daemon.connect_database(&MIGRATOR, shutdown).await?;
         Ok(App { cfg, pool })
     }
 
@@ -106,18 +88,12 @@ impl App {
         let svc = Arc::new(Payments {
             store: store::Store::new(self.pool.clone()),
             processor: Arc::new(Sandbox::new(self.pool.clone(), self.cfg.sandbox.clone())),
-            ledger: ledger_client(&self.cfg.ledger_url, self.cfg.auth_token.as_deref())?,
+            ledger: ledger_client(&self.cfg.ledger_url, self.cfg.daemon.peer_token())?,
             min_purchase: self.cfg.min_purchase,
         });
         let relay = tokio::spawn(run_relay(
             self.pool.clone(),
-            RelayConfig {
-                amqp_url: self.cfg.amqp_url.clone(),
-                exchange: self.cfg.exchange.clone(),
-                connection_name: self.cfg.amqp_connection_name.clone(),
-                poll_interval: self.cfg.relay_poll,
-                park_after: self.cfg.outbox_park_after,
-            },
+            self.cfg.daemon.relay(""),
             shutdown.clone(),
         ));
         let recovery = tokio::spawn(svc.clone().run_recovery(
@@ -125,10 +101,7 @@ impl App {
             self.cfg.recovery_stale_after,
             shutdown.clone(),
         ));
-        let policy = Policy::load(
-            self.cfg.auth_token.as_deref(),
-            self.cfg.auth_tokens_file.as_deref(),
-        )?;
+        let policy = self.cfg.daemon.policy()?;
         let (router, health) =
             credits_common::grpc::base_router(credits_proto::FILE_DESCRIPTOR_SET, policy)?;
         let server = PaymentsServiceServer::new(grpc::PaymentsGrpc::new(svc));

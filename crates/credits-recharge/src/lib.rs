@@ -13,11 +13,9 @@ pub mod store;
 pub mod worker;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use credits_common::Money;
-use credits_common::auth::Policy;
-use credits_common::outbox::{RelayConfig, run_relay};
+use credits_common::outbox::run_relay;
 use credits_proto::ledger::v1::ledger_service_client::LedgerServiceClient;
 use credits_proto::payments::v1::payments_service_client::PaymentsServiceClient;
 use credits_proto::recharge::v1::auto_recharge_service_server::AutoRechargeServiceServer;
@@ -37,45 +35,30 @@ pub const DEFAULT_QUEUE: &str = "credits.recharge.events";
 
 #[derive(Clone, Debug)]
 pub struct Config {
-    pub database_url: String,
-    pub amqp_url: String,
-    pub exchange: String,
+    /// What every daemon is configured with: database, broker, tokens, pool, relay.
+    pub daemon: credits_common::config::DaemonConfig,
     pub queue: String,
-    pub auth_token: Option<String>,
-    /// Tokens limited to roles (`CREDITS_AUTH_TOKENS_FILE`), besides `auth_token`.
-    pub auth_tokens_file: Option<std::path::PathBuf>,
     pub ledger_url: String,
     pub payments_url: String,
-    pub db_max_connections: u32,
     pub min_purchase: Money,
     pub worker: WorkerConfig,
     pub faults: Faults,
-    pub relay_poll: Duration,
-    /// Unroutable events are retried this long, then parked (see `outbox`).
-    pub outbox_park_after: Duration,
-    pub amqp_connection_name: String,
 }
 
 impl Config {
     pub fn new(database_url: &str, amqp_url: &str, ledger_url: &str, payments_url: &str) -> Self {
         Self {
-            database_url: database_url.to_owned(),
-            amqp_url: amqp_url.to_owned(),
-            exchange: credits_common::config::DEFAULT_EXCHANGE.to_owned(),
+            daemon: credits_common::config::DaemonConfig::new(
+                database_url,
+                amqp_url,
+                "credits-recharge",
+            ),
             queue: DEFAULT_QUEUE.to_owned(),
-            auth_token: None,
-            auth_tokens_file: None,
             ledger_url: ledger_url.to_owned(),
             payments_url: payments_url.to_owned(),
-            db_max_connections: 32,
             min_purchase: Money::new(rust_decimal::Decimal::new(500, 2)),
             worker: WorkerConfig::default(),
             faults: Faults::default(),
-            relay_poll: Duration::from_millis(500),
-            outbox_park_after: Duration::from_secs(
-                credits_common::config::DEFAULT_OUTBOX_PARK_AFTER_SECS,
-            ),
-            amqp_connection_name: "credits-recharge".to_owned(),
         }
     }
 }
@@ -87,9 +70,7 @@ pub struct App {
 
 impl App {
     pub async fn build(cfg: Config, shutdown: &CancellationToken) -> anyhow::Result<App> {
-        let pool = credits_common::db::connect(&cfg.database_url, cfg.db_max_connections, shutdown)
-            .await?;
-        credits_common::db::migrate(&MIGRATOR, &pool, shutdown).await?;
+        let pool = cfg.daemon.connect_database(&MIGRATOR, shutdown).await?;
         Ok(App { cfg, pool })
     }
 
@@ -98,7 +79,7 @@ impl App {
         listener: TcpListener,
         shutdown: CancellationToken,
     ) -> anyhow::Result<()> {
-        let token = self.cfg.auth_token.as_deref();
+        let token = self.cfg.daemon.peer_token();
         let worker = Arc::new(Recharge::new(
             store::Store::new(self.pool.clone()),
             Arc::new(ports::GrpcLedger(LedgerServiceClient::new(
@@ -113,31 +94,22 @@ impl App {
         ));
         let relay = tokio::spawn(run_relay(
             self.pool.clone(),
-            RelayConfig {
-                amqp_url: self.cfg.amqp_url.clone(),
-                exchange: self.cfg.exchange.clone(),
-                connection_name: format!("{}-relay", self.cfg.amqp_connection_name),
-                poll_interval: self.cfg.relay_poll,
-                park_after: self.cfg.outbox_park_after,
-            },
+            self.cfg.daemon.relay("-relay"),
             shutdown.clone(),
         ));
         let consumer = tokio::spawn(consumer::run(
             worker.clone(),
             consumer::ConsumerConfig {
-                amqp_url: self.cfg.amqp_url.clone(),
-                exchange: self.cfg.exchange.clone(),
+                amqp_url: self.cfg.daemon.amqp_url.clone(),
+                exchange: self.cfg.daemon.exchange.clone(),
                 queue: self.cfg.queue.clone(),
                 prefetch: 32,
-                connection_name: format!("{}-consumer", self.cfg.amqp_connection_name),
+                connection_name: format!("{}-consumer", self.cfg.daemon.amqp_connection_name),
             },
             shutdown.clone(),
         ));
         let sweeper = tokio::spawn(worker.clone().run_sweeper(shutdown.clone()));
-        let policy = Policy::load(
-            self.cfg.auth_token.as_deref(),
-            self.cfg.auth_tokens_file.as_deref(),
-        )?;
+        let policy = self.cfg.daemon.policy()?;
         let (router, health) =
             credits_common::grpc::base_router(credits_proto::FILE_DESCRIPTOR_SET, policy)?;
         let server = AutoRechargeServiceServer::new(grpc::RechargeGrpc::new(worker.clone()));

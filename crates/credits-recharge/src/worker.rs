@@ -181,7 +181,10 @@ impl Recharge {
             let Some(seen) = self.store.settings(account).await? else {
                 return Ok(None);
             };
-            if !seen.enabled {
+            // Every path that asks for a check first records it as due (a crossing, enabling,
+            // a landed top-up, a failure's retry, the reconciler); a check another replica
+            // already carried out is not done twice on a newer balance.
+            if !seen.enabled || seen.due.is_none() {
                 return Ok(None);
             }
             {

@@ -14,9 +14,6 @@ struct Args {
     /// gRPC listen address.
     #[arg(long, env = "LEDGER_LISTEN_ADDR", default_value = credits_ledger::DEFAULT_LISTEN)]
     listen: SocketAddr,
-    /// Most PostgreSQL connections in the pool.
-    #[arg(long, env = "DB_MAX_CONNECTIONS", default_value_t = 32, value_parser = ranged::<1, 1000>)]
-    db_max_connections: u64,
     /// Group commit: concurrent batch posters.
     #[arg(long, env = "GROUP_COMMIT_WORKERS", default_value_t = 4, value_parser = ranged::<1, 64>)]
     group_commit_workers: u64,
@@ -33,11 +30,7 @@ async fn main() -> anyhow::Result<()> {
     let shutdown =
         credits_common::config::start_daemon(&args.common, credits_ledger::DEFAULT_METRICS)?;
     let mut cfg = credits_ledger::Config::new(&args.database_url, &args.common.amqp_url);
-    cfg.exchange = args.common.exchange.clone();
-    cfg.outbox_park_after = std::time::Duration::from_secs(args.common.outbox_park_after_secs);
-    cfg.auth_token = args.common.auth_token.clone();
-    cfg.auth_tokens_file = args.common.auth_tokens_file.clone();
-    cfg.db_max_connections = args.db_max_connections as u32;
+    cfg.daemon.apply(&args.common);
     cfg.group_commit_workers = args.group_commit_workers as usize;
     cfg.group_commit_max = args.group_commit_max as usize;
     let app = credits_ledger::App::build(cfg, &shutdown).await?;

@@ -32,9 +32,6 @@ struct Args {
     /// How long sandbox ACH debits stay pending, in milliseconds.
     #[arg(long, env = "SANDBOX_ACH_SETTLE_MS", default_value_t = 5000, value_parser = ranged::<0, 604_800_000>)]
     sandbox_ach_settle_ms: u64,
-    /// Most PostgreSQL connections in the pool.
-    #[arg(long, env = "DB_MAX_CONNECTIONS", default_value_t = 32, value_parser = ranged::<1, 1000>)]
-    db_max_connections: u64,
     #[command(flatten)]
     common: CommonArgs,
 }
@@ -46,11 +43,7 @@ async fn main() -> anyhow::Result<()> {
         credits_common::config::start_daemon(&args.common, credits_payments::DEFAULT_METRICS)?;
     let mut cfg =
         credits_payments::Config::new(&args.database_url, &args.common.amqp_url, &args.ledger_url);
-    cfg.exchange = args.common.exchange.clone();
-    cfg.outbox_park_after = std::time::Duration::from_secs(args.common.outbox_park_after_secs);
-    cfg.auth_token = args.common.auth_token.clone();
-    cfg.auth_tokens_file = args.common.auth_tokens_file.clone();
-    cfg.db_max_connections = args.db_max_connections as u32;
+    cfg.daemon.apply(&args.common);
     cfg.min_purchase = Money::parse_positive("MIN_PURCHASE", &args.min_purchase)?;
     cfg.sandbox.latency = Duration::from_millis(args.sandbox_latency_ms);
     cfg.sandbox.ach_settle_delay = Duration::from_millis(args.sandbox_ach_settle_ms);

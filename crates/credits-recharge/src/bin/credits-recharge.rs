@@ -47,9 +47,6 @@ struct Args {
     /// Seconds between passes of the reconciler (ledger threshold and lost crossings).
     #[arg(long, env = "RECHARGE_RECONCILE_SECS", default_value_t = 60, value_parser = ranged::<1, 86_400>)]
     reconcile_secs: u64,
-    /// Most PostgreSQL connections in the pool.
-    #[arg(long, env = "DB_MAX_CONNECTIONS", default_value_t = 32, value_parser = ranged::<1, 1000>)]
-    db_max_connections: u64,
     #[command(flatten)]
     common: CommonArgs,
 }
@@ -65,12 +62,8 @@ async fn main() -> anyhow::Result<()> {
         &args.ledger_url,
         &args.payments_url,
     );
-    cfg.exchange = args.common.exchange.clone();
-    cfg.outbox_park_after = std::time::Duration::from_secs(args.common.outbox_park_after_secs);
+    cfg.daemon.apply(&args.common);
     cfg.queue = args.queue.clone();
-    cfg.auth_token = args.common.auth_token.clone();
-    cfg.auth_tokens_file = args.common.auth_tokens_file.clone();
-    cfg.db_max_connections = args.db_max_connections as u32;
     cfg.min_purchase = Money::parse_positive("MIN_PURCHASE", &args.min_purchase)?;
     cfg.worker.retry_after_failure = Duration::from_secs(args.retry_after_failure_secs);
     cfg.worker.lease = Duration::from_secs(args.lease_secs);
