@@ -36,6 +36,12 @@ impl ServiceError {
     pub fn internal(msg: impl Into<String>) -> Self {
         ServiceError::Internal(msg.into())
     }
+
+    /// Whether repeating the same request (same idempotency key) may succeed: a dependency
+    /// was down. Every other error is an answer about the request itself.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, ServiceError::Unavailable(_))
+    }
 }
 
 impl From<MoneyError> for ServiceError {
