@@ -71,24 +71,14 @@ pub async fn migrate(
     pool: &PgPool,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut delay = Duration::from_millis(200);
-    loop {
+    retry_on_blip("migrating", shutdown, || async {
         match migrator.run(pool).await {
-            Ok(()) => return Ok(()),
-            Err(sqlx::migrate::MigrateError::Execute(e)) if is_connection_error(&e) => {
-                tracing::warn!(
-                    "database went away while migrating: {e}; retrying in {:.1}s",
-                    delay.as_secs_f32()
-                );
-            }
-            Err(e) => return Err(anyhow::anyhow!("migration failed: {e}")),
+            Ok(()) => Ok(()),
+            Err(sqlx::migrate::MigrateError::Execute(e)) => Err(e),
+            Err(e) => Err(sqlx::Error::Protocol(format!("migration failed: {e}"))),
         }
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {},
-            _ = shutdown.cancelled() => anyhow::bail!("shut down while migrating"),
-        }
-        delay = (delay * 2).min(Duration::from_secs(10));
-    }
+    })
+    .await
 }
 
 /// Applies a file of `CREATE OR REPLACE FUNCTION …` (the current text of a schema's
@@ -99,29 +89,43 @@ pub async fn apply_functions(
     sql: &'static str,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
+    retry_on_blip("applying functions", shutdown, || async {
+        let mut tx = pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('credits_functions'))")
+            .execute(&mut *tx)
+            .await?;
+        sqlx::raw_sql(sql).execute(&mut *tx).await?;
+        tx.commit().await
+    })
+    .await
+}
+
+/// Runs a start-up step until it succeeds, retrying with backoff while the database is
+/// unreachable; any other error ends it at once.
+async fn retry_on_blip<F, Fut>(
+    what: &str,
+    shutdown: &CancellationToken,
+    step: F,
+) -> anyhow::Result<()>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<(), sqlx::Error>>,
+{
     let mut delay = Duration::from_millis(200);
     loop {
-        let attempt = async {
-            let mut tx = pool.begin().await?;
-            sqlx::query("SELECT pg_advisory_xact_lock(hashtext('credits_functions'))")
-                .execute(&mut *tx)
-                .await?;
-            sqlx::raw_sql(sql).execute(&mut *tx).await?;
-            tx.commit().await
-        };
-        match attempt.await {
+        match step().await {
             Ok(()) => return Ok(()),
             Err(e) if is_connection_error(&e) => {
                 tracing::warn!(
-                    "database went away while applying functions: {e}; retrying in {:.1}s",
+                    "database went away while {what}: {e}; retrying in {:.1}s",
                     delay.as_secs_f32()
                 );
             }
-            Err(e) => return Err(anyhow::anyhow!("applying functions failed: {e}")),
+            Err(e) => return Err(anyhow::anyhow!("{what} failed: {e}")),
         }
         tokio::select! {
             _ = tokio::time::sleep(delay) => {},
-            _ = shutdown.cancelled() => anyhow::bail!("shut down while applying functions"),
+            _ = shutdown.cancelled() => anyhow::bail!("shut down while {what}"),
         }
         delay = (delay * 2).min(Duration::from_secs(10));
     }

@@ -522,46 +522,21 @@ impl Recharge {
     /// shutdown. The two run as separate loops so that slow attempts (a slow processor)
     /// never hold up checks that are due.
     pub async fn run_sweeper(self: Arc<Self>, shutdown: CancellationToken) {
-        let attempts = {
-            let me = self.clone();
-            let shutdown = shutdown.clone();
-            async move {
-                me.every(
-                    me.cfg.sweep_every,
-                    &shutdown,
-                    "resuming attempts",
-                    |me| async move { me.resume_once().await.map(|_| ()) },
-                )
-                .await
-            }
-        };
-        let checks = {
-            let me = self.clone();
-            let shutdown = shutdown.clone();
-            async move {
-                me.every(
-                    me.cfg.sweep_every,
-                    &shutdown,
-                    "due balance checks",
-                    |me| async move { me.due_checks_once().await.map(|_| ()) },
-                )
-                .await
-            }
-        };
-        let reconcile = {
-            let me = self.clone();
-            let shutdown = shutdown.clone();
-            async move {
-                me.every(
-                    me.cfg.reconcile_every,
-                    &shutdown,
-                    "reconciling with the ledger",
-                    |me| async move { me.reconcile_once().await.map(|_| ()) },
-                )
-                .await
-            }
-        };
-        tokio::join!(attempts, checks, reconcile);
+        let (sweep, reconcile) = (self.cfg.sweep_every, self.cfg.reconcile_every);
+        tokio::join!(
+            self.every(sweep, &shutdown, "resuming attempts", |me| async move {
+                me.resume_once().await.map(|_| ())
+            }),
+            self.every(sweep, &shutdown, "due balance checks", |me| async move {
+                me.due_checks_once().await.map(|_| ())
+            }),
+            self.every(
+                reconcile,
+                &shutdown,
+                "reconciling with the ledger",
+                |me| async move { me.reconcile_once().await.map(|_| ()) }
+            ),
+        );
     }
 
     async fn every<F, Fut>(
