@@ -187,14 +187,7 @@ impl pb::payments_service_server::PaymentsService for PaymentsGrpc {
         let account = AccountId::parse(&r.account_id)?;
         let limit = page_size(r.page_size)?;
         let before = page_token(&r.page_token)?;
-        let charges = self
-            .svc
-            .store
-            .list_charges(account.as_str(), before, limit)
-            .await?;
-        if charges.is_empty() {
-            self.svc.ensure_account(&account).await?;
-        }
+        let charges = self.svc.list_charges(&account, before, limit).await?;
         let next_page_token = next_token(charges.len(), limit, charges.last().map(|c| c.seq));
         Ok(Response::new(pb::ListChargesResponse {
             charges: charges.into_iter().map(charge_to_wire).collect(),
@@ -209,17 +202,8 @@ impl pb::payments_service_server::PaymentsService for PaymentsGrpc {
         let r = req.into_inner();
         let account = AccountId::parse(&r.account_id)?;
         let id = method_id("charge_id", &r.charge_id)?;
-        let c = self
-            .svc
-            .store
-            .charge_by_id(account.as_str(), &id)
-            .await?
-            .ok_or_else(|| {
-                PaymentsError::not_found(format!(
-                    "charge {id:?} not found on account {:?}",
-                    account.as_str()
-                ))
-            })?;
-        Ok(Response::new(charge_to_wire(c)))
+        Ok(Response::new(charge_to_wire(
+            self.svc.get_charge(&account, &id).await?,
+        )))
     }
 }

@@ -170,6 +170,35 @@ impl Payments {
         Ok(())
     }
 
+    /// Charges newest first (R13); NOT_FOUND for an account the ledger does not know.
+    pub async fn list_charges(
+        &self,
+        account: &AccountId,
+        before: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<Charge>, PaymentsError> {
+        let charges = self
+            .store
+            .list_charges(account.as_str(), before, limit)
+            .await?;
+        if charges.is_empty() {
+            self.ensure_account(account).await?;
+        }
+        Ok(charges)
+    }
+
+    pub async fn get_charge(&self, account: &AccountId, id: &str) -> Result<Charge, PaymentsError> {
+        self.store
+            .charge_by_id(account.as_str(), id)
+            .await?
+            .ok_or_else(|| {
+                PaymentsError::not_found(format!(
+                    "charge {id:?} not found on account {:?}",
+                    account.as_str()
+                ))
+            })
+    }
+
     /// Charges once per idempotency key, resuming an unfinished charge with the same key.
     pub async fn charge(&self, req: &ChargeRequest) -> Result<Charge, PaymentsError> {
         let charge = match self
