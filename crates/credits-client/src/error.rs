@@ -1,4 +1,4 @@
-//! [`ClientError`]: why a call failed, classified by cause (SPEC §4), so callers branch on
+//! [`ClientError`]: why a call failed, classified by cause (docs/api.md "Errors"), so callers branch on
 //! a variant instead of a `tonic::Code`, and retries are decided in one place
 //! ([`ClientError::is_retryable`]).
 

@@ -5,7 +5,7 @@
 //!   until the first call, so a client can be built while the services start) and
 //!   attaches the bearer token to every call.
 //! - [`Client::ledger`], [`Client::payments`] and [`Client::recharge`] are one small
-//!   facade per service with one method per RPC of SPEC §2.
+//!   facade per service with one method per RPC of docs/api.md.
 //! - In and out, everything is typed: amounts are [`Money`] (sent with `to_wire`, read
 //!   with `Money::parse_*`), account ids [`AccountId`], idempotency keys
 //!   [`IdempotencyKey`], enums ([`UsageCategory`], [`ChargeStatus`], …) are Rust enums
@@ -82,7 +82,7 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long dialling a service may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// The default address of each daemon (SPEC §2).
+/// The default address of each daemon (docs/api.md).
 pub const DEFAULT_LEDGER_URL: &str = "http://127.0.0.1:50051";
 pub const DEFAULT_PAYMENTS_URL: &str = "http://127.0.0.1:50052";
 pub const DEFAULT_RECHARGE_URL: &str = "http://127.0.0.1:50053";
@@ -95,7 +95,7 @@ pub struct ClientConfig {
     pub ledger_url: String,
     pub payments_url: String,
     pub recharge_url: String,
-    /// Sent as `authorization: Bearer <token>` when set (SPEC §5).
+    /// Sent as `authorization: Bearer <token>` when set (README "Configuration").
     pub token: Option<String>,
     /// Per call (each attempt of a retried call has its own).
     pub timeout: Duration,

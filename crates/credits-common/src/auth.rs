@@ -266,7 +266,7 @@ where
 
 /// A request that is not a valid protobuf message — a string field that is not UTF-8, a
 /// truncated body — is refused by the codec before any handler runs, as `INTERNAL`. For
-/// the caller it is bad input like any other (SPEC §4, R21): answer `INVALID_ARGUMENT`.
+/// the caller it is bad input like any other (docs/api.md "Errors", R21): answer `INVALID_ARGUMENT`.
 fn undecodable_is_invalid<R>(mut response: http::Response<R>) -> http::Response<R> {
     let headers = response.headers_mut();
     let undecodable = headers.get("grpc-status").is_some_and(|s| s == "13")

@@ -1,4 +1,4 @@
-//! The error every credits service speaks: one variant per gRPC status class of SPEC §4,
+//! The error every credits service speaks: one variant per gRPC status class of docs/api.md "Errors",
 //! each carrying a message that names the field or the rule. Domains alias it
 //! (`LedgerError`, `PaymentsError`, …) and convert to `tonic::Status` in one place.
 

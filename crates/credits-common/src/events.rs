@@ -1,4 +1,4 @@
-//! The event contract (SPEC §3 and §6 "Events added"): every event any daemon publishes,
+//! The event contract (docs/events.md): every event any daemon publishes,
 //! as one type. [`Event`] has one variant per routing key and its payload is the `data`
 //! object; [`Envelope`] is the message body around it. Publishers build an `Event` and hand
 //! it to [`crate::outbox::enqueue`]; consumers call [`Envelope::parse`] and `match` on the
@@ -69,7 +69,7 @@ contract! {
     AccountSuspended(AccountBalance) = "ledger.account.suspended",
     /// R4: a suspended account's balance came back above zero.
     AccountReactivated(AccountBalance) = "ledger.account.reactivated",
-    /// R3: a pending account's first purchase granted access (an addition to SPEC §3).
+    /// R3: a pending account's first purchase granted access (an addition to docs/events.md).
     AccountActivated(AccountBalance) = "ledger.account.activated",
     /// R15 (not published yet).
     HoldCreated(HoldCreated) = "ledger.hold.created",
@@ -256,7 +256,7 @@ open_enum!(
 
 // ---- the envelope ----
 
-/// The body of every event message (SPEC §3):
+/// The body of every event message (docs/events.md):
 /// `{"id", "type", "occurred_at", "account_id", "data", "schema_version"}`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Envelope {

@@ -2,7 +2,7 @@
 
 use crate::error::ServiceError;
 
-/// 1–64 of `[A-Za-z0-9_-]` (SPEC §2).
+/// 1–64 of `[A-Za-z0-9_-]` (docs/api.md).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct AccountId(String);
 
@@ -115,7 +115,7 @@ macro_rules! text_enum {
     };
 }
 
-/// List RPC paging (SPEC §2): newest first, `page_size` default 50 and capped at 500, the
+/// List RPC paging (docs/api.md): newest first, `page_size` default 50 and capped at 500, the
 /// token an opaque cursor (the last row's sequence number).
 pub mod paging {
     use crate::error::ServiceError;

@@ -2,7 +2,7 @@
 //!
 //! Wire strings are parsed once, at the edge, by [`Money::parse_positive`] or
 //! [`Money::parse_non_negative`]; everything inside the daemons handles `Money`. The rules
-//! of SPEC §4 live here and only here: no exponent, no sign where a positive is required, no
+//! of docs/api.md "Errors" live here and only here: no exponent, no sign where a positive is required, no
 //! `NaN`, at most 9 fractional digits, and a bounded magnitude so every value fits the
 //! database and the sums of many of them cannot overflow. Rounding to cents happens in
 //! [`Money::ceil_to_cents`] and nowhere else.

@@ -1,5 +1,5 @@
-//! Property tests over the public API of `credits-common`: the money parser of SPEC §4 and
-//! R1/R22, the identifier rules of SPEC §2 and R21, and list paging. Each property runs a
+//! Property tests over the public API of `credits-common`: the money parser of docs/api.md "Errors" and
+//! R1/R22, the identifier rules of docs/api.md and R21, and list paging. Each property runs a
 //! modest number of cases so the file finishes in a few seconds; a failure prints the
 //! shrunk (minimal) input, which is the replay.
 
@@ -42,7 +42,7 @@ fn plain_decimal() -> impl Strategy<Value = Decimal> {
     })
 }
 
-/// The reference of SPEC §2: `^[A-Za-z0-9_-]{1,64}$`.
+/// The reference of docs/api.md: `^[A-Za-z0-9_-]{1,64}$`.
 fn account_id_oracle(s: &str) -> bool {
     (1..=64).contains(&s.chars().count())
         && s.chars()
@@ -52,7 +52,7 @@ fn account_id_oracle(s: &str) -> bool {
 proptest! {
     #![proptest_config(config())]
 
-    /// SPEC §4: any amount string is answered with a value or a field-named error, never a
+    /// docs/api.md "Errors": any amount string is answered with a value or a field-named error, never a
     /// panic.
     #[test]
     fn money_parsers_never_panic_on_any_string_spec4(s in amountish()) {

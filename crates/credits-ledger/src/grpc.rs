@@ -1,5 +1,5 @@
 //! The gRPC edge of the ledger: converts wire types to domain requests (validating every
-//! field, SPEC §4), calls the store, and converts results back. The only module that knows
+//! field, docs/api.md "Errors"), calls the store, and converts results back. The only module that knows
 //! prost types.
 
 use credits_common::Money;

@@ -1,4 +1,4 @@
-//! The gRPC edge of payments: wire ↔ domain, every field validated (SPEC §4).
+//! The gRPC edge of payments: wire ↔ domain, every field validated (docs/api.md "Errors").
 
 use std::sync::Arc;
 

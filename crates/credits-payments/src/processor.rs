@@ -1,6 +1,6 @@
 //! The `PaymentProcessor` boundary and the built-in sandbox.
 //!
-//! The sandbox behaves like a card network for the test numbers of SPEC §1, keeps its own
+//! The sandbox behaves like a card network for the test numbers of docs/rules.md, keeps its own
 //! durable record of every charge it accepted (`sandbox_*` tables, never read by the
 //! payments code directly), honours idempotency keys like a real processor (the same key
 //! returns the same charge), can add artificial latency, and settles ACH debits after a
@@ -119,7 +119,7 @@ impl Sandbox {
     }
 }
 
-/// The sandbox's test numbers (SPEC §1); any other valid number succeeds.
+/// The sandbox's test numbers (docs/rules.md); any other valid number succeeds.
 fn card_behaviour(number: &str) -> &'static str {
     match number {
         "4000000000000002" => "card_declined",

@@ -20,7 +20,7 @@ impl RechargeGrpc {
     }
 }
 
-/// `GetAutoRecharge` of an account that never configured it (SPEC §2).
+/// `GetAutoRecharge` of an account that never configured it (docs/api.md).
 fn never_configured(account: &AccountId) -> pb::AutoRecharge {
     pb::AutoRecharge {
         account_id: account.as_str().to_owned(),

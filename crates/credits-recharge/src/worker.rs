@@ -158,7 +158,7 @@ impl Recharge {
             tracing::debug!(event_id, account_id = account, "duplicate event ignored");
             return Ok(false);
         }
-        // Off or never configured: the crossing is ignored (SPEC §2).
+        // Off or never configured: the crossing is ignored (docs/api.md).
         let due =
             Store::mark_due(&mut tx, account, Trigger::ThresholdCrossed, Some(event_id)).await?;
         tx.commit().await?;
