@@ -6,13 +6,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use credits_common::grpc::{AuthChannel, lazy_channel};
-use credits_proto::ledger::v1 as lpb;
-use credits_proto::ledger::v1::ledger_service_client::LedgerServiceClient;
-use credits_proto::payments::v1 as ppb;
-use credits_proto::payments::v1::payments_service_client::PaymentsServiceClient;
-use credits_proto::recharge::v1 as rpb;
-use credits_proto::recharge::v1::auto_recharge_service_client::AutoRechargeServiceClient;
+use credits_client::{
+    AccountId, AutoRechargeChange, BankAccountDetails, BillingMode, CardDetails, Client,
+    ClientConfig, ClientError, Code, IdempotencyKey, Ledger, Money, NewPaymentMethod, Payments,
+    Recharge, RetryPolicy, UsageCategory, UsageRecord,
+};
 use lapin::options::BasicPublishOptions;
 
 use crate::Cluster;
@@ -20,27 +18,41 @@ use crate::rng::Rng;
 
 #[derive(Clone)]
 pub struct Clients {
-    pub ledger: LedgerServiceClient<AuthChannel>,
-    pub payments: Vec<PaymentsServiceClient<AuthChannel>>,
-    pub recharge: Vec<AutoRechargeServiceClient<AuthChannel>>,
+    pub ledger: Ledger,
+    pub payments: Vec<Payments>,
+    pub recharge: Vec<Recharge>,
 }
 
 impl Clients {
-    /// Every client sends the cluster's bearer token (`AttachToken`, inside `lazy_channel`).
+    /// One typed client per payments/recharge replica pair, every one sending the
+    /// cluster's bearer token. None of them retries (`RetryPolicy::none()`): each call is
+    /// sent once, so every failure the faults cause reaches the report's tally. The
+    /// ledger facade is the first client's; the others' ledger channels are lazy and never
+    /// dialled, so all callers share one ledger connection.
     pub fn new(c: &Cluster) -> anyhow::Result<Clients> {
-        let token = Some(c.token.as_str());
+        anyhow::ensure!(
+            !c.payments.is_empty() && c.payments.len() == c.recharge.len(),
+            "one recharge replica per payments replica"
+        );
+        let replicas = c
+            .payments
+            .iter()
+            .zip(&c.recharge)
+            .map(|(p, r)| {
+                Client::connect(ClientConfig {
+                    ledger_url: c.ledger.url(),
+                    payments_url: p.url(),
+                    recharge_url: r.url(),
+                    token: Some(c.token.clone()),
+                    timeout: credits_client::DEFAULT_TIMEOUT,
+                    retry: RetryPolicy::none(),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Clients {
-            ledger: LedgerServiceClient::new(lazy_channel(&c.ledger.url(), token)?),
-            payments: c
-                .payments
-                .iter()
-                .map(|p| lazy_channel(&p.url(), token).map(PaymentsServiceClient::new))
-                .collect::<Result<_, _>>()?,
-            recharge: c
-                .recharge
-                .iter()
-                .map(|r| lazy_channel(&r.url(), token).map(AutoRechargeServiceClient::new))
-                .collect::<Result<_, _>>()?,
+            ledger: replicas[0].ledger().clone(),
+            payments: replicas.iter().map(|r| r.payments().clone()).collect(),
+            recharge: replicas.iter().map(|r| r.recharge().clone()).collect(),
         })
     }
 }
@@ -54,49 +66,83 @@ pub enum Kind {
 
 #[derive(Clone, Debug)]
 pub struct Account {
-    pub id: String,
+    pub id: AccountId,
     pub kind: Kind,
     pub bank_method: Option<String>,
 }
 
 /// Retries a call through transient failures (the faults have not started yet, but a
-/// daemon may still be warming up).
-async fn retry<T, F, Fut>(mut f: F) -> Result<T, tonic::Status>
+/// daemon may still be warming up). The harness's own loop, not the client's policy: it
+/// also retries `UNKNOWN` and `INTERNAL`, and calls the client sends only once.
+async fn retry<T, F, Fut>(mut f: F) -> Result<T, ClientError>
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+    Fut: std::future::Future<Output = Result<T, ClientError>>,
 {
     let mut last = None;
     for _ in 0..50 {
         match f().await {
             Ok(v) => return Ok(v),
-            Err(s)
+            // An answer the client cannot read came from a service that did the work:
+            // sending it again would not be retrying a transient failure.
+            Err(e @ ClientError::BadResponse { .. }) => return Err(e),
+            Err(e)
                 if matches!(
-                    s.code(),
-                    tonic::Code::Unavailable
-                        | tonic::Code::DeadlineExceeded
-                        | tonic::Code::Unknown
-                        | tonic::Code::Internal
+                    e.code(),
+                    Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Internal
                 ) =>
             {
-                last = Some(s);
+                last = Some(e);
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            Err(s) => return Err(s),
+            Err(e) => return Err(e),
         }
     }
-    Err(last.unwrap_or_else(|| tonic::Status::unavailable("retries exhausted")))
+    Err(last.unwrap_or_else(|| ClientError::Unavailable {
+        message: "retries exhausted".into(),
+    }))
 }
 
-fn card(number: &str) -> Option<ppb::add_payment_method_request::Method> {
-    Some(ppb::add_payment_method_request::Method::Card(
-        ppb::CardDetails {
-            number: number.into(),
-            exp_month: 12,
-            exp_year: 2034,
-            cvc: "123".into(),
-        },
-    ))
+/// Whether the service acknowledged a call: it answered OK, even if the client could not
+/// read the answer ([`ClientError::BadResponse`]).
+fn acknowledged<T>(r: &Result<T, ClientError>) -> bool {
+    matches!(r, Ok(_) | Err(ClientError::BadResponse { .. }))
+}
+
+/// The name a failure is tallied under in [`Report::errors`]: its gRPC code as `Debug`
+/// spells it (`Unavailable`, `DeadlineExceeded`, …), as before the typed client; an answer
+/// the client could not read, which used to count as a success, as `BadResponse`, so it
+/// is not mistaken for the server's `Internal`.
+fn error_name(e: &ClientError) -> String {
+    match e {
+        ClientError::BadResponse { .. } => "BadResponse".to_owned(),
+        e => format!("{:?}", e.code()),
+    }
+}
+
+fn card(number: &str) -> NewPaymentMethod {
+    NewPaymentMethod::Card(CardDetails {
+        number: number.into(),
+        exp_month: 12,
+        exp_year: 2034,
+        cvc: "123".into(),
+    })
+}
+
+fn money(field: &str, s: &str) -> Result<Money, ClientError> {
+    Ok(Money::parse_positive(field, s)?)
+}
+
+fn key(s: &str) -> Result<IdempotencyKey, ClientError> {
+    Ok(IdempotencyKey::parse(s)?)
+}
+
+/// Auto-recharge on: below `threshold`, back up to $50.
+fn enable(threshold: &str) -> Result<AutoRechargeChange, ClientError> {
+    Ok(AutoRechargeChange::Enable {
+        threshold: money("threshold", threshold)?,
+        target: money("target", "50")?,
+    })
 }
 
 pub async fn setup(c: &Clients, n: usize, rng: &mut Rng) -> anyhow::Result<Vec<Account>> {
@@ -107,106 +153,33 @@ pub async fn setup(c: &Clients, n: usize, rng: &mut Rng) -> anyhow::Result<Vec<A
             1 => Kind::AchSwitcher,
             _ => Kind::Good,
         };
-        let id = format!("acct-{i}");
-        let (l, p, r) = (
-            c.ledger.clone(),
-            c.payments[i % 2].clone(),
-            c.recharge[i % 2].clone(),
-        );
-        retry(|| {
-            let mut l = l.clone();
-            let id = id.clone();
-            async move {
-                l.create_account(lpb::CreateAccountRequest {
-                    account_id: id.clone(),
-                    ..Default::default()
-                })
-                .await
-            }
-        })
-        .await?;
-        retry(|| {
-            let mut p = p.clone();
-            let id = id.clone();
-            async move {
-                p.add_payment_method(ppb::AddPaymentMethodRequest {
-                    account_id: id.clone(),
-                    method: card("4242424242424242"),
-                    make_default: true,
-                })
-                .await
-            }
-        })
-        .await?;
-        retry(|| {
-            let mut p = p.clone();
-            let id = id.clone();
-            async move {
-                p.purchase_credits(ppb::PurchaseCreditsRequest {
-                    account_id: id.clone(),
-                    amount: "50.00".into(),
-                    payment_method_id: String::new(),
-                    idempotency_key: "initial".into(),
-                })
-                .await
-            }
-        })
-        .await?;
+        let id = AccountId::parse(&format!("acct-{i}"))?;
+        let (l, p, r) = (&c.ledger, &c.payments[i % 2], &c.recharge[i % 2]);
+        let id_ = &id;
+        retry(move || l.create_account(id_, BillingMode::Prepaid, "")).await?;
+        let good_card = card("4242424242424242");
+        retry(|| p.add_payment_method(id_, &good_card, true)).await?;
+        let (initial, initial_key) = (money("amount", "50.00")?, key("initial")?);
+        retry(|| p.purchase_credits(id_, initial, None, &initial_key)).await?;
         let mut bank_method = None;
         match kind {
             Kind::Declining => {
-                retry(|| {
-                    let mut p = p.clone();
-                    let id = id.clone();
-                    async move {
-                        p.add_payment_method(ppb::AddPaymentMethodRequest {
-                            account_id: id.clone(),
-                            method: card("4000000000000002"),
-                            make_default: true,
-                        })
-                        .await
-                    }
-                })
-                .await?;
+                let declining = card("4000000000000002");
+                retry(|| p.add_payment_method(id_, &declining, true)).await?;
             }
             Kind::AchSwitcher => {
-                let m = retry(|| {
-                    let mut p = p.clone();
-                    let id = id.clone();
-                    async move {
-                        p.add_payment_method(ppb::AddPaymentMethodRequest {
-                            account_id: id.clone(),
-                            method: Some(ppb::add_payment_method_request::Method::UsBankAccount(
-                                ppb::UsBankAccountDetails {
-                                    routing_number: "110000000".into(),
-                                    account_number: "000123456789".into(),
-                                    holder_name: "Chaos".into(),
-                                },
-                            )),
-                            make_default: false,
-                        })
-                        .await
-                    }
-                })
-                .await?;
-                bank_method = Some(m.into_inner().payment_method_id);
+                let bank = NewPaymentMethod::UsBankAccount(BankAccountDetails {
+                    routing_number: "110000000".into(),
+                    account_number: "000123456789".into(),
+                    holder_name: "Chaos".into(),
+                });
+                let m = retry(|| p.add_payment_method(id_, &bank, false)).await?;
+                bank_method = Some(m.payment_method_id);
             }
             Kind::Good => {}
         }
-        retry(|| {
-            let mut r = r.clone();
-            let id = id.clone();
-            async move {
-                r.set_auto_recharge(rpb::SetAutoRechargeRequest {
-                    account_id: id.clone(),
-                    enabled: true,
-                    threshold: "10".into(),
-                    target: "50".into(),
-                })
-                .await
-            }
-        })
-        .await?;
+        let on = enable("10")?;
+        retry(|| r.set_auto_recharge(id_, on)).await?;
         out.push(Account {
             id,
             kind,
@@ -265,63 +238,69 @@ pub async fn drive(
         );
         tasks.push(tokio::spawn(async move {
             let mut n = 0u64;
-            let mut mine: Vec<(String, String, String)> = Vec::new();
+            // This worker's acknowledged usage, replayed as sent.
+            let mut mine: Vec<UsageRecord> = Vec::new();
             while Instant::now() < until {
                 n += 1;
                 let acct = &accounts[rng.below(accounts.len() as u64) as usize];
                 let roll = rng.below(100);
-                let outcome: Result<&'static str, tonic::Status> = if roll < 86 {
+                let outcome: Result<&'static str, ClientError> = if roll < 86 {
                     let amount = format!("{}.{:02}", rng.below(5), rng.below(100));
                     let amount = if amount == "0.00" {
                         "0.01".to_owned()
                     } else {
                         amount
                     };
-                    let key = format!("u-{w}-{n}");
-                    let mut l = c.ledger.clone();
-                    let r = l
-                        .record_usage(lpb::RecordUsageRequest {
-                            account_id: acct.id.clone(),
-                            category: lpb::UsageCategory::ApiRequests as i32,
-                            amount: amount.clone(),
-                            idempotency_key: key.clone(),
-                            description: String::new(),
-                        })
-                        .await;
-                    if r.is_ok() {
-                        mine.push((acct.id.clone(), key.clone(), amount));
-                        if let Ok(mut rep) = report.lock() {
-                            rep.usage_acked += 1;
-                            rep.acked.push((acct.id.clone(), key));
+                    let key_ = format!("u-{w}-{n}");
+                    match (money("amount", &amount), key(&key_)) {
+                        (Ok(amount), Ok(idempotency_key)) => {
+                            let usage = UsageRecord {
+                                account_id: acct.id.clone(),
+                                category: UsageCategory::ApiRequests,
+                                amount,
+                                idempotency_key,
+                                description: String::new(),
+                            };
+                            let r = c.ledger.record_usage(&usage).await;
+                            if acknowledged(&r) {
+                                mine.push(usage);
+                                if let Ok(mut rep) = report.lock() {
+                                    rep.usage_acked += 1;
+                                    rep.acked.push((acct.id.to_string(), key_));
+                                }
+                            }
+                            r.map(|_| "usage")
                         }
+                        (Err(e), _) | (_, Err(e)) => Err(e),
                     }
-                    r.map(|_| "usage")
                 } else if roll < 92 {
                     // Manual purchases with reused keys: the same key always carries the same amount.
                     let k = rng.below(3);
-                    let mut p = c.payments[rng.below(2) as usize].clone();
-                    p.purchase_credits(ppb::PurchaseCreditsRequest {
-                        account_id: acct.id.clone(),
-                        amount: format!("{}.00", 10 + k),
-                        payment_method_id: String::new(),
-                        idempotency_key: format!("buy-{k}"),
-                    })
-                    .await
-                    .map(|_| "purchase")
+                    let p = &c.payments[rng.below(2) as usize];
+                    match (
+                        money("amount", &format!("{}.00", 10 + k)),
+                        key(&format!("buy-{k}")),
+                    ) {
+                        (Ok(amount), Ok(reused)) => p
+                            .purchase_credits(&acct.id, amount, None, &reused)
+                            .await
+                            .map(|_| "purchase"),
+                        (Err(e), _) | (_, Err(e)) => Err(e),
+                    }
                 } else if roll < 94 && acct.kind == Kind::AchSwitcher {
                     let first = switched
                         .lock()
                         .map(|mut s| s.insert(acct.id.clone()))
                         .unwrap_or(false);
                     if first {
-                        let mut p = c.payments[rng.below(2) as usize].clone();
+                        let p = &c.payments[rng.below(2) as usize];
                         let r = p
-                            .set_default_payment_method(ppb::SetDefaultPaymentMethodRequest {
-                                account_id: acct.id.clone(),
-                                payment_method_id: acct.bank_method.clone().unwrap_or_default(),
-                            })
+                            .set_default_payment_method(
+                                &acct.id,
+                                acct.bank_method.as_deref().unwrap_or_default(),
+                            )
                             .await;
-                        if r.is_err()
+                        if !acknowledged(&r)
                             && let Ok(mut s) = switched.lock()
                         {
                             s.remove(&acct.id);
@@ -334,30 +313,20 @@ pub async fn drive(
                     // Move the threshold between $10 and $12 through either replica:
                     // concurrent changes, and changes cut by faults, are what can leave
                     // the ledger watching another threshold than the settings hold (7).
-                    let mut r = c.recharge[rng.below(2) as usize].clone();
-                    r.set_auto_recharge(rpb::SetAutoRechargeRequest {
-                        account_id: acct.id.clone(),
-                        enabled: true,
-                        threshold: if rng.below(2) == 0 { "10" } else { "12" }.into(),
-                        target: "50".into(),
-                    })
-                    .await
-                    .map(|_| "threshold")
-                } else if let Some((id, key, amount)) = mine
+                    let r = &c.recharge[rng.below(2) as usize];
+                    match enable(if rng.below(2) == 0 { "10" } else { "12" }) {
+                        Ok(change) => r
+                            .set_auto_recharge(&acct.id, change)
+                            .await
+                            .map(|_| "threshold"),
+                        Err(e) => Err(e),
+                    }
+                } else if let Some(usage) = mine
                     .get(rng.below(mine.len().max(1) as u64) as usize)
                     .cloned()
                 {
                     // Replay an acknowledged debit: must answer, and must not post twice.
-                    let mut l = c.ledger.clone();
-                    l.record_usage(lpb::RecordUsageRequest {
-                        account_id: id,
-                        category: lpb::UsageCategory::ApiRequests as i32,
-                        amount,
-                        idempotency_key: key,
-                        description: String::new(),
-                    })
-                    .await
-                    .map(|_| "replay")
+                    c.ledger.record_usage(&usage).await.map(|_| "replay")
                 } else {
                     Ok("noop")
                 };
@@ -367,7 +336,7 @@ pub async fn drive(
                         Ok("replay") => rep.usage_replays_ok += 1,
                         Ok("threshold") => rep.thresholds_set += 1,
                         Ok(_) => {}
-                        Err(s) => *rep.errors.entry(format!("{:?}", s.code())).or_default() += 1,
+                        Err(e) => *rep.errors.entry(error_name(&e)).or_default() += 1,
                     }
                 }
                 tokio::time::sleep(Duration::from_millis(5 + rng.below(20))).await;
