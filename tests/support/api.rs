@@ -27,6 +27,9 @@ use crate::eventually;
 /// How long [`Api::settled_attempts`] waits for top-ups to finish.
 pub const SETTLE_WAIT: Duration = Duration::from_secs(30);
 
+/// The per-call deadline of the test client.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// An amount as the tests write it ("25.00", "-1.01", "0.000125").
 pub fn money(s: &str) -> Money {
     Money::parse_signed("amount", s).unwrap_or_else(|e| panic!("test amount {s:?}: {e}"))
@@ -104,7 +107,9 @@ impl Api {
             recharge_url: recharge.to_owned(),
             token: token.map(str::to_owned),
             retry: RetryPolicy::none(),
-            ..ClientConfig::local()
+            // Generous: a deadline of the harness's own must not fail a slow call on a
+            // loaded CI machine (the tests set their own waits where time matters).
+            timeout: CALL_TIMEOUT,
         })
         .expect("test client config");
         Api { client }
