@@ -6,9 +6,8 @@
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
-use credits_proto::ledger::v1 as lpb;
-use credits_proto::payments::v1 as pb;
-use credits_tests::{Ledger, Payments, PaymentsOptions, pg_base};
+use credits_tests::api::{Api, BillingMode, CardDetails, NewPaymentMethod, acct};
+use credits_tests::{Ledger, NOBODY, Payments, PaymentsOptions, pg_base};
 
 #[derive(Clone, Default)]
 struct Capture(Arc<Mutex<Vec<u8>>>);
@@ -34,55 +33,25 @@ async fn full_card_number_and_cvc_are_never_stored_or_logged_r14() {
 
     let ledger = Ledger::start().await;
     let payments = Payments::start(PaymentsOptions::for_ledger(&ledger)).await;
-    let mut l = ledger.client().await;
-    l.create_account(lpb::CreateAccountRequest {
-        account_id: "acme".into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let mut p = payments.client().await;
+    let c = Api::connect(&ledger.url(), &payments.url(), NOBODY, None);
+    c.create_account("acme", BillingMode::Prepaid).await;
     let number = "5555555555554444";
     let cvc = "7391";
-    let pm = p
-        .add_payment_method(pb::AddPaymentMethodRequest {
-            account_id: "acme".into(),
-            method: Some(pb::add_payment_method_request::Method::Card(
-                pb::CardDetails {
-                    number: number.into(),
-                    exp_month: 9,
-                    exp_year: 2031,
-                    cvc: cvc.into(),
-                },
-            )),
-            make_default: true,
+    let card = |number: &str| {
+        NewPaymentMethod::Card(CardDetails {
+            number: number.into(),
+            exp_month: 9,
+            exp_year: 2031,
+            cvc: cvc.into(),
         })
-        .await
-        .unwrap()
-        .into_inner();
+    };
+    let pm = c.add_method("acme", card(number), true).await;
     assert_eq!(pm.last4, "4444");
-    p.purchase_credits(pb::PurchaseCreditsRequest {
-        account_id: "acme".into(),
-        amount: "10.00".into(),
-        payment_method_id: String::new(),
-        idempotency_key: "b".into(),
-    })
-    .await
-    .unwrap();
+    c.buy("acme", "10.00", "b").await;
     // A bad card goes through validation and error paths too.
-    let _ = p
-        .add_payment_method(pb::AddPaymentMethodRequest {
-            account_id: "acme".into(),
-            method: Some(pb::add_payment_method_request::Method::Card(
-                pb::CardDetails {
-                    number: "5555555555554445".into(),
-                    exp_month: 9,
-                    exp_year: 2031,
-                    cvc: cvc.into(),
-                },
-            )),
-            make_default: false,
-        })
+    let _ = c
+        .payments()
+        .add_payment_method(&acct("acme"), &card("5555555555554445"), false)
         .await
         .unwrap_err();
     let payments_db = payments.database_url.clone();

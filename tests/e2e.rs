@@ -1,282 +1,178 @@
 //! End to end: the real `credits-ledger`, `credits-payments`, `credits-recharge` and
-//! `credits` binaries as processes, driven only through gRPC and RabbitMQ like an outside
-//! client. Walks every product rule R1–R14 at least once.
+//! `credits` binaries as processes, driven only through gRPC (with `credits-client`) and
+//! RabbitMQ like an outside client. Every product rule R1–R14 is walked at least once, each
+//! rule (or small group of rules) in its own test with its own daemons, so one failure
+//! does not hide the rules after it. Every test ends with every daemon exiting 0 on
+//! SIGTERM and no test card number in any daemon's log (R14).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Duration;
 
-use credits_common::grpc::{AuthChannel, lazy_channel};
+use credits_common::grpc::lazy_channel;
 use credits_proto::ledger::v1 as lpb;
 use credits_proto::ledger::v1::ledger_service_client::LedgerServiceClient;
-use credits_proto::payments::v1 as ppb;
-use credits_proto::payments::v1::payments_service_client::PaymentsServiceClient;
-use credits_proto::recharge::v1 as rpb;
-use credits_proto::recharge::v1::auto_recharge_service_client::AutoRechargeServiceClient;
+use credits_tests::api::{
+    Access, Api, AttemptStatus, BillingMode, Code, DisabledReason, EntryKind, UsageCategory,
+    UsageRecord, acct, key, money,
+};
 use credits_tests::procs::{Daemons, Proc, bin, free_port, wait_healthy};
 use credits_tests::{EventTap, eventually, pg_base, unique};
-use tonic::Code;
 
 const WAIT: Duration = Duration::from_secs(30);
 
-struct C {
-    l: LedgerServiceClient<AuthChannel>,
-    p: PaymentsServiceClient<AuthChannel>,
-    r: AutoRechargeServiceClient<AuthChannel>,
+/// The sandbox cards the tests use: none may ever reach a log (R14).
+const CARD_NUMBERS: [&str; 2] = ["4242424242424242", "4000000000000002"];
+
+async fn start() -> (Daemons, Api) {
+    let d = Daemons::start().await;
+    let c = d.api();
+    (d, c)
 }
 
-fn clients(d: &Daemons) -> C {
-    let t = Some(d.token.as_str());
-    C {
-        l: LedgerServiceClient::new(lazy_channel(&d.ledger_url, t).unwrap()),
-        p: PaymentsServiceClient::new(lazy_channel(&d.payments_url, t).unwrap()),
-        r: AutoRechargeServiceClient::new(lazy_channel(&d.recharge_url, t).unwrap()),
+/// R14 and a clean shutdown, for every test: each daemon exits 0 on SIGTERM and no card
+/// number reached its log. Returns the logs (ledger, payments, recharge).
+async fn stop(d: Daemons) -> [String; 3] {
+    let logs = d.stop().await;
+    for log in &logs {
+        assert!(
+            CARD_NUMBERS.iter().all(|n| !log.contains(n)),
+            "card number in a daemon log"
+        );
     }
+    logs
 }
 
-fn card(number: &str) -> Option<ppb::add_payment_method_request::Method> {
-    Some(ppb::add_payment_method_request::Method::Card(
-        ppb::CardDetails {
-            number: number.into(),
-            exp_month: 12,
-            exp_year: 2034,
-            cvc: "123".into(),
-        },
-    ))
-}
-
-fn bank() -> Option<ppb::add_payment_method_request::Method> {
-    Some(ppb::add_payment_method_request::Method::UsBankAccount(
-        ppb::UsBankAccountDetails {
-            routing_number: "110000000".into(),
-            account_number: "000123456789".into(),
-            holder_name: "Jane Roe".into(),
-        },
-    ))
-}
-
-fn usage(
-    id: &str,
-    category: lpb::UsageCategory,
-    amount: &str,
-    key: &str,
-) -> lpb::RecordUsageRequest {
-    lpb::RecordUsageRequest {
-        account_id: id.into(),
-        category: category as i32,
-        amount: amount.into(),
-        idempotency_key: key.into(),
-        description: String::new(),
-    }
-}
-
-fn purchase(id: &str, amount: &str, key: &str) -> ppb::PurchaseCreditsRequest {
-    ppb::PurchaseCreditsRequest {
-        account_id: id.into(),
-        amount: amount.into(),
-        payment_method_id: String::new(),
-        idempotency_key: key.into(),
-    }
-}
-
-fn enable(id: &str, threshold: &str, target: &str) -> rpb::SetAutoRechargeRequest {
-    rpb::SetAutoRechargeRequest {
-        account_id: id.into(),
-        enabled: true,
-        threshold: threshold.into(),
-        target: target.into(),
-    }
-}
-
-async fn balance(c: &mut C, id: &str) -> String {
-    c.l.get_account(lpb::GetAccountRequest {
-        account_id: id.into(),
-    })
-    .await
-    .unwrap()
-    .into_inner()
-    .balance
-}
-
-async fn attempts(c: &mut C, id: &str) -> Vec<rpb::RechargeAttempt> {
-    c.r.list_recharge_attempts(rpb::ListRechargeAttemptsRequest {
-        account_id: id.into(),
-        page_size: 100,
-        page_token: String::new(),
-    })
-    .await
-    .unwrap()
-    .into_inner()
-    .attempts
-}
-
-async fn settled(c: &C, id: &str, n: usize) -> Vec<rpb::RechargeAttempt> {
-    eventually(WAIT, "attempts to settle", || {
-        let mut c = C {
-            l: c.l.clone(),
-            p: c.p.clone(),
-            r: c.r.clone(),
-        };
-        let id = id.to_owned();
-        async move {
-            let a = attempts(&mut c, &id).await;
-            let done = a.iter().all(|a| {
-                a.status == rpb::AttemptStatus::Succeeded as i32
-                    || a.status == rpb::AttemptStatus::Failed as i32
-            });
-            (done && a.len() >= n).then_some(a)
-        }
-    })
-    .await
-}
-
-async fn create(c: &mut C, id: &str, mode: lpb::BillingMode) {
-    c.l.create_account(lpb::CreateAccountRequest {
-        account_id: id.into(),
-        billing_mode: mode as i32,
-        display_name: String::new(),
-    })
-    .await
-    .unwrap();
+/// A prepaid account with a Visa as its default.
+async fn with_card(c: &Api, id: &str) -> credits_tests::api::PaymentMethod {
+    c.create_account(id, BillingMode::Prepaid).await;
+    let visa = c.add_card(id, "4242424242424242", false).await;
+    assert!(visa.is_default);
+    visa
 }
 
 #[tokio::test]
-async fn every_product_rule_holds_across_real_processes() {
-    let d = Daemons::start().await;
-    let mut tap = EventTap::bind(&d.exchange, "#").await;
-    let mut c = clients(&d);
+async fn every_rpc_needs_the_token_and_the_first_purchase_opens_access_r1_r3() {
+    let (d, c) = start().await;
 
     // Auth: every RPC but health needs the bearer token.
-    let mut anon = LedgerServiceClient::new(lazy_channel(&d.ledger_url, None).unwrap());
-    let err = anon
-        .get_account(lpb::GetAccountRequest {
-            account_id: "x".into(),
-        })
-        .await
-        .unwrap_err();
+    let anon = Api::connect(&d.ledger_url, &d.payments_url, &d.recharge_url, None);
+    let err = anon.ledger().get_account(&acct("x")).await.unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
 
     // R3: no access before the first purchase; purchases are at least $5.00.
-    create(&mut c, "acme", lpb::BillingMode::Prepaid).await;
-    let a =
-        c.l.check_access(lpb::CheckAccessRequest {
-            account_id: "acme".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    c.create_account("acme", BillingMode::Prepaid).await;
+    let a = c.access("acme").await;
     assert!(!a.allowed);
-    assert_eq!(a.access, lpb::Access::PendingFirstPurchase as i32);
-    let visa =
-        c.p.add_payment_method(ppb::AddPaymentMethodRequest {
-            account_id: "acme".into(),
-            method: card("4242424242424242"),
-            make_default: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    assert_eq!(a.access, Access::PendingFirstPurchase);
+    let visa = c.add_card("acme", "4242424242424242", false).await;
     assert!(visa.is_default);
     assert_eq!(
-        c.p.purchase_credits(purchase("acme", "4.99", "p0"))
-            .await
-            .unwrap_err()
-            .code(),
+        c.try_buy("acme", "4.99", "p0").await.unwrap_err().code(),
         Code::FailedPrecondition
     );
     // R1: whole cents for charges, up to 9 decimals in the ledger; never exponents.
     assert_eq!(
-        c.p.purchase_credits(purchase("acme", "5.001", "p0"))
-            .await
-            .unwrap_err()
-            .code(),
+        c.try_buy("acme", "5.001", "p0").await.unwrap_err().code(),
         Code::InvalidArgument
     );
+    // Raw prost: the typed client refuses an exponent before sending; the service must too.
+    let mut raw = LedgerServiceClient::new(lazy_channel(&d.ledger_url, Some(&d.token)).unwrap());
     assert_eq!(
-        c.l.record_usage(usage("acme", lpb::UsageCategory::Other, "1e-3", "bad"))
-            .await
-            .unwrap_err()
-            .code(),
-        Code::InvalidArgument
-    );
-    let bought =
-        c.p.purchase_credits(purchase("acme", "25.00", "p1"))
-            .await
-            .unwrap()
-            .into_inner();
-    assert_eq!(bought.balance, "25.00");
-    assert!(
-        c.l.check_access(lpb::CheckAccessRequest {
-            account_id: "acme".into()
+        raw.record_usage(lpb::RecordUsageRequest {
+            account_id: "acme".into(),
+            category: lpb::UsageCategory::Other as i32,
+            amount: "1e-3".into(),
+            idempotency_key: "bad".into(),
+            description: String::new(),
         })
         .await
-        .unwrap()
-        .into_inner()
-        .allowed
+        .unwrap_err()
+        .code(),
+        Code::InvalidArgument
     );
+    let bought = c.buy("acme", "25.00", "p1").await;
+    assert_eq!(bought.balance, Some(money("25.00")));
+    assert!(c.access("acme").await.allowed);
+    stop(d).await;
+}
 
+#[tokio::test]
+async fn the_same_key_returns_the_first_purchase_and_refuses_another_r12() {
+    let (d, c) = start().await;
+    with_card(&c, "acme").await;
+    let bought = c.buy("acme", "25.00", "p1").await;
     // R12: the same key returns the first result; a different request is refused.
-    let again =
-        c.p.purchase_credits(purchase("acme", "25.00", "p1"))
-            .await
-            .unwrap()
-            .into_inner();
+    let again = c.try_buy("acme", "25.00", "p1").await.unwrap();
+    assert_eq!(again.charge.charge_id, bought.charge.charge_id);
     assert_eq!(
-        again.charge.unwrap().charge_id,
-        bought.charge.unwrap().charge_id
-    );
-    assert_eq!(
-        c.p.purchase_credits(purchase("acme", "26.00", "p1"))
-            .await
-            .unwrap_err()
-            .code(),
+        c.try_buy("acme", "26.00", "p1").await.unwrap_err().code(),
         Code::AlreadyExists
     );
-    assert_eq!(balance(&mut c, "acme").await, "25.00");
+    assert_eq!(c.balance("acme").await, money("25.00"));
+    stop(d).await;
+}
 
+#[tokio::test]
+async fn usage_in_every_category_is_priced_in_fractions_of_a_cent_and_counted_r1_r2() {
+    let (d, c) = start().await;
+    with_card(&c, "acme").await;
+    c.buy("acme", "25.00", "p1").await;
     // R2 + R1: usage in every category, priced in fractions of a cent.
     for (i, cat) in [
-        lpb::UsageCategory::ApiRequests,
-        lpb::UsageCategory::DedicatedEndpoints,
-        lpb::UsageCategory::FineTuning,
-        lpb::UsageCategory::Evaluations,
-        lpb::UsageCategory::Other,
+        UsageCategory::ApiRequests,
+        UsageCategory::DedicatedEndpoints,
+        UsageCategory::FineTuning,
+        UsageCategory::Evaluations,
+        UsageCategory::Other,
     ]
     .into_iter()
     .enumerate()
     {
-        let r =
-            c.l.record_usage(usage("acme", cat, "0.000125", &format!("cat{i}")))
-                .await
-                .unwrap()
-                .into_inner();
-        assert_eq!(r.entry.unwrap().category, cat as i32);
+        let r = c
+            .ledger()
+            .record_usage(&UsageRecord {
+                account_id: acct("acme"),
+                category: cat,
+                amount: money("0.000125"),
+                idempotency_key: key(&format!("cat{i}")),
+                description: String::new(),
+            })
+            .await
+            .unwrap();
+        assert_eq!(r.entry.kind, EntryKind::Usage(cat));
     }
-    assert_eq!(balance(&mut c, "acme").await, "24.999375");
+    assert_eq!(c.balance("acme").await, money("24.999375"));
 
+    // Metrics are served.
+    let metrics = http_get(&d.metrics_url, "/metrics").await;
+    assert!(
+        metrics.contains("credits_ledger_usage_entries_total"),
+        "{metrics}"
+    );
+    stop(d).await;
+}
+
+#[tokio::test]
+async fn crossing_below_the_threshold_tops_up_once_to_exactly_the_target_r6_r7_r8() {
+    let (d, c) = start().await;
+    let mut tap = EventTap::bind(&d.exchange, "#").await;
+    with_card(&c, "acme").await;
+    c.buy("acme", "25.00", "p1").await;
     // R6: settings are validated; R7 + R8: crossing below 10 tops up once to exactly 50.
     assert_eq!(
-        c.r.set_auto_recharge(enable("acme", "10", "12"))
+        c.enable_recharge("acme", "10", "12")
             .await
             .unwrap_err()
             .code(),
         Code::InvalidArgument
     );
-    c.r.set_auto_recharge(enable("acme", "10", "50"))
-        .await
-        .unwrap();
-    c.l.record_usage(usage(
-        "acme",
-        lpb::UsageCategory::ApiRequests,
-        "15.009375",
-        "cross",
-    ))
-    .await
-    .unwrap(); // 9.99
-    let a = settled(&c, "acme", 1).await;
+    c.enable_recharge("acme", "10", "50").await.unwrap();
+    c.use_credits("acme", "15.01", "cross").await; // 9.99
+    let a = c.settled_attempts("acme", 1).await;
     assert_eq!(a.len(), 1);
-    assert_eq!(a[0].amount, "40.01");
-    assert_eq!(balance(&mut c, "acme").await, "50.00");
+    assert_eq!(a[0].amount, money("40.01"));
+    assert_eq!(c.balance("acme").await, money("50.00"));
     let crossed = tap
         .next_of("ledger.balance.threshold_crossed", WAIT)
         .await
@@ -287,79 +183,69 @@ async fn every_product_rule_holds_across_real_processes() {
             .await
             .is_some()
     );
+    stop(d).await;
+}
 
+#[tokio::test]
+async fn usage_that_outruns_a_top_up_still_ends_at_or_above_the_threshold_r9() {
+    let (d, c) = start().await;
+    with_card(&c, "acme").await;
+    c.buy("acme", "50.00", "p1").await;
+    c.enable_recharge("acme", "10", "50").await.unwrap();
     // R9: usage outruns a top-up: the balance still ends at or above the threshold.
-    c.l.record_usage(usage("acme", lpb::UsageCategory::ApiRequests, "41", "r9a"))
-        .await
-        .unwrap();
-    c.l.record_usage(usage("acme", lpb::UsageCategory::ApiRequests, "45", "r9b"))
-        .await
-        .unwrap();
-    eventually(WAIT, "R9 top-ups", || {
-        let mut c = C {
-            l: c.l.clone(),
-            p: c.p.clone(),
-            r: c.r.clone(),
-        };
-        async move {
-            let b: rust_decimal::Decimal = balance(&mut c, "acme").await.parse().unwrap();
-            let a = attempts(&mut c, "acme").await;
-            let idle = a
-                .iter()
-                .all(|a| a.status == rpb::AttemptStatus::Succeeded as i32);
-            (idle && b >= rust_decimal::Decimal::from(10)).then_some(())
-        }
+    c.use_credits("acme", "41", "r9a").await;
+    c.use_credits("acme", "45", "r9b").await;
+    eventually(WAIT, "R9 top-ups", || async {
+        let b = c.balance("acme").await;
+        let a = c.attempts("acme").await;
+        let idle = a.iter().all(|a| a.status == AttemptStatus::Succeeded);
+        (idle && b >= money("10")).then_some(())
     })
     .await;
+    stop(d).await;
+}
 
+#[tokio::test]
+async fn histories_are_newest_first_and_paged_r13() {
+    let (d, c) = start().await;
+    with_card(&c, "acme").await;
+    c.buy("acme", "25.00", "p1").await;
+    c.buy("acme", "5.00", "p2").await;
+    c.use_credits("acme", "1", "u1").await;
+    c.use_credits("acme", "2", "u2").await;
     // R13: histories are newest first and paged.
-    let page =
-        c.l.list_entries(lpb::ListEntriesRequest {
-            account_id: "acme".into(),
-            page_size: 2,
-            page_token: String::new(),
-        })
+    let page = c
+        .ledger()
+        .list_entries(&acct("acme"), 2, None)
         .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(page.entries.len(), 2);
-    assert!(!page.next_page_token.is_empty());
-    let next =
-        c.l.list_entries(lpb::ListEntriesRequest {
-            account_id: "acme".into(),
-            page_size: 2,
-            page_token: page.next_page_token,
-        })
+        .unwrap();
+    assert_eq!(page.items.len(), 2);
+    assert!(!page.is_last());
+    let next = c
+        .ledger()
+        .list_entries(&acct("acme"), 2, page.next_page_token.as_deref())
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
+    assert!(next.items[0].created_at.timestamp() <= page.items[1].created_at.timestamp());
     assert!(
-        next.entries[0].created_at.as_ref().unwrap().seconds
-            <= page.entries[1].created_at.as_ref().unwrap().seconds
+        !c.payments()
+            .list_charges(&acct("acme"), 1, None)
+            .await
+            .unwrap()
+            .is_last()
     );
-    assert!(
-        !c.p.list_charges(ppb::ListChargesRequest {
-            account_id: "acme".into(),
-            page_size: 1,
-            page_token: String::new()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .next_page_token
-        .is_empty()
-    );
+    stop(d).await;
+}
 
+#[tokio::test]
+async fn a_bank_account_as_default_turns_auto_recharge_off_and_it_stays_off_r10() {
+    let (d, c) = start().await;
+    let mut tap = EventTap::bind(&d.exchange, "#").await;
+    with_card(&c, "acme").await;
+    c.buy("acme", "25.00", "p1").await;
+    c.enable_recharge("acme", "10", "50").await.unwrap();
     // R10: a bank account as default turns auto-recharge off and it stays off.
-    let ach =
-        c.p.add_payment_method(ppb::AddPaymentMethodRequest {
-            account_id: "acme".into(),
-            method: bank(),
-            make_default: true,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let ach = c.add_bank("acme", true).await;
     assert!(ach.is_default);
     let off = tap
         .next_of("recharge.settings.disabled", WAIT)
@@ -367,128 +253,107 @@ async fn every_product_rule_holds_across_real_processes() {
         .unwrap();
     assert_eq!(off["data"]["reason"], "DEFAULT_PAYMENT_METHOD_NOT_CARD");
     assert_eq!(
-        c.r.set_auto_recharge(enable("acme", "10", "50"))
+        c.enable_recharge("acme", "10", "50")
             .await
             .unwrap_err()
             .code(),
         Code::FailedPrecondition
     );
+    stop(d).await;
+}
 
+#[tokio::test]
+async fn usage_past_zero_is_recorded_suspends_and_credits_reactivate_r4() {
+    let (d, c) = start().await;
+    let mut tap = EventTap::bind(&d.exchange, "#").await;
+    let visa = with_card(&c, "acme").await;
+    c.buy("acme", "25.00", "p1").await;
+    // The bank account is the default while the balance runs out (as after R10).
+    c.add_bank("acme", true).await;
     // R4: usage past zero is recorded; access is suspended, and comes back with credits.
-    let b: rust_decimal::Decimal = balance(&mut c, "acme").await.parse().unwrap();
-    let r =
-        c.l.record_usage(usage(
-            "acme",
-            lpb::UsageCategory::ApiRequests,
-            &(b + rust_decimal::Decimal::ONE).to_string(),
-            "r4",
-        ))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(r.balance, "-1.00");
+    let b = c.balance("acme").await;
+    let over = (b + money("1")).to_wire();
+    let r = c.use_credits("acme", &over, "r4").await;
+    assert_eq!(r.balance, money("-1.00"));
     assert!(!r.allowed);
     assert!(
         tap.next_of("ledger.account.suspended", WAIT)
             .await
             .is_some()
     );
-    c.p.set_default_payment_method(ppb::SetDefaultPaymentMethodRequest {
-        account_id: "acme".into(),
-        payment_method_id: visa.payment_method_id,
-    })
-    .await
-    .unwrap();
-    c.p.purchase_credits(purchase("acme", "5.00", "p2"))
-        .await
-        .unwrap();
-    assert!(
-        c.l.check_access(lpb::CheckAccessRequest {
-            account_id: "acme".into()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .allowed
-    );
+    c.set_default("acme", &visa.payment_method_id).await;
+    c.buy("acme", "5.00", "p2").await;
+    assert!(c.access("acme").await.allowed);
     assert!(
         tap.next_of("ledger.account.reactivated", WAIT)
             .await
             .is_some()
     );
+    stop(d).await;
+}
 
+#[tokio::test]
+async fn contract_accounts_are_never_suspended_and_get_no_auto_recharge_r5() {
+    let (d, c) = start().await;
     // R5: contract accounts are never suspended and get no auto-recharge.
-    create(&mut c, "bigco", lpb::BillingMode::Contract).await;
-    let r =
-        c.l.record_usage(usage("bigco", lpb::UsageCategory::FineTuning, "500", "k"))
-            .await
-            .unwrap()
-            .into_inner();
+    c.create_account("bigco", BillingMode::Contract).await;
+    let r = c
+        .ledger()
+        .record_usage(&UsageRecord {
+            account_id: acct("bigco"),
+            category: UsageCategory::FineTuning,
+            amount: money("500"),
+            idempotency_key: key("k"),
+            description: String::new(),
+        })
+        .await
+        .unwrap();
     assert!(r.allowed);
-    assert_eq!(r.balance, "-500.00");
-    c.p.add_payment_method(ppb::AddPaymentMethodRequest {
-        account_id: "bigco".into(),
-        method: card("4242424242424242"),
-        make_default: true,
-    })
-    .await
-    .unwrap();
+    assert_eq!(r.balance, money("-500.00"));
+    c.add_card("bigco", "4242424242424242", true).await;
     assert_eq!(
-        c.r.set_auto_recharge(enable("bigco", "10", "50"))
+        c.enable_recharge("bigco", "10", "50")
             .await
             .unwrap_err()
             .code(),
         Code::FailedPrecondition
     );
+    stop(d).await;
+}
 
+#[tokio::test]
+async fn three_declined_top_ups_turn_auto_recharge_off_r11() {
+    let (d, c) = start().await;
     // R11: three declined top-ups turn auto-recharge off with REPEATED_FAILURES.
-    create(&mut c, "broke", lpb::BillingMode::Prepaid).await;
-    c.p.add_payment_method(ppb::AddPaymentMethodRequest {
-        account_id: "broke".into(),
-        method: card("4000000000000002"),
-        make_default: true,
-    })
-    .await
-    .unwrap();
-    c.r.set_auto_recharge(enable("broke", "10", "50"))
-        .await
-        .unwrap();
-    let failed = settled(&c, "broke", 3).await;
-    assert!(failed.iter().all(|a| a.failure_code == "card_declined"));
-    let s = eventually(WAIT, "auto-recharge off", || {
-        let mut r = c.r.clone();
-        async move {
-            let s = r
-                .get_auto_recharge(rpb::GetAutoRechargeRequest {
-                    account_id: "broke".into(),
-                })
-                .await
-                .ok()?
-                .into_inner();
-            (!s.enabled).then_some(s)
-        }
+    c.create_account("broke", BillingMode::Prepaid).await;
+    c.add_card("broke", "4000000000000002", true).await;
+    c.enable_recharge("broke", "10", "50").await.unwrap();
+    let failed = c.settled_attempts("broke", 3).await;
+    assert!(
+        failed
+            .iter()
+            .all(|a| a.failure_code.as_deref() == Some("card_declined"))
+    );
+    let s = eventually(WAIT, "auto-recharge off", || async {
+        let s = c.recharge().get_auto_recharge(&acct("broke")).await.ok()?;
+        (!s.enabled).then_some(s)
     })
     .await;
-    assert_eq!(
-        s.disabled_reason,
-        rpb::DisabledReason::RepeatedFailures as i32
-    );
+    assert_eq!(s.disabled_reason, DisabledReason::RepeatedFailures);
+    stop(d).await;
+}
 
-    // Metrics are served.
-    let metrics = http_get(&d.metrics_url, "/metrics").await;
-    assert!(
-        metrics.contains("credits_ledger_usage_entries_total"),
-        "{metrics}"
-    );
-
-    // R14: the card numbers never reached the logs; every daemon exits 0 on SIGTERM.
-    let logs = d.stop().await;
-    for log in &logs {
-        assert!(
-            !log.contains("4242424242424242") && !log.contains("4000000000000002"),
-            "card number in a daemon log"
-        );
-    }
+#[tokio::test]
+async fn card_numbers_never_reach_the_logs_and_every_daemon_exits_cleanly_r14() {
+    let (d, c) = start().await;
+    with_card(&c, "acme").await;
+    c.buy("acme", "25.00", "p1").await;
+    c.add_card("acme", "4000000000000002", true).await;
+    let declined = c.try_buy("acme", "10.00", "p2").await.unwrap();
+    assert!(declined.entry.is_none());
+    // R14: the card numbers never reached the logs (checked by `stop`); every daemon
+    // exits 0 on SIGTERM.
+    let logs = stop(d).await;
     assert!(
         logs[1].contains("payment method added"),
         "the payments log was captured"

@@ -1,56 +1,24 @@
 //! Ledger integration tests: an in-process ledger on port 0, its own database and
-//! exchange, the machine's real PostgreSQL and RabbitMQ, driven over real gRPC.
+//! exchange, the machine's real PostgreSQL and RabbitMQ, driven over real gRPC through
+//! `credits-client` and the shared helpers of `credits_tests::api`. Raw prost remains
+//! only for what a typed client cannot send (invalid amounts, unknown enum numbers,
+//! control characters in keys, bytes that are not UTF-8).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Duration;
 
 use credits_proto::ledger::v1 as pb;
-use credits_proto::ledger::v1::ledger_service_client::LedgerServiceClient;
-use credits_tests::{EventTap, Ledger, LedgerOptions, kill_amqp_connections};
+use credits_tests::api::{
+    Access, Api, BillingMode, Code, CreditSource, CreditsToAdd, EntryKind, UsageCategory, acct,
+    dec, key, money, usage,
+};
+use credits_tests::{EventTap, Ledger, LedgerOptions, NOBODY, kill_amqp_connections};
 use rust_decimal::Decimal;
-use tonic::Code;
-use tonic::transport::Channel;
-
-type Client = LedgerServiceClient<Channel>;
 
 const EVENT_WAIT: Duration = Duration::from_secs(10);
 
-fn dec(s: &str) -> Decimal {
-    s.parse().unwrap()
-}
-
-async fn create(c: &mut Client, id: &str, mode: pb::BillingMode) -> pb::Account {
-    c.create_account(pb::CreateAccountRequest {
-        account_id: id.into(),
-        billing_mode: mode as i32,
-        display_name: format!("{id} Inc."),
-    })
-    .await
-    .unwrap()
-    .into_inner()
-}
-
-async fn credit(
-    c: &mut Client,
-    id: &str,
-    amount: &str,
-    source: pb::CreditSource,
-    key: &str,
-) -> pb::AddCreditsResponse {
-    c.add_credits(pb::AddCreditsRequest {
-        account_id: id.into(),
-        amount: amount.into(),
-        source: source as i32,
-        reference: format!("ch_{key}"),
-        idempotency_key: key.into(),
-        description: String::new(),
-    })
-    .await
-    .unwrap()
-    .into_inner()
-}
-
+/// A raw usage request, for input the typed client refuses to send.
 fn usage_req(id: &str, amount: &str, key: &str) -> pb::RecordUsageRequest {
     pb::RecordUsageRequest {
         account_id: id.into(),
@@ -58,43 +26,6 @@ fn usage_req(id: &str, amount: &str, key: &str) -> pb::RecordUsageRequest {
         amount: amount.into(),
         idempotency_key: key.into(),
         description: "chat completions".into(),
-    }
-}
-
-async fn usage(c: &mut Client, id: &str, amount: &str, key: &str) -> pb::RecordUsageResponse {
-    c.record_usage(usage_req(id, amount, key))
-        .await
-        .unwrap()
-        .into_inner()
-}
-
-async fn access(c: &mut Client, id: &str) -> pb::CheckAccessResponse {
-    c.check_access(pb::CheckAccessRequest {
-        account_id: id.into(),
-    })
-    .await
-    .unwrap()
-    .into_inner()
-}
-
-async fn all_entries(c: &mut Client, id: &str) -> Vec<pb::Entry> {
-    let mut out = Vec::new();
-    let mut token = String::new();
-    loop {
-        let page = c
-            .list_entries(pb::ListEntriesRequest {
-                account_id: id.into(),
-                page_size: 500,
-                page_token: token,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        out.extend(page.entries);
-        if page.next_page_token.is_empty() {
-            return out;
-        }
-        token = page.next_page_token;
     }
 }
 
@@ -114,24 +45,39 @@ async fn journal_sum(ledger: &Ledger, id: &str) -> (Decimal, Decimal) {
 #[tokio::test]
 async fn new_prepaid_account_has_no_access_until_first_purchase_r3() {
     let ledger = Ledger::start().await;
-    let mut c = ledger.client().await;
-    let acct = create(&mut c, "acme", pb::BillingMode::Unspecified).await;
-    assert_eq!(acct.billing_mode, pb::BillingMode::Prepaid as i32);
-    assert_eq!(acct.access, pb::Access::PendingFirstPurchase as i32);
-    assert_eq!(acct.balance, "0.00");
-    assert!(!access(&mut c, "acme").await.allowed);
+    let c = ledger.api();
+    // Raw prost: the typed client always names a billing mode; an unspecified one must
+    // default to prepaid.
+    ledger
+        .client()
+        .await
+        .create_account(pb::CreateAccountRequest {
+            account_id: "acme".into(),
+            billing_mode: pb::BillingMode::Unspecified as i32,
+            display_name: "acme Inc.".into(),
+        })
+        .await
+        .unwrap();
+    let acct = c.account("acme").await;
+    assert_eq!(acct.billing_mode, BillingMode::Prepaid);
+    assert_eq!(acct.access, Access::PendingFirstPurchase);
+    assert_eq!(acct.balance, money("0.00"));
+    assert!(!c.access("acme").await.allowed);
 
     // A grant is not a purchase: still no access.
-    credit(&mut c, "acme", "3.00", pb::CreditSource::Grant, "grant-1").await;
-    let a = access(&mut c, "acme").await;
+    c.add_credits("acme", "3.00", CreditSource::Grant, "grant-1")
+        .await;
+    let a = c.access("acme").await;
     assert!(!a.allowed);
-    assert_eq!(a.access, pb::Access::PendingFirstPurchase as i32);
+    assert_eq!(a.access, Access::PendingFirstPurchase);
 
-    let r = credit(&mut c, "acme", "25.00", pb::CreditSource::Purchase, "buy-1").await;
-    assert_eq!(r.balance, "28.00");
-    let a = access(&mut c, "acme").await;
+    let r = c
+        .add_credits("acme", "25.00", CreditSource::Purchase, "buy-1")
+        .await;
+    assert_eq!(r.balance, money("28.00"));
+    let a = c.access("acme").await;
     assert!(a.allowed);
-    assert_eq!(a.access, pb::Access::Active as i32);
+    assert_eq!(a.access, Access::Active);
     ledger.stop().await;
 }
 
@@ -139,27 +85,25 @@ async fn new_prepaid_account_has_no_access_until_first_purchase_r3() {
 async fn usage_past_zero_is_recorded_suspends_and_credits_reactivate_r4() {
     let ledger = Ledger::start().await;
     let mut tap = EventTap::bind(&ledger.exchange, "ledger.account.*").await;
-    let mut c = ledger.client().await;
-    create(&mut c, "acme", pb::BillingMode::Prepaid).await;
-    credit(&mut c, "acme", "5.00", pb::CreditSource::Purchase, "buy-1").await;
+    let c = ledger.api();
+    c.create_account("acme", BillingMode::Prepaid).await;
+    c.add_credits("acme", "5.00", CreditSource::Purchase, "buy-1")
+        .await;
     assert!(
         tap.next_of("ledger.account.activated", EVENT_WAIT)
             .await
             .is_some()
     );
 
-    let r = usage(&mut c, "acme", "4.999999999", "u1").await;
+    let r = c.use_credits("acme", "4.999999999", "u1").await;
     assert!(r.allowed);
-    assert_eq!(r.balance, "0.000000001");
+    assert_eq!(r.balance, money("0.000000001"));
     // Served usage is recorded even though it takes the balance below zero.
-    let r = usage(&mut c, "acme", "2", "u2").await;
+    let r = c.use_credits("acme", "2", "u2").await;
     assert!(!r.allowed);
-    assert_eq!(r.balance, "-1.999999999");
-    assert_eq!(r.entry.unwrap().balance_after, "-1.999999999");
-    assert_eq!(
-        access(&mut c, "acme").await.access,
-        pb::Access::Suspended as i32
-    );
+    assert_eq!(r.balance, money("-1.999999999"));
+    assert_eq!(r.entry.balance_after, money("-1.999999999"));
+    assert_eq!(c.access("acme").await.access, Access::Suspended);
     let ev = tap
         .next_of("ledger.account.suspended", EVENT_WAIT)
         .await
@@ -167,17 +111,12 @@ async fn usage_past_zero_is_recorded_suspends_and_credits_reactivate_r4() {
     assert_eq!(ev["data"]["balance"], "-1.999999999");
 
     // Exactly zero is still suspended.
-    credit(
-        &mut c,
-        "acme",
-        "1.999999999",
-        pb::CreditSource::Adjustment,
-        "adj-1",
-    )
-    .await;
-    assert!(!access(&mut c, "acme").await.allowed);
-    credit(&mut c, "acme", "0.01", pb::CreditSource::Purchase, "buy-2").await;
-    assert!(access(&mut c, "acme").await.allowed);
+    c.add_credits("acme", "1.999999999", CreditSource::Adjustment, "adj-1")
+        .await;
+    assert!(!c.access("acme").await.allowed);
+    c.add_credits("acme", "0.01", CreditSource::Purchase, "buy-2")
+        .await;
+    assert!(c.access("acme").await.allowed);
     let ev = tap
         .next_of("ledger.account.reactivated", EVENT_WAIT)
         .await
@@ -191,13 +130,13 @@ async fn usage_past_zero_is_recorded_suspends_and_credits_reactivate_r4() {
 async fn contract_accounts_are_never_suspended_r5() {
     let ledger = Ledger::start().await;
     let mut tap = EventTap::bind(&ledger.exchange, "ledger.account.*").await;
-    let mut c = ledger.client().await;
-    let acct = create(&mut c, "bigco", pb::BillingMode::Contract).await;
-    assert_eq!(acct.access, pb::Access::Active as i32);
-    let r = usage(&mut c, "bigco", "1000.50", "u1").await;
+    let c = ledger.api();
+    let acct = c.create_account("bigco", BillingMode::Contract).await;
+    assert_eq!(acct.access, Access::Active);
+    let r = c.use_credits("bigco", "1000.50", "u1").await;
     assert!(r.allowed);
-    assert_eq!(r.balance, "-1000.50");
-    assert!(access(&mut c, "bigco").await.allowed);
+    assert_eq!(r.balance, money("-1000.50"));
+    assert!(c.access("bigco").await.allowed);
     assert!(
         tap.drain(Duration::from_secs(1)).await.is_empty(),
         "no access events for contract accounts"
@@ -208,25 +147,17 @@ async fn contract_accounts_are_never_suspended_r5() {
 #[tokio::test]
 async fn create_account_is_idempotent_but_refuses_different_settings() {
     let ledger = Ledger::start().await;
-    let mut c = ledger.client().await;
-    let a = create(&mut c, "acme", pb::BillingMode::Prepaid).await;
-    let b = create(&mut c, "acme", pb::BillingMode::Prepaid).await;
+    let c = ledger.api();
+    let a = c.create_account("acme", BillingMode::Prepaid).await;
+    let b = c.create_account("acme", BillingMode::Prepaid).await;
     assert_eq!(a.created_at, b.created_at);
     let err = c
-        .create_account(pb::CreateAccountRequest {
-            account_id: "acme".into(),
-            billing_mode: pb::BillingMode::Contract as i32,
-            display_name: "acme Inc.".into(),
-        })
+        .ledger()
+        .create_account(&acct("acme"), BillingMode::Contract, "acme Inc.")
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::AlreadyExists);
-    let err = c
-        .get_account(pb::GetAccountRequest {
-            account_id: "nobody".into(),
-        })
-        .await
-        .unwrap_err();
+    let err = c.ledger().get_account(&acct("nobody")).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
     ledger.stop().await;
 }
@@ -234,18 +165,19 @@ async fn create_account_is_idempotent_but_refuses_different_settings() {
 #[tokio::test]
 async fn same_key_same_request_returns_first_result_different_request_is_rejected_r12() {
     let ledger = Ledger::start().await;
-    let mut c = ledger.client().await;
-    create(&mut c, "acme", pb::BillingMode::Prepaid).await;
-    create(&mut c, "other", pb::BillingMode::Prepaid).await;
-    credit(&mut c, "acme", "10", pb::CreditSource::Purchase, "buy").await;
-    let first = usage(&mut c, "acme", "1.25", "req-1").await;
-    usage(&mut c, "acme", "1", "req-2").await;
-    let again = usage(&mut c, "acme", "1.250", "req-1").await;
+    let c = ledger.api();
+    c.create_account("acme", BillingMode::Prepaid).await;
+    c.create_account("other", BillingMode::Prepaid).await;
+    c.add_credits("acme", "10", CreditSource::Purchase, "buy")
+        .await;
+    let first = c.use_credits("acme", "1.25", "req-1").await;
+    c.use_credits("acme", "1", "req-2").await;
+    let again = c.use_credits("acme", "1.250", "req-1").await;
     assert_eq!(first.entry, again.entry, "replay returns the first entry");
-    assert_eq!(again.entry.as_ref().unwrap().balance_after, "8.75");
+    assert_eq!(again.entry.balance_after, money("8.75"));
 
     let err = c
-        .record_usage(usage_req("acme", "2.00", "req-1"))
+        .try_use_credits("acme", "2.00", "req-1")
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::AlreadyExists);
@@ -256,50 +188,58 @@ async fn same_key_same_request_returns_first_result_different_request_is_rejecte
     );
     // A credit reusing a usage key is a different request too.
     let err = c
-        .add_credits(pb::AddCreditsRequest {
-            account_id: "acme".into(),
-            amount: "1.25".into(),
-            source: pb::CreditSource::Grant as i32,
-            idempotency_key: "req-1".into(),
-            ..Default::default()
+        .ledger()
+        .add_credits(&CreditsToAdd {
+            account_id: acct("acme"),
+            amount: money("1.25"),
+            source: CreditSource::Grant,
+            reference: String::new(),
+            idempotency_key: key("req-1"),
+            description: String::new(),
         })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::AlreadyExists);
-    assert_eq!(access(&mut c, "acme").await.balance, "7.75");
-    assert_eq!(all_entries(&mut c, "acme").await.len(), 3);
+    assert_eq!(c.access("acme").await.balance, money("7.75"));
+    assert_eq!(c.entries("acme").await.len(), 3);
 
     // Keys are scoped per account.
-    credit(&mut c, "other", "5", pb::CreditSource::Purchase, "buy").await;
-    assert_eq!(usage(&mut c, "other", "1", "req-1").await.balance, "4.00");
+    c.add_credits("other", "5", CreditSource::Purchase, "buy")
+        .await;
+    assert_eq!(
+        c.use_credits("other", "1", "req-1").await.balance,
+        money("4.00")
+    );
     ledger.stop().await;
 }
 
 #[tokio::test]
 async fn fifty_concurrent_duplicates_post_once_r12() {
     let ledger = Ledger::start().await;
-    let mut c = ledger.client().await;
-    create(&mut c, "acme", pb::BillingMode::Prepaid).await;
-    credit(&mut c, "acme", "100", pb::CreditSource::Purchase, "buy").await;
+    let c = ledger.api();
+    c.create_account("acme", BillingMode::Prepaid).await;
+    c.add_credits("acme", "100", CreditSource::Purchase, "buy")
+        .await;
     let mut tasks = Vec::new();
     for i in 0..50 {
-        let mut c = c.clone();
+        let c = c.clone();
         tasks.push(tokio::spawn(async move {
             if i % 2 == 0 {
-                c.record_usage(usage_req("acme", "0.5", "dup"))
+                c.try_use_credits("acme", "0.5", "dup")
                     .await
-                    .map(|r| r.into_inner().entry.unwrap().entry_id)
+                    .map(|r| r.entry.entry_id)
             } else {
-                c.add_credits(pb::AddCreditsRequest {
-                    account_id: "acme".into(),
-                    amount: "7".into(),
-                    source: pb::CreditSource::Purchase as i32,
-                    reference: "ch_1".into(),
-                    idempotency_key: "dup-credit".into(),
-                    description: String::new(),
-                })
-                .await
-                .map(|r| r.into_inner().entry.unwrap().entry_id)
+                c.ledger()
+                    .add_credits(&CreditsToAdd {
+                        account_id: acct("acme"),
+                        amount: money("7"),
+                        source: CreditSource::Purchase,
+                        reference: "ch_1".into(),
+                        idempotency_key: key("dup-credit"),
+                        description: String::new(),
+                    })
+                    .await
+                    .map(|r| r.entry.entry_id)
             }
         }));
     }
@@ -315,48 +255,46 @@ async fn fifty_concurrent_duplicates_post_once_r12() {
     }
     assert_eq!(usage_ids.len(), 1);
     assert_eq!(credit_ids.len(), 1);
-    assert_eq!(all_entries(&mut c, "acme").await.len(), 3);
-    assert_eq!(access(&mut c, "acme").await.balance, "106.50");
+    assert_eq!(c.entries("acme").await.len(), 3);
+    assert_eq!(c.access("acme").await.balance, money("106.50"));
     ledger.stop().await;
 }
 
 #[tokio::test]
 async fn concurrent_usage_on_one_account_keeps_balance_equal_to_journal() {
     let ledger = Ledger::start().await;
-    let mut c = ledger.client().await;
-    create(&mut c, "hot", pb::BillingMode::Prepaid).await;
-    credit(&mut c, "hot", "50", pb::CreditSource::Purchase, "buy").await;
+    let c = ledger.api();
+    c.create_account("hot", BillingMode::Prepaid).await;
+    c.add_credits("hot", "50", CreditSource::Purchase, "buy")
+        .await;
     let mut tasks = Vec::new();
     for i in 0..200 {
-        let mut c = c.clone();
+        let c = c.clone();
         tasks.push(tokio::spawn(async move {
-            c.record_usage(usage_req("hot", "0.333333333", &format!("u{i}")))
-                .await
-                .unwrap()
-                .into_inner()
+            c.use_credits("hot", "0.333333333", &format!("u{i}")).await
         }));
     }
     for t in tasks {
         t.await.unwrap();
     }
     let expected = dec("50") - dec("0.333333333") * Decimal::from(200);
-    assert_eq!(dec(&access(&mut c, "hot").await.balance), expected);
+    assert_eq!(c.access("hot").await.balance.as_decimal(), expected);
     let (balance, sum) = journal_sum(&ledger, "hot").await;
     assert_eq!(balance, sum);
     assert_eq!(balance, expected);
     // balance_after forms an unbroken chain: each entry's balance_after follows from the
     // previous one, so no two postings raced on a stale balance.
-    let mut entries = all_entries(&mut c, "hot").await;
+    let mut entries = c.entries("hot").await;
     entries.reverse();
     let mut running = Decimal::ZERO;
     for e in &entries {
-        let amt = dec(&e.amount);
-        running += if e.kind == pb::EntryKind::Credit as i32 {
+        let amt = e.amount.as_decimal();
+        running += if matches!(e.kind, EntryKind::Credit(_)) {
             amt
         } else {
             -amt
         };
-        assert_eq!(dec(&e.balance_after), running);
+        assert_eq!(e.balance_after.as_decimal(), running);
     }
     ledger.stop().await;
 }
@@ -365,42 +303,27 @@ async fn concurrent_usage_on_one_account_keeps_balance_equal_to_journal() {
 async fn threshold_crossing_publishes_exactly_one_event_per_crossing_r7() {
     let ledger = Ledger::start().await;
     let mut tap = EventTap::bind(&ledger.exchange, "ledger.balance.#").await;
-    let mut c = ledger.client().await;
-    create(&mut c, "acme", pb::BillingMode::Prepaid).await;
-    credit(&mut c, "acme", "25", pb::CreditSource::Purchase, "buy-1").await;
+    let c = ledger.api();
+    c.create_account("acme", BillingMode::Prepaid).await;
+    c.add_credits("acme", "25", CreditSource::Purchase, "buy-1")
+        .await;
     let t = c
-        .set_balance_threshold(pb::SetBalanceThresholdRequest {
-            account_id: "acme".into(),
-            threshold: "10".into(),
-            ..Default::default()
-        })
+        .ledger()
+        .set_balance_threshold(&acct("acme"), money("10"), None)
         .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(t.threshold, "10.00");
+        .unwrap();
+    assert_eq!(t.threshold, Some(money("10.00")));
     assert_eq!(
-        c.get_account(pb::GetAccountRequest {
-            account_id: "acme".into()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .balance_threshold,
-        "10.00"
+        c.account("acme").await.balance_threshold,
+        Some(money("10.00"))
     );
 
-    usage(&mut c, "acme", "15", "u1").await; // 10.00: at the threshold is not below it
-    let crossing = usage(&mut c, "acme", "0.01", "u2").await; // 9.99: crossing
-    usage(&mut c, "acme", "1", "u3").await; // 8.99: already below, no event
-    credit(
-        &mut c,
-        "acme",
-        "20",
-        pb::CreditSource::AutoRecharge,
-        "top-1",
-    )
-    .await; // 28.99
-    usage(&mut c, "acme", "30", "u4").await; // -1.01: second crossing
+    c.use_credits("acme", "15", "u1").await; // 10.00: at the threshold is not below it
+    let crossing = c.use_credits("acme", "0.01", "u2").await; // 9.99: crossing
+    c.use_credits("acme", "1", "u3").await; // 8.99: already below, no event
+    c.add_credits("acme", "20", CreditSource::AutoRecharge, "top-1")
+        .await; // 28.99
+    c.use_credits("acme", "30", "u4").await; // -1.01: second crossing
 
     let events = tap.drain(Duration::from_secs(3)).await;
     let crossings: Vec<_> = events
@@ -413,7 +336,7 @@ async fn threshold_crossing_publishes_exactly_one_event_per_crossing_r7() {
     assert_eq!(first["data"]["threshold"], "10.00");
     assert_eq!(first["data"]["balance_before"], "10.00");
     assert_eq!(first["data"]["balance_after"], "9.99");
-    assert_eq!(first["data"]["entry_id"], crossing.entry.unwrap().entry_id);
+    assert_eq!(first["data"]["entry_id"], crossing.entry.entry_id);
     assert_eq!(first["_amqp"]["message_id"], first["id"]);
     assert_eq!(first["_amqp"]["type"], "ledger.balance.threshold_crossed");
     assert_eq!(first["_amqp"]["content_type"], "application/json");
@@ -421,14 +344,13 @@ async fn threshold_crossing_publishes_exactly_one_event_per_crossing_r7() {
     assert_eq!(crossings[1]["data"]["balance_after"], "-1.01");
 
     // Cleared: no more crossings.
-    c.clear_balance_threshold(pb::ClearBalanceThresholdRequest {
-        account_id: "acme".into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    credit(&mut c, "acme", "50", pb::CreditSource::Purchase, "buy-2").await;
-    usage(&mut c, "acme", "45", "u5").await;
+    c.ledger()
+        .clear_balance_threshold(&acct("acme"), None)
+        .await
+        .unwrap();
+    c.add_credits("acme", "50", CreditSource::Purchase, "buy-2")
+        .await;
+    c.use_credits("acme", "45", "u5").await;
     assert!(tap.drain(Duration::from_secs(1)).await.is_empty());
     ledger.stop().await;
 }
@@ -437,27 +359,25 @@ async fn threshold_crossing_publishes_exactly_one_event_per_crossing_r7() {
 async fn outbox_events_survive_a_rabbitmq_connection_drop() {
     let ledger = Ledger::start().await;
     let mut tap = EventTap::bind(&ledger.exchange, "ledger.#").await;
-    let mut c = ledger.client().await;
-    create(&mut c, "acme", pb::BillingMode::Prepaid).await;
-    credit(&mut c, "acme", "20", pb::CreditSource::Purchase, "buy-1").await;
+    let c = ledger.api();
+    c.create_account("acme", BillingMode::Prepaid).await;
+    c.add_credits("acme", "20", CreditSource::Purchase, "buy-1")
+        .await;
     assert!(
         tap.next_of("ledger.account.activated", EVENT_WAIT)
             .await
             .is_some()
     );
-    c.set_balance_threshold(pb::SetBalanceThresholdRequest {
-        account_id: "acme".into(),
-        threshold: "10".into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    c.ledger()
+        .set_balance_threshold(&acct("acme"), money("10"), None)
+        .await
+        .unwrap();
 
     assert!(
         kill_amqp_connections(&ledger.connection_name).await >= 1,
         "the relay's connection was found and closed"
     );
-    usage(&mut c, "acme", "15", "u1").await;
+    c.use_credits("acme", "15", "u1").await;
     let ev = tap
         .next_of("ledger.balance.threshold_crossed", Duration::from_secs(30))
         .await;
@@ -477,51 +397,51 @@ async fn outbox_events_survive_a_rabbitmq_connection_drop() {
 #[tokio::test]
 async fn entries_list_newest_first_with_pages_r13() {
     let ledger = Ledger::start().await;
-    let mut c = ledger.client().await;
-    create(&mut c, "acme", pb::BillingMode::Prepaid).await;
-    credit(&mut c, "acme", "10", pb::CreditSource::Purchase, "buy").await;
+    let c = ledger.api();
+    c.create_account("acme", BillingMode::Prepaid).await;
+    c.add_credits("acme", "10", CreditSource::Purchase, "buy")
+        .await;
     for i in 0..6 {
-        usage(&mut c, "acme", "0.1", &format!("u{i}")).await;
+        c.use_credits("acme", "0.1", &format!("u{i}")).await;
     }
     let mut seen = Vec::new();
-    let mut token = String::new();
+    let mut token: Option<String> = None;
     let mut pages = 0;
     loop {
         let page = c
-            .list_entries(pb::ListEntriesRequest {
-                account_id: "acme".into(),
-                page_size: 3,
-                page_token: token,
-            })
+            .ledger()
+            .list_entries(&acct("acme"), 3, token.as_deref())
             .await
-            .unwrap()
-            .into_inner();
+            .unwrap();
         pages += 1;
-        seen.extend(page.entries);
-        if page.next_page_token.is_empty() {
-            break;
+        seen.extend(page.items);
+        match page.next_page_token {
+            Some(t) => token = Some(t),
+            None => break,
         }
-        token = page.next_page_token;
     }
     assert_eq!(seen.len(), 7);
     assert!(pages >= 3);
     let keys: Vec<_> = seen.iter().map(|e| e.idempotency_key.as_str()).collect();
     assert_eq!(keys, ["u5", "u4", "u3", "u2", "u1", "u0", "buy"]);
-    assert_eq!(seen[6].kind, pb::EntryKind::Credit as i32);
-    assert_eq!(seen[6].source, pb::CreditSource::Purchase as i32);
+    assert_eq!(seen[6].kind, EntryKind::Credit(CreditSource::Purchase));
     assert_eq!(seen[6].reference, "ch_buy");
-    assert_eq!(seen[0].category, pb::UsageCategory::ApiRequests as i32);
+    assert_eq!(seen[0].kind, EntryKind::Usage(UsageCategory::ApiRequests));
     ledger.stop().await;
 }
 
+/// Raw prost: one item's amount ("-1") is one the typed client refuses to send.
 #[tokio::test]
 async fn usage_batch_answers_each_item_in_order() {
     let ledger = Ledger::start().await;
     let mut c = ledger.client().await;
-    create(&mut c, "b", pb::BillingMode::Prepaid).await;
-    create(&mut c, "a", pb::BillingMode::Prepaid).await;
-    credit(&mut c, "a", "10", pb::CreditSource::Purchase, "buy").await;
-    credit(&mut c, "b", "10", pb::CreditSource::Purchase, "buy").await;
+    let api = ledger.api();
+    api.create_account("b", BillingMode::Prepaid).await;
+    api.create_account("a", BillingMode::Prepaid).await;
+    api.add_credits("a", "10", CreditSource::Purchase, "buy")
+        .await;
+    api.add_credits("b", "10", CreditSource::Purchase, "buy")
+        .await;
     let items = vec![
         usage_req("b", "1", "k1"),
         usage_req("a", "2", "k1"),
@@ -555,7 +475,7 @@ async fn usage_batch_answers_each_item_in_order() {
     assert_eq!(ok(4).entry.unwrap().balance_after, "7.50");
     assert_eq!(ok(5).entry, ok(0).entry);
     assert_eq!(err(6).code, Code::AlreadyExists as i32);
-    assert_eq!(access(&mut c, "b").await.balance, "7.50");
+    assert_eq!(api.access("b").await.balance, money("7.50"));
     ledger.stop().await;
 }
 
@@ -563,8 +483,10 @@ async fn usage_batch_answers_each_item_in_order() {
 async fn bad_input_gets_a_clear_error_and_changes_nothing_spec_4() {
     let ledger = Ledger::start().await;
     let mut c = ledger.client().await;
-    create(&mut c, "acme", pb::BillingMode::Prepaid).await;
-    credit(&mut c, "acme", "10", pb::CreditSource::Purchase, "buy").await;
+    let api = ledger.api();
+    api.create_account("acme", BillingMode::Prepaid).await;
+    api.add_credits("acme", "10", CreditSource::Purchase, "buy")
+        .await;
 
     let bad_amounts = [
         "",
@@ -715,8 +637,8 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing_spec_4() {
     assert_eq!(err.code(), Code::NotFound);
 
     // Nothing changed: one entry (the purchase), same balance, no stray accounts.
-    assert_eq!(all_entries(&mut c, "acme").await.len(), 1);
-    assert_eq!(access(&mut c, "acme").await.balance, "10.00");
+    assert_eq!(api.entries("acme").await.len(), 1);
+    assert_eq!(api.access("acme").await.balance, money("10.00"));
     let mut db = ledger.db().await;
     let accounts: i64 = sqlx::query_scalar("SELECT count(*) FROM accounts")
         .fetch_one(&mut db)
@@ -729,9 +651,10 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing_spec_4() {
 #[tokio::test]
 async fn the_journal_is_append_only() {
     let ledger = Ledger::start().await;
-    let mut c = ledger.client().await;
-    create(&mut c, "acme", pb::BillingMode::Prepaid).await;
-    credit(&mut c, "acme", "10", pb::CreditSource::Purchase, "buy").await;
+    let c = ledger.api();
+    c.create_account("acme", BillingMode::Prepaid).await;
+    c.add_credits("acme", "10", CreditSource::Purchase, "buy")
+        .await;
     let mut db = ledger.db().await;
     for sql in [
         "UPDATE entries SET amount = 1000",
@@ -741,7 +664,7 @@ async fn the_journal_is_append_only() {
         let err = sqlx::query(sql).execute(&mut db).await.unwrap_err();
         assert!(err.to_string().contains("append-only"), "{sql}: {err}");
     }
-    assert_eq!(all_entries(&mut c, "acme").await[0].amount, "10.00");
+    assert_eq!(c.entries("acme").await[0].amount, money("10.00"));
     ledger.stop().await;
 }
 
@@ -752,34 +675,21 @@ async fn bearer_token_guards_every_rpc_but_health() {
         ..Default::default()
     })
     .await;
-    let mut c = ledger.client().await;
-    let err = c
-        .check_access(pb::CheckAccessRequest {
-            account_id: "acme".into(),
-        })
-        .await
-        .unwrap_err();
+    let with = |token: Option<&str>| Api::connect(&ledger.url(), NOBODY, NOBODY, token);
+    let check = |c: Api| async move { c.ledger().check_access(&acct("acme")).await };
+    let err = check(with(None)).await.unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
-    let mut req = tonic::Request::new(pb::CheckAccessRequest {
-        account_id: "acme".into(),
-    });
-    req.metadata_mut()
-        .insert("authorization", "Bearer wrong".parse().unwrap());
     assert_eq!(
-        c.check_access(req).await.unwrap_err().code(),
+        check(with(Some("wrong"))).await.unwrap_err().code(),
         Code::Unauthenticated
     );
-    let mut req = tonic::Request::new(pb::CheckAccessRequest {
-        account_id: "acme".into(),
-    });
-    req.metadata_mut()
-        .insert("authorization", "Bearer s3cret".parse().unwrap());
     assert_eq!(
-        c.check_access(req).await.unwrap_err().code(),
+        check(with(Some("s3cret"))).await.unwrap_err().code(),
         Code::NotFound,
         "authenticated, account unknown"
     );
 
+    // Health is not in the typed client (it is not part of the product's contract).
     let channel = tonic::transport::Endpoint::from_shared(ledger.url())
         .unwrap()
         .connect()
@@ -800,12 +710,16 @@ async fn bearer_token_guards_every_rpc_but_health() {
     ledger.stop().await;
 }
 
+/// Raw prost: the typed client refuses a control character in an idempotency key before
+/// sending; the service's own refusal is what is checked.
 #[tokio::test]
 async fn text_fields_with_nul_or_control_characters_are_invalid_and_change_nothing_r21() {
     let ledger = Ledger::start().await;
     let mut c = ledger.client().await;
-    create(&mut c, "acme", pb::BillingMode::Prepaid).await;
-    credit(&mut c, "acme", "10", pb::CreditSource::Purchase, "buy").await;
+    let api = ledger.api();
+    api.create_account("acme", BillingMode::Prepaid).await;
+    api.add_credits("acme", "10", CreditSource::Purchase, "buy")
+        .await;
     let mut bad = usage_req("acme", "1", "u-nul");
     bad.description = "chat\0completions".into();
     let e = c.record_usage(bad).await.unwrap_err();
@@ -845,34 +759,31 @@ async fn text_fields_with_nul_or_control_characters_are_invalid_and_change_nothi
     let mut ok = usage_req("acme", "1", "u-ok");
     ok.description = "line 1\n\tline 2".into();
     c.record_usage(ok).await.unwrap();
-    assert_eq!(
-        all_entries(&mut c, "acme").await.len(),
-        2,
-        "only the good debit"
-    );
-    assert_eq!(access(&mut c, "acme").await.balance, "9.00");
+    assert_eq!(api.entries("acme").await.len(), 2, "only the good debit");
+    assert_eq!(api.access("acme").await.balance, money("9.00"));
     ledger.stop().await;
 }
 
 #[tokio::test]
 async fn one_callers_bad_input_never_fails_another_callers_debit_r21() {
     let ledger = Ledger::start().await;
-    let mut c = ledger.client().await;
-    create(&mut c, "acme", pb::BillingMode::Prepaid).await;
-    credit(&mut c, "acme", "1000", pb::CreditSource::Purchase, "buy").await;
+    let c = ledger.api();
+    c.create_account("acme", BillingMode::Prepaid).await;
+    c.add_credits("acme", "1000", CreditSource::Purchase, "buy")
+        .await;
     let mut calls = Vec::new();
     for i in 0..100 {
-        let mut good = c.clone();
+        let good = c.clone();
         calls.push(tokio::spawn(async move {
-            good.record_usage(usage_req("acme", "0.01", &format!("good-{i}")))
+            good.try_use_credits("acme", "0.01", &format!("good-{i}"))
                 .await
                 .map(|_| ())
         }));
-        let mut evil = c.clone();
+        let evil = c.clone();
         calls.push(tokio::spawn(async move {
-            let mut r = usage_req("acme", "0.01", &format!("evil-{i}"));
+            let mut r = usage("acme", "0.01", &format!("evil-{i}"));
             r.description = "\0".into();
-            let e = evil.record_usage(r).await.unwrap_err();
+            let e = evil.ledger().record_usage(&r).await.unwrap_err();
             assert_eq!(e.code(), Code::InvalidArgument);
             Ok(())
         }));
@@ -880,33 +791,28 @@ async fn one_callers_bad_input_never_fails_another_callers_debit_r21() {
     for call in calls {
         call.await.unwrap().unwrap();
     }
-    let items = (0..10)
+    let items: Vec<_> = (0..10)
         .map(|i| {
-            let mut r = usage_req("acme", "0.01", &format!("batch-{i}"));
+            let mut r = usage("acme", "0.01", &format!("batch-{i}"));
             if i == 3 {
                 r.description = "nul\0".into();
             }
             r
         })
         .collect();
-    let results = c
-        .record_usage_batch(pb::RecordUsageBatchRequest { items })
-        .await
-        .unwrap()
-        .into_inner()
-        .results;
+    let results = c.ledger().record_usage_batch(&items).await.unwrap();
     for (i, r) in results.iter().enumerate() {
-        match r.result.as_ref().unwrap() {
-            pb::record_usage_batch_result::Result::Ok(_) => assert_ne!(i, 3),
-            pb::record_usage_batch_result::Result::Error(e) => {
+        match r {
+            Ok(_) => assert_ne!(i, 3),
+            Err(e) => {
                 assert_eq!(i, 3);
-                assert_eq!(e.code, Code::InvalidArgument as i32);
+                assert_eq!(e.code(), Code::InvalidArgument);
             }
         }
     }
     assert_eq!(
-        access(&mut c, "acme").await.balance,
-        "998.91",
+        c.access("acme").await.balance,
+        money("998.91"),
         "109 debits of 0.01"
     );
     ledger.stop().await;
@@ -922,9 +828,10 @@ async fn group_commit_isolates_an_item_the_database_refuses_r21() {
         AccountId, IdempotencyKey, Posting, PostingRequest, UsageCategory,
     };
     let ledger = Ledger::start().await;
-    let mut c = ledger.client().await;
-    create(&mut c, "acme", pb::BillingMode::Prepaid).await;
-    credit(&mut c, "acme", "100", pb::CreditSource::Purchase, "buy").await;
+    let c = ledger.api();
+    c.create_account("acme", BillingMode::Prepaid).await;
+    c.add_credits("acme", "100", CreditSource::Purchase, "buy")
+        .await;
     let pool = sqlx::PgPool::connect(&ledger.database_url).await.unwrap();
     let store = credits_ledger::store::Store::new(pool);
     let reqs: Vec<PostingRequest> = (0..20)
@@ -946,7 +853,7 @@ async fn group_commit_isolates_an_item_the_database_refuses_r21() {
     for (i, r) in results.iter().enumerate() {
         assert_eq!(r.is_ok(), i != 7, "item {i}: {:?}", r.as_ref().err());
     }
-    assert_eq!(access(&mut c, "acme").await.balance, "81.00");
+    assert_eq!(c.access("acme").await.balance, money("81.00"));
     let (balance, sum) = journal_sum(&ledger, "acme").await;
     assert_eq!(balance, sum);
     ledger.stop().await;
@@ -967,60 +874,47 @@ async fn scoped_tokens_limit_each_role_and_the_gateway_cannot_mint_credits() {
         ..Default::default()
     })
     .await;
-    let mut c = ledger.client().await;
-    fn with<T>(token: &str, msg: T) -> tonic::Request<T> {
-        let mut r = tonic::Request::new(msg);
-        r.metadata_mut()
-            .insert("authorization", format!("Bearer {token}").parse().unwrap());
-        r
-    }
-    let create_req = pb::CreateAccountRequest {
-        account_id: "acme".into(),
-        ..Default::default()
-    };
-    c.create_account(with("bill-0123456789abcdef", create_req))
+    let with = |token: &str| Api::connect(&ledger.url(), NOBODY, NOBODY, Some(token));
+    with("bill-0123456789abcdef")
+        .ledger()
+        .create_account(&acct("acme"), BillingMode::Prepaid, "")
         .await
         .unwrap();
-    let grant = pb::AddCreditsRequest {
-        account_id: "acme".into(),
-        amount: "1000".into(),
-        source: pb::CreditSource::Grant as i32,
-        idempotency_key: "free-money".into(),
-        ..Default::default()
+    let grant = CreditsToAdd {
+        account_id: acct("acme"),
+        amount: money("1000"),
+        source: CreditSource::Grant,
+        reference: String::new(),
+        idempotency_key: key("free-money"),
+        description: String::new(),
     };
     for token in ["gw-0123456789abcdef", "bill-0123456789abcdef"] {
-        let e = c.add_credits(with(token, grant.clone())).await.unwrap_err();
+        let e = with(token).ledger().add_credits(&grant).await.unwrap_err();
         assert_eq!(e.code(), Code::PermissionDenied, "{token}: {}", e.message());
     }
-    let e = c
-        .add_credits(with("nobody-0123456789", grant.clone()))
+    let e = with("nobody-0123456789")
+        .ledger()
+        .add_credits(&grant)
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);
-    let r = c
-        .record_usage(with("gw-0123456789abcdef", usage_req("acme", "1", "u1")))
+    let r = with("gw-0123456789abcdef")
+        .use_credits("acme", "1", "u1")
+        .await;
+    assert_eq!(r.balance, money("-1.00"), "the gateway records usage");
+    let r = with("int-0123456789abcdef")
+        .ledger()
+        .add_credits(&grant)
         .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(r.balance, "-1.00", "the gateway records usage");
-    let r = c
-        .add_credits(with("int-0123456789abcdef", grant))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(r.balance, "999.00", "internal may add credits");
+        .unwrap();
+    assert_eq!(r.balance, money("999.00"), "internal may add credits");
     assert_eq!(
-        c.set_balance_threshold(with(
-            "bill-0123456789abcdef",
-            pb::SetBalanceThresholdRequest {
-                account_id: "acme".into(),
-                threshold: "10".into(),
-                version: 0,
-            }
-        ))
-        .await
-        .unwrap_err()
-        .code(),
+        with("bill-0123456789abcdef")
+            .ledger()
+            .set_balance_threshold(&acct("acme"), money("10"), None)
+            .await
+            .unwrap_err()
+            .code(),
         Code::PermissionDenied
     );
     ledger.stop().await;
@@ -1108,20 +1002,19 @@ async fn ledger_events_are_the_contract_type_with_v7_ids() {
     let money = |s: &str| Money::parse_signed("amount", s).unwrap();
     let ledger = Ledger::start().await;
     let mut tap = EventTap::bind(&ledger.exchange, "ledger.#").await;
-    let mut c = ledger.client().await;
-    create(&mut c, "acme", pb::BillingMode::Prepaid).await;
-    credit(&mut c, "acme", "25", pb::CreditSource::Purchase, "buy-1").await; // activated
-    c.set_balance_threshold(pb::SetBalanceThresholdRequest {
-        account_id: "acme".into(),
-        threshold: "10".into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let crossing = usage(&mut c, "acme", "15.01", "u1").await; // 9.99: crossed
-    usage(&mut c, "acme", "10", "u2").await; // -0.01: suspended
-    credit(&mut c, "acme", "0.02", pb::CreditSource::Purchase, "buy-2").await; // reactivated
-    let entry_id: uuid::Uuid = crossing.entry.unwrap().entry_id.parse().unwrap();
+    let c = ledger.api();
+    c.create_account("acme", BillingMode::Prepaid).await;
+    c.add_credits("acme", "25", CreditSource::Purchase, "buy-1")
+        .await; // activated
+    c.ledger()
+        .set_balance_threshold(&acct("acme"), money("10"), None)
+        .await
+        .unwrap();
+    let crossing = c.use_credits("acme", "15.01", "u1").await; // 9.99: crossed
+    c.use_credits("acme", "10", "u2").await; // -0.01: suspended
+    c.add_credits("acme", "0.02", CreditSource::Purchase, "buy-2")
+        .await; // reactivated
+    let entry_id: uuid::Uuid = crossing.entry.entry_id.parse().unwrap();
 
     let expected = [
         Event::AccountActivated(AccountBalance {

@@ -1,322 +1,103 @@
 //! Recharge integration tests: ledger, payments and one or two recharge replicas in
-//! process, against the real PostgreSQL and RabbitMQ, over real gRPC.
+//! process, against the real PostgreSQL and RabbitMQ, over real gRPC, driven through
+//! `credits-client` and the shared helpers of `credits_tests::api`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Duration;
 
-use credits_proto::ledger::v1 as lpb;
-use credits_proto::ledger::v1::ledger_service_client::LedgerServiceClient;
-use credits_proto::payments::v1 as ppb;
-use credits_proto::payments::v1::payments_service_client::PaymentsServiceClient;
 use credits_proto::recharge::v1 as pb;
-use credits_proto::recharge::v1::auto_recharge_service_client::AutoRechargeServiceClient;
+use credits_tests::api::{
+    Api, AttemptStatus, BillingMode, Code, CreditSource, DisabledReason, EntryKind, acct, dec,
+    money,
+};
 use credits_tests::{EventTap, Recharge, System, eventually, publish_raw, queue_depth};
 use rust_decimal::Decimal;
-use tonic::Code;
-use tonic::transport::Channel;
 
 const WAIT: Duration = Duration::from_secs(20);
-
-struct Clients {
-    l: LedgerServiceClient<Channel>,
-    p: PaymentsServiceClient<Channel>,
-    r: AutoRechargeServiceClient<Channel>,
-}
-
-async fn clients(sys: &System) -> Clients {
-    Clients {
-        l: sys.ledger.client().await,
-        p: sys.payments.client().await,
-        r: sys.recharge[0].client().await,
-    }
-}
-
-fn dec(s: &str) -> Decimal {
-    s.parse().unwrap()
-}
-
-fn card(number: &str) -> ppb::add_payment_method_request::Method {
-    ppb::add_payment_method_request::Method::Card(ppb::CardDetails {
-        number: number.into(),
-        exp_month: 12,
-        exp_year: 2034,
-        cvc: "123".into(),
-    })
-}
-
-fn bank() -> ppb::add_payment_method_request::Method {
-    ppb::add_payment_method_request::Method::UsBankAccount(ppb::UsBankAccountDetails {
-        routing_number: "110000000".into(),
-        account_number: "000123456789".into(),
-        holder_name: "Jane Roe".into(),
-    })
-}
-
-impl Clients {
-    async fn account(&mut self, id: &str, mode: lpb::BillingMode) {
-        self.l
-            .create_account(lpb::CreateAccountRequest {
-                account_id: id.into(),
-                billing_mode: mode as i32,
-                display_name: String::new(),
-            })
-            .await
-            .unwrap();
-    }
-
-    async fn add_method(
-        &mut self,
-        id: &str,
-        m: ppb::add_payment_method_request::Method,
-        make_default: bool,
-    ) -> ppb::PaymentMethod {
-        self.p
-            .add_payment_method(ppb::AddPaymentMethodRequest {
-                account_id: id.into(),
-                method: Some(m),
-                make_default,
-            })
-            .await
-            .unwrap()
-            .into_inner()
-    }
-
-    async fn buy(&mut self, id: &str, amount: &str, key: &str) {
-        let r = self
-            .p
-            .purchase_credits(ppb::PurchaseCreditsRequest {
-                account_id: id.into(),
-                amount: amount.into(),
-                payment_method_id: String::new(),
-                idempotency_key: key.into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert!(r.entry.is_some(), "purchase credited");
-    }
-
-    async fn enable(
-        &mut self,
-        id: &str,
-        threshold: &str,
-        target: &str,
-    ) -> Result<pb::AutoRecharge, tonic::Status> {
-        self.r
-            .set_auto_recharge(pb::SetAutoRechargeRequest {
-                account_id: id.into(),
-                enabled: true,
-                threshold: threshold.into(),
-                target: target.into(),
-            })
-            .await
-            .map(|r| r.into_inner())
-    }
-
-    async fn settings(&mut self, id: &str) -> pb::AutoRecharge {
-        self.r
-            .get_auto_recharge(pb::GetAutoRechargeRequest {
-                account_id: id.into(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-    }
-
-    async fn use_credits(&mut self, id: &str, amount: &str, key: &str) -> lpb::RecordUsageResponse {
-        self.l
-            .record_usage(lpb::RecordUsageRequest {
-                account_id: id.into(),
-                category: lpb::UsageCategory::ApiRequests as i32,
-                amount: amount.into(),
-                idempotency_key: key.into(),
-                description: String::new(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-    }
-
-    async fn balance(&mut self, id: &str) -> String {
-        self.l
-            .get_account(lpb::GetAccountRequest {
-                account_id: id.into(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .balance
-    }
-
-    async fn attempts(&mut self, id: &str) -> Vec<pb::RechargeAttempt> {
-        self.r
-            .list_recharge_attempts(pb::ListRechargeAttemptsRequest {
-                account_id: id.into(),
-                page_size: 500,
-                page_token: String::new(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .attempts
-    }
-
-    /// Waits until `n` attempts are finished and none is in flight.
-    async fn settled_attempts(&mut self, id: &str, n: usize) -> Vec<pb::RechargeAttempt> {
-        let r = self.r.clone();
-        let id = id.to_owned();
-        eventually(WAIT, "attempts to settle", move || {
-            let mut c = Clients {
-                l: self.l.clone(),
-                p: self.p.clone(),
-                r: r.clone(),
-            };
-            let id = id.clone();
-            async move {
-                let a = c.attempts(&id).await;
-                let finished = a
-                    .iter()
-                    .filter(|a| {
-                        a.status == pb::AttemptStatus::Succeeded as i32
-                            || a.status == pb::AttemptStatus::Failed as i32
-                    })
-                    .count();
-                (finished == a.len() && a.len() >= n).then_some(a)
-            }
-        })
-        .await
-    }
-
-    async fn charges(&mut self, id: &str) -> Vec<ppb::Charge> {
-        self.p
-            .list_charges(ppb::ListChargesRequest {
-                account_id: id.into(),
-                page_size: 500,
-                page_token: String::new(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .charges
-    }
-
-    async fn entries(&mut self, id: &str) -> Vec<lpb::Entry> {
-        self.l
-            .list_entries(lpb::ListEntriesRequest {
-                account_id: id.into(),
-                page_size: 500,
-                page_token: String::new(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .entries
-    }
-}
-
-/// Account with a Visa on file and $25 bought, auto-recharge below 10 up to 50.
-async fn funded(c: &mut Clients, id: &str) {
-    c.account(id, lpb::BillingMode::Prepaid).await;
-    c.add_method(id, card("4242424242424242"), false).await;
-    c.buy(id, "25.00", &format!("{id}-buy")).await;
-    let s = c.enable(id, "10", "50").await.unwrap();
-    assert!(s.enabled);
-    assert_eq!(
-        (s.threshold.as_str(), s.target.as_str()),
-        ("10.00", "50.00")
-    );
-}
 
 #[tokio::test]
 async fn the_seed_walkthrough_charges_once_to_reach_the_target_r8() {
     let sys = System::start(1).await;
     let mut tap = EventTap::bind(&sys.ledger.exchange, "recharge.#").await;
-    let mut c = clients(&sys).await;
-    funded(&mut c, "acme").await;
+    let c = sys.api();
+    c.funded("acme").await;
     let r = c.use_credits("acme", "15.01", "u1").await;
-    assert_eq!(r.balance, "9.99");
+    assert_eq!(r.balance, money("9.99"));
     let attempts = c.settled_attempts("acme", 1).await;
     assert_eq!(attempts.len(), 1);
     let a = &attempts[0];
-    assert_eq!(a.status, pb::AttemptStatus::Succeeded as i32);
-    assert_eq!(a.amount, "40.01");
-    assert_eq!(a.balance_at_trigger, "9.99");
+    assert_eq!(a.status, AttemptStatus::Succeeded);
+    assert_eq!(a.amount, money("40.01"));
+    assert_eq!(a.balance_at_trigger, money("9.99"));
     assert_eq!(a.trigger, "threshold_crossed");
-    assert_eq!(c.balance("acme").await, "50.00");
+    assert_eq!(c.balance("acme").await, money("50.00"));
+    let charge_id = a.charge_id.clone().expect("the top-up's charge");
     let charges = c.charges("acme").await;
     assert_eq!(charges.len(), 2, "the purchase and exactly one top-up");
-    assert_eq!(charges[0].amount, "40.01");
-    assert_eq!(charges[0].charge_id, a.charge_id);
+    assert_eq!(charges[0].amount, money("40.01"));
+    assert_eq!(charges[0].charge_id, charge_id);
     let entries = c.entries("acme").await;
-    assert_eq!(entries[0].source, lpb::CreditSource::AutoRecharge as i32);
-    assert_eq!(entries[0].reference, a.charge_id);
+    assert_eq!(
+        entries[0].kind,
+        EntryKind::Credit(CreditSource::AutoRecharge)
+    );
+    assert_eq!(entries[0].reference, charge_id);
     let ev = tap
         .next_of("recharge.attempt.succeeded", WAIT)
         .await
         .unwrap();
     assert_eq!(ev["data"]["attempt_id"], a.attempt_id);
     assert_eq!(ev["data"]["amount"], "40.01");
-    assert_eq!(ev["data"]["charge_id"], a.charge_id);
+    assert_eq!(ev["data"]["charge_id"], charge_id);
     sys.stop().await;
 }
 
 #[tokio::test]
 async fn top_ups_round_up_to_the_cent_r8() {
     let sys = System::start(1).await;
-    let mut c = clients(&sys).await;
-    funded(&mut c, "acme").await;
+    let c = sys.api();
+    c.funded("acme").await;
     c.use_credits("acme", "15.005", "u1").await; // 9.995
     let a = c.settled_attempts("acme", 1).await;
-    assert_eq!(a[0].amount, "40.01", "40.005 rounds up");
-    assert_eq!(c.balance("acme").await, "50.005");
+    assert_eq!(a[0].amount, money("40.01"), "40.005 rounds up");
+    assert_eq!(c.balance("acme").await, money("50.005"));
     sys.stop().await;
 }
 
 #[tokio::test]
 async fn enabling_below_the_threshold_tops_up_at_once_r7() {
     let sys = System::start(1).await;
-    let mut c = clients(&sys).await;
-    c.account("acme", lpb::BillingMode::Prepaid).await;
-    c.add_method("acme", card("5555555555554444"), false).await;
+    let c = sys.api();
+    c.create_account("acme", BillingMode::Prepaid).await;
+    c.add_card("acme", "5555555555554444", false).await;
     c.buy("acme", "8.00", "b").await;
-    c.enable("acme", "10", "50").await.unwrap();
+    c.enable_recharge("acme", "10", "50").await.unwrap();
     let a = c.settled_attempts("acme", 1).await;
     assert_eq!(a[0].trigger, "enabled_below_threshold");
-    assert_eq!(a[0].amount, "42.00");
-    assert_eq!(c.balance("acme").await, "50.00");
+    assert_eq!(a[0].amount, money("42.00"));
+    assert_eq!(c.balance("acme").await, money("50.00"));
     sys.stop().await;
 }
 
 #[tokio::test]
 async fn usage_that_outruns_a_top_up_gets_another_r9() {
     let sys = System::start(1).await;
-    let mut c = clients(&sys).await;
-    funded(&mut c, "acme").await;
+    let c = sys.api();
+    c.funded("acme").await;
     // Crosses, then usage lands before the top-up does: the first top-up (decided at 9.00)
     // leaves the balance below the threshold, so another follows.
     c.use_credits("acme", "16", "u1").await; // 9.00
     c.use_credits("acme", "45", "u2").await; // -36.00 (or 4.00 if the top-up landed)
-    let attempts = eventually(WAIT, "balance back at or above the threshold", || {
-        let mut c = Clients {
-            l: c.l.clone(),
-            p: c.p.clone(),
-            r: c.r.clone(),
-        };
-        async move {
-            let a = c.settled_attempts("acme", 1).await;
-            (dec(&c.balance("acme").await) >= dec("10")).then_some(a)
-        }
-    })
-    .await;
+    let attempts = c.settled_at_or_above("acme", 1, "10", WAIT).await;
     assert!(
         attempts
             .iter()
-            .all(|a| a.status == pb::AttemptStatus::Succeeded as i32)
+            .all(|a| a.status == AttemptStatus::Succeeded)
     );
-    let topped: Decimal = attempts.iter().map(|a| dec(&a.amount)).sum();
+    let topped: Decimal = attempts.iter().map(|a| a.amount.as_decimal()).sum();
     assert_eq!(
-        dec(&c.balance("acme").await),
+        c.balance("acme").await.as_decimal(),
         dec("25") - dec("61") + topped
     );
     sys.stop().await;
@@ -329,62 +110,41 @@ async fn the_re_check_after_a_top_up_survives_losing_the_worker_r9() {
     // A slow processor lets usage land before the top-up; the worker skips its immediate
     // re-check as a crash right after the success commit would.
     let sys = System::start_with(1, Duration::from_millis(2000), true).await;
-    let mut c = clients(&sys).await;
-    funded(&mut c, "acme").await;
+    let c = sys.api();
+    c.funded("acme").await;
     c.use_credits("acme", "16", "u1").await; // 9.00: crossing, top-up of 41.00 decided
-    eventually(WAIT, "the first top-up to be in flight", || {
-        let mut c = Clients {
-            l: c.l.clone(),
-            p: c.p.clone(),
-            r: c.r.clone(),
-        };
-        async move { (!c.attempts("acme").await.is_empty()).then_some(()) }
+    eventually(WAIT, "the first top-up to be in flight", || async {
+        (!c.attempts("acme").await.is_empty()).then_some(())
     })
     .await;
     c.use_credits("acme", "45", "u2").await; // -36.00 before it lands: no new crossing
-    let attempts = eventually(WAIT, "a second top-up from the scheduled re-check", || {
-        let mut c = Clients {
-            l: c.l.clone(),
-            p: c.p.clone(),
-            r: c.r.clone(),
-        };
-        async move {
-            let a = c.settled_attempts("acme", 2).await;
-            (dec(&c.balance("acme").await) >= dec("10")).then_some(a)
-        }
-    })
-    .await;
+    let attempts = c.settled_at_or_above("acme", 2, "10", WAIT).await;
     assert_eq!(attempts.len(), 2, "{attempts:#?}");
     assert_eq!(attempts[1].trigger, "threshold_crossed");
-    assert_eq!(attempts[1].amount, "41.00");
+    assert_eq!(attempts[1].amount, money("41.00"));
     assert_eq!(attempts[0].trigger, "still_below_threshold");
-    assert_eq!(attempts[0].balance_at_trigger, "5.00");
-    assert_eq!(attempts[0].amount, "45.00");
-    assert_eq!(c.balance("acme").await, "50.00");
+    assert_eq!(attempts[0].balance_at_trigger, money("5.00"));
+    assert_eq!(attempts[0].amount, money("45.00"));
+    assert_eq!(c.balance("acme").await, money("50.00"));
     sys.stop().await;
 }
 
 #[tokio::test]
 async fn settings_are_validated_r5_r6() {
     let sys = System::start(1).await;
-    let mut c = clients(&sys).await;
-    c.account("acme", lpb::BillingMode::Prepaid).await;
-    c.add_method("acme", card("4242424242424242"), false).await;
-    let never = c.settings("acme").await;
+    let c = sys.api();
+    c.create_account("acme", BillingMode::Prepaid).await;
+    c.add_card("acme", "4242424242424242", false).await;
+    let never = c.recharge_settings("acme").await;
     assert!(!never.enabled);
-    assert_eq!(never.disabled_reason, pb::DisabledReason::None as i32);
+    assert_eq!(never.disabled_reason, DisabledReason::None);
     // Turning off what was never on succeeds and stores nothing.
-    let off =
-        c.r.set_auto_recharge(pb::SetAutoRechargeRequest {
-            account_id: "acme".into(),
-            enabled: false,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let off = c.disable_recharge("acme").await;
     assert!(!off.enabled);
-    assert_eq!(off.disabled_reason, pb::DisabledReason::None as i32);
+    assert_eq!(off.disabled_reason, DisabledReason::None);
+    // Raw prost: the typed client refuses a negative, empty or exponent amount before
+    // sending, and re-spells "0.000"; the service's own validation is what is checked.
+    let mut raw = sys.recharge[0].client().await;
     for (t, g, field) in [
         ("10", "10", "target"),
         ("10", "14.99", "target"),
@@ -396,7 +156,15 @@ async fn settings_are_validated_r5_r6() {
         ("0", "5", "threshold"),
         ("0.000", "50", "threshold"),
     ] {
-        let err = c.enable("acme", t, g).await.unwrap_err();
+        let err = raw
+            .set_auto_recharge(pb::SetAutoRechargeRequest {
+                account_id: "acme".into(),
+                enabled: true,
+                threshold: t.into(),
+                target: g.into(),
+            })
+            .await
+            .unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{t} {g}");
         assert!(
             err.message().starts_with(field),
@@ -404,25 +172,27 @@ async fn settings_are_validated_r5_r6() {
             err.message()
         );
     }
-    assert!(!c.settings("acme").await.enabled, "nothing changed");
     assert!(
-        c.enable("acme", "0.01", "5.01").await.is_ok(),
+        !c.recharge_settings("acme").await.enabled,
+        "nothing changed"
+    );
+    assert!(
+        c.enable_recharge("acme", "0.01", "5.01").await.is_ok(),
         "the smallest threshold, exactly the minimum apart"
     );
 
-    c.account("bigco", lpb::BillingMode::Contract).await;
-    c.add_method("bigco", card("4242424242424242"), false).await;
-    let err = c.enable("bigco", "10", "50").await.unwrap_err();
+    c.create_account("bigco", BillingMode::Contract).await;
+    c.add_card("bigco", "4242424242424242", false).await;
+    let err = c.enable_recharge("bigco", "10", "50").await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(err.message().contains("contract"));
-    let err =
-        c.r.get_auto_recharge(pb::GetAutoRechargeRequest {
-            account_id: "ghost".into(),
-        })
+    let err = c
+        .recharge()
+        .get_auto_recharge(&acct("ghost"))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
-    let err = c.enable("ghost", "10", "50").await.unwrap_err();
+    let err = c.enable_recharge("ghost", "10", "50").await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
     sys.stop().await;
 }
@@ -431,10 +201,10 @@ async fn settings_are_validated_r5_r6() {
 async fn ach_default_refuses_enabling_and_turns_auto_recharge_off_r10() {
     let sys = System::start(1).await;
     let mut tap = EventTap::bind(&sys.ledger.exchange, "recharge.settings.disabled").await;
-    let mut c = clients(&sys).await;
-    c.account("acme", lpb::BillingMode::Prepaid).await;
-    let ach = c.add_method("acme", bank(), false).await;
-    let err = c.enable("acme", "10", "50").await.unwrap_err();
+    let c = sys.api();
+    c.create_account("acme", BillingMode::Prepaid).await;
+    let ach = c.add_bank("acme", false).await;
+    let err = c.enable_recharge("acme", "10", "50").await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(
         err.message().contains("US bank account"),
@@ -443,60 +213,45 @@ async fn ach_default_refuses_enabling_and_turns_auto_recharge_off_r10() {
     );
 
     // A card as default works even with the bank account on file.
-    let visa = c.add_method("acme", card("4242424242424242"), true).await;
+    let visa = c.add_card("acme", "4242424242424242", true).await;
     c.buy("acme", "25.00", "b").await;
-    assert!(c.enable("acme", "10", "50").await.unwrap().enabled);
+    assert!(c.enable_recharge("acme", "10", "50").await.unwrap().enabled);
 
     // Making the bank account the default turns it off, with the reason recorded.
-    c.p.set_default_payment_method(ppb::SetDefaultPaymentMethodRequest {
-        account_id: "acme".into(),
-        payment_method_id: ach.payment_method_id.clone(),
-    })
-    .await
-    .unwrap();
+    c.set_default("acme", &ach.payment_method_id).await;
     let ev = tap
         .next_of("recharge.settings.disabled", WAIT)
         .await
         .expect("disabled event");
     assert_eq!(ev["data"]["reason"], "DEFAULT_PAYMENT_METHOD_NOT_CARD");
-    let s = c.settings("acme").await;
+    let s = c.recharge_settings("acme").await;
     assert!(!s.enabled);
     assert_eq!(
         s.disabled_reason,
-        pb::DisabledReason::DefaultPaymentMethodNotCard as i32
+        DisabledReason::DefaultPaymentMethodNotCard
     );
 
     // Back to the card: it stays off until the user turns it on.
-    c.p.set_default_payment_method(ppb::SetDefaultPaymentMethodRequest {
-        account_id: "acme".into(),
-        payment_method_id: visa.payment_method_id.clone(),
-    })
-    .await
-    .unwrap();
+    c.set_default("acme", &visa.payment_method_id).await;
     c.use_credits("acme", "20", "u1").await; // crosses while off
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert!(!c.settings("acme").await.enabled);
+    assert!(!c.recharge_settings("acme").await.enabled);
     assert!(
         c.attempts("acme").await.is_empty(),
         "crossings while off create no attempt"
     );
 
     // Removing the default card turns it off with NO_DEFAULT_PAYMENT_METHOD.
-    c.enable("acme", "1", "50").await.unwrap();
-    c.p.remove_payment_method(ppb::RemovePaymentMethodRequest {
-        account_id: "acme".into(),
-        payment_method_id: visa.payment_method_id,
-    })
-    .await
-    .unwrap();
+    c.enable_recharge("acme", "1", "50").await.unwrap();
+    c.remove_method("acme", &visa.payment_method_id).await;
     let ev = tap
         .next_of("recharge.settings.disabled", WAIT)
         .await
         .expect("disabled event");
     assert_eq!(ev["data"]["reason"], "NO_DEFAULT_PAYMENT_METHOD");
     assert_eq!(
-        c.settings("acme").await.disabled_reason,
-        pb::DisabledReason::NoDefaultPaymentMethod as i32
+        c.recharge_settings("acme").await.disabled_reason,
+        DisabledReason::NoDefaultPaymentMethod
     );
     sys.stop().await;
 }
@@ -505,10 +260,10 @@ async fn ach_default_refuses_enabling_and_turns_auto_recharge_off_r10() {
 async fn three_declined_top_ups_turn_auto_recharge_off_r11() {
     let sys = System::start(1).await;
     let mut tap = EventTap::bind(&sys.ledger.exchange, "recharge.#").await;
-    let mut c = clients(&sys).await;
-    c.account("acme", lpb::BillingMode::Prepaid).await;
-    c.add_method("acme", card("4000000000000002"), false).await;
-    c.enable("acme", "10", "50").await.unwrap(); // balance 0: below the threshold at once
+    let c = sys.api();
+    c.create_account("acme", BillingMode::Prepaid).await;
+    c.add_card("acme", "4000000000000002", false).await;
+    c.enable_recharge("acme", "10", "50").await.unwrap(); // balance 0: below the threshold at once
     let ev = tap
         .next_of("recharge.settings.disabled", WAIT)
         .await
@@ -517,9 +272,9 @@ async fn three_declined_top_ups_turn_auto_recharge_off_r11() {
     let attempts = c.settled_attempts("acme", 3).await;
     assert_eq!(attempts.len(), 3);
     for a in &attempts {
-        assert_eq!(a.status, pb::AttemptStatus::Failed as i32);
-        assert_eq!(a.failure_code, "card_declined");
-        assert!(!a.charge_id.is_empty(), "the declined charge is recorded");
+        assert_eq!(a.status, AttemptStatus::Failed);
+        assert_eq!(a.failure_code.as_deref(), Some("card_declined"));
+        assert!(a.charge_id.is_some(), "the declined charge is recorded");
     }
     // Exactly one recharge.attempt.failed event per failed attempt, with the processor's code.
     let mut failed = Vec::new();
@@ -535,12 +290,9 @@ async fn three_declined_top_ups_turn_auto_recharge_off_r11() {
             .into_iter()
             .filter(|e| e["type"] == "recharge.attempt.failed"),
     );
-    let s = c.settings("acme").await;
+    let s = c.recharge_settings("acme").await;
     assert!(!s.enabled);
-    assert_eq!(
-        s.disabled_reason,
-        pb::DisabledReason::RepeatedFailures as i32
-    );
+    assert_eq!(s.disabled_reason, DisabledReason::RepeatedFailures);
     assert_eq!(s.consecutive_failures, 3);
     assert_eq!(failed.len(), 3, "{failed:#?}");
     assert!(
@@ -555,14 +307,17 @@ async fn three_declined_top_ups_turn_auto_recharge_off_r11() {
     ids.sort();
     ids.dedup();
     assert_eq!(ids.len(), 3, "three distinct attempts");
-    assert_eq!(c.balance("acme").await, "0.00");
+    assert_eq!(c.balance("acme").await, money("0.00"));
 
     // insufficient_funds is recorded with its own code.
-    c.account("poor", lpb::BillingMode::Prepaid).await;
-    c.add_method("poor", card("4000000000009995"), false).await;
-    c.enable("poor", "10", "50").await.unwrap();
+    c.create_account("poor", BillingMode::Prepaid).await;
+    c.add_card("poor", "4000000000009995", false).await;
+    c.enable_recharge("poor", "10", "50").await.unwrap();
     let a = c.settled_attempts("poor", 1).await;
-    assert_eq!(a.last().unwrap().failure_code, "insufficient_funds");
+    assert_eq!(
+        a.last().unwrap().failure_code.as_deref(),
+        Some("insufficient_funds")
+    );
     sys.stop().await;
 }
 
@@ -570,8 +325,8 @@ async fn three_declined_top_ups_turn_auto_recharge_off_r11() {
 async fn the_same_threshold_event_delivered_five_times_charges_once() {
     let sys = System::start(1).await;
     let mut tap = EventTap::bind(&sys.ledger.exchange, "ledger.balance.threshold_crossed").await;
-    let mut c = clients(&sys).await;
-    funded(&mut c, "acme").await;
+    let c = sys.api();
+    c.funded("acme").await;
     c.use_credits("acme", "15.01", "u1").await;
     let ev = tap
         .next_of("ledger.balance.threshold_crossed", WAIT)
@@ -591,17 +346,17 @@ async fn the_same_threshold_event_delivered_five_times_charges_once() {
     let a = c.settled_attempts("acme", 1).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(c.attempts("acme").await.len(), 1);
-    assert_eq!(a[0].amount, "40.01");
+    assert_eq!(a[0].amount, money("40.01"));
     assert_eq!(c.charges("acme").await.len(), 2);
-    assert_eq!(c.balance("acme").await, "50.00");
+    assert_eq!(c.balance("acme").await, money("50.00"));
     sys.stop().await;
 }
 
 #[tokio::test]
 async fn a_poison_message_is_dead_lettered_and_the_worker_keeps_working() {
     let sys = System::start(1).await;
-    let mut c = clients(&sys).await;
-    funded(&mut c, "acme").await;
+    let c = sys.api();
+    c.funded("acme").await;
     publish_raw(
         &sys.ledger.exchange,
         "ledger.balance.threshold_crossed",
@@ -621,8 +376,8 @@ async fn a_poison_message_is_dead_lettered_and_the_worker_keeps_working() {
     assert_eq!(depth, 2);
     c.use_credits("acme", "15.01", "u1").await;
     let a = c.settled_attempts("acme", 1).await;
-    assert_eq!(a[0].status, pb::AttemptStatus::Succeeded as i32);
-    assert_eq!(c.balance("acme").await, "50.00");
+    assert_eq!(a[0].status, AttemptStatus::Succeeded);
+    assert_eq!(c.balance("acme").await, money("50.00"));
     sys.stop().await;
 }
 
@@ -634,44 +389,38 @@ async fn a_worker_killed_between_charge_and_credit_resumes_with_one_charge_and_o
         ..sys.recharge_opts.clone()
     })
     .await;
-    let mut c = Clients {
-        l: sys.ledger.client().await,
-        p: sys.payments.client().await,
-        r: crashing.client().await,
-    };
-    funded(&mut c, "acme").await;
+    let c = Api::connect(
+        &sys.ledger.url(),
+        &sys.payments.url(),
+        &crashing.url(),
+        None,
+    );
+    c.funded("acme").await;
     c.use_credits("acme", "15.01", "u1").await;
     // The card is charged, then the worker "dies" before crediting.
-    let charges = eventually(WAIT, "the top-up charge", || {
-        let mut c = Clients {
-            l: c.l.clone(),
-            p: c.p.clone(),
-            r: c.r.clone(),
-        };
-        async move {
-            let ch = c.charges("acme").await;
-            (ch.len() == 2).then_some(ch)
-        }
+    let charges = eventually(WAIT, "the top-up charge", || async {
+        let ch = c.charges("acme").await;
+        (ch.len() == 2).then_some(ch)
     })
     .await;
-    assert_eq!(charges[0].amount, "40.01");
-    assert_eq!(c.balance("acme").await, "9.99", "not credited yet");
+    assert_eq!(charges[0].amount, money("40.01"));
+    assert_eq!(c.balance("acme").await, money("9.99"), "not credited yet");
     crashing.stop().await;
 
     // A healthy worker on the same database resumes the attempt with the same keys.
     sys.recharge
         .push(Recharge::start(sys.recharge_opts.clone()).await);
-    c.r = sys.recharge[0].client().await;
+    let c = sys.api();
     let a = c.settled_attempts("acme", 1).await;
     assert_eq!(a.len(), 1);
-    assert_eq!(a[0].status, pb::AttemptStatus::Succeeded as i32);
-    assert_eq!(c.balance("acme").await, "50.00");
+    assert_eq!(a[0].status, AttemptStatus::Succeeded);
+    assert_eq!(c.balance("acme").await, money("50.00"));
     assert_eq!(c.charges("acme").await.len(), 2, "one top-up charge");
     let credits = c
         .entries("acme")
         .await
         .into_iter()
-        .filter(|e| e.source == lpb::CreditSource::AutoRecharge as i32)
+        .filter(|e| e.kind == EntryKind::Credit(CreditSource::AutoRecharge))
         .count();
     assert_eq!(credits, 1, "one top-up credit");
     sys.stop().await;
@@ -680,45 +429,28 @@ async fn a_worker_killed_between_charge_and_credit_resumes_with_one_charge_and_o
 #[tokio::test]
 async fn a_usage_storm_with_two_replicas_charges_exactly_what_it_credits() {
     let sys = System::start(2).await;
-    let mut c = clients(&sys).await;
-    funded(&mut c, "acme").await;
+    let c = sys.api();
+    c.funded("acme").await;
     let mut tasks = Vec::new();
     for i in 0..200 {
-        let mut l = c.l.clone();
+        let c = c.clone();
         tasks.push(tokio::spawn(async move {
             // Spread the storm over ~2 s so the balance crosses the threshold again and
             // again while top-ups are landing.
             tokio::time::sleep(Duration::from_millis(i as u64 * 10)).await;
-            l.record_usage(lpb::RecordUsageRequest {
-                account_id: "acme".into(),
-                category: lpb::UsageCategory::ApiRequests as i32,
-                amount: "1.37".into(),
-                idempotency_key: format!("storm-{i}"),
-                description: String::new(),
-            })
-            .await
-            .unwrap();
+            c.use_credits("acme", "1.37", &format!("storm-{i}")).await;
         }));
     }
     for t in tasks {
         t.await.unwrap();
     }
     // Quiescence: nothing in flight and the balance back at or above the threshold.
-    let attempts = eventually(Duration::from_secs(60), "the storm to settle", || {
-        let mut c = Clients {
-            l: c.l.clone(),
-            p: c.p.clone(),
-            r: c.r.clone(),
-        };
-        async move {
-            let a = c.settled_attempts("acme", 1).await;
-            (dec(&c.balance("acme").await) >= dec("10")).then_some(a)
-        }
-    })
-    .await;
+    let attempts = c
+        .settled_at_or_above("acme", 1, "10", Duration::from_secs(60))
+        .await;
     let succeeded: Vec<_> = attempts
         .iter()
-        .filter(|a| a.status == pb::AttemptStatus::Succeeded as i32)
+        .filter(|a| a.status == AttemptStatus::Succeeded)
         .collect();
     assert_eq!(
         succeeded.len(),
@@ -741,7 +473,7 @@ async fn a_usage_storm_with_two_replicas_charges_exactly_what_it_credits() {
     let entries = c.entries("acme").await;
     let top_up_credits: Vec<_> = entries
         .iter()
-        .filter(|e| e.source == lpb::CreditSource::AutoRecharge as i32)
+        .filter(|e| e.kind == EntryKind::Credit(CreditSource::AutoRecharge))
         .collect();
     assert_eq!(
         top_up_charges.len(),
@@ -761,10 +493,10 @@ async fn a_usage_storm_with_two_replicas_charges_exactly_what_it_credits() {
     charge_ids.sort();
     credit_refs.sort();
     assert_eq!(charge_ids, credit_refs, "every charge has its credit");
-    let topped: Decimal = succeeded.iter().map(|a| dec(&a.amount)).sum();
+    let topped: Decimal = succeeded.iter().map(|a| a.amount.as_decimal()).sum();
     let used = dec("1.37") * Decimal::from(200);
     assert_eq!(
-        dec(&c.balance("acme").await),
+        c.balance("acme").await.as_decimal(),
         dec("25") + topped - used,
         "balance = purchases + top-ups - usage"
     );
@@ -791,26 +523,24 @@ async fn ledger_threshold(sys: &System, id: &str) -> Option<Decimal> {
 #[tokio::test]
 async fn concurrent_settings_changes_leave_ledger_and_settings_agreeing_r6() {
     let sys = System::start(2).await;
-    let mut c = clients(&sys).await;
+    let c = sys.api();
     let accounts: Vec<String> = (0..10).map(|i| format!("acct-{i}")).collect();
     for id in &accounts {
-        funded(&mut c, id).await;
+        c.funded(id).await;
     }
     let mut calls = Vec::new();
     for id in &accounts {
         for (i, threshold) in ["10", "11", "12", "13"].into_iter().enumerate() {
             // Through both replicas, as two browser tabs or two services would.
-            let mut r = sys.recharge[i % 2].client().await;
+            let r = Api::connect(
+                &sys.ledger.url(),
+                &sys.payments.url(),
+                &sys.recharge[i % 2].url(),
+                None,
+            );
             let id = id.clone();
             calls.push(tokio::spawn(async move {
-                r.set_auto_recharge(pb::SetAutoRechargeRequest {
-                    account_id: id,
-                    enabled: true,
-                    threshold: threshold.into(),
-                    target: "50".into(),
-                })
-                .await
-                .map(|_| ())
+                r.enable_recharge(&id, threshold, "50").await.map(|_| ())
             }));
         }
     }
@@ -818,11 +548,11 @@ async fn concurrent_settings_changes_leave_ledger_and_settings_agreeing_r6() {
         call.await.unwrap().unwrap();
     }
     for id in &accounts {
-        let s = c.settings(id).await;
+        let s = c.recharge_settings(id).await;
         assert!(s.enabled);
         assert_eq!(
             ledger_threshold(&sys, id).await,
-            Some(dec(&s.threshold)),
+            s.threshold.map(|t| t.as_decimal()),
             "{id}: the ledger follows the stored settings"
         );
     }
@@ -832,17 +562,14 @@ async fn concurrent_settings_changes_leave_ledger_and_settings_agreeing_r6() {
 #[tokio::test]
 async fn the_reconciler_repairs_a_ledger_threshold_that_drifted() {
     let sys = System::start(1).await;
-    let mut c = clients(&sys).await;
-    funded(&mut c, "acme").await;
-    c.enable("acme", "10", "50").await.unwrap();
+    let c = sys.api();
+    c.funded("acme").await;
+    c.enable_recharge("acme", "10", "50").await.unwrap();
     // Something outside recharge (an operator, a half-applied save) moves the threshold.
-    c.l.set_balance_threshold(lpb::SetBalanceThresholdRequest {
-        account_id: "acme".into(),
-        threshold: "3".into(),
-        version: 0,
-    })
-    .await
-    .unwrap();
+    c.ledger()
+        .set_balance_threshold(&acct("acme"), money("3"), None)
+        .await
+        .unwrap();
     let repaired = eventually(WAIT, "the reconciler to repair the threshold", || async {
         (ledger_threshold(&sys, "acme").await == Some(dec("10"))).then_some(())
     })
@@ -859,13 +586,9 @@ async fn a_crossing_is_acknowledged_once_recorded_and_topped_up_after_a_ledger_o
         mut recharge,
         recharge_opts,
     } = System::start(1).await;
-    let mut c = Clients {
-        l: ledger.client().await,
-        p: payments.client().await,
-        r: recharge[0].client().await,
-    };
-    funded(&mut c, "acme").await;
-    c.enable("acme", "10", "50").await.unwrap();
+    let c = Api::connect(&ledger.url(), &payments.url(), &recharge[0].url(), None);
+    c.funded("acme").await;
+    c.enable_recharge("acme", "10", "50").await.unwrap();
     // Recharge is away while the crossing happens, then the ledger goes away too.
     recharge.pop().unwrap().stop().await;
     c.use_credits("acme", "15.01", "u1").await;
@@ -903,12 +626,11 @@ async fn a_crossing_is_acknowledged_once_recorded_and_topped_up_after_a_ledger_o
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let ledger = credits_tests::Ledger::start_with(restart).await;
-    c.l = ledger.client().await;
-    c.r = recharge.client().await;
+    let c = Api::connect(&ledger.url(), &payments.url(), &recharge.url(), None);
     let a = c.settled_attempts("acme", 1).await;
-    assert_eq!(a[0].status, pb::AttemptStatus::Succeeded as i32);
+    assert_eq!(a[0].status, AttemptStatus::Succeeded);
     assert_eq!(a[0].trigger, "threshold_crossed");
-    assert_eq!(c.balance("acme").await, "50.00");
+    assert_eq!(c.balance("acme").await, money("50.00"));
     recharge.stop().await;
     payments.stop().await;
     ledger.stop().await;
@@ -923,13 +645,9 @@ async fn a_crossing_lost_upstream_is_found_by_the_reconciler_r9() {
         mut recharge,
         recharge_opts,
     } = System::start(1).await;
-    let mut c = Clients {
-        l: ledger.client().await,
-        p: payments.client().await,
-        r: recharge[0].client().await,
-    };
-    funded(&mut c, "acme").await;
-    c.enable("acme", "10", "50").await.unwrap();
+    let c = Api::connect(&ledger.url(), &payments.url(), &recharge[0].url(), None);
+    c.funded("acme").await;
+    c.enable_recharge("acme", "10", "50").await.unwrap();
     // The queue is gone while the crossing is published: the event is parked, not lost
     // from the outbox, but it never reaches recharge.
     recharge.pop().unwrap().stop().await;
@@ -949,11 +667,11 @@ async fn a_crossing_lost_upstream_is_found_by_the_reconciler_r9() {
     })
     .await;
     let recharge = Recharge::start(recharge_opts.clone()).await;
-    c.r = recharge.client().await;
+    let c = Api::connect(&ledger.url(), &payments.url(), &recharge.url(), None);
     let a = c.settled_attempts("acme", 1).await;
-    assert_eq!(a[0].status, pb::AttemptStatus::Succeeded as i32);
+    assert_eq!(a[0].status, AttemptStatus::Succeeded);
     assert_eq!(a[0].trigger, "found_below_threshold");
-    assert_eq!(c.balance("acme").await, "50.00");
+    assert_eq!(c.balance("acme").await, money("50.00"));
     recharge.stop().await;
     payments.stop().await;
     ledger.stop().await;
@@ -963,27 +681,18 @@ async fn a_crossing_lost_upstream_is_found_by_the_reconciler_r9() {
 #[tokio::test]
 async fn a_late_bank_default_event_does_not_undo_a_newer_choice_r10() {
     let sys = System::start(1).await;
-    let mut c = clients(&sys).await;
-    funded(&mut c, "acme").await;
-    let bank = c.add_method("acme", bank(), true).await;
-    let r = c.r.clone();
-    eventually(WAIT, "the bank default to turn auto-recharge off", || {
-        let mut r = r.clone();
-        async move {
-            let s = r
-                .get_auto_recharge(pb::GetAutoRechargeRequest {
-                    account_id: "acme".into(),
-                })
-                .await
-                .unwrap()
-                .into_inner();
-            (!s.enabled).then_some(())
-        }
-    })
+    let c = sys.api();
+    c.funded("acme").await;
+    let bank = c.add_bank("acme", true).await;
+    eventually(
+        WAIT,
+        "the bank default to turn auto-recharge off",
+        || async { (!c.recharge_settings("acme").await.enabled).then_some(()) },
+    )
     .await;
     // The user switches back to a card and turns auto-recharge on again ...
-    let visa = c.add_method("acme", card("5555555555554444"), true).await;
-    c.enable("acme", "10", "50").await.unwrap();
+    let visa = c.add_card("acme", "5555555555554444", true).await;
+    c.enable_recharge("acme", "10", "50").await.unwrap();
     // ... and only now does an old "default is a bank account" event arrive.
     let late = serde_json::json!({
         "id": uuid::Uuid::new_v4().to_string(),
@@ -1005,7 +714,7 @@ async fn a_late_bank_default_event_does_not_undo_a_newer_choice_r10() {
     })
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let s = c.settings("acme").await;
+    let s = c.recharge_settings("acme").await;
     assert!(s.enabled, "the newer choice stands: {s:?}");
     assert!(!visa.payment_method_id.is_empty());
     sys.stop().await;
@@ -1016,8 +725,8 @@ async fn a_worker_that_lost_its_lease_cannot_move_the_attempt_on() {
     use credits_recharge::domain::AttemptStatus;
     use credits_recharge::store::Store;
     let sys = System::start(0).await;
-    let mut c = clients_without_recharge(&sys).await;
-    c.account("acme", lpb::BillingMode::Prepaid).await;
+    let c = sys.api(); // no recharge replica: only the ledger is called
+    c.create_account("acme", BillingMode::Prepaid).await;
     // A recharge database with one in-flight attempt, and no worker to take it.
     let opts = sys.recharge_opts.clone();
     let shutdown = tokio_util::sync::CancellationToken::new();
@@ -1073,14 +782,4 @@ async fn a_worker_that_lost_its_lease_cannot_move_the_attempt_on() {
     );
     tx.commit().await.unwrap();
     sys.stop().await;
-}
-
-async fn clients_without_recharge(sys: &System) -> Clients {
-    Clients {
-        l: sys.ledger.client().await,
-        p: sys.payments.client().await,
-        r: AutoRechargeServiceClient::new(
-            tonic::transport::Endpoint::from_static("http://127.0.0.1:9").connect_lazy(),
-        ),
-    }
 }

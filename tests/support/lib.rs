@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod api;
 pub mod procs;
 
 use std::collections::VecDeque;
@@ -28,6 +29,10 @@ pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 /// Most test exchanges have no queue for most events: park them soon instead of holding
 /// them for the production default.
 pub const OUTBOX_PARK_AFTER: Duration = Duration::from_secs(2);
+
+/// A URL no daemon serves: for a service a test does not start (the typed client's
+/// channels are lazy, so nothing dials it unless called).
+pub const NOBODY: &str = "http://127.0.0.1:9";
 
 /// Base URL of the test PostgreSQL server (no database).
 pub fn pg_base() -> String {
@@ -118,6 +123,12 @@ impl Ledger {
         format!("http://{}", self.addr)
     }
 
+    /// The typed client, for the ledger alone (payments and recharge unreachable).
+    pub fn api(&self) -> api::Api {
+        api::Api::connect(&self.url(), NOBODY, NOBODY, None)
+    }
+
+    /// The raw prost client, for requests the typed client would refuse to send.
     pub async fn client(&self) -> LedgerServiceClient<Channel> {
         LedgerServiceClient::connect(self.url())
             .await
@@ -224,6 +235,11 @@ impl Payments {
         }
     }
 
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The raw prost client, for requests the typed client would refuse to send.
     pub async fn client(&self) -> PaymentsServiceClient<Channel> {
         PaymentsServiceClient::connect(format!("http://{}", self.addr))
             .await
@@ -300,6 +316,11 @@ impl Recharge {
         }
     }
 
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The raw prost client, for requests the typed client would refuse to send.
     pub async fn client(&self) -> AutoRechargeServiceClient<Channel> {
         AutoRechargeServiceClient::connect(format!("http://{}", self.addr))
             .await
@@ -360,6 +381,17 @@ impl System {
             recharge,
             recharge_opts,
         }
+    }
+
+    /// The typed client of the ledger, payments and the first recharge replica (if any).
+    pub fn api(&self) -> api::Api {
+        let recharge = self.recharge.first().map(Recharge::url);
+        api::Api::connect(
+            &self.ledger.url(),
+            &self.payments.url(),
+            recharge.as_deref().unwrap_or(NOBODY),
+            None,
+        )
     }
 
     pub async fn recharge_db(&self) -> PgConnection {

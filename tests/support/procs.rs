@@ -213,6 +213,16 @@ impl Daemons {
         d
     }
 
+    /// The typed client, with the daemons' token.
+    pub fn api(&self) -> crate::api::Api {
+        crate::api::Api::connect(
+            &self.ledger_url,
+            &self.payments_url,
+            &self.recharge_url,
+            Some(&self.token),
+        )
+    }
+
     /// SIGTERM to each; every one must exit 0. Returns the three logs.
     pub async fn stop(self) -> [String; 3] {
         let logs = [
