@@ -1,4 +1,4 @@
-//! Hostile clients (SPEC §4, R21, R22): a seeded, replayable stream of generated requests
+//! Hostile clients (docs/api.md "Errors", R21, R22): a seeded, replayable stream of generated requests
 //! to every RPC of the three services, against a whole in-process system (ledger +
 //! payments + recharge) that also carries real money (a purchase, a card, auto-recharge).
 //!
@@ -76,8 +76,8 @@ impl Rng {
 // ---------------------------------------------------------------------------------------
 // What a generated value (and so a request) is known to be.
 
-/// `Valid`: well-formed (a rule may still refuse it). `Odd`: the SPEC leaves the answer
-/// open (" 5", ".5", a garbage page token, a reused key…). `Bad`: the SPEC says refuse.
+/// `Valid`: well-formed (a rule may still refuse it). `Odd`: the rules leave the answer
+/// open (" 5", ".5", a garbage page token, a reused key…). `Bad`: the rules say refuse.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Class {
     Valid,
@@ -401,7 +401,7 @@ const BAD_AMOUNTS: &[&str] = &[
     "5 USD",
     "½",
 ];
-/// Spellings the SPEC does not settle: a tolerant server may read them.
+/// Spellings the rules do not settle: a tolerant server may read them.
 const ODD_AMOUNTS: &[&str] = &[
     " 5",
     "5 ",
