@@ -592,6 +592,20 @@ async fn a_crossing_is_acknowledged_once_recorded_and_topped_up_after_a_ledger_o
     // Recharge is away while the crossing happens, then the ledger goes away too.
     recharge.pop().unwrap().stop().await;
     c.use_credits("acme", "15.01", "u1").await;
+    // The crossing has left the ledger (it waits in the queue) before the ledger goes.
+    let ledger_db = ledger.database_url.clone();
+    eventually(WAIT, "the crossing to leave the ledger's outbox", || {
+        let url = ledger_db.clone();
+        async move {
+            let mut db = credits_tests::pg_connect(&url).await;
+            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+                .fetch_one(&mut db)
+                .await
+                .unwrap();
+            (n == 0).then_some(())
+        }
+    })
+    .await;
     let restart = ledger.restart_options();
     ledger.stop().await;
     let recharge = Recharge::start(recharge_opts.clone()).await;
