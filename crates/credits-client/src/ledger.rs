@@ -6,7 +6,7 @@ use credits_common::ids::AccountId;
 use credits_proto::ledger::v1 as lpb;
 use credits_proto::ledger::v1::ledger_service_client::LedgerServiceClient;
 
-use crate::retry::{self, Repeat, RetryPolicy};
+use crate::retry::{Repeat, RetryPolicy, rpc};
 use crate::types::{
     AccessCheck, Account, BalanceThreshold, BillingMode, CreditsAdded, CreditsToAdd, Entry, Page,
     UsageRecord, UsageRecorded, page_size,
@@ -44,30 +44,16 @@ impl Ledger {
             billing_mode: billing_mode.to_wire(),
             display_name: display_name.to_owned(),
         };
-        retry::call(
-            &self.retry,
-            Repeat::Safe,
-            &self.inner,
-            req,
-            |mut c, r| async move { c.create_account(r).await },
-        )
-        .await?
-        .try_into()
+        rpc!(self, Repeat::Safe, req, create_account)
+            .await?
+            .try_into()
     }
 
     pub async fn get_account(&self, account: &AccountId) -> Result<Account, ClientError> {
         let req = lpb::GetAccountRequest {
             account_id: account.to_string(),
         };
-        retry::call(
-            &self.retry,
-            Repeat::Safe,
-            &self.inner,
-            req,
-            |mut c, r| async move { c.get_account(r).await },
-        )
-        .await?
-        .try_into()
+        rpc!(self, Repeat::Safe, req, get_account).await?.try_into()
     }
 
     /// Whether the account may call the API right now (R4, R5).
@@ -75,29 +61,17 @@ impl Ledger {
         let req = lpb::CheckAccessRequest {
             account_id: account.to_string(),
         };
-        retry::call(
-            &self.retry,
-            Repeat::Safe,
-            &self.inner,
-            req,
-            |mut c, r| async move { c.check_access(r).await },
-        )
-        .await?
-        .try_into()
+        rpc!(self, Repeat::Safe, req, check_access)
+            .await?
+            .try_into()
     }
 
     /// Records usage that was already served (R4). Retried when transient: the
     /// idempotency key makes a repeat return the first result (R12).
     pub async fn record_usage(&self, usage: &UsageRecord) -> Result<UsageRecorded, ClientError> {
-        retry::call(
-            &self.retry,
-            Repeat::Safe,
-            &self.inner,
-            usage.to_wire(),
-            |mut c, r| async move { c.record_usage(r).await },
-        )
-        .await?
-        .try_into()
+        rpc!(self, Repeat::Safe, usage.to_wire(), record_usage)
+            .await?
+            .try_into()
     }
 
     /// Records many usage items in one call; each succeeds or fails on its own, and the
@@ -111,14 +85,7 @@ impl Ledger {
         let req = lpb::RecordUsageBatchRequest {
             items: items.iter().map(UsageRecord::to_wire).collect(),
         };
-        let r = retry::call(
-            &self.retry,
-            Repeat::Safe,
-            &self.inner,
-            req,
-            |mut c, r| async move { c.record_usage_batch(r).await },
-        )
-        .await?;
+        let r = rpc!(self, Repeat::Safe, req, record_usage_batch).await?;
         if r.results.len() != items.len() {
             return Err(ClientError::bad_response(format!(
                 "results: {} for {} items",
@@ -131,15 +98,9 @@ impl Ledger {
 
     /// Adds credits. Retried when transient (idempotency key, R12).
     pub async fn add_credits(&self, credits: &CreditsToAdd) -> Result<CreditsAdded, ClientError> {
-        retry::call(
-            &self.retry,
-            Repeat::Safe,
-            &self.inner,
-            credits.to_wire(),
-            |mut c, r| async move { c.add_credits(r).await },
-        )
-        .await?
-        .try_into()
+        rpc!(self, Repeat::Safe, credits.to_wire(), add_credits)
+            .await?
+            .try_into()
     }
 
     /// Journal entries, newest first (R13). `page_size` 0 is the server's default (50);
@@ -155,14 +116,7 @@ impl Ledger {
             page_size: page_size(page_size_),
             page_token: page_token.unwrap_or_default().to_owned(),
         };
-        let r = retry::call(
-            &self.retry,
-            Repeat::Safe,
-            &self.inner,
-            req,
-            |mut c, r| async move { c.list_entries(r).await },
-        )
-        .await?;
+        let r = rpc!(self, Repeat::Safe, req, list_entries).await?;
         Page::from_wire(r.entries, r.next_page_token)
     }
 
@@ -182,15 +136,9 @@ impl Ledger {
             threshold: threshold.to_wire(),
             version: version.unwrap_or(0),
         };
-        retry::call(
-            &self.retry,
-            versioned(version),
-            &self.inner,
-            req,
-            |mut c, r| async move { c.set_balance_threshold(r).await },
-        )
-        .await?
-        .try_into()
+        rpc!(self, versioned(version), req, set_balance_threshold)
+            .await?
+            .try_into()
     }
 
     /// Removes the balance threshold; `version` as in [`Ledger::set_balance_threshold`].
@@ -203,15 +151,9 @@ impl Ledger {
             account_id: account.to_string(),
             version: version.unwrap_or(0),
         };
-        retry::call(
-            &self.retry,
-            versioned(version),
-            &self.inner,
-            req,
-            |mut c, r| async move { c.clear_balance_threshold(r).await },
-        )
-        .await?
-        .try_into()
+        rpc!(self, versioned(version), req, clear_balance_threshold)
+            .await?
+            .try_into()
     }
 }
 

@@ -6,7 +6,7 @@ use credits_common::ids::{AccountId, IdempotencyKey};
 use credits_proto::payments::v1 as ppb;
 use credits_proto::payments::v1::payments_service_client::PaymentsServiceClient;
 
-use crate::retry::{self, Repeat, RetryPolicy};
+use crate::retry::{Repeat, RetryPolicy, rpc};
 use crate::types::{Charge, NewPaymentMethod, Page, PaymentMethod, Purchase, page_size};
 use crate::{AuthChannel, ClientError};
 
@@ -39,15 +39,9 @@ impl Payments {
             method: Some(method.to_wire()),
             make_default,
         };
-        retry::call(
-            &self.retry,
-            Repeat::Once,
-            &self.inner,
-            req,
-            |mut c, r| async move { c.add_payment_method(r).await },
-        )
-        .await?
-        .try_into()
+        rpc!(self, Repeat::Once, req, add_payment_method)
+            .await?
+            .try_into()
     }
 
     pub async fn list_payment_methods(
@@ -57,18 +51,12 @@ impl Payments {
         let req = ppb::ListPaymentMethodsRequest {
             account_id: account.to_string(),
         };
-        retry::call(
-            &self.retry,
-            Repeat::Safe,
-            &self.inner,
-            req,
-            |mut c, r| async move { c.list_payment_methods(r).await },
-        )
-        .await?
-        .payment_methods
-        .into_iter()
-        .map(PaymentMethod::try_from)
-        .collect()
+        rpc!(self, Repeat::Safe, req, list_payment_methods)
+            .await?
+            .payment_methods
+            .into_iter()
+            .map(PaymentMethod::try_from)
+            .collect()
     }
 
     /// Makes a method the default (R10: a bank account as default turns auto-recharge
@@ -82,15 +70,9 @@ impl Payments {
             account_id: account.to_string(),
             payment_method_id: payment_method_id.to_owned(),
         };
-        retry::call(
-            &self.retry,
-            Repeat::Once,
-            &self.inner,
-            req,
-            |mut c, r| async move { c.set_default_payment_method(r).await },
-        )
-        .await?
-        .try_into()
+        rpc!(self, Repeat::Once, req, set_default_payment_method)
+            .await?
+            .try_into()
     }
 
     /// Removes a method. Sent once.
@@ -103,14 +85,7 @@ impl Payments {
             account_id: account.to_string(),
             payment_method_id: payment_method_id.to_owned(),
         };
-        retry::call(
-            &self.retry,
-            Repeat::Once,
-            &self.inner,
-            req,
-            |mut c, r| async move { c.remove_payment_method(r).await },
-        )
-        .await?;
+        rpc!(self, Repeat::Once, req, remove_payment_method).await?;
         Ok(())
     }
 
@@ -132,15 +107,7 @@ impl Payments {
             idempotency_key: idempotency_key.as_str().to_owned(),
             description: description.to_owned(),
         };
-        retry::call(
-            &self.retry,
-            Repeat::Safe,
-            &self.inner,
-            req,
-            |mut c, r| async move { c.charge(r).await },
-        )
-        .await?
-        .try_into()
+        rpc!(self, Repeat::Safe, req, charge).await?.try_into()
     }
 
     /// Charges, then credits the ledger (R3: at least the minimum purchase). Retried when
@@ -158,15 +125,9 @@ impl Payments {
             payment_method_id: payment_method_id.unwrap_or_default().to_owned(),
             idempotency_key: idempotency_key.as_str().to_owned(),
         };
-        retry::call(
-            &self.retry,
-            Repeat::Safe,
-            &self.inner,
-            req,
-            |mut c, r| async move { c.purchase_credits(r).await },
-        )
-        .await?
-        .try_into()
+        rpc!(self, Repeat::Safe, req, purchase_credits)
+            .await?
+            .try_into()
     }
 
     /// Charges, newest first (R13); paging as in [`crate::Ledger::list_entries`].
@@ -181,14 +142,7 @@ impl Payments {
             page_size: page_size(page_size_),
             page_token: page_token.unwrap_or_default().to_owned(),
         };
-        let r = retry::call(
-            &self.retry,
-            Repeat::Safe,
-            &self.inner,
-            req,
-            |mut c, r| async move { c.list_charges(r).await },
-        )
-        .await?;
+        let r = rpc!(self, Repeat::Safe, req, list_charges).await?;
         Page::from_wire(r.charges, r.next_page_token)
     }
 
@@ -201,14 +155,6 @@ impl Payments {
             account_id: account.to_string(),
             charge_id: charge_id.to_owned(),
         };
-        retry::call(
-            &self.retry,
-            Repeat::Safe,
-            &self.inner,
-            req,
-            |mut c, r| async move { c.get_charge(r).await },
-        )
-        .await?
-        .try_into()
+        rpc!(self, Repeat::Safe, req, get_charge).await?.try_into()
     }
 }

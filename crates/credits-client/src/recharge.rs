@@ -5,7 +5,7 @@ use credits_common::ids::AccountId;
 use credits_proto::recharge::v1 as rpb;
 use credits_proto::recharge::v1::auto_recharge_service_client::AutoRechargeServiceClient;
 
-use crate::retry::{self, Repeat, RetryPolicy};
+use crate::retry::{Repeat, RetryPolicy, rpc};
 use crate::types::{AutoRecharge, AutoRechargeChange, Page, RechargeAttempt, page_size};
 use crate::{AuthChannel, ClientError};
 
@@ -35,15 +35,9 @@ impl Recharge {
         let req = rpb::GetAutoRechargeRequest {
             account_id: account.to_string(),
         };
-        retry::call(
-            &self.retry,
-            Repeat::Safe,
-            &self.inner,
-            req,
-            |mut c, r| async move { c.get_auto_recharge(r).await },
-        )
-        .await?
-        .try_into()
+        rpc!(self, Repeat::Safe, req, get_auto_recharge)
+            .await?
+            .try_into()
     }
 
     /// Turns auto-recharge on or off (R6, R7, R10). Sent once: enabling below the
@@ -53,12 +47,11 @@ impl Recharge {
         account: &AccountId,
         change: AutoRechargeChange,
     ) -> Result<AutoRecharge, ClientError> {
-        retry::call(
-            &self.retry,
+        rpc!(
+            self,
             Repeat::Once,
-            &self.inner,
             change.to_wire(account),
-            |mut c, r| async move { c.set_auto_recharge(r).await },
+            set_auto_recharge
         )
         .await?
         .try_into()
@@ -76,14 +69,7 @@ impl Recharge {
             page_size: page_size(page_size_),
             page_token: page_token.unwrap_or_default().to_owned(),
         };
-        let r = retry::call(
-            &self.retry,
-            Repeat::Safe,
-            &self.inner,
-            req,
-            |mut c, r| async move { c.list_recharge_attempts(r).await },
-        )
-        .await?;
+        let r = rpc!(self, Repeat::Safe, req, list_recharge_attempts).await?;
         Page::from_wire(r.attempts, r.next_page_token)
     }
 }

@@ -113,6 +113,21 @@ where
 
 /// One RPC under the policy: a fresh clone of the generated client and of the request
 /// per attempt, the answer unwrapped from its `tonic::Response`.
+/// One RPC of a facade (`self.retry`, `self.inner`) under [`call`]:
+/// `rpc!(self, Repeat::Safe, request, method_name)`.
+macro_rules! rpc {
+    ($facade:expr, $repeat:expr, $req:expr, $method:ident) => {
+        $crate::retry::call(
+            &$facade.retry,
+            $repeat,
+            &$facade.inner,
+            $req,
+            |mut c, r| async move { c.$method(r).await },
+        )
+    };
+}
+pub(crate) use rpc;
+
 pub(crate) async fn call<C, Req, Resp, Fut>(
     policy: &RetryPolicy,
     repeat: Repeat,
