@@ -32,6 +32,9 @@ pub struct UpArgs {
     pub metrics_addr: String,
     #[arg(long, env = "CREDITS_AUTH_TOKEN", hide_env_values = true)]
     pub auth_token: Option<String>,
+    /// Scoped tokens (`<role> <token>` lines), as for each daemon.
+    #[arg(long, env = "CREDITS_AUTH_TOKENS_FILE")]
+    pub auth_tokens_file: Option<std::path::PathBuf>,
     #[arg(long, env = "MIN_PURCHASE", default_value = "5.00")]
     pub min_purchase: String,
     #[arg(long, env = "SANDBOX_ACH_SETTLE_MS", default_value_t = 5000, value_parser = credits_common::config::ranged::<0, 604_800_000>)]
