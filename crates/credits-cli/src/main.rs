@@ -25,7 +25,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Run ledger, payments and recharge in one process on their default ports.
-    Up(up::UpArgs),
+    Up(Box<up::UpArgs>),
     /// Accounts: create, show, entries.
     #[command(subcommand, alias = "account")]
     Accounts(ops::AccountCmd),
@@ -110,7 +110,7 @@ fn code_name(c: Code) -> String {
 
 async fn run(cli: Cli) -> Result<(), Failure> {
     if let Cmd::Up(args) = cli.cmd {
-        return Ok(up::run(args).await?);
+        return Ok(up::run(*args).await?);
     }
     let out = output::Out {
         json: cli.conn.json,

@@ -76,23 +76,25 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
     let min_purchase = Money::parse_positive("MIN_PURCHASE", &a.min_purchase)?;
     let shutdown = credits_common::shutdown::on_signal();
 
+    // What the three daemons share: the exchange and who may call them.
+    let shared = |d: &mut credits_common::config::DaemonConfig| {
+        d.exchange = a.exchange.clone();
+        d.auth_token = a
+            .auth_token
+            .clone()
+            .filter(|t| !t.is_empty())
+            .map(credits_common::config::Secret::new);
+        d.auth_tokens_file = a.auth_tokens_file.clone();
+    };
     let mut ledger =
         credits_ledger::Config::new(&db(&a.pg_url, &a.db_prefix, "ledger"), &a.amqp_url);
-    ledger.daemon.exchange = a.exchange.clone();
-    ledger.daemon.auth_token = a
-        .auth_token
-        .clone()
-        .map(credits_common::config::Secret::new);
+    shared(&mut ledger.daemon);
     let mut payments = credits_payments::Config::new(
         &db(&a.pg_url, &a.db_prefix, "payments"),
         &a.amqp_url,
         &dial(a.ledger_addr),
     );
-    payments.daemon.exchange = a.exchange.clone();
-    payments.daemon.auth_token = a
-        .auth_token
-        .clone()
-        .map(credits_common::config::Secret::new);
+    shared(&mut payments.daemon);
     payments.min_purchase = min_purchase;
     payments.sandbox.ach_settle_delay = Duration::from_millis(a.sandbox_ach_settle_ms);
     let mut recharge = credits_recharge::Config::new(
@@ -101,12 +103,8 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
         &dial(a.ledger_addr),
         &dial(a.payments_addr),
     );
-    recharge.daemon.exchange = a.exchange.clone();
     recharge.queue = a.queue.clone();
-    recharge.daemon.auth_token = a
-        .auth_token
-        .clone()
-        .map(credits_common::config::Secret::new);
+    shared(&mut recharge.daemon);
     recharge.min_purchase = min_purchase;
     recharge.worker.retry_after_failure = Duration::from_secs(a.retry_after_failure_secs);
 
