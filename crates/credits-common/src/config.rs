@@ -105,6 +105,20 @@ mod tests {
     use super::ranged;
 
     #[test]
+    fn secrets_never_show_in_debug_output() {
+        let mut cfg = super::DaemonConfig::new(
+            "postgres://app:db-secret@db/credits_ledger",
+            "amqp://guest:mq-secret@mq:5672/%2f",
+            "credits-ledger",
+        );
+        cfg.auth_token = Some(super::Secret::new("token-secret"));
+        let shown = format!("{cfg:?}");
+        for secret in ["db-secret", "mq-secret", "token-secret"] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+    }
+
+    #[test]
     fn zero_or_absurd_settings_are_refused() {
         assert_eq!(ranged::<1, 64>("4"), Ok(4));
         assert!(ranged::<1, 64>("0").unwrap_err().contains("1 to 64"));
@@ -162,7 +176,7 @@ pub const DEFAULT_RELAY_POLL: Duration = Duration::from_millis(500);
 
 /// What every daemon is configured with, once: its database, the broker, the exchange,
 /// who may call it, its pool, and its outbox relay. Each daemon's `Config` holds one.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct DaemonConfig {
     pub database_url: DatabaseUrl,
     pub amqp_url: String,
@@ -177,6 +191,24 @@ pub struct DaemonConfig {
     pub outbox_park_after: Duration,
     /// Name of the AMQP connection, as shown by `rabbitmqctl list_connections`.
     pub amqp_connection_name: String,
+}
+
+/// Passwords stay out of logs: the database URL and the token mask themselves, and the
+/// broker URL is printed redacted.
+impl std::fmt::Debug for DaemonConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DaemonConfig")
+            .field("database_url", &self.database_url)
+            .field("amqp_url", &crate::db::redact_url(&self.amqp_url))
+            .field("exchange", &self.exchange)
+            .field("auth_token", &self.auth_token)
+            .field("auth_tokens_file", &self.auth_tokens_file)
+            .field("db_max_connections", &self.db_max_connections)
+            .field("relay_poll", &self.relay_poll)
+            .field("outbox_park_after", &self.outbox_park_after)
+            .field("amqp_connection_name", &self.amqp_connection_name)
+            .finish()
+    }
 }
 
 impl DaemonConfig {

@@ -82,11 +82,15 @@ pub async fn migrate(
 }
 
 /// Applies a file of `CREATE OR REPLACE FUNCTION …` (the current text of a schema's
-/// functions) after the migrations, in one transaction under an advisory lock so that
-/// replicas starting together do not race; retried on a database blip like [`migrate`].
+/// functions, at `version`) after the migrations, in one transaction under an advisory
+/// lock so that replicas starting together do not race — and only when `version` is newer
+/// than the one recorded in `functions_version`, so an older binary restarting during a
+/// rolling deploy or a rollback never brings back older bodies. Retried on a database blip
+/// like [`migrate`].
 pub async fn apply_functions(
     pool: &PgPool,
     sql: &'static str,
+    version: i32,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
     retry_on_blip("applying functions", shutdown, || async {
@@ -94,7 +98,21 @@ pub async fn apply_functions(
         sqlx::query("SELECT pg_advisory_xact_lock(hashtext('credits_functions'))")
             .execute(&mut *tx)
             .await?;
+        let current: Option<i32> =
+            sqlx::query_scalar("SELECT version FROM functions_version WHERE singleton")
+                .fetch_optional(&mut *tx)
+                .await?;
+        if current.is_some_and(|c| c >= version) {
+            return tx.commit().await;
+        }
         sqlx::raw_sql(sql).execute(&mut *tx).await?;
+        sqlx::query(
+            "INSERT INTO functions_version (singleton, version) VALUES (true, $1)
+             ON CONFLICT (singleton) DO UPDATE SET version = EXCLUDED.version",
+        )
+        .bind(version)
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await
     })
     .await

@@ -87,7 +87,9 @@ impl From<tonic::Status> for ServiceError {
             Code::Unauthenticated | Code::PermissionDenied => ServiceError::Unavailable(format!(
                 "a dependency refused this service's credentials: {msg}"
             )),
-            _ => ServiceError::Internal(msg),
+            // Said by a peer, not by us: named as such, so that a peer's codec error
+            // ("failed to decode …") is never mistaken for our caller's bad message.
+            _ => ServiceError::Internal(format!("dependency: {msg}")),
         }
     }
 }

@@ -2,7 +2,9 @@
 --
 -- Applied by the ledger at start-up, after the versioned migrations (which keep the
 -- history of how the schema got here), under an advisory lock so that replicas starting
--- together do not race. To change a function, change it here: the migrations are history.
+-- together do not race, and only when FUNCTIONS_VERSION (crates/credits-ledger/src/lib.rs)
+-- is newer than the version the database records. To change a function, change it here
+-- and raise FUNCTIONS_VERSION: the migrations are history.
 -- A unit test (`every_schema_function_has_its_current_text_in_functions_sql`) fails when a
 -- migration creates a function this file does not define.
 

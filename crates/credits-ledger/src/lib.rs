@@ -23,6 +23,9 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 /// The current text of every function of the schema (`sql/functions.sql`), applied after
 /// the migrations.
 pub static FUNCTIONS: &str = include_str!("../sql/functions.sql");
+/// The version of `sql/functions.sql`: raise it with every change of the file, or the
+/// databases that already hold this version keep their function bodies.
+pub const FUNCTIONS_VERSION: i32 = 1;
 
 pub const DEFAULT_DATABASE_URL: &str = "postgres://localhost/credits_ledger";
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:50051";
@@ -61,7 +64,7 @@ impl App {
     /// unreachable) and runs migrations.
     pub async fn build(cfg: Config, shutdown: &CancellationToken) -> anyhow::Result<App> {
         let pool = cfg.daemon.connect_database(&MIGRATOR, shutdown).await?;
-        credits_common::db::apply_functions(&pool, FUNCTIONS, shutdown).await?;
+        credits_common::db::apply_functions(&pool, FUNCTIONS, FUNCTIONS_VERSION, shutdown).await?;
         Ok(App { cfg, pool })
     }
 

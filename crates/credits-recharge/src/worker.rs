@@ -116,8 +116,9 @@ impl Recharge {
         }
     }
 
-    /// Waits for every background attempt and check to finish (after shutdown: each one
-    /// ends at its next step, and what it left is resumed by any replica).
+    /// Waits for every background attempt and check to finish. Each step is bounded (gRPC
+    /// and pool timeouts); what a later kill would cut short is durable and resumed by any
+    /// replica.
     pub async fn drain(&self) {
         self.tasks.close();
         self.tasks.wait().await;
