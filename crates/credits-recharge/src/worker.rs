@@ -18,7 +18,7 @@ use std::time::Duration;
 use credits_common::Money;
 use credits_common::events::{AttemptFinished, Event, SettingsDisabled};
 use credits_common::outbox;
-use tokio::task::JoinSet;
+use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -565,19 +565,13 @@ impl Recharge {
     pub async fn resume_once(self: &Arc<Self>) -> Result<usize, RechargeError> {
         let ids = self.store.claimable(SWEEP_BATCH).await?;
         let n = ids.len();
-        let mut running = JoinSet::new();
-        for id in ids {
-            while running.len() >= SWEEP_CONCURRENCY {
-                running.join_next().await;
-            }
-            let me = self.clone();
-            running.spawn(async move {
-                if let Err(e) = me.execute(&id).await {
+        futures_util::stream::iter(ids)
+            .for_each_concurrent(SWEEP_CONCURRENCY, |id| async move {
+                if let Err(e) = self.execute(&id).await {
                     tracing::warn!(attempt_id = %id, error = %e, "resuming attempt failed");
                 }
-            });
-        }
-        while running.join_next().await.is_some() {}
+            })
+            .await;
         Ok(n)
     }
 
@@ -585,19 +579,13 @@ impl Recharge {
     pub async fn due_checks_once(self: &Arc<Self>) -> Result<usize, RechargeError> {
         let accounts = self.store.due_checks(SWEEP_BATCH).await?;
         let n = accounts.len();
-        let mut running = JoinSet::new();
-        for account in accounts {
-            while running.len() >= SWEEP_CONCURRENCY {
-                running.join_next().await;
-            }
-            let me = self.clone();
-            running.spawn(async move {
-                if let Err(e) = me.decide_and_start(&account, Trigger::StillBelowThreshold).await {
+        futures_util::stream::iter(accounts)
+            .for_each_concurrent(SWEEP_CONCURRENCY, |account| async move {
+                if let Err(e) = self.decide_and_start(&account, Trigger::StillBelowThreshold).await {
                     tracing::warn!(account_id = %account, error = %e, "balance check failed; it stays due");
                 }
-            });
-        }
-        while running.join_next().await.is_some() {}
+            })
+            .await;
         Ok(n)
     }
 
