@@ -635,17 +635,15 @@ async fn a_charge_the_processor_made_is_never_recorded_as_failed() {
     let ledger_url = e.ledger.url();
     e.payments.shutdown.cancel();
     let pool = sqlx::PgPool::connect(&database_url).await.unwrap();
-    let svc = credits_payments::service::Payments {
-        store: credits_payments::store::Store::new(pool.clone()),
-        processor: std::sync::Arc::new(LostAnswers(credits_payments::processor::Sandbox::new(
+    let svc = credits_payments::service::Payments::new(
+        credits_payments::store::Store::new(pool.clone()),
+        std::sync::Arc::new(LostAnswers(credits_payments::processor::Sandbox::new(
             pool.clone(),
             Default::default(),
         ))),
-        ledger: LedgerServiceClient::new(
-            credits_common::grpc::lazy_channel(&ledger_url, None).unwrap(),
-        ),
-        min_purchase: credits_common::Money::parse_positive("m", "5").unwrap(),
-    };
+        LedgerServiceClient::new(credits_common::grpc::lazy_channel(&ledger_url, None).unwrap()),
+        credits_common::Money::parse_positive("m", "5").unwrap(),
+    );
     let req = ChargeRequest {
         account_id: AccountId::parse("acme").unwrap(),
         amount: credits_common::Money::parse_positive("amount", "12.34").unwrap(),
@@ -662,7 +660,7 @@ async fn a_charge_the_processor_made_is_never_recorded_as_failed() {
                 break;
             }
             Err(err) => assert!(
-                matches!(err, credits_common::error::ServiceError::Unavailable(_)),
+                matches!(err, credits_payments::domain::PaymentsError::Unavailable(_)),
                 "{err}"
             ),
         }

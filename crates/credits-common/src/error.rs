@@ -1,6 +1,11 @@
-//! The error every credits service speaks: one variant per gRPC status class of docs/api.md "Errors",
-//! each carrying a message that names the field or the rule. Domains alias it
-//! (`LedgerError`, `PaymentsError`, …) and convert to `tonic::Status` in one place.
+//! The classes of error every credits service answers with: one variant per gRPC status
+//! class of docs/api.md "Errors", each carrying a message that names the field or the rule.
+//!
+//! Shared code (ids, money, the database, a peer's answer) fails with a class. Each domain
+//! has its own error enum whose variants are the causes (`AccountNotFound`,
+//! `IdempotencyConflict`, `BelowMinimumPurchase`, …); it maps each cause to its class
+//! exhaustively (`From<DomainError> for ServiceError`) and [`domain_error!`] derives the
+//! rest (from money, database and class errors; to `tonic::Status`; `is_transient`).
 
 use crate::money::MoneyError;
 
@@ -93,6 +98,42 @@ impl From<tonic::Status> for ServiceError {
         }
     }
 }
+
+/// The conversions every domain error enum shares, given its two maps to and from
+/// [`ServiceError`]: from a money or database error, to `tonic::Status`, and
+/// `is_transient` (true exactly when the class is `Unavailable`).
+#[macro_export]
+macro_rules! domain_error {
+    ($t:ty) => {
+        impl From<$crate::money::MoneyError> for $t {
+            fn from(e: $crate::money::MoneyError) -> Self {
+                $crate::error::ServiceError::from(e).into()
+            }
+        }
+        impl From<$crate::error::DbError> for $t {
+            fn from(e: $crate::error::DbError) -> Self {
+                $crate::error::ServiceError::from(e).into()
+            }
+        }
+        impl From<$t> for $crate::error::Status {
+            fn from(e: $t) -> Self {
+                $crate::error::ServiceError::from(e).into()
+            }
+        }
+        impl $t {
+            /// Whether repeating the same request (same idempotency key) may succeed: a
+            /// dependency was down. Every other error is an answer about the request.
+            pub fn is_transient(&self) -> bool {
+                $crate::error::ServiceError::from(self.clone()).is_transient()
+            }
+        }
+    };
+}
+
+/// The database error type, named for [`domain_error!`].
+pub type DbError = sqlx::Error;
+/// The gRPC status type, named for [`domain_error!`].
+pub type Status = tonic::Status;
 
 impl From<ServiceError> for tonic::Status {
     fn from(e: ServiceError) -> Self {

@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use credits_common::Money;
 use uuid::Uuid;
 
-pub use credits_common::error::ServiceError as LedgerError;
+use credits_common::error::ServiceError;
 pub use credits_common::ids::{AccountId, IdempotencyKey, bounded_text, description_text};
 use credits_common::text_enum;
 
@@ -112,7 +112,101 @@ pub struct Posted {
     pub replayed: bool,
 }
 
-/// The error for an unknown account, worded the same everywhere.
-pub fn account_not_found(id: &AccountId) -> LedgerError {
-    LedgerError::NotFound(format!("account {:?} not found", id.as_str()))
+/// Why the ledger refused or could not carry out a request: one variant per cause. Each
+/// cause has one gRPC class (`From<LedgerError> for ServiceError`, matched exhaustively).
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum LedgerError {
+    /// A field breaks a rule (R21, R22, …); the message names the field.
+    #[error("{0}")]
+    Invalid(String),
+    #[error("account {:?} not found", .0.as_str())]
+    AccountNotFound(AccountId),
+    /// `CreateAccount` again with other settings (a replay with the same ones succeeds).
+    #[error("account {:?} already exists with different settings", .0.as_str())]
+    AccountExists(AccountId),
+    /// R12: the key was used on this account for a different request.
+    #[error(
+        "idempotency_key {:?} was already used for a different request on account {:?}",
+        .key.as_str(),
+        .account.as_str()
+    )]
+    IdempotencyConflict {
+        account: AccountId,
+        key: IdempotencyKey,
+    },
+    /// A write refused by a uniqueness rule of the store.
+    #[error("{0}")]
+    Conflict(String),
+    /// The database is down or the ledger is shutting down: retry with the same key.
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl LedgerError {
+    pub fn invalid(msg: impl Into<String>) -> Self {
+        LedgerError::Invalid(msg.into())
+    }
+}
+
+impl From<LedgerError> for ServiceError {
+    fn from(e: LedgerError) -> Self {
+        let msg = e.to_string();
+        match e {
+            LedgerError::Invalid(_) => ServiceError::InvalidArgument(msg),
+            LedgerError::AccountNotFound(_) => ServiceError::NotFound(msg),
+            LedgerError::AccountExists(_)
+            | LedgerError::IdempotencyConflict { .. }
+            | LedgerError::Conflict(_) => ServiceError::AlreadyExists(msg),
+            LedgerError::Unavailable(_) => ServiceError::Unavailable(msg),
+            LedgerError::Internal(_) => ServiceError::Internal(msg),
+        }
+    }
+}
+
+/// Shared code (ids, money, the database) fails with a class; in the ledger only these
+/// classes arise from it.
+impl From<ServiceError> for LedgerError {
+    fn from(e: ServiceError) -> Self {
+        match e {
+            ServiceError::InvalidArgument(m) => LedgerError::Invalid(m),
+            ServiceError::AlreadyExists(m) => LedgerError::Conflict(m),
+            ServiceError::Unavailable(m) => LedgerError::Unavailable(m),
+            ServiceError::NotFound(m) | ServiceError::FailedPrecondition(m) => {
+                LedgerError::Internal(format!("unexpected: {m}"))
+            }
+            ServiceError::Internal(m) => LedgerError::Internal(m),
+        }
+    }
+}
+
+credits_common::domain_error!(LedgerError);
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod error_tests {
+    use super::*;
+
+    #[test]
+    fn each_cause_has_its_class_and_its_words() {
+        let acct = AccountId::parse("acme").unwrap();
+        let key = IdempotencyKey::parse("k1").unwrap();
+        let s = tonic::Status::from(LedgerError::IdempotencyConflict {
+            account: acct.clone(),
+            key,
+        });
+        assert_eq!(s.code(), tonic::Code::AlreadyExists);
+        assert_eq!(
+            s.message(),
+            r#"idempotency_key "k1" was already used for a different request on account "acme""#
+        );
+        let s = tonic::Status::from(LedgerError::AccountNotFound(acct));
+        assert_eq!(s.code(), tonic::Code::NotFound);
+        assert_eq!(s.message(), r#"account "acme" not found"#);
+        assert!(LedgerError::Unavailable("db".into()).is_transient());
+        assert!(!LedgerError::invalid("amount: x").is_transient());
+        // A database outage read through shared code stays transient.
+        assert!(LedgerError::from(ServiceError::Unavailable("x".into())).is_transient());
+    }
 }

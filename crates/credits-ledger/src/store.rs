@@ -127,10 +127,9 @@ impl PostOutcome {
             "replayed" => Ok(PostOutcome::Replayed),
             "conflict" => Ok(PostOutcome::Conflict),
             "not_found" => Ok(PostOutcome::NotFound),
-            other => Err(credits_common::ids::unknown_db_value(
-                "ledger_post outcome",
-                other,
-            )),
+            other => {
+                Err(credits_common::ids::unknown_db_value("ledger_post outcome", other).into())
+            }
         }
     }
 }
@@ -139,13 +138,12 @@ impl PostOutcome {
 fn posted(req: &PostingRequest, r: PostRow) -> Result<Posted, LedgerError> {
     let outcome = PostOutcome::parse(&r.outcome)?;
     match outcome {
-        PostOutcome::NotFound => return Err(account_not_found(&req.account_id)),
+        PostOutcome::NotFound => return Err(LedgerError::AccountNotFound(req.account_id.clone())),
         PostOutcome::Conflict => {
-            return Err(LedgerError::AlreadyExists(format!(
-                "idempotency_key {:?} was already used for a different request on account {:?}",
-                req.idempotency_key.as_str(),
-                req.account_id.as_str()
-            )));
+            return Err(LedgerError::IdempotencyConflict {
+                account: req.account_id.clone(),
+                key: req.idempotency_key.clone(),
+            });
         }
         PostOutcome::Posted | PostOutcome::Replayed => {}
     }
@@ -213,10 +211,7 @@ impl Store {
         if existing.billing_mode == new.billing_mode && existing.display_name == new.display_name {
             Ok(existing)
         } else {
-            Err(LedgerError::AlreadyExists(format!(
-                "account {:?} already exists with different settings",
-                new.account_id.as_str()
-            )))
+            Err(LedgerError::AccountExists(new.account_id.clone()))
         }
     }
 
@@ -229,7 +224,7 @@ impl Store {
         )
         .fetch_optional(&self.pool)
         .await?
-        .ok_or_else(|| account_not_found(id))?
+        .ok_or_else(|| LedgerError::AccountNotFound(id.clone()))?
         .try_into()
     }
 
@@ -241,7 +236,7 @@ impl Store {
         )
         .fetch_optional(&self.pool)
         .await?
-        .ok_or_else(|| account_not_found(id))?;
+        .ok_or_else(|| LedgerError::AccountNotFound(id.clone()))?;
         Ok((Access::from_db(&row.access)?, Money::new(row.balance)))
     }
 
@@ -408,7 +403,7 @@ impl Store {
         )
         .fetch_optional(&self.pool)
         .await?
-        .ok_or_else(|| account_not_found(id))?;
+        .ok_or_else(|| LedgerError::AccountNotFound(id.clone()))?;
         Ok(StoredThreshold {
             threshold: row.threshold.map(Money::new),
             version: row.threshold_version,

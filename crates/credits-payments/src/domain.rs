@@ -5,7 +5,7 @@ use chrono::{DateTime, Datelike, Utc};
 use credits_common::Money;
 use credits_common::text_enum;
 
-pub use credits_common::error::ServiceError as PaymentsError;
+use credits_common::error::ServiceError;
 pub use credits_common::ids::{AccountId, IdempotencyKey, bounded_text, description_text};
 
 text_enum!(
@@ -322,5 +322,144 @@ mod tests {
         assert!(parse_cents("amount", "40.01").is_ok());
         assert!(parse_cents("amount", "40.011").is_err());
         assert!(parse_cents("amount", "0").is_err());
+    }
+}
+
+/// Why payments refused or could not carry out a request: one variant per cause. Each cause
+/// has one gRPC class (`From<PaymentsError> for ServiceError`, matched exhaustively).
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum PaymentsError {
+    /// A field breaks a rule (R21, R22, card details, …); the message names the field.
+    #[error("{0}")]
+    Invalid(String),
+    /// The processor refused the request itself (not a decline, which is a FAILED charge).
+    #[error("{0}")]
+    ProcessorRejected(String),
+    #[error("account {:?} not found", .0.as_str())]
+    AccountNotFound(AccountId),
+    #[error("payment method {id:?} not found on account {:?}", .account.as_str())]
+    MethodNotFound { account: AccountId, id: String },
+    #[error("charge {id:?} not found on account {:?}", .account.as_str())]
+    ChargeNotFound { account: AccountId, id: String },
+    /// R12: the key was used on this account for a different request.
+    #[error(
+        "idempotency_key {:?} was already used for a different request on account {:?}",
+        .key.as_str(),
+        .account.as_str()
+    )]
+    IdempotencyConflict {
+        account: AccountId,
+        key: IdempotencyKey,
+    },
+    /// A write refused by a uniqueness rule of the store.
+    #[error("{0}")]
+    Conflict(String),
+    #[error(
+        "account {:?} has no default payment method; add one or name payment_method_id",
+        .0.as_str()
+    )]
+    NoDefaultMethod(AccountId),
+    /// R3: a purchase below the configured minimum.
+    #[error("a credit purchase must be at least ${min} (R3); got ${amount}")]
+    BelowMinimumPurchase { min: Money, amount: Money },
+    /// The ledger, the database or the processor is down: retry with the same key.
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl PaymentsError {
+    pub fn invalid(msg: impl Into<String>) -> Self {
+        PaymentsError::Invalid(msg.into())
+    }
+
+    pub fn internal(msg: impl Into<String>) -> Self {
+        PaymentsError::Internal(msg.into())
+    }
+}
+
+impl From<PaymentsError> for ServiceError {
+    fn from(e: PaymentsError) -> Self {
+        let msg = e.to_string();
+        match e {
+            PaymentsError::Invalid(_) | PaymentsError::ProcessorRejected(_) => {
+                ServiceError::InvalidArgument(msg)
+            }
+            PaymentsError::AccountNotFound(_)
+            | PaymentsError::MethodNotFound { .. }
+            | PaymentsError::ChargeNotFound { .. } => ServiceError::NotFound(msg),
+            PaymentsError::IdempotencyConflict { .. } | PaymentsError::Conflict(_) => {
+                ServiceError::AlreadyExists(msg)
+            }
+            PaymentsError::NoDefaultMethod(_) | PaymentsError::BelowMinimumPurchase { .. } => {
+                ServiceError::FailedPrecondition(msg)
+            }
+            PaymentsError::Unavailable(_) => ServiceError::Unavailable(msg),
+            PaymentsError::Internal(_) => ServiceError::Internal(msg),
+        }
+    }
+}
+
+/// Shared code (ids, money, the database) fails with a class; in payments only these
+/// classes arise from it.
+impl From<ServiceError> for PaymentsError {
+    fn from(e: ServiceError) -> Self {
+        match e {
+            ServiceError::InvalidArgument(m) => PaymentsError::Invalid(m),
+            ServiceError::AlreadyExists(m) => PaymentsError::Conflict(m),
+            ServiceError::Unavailable(m) => PaymentsError::Unavailable(m),
+            ServiceError::NotFound(m) | ServiceError::FailedPrecondition(m) => {
+                PaymentsError::Internal(format!("unexpected: {m}"))
+            }
+            ServiceError::Internal(m) => PaymentsError::Internal(m),
+        }
+    }
+}
+
+credits_common::domain_error!(PaymentsError);
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod error_tests {
+    use super::*;
+
+    #[test]
+    fn each_cause_has_its_class_and_its_words() {
+        let acct = AccountId::parse("acme").unwrap();
+        let cases = [
+            (
+                PaymentsError::BelowMinimumPurchase {
+                    min: Money::parse_positive("m", "5").unwrap(),
+                    amount: Money::parse_positive("a", "1").unwrap(),
+                },
+                tonic::Code::FailedPrecondition,
+                "a credit purchase must be at least $5.00 (R3); got $1.00",
+            ),
+            (
+                PaymentsError::NoDefaultMethod(acct.clone()),
+                tonic::Code::FailedPrecondition,
+                r#"account "acme" has no default payment method; add one or name payment_method_id"#,
+            ),
+            (
+                PaymentsError::MethodNotFound {
+                    account: acct.clone(),
+                    id: "pm_1".into(),
+                },
+                tonic::Code::NotFound,
+                r#"payment method "pm_1" not found on account "acme""#,
+            ),
+            (
+                PaymentsError::ProcessorRejected("card_number: invalid".into()),
+                tonic::Code::InvalidArgument,
+                "card_number: invalid",
+            ),
+        ];
+        for (e, code, msg) in cases {
+            assert!(!e.is_transient());
+            let s = tonic::Status::from(e);
+            assert_eq!((s.code(), s.message()), (code, msg));
+        }
+        assert!(PaymentsError::Unavailable("ledger".into()).is_transient());
     }
 }

@@ -66,7 +66,7 @@ fn method_id(field: &str, s: &str) -> Result<String, PaymentsError> {
     if s.is_empty() {
         return Err(PaymentsError::invalid(format!("{field}: is required")));
     }
-    bounded_text(field, s, 64)
+    Ok(bounded_text(field, s, 64)?)
 }
 
 #[tonic::async_trait]

@@ -85,12 +85,12 @@ impl App {
         listener: TcpListener,
         shutdown: CancellationToken,
     ) -> anyhow::Result<()> {
-        let svc = Arc::new(Payments {
-            store: store::Store::new(self.pool.clone()),
-            processor: Arc::new(Sandbox::new(self.pool.clone(), self.cfg.sandbox.clone())),
-            ledger: ledger_client(&self.cfg.ledger_url, self.cfg.daemon.peer_token())?,
-            min_purchase: self.cfg.min_purchase,
-        });
+        let svc = Arc::new(Payments::new(
+            store::Store::new(self.pool.clone()),
+            Arc::new(Sandbox::new(self.pool.clone(), self.cfg.sandbox.clone())),
+            ledger_client(&self.cfg.ledger_url, self.cfg.daemon.peer_token())?,
+            self.cfg.min_purchase,
+        ));
         let relay = tokio::spawn(run_relay(
             self.pool.clone(),
             self.cfg.daemon.relay(""),

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use credits_common::Money;
+use credits_common::error::ServiceError;
 use credits_common::events::{ChargeFinished, DefaultChanged, Event, MethodRemoved};
 use credits_common::outbox;
 use credits_proto::ledger::v1 as ledger_pb;
@@ -31,10 +32,10 @@ pub const MAX_PROCESSOR_ATTEMPTS: i32 = 5;
 pub const PROCESSOR_SETTLE_SECS: i64 = 60;
 
 pub struct Payments {
-    pub store: Store,
-    pub processor: Arc<dyn PaymentProcessor>,
-    pub ledger: LedgerClient,
-    pub min_purchase: Money,
+    store: Store,
+    processor: Arc<dyn PaymentProcessor>,
+    ledger: LedgerClient,
+    min_purchase: Money,
 }
 
 /// The result of a purchase: the charge and, once credited, the ledger entry and balance.
@@ -45,6 +46,22 @@ pub struct Purchase {
 }
 
 impl Payments {
+    /// Payments over its store, a processor (the sandbox, or a test's), the ledger it
+    /// credits, and the smallest purchase it accepts (R3).
+    pub fn new(
+        store: Store,
+        processor: Arc<dyn PaymentProcessor>,
+        ledger: LedgerClient,
+        min_purchase: Money,
+    ) -> Self {
+        Payments {
+            store,
+            processor,
+            ledger,
+            min_purchase,
+        }
+    }
+
     /// NOT_FOUND unless the ledger knows the account.
     pub async fn ensure_account(
         &self,
@@ -58,9 +75,7 @@ impl Payments {
             .await
             .map(|r| r.into_inner())
             .map_err(|s| match s.code() {
-                tonic::Code::NotFound => {
-                    PaymentsError::not_found(format!("account {:?} not found", account.as_str()))
-                }
+                tonic::Code::NotFound => PaymentsError::AccountNotFound(account.clone()),
                 _ => PaymentsError::Unavailable(format!("ledger unavailable: {}", s.message())),
             })
     }
@@ -191,11 +206,9 @@ impl Payments {
         self.store
             .charge_by_id(account.as_str(), id)
             .await?
-            .ok_or_else(|| {
-                PaymentsError::not_found(format!(
-                    "charge {id:?} not found on account {:?}",
-                    account.as_str()
-                ))
+            .ok_or_else(|| PaymentsError::ChargeNotFound {
+                account: account.clone(),
+                id: id.to_owned(),
             })
     }
 
@@ -234,11 +247,10 @@ impl Payments {
         if req.matches(&existing) {
             Ok(existing)
         } else {
-            Err(PaymentsError::AlreadyExists(format!(
-                "idempotency_key {:?} was already used for a different request on account {:?}",
-                req.idempotency_key.as_str(),
-                req.account_id.as_str()
-            )))
+            Err(PaymentsError::IdempotencyConflict {
+                account: req.account_id.clone(),
+                key: req.idempotency_key.clone(),
+            })
         }
     }
 
@@ -250,10 +262,7 @@ impl Payments {
             }
             drop(conn);
             self.ensure_account(&req.account_id).await?;
-            return Err(PaymentsError::precondition(format!(
-                "account {:?} has no default payment method; add one or name payment_method_id",
-                req.account_id.as_str()
-            )));
+            return Err(PaymentsError::NoDefaultMethod(req.account_id.clone()));
         }
         Store::find_method(&mut conn, req.account_id.as_str(), &req.payment_method_id)
             .await?
@@ -372,10 +381,10 @@ impl Payments {
 
     pub async fn purchase(&self, req: &ChargeRequest) -> Result<Purchase, PaymentsError> {
         if req.amount < self.min_purchase {
-            return Err(PaymentsError::precondition(format!(
-                "a credit purchase must be at least ${} (R3); got ${}",
-                self.min_purchase, req.amount
-            )));
+            return Err(PaymentsError::BelowMinimumPurchase {
+                min: self.min_purchase,
+                amount: req.amount,
+            });
         }
         // An unknown account is NOT_FOUND before anything is charged.
         if self
@@ -434,7 +443,7 @@ impl Payments {
                 description: format!("credit purchase, charge {}", charge.charge_id),
             })
             .await
-            .map_err(PaymentsError::from)?
+            .map_err(|s| PaymentsError::from(ServiceError::from(s)))?
             .into_inner();
         let entry = resp
             .entry
@@ -543,15 +552,15 @@ fn outcome(s: &ProcessorStatus) -> (ChargeStatus, &str) {
 }
 
 fn method_not_found(account: &AccountId, id: &str) -> PaymentsError {
-    PaymentsError::not_found(format!(
-        "payment method {id:?} not found on account {:?}",
-        account.as_str()
-    ))
+    PaymentsError::MethodNotFound {
+        account: account.clone(),
+        id: id.to_owned(),
+    }
 }
 
 fn processor_error(e: ProcessorError) -> PaymentsError {
     match e {
-        ProcessorError::Rejected(m) => PaymentsError::InvalidArgument(m),
+        ProcessorError::Rejected(m) => PaymentsError::ProcessorRejected(m),
         ProcessorError::Transient(m) => {
             PaymentsError::Unavailable(format!("payment processor unavailable: {m}"))
         }

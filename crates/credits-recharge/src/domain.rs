@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use credits_common::Money;
 use credits_common::text_enum;
 
-pub use credits_common::error::ServiceError as RechargeError;
+use credits_common::error::ServiceError;
 pub use credits_common::ids::AccountId;
 
 text_enum!(
@@ -169,5 +169,117 @@ mod tests {
         assert!(validate_amounts(m("10"), m("10"), min).is_err());
         assert!(validate_amounts(m("10"), m("9"), min).is_err());
         assert!(validate_amounts(m("10"), m("14.99"), min).is_err());
+    }
+}
+
+/// Why recharge refused or could not carry out a request: one variant per cause. Each cause
+/// has one gRPC class (`From<RechargeError> for ServiceError`, matched exhaustively).
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum RechargeError {
+    /// A field breaks a rule (R6, R21, R22, …); the message names the field.
+    #[error("{0}")]
+    Invalid(String),
+    #[error("account {:?} not found", .0.as_str())]
+    AccountNotFound(AccountId),
+    /// R5: contract accounts are invoiced, never topped up.
+    #[error(
+        "auto-recharge does not apply to contract accounts; they are invoiced under their contract (R5)"
+    )]
+    ContractAccount,
+    /// R10: the default payment method is a bank account.
+    #[error(
+        "auto-recharge needs a credit or debit card as the default payment method; the default is a US bank account (R10)"
+    )]
+    DefaultNotCard,
+    /// R10: there is no default payment method.
+    #[error(
+        "auto-recharge needs a default payment method, and the account has none; add a card (R10)"
+    )]
+    NoDefaultMethod,
+    /// A peer (ledger, payments) answered that the request itself cannot be carried out;
+    /// its class and words are kept.
+    #[error("{0}")]
+    PeerRefused(ServiceError),
+    /// A write refused by a uniqueness rule of the store.
+    #[error("{0}")]
+    Conflict(String),
+    /// The database or a peer is down, or the settings are being changed concurrently:
+    /// retry.
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl RechargeError {
+    pub fn invalid(msg: impl Into<String>) -> Self {
+        RechargeError::Invalid(msg.into())
+    }
+
+    pub fn internal(msg: impl Into<String>) -> Self {
+        RechargeError::Internal(msg.into())
+    }
+}
+
+impl From<RechargeError> for ServiceError {
+    fn from(e: RechargeError) -> Self {
+        let msg = e.to_string();
+        match e {
+            RechargeError::Invalid(_) => ServiceError::InvalidArgument(msg),
+            RechargeError::AccountNotFound(_) => ServiceError::NotFound(msg),
+            RechargeError::ContractAccount
+            | RechargeError::DefaultNotCard
+            | RechargeError::NoDefaultMethod => ServiceError::FailedPrecondition(msg),
+            RechargeError::PeerRefused(class) => class,
+            RechargeError::Conflict(_) => ServiceError::AlreadyExists(msg),
+            RechargeError::Unavailable(_) => ServiceError::Unavailable(msg),
+            RechargeError::Internal(_) => ServiceError::Internal(msg),
+        }
+    }
+}
+
+/// Shared code (ids, money, the database) fails with a class; in recharge only these
+/// classes arise from it.
+impl From<ServiceError> for RechargeError {
+    fn from(e: ServiceError) -> Self {
+        match e {
+            ServiceError::InvalidArgument(m) => RechargeError::Invalid(m),
+            ServiceError::AlreadyExists(m) => RechargeError::Conflict(m),
+            ServiceError::Unavailable(m) => RechargeError::Unavailable(m),
+            ServiceError::NotFound(m) | ServiceError::FailedPrecondition(m) => {
+                RechargeError::Internal(format!("unexpected: {m}"))
+            }
+            ServiceError::Internal(m) => RechargeError::Internal(m),
+        }
+    }
+}
+
+credits_common::domain_error!(RechargeError);
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod error_tests {
+    use super::*;
+
+    #[test]
+    fn each_cause_has_its_class_and_a_peer_keeps_its_own() {
+        for e in [
+            RechargeError::ContractAccount,
+            RechargeError::DefaultNotCard,
+            RechargeError::NoDefaultMethod,
+        ] {
+            assert_eq!(
+                tonic::Status::from(e).code(),
+                tonic::Code::FailedPrecondition
+            );
+        }
+        let peer = RechargeError::PeerRefused(ServiceError::NotFound("account gone".into()));
+        let s = tonic::Status::from(peer.clone());
+        assert_eq!(
+            (s.code(), s.message()),
+            (tonic::Code::NotFound, "account gone")
+        );
+        assert!(!peer.is_transient());
+        assert!(RechargeError::Unavailable("payments".into()).is_transient());
     }
 }

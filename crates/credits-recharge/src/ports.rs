@@ -4,6 +4,7 @@
 //! so they can be exercised against fakes without a network or a database.
 
 use credits_common::Money;
+use credits_common::error::ServiceError;
 use credits_common::grpc::AuthChannel;
 use credits_proto::ledger::v1 as lpb;
 use credits_proto::ledger::v1::ledger_service_client::LedgerServiceClient;
@@ -100,7 +101,7 @@ pub fn peer_error(peer: &str, s: tonic::Status) -> RechargeError {
         tonic::Code::NotFound
         | tonic::Code::InvalidArgument
         | tonic::Code::FailedPrecondition
-        | tonic::Code::AlreadyExists => RechargeError::from(s),
+        | tonic::Code::AlreadyExists => RechargeError::PeerRefused(ServiceError::from(s)),
         _ => RechargeError::Unavailable(format!("{peer} unavailable: {}", s.message())),
     }
 }

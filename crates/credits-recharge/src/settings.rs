@@ -21,9 +21,9 @@ const SAVE_ROUNDS: usize = 5;
 impl Recharge {
     /// NOT_FOUND unless the ledger knows the account.
     pub async fn known_account(&self, account: &AccountId) -> Result<LedgerAccount, RechargeError> {
-        self.account(account.as_str()).await?.ok_or_else(|| {
-            RechargeError::not_found(format!("account {:?} not found", account.as_str()))
-        })
+        self.account(account.as_str())
+            .await?
+            .ok_or_else(|| RechargeError::AccountNotFound(account.clone()))
     }
 
     /// The account's settings; `None` when it never configured auto-recharge (an account
@@ -86,21 +86,15 @@ impl Recharge {
         let acct = self.known_account(account).await?;
         if enabled {
             if acct.contract {
-                return Err(RechargeError::precondition(
-                    "auto-recharge does not apply to contract accounts; they are invoiced under their contract (R5)",
-                ));
+                return Err(RechargeError::ContractAccount);
             }
             match self.default_method(account.as_str()).await? {
                 DefaultMethod::Card(_) => {}
                 DefaultMethod::NotCard => {
-                    return Err(RechargeError::precondition(
-                        "auto-recharge needs a credit or debit card as the default payment method; the default is a US bank account (R10)",
-                    ));
+                    return Err(RechargeError::DefaultNotCard);
                 }
                 DefaultMethod::None => {
-                    return Err(RechargeError::precondition(
-                        "auto-recharge needs a default payment method, and the account has none; add a card (R10)",
-                    ));
+                    return Err(RechargeError::NoDefaultMethod);
                 }
             }
         }

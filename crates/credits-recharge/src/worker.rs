@@ -319,33 +319,14 @@ impl Recharge {
         // same key with another method would be a different request.
         let method_id = match &a.payment_method_id {
             Some(id) => id.clone(),
-            None => match self.default_method(&a.account_id).await? {
-                DefaultMethod::Card(id) => {
+            None => match method_step(self.default_method(&a.account_id).await?) {
+                Ok(id) => {
                     if !self.store.start_charging(lease, &id).await? {
                         return Ok(Step::LeaseLost);
                     }
                     id
                 }
-                DefaultMethod::NotCard => {
-                    return self
-                        .fail(
-                            lease,
-                            None,
-                            "default_payment_method_not_card",
-                            Some(DisabledReason::DEFAULT_PAYMENT_METHOD_NOT_CARD),
-                        )
-                        .await;
-                }
-                DefaultMethod::None => {
-                    return self
-                        .fail(
-                            lease,
-                            None,
-                            "no_default_payment_method",
-                            Some(DisabledReason::NO_DEFAULT_PAYMENT_METHOD),
-                        )
-                        .await;
-                }
+                Err((code, reason)) => return self.fail(lease, None, code, Some(reason)).await,
             },
         };
         let request = TopUpCharge {
@@ -355,36 +336,13 @@ impl Recharge {
             idempotency_key: a.key(),
             description: format!("auto-recharge {}", a.attempt_id),
         };
-        let charge_id = match self.payments.charge(&request).await? {
-            ChargeAnswer::Succeeded { charge_id } => charge_id,
-            ChargeAnswer::Declined { charge_id, code } => {
-                return self.fail(lease, Some(&charge_id), &code, None).await;
+        let answer = self.payments.charge(&request).await?;
+        let charge_id = match charge_step(&a.attempt_id, answer, a.retries) {
+            ChargeStep::Credit(charge_id) => charge_id,
+            ChargeStep::Fail { charge_id, code } => {
+                return self.fail(lease, charge_id.as_deref(), &code, None).await;
             }
-            ChargeAnswer::NotFinal { charge_id } => {
-                return Ok(Step::Retry(format!("charge {charge_id} is not final yet")));
-            }
-            ChargeAnswer::MethodNotFound => {
-                return self
-                    .fail(lease, None, "payment_method_not_found", None)
-                    .await;
-            }
-            ChargeAnswer::Refused(why) => {
-                tracing::error!(attempt_id = %a.attempt_id, status = %why, "payments refused the top-up");
-                return self.fail(lease, None, "charge_refused", None).await;
-            }
-            // The key is already taken by a charge that differs from what this copy of the
-            // attempt asks: this copy is stale. Reload and go on from what is stored; never
-            // record a failure for a charge that may exist.
-            ChargeAnswer::KeyConflict(why) if a.retries < MAX_KEY_CONFLICTS => {
-                tracing::error!(attempt_id = %a.attempt_id, status = %why, "payments holds a different charge under this attempt's key; reloading");
-                return Ok(Step::Retry(format!("payments: {why}")));
-            }
-            // Reloading did not resolve it: end the attempt visibly rather than block the
-            // account's auto-recharge behind it for ever.
-            ChargeAnswer::KeyConflict(why) => {
-                tracing::error!(attempt_id = %a.attempt_id, status = %why, "idempotency conflict persists; attempt failed");
-                return self.fail(lease, None, "idempotency_conflict", None).await;
-            }
+            ChargeStep::Retry(why) => return Ok(Step::Retry(why)),
         };
         if self.faults.stop_after_charge {
             tracing::warn!(attempt_id = %a.attempt_id, "fault injected: worker stops after the charge");
@@ -668,6 +626,68 @@ impl Recharge {
 
 /// Turns auto-recharge off with its event; with `revision`, only if the settings are
 /// still at it. True when this call turned it off.
+/// Which card a new attempt charges: the default when it is a card; otherwise the failure
+/// code and why auto-recharge turns off (R10).
+fn method_step(method: DefaultMethod) -> Result<String, (&'static str, DisabledReason)> {
+    match method {
+        DefaultMethod::Card(id) => Ok(id),
+        DefaultMethod::NotCard => Err((
+            "default_payment_method_not_card",
+            DisabledReason::DEFAULT_PAYMENT_METHOD_NOT_CARD,
+        )),
+        DefaultMethod::None => Err((
+            "no_default_payment_method",
+            DisabledReason::NO_DEFAULT_PAYMENT_METHOD,
+        )),
+    }
+}
+
+/// What an attempt does with payments' answer to its charge.
+#[derive(Debug, PartialEq, Eq)]
+enum ChargeStep {
+    /// Charged: record the charge and credit the ledger.
+    Credit(String),
+    /// The attempt ends FAILED with this code (R11).
+    Fail {
+        charge_id: Option<String>,
+        code: String,
+    },
+    /// Ask again later under the same key.
+    Retry(String),
+}
+
+fn charge_step(attempt_id: &str, answer: ChargeAnswer, retries: i32) -> ChargeStep {
+    let fail = |charge_id: Option<String>, code: &str| ChargeStep::Fail {
+        charge_id,
+        code: code.to_owned(),
+    };
+    match answer {
+        ChargeAnswer::Succeeded { charge_id } => ChargeStep::Credit(charge_id),
+        ChargeAnswer::Declined { charge_id, code } => fail(Some(charge_id), &code),
+        ChargeAnswer::NotFinal { charge_id } => {
+            ChargeStep::Retry(format!("charge {charge_id} is not final yet"))
+        }
+        ChargeAnswer::MethodNotFound => fail(None, "payment_method_not_found"),
+        ChargeAnswer::Refused(why) => {
+            tracing::error!(attempt_id, status = %why, "payments refused the top-up");
+            fail(None, "charge_refused")
+        }
+        // The key is already taken by a charge that differs from what this copy of the
+        // attempt asks: this copy is stale. Reload and go on from what is stored; never
+        // record a failure for a charge that may exist.
+        ChargeAnswer::KeyConflict(why) if retries < MAX_KEY_CONFLICTS => {
+            tracing::error!(attempt_id, status = %why, "payments holds a different charge under this attempt's key; reloading");
+            ChargeStep::Retry(format!("payments: {why}"))
+        }
+        // Reloading did not resolve it: end the attempt visibly rather than block the
+        // account's auto-recharge behind it for ever.
+        ChargeAnswer::KeyConflict(why) => {
+            tracing::error!(attempt_id, status = %why, "idempotency conflict persists; attempt failed");
+            fail(None, "idempotency_conflict")
+        }
+    }
+}
+
 async fn disable_in_tx(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     account: &str,
@@ -687,4 +707,87 @@ async fn disable_in_tx(
         "auto-recharge turned off"
     );
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_card_is_charged_otherwise_auto_recharge_turns_off_r10() {
+        assert_eq!(
+            method_step(DefaultMethod::Card("pm_1".into())),
+            Ok("pm_1".into())
+        );
+        assert_eq!(
+            method_step(DefaultMethod::NotCard),
+            Err((
+                "default_payment_method_not_card",
+                DisabledReason::DEFAULT_PAYMENT_METHOD_NOT_CARD
+            ))
+        );
+        assert_eq!(
+            method_step(DefaultMethod::None),
+            Err((
+                "no_default_payment_method",
+                DisabledReason::NO_DEFAULT_PAYMENT_METHOD
+            ))
+        );
+    }
+
+    #[test]
+    fn each_charge_answer_has_one_step() {
+        let fail = |charge_id: Option<&str>, code: &str| ChargeStep::Fail {
+            charge_id: charge_id.map(str::to_owned),
+            code: code.to_owned(),
+        };
+        let cases = [
+            (
+                ChargeAnswer::Succeeded {
+                    charge_id: "ch_1".into(),
+                },
+                0,
+                ChargeStep::Credit("ch_1".into()),
+            ),
+            (
+                ChargeAnswer::Declined {
+                    charge_id: "ch_2".into(),
+                    code: "card_declined".into(),
+                },
+                0,
+                fail(Some("ch_2"), "card_declined"),
+            ),
+            (
+                ChargeAnswer::NotFinal {
+                    charge_id: "ch_3".into(),
+                },
+                0,
+                ChargeStep::Retry("charge ch_3 is not final yet".into()),
+            ),
+            (
+                ChargeAnswer::MethodNotFound,
+                0,
+                fail(None, "payment_method_not_found"),
+            ),
+            (
+                ChargeAnswer::Refused("no".into()),
+                0,
+                fail(None, "charge_refused"),
+            ),
+            // A stale copy of the attempt reloads a few times before it gives up visibly.
+            (
+                ChargeAnswer::KeyConflict("taken".into()),
+                MAX_KEY_CONFLICTS - 1,
+                ChargeStep::Retry("payments: taken".into()),
+            ),
+            (
+                ChargeAnswer::KeyConflict("taken".into()),
+                MAX_KEY_CONFLICTS,
+                fail(None, "idempotency_conflict"),
+            ),
+        ];
+        for (answer, retries, step) in cases {
+            assert_eq!(charge_step("att_1", answer, retries), step);
+        }
+    }
 }
