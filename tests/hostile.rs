@@ -1000,7 +1000,10 @@ impl World {
                 let id = a.v;
                 let req = match kind {
                     1 => Req::GetAccount(lpb::GetAccountRequest { account_id: id }),
-                    2 => Req::CheckAccess(lpb::CheckAccessRequest { account_id: id }),
+                    2 => Req::CheckAccess(lpb::CheckAccessRequest {
+                        account_id: id,
+                        amount: String::new(),
+                    }),
                     _ => Req::ClearBalanceThreshold(lpb::ClearBalanceThresholdRequest {
                         account_id: id,
                         version: 0,

@@ -622,6 +622,7 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing_spec_4() {
     let err = c
         .check_access(pb::CheckAccessRequest {
             account_id: "ghost".into(),
+            amount: String::new(),
         })
         .await
         .unwrap_err();
@@ -1019,18 +1020,24 @@ async fn ledger_events_are_the_contract_type_with_v7_ids() {
     let expected = [
         Event::AccountActivated(AccountBalance {
             balance: money("25.00"),
+            available_balance: Some(money("25.00")),
         }),
         Event::BalanceThresholdCrossed(ThresholdCrossed {
             threshold: money("10.00"),
             balance_before: money("25.00"),
             balance_after: money("9.99"),
-            entry_id,
+            available_before: Some(money("25.00")),
+            available_after: Some(money("9.99")),
+            entry_id: Some(entry_id),
+            hold_id: None,
         }),
         Event::AccountSuspended(AccountBalance {
             balance: money("-0.01"),
+            available_balance: Some(money("-0.01")),
         }),
         Event::AccountReactivated(AccountBalance {
             balance: money("0.01"),
+            available_balance: Some(money("0.01")),
         }),
     ];
     let now_ms = std::time::SystemTime::now()

@@ -17,8 +17,9 @@ pub use credits_client::{
     Access, AccessCheck, Account, AccountId, AttemptStatus, AutoRecharge, AutoRechargeChange,
     BankAccountDetails, BillingMode, CardDetails, Charge, ChargeStatus, Client, ClientConfig,
     ClientError, Code, CreditSource, CreditsAdded, CreditsToAdd, DisabledReason, Entry, EntryKind,
-    IdempotencyKey, Money, NewPaymentMethod, PaymentMethod, PaymentMethodType, Purchase,
-    RechargeAttempt, RetryPolicy, UsageCategory, UsageRecord, UsageRecorded,
+    Hold, HoldCaptured, HoldRequest, HoldStatus, IdempotencyKey, Money, NewPaymentMethod,
+    PaymentMethod, PaymentMethodType, Purchase, RechargeAttempt, RetryPolicy, UsageCategory,
+    UsageRecord, UsageRecorded,
 };
 use rust_decimal::Decimal;
 
@@ -284,6 +285,51 @@ impl Api {
             .list_charges(&acct(id), 500, None)
             .await
             .unwrap_or_else(|e| panic!("charges of {id}: {e}"))
+            .items
+    }
+
+    // ---- holds (R15) ----------------------------------------------------------------
+
+    pub async fn try_hold(
+        &self,
+        id: &str,
+        amount: &str,
+        k: &str,
+        ttl_seconds: Option<u32>,
+    ) -> Result<Hold, ClientError> {
+        let req = HoldRequest {
+            account_id: acct(id),
+            amount: money(amount),
+            category: UsageCategory::FineTuning,
+            idempotency_key: key(k),
+            description: format!("job {k}"),
+            ttl_seconds,
+        };
+        self.ledger().create_hold(&req).await
+    }
+
+    pub async fn hold(&self, id: &str, amount: &str, k: &str) -> Hold {
+        self.try_hold(id, amount, k, None)
+            .await
+            .unwrap_or_else(|e| panic!("hold {amount} on {id}: {e}"))
+    }
+
+    pub async fn try_capture(
+        &self,
+        id: &str,
+        hold_id: &str,
+        amount: &str,
+    ) -> Result<HoldCaptured, ClientError> {
+        self.ledger()
+            .capture_hold(&acct(id), hold_id, money(amount), "final cost")
+            .await
+    }
+
+    pub async fn holds(&self, id: &str) -> Vec<Hold> {
+        self.ledger()
+            .list_holds(&acct(id), 500, None)
+            .await
+            .unwrap_or_else(|e| panic!("holds of {id}: {e}"))
             .items
     }
 

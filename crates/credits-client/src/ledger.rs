@@ -8,8 +8,8 @@ use credits_proto::ledger::v1::ledger_service_client::LedgerServiceClient;
 
 use crate::retry::{Repeat, RetryPolicy, rpc};
 use crate::types::{
-    AccessCheck, Account, BalanceThreshold, BillingMode, CreditsAdded, CreditsToAdd, Entry, Page,
-    UsageRecord, UsageRecorded, page_size,
+    AccessCheck, Account, BalanceThreshold, BillingMode, CreditsAdded, CreditsToAdd, Entry, Hold,
+    HoldCaptured, HoldRequest, Page, UsageRecord, UsageRecorded, page_size,
 };
 use crate::{AuthChannel, ClientError};
 
@@ -56,10 +56,21 @@ impl Ledger {
         rpc!(self, Repeat::Safe, req, get_account).await?.try_into()
     }
 
-    /// Whether the account may call the API right now (R4, R5).
+    /// Whether the account may call the API right now (R4, R5, R16).
     pub async fn check_access(&self, account: &AccountId) -> Result<AccessCheck, ClientError> {
+        self.check_access_for(account, None).await
+    }
+
+    /// R16: whether the account may start work of this cost now: access allowed and (prepaid)
+    /// the available balance covers `cost`.
+    pub async fn check_access_for(
+        &self,
+        account: &AccountId,
+        cost: Option<Money>,
+    ) -> Result<AccessCheck, ClientError> {
         let req = lpb::CheckAccessRequest {
             account_id: account.to_string(),
+            amount: cost.map(|c| c.to_wire()).unwrap_or_default(),
         };
         rpc!(self, Repeat::Safe, req, check_access)
             .await?
@@ -154,6 +165,77 @@ impl Ledger {
         rpc!(self, versioned(version), req, clear_balance_threshold)
             .await?
             .try_into()
+    }
+}
+
+impl Ledger {
+    /// R15: reserves part of the available balance; [`ClientError::FailedPrecondition`] when
+    /// a prepaid account lacks access or enough available balance. Retried when transient
+    /// (idempotency key, R12).
+    pub async fn create_hold(&self, hold: &HoldRequest) -> Result<Hold, ClientError> {
+        rpc!(self, Repeat::Safe, hold.to_wire(), create_hold)
+            .await?
+            .try_into()
+    }
+
+    /// R15: ends the hold with one USAGE entry of `amount` (the final cost, above or below
+    /// the hold). Retried when transient: repeating the capture that ended a hold returns
+    /// its first result.
+    pub async fn capture_hold(
+        &self,
+        account: &AccountId,
+        hold_id: &str,
+        amount: Money,
+        description: &str,
+    ) -> Result<HoldCaptured, ClientError> {
+        let req = lpb::CaptureHoldRequest {
+            account_id: account.to_string(),
+            hold_id: hold_id.to_owned(),
+            amount: amount.to_wire(),
+            description: description.to_owned(),
+        };
+        rpc!(self, Repeat::Safe, req, capture_hold)
+            .await?
+            .try_into()
+    }
+
+    /// R15: ends the hold with no entry. Retried when transient (a repeat answers the same).
+    pub async fn release_hold(
+        &self,
+        account: &AccountId,
+        hold_id: &str,
+    ) -> Result<Hold, ClientError> {
+        let req = lpb::ReleaseHoldRequest {
+            account_id: account.to_string(),
+            hold_id: hold_id.to_owned(),
+        };
+        rpc!(self, Repeat::Safe, req, release_hold)
+            .await?
+            .try_into()
+    }
+
+    pub async fn get_hold(&self, account: &AccountId, hold_id: &str) -> Result<Hold, ClientError> {
+        let req = lpb::GetHoldRequest {
+            account_id: account.to_string(),
+            hold_id: hold_id.to_owned(),
+        };
+        rpc!(self, Repeat::Safe, req, get_hold).await?.try_into()
+    }
+
+    /// Holds, newest first (R13); paging as in [`Ledger::list_entries`].
+    pub async fn list_holds(
+        &self,
+        account: &AccountId,
+        page_size_: u32,
+        page_token: Option<&str>,
+    ) -> Result<Page<Hold>, ClientError> {
+        let req = lpb::ListHoldsRequest {
+            account_id: account.to_string(),
+            page_size: page_size(page_size_),
+            page_token: page_token.unwrap_or_default().to_owned(),
+        };
+        let r = rpc!(self, Repeat::Safe, req, list_holds).await?;
+        Page::from_wire(r.holds, r.next_page_token)
     }
 }
 

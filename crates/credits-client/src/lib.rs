@@ -71,9 +71,10 @@ pub use tonic::Code;
 pub use types::{
     Access, AccessCheck, Account, AttemptStatus, AutoRecharge, AutoRechargeChange,
     BalanceThreshold, BankAccountDetails, BillingMode, CardDetails, CardExpiry, Charge,
-    ChargeStatus, CreditSource, CreditsAdded, CreditsToAdd, DisabledReason, Entry, EntryKind,
-    NewPaymentMethod, Page, PaymentMethod, PaymentMethodType, Purchase, RechargeAttempt,
-    UnknownName, UsageCategory, UsageRecord, UsageRecorded,
+    ChargeStatus, CreditSource, CreditsAdded, CreditsToAdd, DisabledReason, Entry, EntryKind, Hold,
+    HoldCaptured, HoldRequest, HoldStatus, NewPaymentMethod, Page, PaymentMethod,
+    PaymentMethodType, Purchase, RechargeAttempt, UnknownName, UsageCategory, UsageRecord,
+    UsageRecorded,
 };
 
 /// How long a call may take before it fails with [`ClientError::DeadlineExceeded`],

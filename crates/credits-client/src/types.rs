@@ -129,6 +129,16 @@ wire_enum! {
 }
 
 wire_enum! {
+    /// R15: a hold is active until it ends, once.
+    HoldStatus: lpb::HoldStatus {
+        Active = "ACTIVE",
+        Captured = "CAPTURED",
+        Released = "RELEASED",
+        Expired = "EXPIRED",
+    }
+}
+
+wire_enum! {
     PaymentMethodType: ppb::PaymentMethodType {
         Card = "CARD",
         UsBankAccount = "US_BANK_ACCOUNT",
@@ -274,15 +284,40 @@ pub struct Account {
     pub balance_threshold: Option<Money>,
     /// The version of the last versioned threshold write.
     pub balance_threshold_version: i64,
+    /// R15: the sum of ACTIVE holds.
+    pub held: Money,
+    /// R15/R16: balance − held; what access and threshold crossings follow.
+    pub available_balance: Money,
+}
+
+/// `held` and `available_balance` as a server sends them; a server from before holds sends
+/// neither, which means no holds.
+fn held_and_available(
+    what: &str,
+    balance: Money,
+    held: &str,
+    available: &str,
+) -> Result<(Money, Money), ClientError> {
+    let held = optional_amount(&format!("{what}.held"), held)?.unwrap_or_default();
+    let available = match available {
+        "" => balance - held,
+        a => signed(&format!("{what}.available_balance"), a)?,
+    };
+    Ok((held, available))
 }
 
 impl TryFrom<lpb::Account> for Account {
     type Error = ClientError;
     fn try_from(a: lpb::Account) -> Result<Self, ClientError> {
+        let balance = signed("account.balance", &a.balance)?;
+        let (held, available_balance) =
+            held_and_available("account", balance, &a.held, &a.available_balance)?;
         Ok(Account {
             account_id: account_id("account.account_id", &a.account_id)?,
             billing_mode: BillingMode::from_wire("account.billing_mode", a.billing_mode)?,
-            balance: signed("account.balance", &a.balance)?,
+            balance,
+            held,
+            available_balance,
             access: Access::from_wire("account.access", a.access)?,
             created_at: required_timestamp("account.created_at", a.created_at.as_ref())?,
             balance_threshold: optional_amount("account.balance_threshold", &a.balance_threshold)?,
@@ -295,18 +330,26 @@ impl TryFrom<lpb::Account> for Account {
 /// The answer of `CheckAccess`: the gateway's hot path.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AccessCheck {
+    /// Access allowed and, when asked with a cost, (prepaid) the available balance covers it.
     pub allowed: bool,
     pub access: Access,
     pub balance: Money,
+    pub held: Money,
+    pub available_balance: Money,
 }
 
 impl TryFrom<lpb::CheckAccessResponse> for AccessCheck {
     type Error = ClientError;
     fn try_from(r: lpb::CheckAccessResponse) -> Result<Self, ClientError> {
+        let balance = signed("balance", &r.balance)?;
+        let (held, available_balance) =
+            held_and_available("check", balance, &r.held, &r.available_balance)?;
         Ok(AccessCheck {
             allowed: r.allowed,
             access: Access::from_wire("access", r.access)?,
-            balance: signed("balance", &r.balance)?,
+            balance,
+            held,
+            available_balance,
         })
     }
 }
@@ -364,6 +407,92 @@ impl UsageRecord {
             idempotency_key: self.idempotency_key.as_str().to_owned(),
             description: self.description.clone(),
         }
+    }
+}
+
+/// `CreateHold` (R15): reserve `amount` of the available balance for work priced later.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HoldRequest {
+    pub account_id: AccountId,
+    pub amount: Money,
+    pub category: UsageCategory,
+    /// Same key, same request: the first hold (R12).
+    pub idempotency_key: IdempotencyKey,
+    pub description: String,
+    /// How long the hold lives before the ledger expires it; `None` = 3600 s, at most a week.
+    pub ttl_seconds: Option<u32>,
+}
+
+impl HoldRequest {
+    pub(crate) fn to_wire(&self) -> lpb::CreateHoldRequest {
+        lpb::CreateHoldRequest {
+            account_id: self.account_id.to_string(),
+            amount: self.amount.to_wire(),
+            category: self.category.to_wire(),
+            idempotency_key: self.idempotency_key.as_str().to_owned(),
+            description: self.description.clone(),
+            ttl_seconds: self.ttl_seconds.map(i64::from).unwrap_or(0),
+        }
+    }
+}
+
+/// A hold (R15).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hold {
+    pub hold_id: String,
+    pub account_id: AccountId,
+    pub amount: Money,
+    pub category: UsageCategory,
+    pub status: HoldStatus,
+    /// The final cost, once captured.
+    pub captured_amount: Option<Money>,
+    /// The capture's USAGE entry, once captured.
+    pub entry_id: Option<String>,
+    pub description: String,
+    pub idempotency_key: String,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    pub ended_at: Option<DateTime<Utc>>,
+}
+
+impl TryFrom<lpb::Hold> for Hold {
+    type Error = ClientError;
+    fn try_from(h: lpb::Hold) -> Result<Self, ClientError> {
+        Ok(Hold {
+            account_id: account_id("hold.account_id", &h.account_id)?,
+            amount: amount("hold.amount", &h.amount)?,
+            category: UsageCategory::from_wire("hold.category", h.category)?,
+            status: HoldStatus::from_wire("hold.status", h.status)?,
+            captured_amount: optional_amount("hold.captured_amount", &h.captured_amount)?,
+            entry_id: optional_text(h.entry_id),
+            created_at: required_timestamp("hold.created_at", h.created_at.as_ref())?,
+            expires_at: required_timestamp("hold.expires_at", h.expires_at.as_ref())?,
+            ended_at: timestamp("hold.ended_at", h.ended_at.as_ref())?,
+            hold_id: h.hold_id,
+            description: h.description,
+            idempotency_key: h.idempotency_key,
+        })
+    }
+}
+
+/// The answer of `CaptureHold`: the hold, its USAGE entry and the balances after.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HoldCaptured {
+    pub hold: Hold,
+    pub entry: Entry,
+    pub balance: Money,
+    pub available_balance: Money,
+}
+
+impl TryFrom<lpb::CaptureHoldResponse> for HoldCaptured {
+    type Error = ClientError;
+    fn try_from(r: lpb::CaptureHoldResponse) -> Result<Self, ClientError> {
+        Ok(HoldCaptured {
+            hold: required("hold", r.hold)?.try_into()?,
+            entry: required("entry", r.entry)?.try_into()?,
+            balance: signed("balance", &r.balance)?,
+            available_balance: signed("available_balance", &r.available_balance)?,
+        })
     }
 }
 

@@ -63,21 +63,22 @@ macro_rules! contract {
 }
 
 contract! {
-    /// R7: a posting moved the balance from at-or-above the threshold to below it.
+    /// R7/R17: a posting or a hold moved the available balance from at-or-above the
+    /// threshold to below it.
     BalanceThresholdCrossed(ThresholdCrossed) = "ledger.balance.threshold_crossed",
-    /// R4: a prepaid account's balance reached zero or below.
+    /// R4/R16: a prepaid account's available balance reached zero or below.
     AccountSuspended(AccountBalance) = "ledger.account.suspended",
-    /// R4: a suspended account's balance came back above zero.
+    /// R4/R16: a suspended account's available balance came back above zero.
     AccountReactivated(AccountBalance) = "ledger.account.reactivated",
     /// R3: a pending account's first purchase granted access (an addition to docs/events.md).
     AccountActivated(AccountBalance) = "ledger.account.activated",
-    /// R15 (not published yet).
+    /// R15.
     HoldCreated(HoldCreated) = "ledger.hold.created",
-    /// R15 (not published yet).
+    /// R15.
     HoldCaptured(HoldCaptured) = "ledger.hold.captured",
-    /// R15 (not published yet).
+    /// R15.
     HoldReleased(HoldEnded) = "ledger.hold.released",
-    /// R15 (not published yet).
+    /// R15.
     HoldExpired(HoldEnded) = "ledger.hold.expired",
     /// R18 (not published yet).
     BalanceAlert(BalanceAlert) = "ledger.balance.alert",
@@ -99,14 +100,27 @@ pub struct ThresholdCrossed {
     pub threshold: Money,
     pub balance_before: Money,
     pub balance_after: Money,
-    /// The entry whose posting crossed.
-    pub entry_id: Uuid,
+    /// R17: balance − held before and after; what crossed. Equal to the balance without
+    /// holds (absent from events written before release 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub available_before: Option<Money>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub available_after: Option<Money>,
+    /// The entry whose posting crossed (a posting or a capture).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entry_id: Option<Uuid>,
+    /// The hold whose creation or capture crossed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold_id: Option<String>,
 }
 
 /// The account's balance after the change of access.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AccountBalance {
     pub balance: Money,
+    /// R16: what access followed (absent from events written before release 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub available_balance: Option<Money>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -500,16 +514,22 @@ mod tests {
                 threshold: money("10.00"),
                 balance_before: money("25.00"),
                 balance_after: money("9.99"),
-                entry_id: uuid("b5e136c6-5d13-48b2-b40e-f76dd3b2b3ce"),
+                entry_id: Some(uuid("b5e136c6-5d13-48b2-b40e-f76dd3b2b3ce")),
+                available_before: None,
+                available_after: None,
+                hold_id: None,
             }),
             Event::AccountSuspended(AccountBalance {
                 balance: money("-0.01"),
+                available_balance: None,
             }),
             Event::AccountReactivated(AccountBalance {
                 balance: money("0.01"),
+                available_balance: None,
             }),
             Event::AccountActivated(AccountBalance {
                 balance: money("25.00"),
+                available_balance: None,
             }),
             Event::HoldCreated(HoldCreated {
                 hold_id: "hold_01".into(),
@@ -740,7 +760,10 @@ mod tests {
                 threshold: money("10"),
                 balance_before: money("25"),
                 balance_after: money("9.99"),
-                entry_id: uuid("b5e136c6-5d13-48b2-b40e-f76dd3b2b3ce"),
+                entry_id: Some(uuid("b5e136c6-5d13-48b2-b40e-f76dd3b2b3ce")),
+                available_before: None,
+                available_after: None,
+                hold_id: None,
             })
         );
         assert_eq!(env.id, uuid("3c3707a2-fad1-468a-8c45-80c66c61d6a4"));
@@ -748,7 +771,8 @@ mod tests {
         assert_eq!(
             env.event,
             Event::AccountSuspended(AccountBalance {
-                balance: money("-0.01")
+                balance: money("-0.01"),
+                available_balance: None,
             })
         );
         let env = Envelope::parse(TODAY[5].1.as_bytes()).unwrap();
@@ -766,7 +790,8 @@ mod tests {
         assert_eq!(
             env.event,
             Event::AccountSuspended(AccountBalance {
-                balance: money("-1")
+                balance: money("-1"),
+                available_balance: None,
             })
         );
     }

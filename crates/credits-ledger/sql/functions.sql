@@ -40,6 +40,58 @@ BEGIN
         USING ERRCODE = 'restrict_violation';
 END $$;
 
+-- The account moves from its stored (balance, held) to (p_balance, p_held): stores that,
+-- derives access from the available balance (R3-R5, R16) and publishes the threshold
+-- crossing (R7, R17) and the access change. `p_purchase`: the move is a purchase credit, the
+-- only thing that ends PENDING_FIRST_PURCHASE. `p_ref` names what moved it
+-- ({"entry_id": …} and/or {"hold_id": …}). The caller holds the account row's lock.
+CREATE OR REPLACE FUNCTION ledger_move(
+    acc accounts, p_balance numeric, p_held numeric, p_purchase boolean, p_ref jsonb)
+RETURNS text LANGUAGE plpgsql AS $$
+DECLARE
+    avail_before numeric := acc.balance - acc.held;
+    avail_after numeric := p_balance - p_held;
+    new_access text := acc.access;
+BEGIN
+    IF acc.billing_mode = 'PREPAID' THEN
+        IF acc.access = 'PENDING_FIRST_PURCHASE' THEN
+            IF p_purchase THEN
+                new_access := CASE WHEN avail_after > 0 THEN 'ACTIVE' ELSE 'SUSPENDED' END;
+            END IF;
+        ELSIF avail_after > 0 THEN
+            new_access := 'ACTIVE';
+        ELSE
+            new_access := 'SUSPENDED';
+        END IF;
+    END IF;
+
+    UPDATE accounts a SET balance = p_balance, held = p_held, access = new_access, updated_at = now()
+    WHERE a.account_id = acc.account_id;
+
+    -- R7/R17: a crossing is a move of the available balance from at-or-above the threshold
+    -- to below it.
+    IF acc.threshold IS NOT NULL AND avail_before >= acc.threshold AND avail_after < acc.threshold THEN
+        PERFORM ledger_event('ledger.balance.threshold_crossed', acc.account_id, jsonb_build_object(
+            'threshold', money_text(acc.threshold),
+            'balance_before', money_text(acc.balance),
+            'balance_after', money_text(p_balance),
+            'available_before', money_text(avail_before),
+            'available_after', money_text(avail_after)) || p_ref);
+    END IF;
+    IF new_access <> acc.access THEN
+        PERFORM ledger_event(
+            CASE
+                WHEN new_access = 'SUSPENDED' THEN 'ledger.account.suspended'
+                WHEN acc.access = 'PENDING_FIRST_PURCHASE' THEN 'ledger.account.activated'
+                ELSE 'ledger.account.reactivated'
+            END,
+            acc.account_id, jsonb_build_object(
+                'balance', money_text(p_balance),
+                'available_balance', money_text(avail_after)));
+    END IF;
+    RETURN new_access;
+END $$;
+
 -- Posts one entry: the whole money movement in one statement, one round trip.
 --
 -- Locks the account row first, so every posting on one account is serialised on that row
@@ -93,46 +145,15 @@ BEGIN
         new_balance := acc.balance + p_amount;
     END IF;
 
-    -- R3-R5: access follows the balance for prepaid accounts that have purchased.
-    new_access := acc.access;
-    IF acc.billing_mode = 'PREPAID' THEN
-        IF acc.access = 'PENDING_FIRST_PURCHASE' THEN
-            IF p_kind = 'CREDIT' AND p_source IN ('PURCHASE', 'AUTO_RECHARGE') THEN
-                new_access := CASE WHEN new_balance > 0 THEN 'ACTIVE' ELSE 'SUSPENDED' END;
-            END IF;
-        ELSIF new_balance > 0 THEN
-            new_access := 'ACTIVE';
-        ELSE
-            new_access := 'SUSPENDED';
-        END IF;
-    END IF;
-
-    UPDATE accounts a SET balance = new_balance, access = new_access, updated_at = now()
-    WHERE a.account_id = p_account_id;
-
     INSERT INTO entries (account_id, kind, category, source, amount, balance_after,
                          reference, description, idempotency_key)
     VALUES (p_account_id, p_kind, p_category, p_source, p_amount, new_balance,
             p_reference, p_description, p_key)
     RETURNING * INTO e;
 
-    -- R7: a crossing is a move from at-or-above the threshold to below it.
-    IF acc.threshold IS NOT NULL AND acc.balance >= acc.threshold AND new_balance < acc.threshold THEN
-        PERFORM ledger_event('ledger.balance.threshold_crossed', p_account_id, jsonb_build_object(
-            'threshold', money_text(acc.threshold),
-            'balance_before', money_text(acc.balance),
-            'balance_after', money_text(new_balance),
-            'entry_id', e.entry_id));
-    END IF;
-    IF new_access <> acc.access THEN
-        PERFORM ledger_event(
-            CASE
-                WHEN new_access = 'SUSPENDED' THEN 'ledger.account.suspended'
-                WHEN acc.access = 'PENDING_FIRST_PURCHASE' THEN 'ledger.account.activated'
-                ELSE 'ledger.account.reactivated'
-            END,
-            p_account_id, jsonb_build_object('balance', money_text(new_balance)));
-    END IF;
+    new_access := ledger_move(acc, new_balance, acc.held,
+                              p_kind = 'CREDIT' AND p_source IN ('PURCHASE', 'AUTO_RECHARGE'),
+                              jsonb_build_object('entry_id', e.entry_id));
 
     outcome := 'posted';
     seq := e.seq; entry_id := e.entry_id; kind := e.kind; category := e.category;
@@ -140,4 +161,166 @@ BEGIN
     reference := e.reference; description := e.description; created_at := e.created_at;
     balance := new_balance; access := new_access;
     RETURN NEXT;
+END $$;
+
+-- Creates a hold (R15) under the account's lock. Outcome is one of:
+--   'created'      the hold is ACTIVE; held and access changed with it
+--   'replayed'     the key was used before with the same request; that hold
+--   'conflict'     the key was used before with a different request; nothing changed
+--   'insufficient' a prepaid account without access or available < amount; nothing changed
+--   'not_found'    no such account; nothing changed
+CREATE OR REPLACE FUNCTION ledger_hold_create(
+    p_account_id text, p_amount numeric, p_category text, p_description text, p_key text,
+    p_ttl_seconds integer)
+RETURNS TABLE (outcome text, hold_id uuid)
+LANGUAGE plpgsql AS $$
+DECLARE
+    acc accounts%ROWTYPE;
+    h holds%ROWTYPE;
+BEGIN
+    SELECT * INTO acc FROM accounts a WHERE a.account_id = p_account_id FOR UPDATE;
+    IF NOT FOUND THEN
+        outcome := 'not_found';
+        RETURN NEXT;
+        RETURN;
+    END IF;
+    SELECT * INTO h FROM holds x WHERE x.account_id = p_account_id AND x.idempotency_key = p_key;
+    IF FOUND THEN
+        outcome := CASE
+            WHEN h.amount = p_amount AND h.category = p_category
+                 AND h.description = p_description AND h.ttl_seconds = p_ttl_seconds
+            THEN 'replayed' ELSE 'conflict' END;
+        hold_id := h.hold_id;
+        RETURN NEXT;
+        RETURN;
+    END IF;
+    IF acc.billing_mode = 'PREPAID'
+       AND (acc.access <> 'ACTIVE' OR acc.balance - acc.held < p_amount) THEN
+        outcome := 'insufficient';
+        RETURN NEXT;
+        RETURN;
+    END IF;
+
+    INSERT INTO holds (hold_id, account_id, amount, category, description, idempotency_key,
+                       ttl_seconds, expires_at)
+    VALUES (uuid_v7(), p_account_id, p_amount, p_category, p_description, p_key,
+            p_ttl_seconds, now() + make_interval(secs => p_ttl_seconds))
+    RETURNING * INTO h;
+    PERFORM ledger_event('ledger.hold.created', p_account_id, jsonb_build_object(
+        'hold_id', h.hold_id, 'amount', money_text(h.amount), 'category', h.category,
+        'expires_at', h.expires_at));
+    PERFORM ledger_move(acc, acc.balance, acc.held + p_amount, false,
+                        jsonb_build_object('hold_id', h.hold_id));
+    outcome := 'created';
+    hold_id := h.hold_id;
+    RETURN NEXT;
+END $$;
+
+-- Ends a hold (R15) under the account's lock, then the hold's. `p_action` is 'CAPTURE'
+-- (posts one USAGE entry of p_amount, reference = hold id), 'RELEASE' or 'EXPIRE' (the
+-- sweeper; only once expires_at has passed). An ACTIVE hold past expires_at is expired by
+-- whichever call touches it first. Outcome is one of:
+--   'ended'           this call ended the hold as asked
+--   'repeated'        the hold had already ended the way this call asks (a capture: of the
+--                     same amount); the first result stands
+--   'ended_otherwise' the hold has ended another way (perhaps just now, by expiry)
+--   'not_due'         EXPIRE of a hold that is not past expires_at (or already ended)
+--   'not_found'       no such account, or no such hold on it
+CREATE OR REPLACE FUNCTION ledger_hold_end(
+    p_account_id text, p_hold_id uuid, p_action text, p_amount numeric, p_description text)
+RETURNS TABLE (outcome text, status text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    acc accounts%ROWTYPE;
+    h holds%ROWTYPE;
+    asked text := CASE p_action WHEN 'CAPTURE' THEN 'CAPTURED' WHEN 'RELEASE' THEN 'RELEASED'
+                                ELSE 'EXPIRED' END;
+    ending text;
+    e entries%ROWTYPE;
+    new_balance numeric;
+BEGIN
+    SELECT * INTO acc FROM accounts a WHERE a.account_id = p_account_id FOR UPDATE;
+    IF NOT FOUND THEN
+        outcome := 'not_found';
+        RETURN NEXT;
+        RETURN;
+    END IF;
+    SELECT * INTO h FROM holds x WHERE x.hold_id = p_hold_id AND x.account_id = p_account_id
+    FOR UPDATE;
+    IF NOT FOUND THEN
+        outcome := 'not_found';
+        RETURN NEXT;
+        RETURN;
+    END IF;
+
+    IF h.status <> 'ACTIVE' THEN
+        status := h.status;
+        IF p_action = 'EXPIRE' THEN
+            outcome := 'not_due';
+        ELSIF h.status = asked AND (asked <> 'CAPTURED' OR h.captured_amount = p_amount) THEN
+            outcome := 'repeated';
+        ELSE
+            outcome := 'ended_otherwise';
+        END IF;
+        RETURN NEXT;
+        RETURN;
+    END IF;
+
+    ending := CASE WHEN h.expires_at <= now() THEN 'EXPIRED' ELSE asked END;
+    IF p_action = 'EXPIRE' AND ending <> 'EXPIRED' THEN
+        outcome := 'not_due';
+        status := h.status;
+        RETURN NEXT;
+        RETURN;
+    END IF;
+
+    new_balance := acc.balance;
+    IF ending = 'CAPTURED' THEN
+        new_balance := acc.balance - p_amount;
+        INSERT INTO entries (account_id, kind, category, source, amount, balance_after,
+                             reference, description, idempotency_key)
+        VALUES (p_account_id, 'USAGE', h.category, NULL, p_amount, new_balance,
+                h.hold_id::text, p_description, NULL)
+        RETURNING * INTO e;
+    END IF;
+    UPDATE holds x SET status = ending, ended_at = now(),
+                       captured_amount = CASE WHEN ending = 'CAPTURED' THEN p_amount END,
+                       entry_id = e.entry_id, entry_seq = e.seq
+    WHERE x.hold_id = h.hold_id;
+    PERFORM ledger_event('ledger.hold.' || lower(ending), p_account_id,
+        jsonb_build_object('hold_id', h.hold_id, 'amount', money_text(h.amount))
+        || CASE WHEN ending = 'CAPTURED'
+                THEN jsonb_build_object('captured_amount', money_text(p_amount), 'entry_id', e.entry_id)
+                ELSE '{}'::jsonb END);
+    PERFORM ledger_move(acc, new_balance, acc.held - h.amount, false,
+        jsonb_build_object('hold_id', h.hold_id)
+        || CASE WHEN ending = 'CAPTURED' THEN jsonb_build_object('entry_id', e.entry_id)
+                ELSE '{}'::jsonb END);
+    outcome := CASE WHEN ending = asked THEN 'ended' ELSE 'ended_otherwise' END;
+    status := ending;
+    RETURN NEXT;
+END $$;
+
+-- The expiry sweep (R15): expires up to p_limit ACTIVE holds past expires_at, in account
+-- order (the order group commit locks accounts in, so a sweep and a batch never deadlock).
+-- Safe to run on every replica at once: a hold another sweep or a capture ended first is
+-- skipped. Returns how many it expired.
+CREATE OR REPLACE FUNCTION ledger_expire_holds(p_limit integer) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    r record;
+    n integer := 0;
+BEGIN
+    FOR r IN
+        SELECT x.account_id, x.hold_id FROM holds x
+        WHERE x.status = 'ACTIVE' AND x.expires_at <= now()
+        ORDER BY x.account_id, x.hold_id
+        LIMIT p_limit
+    LOOP
+        IF (SELECT o.outcome FROM ledger_hold_end(r.account_id, r.hold_id, 'EXPIRE', NULL, NULL) o)
+           = 'ended' THEN
+            n := n + 1;
+        END IF;
+    END LOOP;
+    RETURN n;
 END $$;

@@ -28,6 +28,82 @@ text_enum!(CreditSource {
     ADJUSTMENT
 });
 text_enum!(EntryKind { USAGE, CREDIT });
+text_enum!(
+    /// R15: a hold is ACTIVE until it ends, once, in one of three ways.
+    HoldStatus { ACTIVE, CAPTURED, RELEASED, EXPIRED }
+);
+
+/// R15: a hold lives 3600 s unless asked otherwise, at most a week.
+pub const DEFAULT_HOLD_TTL_SECS: i64 = 3600;
+pub const MAX_HOLD_TTL_SECS: i64 = 604_800;
+
+/// A validated `CreateHold`.
+#[derive(Clone, Debug)]
+pub struct NewHold {
+    pub account_id: AccountId,
+    pub amount: Money,
+    pub category: UsageCategory,
+    pub description: String,
+    pub idempotency_key: IdempotencyKey,
+    pub ttl_seconds: i32,
+}
+
+impl NewHold {
+    /// `ttl_seconds` as the wire has it: 0 means the default; otherwise 1 ..= a week.
+    pub fn ttl(ttl_seconds: i64) -> Result<i32, LedgerError> {
+        match ttl_seconds {
+            0 => Ok(DEFAULT_HOLD_TTL_SECS as i32),
+            t if (1..=MAX_HOLD_TTL_SECS).contains(&t) => Ok(t as i32),
+            t => Err(LedgerError::invalid(format!(
+                "ttl_seconds: must be between 1 and {MAX_HOLD_TTL_SECS} (0 = {DEFAULT_HOLD_TTL_SECS}); got {t}"
+            ))),
+        }
+    }
+}
+
+/// How a caller ends a hold (expiry is the ledger's own).
+#[derive(Clone, Debug)]
+pub enum HoldEnding {
+    Capture { amount: Money, description: String },
+    Release,
+}
+
+impl HoldEnding {
+    pub fn action(&self) -> &'static str {
+        match self {
+            HoldEnding::Capture { .. } => "CAPTURE",
+            HoldEnding::Release => "RELEASE",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Hold {
+    pub seq: i64,
+    pub hold_id: Uuid,
+    pub account_id: AccountId,
+    pub amount: Money,
+    pub category: UsageCategory,
+    pub status: HoldStatus,
+    pub captured_amount: Option<Money>,
+    pub entry_id: Option<Uuid>,
+    /// The capture's entry, by its journal position.
+    pub entry_seq: Option<i64>,
+    pub description: String,
+    pub idempotency_key: String,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    pub ended_at: Option<DateTime<Utc>>,
+}
+
+/// A hold as an ending call left it; for a capture, with its entry and the balances after.
+#[derive(Clone, Debug)]
+pub struct HoldEnded {
+    pub hold: Hold,
+    pub entry: Option<Entry>,
+    pub balance: Money,
+    pub available: Money,
+}
 
 impl Access {
     pub fn allows_api(self) -> bool {
@@ -41,10 +117,44 @@ pub struct Account {
     pub billing_mode: BillingMode,
     pub display_name: String,
     pub balance: Money,
+    /// R15: the sum of ACTIVE holds.
+    pub held: Money,
     pub access: Access,
     pub threshold: Option<Money>,
     pub threshold_version: i64,
     pub created_at: DateTime<Utc>,
+}
+
+impl Account {
+    /// R15: balance − held.
+    pub fn available(&self) -> Money {
+        self.balance - self.held
+    }
+}
+
+/// What `CheckAccess` reads: one primary-key row.
+#[derive(Clone, Copy, Debug)]
+pub struct AccessView {
+    pub access: Access,
+    pub billing_mode: BillingMode,
+    pub balance: Money,
+    pub held: Money,
+}
+
+impl AccessView {
+    pub fn available(&self) -> Money {
+        self.balance - self.held
+    }
+
+    /// R16: may the account start work of this cost now? Access allowed and, on a prepaid
+    /// account, the available balance covers it.
+    pub fn allows(&self, cost: Option<Money>) -> bool {
+        self.access.allows_api()
+            && match (self.billing_mode, cost) {
+                (BillingMode::PREPAID, Some(c)) => self.available() >= c,
+                _ => true,
+            }
+    }
 }
 
 /// The balance threshold as stored, with the version of its last versioned write.
@@ -137,6 +247,27 @@ pub enum LedgerError {
     /// A write refused by a uniqueness rule of the store.
     #[error("{0}")]
     Conflict(String),
+    /// R15: a prepaid account without access, or whose available balance is below the hold.
+    #[error(
+        "insufficient available balance: account {:?} has {available} available (access {}); the hold needs {amount}",
+        .account.as_str(),
+        .access.as_str()
+    )]
+    InsufficientAvailable {
+        account: AccountId,
+        available: Money,
+        access: Access,
+        amount: Money,
+    },
+    #[error("hold {hold_id:?} not found on account {:?}", .account.as_str())]
+    HoldNotFound { account: AccountId, hold_id: String },
+    /// R15: the hold ended another way (or a capture of another amount); it ends once.
+    #[error("hold {hold_id} has already ended: it is {}{}", .status.as_str(), .detail)]
+    HoldEnded {
+        hold_id: Uuid,
+        status: HoldStatus,
+        detail: String,
+    },
     /// The database is down or the ledger is shutting down: retry with the same key.
     #[error("{0}")]
     Unavailable(String),
@@ -155,7 +286,12 @@ impl From<LedgerError> for ServiceError {
         let msg = e.to_string();
         match e {
             LedgerError::Invalid(_) => ServiceError::InvalidArgument(msg),
-            LedgerError::AccountNotFound(_) => ServiceError::NotFound(msg),
+            LedgerError::AccountNotFound(_) | LedgerError::HoldNotFound { .. } => {
+                ServiceError::NotFound(msg)
+            }
+            LedgerError::InsufficientAvailable { .. } | LedgerError::HoldEnded { .. } => {
+                ServiceError::FailedPrecondition(msg)
+            }
             LedgerError::AccountExists(_)
             | LedgerError::IdempotencyConflict { .. }
             | LedgerError::Conflict(_) => ServiceError::AlreadyExists(msg),

@@ -7,6 +7,7 @@ use credits_common::ids::paging::{next_token, page_size, page_token};
 use credits_common::ids::timestamp;
 use credits_proto::ledger::v1 as pb;
 use tonic::{Request, Response, Status};
+use uuid::Uuid;
 
 use crate::coalesce::Coalescer;
 use crate::domain::*;
@@ -97,6 +98,7 @@ fn source_to_wire(s: CreditSource) -> pb::CreditSource {
 }
 
 fn account_to_wire(a: Account) -> pb::Account {
+    let available = a.available();
     pb::Account {
         account_id: a.account_id.as_str().to_owned(),
         billing_mode: billing_mode_to_wire(a.billing_mode) as i32,
@@ -106,7 +108,44 @@ fn account_to_wire(a: Account) -> pb::Account {
         created_at: Some(timestamp(a.created_at)),
         balance_threshold: a.threshold.map(|t| t.to_wire()).unwrap_or_default(),
         balance_threshold_version: a.threshold_version,
+        held: a.held.to_wire(),
+        available_balance: available.to_wire(),
     }
+}
+
+fn hold_status_to_wire(s: HoldStatus) -> pb::HoldStatus {
+    match s {
+        HoldStatus::ACTIVE => pb::HoldStatus::Active,
+        HoldStatus::CAPTURED => pb::HoldStatus::Captured,
+        HoldStatus::RELEASED => pb::HoldStatus::Released,
+        HoldStatus::EXPIRED => pb::HoldStatus::Expired,
+    }
+}
+
+fn hold_to_wire(h: Hold) -> pb::Hold {
+    pb::Hold {
+        hold_id: h.hold_id.to_string(),
+        account_id: h.account_id.as_str().to_owned(),
+        amount: h.amount.to_wire(),
+        category: category_to_wire(h.category) as i32,
+        status: hold_status_to_wire(h.status) as i32,
+        captured_amount: h.captured_amount.map(|c| c.to_wire()).unwrap_or_default(),
+        description: h.description,
+        created_at: Some(timestamp(h.created_at)),
+        expires_at: Some(timestamp(h.expires_at)),
+        ended_at: h.ended_at.map(timestamp),
+        idempotency_key: h.idempotency_key,
+        entry_id: h.entry_id.map(|e| e.to_string()).unwrap_or_default(),
+    }
+}
+
+/// A hold id as the wire has it: a UUID, or INVALID_ARGUMENT naming the field.
+fn hold_id(s: &str) -> Result<Uuid, LedgerError> {
+    if s.is_empty() {
+        return Err(LedgerError::invalid("hold_id: is required"));
+    }
+    Uuid::parse_str(s)
+        .map_err(|_| LedgerError::invalid("hold_id: not a hold id (a UUID returned by CreateHold)"))
 }
 
 fn entry_to_wire(e: Entry) -> pb::Entry {
@@ -211,12 +250,19 @@ impl pb::ledger_service_server::LedgerService for LedgerGrpc {
         &self,
         req: Request<pb::CheckAccessRequest>,
     ) -> Result<Response<pb::CheckAccessResponse>, Status> {
-        let id = AccountId::parse(&req.into_inner().account_id)?;
-        let (access, balance) = self.store.access(&id).await?;
+        let r = req.into_inner();
+        let id = AccountId::parse(&r.account_id)?;
+        let cost = match r.amount.as_str() {
+            "" => None,
+            a => Some(Money::parse_positive("amount", a).map_err(LedgerError::from)?),
+        };
+        let view = self.store.access(&id).await?;
         Ok(Response::new(pb::CheckAccessResponse {
-            allowed: access.allows_api(),
-            access: access_to_wire(access) as i32,
-            balance: balance.to_wire(),
+            allowed: view.allows(cost),
+            access: access_to_wire(view.access) as i32,
+            balance: view.balance.to_wire(),
+            held: view.held.to_wire(),
+            available_balance: view.available().to_wire(),
         }))
     }
 
@@ -358,6 +404,93 @@ impl pb::ledger_service_server::LedgerService for LedgerGrpc {
         Ok(Response::new(pb::ClearBalanceThresholdResponse {
             threshold: stored.threshold.map(|t| t.to_wire()).unwrap_or_default(),
             version: stored.version,
+        }))
+    }
+
+    async fn create_hold(
+        &self,
+        req: Request<pb::CreateHoldRequest>,
+    ) -> Result<Response<pb::Hold>, Status> {
+        let r = req.into_inner();
+        let new = NewHold {
+            account_id: AccountId::parse(&r.account_id)?,
+            amount: Money::parse_positive("amount", &r.amount).map_err(LedgerError::from)?,
+            category: category_from_wire(r.category)?,
+            description: description_text("description", &r.description, 1024)?,
+            idempotency_key: IdempotencyKey::parse(&r.idempotency_key)?,
+            ttl_seconds: NewHold::ttl(r.ttl_seconds)?,
+        };
+        let (hold, replayed) = self.store.create_hold(&new).await?;
+        if replayed {
+            metrics::counter!("credits_ledger_idempotent_replays_total").increment(1);
+        } else {
+            metrics::counter!("credits_ledger_holds_total", "ending" => "created").increment(1);
+            tracing::info!(account_id = %new.account_id.as_str(), hold_id = %hold.hold_id, amount = %hold.amount, "hold created");
+        }
+        Ok(Response::new(hold_to_wire(hold)))
+    }
+
+    async fn capture_hold(
+        &self,
+        req: Request<pb::CaptureHoldRequest>,
+    ) -> Result<Response<pb::CaptureHoldResponse>, Status> {
+        let r = req.into_inner();
+        let account = AccountId::parse(&r.account_id)?;
+        let id = hold_id(&r.hold_id)?;
+        let ending = HoldEnding::Capture {
+            amount: Money::parse_positive("amount", &r.amount).map_err(LedgerError::from)?,
+            description: description_text("description", &r.description, 1024)?,
+        };
+        let ended = self.store.end_hold(&account, id, &ending).await?;
+        metrics::counter!("credits_ledger_holds_total", "ending" => "captured").increment(1);
+        Ok(Response::new(pb::CaptureHoldResponse {
+            hold: Some(hold_to_wire(ended.hold)),
+            entry: ended.entry.map(entry_to_wire),
+            balance: ended.balance.to_wire(),
+            available_balance: ended.available.to_wire(),
+        }))
+    }
+
+    async fn release_hold(
+        &self,
+        req: Request<pb::ReleaseHoldRequest>,
+    ) -> Result<Response<pb::Hold>, Status> {
+        let r = req.into_inner();
+        let account = AccountId::parse(&r.account_id)?;
+        let id = hold_id(&r.hold_id)?;
+        let ended = self
+            .store
+            .end_hold(&account, id, &HoldEnding::Release)
+            .await?;
+        metrics::counter!("credits_ledger_holds_total", "ending" => "released").increment(1);
+        Ok(Response::new(hold_to_wire(ended.hold)))
+    }
+
+    async fn get_hold(
+        &self,
+        req: Request<pb::GetHoldRequest>,
+    ) -> Result<Response<pb::Hold>, Status> {
+        let r = req.into_inner();
+        let account = AccountId::parse(&r.account_id)?;
+        let id = hold_id(&r.hold_id)?;
+        Ok(Response::new(hold_to_wire(
+            self.store.get_hold(&account, id).await?,
+        )))
+    }
+
+    async fn list_holds(
+        &self,
+        req: Request<pb::ListHoldsRequest>,
+    ) -> Result<Response<pb::ListHoldsResponse>, Status> {
+        let r = req.into_inner();
+        let id = AccountId::parse(&r.account_id)?;
+        let limit = page_size(r.page_size)?;
+        let before = page_token(&r.page_token)?;
+        let holds = self.store.list_holds(&id, before, limit).await?;
+        let next_page_token = next_token(holds.len(), limit, holds.last().map(|h| h.seq));
+        Ok(Response::new(pb::ListHoldsResponse {
+            holds: holds.into_iter().map(hold_to_wire).collect(),
+            next_page_token,
         }))
     }
 }

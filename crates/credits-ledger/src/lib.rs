@@ -25,7 +25,7 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 pub static FUNCTIONS: &str = include_str!("../sql/functions.sql");
 /// The version of `sql/functions.sql`: raise it with every change of the file, or the
 /// databases that already hold this version keep their function bodies.
-pub const FUNCTIONS_VERSION: i32 = 1;
+pub const FUNCTIONS_VERSION: i32 = 2;
 
 pub const DEFAULT_DATABASE_URL: &str = "postgres://localhost/credits_ledger";
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:50051";
@@ -38,7 +38,14 @@ pub struct Config {
     /// Group commit: concurrent batch posters, and the most postings one commit carries.
     pub group_commit_workers: usize,
     pub group_commit_max: usize,
+    /// R15: how often this replica looks for holds past `expires_at`.
+    pub hold_sweep_every: std::time::Duration,
 }
+
+/// R15: expiry within about a second of `expires_at`.
+pub const DEFAULT_HOLD_SWEEP: std::time::Duration = std::time::Duration::from_secs(1);
+/// Holds one sweep statement expires at most (the next sweep takes the rest at once).
+const HOLD_SWEEP_BATCH: i32 = 200;
 
 impl Config {
     pub fn new(database_url: &str, amqp_url: &str) -> Self {
@@ -50,6 +57,7 @@ impl Config {
             ),
             group_commit_workers: 4,
             group_commit_max: 128,
+            hold_sweep_every: DEFAULT_HOLD_SWEEP,
         }
     }
 }
@@ -87,6 +95,11 @@ impl App {
         let (router, health) =
             credits_common::grpc::base_router(credits_proto::FILE_DESCRIPTOR_SET, policy)?;
         let store = store::Store::new(self.pool.clone());
+        let sweeper = tokio::spawn(sweep_holds(
+            store.clone(),
+            self.cfg.hold_sweep_every,
+            shutdown.clone(),
+        ));
         let coalescer = coalesce::Coalescer::start(
             store.clone(),
             self.cfg.group_commit_workers,
@@ -101,9 +114,39 @@ impl App {
             credits_common::grpc::serve(router.add_service(svc), listener, shutdown.clone()).await;
         shutdown.cancel();
         let _ = relay.await;
+        let _ = sweeper.await;
         self.pool.close().await;
         tracing::info!("ledger stopped");
         served
+    }
+}
+
+/// R15: expires holds past `expires_at`, on every replica (each hold expires once: the
+/// hold row is locked and its status checked by `ledger_hold_end`). Database time decides.
+async fn sweep_holds(store: store::Store, every: std::time::Duration, shutdown: CancellationToken) {
+    loop {
+        loop {
+            match store.expire_holds(HOLD_SWEEP_BATCH).await {
+                Ok(n) => {
+                    if n > 0 {
+                        metrics::counter!("credits_ledger_holds_total", "ending" => "expired")
+                            .increment(n as u64);
+                        tracing::info!(expired = n, "holds expired");
+                    }
+                    if n < HOLD_SWEEP_BATCH {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "hold expiry sweep failed; retrying");
+                    break;
+                }
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
     }
 }
 

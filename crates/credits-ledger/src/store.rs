@@ -20,6 +20,7 @@ struct AccountRow {
     billing_mode: String,
     display_name: String,
     balance: Decimal,
+    held: Decimal,
     access: String,
     threshold: Option<Decimal>,
     threshold_version: i64,
@@ -34,6 +35,7 @@ impl TryFrom<AccountRow> for Account {
             billing_mode: BillingMode::from_db(&r.billing_mode)?,
             display_name: r.display_name,
             balance: Money::new(r.balance),
+            held: Money::new(r.held),
             access: Access::from_db(&r.access)?,
             threshold: r.threshold.map(Money::new),
             threshold_version: r.threshold_version,
@@ -70,8 +72,47 @@ struct EntryRow {
     balance_after: Decimal,
     reference: String,
     description: String,
+    idempotency_key: Option<String>,
+    created_at: DateTime<Utc>,
+}
+
+struct HoldRow {
+    seq: i64,
+    hold_id: Uuid,
+    account_id: String,
+    amount: Decimal,
+    category: String,
+    status: String,
+    captured_amount: Option<Decimal>,
+    entry_id: Option<Uuid>,
+    entry_seq: Option<i64>,
+    description: String,
     idempotency_key: String,
     created_at: DateTime<Utc>,
+    expires_at: DateTime<Utc>,
+    ended_at: Option<DateTime<Utc>>,
+}
+
+impl TryFrom<HoldRow> for Hold {
+    type Error = LedgerError;
+    fn try_from(r: HoldRow) -> Result<Self, Self::Error> {
+        Ok(Hold {
+            seq: r.seq,
+            hold_id: r.hold_id,
+            account_id: AccountId::parse(&r.account_id)?,
+            amount: Money::new(r.amount),
+            category: UsageCategory::from_db(&r.category)?,
+            status: HoldStatus::from_db(&r.status)?,
+            captured_amount: r.captured_amount.map(Money::new),
+            entry_id: r.entry_id,
+            entry_seq: r.entry_seq,
+            description: r.description,
+            idempotency_key: r.idempotency_key,
+            created_at: r.created_at,
+            expires_at: r.expires_at,
+            ended_at: r.ended_at,
+        })
+    }
 }
 
 fn posting_from_db(
@@ -100,7 +141,8 @@ impl TryFrom<EntryRow> for Entry {
             balance_after: Money::new(r.balance_after),
             reference: r.reference,
             description: r.description,
-            idempotency_key: r.idempotency_key,
+            // A capture's entry has no caller's key; its reference is the hold id.
+            idempotency_key: r.idempotency_key.unwrap_or_default(),
             created_at: r.created_at,
         })
     }
@@ -196,7 +238,7 @@ impl Store {
             r#"INSERT INTO accounts (account_id, billing_mode, display_name, access)
                VALUES ($1, $2, $3, $4)
                ON CONFLICT (account_id) DO NOTHING
-               RETURNING account_id, billing_mode, display_name, balance, access, threshold, threshold_version, created_at"#,
+               RETURNING account_id, billing_mode, display_name, balance, held, access, threshold, threshold_version, created_at"#,
             new.account_id.as_str(),
             new.billing_mode.as_str(),
             new.display_name,
@@ -218,7 +260,7 @@ impl Store {
     pub async fn get_account(&self, id: &AccountId) -> Result<Account, LedgerError> {
         sqlx::query_as!(
             AccountRow,
-            r#"SELECT account_id, billing_mode, display_name, balance, access, threshold, threshold_version, created_at
+            r#"SELECT account_id, billing_mode, display_name, balance, held, access, threshold, threshold_version, created_at
                FROM accounts WHERE account_id = $1"#,
             id.as_str()
         )
@@ -229,15 +271,236 @@ impl Store {
     }
 
     /// The gateway's hot path: one primary-key read.
-    pub async fn access(&self, id: &AccountId) -> Result<(Access, Money), LedgerError> {
+    pub async fn access(&self, id: &AccountId) -> Result<AccessView, LedgerError> {
         let row = sqlx::query!(
-            "SELECT access, balance FROM accounts WHERE account_id = $1",
+            "SELECT access, billing_mode, balance, held FROM accounts WHERE account_id = $1",
             id.as_str()
         )
         .fetch_optional(&self.pool)
         .await?
         .ok_or_else(|| LedgerError::AccountNotFound(id.clone()))?;
-        Ok((Access::from_db(&row.access)?, Money::new(row.balance)))
+        Ok(AccessView {
+            access: Access::from_db(&row.access)?,
+            billing_mode: BillingMode::from_db(&row.billing_mode)?,
+            balance: Money::new(row.balance),
+            held: Money::new(row.held),
+        })
+    }
+
+    /// R15: creates a hold, or answers the first one for a repeated key.
+    pub async fn create_hold(&self, new: &NewHold) -> Result<(Hold, bool), LedgerError> {
+        let mut tx = self.pool.begin().await?;
+        let r = sqlx::query!(
+            r#"SELECT outcome AS "outcome!", hold_id FROM ledger_hold_create($1, $2, $3, $4, $5, $6)"#,
+            new.account_id.as_str(),
+            new.amount.as_decimal(),
+            new.category.as_str(),
+            new.description,
+            new.idempotency_key.as_str(),
+            new.ttl_seconds,
+        )
+        .fetch_one(&mut *tx)
+        .await?;
+        let replayed = match r.outcome.as_str() {
+            "created" => false,
+            "replayed" => true,
+            "not_found" => return Err(LedgerError::AccountNotFound(new.account_id.clone())),
+            "conflict" => {
+                return Err(LedgerError::IdempotencyConflict {
+                    account: new.account_id.clone(),
+                    key: new.idempotency_key.clone(),
+                });
+            }
+            "insufficient" => {
+                let view = Self::access_in(&mut tx, &new.account_id).await?;
+                return Err(LedgerError::InsufficientAvailable {
+                    account: new.account_id.clone(),
+                    available: view.available(),
+                    access: view.access,
+                    amount: new.amount,
+                });
+            }
+            other => {
+                return Err(credits_common::ids::unknown_db_value("hold outcome", other).into());
+            }
+        };
+        let hold_id = r.hold_id.ok_or_else(|| missing("hold_id"))?;
+        let hold = Self::hold_in(&mut tx, &new.account_id, hold_id).await?;
+        tx.commit().await?;
+        Ok((hold, replayed))
+    }
+
+    /// R15: captures or releases a hold. Repeating the call that ended it answers the same;
+    /// any other ending of an ended hold is `HoldEnded`.
+    pub async fn end_hold(
+        &self,
+        account: &AccountId,
+        hold_id: Uuid,
+        ending: &HoldEnding,
+    ) -> Result<HoldEnded, LedgerError> {
+        let (amount, description) = match ending {
+            HoldEnding::Capture {
+                amount,
+                description,
+            } => (Some(amount.as_decimal()), description.as_str()),
+            HoldEnding::Release => (None, ""),
+        };
+        let mut tx = self.pool.begin().await?;
+        let r = sqlx::query!(
+            r#"SELECT outcome AS "outcome!", status FROM ledger_hold_end($1, $2, $3, $4, $5)"#,
+            account.as_str(),
+            hold_id,
+            ending.action(),
+            amount,
+            description,
+        )
+        .fetch_one(&mut *tx)
+        .await?;
+        // An expiry found by this call is kept: it happened, whatever this call asked.
+        tx.commit().await?;
+        match r.outcome.as_str() {
+            "ended" | "repeated" => {}
+            "not_found" => {
+                return Err(LedgerError::HoldNotFound {
+                    account: account.clone(),
+                    hold_id: hold_id.to_string(),
+                });
+            }
+            "ended_otherwise" => {
+                let hold = self.get_hold(account, hold_id).await?;
+                let detail = match (ending, hold.captured_amount) {
+                    (HoldEnding::Capture { .. }, Some(c)) => {
+                        format!(" for {c}; a capture ends a hold once")
+                    }
+                    _ => String::new(),
+                };
+                return Err(LedgerError::HoldEnded {
+                    hold_id,
+                    status: hold.status,
+                    detail,
+                });
+            }
+            other => {
+                return Err(credits_common::ids::unknown_db_value("hold outcome", other).into());
+            }
+        }
+        let hold = self.get_hold(account, hold_id).await?;
+        let entry = match hold.entry_seq {
+            Some(seq) => Some(self.entry(seq).await?),
+            None => None,
+        };
+        let view = self.access(account).await?;
+        Ok(HoldEnded {
+            hold,
+            entry,
+            balance: view.balance,
+            available: view.available(),
+        })
+    }
+
+    async fn access_in(
+        conn: &mut sqlx::PgConnection,
+        id: &AccountId,
+    ) -> Result<AccessView, LedgerError> {
+        let row = sqlx::query!(
+            "SELECT access, billing_mode, balance, held FROM accounts WHERE account_id = $1",
+            id.as_str()
+        )
+        .fetch_optional(&mut *conn)
+        .await?
+        .ok_or_else(|| LedgerError::AccountNotFound(id.clone()))?;
+        Ok(AccessView {
+            access: Access::from_db(&row.access)?,
+            billing_mode: BillingMode::from_db(&row.billing_mode)?,
+            balance: Money::new(row.balance),
+            held: Money::new(row.held),
+        })
+    }
+
+    async fn hold_in(
+        conn: &mut sqlx::PgConnection,
+        account: &AccountId,
+        hold_id: Uuid,
+    ) -> Result<Hold, LedgerError> {
+        sqlx::query_as!(
+            HoldRow,
+            r#"SELECT seq, hold_id, account_id, amount, category, status, captured_amount,
+                      entry_id, entry_seq, description, idempotency_key, created_at, expires_at,
+                      ended_at
+               FROM holds WHERE hold_id = $1 AND account_id = $2"#,
+            hold_id,
+            account.as_str(),
+        )
+        .fetch_optional(&mut *conn)
+        .await?
+        .ok_or_else(|| LedgerError::HoldNotFound {
+            account: account.clone(),
+            hold_id: hold_id.to_string(),
+        })?
+        .try_into()
+    }
+
+    pub async fn get_hold(&self, account: &AccountId, hold_id: Uuid) -> Result<Hold, LedgerError> {
+        let mut conn = self.pool.acquire().await?;
+        match Self::hold_in(&mut conn, account, hold_id).await {
+            // Distinguish "no hold" from "no account".
+            Err(e @ LedgerError::HoldNotFound { .. }) => {
+                Self::access_in(&mut conn, account).await?;
+                Err(e)
+            }
+            other => other,
+        }
+    }
+
+    /// Holds newest first; `before` is the exclusive upper bound of `seq` (page token).
+    pub async fn list_holds(
+        &self,
+        id: &AccountId,
+        before: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<Hold>, LedgerError> {
+        let rows = sqlx::query_as!(
+            HoldRow,
+            r#"SELECT seq, hold_id, account_id, amount, category, status, captured_amount,
+                      entry_id, entry_seq, description, idempotency_key, created_at, expires_at,
+                      ended_at
+               FROM holds
+               WHERE account_id = $1 AND seq < $2
+               ORDER BY seq DESC
+               LIMIT $3"#,
+            id.as_str(),
+            before.unwrap_or(i64::MAX),
+            limit,
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        if rows.is_empty() {
+            self.access(id).await?;
+        }
+        rows.into_iter().map(Hold::try_from).collect()
+    }
+
+    /// One entry by its sequence number.
+    async fn entry(&self, seq: i64) -> Result<Entry, LedgerError> {
+        sqlx::query_as!(
+            EntryRow,
+            r#"SELECT seq, entry_id, account_id, kind, category, source, amount, balance_after,
+                      reference, description, idempotency_key, created_at
+               FROM entries WHERE seq = $1"#,
+            seq,
+        )
+        .fetch_one(&self.pool)
+        .await?
+        .try_into()
+    }
+
+    /// R15: expires up to `limit` holds past their `expires_at` (database time). Any number
+    /// of replicas may sweep at once; each hold expires once.
+    pub async fn expire_holds(&self, limit: i32) -> Result<i32, LedgerError> {
+        let n = sqlx::query_scalar!(r#"SELECT ledger_expire_holds($1) AS "n!""#, limit)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(n)
     }
 
     pub async fn post(&self, req: &PostingRequest) -> Result<Posted, LedgerError> {

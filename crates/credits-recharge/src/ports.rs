@@ -16,6 +16,8 @@ use crate::domain::RechargeError;
 /// The ledger's view of an account, as much of it as recharge needs.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LedgerAccount {
+    /// R17: the available balance (balance − active holds): what crossings follow and what
+    /// a top-up brings up to the target.
     pub balance: Money,
     /// The threshold registered in the ledger, if any.
     pub threshold: Option<Money>,
@@ -154,7 +156,11 @@ impl LedgerPort for GrpcLedger {
             Err(s) => return Err(peer_error("ledger", s)),
         };
         Ok(Some(LedgerAccount {
-            balance: Money::parse_signed("balance", &a.balance)?,
+            // A ledger from before holds sends no available balance: it is the balance.
+            balance: match a.available_balance.as_str() {
+                "" => Money::parse_signed("balance", &a.balance)?,
+                available => Money::parse_signed("available_balance", available)?,
+            },
             threshold: match a.balance_threshold.as_str() {
                 "" => None,
                 t => Some(Money::parse_signed("balance_threshold", t)?),
