@@ -433,6 +433,15 @@ async fn credits_up_runs_all_three_and_the_demo_tells_the_story() {
     assert!(stdout.contains("Bought $25.00"), "{stdout}");
     assert!(stdout.contains("charged the card once: $40.01"), "{stdout}");
     assert!(stdout.contains("balance now 50.00"), "{stdout}");
+    assert!(stdout.contains("held 45.00, available 5.00"), "{stdout}");
+    assert!(
+        stdout.contains("auto-recharge charged $45.00 (target − available, R17)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("balance 51.80, available 51.80"),
+        "{stdout}"
+    );
     assert!(
         stdout.contains("reason DEFAULT_PAYMENT_METHOD_NOT_CARD"),
         "{stdout}"
@@ -442,8 +451,18 @@ async fn credits_up_runs_all_three_and_the_demo_tells_the_story() {
     let show = cli(&["accounts", "show", "demo-e2e", "--json"]);
     assert!(show.status.success());
     let v: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
-    assert_eq!(v["balance"], "50.00");
+    assert_eq!(v["balance"], "51.80");
+    assert_eq!(v["held"], "0.00");
     assert_eq!(v["access"], "ACTIVE");
+    let holds = cli(&["holds", "list", "demo-e2e"]);
+    assert!(String::from_utf8_lossy(&holds.stdout).contains("CAPTURED"));
+    assert_eq!(
+        cli(&["holds", "capture", "demo-e2e", "not-a-hold", "1"])
+            .status
+            .code(),
+        Some(3),
+        "a malformed hold id is INVALID_ARGUMENT"
+    );
     let table = cli(&["recharge", "attempts", "demo-e2e"]);
     assert!(String::from_utf8_lossy(&table.stdout).contains("SUCCEEDED"));
     assert_eq!(cli(&["accounts", "show", "nobody"]).status.code(), Some(4));

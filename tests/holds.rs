@@ -145,7 +145,10 @@ async fn release_ends_a_hold_with_no_entry_and_expiry_is_the_ledgers_own_r15() {
     })
     .await;
     let late = (expired.ended_at.unwrap() - expired.expires_at).num_milliseconds();
-    assert!((0..5000).contains(&late), "expired {late} ms after expires_at");
+    assert!(
+        (0..5000).contains(&late),
+        "expired {late} ms after expires_at"
+    );
     let a = c.account("acme").await;
     assert_eq!((a.held, a.available_balance), (money("0"), money("100")));
     let e = c

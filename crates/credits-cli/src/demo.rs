@@ -1,6 +1,8 @@
 //! `credits demo`: the product's story end to end against a running system — buy credits,
 //! turn on auto-recharge, burn usage past the threshold, watch exactly one top-up land,
-//! then make a bank account the default and watch auto-recharge turn itself off.
+//! reserve a fine-tuning job with a hold and watch the top-up it triggers land before the
+//! job's capture, then make a bank account the default and watch auto-recharge turn itself
+//! off.
 
 #![allow(clippy::print_stdout)] // the story is this command's output
 
@@ -8,7 +10,8 @@ use std::time::Duration;
 
 use credits_client::{
     AccountId, AttemptStatus, AutoRechargeChange, BankAccountDetails, BillingMode, CardDetails,
-    Client, ClientError, IdempotencyKey, Money, NewPaymentMethod, UsageCategory, UsageRecord,
+    Client, ClientError, HoldRequest, IdempotencyKey, Money, NewPaymentMethod, UsageCategory,
+    UsageRecord,
 };
 
 use crate::output::{self, Out};
@@ -155,6 +158,56 @@ pub async fn run(c: &Client, account: Option<String>) -> Result<(), ClientError>
         &["attempt_id", "status", "balance_at_trigger", "amount"],
     );
 
+    // R15/R17: a fine-tuning job is reserved before it runs; the hold takes the available
+    // balance below the threshold, so the top-up lands before the job is priced.
+    let hold = c
+        .ledger()
+        .create_hold(&HoldRequest {
+            account_id: acct.clone(),
+            amount: dollars("45.00")?,
+            category: UsageCategory::FineTuning,
+            idempotency_key: key("fine-tune")?,
+            description: "fine-tuning job ft-demo".into(),
+            ttl_seconds: None,
+        })
+        .await?;
+    let held = c.ledger().get_account(&acct).await?;
+    println!(
+        "\n7. Reserved $45.00 for a fine-tuning job (hold {}): balance {}, held {}, available {}",
+        hold.hold_id, held.balance, held.held, held.available_balance
+    );
+    let top_up = poll("the top-up for the hold", || {
+        let (r, acct) = (recharge.clone(), acct.clone());
+        async move {
+            let page = r.list_recharge_attempts(&acct, 10, None).await?;
+            let done = page
+                .items
+                .iter()
+                .filter(|a| matches!(a.status, AttemptStatus::Succeeded | AttemptStatus::Failed))
+                .count();
+            Ok((done >= 2).then(|| page.items.into_iter().next()).flatten())
+        }
+    })
+    .await?;
+    let topped = c.ledger().get_account(&acct).await?;
+    println!(
+        "8. The hold crossed the threshold: auto-recharge charged ${} (target − available, R17); balance {}, available {}",
+        top_up.amount, topped.balance, topped.available_balance
+    );
+    let captured = c
+        .ledger()
+        .capture_hold(
+            &acct,
+            &hold.hold_id,
+            dollars("43.20")?,
+            "fine-tuning job ft-demo: 4.32M tokens",
+        )
+        .await?;
+    println!(
+        "9. The job finished and cost $43.20: captured as usage entry {}; balance {}, available {}",
+        captured.entry.entry_id, captured.balance, captured.available_balance
+    );
+
     let bank = c
         .payments()
         .add_payment_method(
@@ -168,7 +221,7 @@ pub async fn run(c: &Client, account: Option<String>) -> Result<(), ClientError>
         )
         .await?;
     println!(
-        "\n7. Made bank account ****{} (ACH) the default payment method",
+        "\n10. Made bank account ****{} (ACH) the default payment method",
         bank.last4
     );
     let settings = poll("auto-recharge to turn off", || {
@@ -180,12 +233,13 @@ pub async fn run(c: &Client, account: Option<String>) -> Result<(), ClientError>
     })
     .await?;
     println!(
-        "8. Auto-recharge turned itself off: enabled={}, reason {} (R10: cards only)",
+        "11. Auto-recharge turned itself off: enabled={}, reason {} (R10: cards only)",
         settings.enabled, settings.disabled_reason
     );
+    let last = c.ledger().get_account(&acct).await?;
     println!(
         "\nDemo complete for account {id}: final balance {}",
-        account.balance
+        last.balance
     );
     Ok(())
 }

@@ -32,6 +32,9 @@ enum Cmd {
     /// Record usage.
     #[command(subcommand)]
     Usage(ops::UsageCmd),
+    /// Holds (R15): create, capture, release, show, list.
+    #[command(subcommand, alias = "hold")]
+    Holds(ops::HoldCmd),
     /// Buy credits with the default (or a named) payment method.
     Purchase {
         account_id: String,
@@ -120,6 +123,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Cmd::Up(_) => Ok(()),
         Cmd::Accounts(cmd) => Ok(ops::accounts(&c, &out, cmd).await?),
         Cmd::Usage(cmd) => Ok(ops::usage(&c, &out, cmd).await?),
+        Cmd::Holds(cmd) => Ok(ops::holds(&c, &out, cmd).await?),
         Cmd::Purchase {
             account_id,
             amount,

@@ -7,8 +7,8 @@
 use clap::Subcommand;
 use credits_client::{
     AccountId, AutoRechargeChange, BankAccountDetails, BillingMode, CardDetails, Client,
-    ClientConfig, ClientError, Code, IdempotencyKey, Money, NewPaymentMethod, RetryPolicy,
-    UsageCategory, UsageRecord,
+    ClientConfig, ClientError, Code, HoldRequest, IdempotencyKey, Money, NewPaymentMethod,
+    RetryPolicy, UsageCategory, UsageRecord,
 };
 
 use crate::output::{self, Out};
@@ -115,6 +115,48 @@ pub enum UsageCmd {
         key: Option<String>,
         #[arg(long, default_value = "")]
         description: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum HoldCmd {
+    /// Reserve part of the available balance for work priced when it ends (R15).
+    Create {
+        account_id: String,
+        amount: String,
+        #[arg(long, value_parser = ["API_REQUESTS", "DEDICATED_ENDPOINTS", "FINE_TUNING", "EVALUATIONS", "OTHER"], default_value = "FINE_TUNING")]
+        category: String,
+        /// Seconds until the ledger expires it (default 3600, at most 604800).
+        #[arg(long)]
+        ttl: Option<u32>,
+        /// Idempotency key (a fresh one when omitted).
+        #[arg(long)]
+        key: Option<String>,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// End a hold with one usage entry of the final cost.
+    Capture {
+        account_id: String,
+        hold_id: String,
+        amount: String,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// End a hold with no entry.
+    Release {
+        account_id: String,
+        hold_id: String,
+    },
+    Show {
+        account_id: String,
+        hold_id: String,
+    },
+    /// Holds, newest first.
+    List {
+        account_id: String,
+        #[arg(long, default_value_t = 20)]
+        limit: i32,
     },
 }
 
@@ -252,6 +294,86 @@ pub async fn usage(c: &Client, out: &Out, cmd: UsageCmd) -> Result<(), ClientErr
     v["balance"] = r.balance.to_wire().into();
     v["allowed"] = r.allowed.into();
     out.one(&v);
+    Ok(())
+}
+
+pub async fn holds(c: &Client, out: &Out, cmd: HoldCmd) -> Result<(), ClientError> {
+    let l = c.ledger();
+    match cmd {
+        HoldCmd::Create {
+            account_id: id,
+            amount,
+            category,
+            ttl,
+            key: k,
+            description,
+        } => {
+            let account_id = account_id(&id)?;
+            let amount = Money::parse_positive("amount", &amount)?;
+            let category: UsageCategory =
+                category.parse().map_err(|e| ClientError::InvalidArgument {
+                    message: format!("category: {e}"),
+                })?;
+            let h = l
+                .create_hold(&HoldRequest {
+                    account_id,
+                    amount,
+                    category,
+                    idempotency_key: key(k)?,
+                    description,
+                    ttl_seconds: ttl,
+                })
+                .await?;
+            out.one(&output::hold(&h));
+        }
+        HoldCmd::Capture {
+            account_id: id,
+            hold_id,
+            amount,
+            description,
+        } => {
+            let id = account_id(&id)?;
+            let amount = Money::parse_positive("amount", &amount)?;
+            let r = l.capture_hold(&id, &hold_id, amount, &description).await?;
+            let mut v = output::hold(&r.hold);
+            v["entry_id"] = r.entry.entry_id.into();
+            v["balance"] = r.balance.to_wire().into();
+            v["available_balance"] = r.available_balance.to_wire().into();
+            out.one(&v);
+        }
+        HoldCmd::Release {
+            account_id: id,
+            hold_id,
+        } => out.one(&output::hold(
+            &l.release_hold(&account_id(&id)?, &hold_id).await?,
+        )),
+        HoldCmd::Show {
+            account_id: id,
+            hold_id,
+        } => out.one(&output::hold(
+            &l.get_hold(&account_id(&id)?, &hold_id).await?,
+        )),
+        HoldCmd::List {
+            account_id: id,
+            limit,
+        } => {
+            let page = l
+                .list_holds(&account_id(&id)?, page_size(limit)?, None)
+                .await?;
+            let rows: Vec<_> = page.items.iter().map(output::hold).collect();
+            out.list(
+                &rows,
+                &[
+                    "created_at",
+                    "hold_id",
+                    "status",
+                    "amount",
+                    "captured_amount",
+                    "expires_at",
+                ],
+            );
+        }
+    }
     Ok(())
 }
 

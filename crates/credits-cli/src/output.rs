@@ -4,7 +4,9 @@
 #![allow(clippy::print_stdout)] // printing is this module's job
 
 use chrono::{DateTime, Utc};
-use credits_client::{Account, AutoRecharge, Charge, Entry, Money, PaymentMethod, RechargeAttempt};
+use credits_client::{
+    Account, AutoRecharge, Charge, Entry, Hold, Money, PaymentMethod, RechargeAttempt,
+};
 use serde_json::{Value, json};
 
 pub struct Out {
@@ -95,6 +97,8 @@ pub fn account(a: &Account) -> Value {
         "billing_mode": a.billing_mode.as_str(),
         "display_name": a.display_name,
         "balance": a.balance.to_wire(),
+        "held": a.held.to_wire(),
+        "available_balance": a.available_balance.to_wire(),
         "access": a.access.as_str(),
         "balance_threshold": money(a.balance_threshold),
         "created_at": ts(Some(a.created_at)),
@@ -110,6 +114,21 @@ pub fn entry(e: &Entry) -> Value {
         "balance_after": e.balance_after.to_wire(),
         "reference": e.reference,
         "created_at": ts(Some(e.created_at)),
+    })
+}
+
+pub fn hold(h: &Hold) -> Value {
+    json!({
+        "hold_id": h.hold_id,
+        "account_id": h.account_id.as_str(),
+        "status": h.status.as_str(),
+        "amount": h.amount.to_wire(),
+        "captured_amount": money(h.captured_amount),
+        "category": h.category.as_str(),
+        "description": h.description,
+        "created_at": ts(Some(h.created_at)),
+        "expires_at": ts(Some(h.expires_at)),
+        "ended_at": ts(h.ended_at),
     })
 }
 
