@@ -120,6 +120,15 @@ async fn busy(a: &Args, c: &Cluster) -> anyhow::Result<Vec<String>> {
     if n != 0 {
         left.push(format!("{n} attempts in flight"));
     }
+    let mut l = db(&a.pg_url, &c.dbs[0]).await?;
+    let n = scalar(
+        &mut l,
+        "SELECT count(*) FROM holds WHERE status = 'ACTIVE' AND expires_at <= now()",
+    )
+    .await;
+    if n != 0 {
+        left.push(format!("{n} holds past expiry"));
+    }
     match queue_counts(&c.queue).await {
         QueueState::Counts(0, 0) => {}
         QueueState::Counts(ready, unacked) => {
@@ -337,7 +346,7 @@ pub async fn settle_and_check(
 
     // 3. Every acknowledged RecordUsage is in the journal exactly once.
     let usage: Vec<(String, String)> =
-        sqlx::query_as("SELECT account_id, idempotency_key FROM entries WHERE kind = 'USAGE'")
+        sqlx::query_as("SELECT account_id, idempotency_key FROM entries WHERE kind = 'USAGE' AND idempotency_key IS NOT NULL")
             .fetch_all(&mut l)
             .await?;
     let journal: HashSet<(&str, &str)> = usage
@@ -392,7 +401,7 @@ pub async fn settle_and_check(
         .into_iter()
         .collect();
     let balances: HashMap<String, Decimal> =
-        sqlx::query_as::<_, (String, Decimal)>("SELECT account_id, balance FROM accounts")
+        sqlx::query_as::<_, (String, Decimal)>("SELECT account_id, balance - held FROM accounts")
             .fetch_all(&mut l)
             .await?
             .into_iter()
@@ -408,7 +417,7 @@ pub async fn settle_and_check(
     let off_count: i64 = scalar(&mut r, "SELECT count(*) FROM settings WHERE NOT enabled").await;
     ck.report(
         unexplained_low.is_empty(),
-        "5. auto-recharge on ⇒ balance ≥ threshold or a failed attempt",
+        "5. auto-recharge on ⇒ available balance ≥ threshold or a failed attempt",
         format!("{} accounts on, {off_count} turned off (ACH / repeated failures); below threshold without explanation: {unexplained_low:?}", settings.len()),
     );
 
@@ -460,6 +469,36 @@ pub async fn settle_and_check(
             } else {
                 format!("; e.g. {}", shown.join("; "))
             }
+        ),
+    );
+
+    // 8. Holds (R15): held = sum of ACTIVE holds on every account; every hold ended once
+    //    (a captured hold has exactly one USAGE entry of its captured amount, any other hold
+    //    none); no ACTIVE hold outlives its expiry (checked at quiescence).
+    let held_off = scalar(
+        &mut l,
+        "SELECT count(*) FROM accounts a WHERE a.held <> COALESCE((SELECT sum(amount) FROM holds h WHERE h.account_id = a.account_id AND h.status = 'ACTIVE'), 0)",
+    )
+    .await;
+    let ended_wrong = scalar(
+        &mut l,
+        "SELECT count(*) FROM holds h WHERE (SELECT count(*) FROM entries e WHERE e.account_id = h.account_id AND e.reference = h.hold_id::text AND e.kind = 'USAGE'          AND (h.status <> 'CAPTURED' OR e.amount = h.captured_amount)) <> CASE WHEN h.status = 'CAPTURED' THEN 1 ELSE 0 END",
+    )
+    .await;
+    let by_status: Vec<(String, i64)> =
+        sqlx::query_as("SELECT status, count(*) FROM holds GROUP BY status ORDER BY status")
+            .fetch_all(&mut l)
+            .await?;
+    let overdue = scalar(
+        &mut l,
+        "SELECT count(*) FROM holds WHERE status = 'ACTIVE' AND expires_at <= now()",
+    )
+    .await;
+    ck.report(
+        held_off == 0 && ended_wrong == 0 && overdue == 0,
+        "8. held = sum of active holds; each hold ended once",
+        format!(
+            "holds by status {by_status:?}; accounts with held off {held_off}, holds not ended exactly once {ended_wrong}, active past expiry {overdue}"
         ),
     );
     Ok(!ck.failed)

@@ -1,6 +1,8 @@
 //! The workload: prepaid accounts with auto-recharge (some with declining cards, some that
 //! switch their default to ACH mid-run), usage from concurrent callers, purchases with
-//! reused idempotency keys, replays of acknowledged usage, and threshold changes.
+//! reused idempotency keys, replays of acknowledged usage, threshold changes, and holds
+//! (R15): some captured below, at or above their amount, some released, some left to
+//! expire.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -8,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use credits_client::{
     AccountId, AutoRechargeChange, BankAccountDetails, BillingMode, CardDetails, Client,
-    ClientConfig, ClientError, Code, IdempotencyKey, Ledger, Money, NewPaymentMethod, Payments,
-    Recharge, RetryPolicy, UsageCategory, UsageRecord,
+    ClientConfig, ClientError, Code, HoldRequest, IdempotencyKey, Ledger, Money, NewPaymentMethod,
+    Payments, Recharge, RetryPolicy, UsageCategory, UsageRecord,
 };
 use lapin::options::BasicPublishOptions;
 
@@ -197,6 +199,11 @@ pub struct Report {
     pub purchases_ok: usize,
     pub switched_to_ach: usize,
     pub thresholds_set: usize,
+    pub holds_created: usize,
+    /// Holds refused for want of available balance or access (R15): an answer, not a fault.
+    pub holds_refused: usize,
+    pub holds_captured: usize,
+    pub holds_released: usize,
     pub errors: HashMap<String, usize>,
     /// (account, idempotency key) of every RecordUsage acknowledged.
     pub acked: Vec<(String, String)>,
@@ -206,12 +213,16 @@ impl std::fmt::Display for Report {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} usage acknowledged, {} usage replays answered, {} purchases answered, {} accounts switched to ACH, {} threshold changes answered, errors {:?}",
+            "{} usage acknowledged, {} usage replays answered, {} purchases answered, {} accounts switched to ACH, {} threshold changes answered, holds {} created / {} refused / {} captured / {} released (the rest left to expire), errors {:?}",
             self.usage_acked,
             self.usage_replays_ok,
             self.purchases_ok,
             self.switched_to_ach,
             self.thresholds_set,
+            self.holds_created,
+            self.holds_refused,
+            self.holds_captured,
+            self.holds_released,
             self.errors
         )
     }
@@ -240,11 +251,16 @@ pub async fn drive(
             let mut n = 0u64;
             // This worker's acknowledged usage, replayed as sent.
             let mut mine: Vec<UsageRecord> = Vec::new();
+            // This worker's holds to end: (account, hold id, how it ends). The ending is
+            // fixed at creation, so a repeat after a lost answer asks the same.
+            let mut held: Vec<(AccountId, String, Ending)> = Vec::new();
             while Instant::now() < until {
                 n += 1;
                 let acct = &accounts[rng.below(accounts.len() as u64) as usize];
                 let roll = rng.below(100);
-                let outcome: Result<&'static str, ClientError> = if roll < 86 {
+                let outcome: Result<&'static str, ClientError> = if (78..86).contains(&roll) {
+                    hold_step(&c.ledger, acct, &mut held, &mut rng, w, n).await
+                } else if roll < 86 {
                     let amount = format!("{}.{:02}", rng.below(5), rng.below(100));
                     let amount = if amount == "0.00" {
                         "0.01".to_owned()
@@ -335,6 +351,10 @@ pub async fn drive(
                         Ok("purchase") => rep.purchases_ok += 1,
                         Ok("replay") => rep.usage_replays_ok += 1,
                         Ok("threshold") => rep.thresholds_set += 1,
+                        Ok("hold") => rep.holds_created += 1,
+                        Ok("hold_refused") => rep.holds_refused += 1,
+                        Ok("captured") => rep.holds_captured += 1,
+                        Ok("released") => rep.holds_released += 1,
                         Ok(_) => {}
                         Err(e) => *rep.errors.entry(error_name(&e)).or_default() += 1,
                     }
@@ -349,6 +369,79 @@ pub async fn drive(
     let mut rep = std::mem::take(&mut *report.lock().unwrap_or_else(|e| e.into_inner()));
     rep.switched_to_ach = switched.lock().map(|s| s.len()).unwrap_or(0);
     rep
+}
+
+/// How a chaos hold ends: captured for this amount, released, or left to expire.
+#[derive(Clone, Debug)]
+enum Ending {
+    Capture(Money),
+    Release,
+}
+
+/// One hold operation: end one of this worker's holds (half the time, when it has one), or
+/// create one on `acct` — 1/4 with a 2 s life and never ended (the ledger expires it), the
+/// rest to be captured below, at or above the amount, or released.
+async fn hold_step(
+    ledger: &Ledger,
+    acct: &Account,
+    held: &mut Vec<(AccountId, String, Ending)>,
+    rng: &mut Rng,
+    w: usize,
+    n: u64,
+) -> Result<&'static str, ClientError> {
+    if !held.is_empty() && rng.below(2) == 0 {
+        let i = rng.below(held.len() as u64) as usize;
+        let (account, hold_id, ending) = held[i].clone();
+        let r = match &ending {
+            Ending::Capture(amount) => ledger
+                .capture_hold(&account, &hold_id, *amount, "chaos job")
+                .await
+                .map(|_| "captured"),
+            Ending::Release => ledger
+                .release_hold(&account, &hold_id)
+                .await
+                .map(|_| "released"),
+        };
+        match &r {
+            // Ended (perhaps by expiry first): done with it. A transient failure keeps it,
+            // to be asked again the same way.
+            Ok(_) | Err(ClientError::FailedPrecondition { .. }) => {
+                held.swap_remove(i);
+            }
+            Err(_) => {}
+        }
+        return match r {
+            Err(ClientError::FailedPrecondition { .. }) => Ok("noop"),
+            r => r,
+        };
+    }
+    let cents = 100 + rng.below(500);
+    let amount = money("amount", &format!("{}.{:02}", cents / 100, cents % 100))?;
+    let expire = rng.below(4) == 0;
+    let req = HoldRequest {
+        account_id: acct.id.clone(),
+        amount,
+        category: UsageCategory::FineTuning,
+        idempotency_key: key(&format!("h-{w}-{n}"))?,
+        description: "chaos job".into(),
+        ttl_seconds: Some(if expire { 2 } else { 600 }),
+    };
+    match ledger.create_hold(&req).await {
+        Ok(h) => {
+            if !expire {
+                let ending = match rng.below(4) {
+                    0 => Ending::Release,
+                    1 => Ending::Capture(amount),
+                    2 => Ending::Capture(money("amount", &format!("0.{:02}", 1 + rng.below(99)))?),
+                    _ => Ending::Capture(amount + money("amount", "1.25")?),
+                };
+                held.push((acct.id.clone(), h.hold_id, ending));
+            }
+            Ok("hold")
+        }
+        Err(ClientError::FailedPrecondition { .. }) => Ok("hold_refused"),
+        Err(e) => Err(e),
+    }
 }
 
 /// A message no consumer can parse, published like any event.
