@@ -74,10 +74,23 @@ async fn a_hold_reserves_the_available_balance_and_a_capture_posts_the_final_cos
         Some(cap.entry.entry_id.as_str())
     );
 
-    // Repeating the capture answers the first result; any other ending is refused.
+    // Repeating the capture answers the first result, balances included, even after
+    // later postings; any other ending is refused.
+    c.use_credits("acme", "5", "u-after").await;
     let again = c.try_capture("acme", &h.hold_id, "55").await.unwrap();
-    assert_eq!(again.entry.entry_id, cap.entry.entry_id);
+    assert_eq!(again, cap);
     let e = c.try_capture("acme", &h.hold_id, "50").await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+    let e = c
+        .ledger()
+        .capture_hold(
+            &acct("acme"),
+            &h.hold_id,
+            money("55"),
+            "another description",
+        )
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
     let e = c
         .ledger()
@@ -86,9 +99,13 @@ async fn a_hold_reserves_the_available_balance_and_a_capture_posts_the_final_cos
         .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
     let entries = c.entries("acme").await;
-    assert_eq!(entries.len(), 2, "the purchase and one capture");
-    assert_eq!(entries[0].reference, h.hold_id);
-    assert_eq!(c.balance("acme").await, money("45"));
+    assert_eq!(
+        entries.len(),
+        3,
+        "the purchase, one capture, one later debit"
+    );
+    assert_eq!(entries[1].reference, h.hold_id);
+    assert_eq!(c.balance("acme").await, money("40"));
 
     let created = tap.next_of("ledger.hold.created", WAIT).await.unwrap();
     assert_eq!(created["data"]["hold_id"], h.hold_id);

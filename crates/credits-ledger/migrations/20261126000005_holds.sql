@@ -7,8 +7,11 @@
 -- * a hold ends once: status leaves ACTIVE exactly once, with ended_at; a CAPTURED hold has
 --   its captured amount and the USAGE entry that posted it.
 -- * (account_id, idempotency_key) is unique among holds (R12).
-ALTER TABLE accounts ADD COLUMN held numeric NOT NULL DEFAULT 0
-    CHECK (held >= 0 AND scale(held) <= 9);
+-- NOT VALID: existing rows hold 0 by the default, so nothing needs scanning under the
+-- table lock; new and updated rows are checked.
+ALTER TABLE accounts ADD COLUMN held numeric NOT NULL DEFAULT 0;
+ALTER TABLE accounts ADD CONSTRAINT accounts_held_valid
+    CHECK (held >= 0 AND scale(held) <= 9) NOT VALID;
 
 CREATE TABLE holds (
     seq             bigint GENERATED ALWAYS AS IDENTITY UNIQUE,
@@ -20,6 +23,8 @@ CREATE TABLE holds (
     captured_amount numeric CHECK (captured_amount > 0 AND scale(captured_amount) <= 9),
     entry_id        uuid,
     entry_seq       bigint,
+    -- The available balance right after the capture, answered again to a repeated capture.
+    capture_available numeric,
     description     text NOT NULL DEFAULT '',
     idempotency_key text NOT NULL CHECK (length(idempotency_key) BETWEEN 1 AND 255),
     ttl_seconds     integer NOT NULL CHECK (ttl_seconds BETWEEN 1 AND 604800),
@@ -39,5 +44,7 @@ CREATE INDEX holds_active_expiry ON holds (expires_at) WHERE status = 'ACTIVE';
 -- idempotency key: the hold row makes the capture happen once. (A key derived from the hold
 -- id could be taken first by a caller's own usage key.)
 ALTER TABLE entries ALTER COLUMN idempotency_key DROP NOT NULL;
+-- NOT VALID: every existing entry has a key (the column was NOT NULL), so the journal is
+-- not scanned under the table lock; new entries are checked.
 ALTER TABLE entries ADD CONSTRAINT entries_key_or_capture
-    CHECK (idempotency_key IS NOT NULL OR (kind = 'USAGE' AND reference <> ''));
+    CHECK (idempotency_key IS NOT NULL OR (kind = 'USAGE' AND reference <> '')) NOT VALID;

@@ -222,7 +222,7 @@ END $$;
 -- whichever call touches it first. Outcome is one of:
 --   'ended'           this call ended the hold as asked
 --   'repeated'        the hold had already ended the way this call asks (a capture: of the
---                     same amount); the first result stands
+--                     same amount and description); the first result stands
 --   'ended_otherwise' the hold has ended another way (perhaps just now, by expiry)
 --   'not_due'         EXPIRE of a hold that is not past expires_at (or already ended)
 --   'not_found'       no such account, or no such hold on it
@@ -257,7 +257,8 @@ BEGIN
         status := h.status;
         IF p_action = 'EXPIRE' THEN
             outcome := 'not_due';
-        ELSIF h.status = asked AND (asked <> 'CAPTURED' OR h.captured_amount = p_amount) THEN
+        ELSIF h.status = asked AND (asked <> 'CAPTURED' OR (h.captured_amount = p_amount
+              AND (SELECT x.description FROM entries x WHERE x.seq = h.entry_seq) = p_description)) THEN
             outcome := 'repeated';
         ELSE
             outcome := 'ended_otherwise';
@@ -285,7 +286,9 @@ BEGIN
     END IF;
     UPDATE holds x SET status = ending, ended_at = now(),
                        captured_amount = CASE WHEN ending = 'CAPTURED' THEN p_amount END,
-                       entry_id = e.entry_id, entry_seq = e.seq
+                       entry_id = e.entry_id, entry_seq = e.seq,
+                       capture_available = CASE WHEN ending = 'CAPTURED'
+                                                THEN new_balance - (acc.held - h.amount) END
     WHERE x.hold_id = h.hold_id;
     PERFORM ledger_event('ledger.hold.' || lower(ending), p_account_id,
         jsonb_build_object('hold_id', h.hold_id, 'amount', money_text(h.amount))
@@ -299,28 +302,4 @@ BEGIN
     outcome := CASE WHEN ending = asked THEN 'ended' ELSE 'ended_otherwise' END;
     status := ending;
     RETURN NEXT;
-END $$;
-
--- The expiry sweep (R15): expires up to p_limit ACTIVE holds past expires_at, in account
--- order (the order group commit locks accounts in, so a sweep and a batch never deadlock).
--- Safe to run on every replica at once: a hold another sweep or a capture ended first is
--- skipped. Returns how many it expired.
-CREATE OR REPLACE FUNCTION ledger_expire_holds(p_limit integer) RETURNS integer
-LANGUAGE plpgsql AS $$
-DECLARE
-    r record;
-    n integer := 0;
-BEGIN
-    FOR r IN
-        SELECT x.account_id, x.hold_id FROM holds x
-        WHERE x.status = 'ACTIVE' AND x.expires_at <= now()
-        ORDER BY x.account_id, x.hold_id
-        LIMIT p_limit
-    LOOP
-        IF (SELECT o.outcome FROM ledger_hold_end(r.account_id, r.hold_id, 'EXPIRE', NULL, NULL) o)
-           = 'ended' THEN
-            n := n + 1;
-        END IF;
-    END LOOP;
-    RETURN n;
 END $$;

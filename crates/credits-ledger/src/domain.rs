@@ -89,6 +89,8 @@ pub struct Hold {
     pub entry_id: Option<Uuid>,
     /// The capture's entry, by its journal position.
     pub entry_seq: Option<i64>,
+    /// The available balance right after the capture.
+    pub capture_available: Option<Money>,
     pub description: String,
     pub idempotency_key: String,
     pub created_at: DateTime<Utc>,

@@ -44,8 +44,8 @@ pub struct Config {
 
 /// R15: expiry within about a second of `expires_at`.
 pub const DEFAULT_HOLD_SWEEP: std::time::Duration = std::time::Duration::from_secs(1);
-/// Holds one sweep statement expires at most (the next sweep takes the rest at once).
-const HOLD_SWEEP_BATCH: i32 = 200;
+/// Holds one sweep pass looks at (a full pass is followed by another at once).
+const HOLD_SWEEP_BATCH: i64 = 200;
 
 impl Config {
     pub fn new(database_url: &str, amqp_url: &str) -> Self {
@@ -122,18 +122,19 @@ impl App {
 }
 
 /// R15: expires holds past `expires_at`, on every replica (each hold expires once: the
-/// hold row is locked and its status checked by `ledger_hold_end`). Database time decides.
+/// hold row is locked and its status checked by `ledger_hold_end`, one hold per
+/// transaction). Database time decides.
 async fn sweep_holds(store: store::Store, every: std::time::Duration, shutdown: CancellationToken) {
     loop {
         loop {
             match store.expire_holds(HOLD_SWEEP_BATCH).await {
-                Ok(n) => {
+                Ok((n, full)) => {
                     if n > 0 {
                         metrics::counter!("credits_ledger_holds_total", "ending" => "expired")
                             .increment(n as u64);
                         tracing::info!(expired = n, "holds expired");
                     }
-                    if n < HOLD_SWEEP_BATCH {
+                    if !full {
                         break;
                     }
                 }

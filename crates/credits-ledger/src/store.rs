@@ -86,6 +86,7 @@ struct HoldRow {
     captured_amount: Option<Decimal>,
     entry_id: Option<Uuid>,
     entry_seq: Option<i64>,
+    capture_available: Option<Decimal>,
     description: String,
     idempotency_key: String,
     created_at: DateTime<Utc>,
@@ -106,6 +107,7 @@ impl TryFrom<HoldRow> for Hold {
             captured_amount: r.captured_amount.map(Money::new),
             entry_id: r.entry_id,
             entry_seq: r.entry_seq,
+            capture_available: r.capture_available.map(Money::new),
             description: r.description,
             idempotency_key: r.idempotency_key,
             created_at: r.created_at,
@@ -369,9 +371,9 @@ impl Store {
             "ended_otherwise" => {
                 let hold = self.get_hold(account, hold_id).await?;
                 let detail = match (ending, hold.captured_amount) {
-                    (HoldEnding::Capture { .. }, Some(c)) => {
-                        format!(" for {c}; a capture ends a hold once")
-                    }
+                    (HoldEnding::Capture { .. }, Some(c)) => format!(
+                        " for {c}; a capture ends a hold once (a repeat must send the same amount and description)"
+                    ),
                     _ => String::new(),
                 };
                 return Err(LedgerError::HoldEnded {
@@ -385,16 +387,24 @@ impl Store {
             }
         }
         let hold = self.get_hold(account, hold_id).await?;
-        let entry = match hold.entry_seq {
-            Some(seq) => Some(self.entry(seq).await?),
-            None => None,
+        // A capture answers with the balances right after it, the first time and on every
+        // repeat; a release with the balances now.
+        let (entry, balance, available) = match (hold.entry_seq, hold.capture_available) {
+            (Some(seq), Some(available)) => {
+                let entry = self.entry(seq).await?;
+                let balance = entry.balance_after;
+                (Some(entry), balance, available)
+            }
+            _ => {
+                let view = self.access(account).await?;
+                (None, view.balance, view.available())
+            }
         };
-        let view = self.access(account).await?;
         Ok(HoldEnded {
             hold,
             entry,
-            balance: view.balance,
-            available: view.available(),
+            balance,
+            available,
         })
     }
 
@@ -425,7 +435,8 @@ impl Store {
         sqlx::query_as!(
             HoldRow,
             r#"SELECT seq, hold_id, account_id, amount, category, status, captured_amount,
-                      entry_id, entry_seq, description, idempotency_key, created_at, expires_at,
+                      entry_id, entry_seq, capture_available, description, idempotency_key,
+                      created_at, expires_at,
                       ended_at
                FROM holds WHERE hold_id = $1 AND account_id = $2"#,
             hold_id,
@@ -462,7 +473,8 @@ impl Store {
         let rows = sqlx::query_as!(
             HoldRow,
             r#"SELECT seq, hold_id, account_id, amount, category, status, captured_amount,
-                      entry_id, entry_seq, description, idempotency_key, created_at, expires_at,
+                      entry_id, entry_seq, capture_available, description, idempotency_key,
+                      created_at, expires_at,
                       ended_at
                FROM holds
                WHERE account_id = $1 AND seq < $2
@@ -494,13 +506,36 @@ impl Store {
         .try_into()
     }
 
-    /// R15: expires up to `limit` holds past their `expires_at` (database time). Any number
-    /// of replicas may sweep at once; each hold expires once.
-    pub async fn expire_holds(&self, limit: i32) -> Result<i32, LedgerError> {
-        let n = sqlx::query_scalar!(r#"SELECT ledger_expire_holds($1) AS "n!""#, limit)
+    /// R15: expires up to `limit` holds past their `expires_at` (database time), each in a
+    /// transaction of its own (one account row lock at a time: a sweep never waits on one
+    /// account while holding another, so it cannot deadlock with group commit). Any number
+    /// of replicas may sweep at once; each hold expires once. Returns how many this call
+    /// expired and whether it saw a full page.
+    pub async fn expire_holds(&self, limit: i64) -> Result<(usize, bool), LedgerError> {
+        let due = sqlx::query!(
+            r#"SELECT account_id, hold_id FROM holds
+               WHERE status = 'ACTIVE' AND expires_at <= now()
+               ORDER BY expires_at
+               LIMIT $1"#,
+            limit,
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let full = due.len() as i64 == limit;
+        let mut expired = 0;
+        for h in due {
+            let outcome = sqlx::query_scalar!(
+                r#"SELECT outcome AS "outcome!" FROM ledger_hold_end($1, $2, 'EXPIRE', NULL, NULL)"#,
+                h.account_id,
+                h.hold_id,
+            )
             .fetch_one(&self.pool)
             .await?;
-        Ok(n)
+            if outcome == "ended" {
+                expired += 1;
+            }
+        }
+        Ok((expired, full))
     }
 
     pub async fn post(&self, req: &PostingRequest) -> Result<Posted, LedgerError> {
