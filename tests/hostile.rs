@@ -199,9 +199,11 @@ enum Req {
     GetAutoRecharge(rpb::GetAutoRechargeRequest),
     SetAutoRecharge(rpb::SetAutoRechargeRequest),
     ListRechargeAttempts(rpb::ListRechargeAttemptsRequest),
+    CreateHold(lpb::CreateHoldRequest),
+    CaptureHold(lpb::CaptureHoldRequest),
 }
 
-const KINDS: usize = 20;
+const KINDS: usize = 22;
 
 impl Req {
     fn rpc(&self) -> &'static str {
@@ -226,6 +228,8 @@ impl Req {
             Req::GetAutoRecharge(_) => "recharge.GetAutoRecharge",
             Req::SetAutoRecharge(_) => "recharge.SetAutoRecharge",
             Req::ListRechargeAttempts(_) => "recharge.ListRechargeAttempts",
+            Req::CreateHold(_) => "ledger.CreateHold",
+            Req::CaptureHold(_) => "ledger.CaptureHold",
         }
     }
 }
@@ -372,6 +376,7 @@ struct World {
     methods: Vec<(String, String)>,
     removed: Vec<(String, String)>,
     charges: Vec<(String, String)>,
+    holds: Vec<(String, String)>,
     keys: Vec<(String, String)>,
     tokens: Vec<String>,
 }
@@ -435,6 +440,7 @@ impl World {
             methods,
             removed: Vec::new(),
             charges: Vec::new(),
+            holds: Vec::new(),
             keys: Vec::new(),
             tokens: Vec::new(),
         }
@@ -742,6 +748,39 @@ impl World {
                     }
                 }
             }
+        }
+    }
+
+    /// R15: a hold's time to live. Valid ones never expire during the run (an expiry would
+    /// change the books while a refused request is checked for changing nothing).
+    fn ttl(&mut self, want: Want) -> F<i64> {
+        match want {
+            Want::Valid | Want::Odd => ok(*self.rng.pick(&[0, 3600, 604_800])),
+            Want::Bad => bad(
+                *self.rng.pick(&[-1, 604_801, i64::MAX, i64::MIN]),
+                invalid("ttl_seconds"),
+            ),
+        }
+    }
+
+    /// A hold id: one this account holds, an unknown UUID, or not a UUID at all.
+    fn hold_id(&mut self, want: Want, account: &str) -> F<String> {
+        let own: Vec<String> = self
+            .holds
+            .iter()
+            .filter(|(a, _)| a == account)
+            .map(|(_, h)| h.clone())
+            .collect();
+        match want {
+            Want::Valid if !own.is_empty() => ok(self.rng.pick(&own).clone()),
+            Want::Valid | Want::Odd => odd("0190a5b0-0000-7000-8000-00000000dead".to_owned()),
+            Want::Bad => bad(
+                (*self
+                    .rng
+                    .pick(&["", "not-a-uuid", "'; DROP TABLE holds;--", "\0", "😀"]))
+                .to_owned(),
+                invalid("hold_id"),
+            ),
         }
     }
 
@@ -1207,6 +1246,44 @@ impl World {
                     f,
                 )
             }
+            20 => {
+                let w = self.wants(mode, 6, &[0, 1, 2, 3, 4, 5]);
+                let a = self.account(w[0], false);
+                let amount = self.amount(w[1], AmountKind::Ledger, "amount");
+                let category = self.enum_value(w[2], &[1, 2, 3, 4, 5], "category");
+                let key = self.key(w[3], &a.v);
+                let d = self.text(w[4], &DESCRIPTION);
+                let ttl = self.ttl(w[5]);
+                let f = fields![a, amount, category, key, d, ttl];
+                (
+                    Req::CreateHold(lpb::CreateHoldRequest {
+                        account_id: a.v,
+                        amount: amount.v,
+                        category: category.v,
+                        idempotency_key: key.v,
+                        description: d.v,
+                        ttl_seconds: ttl.v,
+                    }),
+                    f,
+                )
+            }
+            21 => {
+                let w = self.wants(mode, 4, &[0, 1, 2, 3]);
+                let a = self.account(w[0], false);
+                let h = self.hold_id(w[1], &a.v);
+                let amount = self.amount(w[2], AmountKind::Ledger, "amount");
+                let d = self.text(w[3], &DESCRIPTION);
+                let f = fields![a, h, amount, d];
+                (
+                    Req::CaptureHold(lpb::CaptureHoldRequest {
+                        account_id: a.v,
+                        hold_id: h.v,
+                        amount: amount.v,
+                        description: d.v,
+                    }),
+                    f,
+                )
+            }
             _ => {
                 let w = self.wants(mode, 2, &[0, 1]);
                 let a = self.account(w[0], false);
@@ -1244,6 +1321,9 @@ impl World {
         }
         if let Some(c) = &reply.new_charge {
             self.charges.push(c.clone());
+        }
+        if let Some(h) = &reply.new_hold {
+            self.holds.push(h.clone());
         }
         if let Some(t) = &reply.token
             && !t.is_empty()
@@ -1304,6 +1384,7 @@ struct Reply {
     new_account: Option<String>,
     new_method: Option<(String, String)>,
     new_charge: Option<(String, String)>,
+    new_hold: Option<(String, String)>,
     token: Option<String>,
     /// RecordUsageBatch: per item, `None` = ok, else (code, message).
     items: Vec<Option<(i32, String)>>,
@@ -1321,6 +1402,14 @@ async fn send(c: &mut Clients, req: &Req) -> Result<Reply, tonic::Status> {
         }
         Req::CheckAccess(r) => {
             c.ledger.check_access(r).await?;
+        }
+        Req::CreateHold(r) => {
+            let account = r.account_id.clone();
+            let h = c.ledger.create_hold(r).await?.into_inner();
+            out.new_hold = Some((account, h.hold_id));
+        }
+        Req::CaptureHold(r) => {
+            c.ledger.capture_hold(r).await?;
         }
         Req::RecordUsage(r) => {
             c.ledger.record_usage(r).await?;
@@ -2133,12 +2222,13 @@ async fn hostile_clients_never_get_internal_errors_and_rejected_requests_change_
     eprintln!(
         "hostile: {} requests in {elapsed:.1?}; answers by status: {:?}; {runs_checked} quiet runs \
          ({checked_requests} requests snapshot-checked), {runs_skipped} skipped; {} accounts, \
-         {} methods, {} charges known",
+         {} methods, {} charges, {} holds known",
         report.sent,
         report.by_code,
         world.accounts.len(),
         world.methods.len(),
         world.charges.len(),
+        world.holds.len(),
     );
 
     // Stop the daemons (a panic there is one more finding, not a lost report).
