@@ -99,12 +99,30 @@ impl From<tonic::Status> for ServiceError {
     }
 }
 
-/// The conversions every domain error enum shares, given its two maps to and from
-/// [`ServiceError`]: from a money or database error, to `tonic::Status`, and
-/// `is_transient` (true exactly when the class is `Unavailable`).
+/// The conversions every domain error enum shares, given its map to [`ServiceError`]
+/// (`From<Domain> for ServiceError`, the causes' classes) and its four variants for what
+/// shared code reports (`Invalid`, `Conflict`, `Unavailable`, `Internal`, each a message):
+/// from a class, a money or a database error; to `tonic::Status`; `is_transient` (true
+/// exactly when the class is `Unavailable`); and the `invalid`/`internal` constructors.
 #[macro_export]
 macro_rules! domain_error {
-    ($t:ty) => {
+    ($t:ident) => {
+        /// Shared code (ids, money, the database) fails with a class; of those only these
+        /// arise in a domain, so a not-found or precondition class here is a bug.
+        impl From<$crate::error::ServiceError> for $t {
+            fn from(e: $crate::error::ServiceError) -> Self {
+                use $crate::error::ServiceError as C;
+                match e {
+                    C::InvalidArgument(m) => $t::Invalid(m),
+                    C::AlreadyExists(m) => $t::Conflict(m),
+                    C::Unavailable(m) => $t::Unavailable(m),
+                    C::NotFound(m) | C::FailedPrecondition(m) => {
+                        $t::Internal(format!("unexpected: {m}"))
+                    }
+                    C::Internal(m) => $t::Internal(m),
+                }
+            }
+        }
         impl From<$crate::money::MoneyError> for $t {
             fn from(e: $crate::money::MoneyError) -> Self {
                 $crate::error::ServiceError::from(e).into()
@@ -125,6 +143,15 @@ macro_rules! domain_error {
             /// dependency was down. Every other error is an answer about the request.
             pub fn is_transient(&self) -> bool {
                 $crate::error::ServiceError::from(self.clone()).is_transient()
+            }
+
+            /// A field breaks a rule; the message starts with the field's name.
+            pub fn invalid(msg: impl Into<String>) -> Self {
+                $t::Invalid(msg.into())
+            }
+
+            pub fn internal(msg: impl Into<String>) -> Self {
+                $t::Internal(msg.into())
             }
         }
     };

@@ -900,7 +900,15 @@ mod tests {
         }
         assert_eq!(
             Event::data_fields("ledger.balance.threshold_crossed").unwrap(),
-            ["threshold", "balance_before", "balance_after", "entry_id"]
+            [
+                "threshold",
+                "balance_before",
+                "balance_after",
+                "available_before",
+                "available_after",
+                "entry_id",
+                "hold_id"
+            ]
         );
         assert_eq!(Event::data_fields("nope"), None);
     }

@@ -277,12 +277,6 @@ pub enum LedgerError {
     Internal(String),
 }
 
-impl LedgerError {
-    pub fn invalid(msg: impl Into<String>) -> Self {
-        LedgerError::Invalid(msg.into())
-    }
-}
-
 impl From<LedgerError> for ServiceError {
     fn from(e: LedgerError) -> Self {
         let msg = e.to_string();
@@ -299,22 +293,6 @@ impl From<LedgerError> for ServiceError {
             | LedgerError::Conflict(_) => ServiceError::AlreadyExists(msg),
             LedgerError::Unavailable(_) => ServiceError::Unavailable(msg),
             LedgerError::Internal(_) => ServiceError::Internal(msg),
-        }
-    }
-}
-
-/// Shared code (ids, money, the database) fails with a class; in the ledger only these
-/// classes arise from it.
-impl From<ServiceError> for LedgerError {
-    fn from(e: ServiceError) -> Self {
-        match e {
-            ServiceError::InvalidArgument(m) => LedgerError::Invalid(m),
-            ServiceError::AlreadyExists(m) => LedgerError::Conflict(m),
-            ServiceError::Unavailable(m) => LedgerError::Unavailable(m),
-            ServiceError::NotFound(m) | ServiceError::FailedPrecondition(m) => {
-                LedgerError::Internal(format!("unexpected: {m}"))
-            }
-            ServiceError::Internal(m) => LedgerError::Internal(m),
         }
     }
 }

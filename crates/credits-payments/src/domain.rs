@@ -369,16 +369,6 @@ pub enum PaymentsError {
     Internal(String),
 }
 
-impl PaymentsError {
-    pub fn invalid(msg: impl Into<String>) -> Self {
-        PaymentsError::Invalid(msg.into())
-    }
-
-    pub fn internal(msg: impl Into<String>) -> Self {
-        PaymentsError::Internal(msg.into())
-    }
-}
-
 impl From<PaymentsError> for ServiceError {
     fn from(e: PaymentsError) -> Self {
         let msg = e.to_string();
@@ -397,22 +387,6 @@ impl From<PaymentsError> for ServiceError {
             }
             PaymentsError::Unavailable(_) => ServiceError::Unavailable(msg),
             PaymentsError::Internal(_) => ServiceError::Internal(msg),
-        }
-    }
-}
-
-/// Shared code (ids, money, the database) fails with a class; in payments only these
-/// classes arise from it.
-impl From<ServiceError> for PaymentsError {
-    fn from(e: ServiceError) -> Self {
-        match e {
-            ServiceError::InvalidArgument(m) => PaymentsError::Invalid(m),
-            ServiceError::AlreadyExists(m) => PaymentsError::Conflict(m),
-            ServiceError::Unavailable(m) => PaymentsError::Unavailable(m),
-            ServiceError::NotFound(m) | ServiceError::FailedPrecondition(m) => {
-                PaymentsError::Internal(format!("unexpected: {m}"))
-            }
-            ServiceError::Internal(m) => PaymentsError::Internal(m),
         }
     }
 }

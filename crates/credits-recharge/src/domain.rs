@@ -211,16 +211,6 @@ pub enum RechargeError {
     Internal(String),
 }
 
-impl RechargeError {
-    pub fn invalid(msg: impl Into<String>) -> Self {
-        RechargeError::Invalid(msg.into())
-    }
-
-    pub fn internal(msg: impl Into<String>) -> Self {
-        RechargeError::Internal(msg.into())
-    }
-}
-
 impl From<RechargeError> for ServiceError {
     fn from(e: RechargeError) -> Self {
         let msg = e.to_string();
@@ -234,22 +224,6 @@ impl From<RechargeError> for ServiceError {
             RechargeError::Conflict(_) => ServiceError::AlreadyExists(msg),
             RechargeError::Unavailable(_) => ServiceError::Unavailable(msg),
             RechargeError::Internal(_) => ServiceError::Internal(msg),
-        }
-    }
-}
-
-/// Shared code (ids, money, the database) fails with a class; in recharge only these
-/// classes arise from it.
-impl From<ServiceError> for RechargeError {
-    fn from(e: ServiceError) -> Self {
-        match e {
-            ServiceError::InvalidArgument(m) => RechargeError::Invalid(m),
-            ServiceError::AlreadyExists(m) => RechargeError::Conflict(m),
-            ServiceError::Unavailable(m) => RechargeError::Unavailable(m),
-            ServiceError::NotFound(m) | ServiceError::FailedPrecondition(m) => {
-                RechargeError::Internal(format!("unexpected: {m}"))
-            }
-            ServiceError::Internal(m) => RechargeError::Internal(m),
         }
     }
 }
