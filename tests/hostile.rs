@@ -1296,6 +1296,7 @@ impl World {
                         enabled,
                         threshold,
                         target,
+                        monthly_limit: String::new(),
                     }),
                     f,
                 )
@@ -1989,6 +1990,7 @@ async fn seed_accounts(c: &mut Clients) -> (Vec<String>, Vec<(String, String)>) 
             enabled: true,
             threshold: "50".into(),
             target: "200".into(),
+            monthly_limit: String::new(),
         })
         .await
         .unwrap();
@@ -2536,6 +2538,7 @@ async fn trailing_zero_amounts_are_the_same_amount_on_money_paths_r22() {
             enabled: true,
             threshold: "10.000".into(),
             target: "50.000".into(),
+            monthly_limit: String::new(),
         })
         .await
     {

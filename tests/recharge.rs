@@ -162,6 +162,7 @@ async fn settings_are_validated_r5_r6() {
                 enabled: true,
                 threshold: t.into(),
                 target: g.into(),
+                monthly_limit: String::new(),
             })
             .await
             .unwrap_err();
@@ -779,20 +780,34 @@ async fn a_worker_that_lost_its_lease_cannot_move_the_attempt_on() {
     assert!(!store.defer(&first, Duration::from_secs(1)).await.unwrap());
     let mut tx = pool.begin().await.unwrap();
     assert!(
-        Store::finish(&mut tx, &first, AttemptStatus::FAILED, None, "x")
-            .await
-            .unwrap()
-            .is_none()
+        Store::finish(
+            &mut tx,
+            &first,
+            AttemptStatus::FAILED,
+            None,
+            "x",
+            sqlx::types::chrono::Utc::now()
+        )
+        .await
+        .unwrap()
+        .is_none()
     );
     tx.rollback().await.unwrap();
     // The current owner's writes go through.
     assert!(store.start_charging(&second, "pm_1").await.unwrap());
     let mut tx = pool.begin().await.unwrap();
     assert!(
-        Store::finish(&mut tx, &second, AttemptStatus::SUCCEEDED, Some("ch_1"), "")
-            .await
-            .unwrap()
-            .is_some()
+        Store::finish(
+            &mut tx,
+            &second,
+            AttemptStatus::SUCCEEDED,
+            Some("ch_1"),
+            "",
+            sqlx::types::chrono::Utc::now()
+        )
+        .await
+        .unwrap()
+        .is_some()
     );
     tx.commit().await.unwrap();
     sys.stop().await;

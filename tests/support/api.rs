@@ -344,6 +344,7 @@ impl Api {
         let change = AutoRechargeChange::Enable {
             threshold: money(threshold),
             target: money(target),
+            monthly_limit: None,
         };
         self.recharge().set_auto_recharge(&acct(id), change).await
     }
@@ -376,9 +377,12 @@ impl Api {
     pub async fn settled_attempts(&self, id: &str, n: usize) -> Vec<RechargeAttempt> {
         eventually(SETTLE_WAIT, "attempts to settle", || async move {
             let a = self.attempts(id).await;
-            let finished = a
-                .iter()
-                .all(|a| matches!(a.status, AttemptStatus::Succeeded | AttemptStatus::Failed));
+            let finished = a.iter().all(|a| {
+                matches!(
+                    a.status,
+                    AttemptStatus::Succeeded | AttemptStatus::Failed | AttemptStatus::Skipped
+                )
+            });
             (finished && a.len() >= n).then_some(a)
         })
         .await

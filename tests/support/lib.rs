@@ -276,6 +276,9 @@ pub struct RechargeOptions {
     pub database_url: String,
     pub stop_after_charge: bool,
     pub skip_recheck_after_success: bool,
+    /// R19's "now", shared by every replica started with these options: a test moves it
+    /// forward to turn the month.
+    pub clock: credits_recharge::domain::Clock,
 }
 
 impl Recharge {
@@ -297,6 +300,7 @@ impl Recharge {
         cfg.worker.backoff_max = Duration::from_secs(2);
         cfg.worker.sweep_every = Duration::from_millis(200);
         cfg.worker.reconcile_every = Duration::from_millis(500);
+        cfg.worker.clock = opts.clock.clone();
         cfg.daemon.outbox_park_after = OUTBOX_PARK_AFTER;
         cfg.faults.stop_after_charge = opts.stop_after_charge;
         cfg.faults.skip_recheck_after_success = opts.skip_recheck_after_success;
@@ -370,6 +374,7 @@ impl System {
             database_url: fresh_database_url("recharge"),
             stop_after_charge: false,
             skip_recheck_after_success,
+            clock: Default::default(),
         };
         let mut recharge = Vec::new();
         for _ in 0..replicas {

@@ -264,6 +264,7 @@ async fn recharge_latency(a: &Args, pool: &Pool<Ledger>, run: &str) -> anyhow::R
     let settings = AutoRechargeChange::Enable {
         threshold: Money::new(rust_decimal::Decimal::new(10, 0)),
         target: Money::new(rust_decimal::Decimal::new(50, 0)),
+        monthly_limit: None,
     };
     // Setup: account, card, $25 purchase, auto-recharge below 10 up to 50.
     let setup: Vec<Result<(), ClientError>> =

@@ -144,6 +144,7 @@ fn enable(threshold: &str) -> Result<AutoRechargeChange, ClientError> {
     Ok(AutoRechargeChange::Enable {
         threshold: money("threshold", threshold)?,
         target: money("target", "50")?,
+        monthly_limit: None,
     })
 }
 

@@ -95,6 +95,7 @@ pub async fn run(c: &Client, account: Option<String>) -> Result<(), ClientError>
             AutoRechargeChange::Enable {
                 threshold: dollars("10")?,
                 target: dollars("50")?,
+                monthly_limit: None,
             },
         )
         .await?;
@@ -126,10 +127,12 @@ pub async fn run(c: &Client, account: Option<String>) -> Result<(), ClientError>
         let (r, acct) = (recharge.clone(), acct.clone());
         async move {
             let page = r.list_recharge_attempts(&acct, 10, None).await?;
-            Ok(page
-                .items
-                .into_iter()
-                .find(|a| matches!(a.status, AttemptStatus::Succeeded | AttemptStatus::Failed)))
+            Ok(page.items.into_iter().find(|a| {
+                matches!(
+                    a.status,
+                    AttemptStatus::Succeeded | AttemptStatus::Failed | AttemptStatus::Skipped
+                )
+            }))
         }
     })
     .await?;
@@ -183,7 +186,12 @@ pub async fn run(c: &Client, account: Option<String>) -> Result<(), ClientError>
             let done = page
                 .items
                 .iter()
-                .filter(|a| matches!(a.status, AttemptStatus::Succeeded | AttemptStatus::Failed))
+                .filter(|a| {
+                    matches!(
+                        a.status,
+                        AttemptStatus::Succeeded | AttemptStatus::Failed | AttemptStatus::Skipped
+                    )
+                })
                 .count();
             Ok((done >= 2).then(|| page.items.into_iter().next()).flatten())
         }

@@ -32,6 +32,9 @@ enum Cmd {
     /// Record usage.
     #[command(subcommand)]
     Usage(ops::UsageCmd),
+    /// Balance alerts (R18): set, show.
+    #[command(subcommand, alias = "alert")]
+    Alerts(ops::AlertCmd),
     /// Holds (R15): create, capture, release, show, list.
     #[command(subcommand, alias = "hold")]
     Holds(ops::HoldCmd),
@@ -124,6 +127,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Cmd::Accounts(cmd) => Ok(ops::accounts(&c, &out, cmd).await?),
         Cmd::Usage(cmd) => Ok(ops::usage(&c, &out, cmd).await?),
         Cmd::Holds(cmd) => Ok(ops::holds(&c, &out, cmd).await?),
+        Cmd::Alerts(cmd) => Ok(ops::alerts(&c, &out, cmd).await?),
         Cmd::Purchase {
             account_id,
             amount,

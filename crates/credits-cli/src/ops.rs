@@ -119,6 +119,19 @@ pub enum UsageCmd {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum AlertCmd {
+    /// Replace the balance alerts (R18): up to 5 thresholds on the available balance;
+    /// none clears them.
+    Set {
+        account_id: String,
+        thresholds: Vec<String>,
+    },
+    Show {
+        account_id: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 pub enum HoldCmd {
     /// Reserve part of the available balance for work priced when it ends (R15).
     Create {
@@ -207,6 +220,9 @@ pub enum RechargeCmd {
         threshold: String,
         #[arg(long)]
         target: String,
+        /// R19: the most auto-recharge may charge per calendar month (UTC).
+        #[arg(long)]
+        monthly_limit: Option<String>,
     },
     Off {
         account_id: String,
@@ -294,6 +310,30 @@ pub async fn usage(c: &Client, out: &Out, cmd: UsageCmd) -> Result<(), ClientErr
     v["balance"] = r.balance.to_wire().into();
     v["allowed"] = r.allowed.into();
     out.one(&v);
+    Ok(())
+}
+
+pub async fn alerts(c: &Client, out: &Out, cmd: AlertCmd) -> Result<(), ClientError> {
+    let (id, stored) = match cmd {
+        AlertCmd::Set {
+            account_id: id,
+            thresholds,
+        } => {
+            let account = account_id(&id)?;
+            let parsed = thresholds
+                .iter()
+                .enumerate()
+                .map(|(i, t)| Money::parse_non_negative(&format!("thresholds[{i}]"), t))
+                .collect::<Result<Vec<_>, _>>()?;
+            (id, c.ledger().set_balance_alerts(&account, &parsed).await?)
+        }
+        AlertCmd::Show { account_id: id } => {
+            let a = c.ledger().get_account(&account_id(&id)?).await?;
+            (id, a.alert_thresholds)
+        }
+    };
+    let shown: Vec<String> = stored.iter().map(|t| t.to_wire()).collect();
+    out.one(&serde_json::json!({ "account_id": id, "alert_thresholds": shown }));
     Ok(())
 }
 
@@ -490,11 +530,15 @@ pub async fn recharge(c: &Client, out: &Out, cmd: RechargeCmd) -> Result<(), Cli
             account_id: id,
             threshold,
             target,
+            monthly_limit,
         } => {
             let account = account_id(&id)?;
             let change = AutoRechargeChange::Enable {
                 threshold: Money::parse_non_negative("threshold", &threshold)?,
                 target: Money::parse_non_negative("target", &target)?,
+                monthly_limit: monthly_limit
+                    .map(|l| Money::parse_positive("monthly_limit", &l))
+                    .transpose()?,
             };
             let a = c.recharge().set_auto_recharge(&account, change).await?;
             out.one(&output::auto_recharge(&a));

@@ -101,6 +101,7 @@ pub fn account(a: &Account) -> Value {
         "available_balance": a.available_balance.to_wire(),
         "access": a.access.as_str(),
         "balance_threshold": money(a.balance_threshold),
+        "alert_thresholds": a.alert_thresholds.iter().map(|t| t.to_wire()).collect::<Vec<_>>(),
         "created_at": ts(Some(a.created_at)),
     })
 }
@@ -163,6 +164,8 @@ pub fn auto_recharge(a: &AutoRecharge) -> Value {
         "target": money(a.target),
         "disabled_reason": a.disabled_reason.as_str(),
         "consecutive_failures": a.consecutive_failures,
+        "monthly_limit": money(a.monthly_limit),
+        "charged_this_month": a.charged_this_month.to_wire(),
         "updated_at": ts(a.updated_at),
     })
 }

@@ -239,6 +239,31 @@ impl Ledger {
     }
 }
 
+impl Ledger {
+    /// R18: replaces the account's alert thresholds (at most 5, each ≥ 0, distinct; empty
+    /// clears); returns them as stored, highest first. Retried when transient (a repeat
+    /// stores the same).
+    pub async fn set_balance_alerts(
+        &self,
+        account: &AccountId,
+        thresholds: &[Money],
+    ) -> Result<Vec<Money>, ClientError> {
+        let req = lpb::SetBalanceAlertsRequest {
+            account_id: account.to_string(),
+            thresholds: thresholds.iter().map(|t| t.to_wire()).collect(),
+        };
+        let r = rpc!(self, Repeat::Safe, req, set_balance_alerts).await?;
+        r.thresholds
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                Money::parse_non_negative(&format!("thresholds[{i}]"), t)
+                    .map_err(|e| ClientError::bad_response(e.to_string()))
+            })
+            .collect()
+    }
+}
+
 fn versioned(version: Option<i64>) -> Repeat {
     match version {
         Some(v) if v > 0 => Repeat::Safe,

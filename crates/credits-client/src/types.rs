@@ -172,6 +172,8 @@ wire_enum! {
         Charging = "CHARGING",
         Succeeded = "SUCCEEDED",
         Failed = "FAILED",
+        /// R19: due, but the month's allowance was spent; never charged.
+        Skipped = "SKIPPED",
     }
 }
 
@@ -288,6 +290,8 @@ pub struct Account {
     pub held: Money,
     /// R15/R16: balance − held; what access and threshold crossings follow.
     pub available_balance: Money,
+    /// R18: alert thresholds on the available balance, highest first.
+    pub alert_thresholds: Vec<Money>,
 }
 
 /// `held` and `available_balance` as a server sends them; a server from before holds sends
@@ -318,6 +322,12 @@ impl TryFrom<lpb::Account> for Account {
             balance,
             held,
             available_balance,
+            alert_thresholds: a
+                .alert_thresholds
+                .iter()
+                .enumerate()
+                .map(|(i, t)| amount(&format!("account.alert_thresholds[{i}]"), t))
+                .collect::<Result<_, _>>()?,
             access: Access::from_wire("account.access", a.access)?,
             created_at: required_timestamp("account.created_at", a.created_at.as_ref())?,
             balance_threshold: optional_amount("account.balance_threshold", &a.balance_threshold)?,
@@ -817,6 +827,10 @@ pub struct AutoRecharge {
     pub updated_at: Option<DateTime<Utc>>,
     /// Failed top-ups in a row (three turn auto-recharge off, R11).
     pub consecutive_failures: u32,
+    /// R19: the most succeeded top-ups may charge in one calendar month (UTC).
+    pub monthly_limit: Option<Money>,
+    /// R19: what succeeded top-ups charged in the current calendar month (UTC).
+    pub charged_this_month: Money,
 }
 
 impl TryFrom<rpb::AutoRecharge> for AutoRecharge {
@@ -833,6 +847,12 @@ impl TryFrom<rpb::AutoRecharge> for AutoRecharge {
             )?,
             updated_at: timestamp("auto_recharge.updated_at", a.updated_at.as_ref())?,
             consecutive_failures: a.consecutive_failures,
+            monthly_limit: optional_amount("auto_recharge.monthly_limit", &a.monthly_limit)?,
+            charged_this_month: optional_amount(
+                "auto_recharge.charged_this_month",
+                &a.charged_this_month,
+            )?
+            .unwrap_or_default(),
         })
     }
 }
@@ -842,8 +862,13 @@ impl TryFrom<rpb::AutoRecharge> for AutoRecharge {
 pub enum AutoRechargeChange {
     /// Turn on: when the balance goes below `threshold`, bring it up to `target` (R6:
     /// `0 < threshold < target`, `target - threshold >=` the minimum purchase; R10: the
-    /// default payment method must be a card).
-    Enable { threshold: Money, target: Money },
+    /// default payment method must be a card). R19: `monthly_limit`, when set, caps what
+    /// succeeded top-ups charge in one calendar month (UTC); at least the minimum purchase.
+    Enable {
+        threshold: Money,
+        target: Money,
+        monthly_limit: Option<Money>,
+    },
     /// Turn off, keeping the stored amounts.
     Disable,
 }
@@ -851,17 +876,23 @@ pub enum AutoRechargeChange {
 impl AutoRechargeChange {
     pub(crate) fn to_wire(self, account: &AccountId) -> rpb::SetAutoRechargeRequest {
         match self {
-            AutoRechargeChange::Enable { threshold, target } => rpb::SetAutoRechargeRequest {
+            AutoRechargeChange::Enable {
+                threshold,
+                target,
+                monthly_limit,
+            } => rpb::SetAutoRechargeRequest {
                 account_id: account.to_string(),
                 enabled: true,
                 threshold: threshold.to_wire(),
                 target: target.to_wire(),
+                monthly_limit: monthly_limit.map(|m| m.to_wire()).unwrap_or_default(),
             },
             AutoRechargeChange::Disable => rpb::SetAutoRechargeRequest {
                 account_id: account.to_string(),
                 enabled: false,
                 threshold: String::new(),
                 target: String::new(),
+                monthly_limit: String::new(),
             },
         }
     }

@@ -5,7 +5,8 @@
 //! of docs/api.md "Errors" live here and only here: no exponent, no sign where a positive is required, no
 //! `NaN`, at most 9 fractional digits, and a bounded magnitude so every value fits the
 //! database and the sums of many of them cannot overflow. Rounding to cents happens in
-//! [`Money::ceil_to_cents`] and nowhere else.
+//! [`Money::ceil_to_cents`] (a top-up never leaves the balance short) and
+//! [`Money::floor_cents`] (an allowance is never overspent), and nowhere else.
 
 use std::fmt;
 use std::str::FromStr;
@@ -127,6 +128,14 @@ impl Money {
         Money(
             self.0
                 .round_dp_with_strategy(2, RoundingStrategy::ToPositiveInfinity),
+        )
+    }
+
+    /// Rounds down to a whole cent (R19: what is left of a monthly allowance).
+    pub fn floor_cents(&self) -> Money {
+        Money(
+            self.0
+                .round_dp_with_strategy(2, RoundingStrategy::ToNegativeInfinity),
         )
     }
 

@@ -42,7 +42,7 @@ END $$;
 
 -- The account moves from its stored (balance, held) to (p_balance, p_held): stores that,
 -- derives access from the available balance (R3-R5, R16) and publishes the threshold
--- crossing (R7, R17) and the access change. `p_purchase`: the move is a purchase credit, the
+-- crossing (R7, R17), the balance alerts (R18) and the access change. `p_purchase`: the move is a purchase credit, the
 -- only thing that ends PENDING_FIRST_PURCHASE. `p_ref` names what moved it
 -- ({"entry_id": …} and/or {"hold_id": …}). The caller holds the account row's lock.
 CREATE OR REPLACE FUNCTION ledger_move(
@@ -52,6 +52,7 @@ DECLARE
     avail_before numeric := acc.balance - acc.held;
     avail_after numeric := p_balance - p_held;
     new_access text := acc.access;
+    t numeric;
 BEGIN
     IF acc.billing_mode = 'PREPAID' THEN
         IF acc.access = 'PENDING_FIRST_PURCHASE' THEN
@@ -78,6 +79,15 @@ BEGIN
             'available_before', money_text(avail_before),
             'available_after', money_text(avail_after)) || p_ref);
     END IF;
+    -- R18: one alert per threshold the available balance falls below, highest first.
+    FOREACH t IN ARRAY acc.alert_thresholds LOOP
+        IF avail_before >= t AND avail_after < t THEN
+            PERFORM ledger_event('ledger.balance.alert', acc.account_id, jsonb_build_object(
+                'threshold', money_text(t),
+                'available_before', money_text(avail_before),
+                'available_after', money_text(avail_after)) || p_ref);
+        END IF;
+    END LOOP;
     IF new_access <> acc.access THEN
         PERFORM ledger_event(
             CASE
@@ -169,7 +179,10 @@ BEGIN
     END IF;
     IF new_access <> acc.access
        OR (acc.threshold IS NOT NULL AND acc.balance - acc.held >= acc.threshold
-           AND avail_after < acc.threshold) THEN
+           AND avail_after < acc.threshold)
+       OR (cardinality(acc.alert_thresholds) > 0
+           AND acc.balance - acc.held >= acc.alert_thresholds[cardinality(acc.alert_thresholds)]
+           AND avail_after < acc.alert_thresholds[1]) THEN
         PERFORM ledger_move(acc, new_balance, acc.held,
                             p_kind = 'CREDIT' AND p_source IN ('PURCHASE', 'AUTO_RECHARGE'),
                             jsonb_build_object('entry_id', e.entry_id));

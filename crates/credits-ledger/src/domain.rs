@@ -124,7 +124,35 @@ pub struct Account {
     pub access: Access,
     pub threshold: Option<Money>,
     pub threshold_version: i64,
+    /// R18: highest first.
+    pub alert_thresholds: Vec<Money>,
     pub created_at: DateTime<Utc>,
+}
+
+/// R18: at most this many alert thresholds per account.
+pub const MAX_ALERTS: usize = 5;
+
+/// R18: validates alert thresholds as the wire spells them (`thresholds[i]` names a bad
+/// one) and returns them distinct, highest first.
+pub fn alert_thresholds(raw: &[String]) -> Result<Vec<Money>, LedgerError> {
+    if raw.len() > MAX_ALERTS {
+        return Err(LedgerError::invalid(format!(
+            "thresholds: at most {MAX_ALERTS} alert thresholds; got {}",
+            raw.len()
+        )));
+    }
+    let mut out: Vec<Money> = Vec::with_capacity(raw.len());
+    for (i, t) in raw.iter().enumerate() {
+        let m = Money::parse_non_negative(&format!("thresholds[{i}]"), t)?;
+        if let Some(j) = out.iter().position(|o| *o == m) {
+            return Err(LedgerError::invalid(format!(
+                "thresholds[{i}]: {m} is already thresholds[{j}]; thresholds must be distinct"
+            )));
+        }
+        out.push(m);
+    }
+    out.sort_by(|a, b| b.cmp(a));
+    Ok(out)
 }
 
 impl Account {

@@ -110,6 +110,7 @@ fn account_to_wire(a: Account) -> pb::Account {
         balance_threshold_version: a.threshold_version,
         held: a.held.to_wire(),
         available_balance: available.to_wire(),
+        alert_thresholds: a.alert_thresholds.iter().map(|t| t.to_wire()).collect(),
     }
 }
 
@@ -491,6 +492,21 @@ impl pb::ledger_service_server::LedgerService for LedgerGrpc {
         Ok(Response::new(pb::ListHoldsResponse {
             holds: holds.into_iter().map(hold_to_wire).collect(),
             next_page_token,
+        }))
+    }
+
+    async fn set_balance_alerts(
+        &self,
+        req: Request<pb::SetBalanceAlertsRequest>,
+    ) -> Result<Response<pb::BalanceAlerts>, Status> {
+        let r = req.into_inner();
+        let id = AccountId::parse(&r.account_id)?;
+        let thresholds = alert_thresholds(&r.thresholds)?;
+        let stored = self.store.set_alerts(&id, &thresholds).await?;
+        tracing::info!(account_id = %id.as_str(), alerts = stored.len(), "balance alerts set");
+        Ok(Response::new(pb::BalanceAlerts {
+            account_id: r.account_id,
+            thresholds: stored.iter().map(|t| t.to_wire()).collect(),
         }))
     }
 }

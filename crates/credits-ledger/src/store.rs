@@ -24,6 +24,7 @@ struct AccountRow {
     access: String,
     threshold: Option<Decimal>,
     threshold_version: i64,
+    alert_thresholds: Vec<Decimal>,
     created_at: DateTime<Utc>,
 }
 
@@ -39,6 +40,7 @@ impl TryFrom<AccountRow> for Account {
             access: Access::from_db(&r.access)?,
             threshold: r.threshold.map(Money::new),
             threshold_version: r.threshold_version,
+            alert_thresholds: r.alert_thresholds.into_iter().map(Money::new).collect(),
             created_at: r.created_at,
         })
     }
@@ -240,7 +242,7 @@ impl Store {
             r#"INSERT INTO accounts (account_id, billing_mode, display_name, access)
                VALUES ($1, $2, $3, $4)
                ON CONFLICT (account_id) DO NOTHING
-               RETURNING account_id, billing_mode, display_name, balance, held, access, threshold, threshold_version, created_at"#,
+               RETURNING account_id, billing_mode, display_name, balance, held, access, threshold, threshold_version, alert_thresholds, created_at"#,
             new.account_id.as_str(),
             new.billing_mode.as_str(),
             new.display_name,
@@ -262,7 +264,7 @@ impl Store {
     pub async fn get_account(&self, id: &AccountId) -> Result<Account, LedgerError> {
         sqlx::query_as!(
             AccountRow,
-            r#"SELECT account_id, billing_mode, display_name, balance, held, access, threshold, threshold_version, created_at
+            r#"SELECT account_id, billing_mode, display_name, balance, held, access, threshold, threshold_version, alert_thresholds, created_at
                FROM accounts WHERE account_id = $1"#,
             id.as_str()
         )
@@ -287,6 +289,26 @@ impl Store {
             balance: Money::new(row.balance),
             held: Money::new(row.held),
         })
+    }
+
+    /// R18: replaces the account's alert thresholds (validated, highest first); returns
+    /// what is stored.
+    pub async fn set_alerts(
+        &self,
+        id: &AccountId,
+        thresholds: &[Money],
+    ) -> Result<Vec<Money>, LedgerError> {
+        let values: Vec<Decimal> = thresholds.iter().map(|t| t.as_decimal()).collect();
+        let stored = sqlx::query_scalar!(
+            "UPDATE accounts SET alert_thresholds = $2, updated_at = now()
+             WHERE account_id = $1 RETURNING alert_thresholds",
+            id.as_str(),
+            &values,
+        )
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or_else(|| LedgerError::AccountNotFound(id.clone()))?;
+        Ok(stored.into_iter().map(Money::new).collect())
     }
 
     /// R15: creates a hold, or answers the first one for a repeated key.

@@ -12,12 +12,10 @@ text_enum!(
     /// Why auto-recharge is off (`NONE` while it is on, or never configured).
     DisabledReason { NONE, USER, DEFAULT_PAYMENT_METHOD_NOT_CARD, NO_DEFAULT_PAYMENT_METHOD, REPEATED_FAILURES }
 );
-text_enum!(AttemptStatus {
-    PENDING,
-    CHARGING,
-    SUCCEEDED,
-    FAILED
-});
+text_enum!(
+    /// `SKIPPED`: due, but the month's allowance was spent (R19); never charged.
+    AttemptStatus { PENDING, CHARGING, SUCCEEDED, FAILED, SKIPPED }
+);
 
 /// R11: this many failed top-ups in a row turn auto-recharge off.
 pub const MAX_CONSECUTIVE_FAILURES: i32 = 3;
@@ -38,6 +36,92 @@ pub struct Settings {
     pub revision: i64,
     /// A balance check that is due, and why.
     pub due: Option<Due>,
+    /// R19: the most succeeded top-ups may charge in one calendar month (UTC).
+    pub monthly_limit: Option<Money>,
+}
+
+/// R19: the calendar month (UTC) that `now` falls in, as `[start, end)`.
+pub fn month_of(now: DateTime<Utc>) -> (DateTime<Utc>, DateTime<Utc>) {
+    use chrono::{Datelike, TimeZone};
+    let start = Utc
+        .with_ymd_and_hms(now.year(), now.month(), 1, 0, 0, 0)
+        .single()
+        .unwrap_or(now);
+    let (y, m) = if now.month() == 12 {
+        (now.year() + 1, 1)
+    } else {
+        (now.year(), now.month() + 1)
+    };
+    let end = Utc
+        .with_ymd_and_hms(y, m, 1, 0, 0, 0)
+        .single()
+        .unwrap_or(now);
+    (start, end)
+}
+
+/// R19: what a due top-up of `due` becomes under a monthly limit, with `charged` already
+/// charged this month.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Allowance {
+    /// Charge this (the whole due amount, or what is left of the month's allowance when
+    /// that is at least the minimum purchase), rounded down to the cent.
+    Charge(Money),
+    /// Not charged this month: record a SKIPPED attempt.
+    Skip,
+}
+
+pub fn allowance(
+    due: Money,
+    limit: Option<Money>,
+    charged: Money,
+    min_purchase: Money,
+) -> Allowance {
+    let Some(limit) = limit else {
+        return Allowance::Charge(due);
+    };
+    let left = (limit - charged).floor_cents();
+    if due <= left {
+        Allowance::Charge(due)
+    } else if left >= min_purchase {
+        Allowance::Charge(left)
+    } else {
+        Allowance::Skip
+    }
+}
+
+/// "Now" for the monthly limit (R19): the system clock, or one a test moves forward.
+#[derive(Clone, Debug, Default)]
+pub struct Clock {
+    offset_secs: std::sync::Arc<std::sync::atomic::AtomicI64>,
+}
+
+impl Clock {
+    pub fn now(&self) -> DateTime<Utc> {
+        Utc::now()
+            + chrono::Duration::seconds(self.offset_secs.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// Moves this clock (and every clone of it) forward: tests prove the month turning
+    /// without waiting for it.
+    pub fn advance(&self, by: std::time::Duration) {
+        let secs = i64::try_from(by.as_secs()).unwrap_or(i64::MAX);
+        self.offset_secs
+            .fetch_add(secs, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// R19: a monthly limit must be at least the minimum purchase (else no top-up could ever
+/// be charged under it).
+pub fn validate_monthly_limit(
+    limit: Option<Money>,
+    min_purchase: Money,
+) -> Result<(), RechargeError> {
+    match limit {
+        Some(l) if l < min_purchase => Err(RechargeError::invalid(format!(
+            "monthly_limit: must be at least the minimum purchase ${min_purchase} (R19); got ${l}"
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// A due balance check: what made it due, and the crossing event if one did.
@@ -61,6 +145,8 @@ pub enum Trigger {
     /// The reconciler found the balance below the threshold with nothing due or in flight
     /// (a crossing lost outside our control, e.g. while the queue was deleted).
     FoundBelowThreshold,
+    /// R19: the month turned after a top-up was skipped for the monthly limit.
+    MonthTurned,
 }
 
 impl Trigger {
@@ -71,6 +157,7 @@ impl Trigger {
             Trigger::StillBelowThreshold => "still_below_threshold",
             Trigger::RetryAfterFailure => "retry_after_failure",
             Trigger::FoundBelowThreshold => "found_below_threshold",
+            Trigger::MonthTurned => "month_turned",
         }
     }
 }

@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use credits_common::Money;
 use credits_common::ids::paging::{next_token, page_size, page_token};
 use credits_common::ids::timestamp;
 use credits_proto::recharge::v1 as pb;
@@ -26,6 +27,7 @@ fn never_configured(account: &AccountId) -> pb::AutoRecharge {
         account_id: account.as_str().to_owned(),
         enabled: false,
         disabled_reason: pb::DisabledReason::None as i32,
+        charged_this_month: Money::default().to_wire(),
         ..Default::default()
     }
 }
@@ -42,8 +44,10 @@ fn reason_to_wire(r: DisabledReason) -> pb::DisabledReason {
     }
 }
 
-fn settings_to_wire(s: Settings) -> pb::AutoRecharge {
+fn settings_to_wire(s: Settings, charged_this_month: Money) -> pb::AutoRecharge {
     pb::AutoRecharge {
+        monthly_limit: s.monthly_limit.map(|m| m.to_wire()).unwrap_or_default(),
+        charged_this_month: charged_this_month.to_wire(),
         account_id: s.account_id,
         enabled: s.enabled,
         threshold: s.threshold.to_wire(),
@@ -60,6 +64,7 @@ fn attempt_to_wire(a: Attempt) -> pb::RechargeAttempt {
         AttemptStatus::CHARGING => pb::AttemptStatus::Charging,
         AttemptStatus::SUCCEEDED => pb::AttemptStatus::Succeeded,
         AttemptStatus::FAILED => pb::AttemptStatus::Failed,
+        AttemptStatus::SKIPPED => pb::AttemptStatus::Skipped,
     };
     pb::RechargeAttempt {
         attempt_id: a.attempt_id,
@@ -84,7 +89,7 @@ impl pb::auto_recharge_service_server::AutoRechargeService for RechargeGrpc {
         let account = AccountId::parse(&req.into_inner().account_id)?;
         Ok(Response::new(
             match self.worker.auto_recharge(&account).await? {
-                Some(s) => settings_to_wire(s),
+                Some(s) => settings_to_wire(s, self.worker.charged_this_month(&account).await?),
                 None => never_configured(&account),
             },
         ))
@@ -98,10 +103,16 @@ impl pb::auto_recharge_service_server::AutoRechargeService for RechargeGrpc {
         let account = AccountId::parse(&r.account_id)?;
         let saved = self
             .worker
-            .set_auto_recharge(&account, r.enabled, &r.threshold, &r.target)
+            .set_auto_recharge(
+                &account,
+                r.enabled,
+                &r.threshold,
+                &r.target,
+                &r.monthly_limit,
+            )
             .await?;
         Ok(Response::new(match saved {
-            Some(s) => settings_to_wire(s),
+            Some(s) => settings_to_wire(s, self.worker.charged_this_month(&account).await?),
             None => never_configured(&account),
         }))
     }

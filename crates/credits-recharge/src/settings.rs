@@ -13,6 +13,7 @@ use credits_common::Money;
 
 use crate::domain::*;
 use crate::ports::{DefaultMethod, LedgerAccount};
+use crate::store::Store;
 use crate::worker::Recharge;
 
 /// How often a save starts again after losing a race before giving up with UNAVAILABLE.
@@ -41,6 +42,13 @@ impl Recharge {
         }
     }
 
+    /// R19: what succeeded top-ups charged this calendar month (UTC).
+    pub async fn charged_this_month(&self, account: &AccountId) -> Result<Money, RechargeError> {
+        let (from, to) = month_of(self.clock().now());
+        let mut conn = self.store().pool().acquire().await?;
+        Store::charged_between(&mut conn, account.as_str(), from, to).await
+    }
+
     /// Attempts newest first (R13); NOT_FOUND for an account the ledger does not know.
     pub async fn attempts(
         &self,
@@ -58,15 +66,16 @@ impl Recharge {
         Ok(attempts)
     }
 
-    /// `SetAutoRecharge`: validates (R5, R6, R10) and saves. Disabling may leave the
-    /// amounts empty (the stored ones are kept); turning off what was never on stores
-    /// nothing and answers `None`.
+    /// `SetAutoRecharge`: validates (R5, R6, R10, R19) and saves. Disabling may leave the
+    /// amounts empty (the stored ones, and the stored monthly limit, are kept); turning off
+    /// what was never on stores nothing and answers `None`.
     pub async fn set_auto_recharge(
         self: &std::sync::Arc<Self>,
         account: &AccountId,
         enabled: bool,
         threshold: &str,
         target: &str,
+        monthly_limit: &str,
     ) -> Result<Option<Settings>, RechargeError> {
         let stored = self.store().settings(account.as_str()).await?;
         let amounts_left_out = threshold.is_empty() && target.is_empty();
@@ -83,6 +92,12 @@ impl Recharge {
             ),
         };
         validate_amounts(threshold, target, self.min_purchase())?;
+        let monthly_limit = match (monthly_limit, enabled, amounts_left_out, &stored) {
+            ("", false, true, Some(s)) => s.monthly_limit,
+            ("", _, _, _) => None,
+            (l, _, _, _) => Some(Money::parse_positive("monthly_limit", l)?),
+        };
+        validate_monthly_limit(monthly_limit, self.min_purchase())?;
         let acct = self.known_account(account).await?;
         if enabled {
             if acct.contract {
@@ -98,7 +113,7 @@ impl Recharge {
                 }
             }
         }
-        self.save_settings(account, enabled, threshold, target)
+        self.save_settings(account, enabled, threshold, target, monthly_limit)
             .await
             .map(Some)
     }
@@ -111,6 +126,7 @@ impl Recharge {
         enabled: bool,
         threshold: Money,
         target: Money,
+        monthly_limit: Option<Money>,
     ) -> Result<Settings, RechargeError> {
         for _ in 0..SAVE_ROUNDS {
             let version = self.store().next_version().await?;
@@ -123,7 +139,14 @@ impl Recharge {
             }
             let Some(saved) = self
                 .store()
-                .save_settings(account.as_str(), enabled, threshold, target, version)
+                .save_settings(
+                    account.as_str(),
+                    enabled,
+                    threshold,
+                    target,
+                    monthly_limit,
+                    version,
+                )
                 .await?
             else {
                 continue; // a newer save was stored first

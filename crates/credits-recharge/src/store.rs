@@ -29,6 +29,7 @@ struct SettingsRow {
     revision: i64,
     due_trigger: Option<String>,
     due_event_id: Option<String>,
+    monthly_limit: Option<Decimal>,
 }
 
 impl TryFrom<SettingsRow> for Settings {
@@ -48,6 +49,7 @@ impl TryFrom<SettingsRow> for Settings {
                 trigger,
                 event_id: r.due_event_id,
             }),
+            monthly_limit: r.monthly_limit.map(Money::new),
         })
     }
 }
@@ -106,7 +108,7 @@ impl Store {
         sqlx::query_as!(
             SettingsRow,
             r#"SELECT account_id, enabled, threshold, target, disabled_reason, consecutive_failures, updated_at,
-                      version, revision, due_trigger, due_event_id
+                      version, revision, due_trigger, due_event_id, monthly_limit
                FROM settings WHERE account_id = $1"#,
             account
         )
@@ -124,7 +126,7 @@ impl Store {
         sqlx::query_as!(
             SettingsRow,
             r#"SELECT account_id, enabled, threshold, target, disabled_reason, consecutive_failures, updated_at,
-                      version, revision, due_trigger, due_event_id
+                      version, revision, due_trigger, due_event_id, monthly_limit
                FROM settings WHERE account_id = $1 FOR UPDATE"#,
             account
         )
@@ -153,6 +155,7 @@ impl Store {
         enabled: bool,
         threshold: Money,
         target: Money,
+        monthly_limit: Option<Money>,
         version: i64,
     ) -> Result<Option<Settings>, RechargeError> {
         let reason = if enabled {
@@ -163,17 +166,18 @@ impl Store {
         sqlx::query_as!(
             SettingsRow,
             r#"INSERT INTO settings (account_id, enabled, threshold, target, disabled_reason, version,
-                                   retry_at, due_trigger)
-               VALUES ($1, $2, $3, $4, $5, $6, CASE WHEN $2 THEN now() END, CASE WHEN $2 THEN $7 END)
+                                   retry_at, due_trigger, monthly_limit)
+               VALUES ($1, $2, $3, $4, $5, $6, CASE WHEN $2 THEN now() END, CASE WHEN $2 THEN $7 END, $8)
                ON CONFLICT (account_id) DO UPDATE
                SET enabled = $2, threshold = $3, target = $4, disabled_reason = $5, version = $6,
+                   monthly_limit = $8,
                    consecutive_failures = CASE WHEN $2 THEN 0 ELSE settings.consecutive_failures END,
                    retry_at = CASE WHEN $2 THEN now() END,
                    due_trigger = CASE WHEN $2 THEN $7 END, due_event_id = NULL,
                    updated_at = now()
                WHERE settings.version < $6
                RETURNING account_id, enabled, threshold, target, disabled_reason, consecutive_failures, updated_at,
-                         version, revision, due_trigger, due_event_id"#,
+                         version, revision, due_trigger, due_event_id, monthly_limit"#,
             account,
             enabled,
             threshold.as_decimal(),
@@ -181,6 +185,7 @@ impl Store {
             reason.as_str(),
             version,
             Trigger::EnabledBelowThreshold.as_str(),
+            monthly_limit.map(|m| m.as_decimal()),
         )
         .fetch_optional(&self.pool)
         .await?
@@ -216,7 +221,7 @@ impl Store {
         sqlx::query_as!(
             SettingsRow,
             r#"SELECT account_id, enabled, threshold, target, disabled_reason, consecutive_failures, updated_at,
-                      version, revision, due_trigger, due_event_id
+                      version, revision, due_trigger, due_event_id, monthly_limit
                FROM settings WHERE enabled AND account_id > $1 ORDER BY account_id LIMIT $2"#,
             after,
             limit
@@ -320,6 +325,66 @@ impl Store {
         )
         .fetch_one(conn)
         .await?)
+    }
+
+    /// R19: what succeeded top-ups charged in `[from, to)`, read under the caller's lock of
+    /// the settings row.
+    pub async fn charged_between(
+        conn: &mut PgConnection,
+        account: &str,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<Money, RechargeError> {
+        let sum = sqlx::query_scalar!(
+            r#"SELECT coalesce(sum(amount), 0) AS "sum!" FROM attempts
+               WHERE account_id = $1 AND status = 'SUCCEEDED' AND completed_at >= $2 AND completed_at < $3"#,
+            account,
+            from,
+            to,
+        )
+        .fetch_one(conn)
+        .await?;
+        Ok(Money::new(sum))
+    }
+
+    /// R19: records a due top-up that the month's allowance does not cover (never charged,
+    /// never in flight), and schedules the balance check for `retry_at` (the month's turn).
+    pub async fn insert_skipped(
+        conn: &mut PgConnection,
+        account: &str,
+        trigger: &str,
+        event_id: Option<&str>,
+        balance: Money,
+        amount: Money,
+        retry_at: DateTime<Utc>,
+    ) -> Result<Attempt, RechargeError> {
+        let a: Attempt = sqlx::query_as!(
+            AttemptRow,
+            r#"INSERT INTO attempts (attempt_id, account_id, trigger, trigger_event_id, balance_at_trigger, amount,
+                                     status, failure_code, completed_at)
+               VALUES ($1, $2, $3, $4, $5, $6, 'SKIPPED', 'monthly_limit_reached', now())
+               RETURNING seq, attempt_id, account_id, trigger, balance_at_trigger, amount, status,
+                         payment_method_id, charge_id, failure_code, retries, created_at, completed_at"#,
+            format!("att_{}", uuid::Uuid::now_v7().simple()),
+            account,
+            trigger,
+            event_id,
+            balance.as_decimal(),
+            amount.as_decimal(),
+        )
+        .fetch_one(&mut *conn)
+        .await?
+        .try_into()?;
+        sqlx::query!(
+            "UPDATE settings SET retry_at = $2, due_trigger = $3, due_event_id = NULL
+             WHERE account_id = $1",
+            account,
+            retry_at,
+            Trigger::MonthTurned.as_str(),
+        )
+        .execute(conn)
+        .await?;
+        Ok(a)
     }
 
     /// Inserts a PENDING attempt; `None` if one is already in flight for the account.
@@ -440,7 +505,8 @@ impl Store {
         Ok(r.rows_affected() == 1)
     }
 
-    /// Finishes an in-flight attempt held under `lease`; `None` if it was already finished
+    /// Finishes an in-flight attempt held under `lease` at `at` (the worker's clock: the
+    /// calendar month of a success is what R19 counts); `None` if it was already finished
     /// or the lease was lost (the new owner finishes it).
     pub async fn finish(
         conn: &mut PgConnection,
@@ -448,10 +514,11 @@ impl Store {
         status: AttemptStatus,
         charge_id: Option<&str>,
         failure_code: &str,
+        at: DateTime<Utc>,
     ) -> Result<Option<Attempt>, RechargeError> {
         sqlx::query_as!(
             AttemptRow,
-            r#"UPDATE attempts SET status = $2, charge_id = COALESCE($3, charge_id), failure_code = $4, completed_at = now()
+            r#"UPDATE attempts SET status = $2, charge_id = COALESCE($3, charge_id), failure_code = $4, completed_at = $6
                WHERE attempt_id = $1 AND status IN ('PENDING', 'CHARGING') AND lease_owner = $5
                RETURNING seq, attempt_id, account_id, trigger, balance_at_trigger, amount, status,
                          payment_method_id, charge_id, failure_code, retries, created_at, completed_at"#,
@@ -460,6 +527,7 @@ impl Store {
             charge_id,
             failure_code,
             lease.owner,
+            at,
         )
         .fetch_optional(conn)
         .await?
@@ -508,11 +576,16 @@ impl Store {
 
     /// Accounts with a balance check due (a crossing, enabling, after a top-up, after a
     /// failure's retry delay), oldest first; the partial index `settings_due` finds them.
-    pub async fn due_checks(&self, limit: i64) -> Result<Vec<String>, RechargeError> {
+    pub async fn due_checks(
+        &self,
+        limit: i64,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<String>, RechargeError> {
         Ok(sqlx::query_scalar!(
             "SELECT account_id FROM settings
-             WHERE enabled AND retry_at IS NOT NULL AND retry_at <= now() ORDER BY retry_at LIMIT $1",
-            limit
+             WHERE enabled AND retry_at IS NOT NULL AND retry_at <= $2 ORDER BY retry_at LIMIT $1",
+            limit,
+            now,
         )
         .fetch_all(&self.pool)
         .await?)

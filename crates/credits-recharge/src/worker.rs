@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use credits_common::Money;
-use credits_common::events::{AttemptFinished, Event, SettingsDisabled};
+use credits_common::events::{AttemptFinished, Event, LimitReached, SettingsDisabled};
 use credits_common::outbox;
 use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -52,6 +52,8 @@ pub struct WorkerConfig {
     pub sweep_every: Duration,
     /// How often the reconciler compares every enabled account with the ledger.
     pub reconcile_every: Duration,
+    /// "Now" for the monthly limit's calendar month (R19); tests move it.
+    pub clock: Clock,
 }
 
 impl Default for WorkerConfig {
@@ -63,6 +65,7 @@ impl Default for WorkerConfig {
             backoff_max: Duration::from_secs(30),
             sweep_every: Duration::from_secs(1),
             reconcile_every: Duration::from_secs(60),
+            clock: Clock::default(),
         }
     }
 }
@@ -126,6 +129,11 @@ impl Recharge {
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// "Now" for the monthly limit (R19).
+    pub fn clock(&self) -> &Clock {
+        &self.cfg.clock
     }
 
     pub fn min_purchase(&self) -> Money {
@@ -224,7 +232,40 @@ impl Recharge {
                 Some(d) => (d.trigger.clone(), d.event_id.clone()),
                 None => (fallback.as_str().to_owned(), None),
             };
-            let amount = top_up_amount(now.target, balance);
+            let due_amount = top_up_amount(now.target, balance);
+            // R19: the month's allowance is read and spent under the settings row lock, so
+            // two replicas cannot both spend its last dollars.
+            let (month_start, month_end) = month_of(self.cfg.clock.now());
+            let charged = match now.monthly_limit {
+                Some(_) => Store::charged_between(&mut tx, account, month_start, month_end).await?,
+                None => Money::default(),
+            };
+            let amount = match allowance(due_amount, now.monthly_limit, charged, self.min_purchase)
+            {
+                Allowance::Charge(a) => a,
+                Allowance::Skip => {
+                    let skipped = Store::insert_skipped(
+                        &mut tx,
+                        account,
+                        &trigger,
+                        event_id.as_deref(),
+                        balance,
+                        due_amount,
+                        month_end,
+                    )
+                    .await?;
+                    let event = Event::LimitReached(LimitReached {
+                        monthly_limit: now.monthly_limit.unwrap_or_default(),
+                        charged_this_month: charged,
+                        due_amount,
+                    });
+                    outbox::enqueue(&mut tx, account, &event).await?;
+                    tx.commit().await?;
+                    metrics::counter!("credits_recharge_attempts_skipped_total").increment(1);
+                    tracing::warn!(account_id = account, attempt_id = %skipped.attempt_id, %balance, %due_amount, %charged, "monthly auto-recharge limit reached; top-up skipped until the month turns");
+                    return Ok(None);
+                }
+            };
             let attempt = Store::insert_attempt(
                 &mut tx,
                 account,
@@ -375,6 +416,7 @@ impl Recharge {
             AttemptStatus::SUCCEEDED,
             Some(charge_id),
             "",
+            self.cfg.clock.now(),
         )
         .await?
         else {
@@ -405,9 +447,16 @@ impl Recharge {
     ) -> Result<Step, RechargeError> {
         let a = &lease.attempt;
         let mut tx = self.store.pool().begin().await?;
-        if Store::finish(&mut tx, lease, AttemptStatus::FAILED, charge_id, code)
-            .await?
-            .is_none()
+        if Store::finish(
+            &mut tx,
+            lease,
+            AttemptStatus::FAILED,
+            charge_id,
+            code,
+            self.cfg.clock.now(),
+        )
+        .await?
+        .is_none()
         {
             return Ok(Step::LeaseLost);
         }
@@ -535,7 +584,10 @@ impl Recharge {
 
     /// One pass over due balance checks; returns how many it carried out.
     pub async fn due_checks_once(self: &Arc<Self>) -> Result<usize, RechargeError> {
-        let accounts = self.store.due_checks(SWEEP_BATCH).await?;
+        let accounts = self
+            .store
+            .due_checks(SWEEP_BATCH, self.cfg.clock.now())
+            .await?;
         let n = accounts.len();
         futures_util::stream::iter(accounts)
             .for_each_concurrent(SWEEP_CONCURRENCY, |account| async move {
