@@ -80,7 +80,7 @@ contract! {
     HoldReleased(HoldEnded) = "ledger.hold.released",
     /// R15.
     HoldExpired(HoldEnded) = "ledger.hold.expired",
-    /// R18 (not published yet).
+    /// R18: the available balance fell below one of the account's alert thresholds.
     BalanceAlert(BalanceAlert) = "ledger.balance.alert",
     PaymentMethodDefaultChanged(DefaultChanged) = "payments.payment_method.default_changed",
     PaymentMethodRemoved(MethodRemoved) = "payments.payment_method.removed",
@@ -89,7 +89,7 @@ contract! {
     AttemptSucceeded(AttemptFinished) = "recharge.attempt.succeeded",
     AttemptFailed(AttemptFinished) = "recharge.attempt.failed",
     SettingsDisabled(SettingsDisabled) = "recharge.settings.disabled",
-    /// R19 (not published yet).
+    /// R19: a due top-up was skipped: the month's allowance is spent.
     LimitReached(LimitReached) = "recharge.limit_reached",
 }
 
