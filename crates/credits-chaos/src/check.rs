@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use rust_decimal::Decimal;
 use sqlx::{Connection, PgConnection};
 
-use crate::workload::{Account, Report};
+use crate::workload::{self, Account, Report};
 use crate::{Args, Cluster};
 
 async fn db(pg: &str, name: &str) -> anyhow::Result<PgConnection> {
@@ -34,7 +34,11 @@ pub async fn drop_all(pg: &str, dbs: &[String; 3], amqp_url: &str, queue: &str) 
         lapin::Connection::connect(amqp_url, lapin::ConnectionProperties::default()).await
         && let Ok(ch) = conn.create_channel().await
     {
-        for q in [queue.to_owned(), format!("{queue}.dlq")] {
+        for q in [
+            queue.to_owned(),
+            format!("{queue}.dlq"),
+            alerts_queue(queue),
+        ] {
             let _ = ch
                 .queue_delete(
                     q.as_str().into(),
@@ -43,6 +47,71 @@ pub async fn drop_all(pg: &str, dbs: &[String; 3], amqp_url: &str, queue: &str) 
                 .await;
         }
     }
+}
+
+/// The queue that collects every `ledger.balance.alert` of the run (invariant 9).
+pub fn alerts_queue(queue: &str) -> String {
+    format!("{queue}.alerts")
+}
+
+/// Declares the durable alert-collecting queue, bound before any usage is recorded.
+pub async fn bind_alerts(amqp_url: &str, exchange: &str, queue: &str) -> anyhow::Result<()> {
+    use lapin::options::{QueueBindOptions, QueueDeclareOptions};
+    let conn = lapin::Connection::connect(amqp_url, lapin::ConnectionProperties::default()).await?;
+    let ch = conn.create_channel().await?;
+    credits_common::amqp::declare_exchange(&ch, exchange).await?;
+    let q = alerts_queue(queue);
+    ch.queue_declare(
+        q.as_str().into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        lapin::types::FieldTable::default(),
+    )
+    .await?;
+    ch.queue_bind(
+        q.as_str().into(),
+        exchange.into(),
+        "ledger.balance.alert".into(),
+        QueueBindOptions::default(),
+        lapin::types::FieldTable::default(),
+    )
+    .await?;
+    let _ = conn.close(0, "done".into()).await;
+    Ok(())
+}
+
+/// Every alert the run published, once each (the relay delivers at least once: a
+/// repeat carries the same event id): (account, threshold, entry id).
+async fn collect_alerts(
+    amqp_url: &str,
+    queue: &str,
+) -> anyhow::Result<HashSet<(String, Decimal, String)>> {
+    let conn = lapin::Connection::connect(amqp_url, lapin::ConnectionProperties::default()).await?;
+    let ch = conn.create_channel().await?;
+    let mut seen = HashSet::new();
+    let mut out = HashSet::new();
+    while let Some(m) = ch
+        .basic_get(
+            alerts_queue(queue).as_str().into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        )
+        .await?
+    {
+        let v: serde_json::Value = serde_json::from_slice(&m.delivery.data)?;
+        if !seen.insert(v["id"].to_string()) {
+            continue;
+        }
+        let threshold: Decimal = v["data"]["threshold"].as_str().unwrap_or("").parse()?;
+        out.insert((
+            v["account_id"].as_str().unwrap_or("").to_owned(),
+            threshold.normalize(),
+            v["data"]["entry_id"].as_str().unwrap_or("").to_owned(),
+        ));
+    }
+    let _ = conn.close(0, "done".into()).await;
+    Ok(out)
 }
 
 /// What rabbitmqctl says of a queue.
@@ -410,14 +479,17 @@ pub async fn settle_and_check(
         .iter()
         .filter(|(acct, threshold)| {
             balances.get(acct).is_some_and(|b| b < threshold)
-                && latest.get(acct).map(String::as_str) != Some("FAILED")
+                && !matches!(
+                    latest.get(acct).map(String::as_str),
+                    Some("FAILED" | "SKIPPED")
+                )
         })
         .map(|(a, _)| a.as_str())
         .collect();
     let off_count: i64 = scalar(&mut r, "SELECT count(*) FROM settings WHERE NOT enabled").await;
     ck.report(
         unexplained_low.is_empty(),
-        "5. auto-recharge on ⇒ available balance ≥ threshold or a failed attempt",
+        "5. auto-recharge on ⇒ available balance ≥ threshold or a failed/skipped attempt",
         format!("{} accounts on, {off_count} turned off (ACH / repeated failures); below threshold without explanation: {unexplained_low:?}", settings.len()),
     );
 
@@ -499,6 +571,78 @@ pub async fn settle_and_check(
         "8. held = sum of active holds; each hold ended once",
         format!(
             "holds by status {by_status:?}; accounts with held off {held_off}, holds not ended exactly once {ended_wrong}, active past expiry {overdue}"
+        ),
+    );
+
+    // 9. Alerts (R18): every alert matches a crossing in the journal, and every crossing
+    //    has its alert. Accounts with alerts take no holds, so their available balance is
+    //    their balance and each entry's move is `balance_after ∓ amount → balance_after`.
+    let with_alerts: Vec<&Account> = accounts.iter().filter(|a| !a.alerts.is_empty()).collect();
+    let ids: Vec<String> = with_alerts.iter().map(|a| a.id.to_string()).collect();
+    let journal: Vec<(String, String, String, Decimal, Decimal)> = sqlx::query_as(
+        "SELECT account_id, entry_id::text, kind, amount, balance_after FROM entries
+          WHERE account_id = ANY($1) ORDER BY seq",
+    )
+    .bind(&ids)
+    .fetch_all(&mut l)
+    .await?;
+    let mut crossings = HashSet::new();
+    for (acct, entry, kind, amount, after) in &journal {
+        let before = if kind == "USAGE" {
+            after + amount
+        } else {
+            after - amount
+        };
+        if let Some(a) = with_alerts.iter().find(|a| a.id.as_str() == acct) {
+            for t in &a.alerts {
+                let t = t.as_decimal();
+                if before >= t && *after < t {
+                    crossings.insert((acct.clone(), t.normalize(), entry.clone()));
+                }
+            }
+        }
+    }
+    let alerts = collect_alerts(&a.amqp_url, &c.queue).await?;
+    let unmatched = alerts.difference(&crossings).count();
+    let unalerted = crossings.difference(&alerts).count();
+    ck.report(
+        unmatched == 0 && unalerted == 0,
+        "9. every alert ↔ a crossing of its threshold in the journal",
+        format!(
+            "{} accounts with {} thresholds each; {} crossings, {} alerts; alerts without a crossing {unmatched}, crossings without an alert {unalerted}",
+            with_alerts.len(),
+            workload::ALERTS.len(),
+            crossings.len(),
+            alerts.len()
+        ),
+    );
+
+    // 10. Monthly limit (R19): no account's succeeded top-ups in a calendar month exceed
+    //     its limit.
+    let over = scalar(
+        &mut r,
+        "SELECT count(*) FROM (SELECT a.account_id FROM attempts a JOIN settings s USING (account_id)
+          WHERE a.status = 'SUCCEEDED' AND s.monthly_limit IS NOT NULL
+          GROUP BY a.account_id, s.monthly_limit, date_trunc('month', a.completed_at AT TIME ZONE 'UTC')
+          HAVING sum(a.amount) > s.monthly_limit) x",
+    )
+    .await;
+    let limited: Vec<(i64, i64, Option<Decimal>)> = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM settings WHERE monthly_limit IS NOT NULL),
+                (SELECT count(*) FROM attempts WHERE status = 'SKIPPED'),
+                (SELECT max(t) FROM (SELECT sum(a.amount) AS t FROM attempts a JOIN settings s USING (account_id)
+                  WHERE a.status = 'SUCCEEDED' AND s.monthly_limit IS NOT NULL GROUP BY a.account_id) y)",
+    )
+    .fetch_all(&mut r)
+    .await?;
+    let (n_limited, skipped, most) = limited.first().cloned().unwrap_or((0, 0, None));
+    ck.report(
+        over == 0,
+        "10. succeeded top-ups in a month ≤ the monthly limit",
+        format!(
+            "{n_limited} accounts limited to ${}/month; most charged {}; {skipped} top-ups skipped; months over the limit {over}",
+            workload::MONTHLY_LIMIT,
+            most.map_or("0".to_owned(), |m| m.to_string())
         ),
     );
     Ok(!ck.failed)

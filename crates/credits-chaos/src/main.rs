@@ -261,6 +261,7 @@ async fn run(a: &Args, seed: u64) -> anyhow::Result<bool> {
 
     let t0 = Instant::now();
     let clients = workload::Clients::new(&c)?;
+    check::bind_alerts(&a.amqp_url, &c.exchange, &c.queue).await?;
     let accounts = workload::setup(&clients, a.accounts, &mut rng).await?;
     println!(
         "[{:6.1}s] set up {} accounts ({} with declining cards, {} that will switch to ACH)",

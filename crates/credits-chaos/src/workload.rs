@@ -71,7 +71,18 @@ pub struct Account {
     pub id: AccountId,
     pub kind: Kind,
     pub bank_method: Option<String>,
+    /// R18 alert thresholds (such accounts get no holds, so that every crossing is in
+    /// the journal for invariant 9).
+    pub alerts: Vec<Money>,
+    /// R19.
+    pub monthly_limit: Option<Money>,
 }
+
+/// Alert thresholds of the accounts that have them (every fifth good account).
+pub const ALERTS: [&str; 3] = ["40", "25", "5"];
+/// The monthly auto-recharge limit of the accounts that have one (every fifth good
+/// account): small enough that a 45 s run spends it and skips top-ups.
+pub const MONTHLY_LIMIT: &str = "100";
 
 /// Retries a call through transient failures (the faults have not started yet, but a
 /// daemon may still be warming up). The harness's own loop, not the client's policy: it
@@ -139,12 +150,15 @@ fn key(s: &str) -> Result<IdempotencyKey, ClientError> {
     Ok(IdempotencyKey::parse(s)?)
 }
 
-/// Auto-recharge on: below `threshold`, back up to $50.
-fn enable(threshold: &str) -> Result<AutoRechargeChange, ClientError> {
+/// Auto-recharge on: below `threshold`, back up to $50, under the account's limit.
+fn enable(
+    threshold: &str,
+    monthly_limit: Option<Money>,
+) -> Result<AutoRechargeChange, ClientError> {
     Ok(AutoRechargeChange::Enable {
         threshold: money("threshold", threshold)?,
         target: money("target", "50")?,
-        monthly_limit: None,
+        monthly_limit,
     })
 }
 
@@ -181,12 +195,29 @@ pub async fn setup(c: &Clients, n: usize, rng: &mut Rng) -> anyhow::Result<Vec<A
             }
             Kind::Good => {}
         }
-        let on = enable("10")?;
+        let (alerts, monthly_limit) = match (kind, i % 5) {
+            (Kind::Good, 1) => (
+                ALERTS
+                    .iter()
+                    .map(|t| money("threshold", t))
+                    .collect::<Result<Vec<_>, _>>()?,
+                None,
+            ),
+            (Kind::Good, 2) => (Vec::new(), Some(money("monthly_limit", MONTHLY_LIMIT)?)),
+            _ => (Vec::new(), None),
+        };
+        if !alerts.is_empty() {
+            let alerts_ = &alerts;
+            retry(|| l.set_balance_alerts(id_, alerts_)).await?;
+        }
+        let on = enable("10", monthly_limit)?;
         retry(|| r.set_auto_recharge(id_, on)).await?;
         out.push(Account {
             id,
             kind,
             bank_method,
+            alerts,
+            monthly_limit,
         });
     }
     Ok(out)
@@ -331,7 +362,10 @@ pub async fn drive(
                     // concurrent changes, and changes cut by faults, are what can leave
                     // the ledger watching another threshold than the settings hold (7).
                     let r = &c.recharge[rng.below(2) as usize];
-                    match enable(if rng.below(2) == 0 { "10" } else { "12" }) {
+                    match enable(
+                        if rng.below(2) == 0 { "10" } else { "12" },
+                        acct.monthly_limit,
+                    ) {
                         Ok(change) => r
                             .set_auto_recharge(&acct.id, change)
                             .await
@@ -390,6 +424,9 @@ async fn hold_step(
     w: usize,
     n: u64,
 ) -> Result<&'static str, ClientError> {
+    if !acct.alerts.is_empty() {
+        return Ok("noop");
+    }
     if !held.is_empty() && rng.below(2) == 0 {
         let i = rng.below(held.len() as u64) as usize;
         let (account, hold_id, ending) = held[i].clone();
