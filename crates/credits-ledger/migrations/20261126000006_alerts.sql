@@ -5,4 +5,6 @@
 ALTER TABLE accounts ADD COLUMN alert_thresholds numeric[] NOT NULL DEFAULT '{}';
 -- NOT VALID: every existing row has the empty default; new and updated rows are checked.
 ALTER TABLE accounts ADD CONSTRAINT accounts_alerts_valid
-    CHECK (cardinality(alert_thresholds) <= 5) NOT VALID;
+    CHECK (cardinality(alert_thresholds) <= 5
+           AND array_position(alert_thresholds, NULL) IS NULL
+           AND 0 <= ALL (alert_thresholds)) NOT VALID;

@@ -181,8 +181,8 @@ BEGIN
        OR (acc.threshold IS NOT NULL AND acc.balance - acc.held >= acc.threshold
            AND avail_after < acc.threshold)
        OR (cardinality(acc.alert_thresholds) > 0
-           AND acc.balance - acc.held >= acc.alert_thresholds[cardinality(acc.alert_thresholds)]
-           AND avail_after < acc.alert_thresholds[1]) THEN
+           AND EXISTS (SELECT 1 FROM unnest(acc.alert_thresholds) t
+                       WHERE acc.balance - acc.held >= t AND avail_after < t)) THEN
         PERFORM ledger_move(acc, new_balance, acc.held,
                             p_kind = 'CREDIT' AND p_source IN ('PURCHASE', 'AUTO_RECHARGE'),
                             jsonb_build_object('entry_id', e.entry_id));

@@ -40,25 +40,6 @@ pub struct Settings {
     pub monthly_limit: Option<Money>,
 }
 
-/// R19: the calendar month (UTC) that `now` falls in, as `[start, end)`.
-pub fn month_of(now: DateTime<Utc>) -> (DateTime<Utc>, DateTime<Utc>) {
-    use chrono::{Datelike, TimeZone};
-    let start = Utc
-        .with_ymd_and_hms(now.year(), now.month(), 1, 0, 0, 0)
-        .single()
-        .unwrap_or(now);
-    let (y, m) = if now.month() == 12 {
-        (now.year() + 1, 1)
-    } else {
-        (now.year(), now.month() + 1)
-    };
-    let end = Utc
-        .with_ymd_and_hms(y, m, 1, 0, 0, 0)
-        .single()
-        .unwrap_or(now);
-    (start, end)
-}
-
 /// R19: what a due top-up of `due` becomes under a monthly limit, with `charged` already
 /// charged this month.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -89,20 +70,21 @@ pub fn allowance(
     }
 }
 
-/// "Now" for the monthly limit (R19): the system clock, or one a test moves forward.
+/// "Now" for the monthly limit (R19): the database's clock — one clock for every replica,
+/// so a decision never reads an earlier month than a success it follows — plus an offset
+/// that only tests move (to turn the month without waiting for it).
 #[derive(Clone, Debug, Default)]
 pub struct Clock {
     offset_secs: std::sync::Arc<std::sync::atomic::AtomicI64>,
 }
 
 impl Clock {
-    pub fn now(&self) -> DateTime<Utc> {
-        Utc::now()
-            + chrono::Duration::seconds(self.offset_secs.load(std::sync::atomic::Ordering::Relaxed))
+    /// Seconds added to the database's `now()` wherever R19 reads the time.
+    pub fn offset_secs(&self) -> f64 {
+        self.offset_secs.load(std::sync::atomic::Ordering::Relaxed) as f64
     }
 
-    /// Moves this clock (and every clone of it) forward: tests prove the month turning
-    /// without waiting for it.
+    /// Moves this clock (and every clone of it) forward.
     pub fn advance(&self, by: std::time::Duration) {
         let secs = i64::try_from(by.as_secs()).unwrap_or(i64::MAX);
         self.offset_secs
@@ -342,5 +324,52 @@ mod error_tests {
         );
         assert!(!peer.is_transient());
         assert!(RechargeError::Unavailable("payments".into()).is_transient());
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod allowance_tests {
+    use super::*;
+
+    fn m(s: &str) -> Money {
+        Money::parse_non_negative("m", s).unwrap()
+    }
+
+    #[test]
+    fn a_monthly_limit_reduces_or_skips_a_top_up_r19() {
+        let min = m("5");
+        assert_eq!(
+            allowance(m("40"), None, m("1000"), min),
+            Allowance::Charge(m("40"))
+        );
+        assert_eq!(
+            allowance(m("40"), Some(m("100")), m("60"), min),
+            Allowance::Charge(m("40"))
+        );
+        // Reduced to what is left, when that is at least the minimum purchase.
+        assert_eq!(
+            allowance(m("40"), Some(m("100")), m("80"), min),
+            Allowance::Charge(m("20"))
+        );
+        assert_eq!(
+            allowance(m("40"), Some(m("100")), m("95"), min),
+            Allowance::Charge(m("5"))
+        );
+        // Rounded down to the cent: the limit is never passed.
+        assert_eq!(
+            allowance(m("40"), Some(m("100.009")), m("90"), min),
+            Allowance::Charge(m("10.00"))
+        );
+        assert_eq!(
+            allowance(m("40"), Some(m("100")), m("95.01"), min),
+            Allowance::Skip
+        );
+        assert_eq!(
+            allowance(m("40"), Some(m("100")), m("100"), min),
+            Allowance::Skip
+        );
+        assert!(validate_monthly_limit(Some(m("4.99")), min).is_err());
+        assert!(validate_monthly_limit(Some(m("5")), min).is_ok());
     }
 }

@@ -44,9 +44,8 @@ impl Recharge {
 
     /// R19: what succeeded top-ups charged this calendar month (UTC).
     pub async fn charged_this_month(&self, account: &AccountId) -> Result<Money, RechargeError> {
-        let (from, to) = month_of(self.clock().now());
         let mut conn = self.store().pool().acquire().await?;
-        Store::charged_between(&mut conn, account.as_str(), from, to).await
+        Store::charged_this_month(&mut conn, account.as_str(), self.clock().offset_secs()).await
     }
 
     /// Attempts newest first (R13); NOT_FOUND for an account the ledger does not know.

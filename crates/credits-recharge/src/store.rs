@@ -327,28 +327,29 @@ impl Store {
         .await?)
     }
 
-    /// R19: what succeeded top-ups charged in `[from, to)`, read under the caller's lock of
-    /// the settings row.
-    pub async fn charged_between(
+    /// R19: what succeeded top-ups charged in the current calendar month (UTC) of the
+    /// database's clock (+ `offset_secs`, tests only). Read under the caller's lock of the
+    /// settings row when it decides an attempt.
+    pub async fn charged_this_month(
         conn: &mut PgConnection,
         account: &str,
-        from: DateTime<Utc>,
-        to: DateTime<Utc>,
+        offset_secs: f64,
     ) -> Result<Money, RechargeError> {
-        let sum = sqlx::query_scalar!(
-            r#"SELECT coalesce(sum(amount), 0) AS "sum!" FROM attempts
-               WHERE account_id = $1 AND status = 'SUCCEEDED' AND completed_at >= $2 AND completed_at < $3"#,
+        let charged = sqlx::query_scalar!(
+            r#"WITH m AS (SELECT date_trunc('month', now() + make_interval(secs => $2), 'UTC') AS start)
+               SELECT coalesce(sum(a.amount), 0) AS "charged!" FROM attempts a, m
+               WHERE a.account_id = $1 AND a.status = 'SUCCEEDED'
+                 AND a.completed_at >= m.start AND a.completed_at < m.start + interval '1 month'"#,
             account,
-            from,
-            to,
+            offset_secs,
         )
         .fetch_one(conn)
         .await?;
-        Ok(Money::new(sum))
+        Ok(Money::new(charged))
     }
 
     /// R19: records a due top-up that the month's allowance does not cover (never charged,
-    /// never in flight), and schedules the balance check for `retry_at` (the month's turn).
+    /// never in flight), and schedules the balance check for the month's turn.
     pub async fn insert_skipped(
         conn: &mut PgConnection,
         account: &str,
@@ -356,13 +357,13 @@ impl Store {
         event_id: Option<&str>,
         balance: Money,
         amount: Money,
-        retry_at: DateTime<Utc>,
+        offset_secs: f64,
     ) -> Result<Attempt, RechargeError> {
         let a: Attempt = sqlx::query_as!(
             AttemptRow,
             r#"INSERT INTO attempts (attempt_id, account_id, trigger, trigger_event_id, balance_at_trigger, amount,
                                      status, failure_code, completed_at)
-               VALUES ($1, $2, $3, $4, $5, $6, 'SKIPPED', 'monthly_limit_reached', now())
+               VALUES ($1, $2, $3, $4, $5, $6, 'SKIPPED', 'monthly_limit_reached', now() + make_interval(secs => $7))
                RETURNING seq, attempt_id, account_id, trigger, balance_at_trigger, amount, status,
                          payment_method_id, charge_id, failure_code, retries, created_at, completed_at"#,
             format!("att_{}", uuid::Uuid::now_v7().simple()),
@@ -371,15 +372,18 @@ impl Store {
             event_id,
             balance.as_decimal(),
             amount.as_decimal(),
+            offset_secs,
         )
         .fetch_one(&mut *conn)
         .await?
         .try_into()?;
         sqlx::query!(
-            "UPDATE settings SET retry_at = $2, due_trigger = $3, due_event_id = NULL
+            "UPDATE settings
+             SET retry_at = date_trunc('month', now() + make_interval(secs => $2), 'UTC') + interval '1 month',
+                 due_trigger = $3, due_event_id = NULL
              WHERE account_id = $1",
             account,
-            retry_at,
+            offset_secs,
             Trigger::MonthTurned.as_str(),
         )
         .execute(conn)
@@ -505,20 +509,21 @@ impl Store {
         Ok(r.rows_affected() == 1)
     }
 
-    /// Finishes an in-flight attempt held under `lease` at `at` (the worker's clock: the
-    /// calendar month of a success is what R19 counts); `None` if it was already finished
-    /// or the lease was lost (the new owner finishes it).
+    /// Finishes an in-flight attempt held under `lease`, at the database's time (+
+    /// `offset_secs`, tests only: the calendar month of a success is what R19 counts);
+    /// `None` if it was already finished or the lease was lost (the new owner finishes it).
     pub async fn finish(
         conn: &mut PgConnection,
         lease: &Lease,
         status: AttemptStatus,
         charge_id: Option<&str>,
         failure_code: &str,
-        at: DateTime<Utc>,
+        offset_secs: f64,
     ) -> Result<Option<Attempt>, RechargeError> {
         sqlx::query_as!(
             AttemptRow,
-            r#"UPDATE attempts SET status = $2, charge_id = COALESCE($3, charge_id), failure_code = $4, completed_at = $6
+            r#"UPDATE attempts SET status = $2, charge_id = COALESCE($3, charge_id), failure_code = $4,
+                                   completed_at = now() + make_interval(secs => $6)
                WHERE attempt_id = $1 AND status IN ('PENDING', 'CHARGING') AND lease_owner = $5
                RETURNING seq, attempt_id, account_id, trigger, balance_at_trigger, amount, status,
                          payment_method_id, charge_id, failure_code, retries, created_at, completed_at"#,
@@ -527,7 +532,7 @@ impl Store {
             charge_id,
             failure_code,
             lease.owner,
-            at,
+            offset_secs,
         )
         .fetch_optional(conn)
         .await?
@@ -579,13 +584,14 @@ impl Store {
     pub async fn due_checks(
         &self,
         limit: i64,
-        now: DateTime<Utc>,
+        offset_secs: f64,
     ) -> Result<Vec<String>, RechargeError> {
         Ok(sqlx::query_scalar!(
             "SELECT account_id FROM settings
-             WHERE enabled AND retry_at IS NOT NULL AND retry_at <= $2 ORDER BY retry_at LIMIT $1",
+             WHERE enabled AND retry_at IS NOT NULL AND retry_at <= now() + make_interval(secs => $2)
+             ORDER BY retry_at LIMIT $1",
             limit,
-            now,
+            offset_secs,
         )
         .fetch_all(&self.pool)
         .await?)

@@ -235,9 +235,9 @@ impl Recharge {
             let due_amount = top_up_amount(now.target, balance);
             // R19: the month's allowance is read and spent under the settings row lock, so
             // two replicas cannot both spend its last dollars.
-            let (month_start, month_end) = month_of(self.cfg.clock.now());
+            let offset = self.cfg.clock.offset_secs();
             let charged = match now.monthly_limit {
-                Some(_) => Store::charged_between(&mut tx, account, month_start, month_end).await?,
+                Some(_) => Store::charged_this_month(&mut tx, account, offset).await?,
                 None => Money::default(),
             };
             let amount = match allowance(due_amount, now.monthly_limit, charged, self.min_purchase)
@@ -251,7 +251,7 @@ impl Recharge {
                         event_id.as_deref(),
                         balance,
                         due_amount,
-                        month_end,
+                        offset,
                     )
                     .await?;
                     let event = Event::LimitReached(LimitReached {
@@ -416,7 +416,7 @@ impl Recharge {
             AttemptStatus::SUCCEEDED,
             Some(charge_id),
             "",
-            self.cfg.clock.now(),
+            self.cfg.clock.offset_secs(),
         )
         .await?
         else {
@@ -453,7 +453,7 @@ impl Recharge {
             AttemptStatus::FAILED,
             charge_id,
             code,
-            self.cfg.clock.now(),
+            self.cfg.clock.offset_secs(),
         )
         .await?
         .is_none()
@@ -586,7 +586,7 @@ impl Recharge {
     pub async fn due_checks_once(self: &Arc<Self>) -> Result<usize, RechargeError> {
         let accounts = self
             .store
-            .due_checks(SWEEP_BATCH, self.cfg.clock.now())
+            .due_checks(SWEEP_BATCH, self.cfg.clock.offset_secs())
             .await?;
         let n = accounts.len();
         futures_util::stream::iter(accounts)
