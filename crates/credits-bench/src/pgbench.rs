@@ -125,3 +125,112 @@ pub async fn run(a: &Args, name: &str, accounts: usize) -> anyhow::Result<Stats>
         ..Default::default()
     })
 }
+
+/// How many postings one group-commit statement carries at most (`Config::group_commit_max`).
+pub const GROUP_COMMIT_BATCH: usize = 128;
+
+/// The store's ceiling (performance issue, item 1): pgbench executing the ledger's own batch
+/// posting — `ledger_post()` over `GROUP_COMMIT_BATCH` items in one statement, accounts in
+/// sorted order, exactly what `Store::post_batch` sends — on a fresh database that holds the
+/// ledger's current schema and functions (applied by the ledger's own migrator), 4 clients.
+/// `set_based`: instead, one set-based statement of the same debits (no idempotency look-up,
+/// no events): a lower bound of what PostgreSQL can do for this work. Throughput is debits/s.
+pub async fn ceiling(a: &Args, name: &str, set_based: bool) -> anyhow::Result<Stats> {
+    let db = "credits_bench_ceiling";
+    let base = a.pg_url.trim_end_matches('/');
+    let url = format!("{base}/{db}");
+    {
+        use sqlx::Connection;
+        let mut admin = sqlx::PgConnection::connect(&format!("{base}/postgres")).await?;
+        sqlx::query(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+            .execute(&mut admin)
+            .await?;
+        sqlx::query(&format!("CREATE DATABASE {db}"))
+            .execute(&mut admin)
+            .await?;
+    }
+    let pool = sqlx::PgPool::connect(&url).await?;
+    credits_ledger::MIGRATOR.run(&pool).await?;
+    credits_common::db::apply_functions(
+        &pool,
+        credits_ledger::FUNCTIONS,
+        credits_ledger::FUNCTIONS_VERSION,
+        &tokio_util::sync::CancellationToken::new(),
+    )
+    .await?;
+    let accounts = a.accounts.max(1);
+    sqlx::query(&format!(
+        "INSERT INTO accounts (account_id, billing_mode, access, balance)
+         SELECT 'a' || g, 'PREPAID', 'ACTIVE', 1000000000 FROM generate_series(1, {accounts}) g"
+    ))
+    .execute(&pool)
+    .await?;
+    sqlx::query("VACUUM ANALYZE accounts").execute(&pool).await?;
+    pool.close().await;
+    let n = GROUP_COMMIT_BATCH;
+    let script = if set_based {
+        format!(
+            "WITH items AS (
+  SELECT 'a' || (floor(random()*{accounts})+1)::int AS aid, 0.000125::numeric AS amount, gen_random_uuid()::text AS key, g AS ord
+  FROM generate_series(1,{n}) g),
+agg AS (SELECT aid, sum(amount) AS total FROM items GROUP BY aid),
+upd AS (UPDATE accounts a SET balance = a.balance - agg.total, updated_at = now() FROM agg WHERE a.account_id = agg.aid RETURNING a.account_id, a.balance + agg.total AS before)
+INSERT INTO entries (account_id, kind, category, amount, balance_after, idempotency_key)
+SELECT i.aid, 'USAGE', 'API_REQUESTS', i.amount,
+       u.before - sum(i.amount) OVER (PARTITION BY i.aid ORDER BY i.ord), i.key
+FROM items i JOIN upd u ON u.account_id = i.aid;
+"
+        )
+    } else {
+        format!(
+            "SELECT count(*) FROM (SELECT 'a' || (floor(random()*{accounts})+1)::int AS aid, gen_random_uuid()::text AS k FROM generate_series(1,{n}) ORDER BY 1) i CROSS JOIN LATERAL ledger_post(i.aid, 'USAGE', 'API_REQUESTS', NULL, 0.000125, '', '', i.k) p;
+"
+        )
+    };
+    let file = std::env::temp_dir().join(format!("credits-{name}.sql"));
+    std::fs::write(&file, script)?;
+    let clients = 4;
+    let out = Command::new(pgbench_path())
+        .args([
+            "-n",
+            "-c",
+            &clients.to_string(),
+            "-j",
+            "2",
+            "-T",
+            &a.duration.to_string(),
+            "-f",
+        ])
+        .arg(&file)
+        .arg(&url)
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    anyhow::ensure!(
+        out.status.success(),
+        "pgbench failed: {}{}",
+        text,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tps: f64 = text
+        .lines()
+        .find(|l| l.starts_with("tps"))
+        .and_then(|l| l.split('=').nth(1)?.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0);
+    let debits = tps * n as f64;
+    Ok(Stats {
+        name: name.to_owned(),
+        ops: (debits * a.duration as f64) as u64,
+        seconds: a.duration as f64,
+        throughput: debits,
+        note: format!(
+            "pgbench -c {clients} -j 2 -T {}: {tps:.1} statements/s × {n} debits, {accounts} accounts, {}",
+            a.duration,
+            if set_based {
+                "one set-based statement (no idempotency look-up, no events): PostgreSQL's lower bound"
+            } else {
+                "the ledger's own batch (ledger_post() per item, as group commit sends it)"
+            }
+        ),
+        ..Default::default()
+    })
+}

@@ -22,6 +22,23 @@ pub fn ratios(r: &[Stats]) -> Vec<(String, String, String, bool)> {
             x >= 1.5,
         ));
     }
+    if let (Some(c), Some(p)) = (tp("usage-spread"), tp("ceiling-ledger-batch")) {
+        out.push((
+            "usage-spread / ceiling (the ledger's batch SQL in pgbench)".into(),
+            format!("{:.2}×", c / p),
+            "—".into(),
+            true,
+        ));
+    }
+    if let (Some(c), Some(p)) = (tp("usage-spread"), tp("ceiling-set-based")) {
+        let x = c / p;
+        out.push((
+            "usage-spread / set-based ceiling".into(),
+            format!("{x:.2}×"),
+            "≥ 0.6×".into(),
+            x >= 0.6,
+        ));
+    }
     if let (Some(c), Some(p)) = (tp("usage-hot"), tp("pgbench-hot")) {
         out.push((
             "usage-hot / pgbench-hot (information)".into(),
@@ -152,7 +169,7 @@ pub async fn markdown(a: &Args, r: &[Stats]) -> anyhow::Result<String> {
     for s in r {
         // pgbench reports an average latency only; its percentiles are not measured.
         let pct = |v: f64| {
-            if s.name.starts_with("pgbench") {
+            if s.name.starts_with("pgbench") || s.name.starts_with("ceiling") {
                 "—".to_owned()
             } else {
                 format!("{v:.2}")

@@ -124,6 +124,11 @@ pub async fn run_all(a: &Args) -> anyhow::Result<Vec<Stats>> {
         eprintln!("pgbench baseline (spread)…");
         out.push(pgbench::run(a, "pgbench-spread", a.accounts).await?);
     }
+    if a.wants("ceiling") || a.wants("usage-spread") {
+        eprintln!("the store's ceiling: the ledger's batch SQL, then a set-based statement…");
+        out.push(pgbench::ceiling(a, "ceiling-ledger-batch", false).await?);
+        out.push(pgbench::ceiling(a, "ceiling-set-based", true).await?);
+    }
     if a.wants("usage-spread") {
         eprintln!("usage-spread…");
         let (p, accts, r) = (pool.clone(), spread_accounts.clone(), run.clone());
