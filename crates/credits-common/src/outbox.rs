@@ -258,6 +258,10 @@ async fn relay_batch(
     for r in &routed {
         tracing::debug!(event_id = %r.event_id, routing_key = %r.routing_key, "event published");
     }
+    // One statement for every returned row (a backlog of unroutable events must not cost a
+    // round trip each, or it delays the events behind it).
+    let mut retry_seqs = Vec::with_capacity(to_retry.len());
+    let mut retry_waits = Vec::with_capacity(to_retry.len());
     for r in &to_retry {
         let wait = UNROUTABLE_FIRST
             .saturating_mul(2u32.saturating_pow(r.attempts.clamp(0, 16) as u32))
@@ -265,14 +269,19 @@ async fn relay_batch(
         if r.attempts == 0 {
             tracing::warn!(event_id = %r.event_id, routing_key = %r.routing_key, "no queue is bound for this event; kept and retried");
         }
+        retry_seqs.push(r.seq);
+        retry_waits.push(wait.as_secs_f64());
+    }
+    if !to_retry.is_empty() {
         sqlx::query(
-            "UPDATE outbox SET claimed_until = NULL, attempts = attempts + 1,
-                               first_returned_at = COALESCE(first_returned_at, now()),
-                               next_attempt_at = now() + make_interval(secs => $2)
-             WHERE seq = $1",
+            "UPDATE outbox o SET claimed_until = NULL, attempts = o.attempts + 1,
+                                 first_returned_at = COALESCE(o.first_returned_at, now()),
+                                 next_attempt_at = now() + make_interval(secs => r.wait)
+             FROM unnest($1::bigint[], $2::float8[]) AS r(seq, wait)
+             WHERE o.seq = r.seq",
         )
-        .bind(r.seq)
-        .bind(wait.as_secs_f64())
+        .bind(&retry_seqs)
+        .bind(&retry_waits)
         .execute(pool)
         .await?;
     }

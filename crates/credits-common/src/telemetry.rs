@@ -11,10 +11,18 @@ pub enum LogFormat {
 }
 
 /// Installs the global subscriber writing to stderr. `default_filter` applies when
-/// `RUST_LOG` is unset.
+/// `RUST_LOG` is unset. lapin's own line per message the broker returns as unroutable is
+/// silenced (unless `RUST_LOG` names `lapin::returned_messages`): the outbox relay logs the
+/// first return of each event itself and counts the rest (`credits_outbox_unroutable_total`),
+/// where lapin would log every retry of every event.
 pub fn init(format: LogFormat, default_filter: &str) {
-    let filter =
+    let mut filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    if !std::env::var("RUST_LOG").is_ok_and(|v| v.contains("lapin::returned_messages"))
+        && let Ok(d) = "lapin::returned_messages=error".parse()
+    {
+        filter = filter.add_directive(d);
+    }
     let registry = tracing_subscriber::registry().with(filter);
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let _ = match format {
