@@ -1079,3 +1079,96 @@ async fn ledger_events_are_the_contract_type_with_v7_ids() {
     }
     ledger.stop().await;
 }
+
+/// `StreamUsage`: one result per request, in order, every item through the group commit; a
+/// bad item is that item's result, never the stream's; replays answer the first entry.
+#[tokio::test]
+async fn stream_usage_answers_every_item_in_order_through_group_commit() {
+    use futures_util::StreamExt;
+    let ledger = Ledger::start().await;
+    let c = ledger.api();
+    c.create_account("acme", BillingMode::Contract).await;
+    c.create_account("beta", BillingMode::Contract).await;
+    let mut items = Vec::new();
+    for i in 0..600 {
+        let id = match i {
+            250 => "ghost", // unknown account: NOT_FOUND in place
+            _ if i % 2 == 0 => "acme",
+            _ => "beta",
+        };
+        // Item 400 repeats item 10's key and request: the first entry again.
+        let k = if i == 400 {
+            "k10".to_owned()
+        } else {
+            format!("k{i}")
+        };
+        items.push(usage(id, "0.01", &k));
+    }
+    let results: Vec<_> = c
+        .ledger()
+        .stream_usage(futures_util::stream::iter(items.clone()))
+        .await
+        .unwrap()
+        .collect()
+        .await;
+    assert_eq!(results.len(), 600);
+    for (i, r) in results.iter().enumerate() {
+        match i {
+            250 => {
+                let e = r.as_ref().unwrap_err();
+                assert_eq!(e.code(), Code::NotFound, "{e}");
+                assert!(e.message().starts_with("stream[250]"), "{e}");
+            }
+            _ => {
+                let ok = r.as_ref().unwrap_or_else(|e| panic!("item {i}: {e}"));
+                assert_eq!(
+                    ok.entry.account_id, items[i].account_id,
+                    "item {i} in order"
+                );
+            }
+        }
+    }
+    let first = results[10].as_ref().unwrap();
+    assert_eq!(
+        results[400].as_ref().unwrap().entry.entry_id,
+        first.entry.entry_id
+    );
+    // 599 answered OK, one of them a replay: 598 entries, $5.98.
+    let a = c.account("acme").await.balance;
+    let b = c.account("beta").await.balance;
+    assert_eq!(a.as_decimal() + b.as_decimal(), dec("-5.98"));
+    // A malformed item (NUL in its description) is refused in place; the stream goes on.
+    let mut raw = credits_proto::ledger::v1::ledger_service_client::LedgerServiceClient::connect(
+        ledger.url(),
+    )
+    .await
+    .unwrap();
+    let req = |k: &str, d: &str| pb::RecordUsageRequest {
+        account_id: "acme".into(),
+        category: pb::UsageCategory::ApiRequests as i32,
+        amount: "0.01".into(),
+        idempotency_key: k.into(),
+        description: d.into(),
+    };
+    let out: Vec<_> = raw
+        .stream_usage(futures_util::stream::iter(vec![
+            req("raw-1", ""),
+            req("raw-2", "bad\u{0}"),
+            req("raw-3", ""),
+        ]))
+        .await
+        .unwrap()
+        .into_inner()
+        .collect()
+        .await;
+    let codes: Vec<_> = out
+        .iter()
+        .map(|r| match &r.as_ref().unwrap().result {
+            Some(pb::record_usage_batch_result::Result::Ok(_)) => 0,
+            Some(pb::record_usage_batch_result::Result::Error(s)) => s.code,
+            None => -1,
+        })
+        .collect();
+    assert_eq!(codes, [0, tonic::Code::InvalidArgument as i32, 0]);
+    ledger.stop().await;
+}

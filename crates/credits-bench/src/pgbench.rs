@@ -165,7 +165,9 @@ pub async fn ceiling(a: &Args, name: &str, set_based: bool) -> anyhow::Result<St
     ))
     .execute(&pool)
     .await?;
-    sqlx::query("VACUUM ANALYZE accounts").execute(&pool).await?;
+    sqlx::query("VACUUM ANALYZE accounts")
+        .execute(&pool)
+        .await?;
     pool.close().await;
     let n = GROUP_COMMIT_BATCH;
     let script = if set_based {

@@ -39,6 +39,15 @@ pub fn ratios(r: &[Stats]) -> Vec<(String, String, String, bool)> {
             x >= 0.6,
         ));
     }
+    if let (Some(c), Some(p)) = (tp("stream-usage"), tp("ceiling-ledger-batch")) {
+        let x = c / p;
+        out.push((
+            "stream-usage (one stream) / ceiling (the ledger's batch SQL)".into(),
+            format!("{x:.2}×"),
+            "≥ 0.8×".into(),
+            x >= 0.8,
+        ));
+    }
     if let (Some(c), Some(p)) = (tp("usage-hot"), tp("pgbench-hot")) {
         out.push((
             "usage-hot / pgbench-hot (information)".into(),

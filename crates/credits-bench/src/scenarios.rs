@@ -49,6 +49,45 @@ fn run_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()[..8].to_owned()
 }
 
+/// `StreamUsage` from one caller: a single stream kept full for `duration` (the client
+/// library's window of items in flight is the server's), spread over the accounts.
+async fn stream_usage(
+    ledger: &Ledger,
+    accounts: Arc<Vec<AccountId>>,
+    run: &str,
+    duration: Duration,
+) -> anyhow::Result<Stats> {
+    let n = accounts.len().max(1);
+    let deadline = Instant::now() + duration;
+    let run = run.to_owned();
+    let items = futures_util::stream::iter(0u64..)
+        .take_while(move |_| futures_util::future::ready(Instant::now() < deadline))
+        .filter_map(move |i| {
+            let acct = accounts[(i as usize * 104_729) % n].clone();
+            let r = usage(acct, tiny(), &format!("{run}-stream-{i}")).ok();
+            futures_util::future::ready(r)
+        });
+    let started = Instant::now();
+    let mut results = ledger.stream_usage(items).await?;
+    let (mut ok, mut errors) = (0u64, 0u64);
+    while let Some(r) = results.next().await {
+        match r {
+            Ok(_) => ok += 1,
+            Err(_) => errors += 1,
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(Stats {
+        name: "stream-usage".into(),
+        ops: ok,
+        errors,
+        seconds,
+        throughput: ok as f64 / seconds,
+        note: "one StreamUsage stream, one caller; items pipelined, so no per-item latency".into(),
+        ..Default::default()
+    })
+}
+
 /// Parses an id, amount or key the bench made up itself.
 fn ours<T, E: std::fmt::Display>(what: &str, r: Result<T, E>) -> Result<T, String> {
     r.map_err(|e| format!("bench {what}: {e}"))
@@ -111,20 +150,23 @@ pub async fn run_all(a: &Args) -> anyhow::Result<Vec<Stats>> {
     let pool = Arc::new(ledger_pool(a)?);
     let run = run_id();
     let mut out = Vec::new();
-    let spread_accounts =
-        if a.wants("usage-spread") || a.wants("check-access") || a.wants("usage-batch") {
-            eprintln!("setting up {} funded accounts…", a.accounts);
-            Arc::new(funded_accounts(&pool, &format!("bench-{run}"), a.accounts).await?)
-        } else {
-            Arc::new(Vec::new())
-        };
+    let spread_accounts = if a.wants("usage-spread")
+        || a.wants("check-access")
+        || a.wants("usage-batch")
+        || a.wants("stream-usage")
+    {
+        eprintln!("setting up {} funded accounts…", a.accounts);
+        Arc::new(funded_accounts(&pool, &format!("bench-{run}"), a.accounts).await?)
+    } else {
+        Arc::new(Vec::new())
+    };
     let n = spread_accounts.len().max(1);
 
     if a.wants("pgbench-spread") || a.wants("usage-spread") {
         eprintln!("pgbench baseline (spread)…");
         out.push(pgbench::run(a, "pgbench-spread", a.accounts).await?);
     }
-    if a.wants("ceiling") || a.wants("usage-spread") {
+    if a.wants("ceiling") || a.wants("usage-spread") || a.wants("stream-usage") {
         eprintln!("the store's ceiling: the ledger's batch SQL, then a set-based statement…");
         out.push(pgbench::ceiling(a, "ceiling-ledger-batch", false).await?);
         out.push(pgbench::ceiling(a, "ceiling-set-based", true).await?);
@@ -151,6 +193,13 @@ pub async fn run_all(a: &Args) -> anyhow::Result<Vec<Stats>> {
         )
         .await;
         out.push(with_rss(a, s));
+    }
+    if a.wants("stream-usage") {
+        eprintln!("stream-usage…");
+        out.push(with_rss(
+            a,
+            stream_usage(&pool.get(0), spread_accounts.clone(), &run, a.duration()).await?,
+        ));
     }
     if a.wants("usage-hot") {
         eprintln!("usage-hot…");

@@ -264,6 +264,38 @@ impl Ledger {
     }
 }
 
+impl Ledger {
+    /// `StreamUsage`: for a gateway that records usage continuously. Sends `items` as they
+    /// come over one stream; yields one result per item, in order — an item's error (an
+    /// unknown account, a key reused for another request) is that item's result. The call
+    /// is not retried: if the stream breaks (`Err` with a transport code), send the items
+    /// not yet answered again on a new stream; their idempotency keys make that safe (R12).
+    pub async fn stream_usage<S>(
+        &self,
+        items: S,
+    ) -> Result<
+        impl futures_util::Stream<Item = Result<UsageRecorded, ClientError>> + Send + 'static,
+        ClientError,
+    >
+    where
+        S: futures_util::Stream<Item = UsageRecord> + Send + 'static,
+    {
+        use futures_util::StreamExt;
+        let outbound = items.map(|u| u.to_wire());
+        let inbound = self
+            .inner
+            .clone()
+            .stream_usage(outbound)
+            .await
+            .map_err(ClientError::from)?
+            .into_inner();
+        Ok(inbound.map(|r| match r {
+            Ok(result) => batch_result(result),
+            Err(s) => Err(ClientError::from(s)),
+        }))
+    }
+}
+
 fn versioned(version: Option<i64>) -> Repeat {
     match version {
         Some(v) if v > 0 => Repeat::Safe,

@@ -14,6 +14,9 @@ use crate::domain::*;
 use crate::store::Store;
 
 pub const MAX_BATCH: usize = 1000;
+/// `StreamUsage`: how many of one stream's items may be in the group commit at once (results
+/// still come back in request order).
+pub const STREAM_WINDOW: usize = 512;
 
 pub struct LedgerGrpc {
     store: Store,
@@ -203,6 +206,27 @@ fn usage_response(p: Posted) -> pb::RecordUsageResponse {
     }
 }
 
+/// One item's result as `RecordUsageBatch` and `StreamUsage` answer it: the response, or its
+/// error status with the message prefixed by where the item was.
+fn item_result(outcome: Result<Posted, LedgerError>, at: &str) -> pb::RecordUsageBatchResult {
+    let result = match outcome {
+        Ok(p) => {
+            record_posted(&p);
+            pb::record_usage_batch_result::Result::Ok(usage_response(p))
+        }
+        Err(e) => {
+            let status = Status::from(e);
+            pb::record_usage_batch_result::Result::Error(pb::Status {
+                code: status.code() as i32,
+                message: format!("{at}: {}", status.message()),
+            })
+        }
+    };
+    pb::RecordUsageBatchResult {
+        result: Some(result),
+    }
+}
+
 fn record_posted(p: &Posted) {
     if p.replayed {
         metrics::counter!("credits_ledger_idempotent_replays_total").increment(1);
@@ -306,22 +330,7 @@ impl pb::ledger_service_server::LedgerService for LedgerGrpc {
                     }),
                     Err(e) => Err(e),
                 };
-                let result = match outcome {
-                    Ok(p) => {
-                        record_posted(&p);
-                        pb::record_usage_batch_result::Result::Ok(usage_response(p))
-                    }
-                    Err(e) => {
-                        let status = Status::from(e);
-                        pb::record_usage_batch_result::Result::Error(pb::Status {
-                            code: status.code() as i32,
-                            message: format!("items[{i}]: {}", status.message()),
-                        })
-                    }
-                };
-                pb::RecordUsageBatchResult {
-                    result: Some(result),
-                }
+                item_result(outcome, &format!("items[{i}]"))
             })
             .collect();
         Ok(Response::new(pb::RecordUsageBatchResponse { results }))
@@ -508,5 +517,39 @@ impl pb::ledger_service_server::LedgerService for LedgerGrpc {
             account_id: r.account_id,
             thresholds: stored.iter().map(|t| t.to_wire()).collect(),
         }))
+    }
+
+    type StreamUsageStream = std::pin::Pin<
+        Box<
+            dyn futures_util::Stream<Item = Result<pb::RecordUsageBatchResult, Status>>
+                + Send
+                + 'static,
+        >,
+    >;
+
+    async fn stream_usage(
+        &self,
+        req: Request<tonic::Streaming<pb::RecordUsageRequest>>,
+    ) -> Result<Response<Self::StreamUsageStream>, Status> {
+        use futures_util::StreamExt;
+        let coalescer = self.coalescer.clone();
+        let results = req
+            .into_inner()
+            .enumerate()
+            .map(move |(i, item)| {
+                let coalescer = coalescer.clone();
+                async move {
+                    // A broken stream (transport, undecodable message) ends it; a bad item
+                    // is that item's result.
+                    let r = item?;
+                    let outcome = match usage_request(&r) {
+                        Ok(posting) => coalescer.post(posting).await,
+                        Err(e) => Err(e),
+                    };
+                    Ok(item_result(outcome, &format!("stream[{i}]")))
+                }
+            })
+            .buffered(STREAM_WINDOW);
+        Ok(Response::new(Box::pin(results)))
     }
 }
