@@ -1172,3 +1172,59 @@ async fn stream_usage_answers_every_item_in_order_through_group_commit() {
     assert_eq!(codes, [0, tonic::Code::InvalidArgument as i32, 0]);
     ledger.stop().await;
 }
+
+/// `CheckAccess` answers from each replica's memory; a change made through another replica
+/// on the same database reaches it through LISTEN/NOTIFY within milliseconds (R16, the
+/// performance issue's staleness bound).
+#[tokio::test]
+async fn check_access_on_one_replica_sees_another_replicas_change_r16() {
+    let a = Ledger::start().await;
+    let b = Ledger::start_with(LedgerOptions {
+        addr: None,
+        ..a.restart_options()
+    })
+    .await;
+    let (ca, cb) = (a.api(), b.api());
+    ca.create_account("acme", BillingMode::Prepaid).await;
+    ca.add_credits("acme", "10", CreditSource::Purchase, "buy-1")
+        .await;
+    let mut worst = Duration::ZERO;
+    for round in 0..5 {
+        // B has the account in memory…
+        assert!(cb.access("acme").await.allowed, "round {round}");
+        assert!(cb.access("acme").await.allowed, "round {round}");
+        // …A suspends it (available 10 → 0 with a hold), then B must see it.
+        let h = ca.hold("acme", "10", &format!("job-{round}")).await;
+        let t = std::time::Instant::now();
+        loop {
+            if !cb.access("acme").await.allowed {
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(2),
+                "replica B still allows after {:?}",
+                t.elapsed()
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        worst = worst.max(t.elapsed());
+        // A's own view is exact at once: its write dropped the account before answering.
+        assert!(!ca.access("acme").await.allowed);
+        ca.ledger()
+            .release_hold(&acct("acme"), &h.hold_id)
+            .await
+            .unwrap();
+        let t = std::time::Instant::now();
+        while !cb.access("acme").await.allowed {
+            assert!(
+                t.elapsed() < Duration::from_secs(2),
+                "round {round}: B never reactivated"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        worst = worst.max(t.elapsed());
+    }
+    eprintln!("access view: the other replica saw each change within {worst:?}");
+    b.stop().await;
+    a.stop().await;
+}

@@ -80,6 +80,15 @@ pub fn ratios(r: &[Stats]) -> Vec<(String, String, String, bool)> {
             c.p99_ms <= 5.0,
         ));
     }
+    if let (Some(c), Some(h)) = (find(r, "check-access"), find(r, "health-check")) {
+        let x = c.throughput / h.throughput;
+        out.push((
+            "check-access / health-check (a no-op RPC)".into(),
+            format!("{x:.2}×"),
+            "≥ 0.8×".into(),
+            x >= 0.8,
+        ));
+    }
     if let Some(rc) = find(r, "recharge-latency") {
         out.push((
             "recharge-latency p99".into(),

@@ -45,6 +45,21 @@ fn ledger_pool(a: &Args) -> anyhow::Result<Pool<Ledger>> {
     Ok(Pool { clients })
 }
 
+type HealthClient = tonic_health::pb::health_client::HealthClient<tonic::transport::Channel>;
+
+/// Health clients of the ledger over as many connections as [`ledger_pool`].
+fn health_pool(a: &Args) -> anyhow::Result<Pool<HealthClient>> {
+    let clients = (0..8)
+        .map(|_| {
+            let ch = tonic::transport::Endpoint::from_shared(a.ledger.clone())?
+                .tcp_nodelay(true)
+                .connect_lazy();
+            Ok(HealthClient::new(ch))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    Ok(Pool { clients })
+}
+
 fn run_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()[..8].to_owned()
 }
@@ -275,6 +290,30 @@ pub async fn run_all(a: &Args) -> anyhow::Result<Vec<Stats>> {
                         .await
                         .map(|_| ())
                         .map_err(|e| e.to_string())
+                }
+            },
+        )
+        .await;
+        out.push(with_rss(a, s));
+    }
+    if a.wants("health-check") || a.wants("check-access") {
+        // The transport's own limit: an RPC that does no work, called the same way.
+        eprintln!("health-check…");
+        let health = health_pool(a)?;
+        let s = load::run(
+            "health-check",
+            a.concurrency,
+            a.duration(),
+            1,
+            move |w, _| {
+                let mut h = health.get(w);
+                async move {
+                    h.check(tonic_health::pb::HealthCheckRequest {
+                        service: String::new(),
+                    })
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
                 }
             },
         )

@@ -68,6 +68,8 @@ BEGIN
 
     UPDATE accounts a SET balance = p_balance, held = p_held, access = new_access, updated_at = now()
     WHERE a.account_id = acc.account_id;
+    -- Every replica's in-memory access view drops the account on commit (src/access.rs).
+    PERFORM pg_notify('credits_access', acc.account_id);
 
     -- R7/R17: a crossing is a move of the available balance from at-or-above the threshold
     -- to below it.
@@ -189,6 +191,7 @@ BEGIN
     ELSE
         UPDATE accounts a SET balance = new_balance, updated_at = now()
         WHERE a.account_id = p_account_id;
+        PERFORM pg_notify('credits_access', p_account_id);
     END IF;
 
     outcome := 'posted';

@@ -9,6 +9,7 @@ use credits_proto::ledger::v1 as pb;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
+use crate::access::AccessViews;
 use crate::coalesce::Coalescer;
 use crate::domain::*;
 use crate::store::Store;
@@ -21,11 +22,17 @@ pub const STREAM_WINDOW: usize = 512;
 pub struct LedgerGrpc {
     store: Store,
     coalescer: Coalescer,
+    /// `CheckAccess` from memory; every write here drops its account before answering.
+    views: AccessViews,
 }
 
 impl LedgerGrpc {
-    pub fn new(store: Store, coalescer: Coalescer) -> Self {
-        Self { store, coalescer }
+    pub fn new(store: Store, coalescer: Coalescer, views: AccessViews) -> Self {
+        Self {
+            store,
+            coalescer,
+            views,
+        }
     }
 }
 
@@ -281,7 +288,7 @@ impl pb::ledger_service_server::LedgerService for LedgerGrpc {
             "" => None,
             a => Some(Money::parse_positive("amount", a).map_err(LedgerError::from)?),
         };
-        let view = self.store.access(&id).await?;
+        let view = self.views.get(&self.store, &id).await?;
         Ok(Response::new(pb::CheckAccessResponse {
             allowed: view.allows(cost),
             access: access_to_wire(view.access) as i32,
@@ -296,7 +303,10 @@ impl pb::ledger_service_server::LedgerService for LedgerGrpc {
         req: Request<pb::RecordUsageRequest>,
     ) -> Result<Response<pb::RecordUsageResponse>, Status> {
         let posting = usage_request(req.get_ref())?;
-        let posted = self.coalescer.post(posting).await?;
+        let account = posting.account_id.clone();
+        let posted = self.coalescer.post(posting).await;
+        self.views.drop_account(account.as_str());
+        let posted = posted?;
         record_posted(&posted);
         Ok(Response::new(usage_response(posted)))
     }
@@ -320,6 +330,9 @@ impl pb::ledger_service_server::LedgerService for LedgerGrpc {
             .filter_map(|p| p.as_ref().ok().cloned())
             .collect();
         let mut posted = self.store.post_batch_isolated(&valid).await.into_iter();
+        for v in &valid {
+            self.views.drop_account(v.account_id.as_str());
+        }
         let results = parsed
             .into_iter()
             .enumerate()
@@ -349,7 +362,9 @@ impl pb::ledger_service_server::LedgerService for LedgerGrpc {
             description: description_text("description", &r.description, 1024)?,
             idempotency_key: IdempotencyKey::parse(&r.idempotency_key)?,
         };
-        let posted = self.store.post(&posting).await?;
+        let posted = self.store.post(&posting).await;
+        self.views.drop_account(posting.account_id.as_str());
+        let posted = posted?;
         record_posted(&posted);
         if !posted.replayed {
             tracing::info!(
@@ -430,7 +445,9 @@ impl pb::ledger_service_server::LedgerService for LedgerGrpc {
             idempotency_key: IdempotencyKey::parse(&r.idempotency_key)?,
             ttl_seconds: NewHold::ttl(r.ttl_seconds)?,
         };
-        let (hold, replayed) = self.store.create_hold(&new).await?;
+        let created = self.store.create_hold(&new).await;
+        self.views.drop_account(new.account_id.as_str());
+        let (hold, replayed) = created?;
         if replayed {
             metrics::counter!("credits_ledger_idempotent_replays_total").increment(1);
         } else {
@@ -451,7 +468,9 @@ impl pb::ledger_service_server::LedgerService for LedgerGrpc {
             amount: Money::parse_positive("amount", &r.amount).map_err(LedgerError::from)?,
             description: description_text("description", &r.description, 1024)?,
         };
-        let ended = self.store.end_hold(&account, id, &ending).await?;
+        let ended = self.store.end_hold(&account, id, &ending).await;
+        self.views.drop_account(account.as_str());
+        let ended = ended?;
         metrics::counter!("credits_ledger_holds_total", "ending" => "captured").increment(1);
         Ok(Response::new(pb::CaptureHoldResponse {
             hold: Some(hold_to_wire(ended.hold)),
@@ -471,7 +490,9 @@ impl pb::ledger_service_server::LedgerService for LedgerGrpc {
         let ended = self
             .store
             .end_hold(&account, id, &HoldEnding::Release)
-            .await?;
+            .await;
+        self.views.drop_account(account.as_str());
+        let ended = ended?;
         metrics::counter!("credits_ledger_holds_total", "ending" => "released").increment(1);
         Ok(Response::new(hold_to_wire(ended.hold)))
     }
@@ -533,17 +554,23 @@ impl pb::ledger_service_server::LedgerService for LedgerGrpc {
     ) -> Result<Response<Self::StreamUsageStream>, Status> {
         use futures_util::StreamExt;
         let coalescer = self.coalescer.clone();
+        let views = self.views.clone();
         let results = req
             .into_inner()
             .enumerate()
             .map(move |(i, item)| {
-                let coalescer = coalescer.clone();
+                let (coalescer, views) = (coalescer.clone(), views.clone());
                 async move {
                     // A broken stream (transport, undecodable message) ends it; a bad item
                     // is that item's result.
                     let r = item?;
                     let outcome = match usage_request(&r) {
-                        Ok(posting) => coalescer.post(posting).await,
+                        Ok(posting) => {
+                            let account = posting.account_id.clone();
+                            let posted = coalescer.post(posting).await;
+                            views.drop_account(account.as_str());
+                            posted
+                        }
                         Err(e) => Err(e),
                     };
                     Ok(item_result(outcome, &format!("stream[{i}]")))

@@ -7,6 +7,7 @@
 //! - [`grpc`]: the `LedgerService` edge, wire ↔ domain;
 //! - this module: configuration and the [`App`] that wires them with the outbox relay.
 
+pub mod access;
 pub mod coalesce;
 pub mod domain;
 pub mod grpc;
@@ -25,7 +26,7 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 pub static FUNCTIONS: &str = include_str!("../sql/functions.sql");
 /// The version of `sql/functions.sql`: raise it with every change of the file, or the
 /// databases that already hold this version keep their function bodies.
-pub const FUNCTIONS_VERSION: i32 = 3;
+pub const FUNCTIONS_VERSION: i32 = 4;
 
 pub const DEFAULT_DATABASE_URL: &str = "postgres://localhost/credits_ledger";
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:50051";
@@ -100,12 +101,14 @@ impl App {
             self.cfg.hold_sweep_every,
             shutdown.clone(),
         ));
+        let views = access::AccessViews::default();
+        let listening = tokio::spawn(views.clone().listen(self.pool.clone(), shutdown.clone()));
         let coalescer = coalesce::Coalescer::start(
             store.clone(),
             self.cfg.group_commit_workers,
             self.cfg.group_commit_max,
         );
-        let svc = LedgerServiceServer::new(grpc::LedgerGrpc::new(store, coalescer));
+        let svc = LedgerServiceServer::new(grpc::LedgerGrpc::new(store, coalescer, views));
         health
             .set_serving::<LedgerServiceServer<grpc::LedgerGrpc>>()
             .await;
@@ -115,6 +118,7 @@ impl App {
         shutdown.cancel();
         let _ = relay.await;
         let _ = sweeper.await;
+        let _ = listening.await;
         self.pool.close().await;
         tracing::info!("ledger stopped");
         served
