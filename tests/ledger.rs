@@ -1225,6 +1225,28 @@ async fn check_access_on_one_replica_sees_another_replicas_change_r16() {
         worst = worst.max(t.elapsed());
     }
     eprintln!("access view: the other replica saw each change within {worst:?}");
+    // A plain debit (no access change, no crossing) does not notify: the other replica's
+    // balance follows within the view's MAX_AGE.
+    let before = cb.access("acme").await.balance;
+    ca.use_credits("acme", "1", "plain-debit").await;
+    let t = std::time::Instant::now();
+    while cb.access("acme").await.balance == before {
+        assert!(
+            t.elapsed() < credits_ledger::access::MAX_AGE + Duration::from_millis(500),
+            "B's balance still stale after {:?}",
+            t.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    eprintln!(
+        "access view: a plain debit reached the other replica after {:?}",
+        t.elapsed()
+    );
+    assert_eq!(
+        ca.access("acme").await.balance,
+        money("9"),
+        "the writer is exact at once"
+    );
     b.stop().await;
     a.stop().await;
 }
