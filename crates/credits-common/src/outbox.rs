@@ -70,8 +70,8 @@ pub struct RelayConfig {
 /// How long a relay owns the rows it claimed; past it another relay may take them.
 const CLAIM: Duration = Duration::from_secs(60);
 /// Backoff of an event returned as unroutable: first wait, and the longest.
-const UNROUTABLE_FIRST: Duration = Duration::from_secs(1);
-const UNROUTABLE_MAX: Duration = Duration::from_secs(60);
+const UNROUTABLE_FIRST: Duration = Duration::from_secs(5);
+const UNROUTABLE_MAX: Duration = Duration::from_secs(120);
 /// How often the depth and age gauges are refreshed.
 const GAUGE_EVERY: Duration = Duration::from_secs(5);
 
@@ -263,9 +263,13 @@ async fn relay_batch(
     let mut retry_seqs = Vec::with_capacity(to_retry.len());
     let mut retry_waits = Vec::with_capacity(to_retry.len());
     for r in &to_retry {
+        // Jittered (×0.5 to ×1.5): a backlog returned together must not come back together,
+        // or its retries arrive in bursts that crowd out the events behind them.
+        let jitter = 0.5 + (Uuid::new_v4().as_u128() % 1000) as f64 / 1000.0;
         let wait = UNROUTABLE_FIRST
             .saturating_mul(2u32.saturating_pow(r.attempts.clamp(0, 16) as u32))
-            .min(UNROUTABLE_MAX);
+            .min(UNROUTABLE_MAX)
+            .mul_f64(jitter);
         if r.attempts == 0 {
             tracing::warn!(event_id = %r.event_id, routing_key = %r.routing_key, "no queue is bound for this event; kept and retried");
         }
