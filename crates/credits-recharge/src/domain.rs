@@ -111,6 +111,8 @@ pub fn validate_monthly_limit(
 pub struct Due {
     pub trigger: String,
     pub event_id: Option<String>,
+    /// When it is due (now, for a crossing; the month's turn, after a skipped top-up).
+    pub at: Option<DateTime<Utc>>,
 }
 
 /// Why a balance check (and the attempt it may decide) happens.

@@ -30,6 +30,7 @@ struct SettingsRow {
     due_trigger: Option<String>,
     due_event_id: Option<String>,
     monthly_limit: Option<Decimal>,
+    retry_at: Option<DateTime<Utc>>,
 }
 
 impl TryFrom<SettingsRow> for Settings {
@@ -48,6 +49,7 @@ impl TryFrom<SettingsRow> for Settings {
             due: r.due_trigger.map(|trigger| Due {
                 trigger,
                 event_id: r.due_event_id,
+                at: r.retry_at,
             }),
             monthly_limit: r.monthly_limit.map(Money::new),
         })
@@ -108,7 +110,7 @@ impl Store {
         sqlx::query_as!(
             SettingsRow,
             r#"SELECT account_id, enabled, threshold, target, disabled_reason, consecutive_failures, updated_at,
-                      version, revision, due_trigger, due_event_id, monthly_limit
+                      version, revision, due_trigger, due_event_id, monthly_limit, retry_at
                FROM settings WHERE account_id = $1"#,
             account
         )
@@ -126,7 +128,7 @@ impl Store {
         sqlx::query_as!(
             SettingsRow,
             r#"SELECT account_id, enabled, threshold, target, disabled_reason, consecutive_failures, updated_at,
-                      version, revision, due_trigger, due_event_id, monthly_limit
+                      version, revision, due_trigger, due_event_id, monthly_limit, retry_at
                FROM settings WHERE account_id = $1 FOR UPDATE"#,
             account
         )
@@ -177,7 +179,7 @@ impl Store {
                    updated_at = now()
                WHERE settings.version < $6
                RETURNING account_id, enabled, threshold, target, disabled_reason, consecutive_failures, updated_at,
-                         version, revision, due_trigger, due_event_id, monthly_limit"#,
+                         version, revision, due_trigger, due_event_id, monthly_limit, retry_at"#,
             account,
             enabled,
             threshold.as_decimal(),
@@ -221,7 +223,7 @@ impl Store {
         sqlx::query_as!(
             SettingsRow,
             r#"SELECT account_id, enabled, threshold, target, disabled_reason, consecutive_failures, updated_at,
-                      version, revision, due_trigger, due_event_id, monthly_limit
+                      version, revision, due_trigger, due_event_id, monthly_limit, retry_at
                FROM settings WHERE enabled AND account_id > $1 ORDER BY account_id LIMIT $2"#,
             after,
             limit

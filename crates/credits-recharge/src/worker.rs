@@ -196,6 +196,18 @@ impl Recharge {
             if !seen.enabled || seen.due.is_none() {
                 return Ok(None);
             }
+            // R19: after a skipped top-up the check waits for the month's turn; another
+            // path (a re-check racing the skip) must not skip again before then. A new
+            // crossing makes the check due now and is decided as usual.
+            if let Some(d) = &seen.due
+                && d.trigger == Trigger::MonthTurned.as_str()
+                && d.at.is_some_and(|at| {
+                    at > chrono::Utc::now()
+                        + chrono::Duration::seconds(self.cfg.clock.offset_secs() as i64)
+                })
+            {
+                return Ok(None);
+            }
             {
                 let mut conn = self.store.pool().acquire().await?;
                 if Store::has_in_flight(&mut conn, account).await? {
