@@ -1,4 +1,4 @@
-//! The six scenarios of the benchmark issue, run in one go against one system.
+//! The benchmark scenarios, run in one go against one system.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
