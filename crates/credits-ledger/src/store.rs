@@ -276,19 +276,8 @@ impl Store {
 
     /// The gateway's hot path: one primary-key read.
     pub async fn access(&self, id: &AccountId) -> Result<AccessView, LedgerError> {
-        let row = sqlx::query!(
-            "SELECT access, billing_mode, balance, held FROM accounts WHERE account_id = $1",
-            id.as_str()
-        )
-        .fetch_optional(&self.pool)
-        .await?
-        .ok_or_else(|| LedgerError::AccountNotFound(id.clone()))?;
-        Ok(AccessView {
-            access: Access::from_db(&row.access)?,
-            billing_mode: BillingMode::from_db(&row.billing_mode)?,
-            balance: Money::new(row.balance),
-            held: Money::new(row.held),
-        })
+        let mut conn = self.pool.acquire().await?;
+        Self::access_in(&mut conn, id).await
     }
 
     /// R18: replaces the account's alert thresholds (validated, highest first); returns
