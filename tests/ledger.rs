@@ -355,6 +355,58 @@ async fn threshold_crossing_publishes_exactly_one_event_per_crossing_r7() {
     ledger.stop().await;
 }
 
+/// The relay deletes what the broker says a queue took and keeps what it returned, so the
+/// publisher must say it per message. The broker returns an unroutable message at once but
+/// acks a persistent one after writing it, so a return often arrives before the ack of an
+/// earlier message; the client library hangs it on that ack. Read per confirm, a routed
+/// event was taken as returned (and published twice) and the returned one as routed (and
+/// lost). Batches mixing both, several times over, catch that.
+#[tokio::test]
+async fn the_publisher_tells_returned_messages_from_routed_ones_by_id() {
+    use credits_common::amqp::{Delivery, OutgoingMessage, Publisher};
+    let exchange = credits_tests::unique("pub");
+    let mut tap = EventTap::bind(&exchange, "kept.#").await;
+    let mut publisher = Publisher::new(credits_tests::AMQP_URL, &exchange, "publisher-test");
+    let mut kept = std::collections::BTreeSet::new();
+    for batch in 0..8 {
+        let messages: Vec<OutgoingMessage> = (0..64)
+            .map(|i| {
+                let id = format!("{batch}-{i}");
+                // An irregular mix, so returns and acks interleave differently per batch.
+                let routed = (i * 7 + batch) % 3 != 0;
+                OutgoingMessage {
+                    routing_key: if routed { "kept.x" } else { "lost.x" }.to_owned(),
+                    body: serde_json::json!({ "id": id, "type": "t" })
+                        .to_string()
+                        .into_bytes(),
+                    message_id: id,
+                    timestamp_secs: 0,
+                }
+            })
+            .collect();
+        let deliveries = publisher.publish_confirmed(&messages).await.unwrap();
+        assert_eq!(deliveries.len(), messages.len());
+        for (m, d) in messages.iter().zip(&deliveries) {
+            let expected = if m.routing_key == "kept.x" {
+                kept.insert(m.message_id.clone());
+                Delivery::Routed
+            } else {
+                Delivery::Unroutable
+            };
+            assert_eq!(*d, expected, "message {} ({})", m.message_id, m.routing_key);
+        }
+    }
+    let received: Vec<String> = tap
+        .drain(Duration::from_secs(2))
+        .await
+        .iter()
+        .map(|e| e["id"].as_str().unwrap().to_owned())
+        .collect();
+    let unique: std::collections::BTreeSet<String> = received.iter().cloned().collect();
+    assert_eq!(received.len(), unique.len(), "a message arrived twice");
+    assert_eq!(unique, kept);
+}
+
 #[tokio::test]
 async fn outbox_events_survive_a_rabbitmq_connection_drop() {
     let ledger = Ledger::start().await;

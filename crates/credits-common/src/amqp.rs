@@ -169,19 +169,47 @@ impl Publisher {
                 .await?;
             confirms.push(confirm);
         }
-        let mut out = Vec::with_capacity(confirms.len());
+        // lapin hangs a returned message on whichever confirm it resolves next, not on the
+        // one it belongs to: a `basic.return` is sent at routing time, the ack of an earlier
+        // persistent message only after its fsync, so the return of message 2 can arrive
+        // first and be attached to message 1's ack (and a `multiple` ack resolves its tags in
+        // no set order). Which messages came back is therefore read from the returned
+        // messages' own ids, over the whole batch; reading it per confirm once published a
+        // routed event twice and deleted an unroutable one as if a queue had it.
+        let mut returned = std::collections::HashSet::new();
         for c in confirms {
             match c.await? {
-                lapin::Confirmation::Ack(None) | lapin::Confirmation::NotRequested => {
-                    out.push(Delivery::Routed)
+                lapin::Confirmation::Ack(None) | lapin::Confirmation::NotRequested => {}
+                lapin::Confirmation::Ack(Some(m)) => {
+                    returned.insert(returned_id(&m));
                 }
-                lapin::Confirmation::Ack(Some(_)) => out.push(Delivery::Unroutable),
                 lapin::Confirmation::Nack(_) => {
                     return Err(PublishError::Nacked);
                 }
             }
         }
-        Ok(out)
+        Ok(messages.iter().map(|m| delivery_of(m, &returned)).collect())
+    }
+}
+
+/// The id a returned message was published with (`None` if it had none: ours always do).
+fn returned_id(m: &lapin::message::BasicReturnMessage) -> Option<String> {
+    m.delivery
+        .properties
+        .message_id()
+        .as_ref()
+        .map(|id| id.as_str().to_owned())
+}
+
+/// A message is unroutable exactly when the broker returned a message with its id.
+fn delivery_of(
+    m: &OutgoingMessage,
+    returned: &std::collections::HashSet<Option<String>>,
+) -> Delivery {
+    if returned.contains(&Some(m.message_id.clone())) {
+        Delivery::Unroutable
+    } else {
+        Delivery::Routed
     }
 }
 
