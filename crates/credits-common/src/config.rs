@@ -92,6 +92,46 @@ pub fn start_daemon(
     Ok(crate::shutdown::on_signal())
 }
 
+/// A daemon binary's life once its flags are parsed: [`start_daemon`], then `build` the app
+/// (its configuration taken from the flags) with the shutdown token, bind `listen`, and
+/// `run` the app there until shutdown.
+pub async fn run_daemon<A, R>(
+    common: &CommonArgs,
+    default_metrics: &str,
+    listen: SocketAddr,
+    build: impl AsyncFnOnce(&tokio_util::sync::CancellationToken) -> anyhow::Result<A>,
+    run: impl FnOnce(A, tokio::net::TcpListener, tokio_util::sync::CancellationToken) -> R,
+) -> anyhow::Result<()>
+where
+    R: Future<Output = anyhow::Result<()>>,
+{
+    let shutdown = start_daemon(common, default_metrics)?;
+    let app = build(&shutdown).await?;
+    let listener = bind(listen).await?;
+    run(app, listener, shutdown).await
+}
+
+/// The `main` of the binary of daemon crate `$daemon`: parses the binary's clap `Args`
+/// (with the fields `common` and `listen`, and `config()` making the daemon's `Config`),
+/// then [`run_daemon`] with the crate's `DEFAULT_METRICS` and `App`.
+#[macro_export]
+macro_rules! daemon_main {
+    ($daemon:ident) => {
+        #[tokio::main]
+        async fn main() -> anyhow::Result<()> {
+            let args = <Args as clap::Parser>::parse();
+            $crate::config::run_daemon(
+                &args.common,
+                $daemon::DEFAULT_METRICS,
+                args.listen,
+                async |shutdown| $daemon::App::build(args.config()?, shutdown).await,
+                $daemon::App::run,
+            )
+            .await
+        }
+    };
+}
+
 /// Binds the gRPC listener, naming the address when it cannot.
 pub async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr)

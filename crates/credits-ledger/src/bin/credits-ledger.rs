@@ -6,7 +6,7 @@ use clap::Parser;
 use credits_common::config::{CommonArgs, ranged};
 
 #[derive(Parser, Debug)]
-#[command(name = "credits-ledger", version, about = "The credits ledger daemon")]
+#[command(version, about = "The credits ledger daemon")]
 struct Args {
     /// PostgreSQL URL of the ledger's own database (created if missing).
     #[arg(long, env = "DATABASE_URL", default_value = credits_ledger::DEFAULT_DATABASE_URL)]
@@ -24,16 +24,15 @@ struct Args {
     common: CommonArgs,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    let shutdown =
-        credits_common::config::start_daemon(&args.common, credits_ledger::DEFAULT_METRICS)?;
-    let mut cfg = credits_ledger::Config::new(&args.database_url, &args.common.amqp_url);
-    cfg.daemon.apply(&args.common);
-    cfg.group_commit_workers = args.group_commit_workers as usize;
-    cfg.group_commit_max = args.group_commit_max as usize;
-    let app = credits_ledger::App::build(cfg, &shutdown).await?;
-    let listener = credits_common::config::bind(args.listen).await?;
-    app.run(listener, shutdown).await
+impl Args {
+    /// The daemon's configuration from its flags and environment.
+    fn config(&self) -> anyhow::Result<credits_ledger::Config> {
+        let mut cfg = credits_ledger::Config::new(&self.database_url, &self.common.amqp_url);
+        cfg.daemon.apply(&self.common);
+        cfg.group_commit_workers = self.group_commit_workers as usize;
+        cfg.group_commit_max = self.group_commit_max as usize;
+        Ok(cfg)
+    }
 }
+
+credits_common::daemon_main!(credits_ledger);

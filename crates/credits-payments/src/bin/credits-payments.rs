@@ -8,11 +8,7 @@ use credits_common::Money;
 use credits_common::config::{CommonArgs, ranged};
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "credits-payments",
-    version,
-    about = "The credits payments daemon"
-)]
+#[command(version, about = "The credits payments daemon")]
 struct Args {
     /// PostgreSQL URL of the payments database (created if missing).
     #[arg(long, env = "DATABASE_URL", default_value = credits_payments::DEFAULT_DATABASE_URL)]
@@ -36,18 +32,20 @@ struct Args {
     common: CommonArgs,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    let shutdown =
-        credits_common::config::start_daemon(&args.common, credits_payments::DEFAULT_METRICS)?;
-    let mut cfg =
-        credits_payments::Config::new(&args.database_url, &args.common.amqp_url, &args.ledger_url);
-    cfg.daemon.apply(&args.common);
-    cfg.min_purchase = Money::parse_positive("MIN_PURCHASE", &args.min_purchase)?;
-    cfg.sandbox.latency = Duration::from_millis(args.sandbox_latency_ms);
-    cfg.sandbox.ach_settle_delay = Duration::from_millis(args.sandbox_ach_settle_ms);
-    let app = credits_payments::App::build(cfg, &shutdown).await?;
-    let listener = credits_common::config::bind(args.listen).await?;
-    app.run(listener, shutdown).await
+impl Args {
+    /// The daemon's configuration from its flags and environment.
+    fn config(&self) -> anyhow::Result<credits_payments::Config> {
+        let mut cfg = credits_payments::Config::new(
+            &self.database_url,
+            &self.common.amqp_url,
+            &self.ledger_url,
+        );
+        cfg.daemon.apply(&self.common);
+        cfg.min_purchase = Money::parse_positive("MIN_PURCHASE", &self.min_purchase)?;
+        cfg.sandbox.latency = Duration::from_millis(self.sandbox_latency_ms);
+        cfg.sandbox.ach_settle_delay = Duration::from_millis(self.sandbox_ach_settle_ms);
+        Ok(cfg)
+    }
 }
+
+credits_common::daemon_main!(credits_payments);

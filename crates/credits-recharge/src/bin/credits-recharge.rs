@@ -8,11 +8,7 @@ use credits_common::Money;
 use credits_common::config::{CommonArgs, ranged};
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "credits-recharge",
-    version,
-    about = "The credits auto-recharge worker"
-)]
+#[command(version, about = "The credits auto-recharge worker")]
 struct Args {
     /// PostgreSQL URL of the recharge database (created if missing).
     #[arg(long, env = "DATABASE_URL", default_value = credits_recharge::DEFAULT_DATABASE_URL)]
@@ -51,24 +47,23 @@ struct Args {
     common: CommonArgs,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    let shutdown =
-        credits_common::config::start_daemon(&args.common, credits_recharge::DEFAULT_METRICS)?;
-    let mut cfg = credits_recharge::Config::new(
-        &args.database_url,
-        &args.common.amqp_url,
-        &args.ledger_url,
-        &args.payments_url,
-    );
-    cfg.daemon.apply(&args.common);
-    cfg.queue = args.queue.clone();
-    cfg.min_purchase = Money::parse_positive("MIN_PURCHASE", &args.min_purchase)?;
-    cfg.worker.retry_after_failure = Duration::from_secs(args.retry_after_failure_secs);
-    cfg.worker.lease = Duration::from_secs(args.lease_secs);
-    cfg.worker.reconcile_every = Duration::from_secs(args.reconcile_secs);
-    let app = credits_recharge::App::build(cfg, &shutdown).await?;
-    let listener = credits_common::config::bind(args.listen).await?;
-    app.run(listener, shutdown).await
+impl Args {
+    /// The daemon's configuration from its flags and environment.
+    fn config(&self) -> anyhow::Result<credits_recharge::Config> {
+        let mut cfg = credits_recharge::Config::new(
+            &self.database_url,
+            &self.common.amqp_url,
+            &self.ledger_url,
+            &self.payments_url,
+        );
+        cfg.daemon.apply(&self.common);
+        cfg.queue = self.queue.clone();
+        cfg.min_purchase = Money::parse_positive("MIN_PURCHASE", &self.min_purchase)?;
+        cfg.worker.retry_after_failure = Duration::from_secs(self.retry_after_failure_secs);
+        cfg.worker.lease = Duration::from_secs(self.lease_secs);
+        cfg.worker.reconcile_every = Duration::from_secs(self.reconcile_secs);
+        Ok(cfg)
+    }
 }
+
+credits_common::daemon_main!(credits_recharge);
