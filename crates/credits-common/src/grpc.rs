@@ -50,6 +50,30 @@ pub fn base_router(
     Ok((router, reporter))
 }
 
+/// A daemon's whole router: [`base_router`] behind `policy`, plus its `service`, which
+/// health reports serving.
+pub async fn service_router<S>(
+    descriptor_set: &'static [u8],
+    policy: Policy,
+    service: S,
+) -> anyhow::Result<AuthRouter>
+where
+    S: tower_service::Service<
+            http::Request<tonic::body::Body>,
+            Response = http::Response<tonic::body::Body>,
+            Error = std::convert::Infallible,
+        > + tonic::server::NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let (router, health) = base_router(descriptor_set, policy)?;
+    health.set_serving::<S>().await;
+    Ok(router.add_service(service))
+}
+
 /// Serves until `shutdown` is cancelled, then lets in-flight RPCs finish.
 pub async fn serve(
     router: AuthRouter,

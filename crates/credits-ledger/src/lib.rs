@@ -13,6 +13,7 @@ pub mod domain;
 pub mod grpc;
 pub mod store;
 
+use credits_common::grpc::service_router;
 use credits_common::outbox::run_relay;
 use credits_proto::ledger::v1::ledger_service_server::LedgerServiceServer;
 use sqlx::PgPool;
@@ -93,8 +94,6 @@ impl App {
             shutdown.clone(),
         ));
         let policy = self.cfg.daemon.policy()?;
-        let (router, health) =
-            credits_common::grpc::base_router(credits_proto::FILE_DESCRIPTOR_SET, policy)?;
         let store = store::Store::new(self.pool.clone());
         let sweeper = tokio::spawn(sweep_holds(
             store.clone(),
@@ -109,12 +108,9 @@ impl App {
             self.cfg.group_commit_max,
         );
         let svc = LedgerServiceServer::new(grpc::LedgerGrpc::new(store, coalescer, views));
-        health
-            .set_serving::<LedgerServiceServer<grpc::LedgerGrpc>>()
-            .await;
+        let router = service_router(credits_proto::FILE_DESCRIPTOR_SET, policy, svc).await?;
         tracing::info!(addr = %listener.local_addr()?, "ledger listening");
-        let served =
-            credits_common::grpc::serve(router.add_service(svc), listener, shutdown.clone()).await;
+        let served = credits_common::grpc::serve(router, listener, shutdown.clone()).await;
         shutdown.cancel();
         let _ = relay.await;
         let _ = sweeper.await;

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use credits_common::Money;
+use credits_common::grpc::service_router;
 use credits_common::outbox::run_relay;
 use credits_proto::ledger::v1::ledger_service_client::LedgerServiceClient;
 use credits_proto::payments::v1::payments_service_server::PaymentsServiceServer;
@@ -101,17 +102,11 @@ impl App {
             self.cfg.recovery_stale_after,
             shutdown.clone(),
         ));
-        let policy = self.cfg.daemon.policy()?;
-        let (router, health) =
-            credits_common::grpc::base_router(credits_proto::FILE_DESCRIPTOR_SET, policy)?;
         let server = PaymentsServiceServer::new(grpc::PaymentsGrpc::new(svc));
-        health
-            .set_serving::<PaymentsServiceServer<grpc::PaymentsGrpc>>()
-            .await;
+        let policy = self.cfg.daemon.policy()?;
+        let router = service_router(credits_proto::FILE_DESCRIPTOR_SET, policy, server).await?;
         tracing::info!(addr = %listener.local_addr()?, ledger = %self.cfg.ledger_url, "payments listening");
-        let served =
-            credits_common::grpc::serve(router.add_service(server), listener, shutdown.clone())
-                .await;
+        let served = credits_common::grpc::serve(router, listener, shutdown.clone()).await;
         shutdown.cancel();
         let _ = tokio::join!(relay, recovery);
         self.pool.close().await;

@@ -15,6 +15,7 @@ pub mod worker;
 use std::sync::Arc;
 
 use credits_common::Money;
+use credits_common::grpc::service_router;
 use credits_common::outbox::run_relay;
 use credits_proto::ledger::v1::ledger_service_client::LedgerServiceClient;
 use credits_proto::payments::v1::payments_service_client::PaymentsServiceClient;
@@ -109,17 +110,11 @@ impl App {
             shutdown.clone(),
         ));
         let sweeper = tokio::spawn(worker.clone().run_sweeper(shutdown.clone()));
-        let policy = self.cfg.daemon.policy()?;
-        let (router, health) =
-            credits_common::grpc::base_router(credits_proto::FILE_DESCRIPTOR_SET, policy)?;
         let server = AutoRechargeServiceServer::new(grpc::RechargeGrpc::new(worker.clone()));
-        health
-            .set_serving::<AutoRechargeServiceServer<grpc::RechargeGrpc>>()
-            .await;
+        let policy = self.cfg.daemon.policy()?;
+        let router = service_router(credits_proto::FILE_DESCRIPTOR_SET, policy, server).await?;
         tracing::info!(addr = %listener.local_addr()?, queue = %self.cfg.queue, "recharge listening");
-        let served =
-            credits_common::grpc::serve(router.add_service(server), listener, shutdown.clone())
-                .await;
+        let served = credits_common::grpc::serve(router, listener, shutdown.clone()).await;
         shutdown.cancel();
         let _ = tokio::join!(relay, consumer, sweeper);
         worker.drain().await;
