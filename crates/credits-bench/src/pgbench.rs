@@ -45,6 +45,33 @@ fn pgbench_path() -> String {
         .unwrap_or_else(|| "pgbench".to_owned())
 }
 
+/// Runs the pgbench `script` (`-n`, two threads, and `flags`) with `clients` for `seconds`
+/// against `url`; its report.
+fn pgbench(
+    flags: &[&str],
+    clients: impl ToString,
+    seconds: impl ToString,
+    script: &std::path::Path,
+    url: &str,
+) -> anyhow::Result<String> {
+    let out = Command::new(pgbench_path())
+        .arg("-n")
+        .args(flags)
+        .args(["-c", &clients.to_string()])
+        .args(["-j", "2", "-T", &seconds.to_string(), "-f"])
+        .arg(script)
+        .arg(url)
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    anyhow::ensure!(
+        out.status.success(),
+        "pgbench failed: {}{}",
+        text,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(text)
+}
+
 pub async fn run(a: &Args, name: &str, accounts: usize) -> anyhow::Result<Stats> {
     let db = "credits_bench_pgbench";
     let base = a.pg_url.trim_end_matches('/');
@@ -72,28 +99,7 @@ pub async fn run(a: &Args, name: &str, accounts: usize) -> anyhow::Result<Stats>
     psql(&url, "VACUUM ANALYZE")?;
     let file = std::env::temp_dir().join(format!("credits-{name}.sql"));
     std::fs::write(&file, script(accounts))?;
-    let out = Command::new(pgbench_path())
-        .args([
-            "-n",
-            "-r",
-            "-c",
-            &a.concurrency.to_string(),
-            "-j",
-            "2",
-            "-T",
-            &a.duration.to_string(),
-            "-f",
-        ])
-        .arg(&file)
-        .arg(&url)
-        .output()?;
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    anyhow::ensure!(
-        out.status.success(),
-        "pgbench failed: {}{}",
-        text,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = pgbench(&["-r"], a.concurrency, a.duration, &file, &url)?;
     let number_after = |label: &str| -> Option<f64> {
         text.lines()
             .find(|l| l.contains(label))?
@@ -192,27 +198,7 @@ FROM items i JOIN upd u ON u.account_id = i.aid;
     let file = std::env::temp_dir().join(format!("credits-{name}.sql"));
     std::fs::write(&file, script)?;
     let clients = 4;
-    let out = Command::new(pgbench_path())
-        .args([
-            "-n",
-            "-c",
-            &clients.to_string(),
-            "-j",
-            "2",
-            "-T",
-            &a.duration.to_string(),
-            "-f",
-        ])
-        .arg(&file)
-        .arg(&url)
-        .output()?;
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    anyhow::ensure!(
-        out.status.success(),
-        "pgbench failed: {}{}",
-        text,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = pgbench(&[], clients, a.duration, &file, &url)?;
     let tps: f64 = text
         .lines()
         .find(|l| l.starts_with("tps"))

@@ -175,28 +175,30 @@ async fn busy(a: &Args, c: &Cluster) -> anyhow::Result<Vec<String>> {
             left.push(format!("{name}: {n} outbox events"));
         }
     }
-    let mut p = db(&a.pg_url, &c.dbs[1]).await?;
-    let n = scalar(&mut p, "SELECT count(*) FROM charges WHERE status IN ('PROCESSING','PENDING') OR (purpose = 'PURCHASE' AND status = 'SUCCEEDED' AND ledger_entry_id IS NULL)").await;
-    if n != 0 {
-        left.push(format!("{n} unfinished charges"));
-    }
-    let mut r = db(&a.pg_url, &c.dbs[2]).await?;
-    let n = scalar(
-        &mut r,
-        "SELECT count(*) FROM attempts WHERE status IN ('PENDING','CHARGING')",
-    )
-    .await;
-    if n != 0 {
-        left.push(format!("{n} attempts in flight"));
-    }
-    let mut l = db(&a.pg_url, &c.dbs[0]).await?;
-    let n = scalar(
-        &mut l,
-        "SELECT count(*) FROM holds WHERE status = 'ACTIVE' AND expires_at <= now()",
-    )
-    .await;
-    if n != 0 {
-        left.push(format!("{n} holds past expiry"));
+    // Work that must be finished once the system is quiet: (database, count, what is left).
+    let unfinished = [
+        (
+            1,
+            "SELECT count(*) FROM charges WHERE status IN ('PROCESSING','PENDING') OR (purpose = 'PURCHASE' AND status = 'SUCCEEDED' AND ledger_entry_id IS NULL)",
+            "unfinished charges",
+        ),
+        (
+            2,
+            "SELECT count(*) FROM attempts WHERE status IN ('PENDING','CHARGING')",
+            "attempts in flight",
+        ),
+        (
+            0,
+            "SELECT count(*) FROM holds WHERE status = 'ACTIVE' AND expires_at <= now()",
+            "holds past expiry",
+        ),
+    ];
+    for (i, sql, what) in unfinished {
+        let mut conn = db(&a.pg_url, &c.dbs[i]).await?;
+        let n = scalar(&mut conn, sql).await;
+        if n != 0 {
+            left.push(format!("{n} {what}"));
+        }
     }
     match queue_counts(&c.queue).await {
         QueueState::Counts(0, 0) => {}

@@ -138,6 +138,15 @@ struct State {
 }
 
 impl State {
+    /// Schedules `what` for `lasting` after the fault began `since`.
+    fn recover_after(&mut self, since: Instant, lasting: Duration, what: Recovery) {
+        self.pending.push(Pending {
+            since,
+            at: since + lasting,
+            what,
+        });
+    }
+
     fn ledger_down(&self) -> bool {
         self.pending
             .iter()
@@ -360,11 +369,7 @@ async fn inject_one(
                 d.ledger_outage.as_secs_f32()
             );
             c.ledger.kill9().await;
-            st.pending.push(Pending {
-                since: now,
-                at: now + d.ledger_outage,
-                what: Recovery::LedgerUp,
-            });
+            st.recover_after(now, d.ledger_outage, Recovery::LedgerUp);
             counts.ledger_outage += 1;
         }
         Fault::BrokerOutage => {
@@ -373,12 +378,7 @@ async fn inject_one(
                 d.broker_outage.as_secs_f32()
             );
             sh("rabbitmqctl", &["-q", "stop_app"]).await;
-            let now = Instant::now();
-            st.pending.push(Pending {
-                since: now,
-                at: now + d.broker_outage,
-                what: Recovery::BrokerUp,
-            });
+            st.recover_after(Instant::now(), d.broker_outage, Recovery::BrokerUp);
             counts.broker_outage += 1;
         }
         Fault::QueueDelete => {
@@ -422,11 +422,7 @@ async fn inject_one(
                 RECHARGE_LEASE.as_secs()
             );
             sh("kill", &["-STOP", &pid.to_string()]).await;
-            st.pending.push(Pending {
-                since: now,
-                at: now + d.recharge_pause,
-                what: Recovery::Resume { replica: i, pid },
-            });
+            st.recover_after(now, d.recharge_pause, Recovery::Resume { replica: i, pid });
             counts.recharge_pause += 1;
         }
         Fault::TokenMismatch => {
@@ -445,11 +441,7 @@ async fn inject_one(
             if let Err(e) = dm.restart().await {
                 println!("           restart of {} failed: {e}", dm.spec.name);
             }
-            st.pending.push(Pending {
-                since: now,
-                at: now + d.token_mismatch,
-                what: Recovery::RightToken(i),
-            });
+            st.recover_after(now, d.token_mismatch, Recovery::RightToken(i));
             counts.token_mismatch += 1;
         }
     }

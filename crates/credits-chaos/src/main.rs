@@ -107,59 +107,68 @@ fn cluster(a: &Args, run: &str, logdir: &std::path::Path) -> Cluster {
             ("OUTBOX_PARK_AFTER_SECS".to_owned(), "3".to_owned()),
         ]
     };
-    let lp = free_port();
-    let mut env = common(&dbs[0]);
-    env.push(("LEDGER_LISTEN_ADDR".into(), format!("127.0.0.1:{lp}")));
-    let ledger = Daemon::new(
-        Spec {
-            name: "ledger".into(),
-            binary: "credits-ledger".into(),
-            env,
-            port: lp,
-        },
-        logdir,
+    // A daemon on a free port: the common settings, its listen address, then `extra`.
+    let daemon = |name: &str, binary: &str, db: &str, listen: &str, extra: Vec<(&str, String)>| {
+        let port = free_port();
+        let mut env = common(db);
+        env.push((listen.to_owned(), format!("127.0.0.1:{port}")));
+        env.extend(extra.into_iter().map(|(k, v)| (k.to_owned(), v)));
+        let (name, binary) = (name.to_owned(), binary.to_owned());
+        Daemon::new(
+            Spec {
+                name,
+                binary,
+                env,
+                port,
+            },
+            logdir,
+        )
+    };
+    let ledger = daemon(
+        "ledger",
+        "credits-ledger",
+        &dbs[0],
+        "LEDGER_LISTEN_ADDR",
+        vec![],
     );
-    let mut payments = Vec::new();
-    for name in ["payments-a", "payments-b"] {
-        let p = free_port();
-        let mut env = common(&dbs[1]);
-        env.push(("PAYMENTS_LISTEN_ADDR".into(), format!("127.0.0.1:{p}")));
-        env.push(("LEDGER_URL".into(), format!("http://127.0.0.1:{lp}")));
-        env.push(("SANDBOX_ACH_SETTLE_MS".into(), "1000".into()));
-        payments.push(Daemon::new(
-            Spec {
-                name: name.into(),
-                binary: "credits-payments".into(),
-                env,
-                port: p,
-            },
-            logdir,
-        ));
-    }
-    let mut recharge = Vec::new();
-    for (i, name) in ["recharge-a", "recharge-b"].into_iter().enumerate() {
-        let p = free_port();
-        let mut env = common(&dbs[2]);
-        env.push(("RECHARGE_LISTEN_ADDR".into(), format!("127.0.0.1:{p}")));
-        env.push(("LEDGER_URL".into(), format!("http://127.0.0.1:{lp}")));
-        env.push(("PAYMENTS_URL".into(), payments[i].url()));
-        env.push(("RECHARGE_QUEUE".into(), queue.clone()));
-        env.push(("RECHARGE_RETRY_AFTER_FAILURE_SECS".into(), "2".into()));
-        env.push((
-            "RECHARGE_LEASE_SECS".into(),
-            faults::RECHARGE_LEASE.as_secs().to_string(),
-        ));
-        env.push(("RECHARGE_RECONCILE_SECS".into(), "3".into()));
-        recharge.push(Daemon::new(
-            Spec {
-                name: name.into(),
-                binary: "credits-recharge".into(),
-                env,
-                port: p,
-            },
-            logdir,
-        ));
-    }
+    let payments: Vec<Daemon> = ["payments-a", "payments-b"]
+        .into_iter()
+        .map(|name| {
+            daemon(
+                name,
+                "credits-payments",
+                &dbs[1],
+                "PAYMENTS_LISTEN_ADDR",
+                vec![
+                    ("LEDGER_URL", ledger.url()),
+                    ("SANDBOX_ACH_SETTLE_MS", "1000".into()),
+                ],
+            )
+        })
+        .collect();
+    let recharge = ["recharge-a", "recharge-b"]
+        .into_iter()
+        .zip(&payments)
+        .map(|(name, payments)| {
+            daemon(
+                name,
+                "credits-recharge",
+                &dbs[2],
+                "RECHARGE_LISTEN_ADDR",
+                vec![
+                    ("LEDGER_URL", ledger.url()),
+                    ("PAYMENTS_URL", payments.url()),
+                    ("RECHARGE_QUEUE", queue.clone()),
+                    ("RECHARGE_RETRY_AFTER_FAILURE_SECS", "2".into()),
+                    (
+                        "RECHARGE_LEASE_SECS",
+                        faults::RECHARGE_LEASE.as_secs().to_string(),
+                    ),
+                    ("RECHARGE_RECONCILE_SECS", "3".into()),
+                ],
+            )
+        })
+        .collect();
     Cluster {
         run: run.to_owned(),
         ledger,
