@@ -393,21 +393,14 @@ pub async fn settle_and_check(
         .iter()
         .filter(|c| credit_count.get(c.0.as_str()).copied().unwrap_or(0) != 1)
         .count();
+    let charge_of = |reference: &String| by_id.get(reference.as_str());
     let credit_without_charge = credits
         .iter()
-        .filter(|(reference, _, _)| {
-            by_id
-                .get(reference.as_str())
-                .is_none_or(|c| c.2 != "SUCCEEDED")
-        })
+        .filter(|(reference, _, _)| charge_of(reference).is_none_or(|c| c.2 != "SUCCEEDED"))
         .count();
     let amount_mismatch = credits
         .iter()
-        .filter(|(reference, _, amount)| {
-            by_id
-                .get(reference.as_str())
-                .is_some_and(|c| c.4 != *amount)
-        })
+        .filter(|(reference, _, amount)| charge_of(reference).is_some_and(|c| c.4 != *amount))
         .count();
     ck.report(
         uncredited == 0 && credit_without_charge == 0 && amount_mismatch == 0,

@@ -168,20 +168,31 @@ mod tests {
     }
 }
 
-/// A secret setting (a bearer token): kept out of `Debug` output and logs.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
+/// A string setting whose `Debug` output hides what it must (each type says how), with
+/// `new` and `expose`.
+macro_rules! masked_string {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, PartialEq, Eq)]
+        pub struct $name(String);
 
-impl Secret {
-    pub fn new(s: impl Into<String>) -> Self {
-        Secret(s.into())
-    }
+        impl $name {
+            pub fn new(s: impl Into<String>) -> Self {
+                $name(s.into())
+            }
 
-    /// The value itself, for the one place that needs it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
+            /// The value itself, for the one place that needs it.
+            pub fn expose(&self) -> &str {
+                &self.0
+            }
+        }
+    };
 }
+
+masked_string!(
+    /// A secret setting (a bearer token): kept out of `Debug` output and logs.
+    Secret
+);
 
 impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -189,19 +200,10 @@ impl std::fmt::Debug for Secret {
     }
 }
 
-/// A database URL: its password never shows in `Debug` output.
-#[derive(Clone, PartialEq, Eq)]
-pub struct DatabaseUrl(String);
-
-impl DatabaseUrl {
-    pub fn new(s: impl Into<String>) -> Self {
-        DatabaseUrl(s.into())
-    }
-
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
+masked_string!(
+    /// A database URL: its password never shows in `Debug` output.
+    DatabaseUrl
+);
 
 impl std::fmt::Debug for DatabaseUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -177,31 +177,23 @@ impl LedgerPort for GrpcLedger {
     ) -> Result<i64, RechargeError> {
         let mut ledger = self.0.clone();
         let stored = match threshold {
-            Some(t) => {
-                ledger
-                    .set_balance_threshold(lpb::SetBalanceThresholdRequest {
-                        account_id: account.to_owned(),
-                        threshold: t.to_wire(),
-                        version,
-                    })
-                    .await
-                    .map_err(|s| peer_error("ledger", s))?
-                    .into_inner()
-                    .version
-            }
-            None => {
-                ledger
-                    .clear_balance_threshold(lpb::ClearBalanceThresholdRequest {
-                        account_id: account.to_owned(),
-                        version,
-                    })
-                    .await
-                    .map_err(|s| peer_error("ledger", s))?
-                    .into_inner()
-                    .version
-            }
+            Some(t) => ledger
+                .set_balance_threshold(lpb::SetBalanceThresholdRequest {
+                    account_id: account.to_owned(),
+                    threshold: t.to_wire(),
+                    version,
+                })
+                .await
+                .map(|r| r.into_inner().version),
+            None => ledger
+                .clear_balance_threshold(lpb::ClearBalanceThresholdRequest {
+                    account_id: account.to_owned(),
+                    version,
+                })
+                .await
+                .map(|r| r.into_inner().version),
         };
-        Ok(stored)
+        stored.map_err(|s| peer_error("ledger", s))
     }
 
     async fn credit_top_up(
