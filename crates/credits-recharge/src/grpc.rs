@@ -19,6 +19,19 @@ impl RechargeGrpc {
     pub fn new(worker: Arc<Recharge>) -> Self {
         Self { worker }
     }
+
+    /// The account's settings on the wire, with what R19 counts this month; those of an
+    /// account that never configured auto-recharge when there are none.
+    async fn settings_reply(
+        &self,
+        account: &AccountId,
+        settings: Option<Settings>,
+    ) -> Result<Response<pb::AutoRecharge>, Status> {
+        Ok(Response::new(match settings {
+            Some(s) => settings_to_wire(s, self.worker.charged_this_month(account).await?),
+            None => never_configured(account),
+        }))
+    }
 }
 
 /// `GetAutoRecharge` of an account that never configured it (docs/api.md).
@@ -87,12 +100,8 @@ impl pb::auto_recharge_service_server::AutoRechargeService for RechargeGrpc {
         req: Request<pb::GetAutoRechargeRequest>,
     ) -> Result<Response<pb::AutoRecharge>, Status> {
         let account = AccountId::parse(&req.into_inner().account_id)?;
-        Ok(Response::new(
-            match self.worker.auto_recharge(&account).await? {
-                Some(s) => settings_to_wire(s, self.worker.charged_this_month(&account).await?),
-                None => never_configured(&account),
-            },
-        ))
+        let settings = self.worker.auto_recharge(&account).await?;
+        self.settings_reply(&account, settings).await
     }
 
     async fn set_auto_recharge(
@@ -111,10 +120,7 @@ impl pb::auto_recharge_service_server::AutoRechargeService for RechargeGrpc {
                 &r.monthly_limit,
             )
             .await?;
-        Ok(Response::new(match saved {
-            Some(s) => settings_to_wire(s, self.worker.charged_this_month(&account).await?),
-            None => never_configured(&account),
-        }))
+        self.settings_reply(&account, saved).await
     }
 
     async fn list_recharge_attempts(
