@@ -15,11 +15,11 @@ use std::time::Duration;
 
 pub use credits_client::{
     Access, AccessCheck, Account, AccountId, AttemptStatus, AutoRecharge, AutoRechargeChange,
-    BankAccountDetails, BillingMode, CardDetails, Charge, ChargeStatus, Client, ClientConfig,
-    ClientError, Code, CreditSource, CreditsAdded, CreditsToAdd, DisabledReason, Entry, EntryKind,
-    Hold, HoldCaptured, HoldRequest, HoldStatus, IdempotencyKey, Money, NewPaymentMethod,
-    PaymentMethod, PaymentMethodType, Purchase, RechargeAttempt, RetryPolicy, UsageCategory,
-    UsageRecord, UsageRecorded,
+    BalanceThreshold, BankAccountDetails, BillingMode, CardDetails, Charge, ChargeStatus, Client,
+    ClientConfig, ClientError, Code, CreditSource, CreditsAdded, CreditsToAdd, DisabledReason,
+    Entry, EntryKind, Hold, HoldCaptured, HoldRequest, HoldStatus, IdempotencyKey, Money,
+    NewPaymentMethod, PaymentMethod, PaymentMethodType, Purchase, RechargeAttempt, RetryPolicy,
+    UsageCategory, UsageRecord, UsageRecorded,
 };
 use rust_decimal::Decimal;
 
@@ -137,6 +137,14 @@ impl Api {
             .unwrap_or_else(|e| panic!("create {id}: {e}"))
     }
 
+    /// A prepaid account that bought `amount` (credited straight into the ledger, key
+    /// "buy"), so it has access.
+    pub async fn prepaid(&self, id: &str, amount: &str) -> CreditsAdded {
+        self.create_account(id, BillingMode::Prepaid).await;
+        self.add_credits(id, amount, CreditSource::Purchase, "buy")
+            .await
+    }
+
     pub async fn account(&self, id: &str) -> Account {
         self.ledger()
             .get_account(&acct(id))
@@ -184,6 +192,14 @@ impl Api {
             .add_credits(&credits(id, amount, source, k))
             .await
             .unwrap_or_else(|e| panic!("credit {amount} to {id}: {e}"))
+    }
+
+    /// The R7 threshold of `id`, set with no version check.
+    pub async fn set_threshold(&self, id: &str, threshold: &str) -> BalanceThreshold {
+        self.ledger()
+            .set_balance_threshold(&acct(id), money(threshold), None)
+            .await
+            .unwrap_or_else(|e| panic!("threshold {threshold} of {id}: {e}"))
     }
 
     /// Every journal entry, newest first, across pages.
@@ -323,6 +339,16 @@ impl Api {
         self.ledger()
             .capture_hold(&acct(id), hold_id, money(amount), "final cost")
             .await
+    }
+
+    pub async fn try_release(&self, id: &str, hold_id: &str) -> Result<Hold, ClientError> {
+        self.ledger().release_hold(&acct(id), hold_id).await
+    }
+
+    pub async fn release(&self, id: &str, hold_id: &str) -> Hold {
+        self.try_release(id, hold_id)
+            .await
+            .unwrap_or_else(|e| panic!("release {hold_id} on {id}: {e}"))
     }
 
     pub async fn holds(&self, id: &str) -> Vec<Hold> {

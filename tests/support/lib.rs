@@ -23,6 +23,9 @@ use credits_proto::ledger::v1::ledger_service_client::LedgerServiceClient;
 use credits_proto::payments::v1::payments_service_client::PaymentsServiceClient;
 use credits_proto::recharge::v1::auto_recharge_service_client::AutoRechargeServiceClient;
 use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
 
 pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
@@ -55,14 +58,131 @@ pub async fn pg_connect(url: &str) -> PgConnection {
         .expect("connect to test database")
 }
 
-/// A running in-process ledger on 127.0.0.1:0.
-pub struct Ledger {
+/// The settings every in-process daemon shares: its exchange, a small pool, a quick relay
+/// that parks events nobody routes soon, and a findable AMQP connection name.
+fn test_daemon(d: &mut credits_common::config::DaemonConfig, exchange: &str, connection: &str) {
+    d.exchange = exchange.to_owned();
+    d.db_max_connections = 16;
+    d.relay_poll = Duration::from_millis(200);
+    d.outbox_park_after = OUTBOX_PARK_AFTER;
+    d.amqp_connection_name = connection.to_owned();
+}
+
+/// What the harness needs of a daemon crate's `App`: build it from its config, then run it
+/// on a listener until cancelled.
+trait Daemon: Sized {
+    type Config;
+    const NAME: &'static str;
+    fn build(
+        cfg: Self::Config,
+        shutdown: &CancellationToken,
+    ) -> impl std::future::Future<Output = anyhow::Result<Self>>;
+    fn run(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: CancellationToken,
+    ) -> impl std::future::Future<Output = anyhow::Result<()>> + Send + 'static;
+}
+
+macro_rules! daemon {
+    ($krate:ident, $name:literal) => {
+        impl Daemon for $krate::App {
+            type Config = $krate::Config;
+            const NAME: &'static str = $name;
+            fn build(
+                cfg: Self::Config,
+                shutdown: &CancellationToken,
+            ) -> impl std::future::Future<Output = anyhow::Result<Self>> {
+                $krate::App::build(cfg, shutdown)
+            }
+            fn run(
+                self,
+                listener: tokio::net::TcpListener,
+                shutdown: CancellationToken,
+            ) -> impl std::future::Future<Output = anyhow::Result<()>> + Send + 'static {
+                $krate::App::run(self, listener, shutdown)
+            }
+        }
+    };
+}
+daemon!(credits_ledger, "ledger");
+daemon!(credits_payments, "payments");
+daemon!(credits_recharge, "recharge");
+
+/// An in-process daemon serving as a task, with its own database.
+pub struct Served {
+    pub name: &'static str,
     pub addr: std::net::SocketAddr,
     pub database_url: String,
-    pub exchange: String,
-    pub connection_name: String,
     pub shutdown: CancellationToken,
     pub task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Served {
+    /// Builds the daemon `D` and serves it on `addr` (127.0.0.1:0 when `None`).
+    async fn launch<D: Daemon>(
+        cfg: D::Config,
+        addr: Option<std::net::SocketAddr>,
+        database_url: String,
+    ) -> Served {
+        credits_common::telemetry::init_for_tests();
+        let shutdown = CancellationToken::new();
+        let app = D::build(cfg, &shutdown)
+            .await
+            .unwrap_or_else(|e| panic!("build {}: {e:#}", D::NAME));
+        let listener = bind(addr).await;
+        Served {
+            name: D::NAME,
+            addr: listener.local_addr().expect("addr"),
+            database_url,
+            task: tokio::spawn(app.run(listener, shutdown.clone())),
+            shutdown,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn db(&self) -> PgConnection {
+        pg_connect(&self.database_url).await
+    }
+
+    /// Cancels the daemon; it must end cleanly.
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.task
+            .await
+            .expect("join")
+            .unwrap_or_else(|e| panic!("{} did not run cleanly: {e:#}", self.name));
+    }
+}
+
+/// The daemons are their [`Served`] task (address, database, task) and a little more.
+macro_rules! served {
+    ($daemon:ident) => {
+        impl std::ops::Deref for $daemon {
+            type Target = Served;
+            fn deref(&self) -> &Served {
+                &self.served
+            }
+        }
+        impl $daemon {
+            pub async fn stop(self) {
+                self.served.stop().await;
+            }
+        }
+    };
+}
+served!(Ledger);
+served!(Payments);
+served!(Recharge);
+
+/// A running in-process ledger on 127.0.0.1:0.
+pub struct Ledger {
+    pub served: Served,
+    pub exchange: String,
+    pub connection_name: String,
 }
 
 #[derive(Default, Clone)]
@@ -84,43 +204,46 @@ impl Ledger {
     }
 
     pub async fn start_with(opts: LedgerOptions) -> Ledger {
-        credits_common::telemetry::init_for_tests();
         let database_url = opts
             .database_url
-            .clone()
             .unwrap_or_else(|| fresh_database_url("ledger"));
         let exchange = opts
             .exchange
-            .clone()
             .unwrap_or_else(|| unique("credits.events.test"));
         let connection_name = unique("credits-ledger-test");
         let mut cfg = credits_ledger::Config::new(&database_url, AMQP_URL);
-        cfg.daemon.exchange = exchange.clone();
+        test_daemon(&mut cfg.daemon, &exchange, &connection_name);
         cfg.daemon.auth_token = opts.auth_token.map(credits_common::config::Secret::new);
         cfg.daemon.auth_tokens_file = opts.auth_tokens_file;
-        cfg.daemon.db_max_connections = 16;
-        cfg.daemon.relay_poll = Duration::from_millis(200);
-        cfg.daemon.outbox_park_after = OUTBOX_PARK_AFTER;
-        cfg.daemon.amqp_connection_name = connection_name.clone();
-        let shutdown = CancellationToken::new();
-        let app = credits_ledger::App::build(cfg, &shutdown)
-            .await
-            .expect("build ledger");
-        let listener = bind(opts.addr).await;
-        let addr = listener.local_addr().expect("addr");
-        let task = tokio::spawn(app.run(listener, shutdown.clone()));
+        let served = Served::launch::<credits_ledger::App>(cfg, opts.addr, database_url).await;
         Ledger {
-            addr,
-            database_url,
+            served,
             exchange,
             connection_name,
-            shutdown,
-            task,
         }
     }
 
-    pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+    /// A fresh ledger, its typed client, and a prepaid account `id` that bought `amount`
+    /// (key "buy").
+    pub async fn with_prepaid(id: &str, amount: &str) -> (Ledger, api::Api) {
+        let ledger = Ledger::start().await;
+        let c = ledger.api();
+        c.prepaid(id, amount).await;
+        (ledger, c)
+    }
+
+    /// [`Ledger::with_prepaid`], with a tap on `pattern` bound before the account exists
+    /// (so it sees the activation too).
+    pub async fn tapped_with_prepaid(
+        pattern: &str,
+        id: &str,
+        amount: &str,
+    ) -> (Ledger, EventTap, api::Api) {
+        let ledger = Ledger::start().await;
+        let tap = EventTap::bind(&ledger.exchange, pattern).await;
+        let c = ledger.api();
+        c.prepaid(id, amount).await;
+        (ledger, tap, c)
     }
 
     /// The typed client, for the ledger alone (payments and recharge unreachable).
@@ -130,18 +253,7 @@ impl Ledger {
 
     /// The raw prost client, for requests the typed client would refuse to send.
     pub async fn client(&self) -> LedgerServiceClient<Channel> {
-        LedgerServiceClient::connect(self.url())
-            .await
-            .expect("connect to ledger")
-    }
-
-    pub async fn db(&self) -> PgConnection {
-        pg_connect(&self.database_url).await
-    }
-
-    pub async fn stop(self) {
-        self.shutdown.cancel();
-        self.task.await.expect("join").expect("ledger ran cleanly");
+        LedgerServiceClient::new(channel(&self.url()).await)
     }
 
     /// Options that bring this ledger back on the same address, database and exchange.
@@ -150,7 +262,7 @@ impl Ledger {
             auth_token: None,
             database_url: Some(self.database_url.clone()),
             exchange: Some(self.exchange.clone()),
-            addr: Some(self.addr),
+            addr: Some(self.served.addr),
             auth_tokens_file: None,
         }
     }
@@ -168,12 +280,33 @@ async fn bind(addr: Option<std::net::SocketAddr>) -> tokio::net::TcpListener {
     panic!("cannot bind {addr}");
 }
 
+/// A connected channel to a daemon, for the raw prost clients and the services the typed
+/// client does not cover (health, reflection).
+pub async fn channel(url: &str) -> Channel {
+    tonic::transport::Endpoint::from_shared(url.to_owned())
+        .unwrap_or_else(|e| panic!("url {url}: {e}"))
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("connect to {url}: {e}"))
+}
+
+/// What a gRPC server's health service says of `service`; `None` when it does not answer.
+pub async fn health_status(url: &str, service: &str) -> Option<ServingStatus> {
+    let ch = tonic::transport::Endpoint::from_shared(url.to_owned())
+        .ok()?
+        .connect()
+        .await
+        .ok()?;
+    let request = HealthCheckRequest {
+        service: service.to_owned(),
+    };
+    let status = HealthClient::new(ch).check(request).await.ok()?;
+    ServingStatus::try_from(status.into_inner().status).ok()
+}
+
 /// A running in-process payments daemon.
 pub struct Payments {
-    pub addr: std::net::SocketAddr,
-    pub database_url: String,
-    pub shutdown: CancellationToken,
-    pub task: JoinHandle<anyhow::Result<()>>,
+    pub served: Served,
 }
 
 #[derive(Clone)]
@@ -201,70 +334,30 @@ impl PaymentsOptions {
 
 impl Payments {
     pub async fn start(opts: PaymentsOptions) -> Payments {
-        credits_common::telemetry::init_for_tests();
         let database_url = opts
             .database_url
-            .clone()
             .unwrap_or_else(|| fresh_database_url("payments"));
         let mut cfg = credits_payments::Config::new(&database_url, AMQP_URL, &opts.ledger_url);
-        cfg.daemon.exchange = opts.exchange.clone();
-        cfg.daemon.auth_token = opts
-            .auth_token
-            .clone()
-            .map(credits_common::config::Secret::new);
-        cfg.daemon.db_max_connections = 16;
-        cfg.daemon.relay_poll = Duration::from_millis(200);
+        let connection = unique("credits-payments-test");
+        test_daemon(&mut cfg.daemon, &opts.exchange, &connection);
+        cfg.daemon.auth_token = opts.auth_token.map(credits_common::config::Secret::new);
         cfg.recovery_every = Duration::from_millis(200);
-        cfg.daemon.outbox_park_after = OUTBOX_PARK_AFTER;
         cfg.recovery_stale_after = Duration::from_millis(500);
         cfg.sandbox.ach_settle_delay = opts.ach_settle;
         cfg.sandbox.latency = opts.sandbox_latency;
-        cfg.daemon.amqp_connection_name = unique("credits-payments-test");
-        let shutdown = CancellationToken::new();
-        let app = credits_payments::App::build(cfg, &shutdown)
-            .await
-            .expect("build payments");
-        let listener = bind(None).await;
-        let addr = listener.local_addr().expect("addr");
-        let task = tokio::spawn(app.run(listener, shutdown.clone()));
-        Payments {
-            addr,
-            database_url,
-            shutdown,
-            task,
-        }
-    }
-
-    pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let served = Served::launch::<credits_payments::App>(cfg, None, database_url).await;
+        Payments { served }
     }
 
     /// The raw prost client, for requests the typed client would refuse to send.
     pub async fn client(&self) -> PaymentsServiceClient<Channel> {
-        PaymentsServiceClient::connect(format!("http://{}", self.addr))
-            .await
-            .expect("connect to payments")
-    }
-
-    pub async fn db(&self) -> PgConnection {
-        pg_connect(&self.database_url).await
-    }
-
-    pub async fn stop(self) {
-        self.shutdown.cancel();
-        self.task
-            .await
-            .expect("join")
-            .expect("payments ran cleanly");
+        PaymentsServiceClient::new(channel(&self.url()).await)
     }
 }
 
 /// A running in-process recharge worker (one replica).
 pub struct Recharge {
-    pub addr: std::net::SocketAddr,
-    pub database_url: String,
-    pub shutdown: CancellationToken,
-    pub task: JoinHandle<anyhow::Result<()>>,
+    pub served: Served,
 }
 
 #[derive(Clone)]
@@ -283,60 +376,31 @@ pub struct RechargeOptions {
 
 impl Recharge {
     pub async fn start(opts: RechargeOptions) -> Recharge {
-        credits_common::telemetry::init_for_tests();
         let mut cfg = credits_recharge::Config::new(
             &opts.database_url,
             AMQP_URL,
             &opts.ledger_url,
             &opts.payments_url,
         );
-        cfg.daemon.exchange = opts.exchange.clone();
-        cfg.queue = opts.queue.clone();
-        cfg.daemon.db_max_connections = 16;
-        cfg.daemon.relay_poll = Duration::from_millis(200);
+        let connection = unique("credits-recharge-test");
+        test_daemon(&mut cfg.daemon, &opts.exchange, &connection);
+        cfg.queue = opts.queue;
         cfg.worker.lease = Duration::from_secs(1);
         cfg.worker.retry_after_failure = Duration::from_millis(300);
         cfg.worker.backoff_base = Duration::from_millis(100);
         cfg.worker.backoff_max = Duration::from_secs(2);
         cfg.worker.sweep_every = Duration::from_millis(200);
         cfg.worker.reconcile_every = Duration::from_millis(500);
-        cfg.worker.clock = opts.clock.clone();
-        cfg.daemon.outbox_park_after = OUTBOX_PARK_AFTER;
+        cfg.worker.clock = opts.clock;
         cfg.faults.stop_after_charge = opts.stop_after_charge;
         cfg.faults.skip_recheck_after_success = opts.skip_recheck_after_success;
-        cfg.daemon.amqp_connection_name = unique("credits-recharge-test");
-        let shutdown = CancellationToken::new();
-        let app = credits_recharge::App::build(cfg, &shutdown)
-            .await
-            .expect("build recharge");
-        let listener = bind(None).await;
-        let addr = listener.local_addr().expect("addr");
-        let task = tokio::spawn(app.run(listener, shutdown.clone()));
-        Recharge {
-            addr,
-            database_url: opts.database_url,
-            shutdown,
-            task,
-        }
-    }
-
-    pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let served = Served::launch::<credits_recharge::App>(cfg, None, opts.database_url).await;
+        Recharge { served }
     }
 
     /// The raw prost client, for requests the typed client would refuse to send.
     pub async fn client(&self) -> AutoRechargeServiceClient<Channel> {
-        AutoRechargeServiceClient::connect(format!("http://{}", self.addr))
-            .await
-            .expect("connect to recharge")
-    }
-
-    pub async fn stop(self) {
-        self.shutdown.cancel();
-        self.task
-            .await
-            .expect("join")
-            .expect("recharge ran cleanly");
+        AutoRechargeServiceClient::new(channel(&self.url()).await)
     }
 }
 
@@ -368,7 +432,7 @@ impl System {
         .await;
         let recharge_opts = RechargeOptions {
             ledger_url: ledger.url(),
-            payments_url: format!("http://{}", payments.addr),
+            payments_url: payments.url(),
             exchange: ledger.exchange.clone(),
             queue: unique("credits.recharge.test"),
             database_url: fresh_database_url("recharge"),
@@ -390,7 +454,7 @@ impl System {
 
     /// The typed client of the ledger, payments and the first recharge replica (if any).
     pub fn api(&self) -> api::Api {
-        let recharge = self.recharge.first().map(Recharge::url);
+        let recharge = self.recharge.first().map(|r| r.url());
         api::Api::connect(
             &self.ledger.url(),
             &self.payments.url(),
@@ -433,12 +497,18 @@ pub async fn delete_queues(queue: &str) {
     let _ = conn.close(0, "test done".into()).await;
 }
 
-/// Publishes a raw message to an exchange, as another service (or a bug) would.
-pub async fn publish_raw(exchange: &str, routing_key: &str, body: &[u8]) {
+/// A connection to the test broker and a channel on it.
+async fn amqp_channel() -> (lapin::Connection, lapin::Channel) {
     let conn = lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default())
         .await
         .expect("amqp");
     let ch = conn.create_channel().await.expect("channel");
+    (conn, ch)
+}
+
+/// Publishes a raw message to an exchange, as another service (or a bug) would.
+pub async fn publish_raw(exchange: &str, routing_key: &str, body: &[u8]) {
+    let (conn, ch) = amqp_channel().await;
     ch.confirm_select(lapin::options::ConfirmSelectOptions::default())
         .await
         .expect("confirms");
@@ -456,24 +526,15 @@ pub async fn publish_raw(exchange: &str, routing_key: &str, body: &[u8]) {
     let _ = conn.close(0, "done".into()).await;
 }
 
-/// How many messages wait in a queue (declared passively).
+/// How many messages wait in a queue (declared passively: it must exist).
 pub async fn queue_depth(queue: &str) -> u32 {
-    let conn = lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default())
-        .await
-        .expect("amqp");
-    let ch = conn.create_channel().await.expect("channel");
-    let q = ch
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("queue exists");
-    let n = q.message_count();
+    let (conn, ch) = amqp_channel().await;
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let declared = ch.queue_declare(queue.into(), passive, FieldTable::default());
+    let n = declared.await.expect("queue exists").message_count();
     let _ = conn.close(0, "done".into()).await;
     n
 }
@@ -505,10 +566,7 @@ pub struct EventTap {
 
 impl EventTap {
     pub async fn bind(exchange: &str, routing_pattern: &str) -> EventTap {
-        let conn = lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default())
-            .await
-            .expect("amqp");
-        let ch = conn.create_channel().await.expect("channel");
+        let (conn, ch) = amqp_channel().await;
         credits_common::amqp::declare_exchange(&ch, exchange)
             .await
             .expect("exchange");
@@ -586,6 +644,23 @@ impl EventTap {
         skipped.extend(self.buffered.drain(..));
         self.buffered = skipped;
         found
+    }
+
+    /// The next event with this type, which must arrive within `wait`.
+    pub async fn expect(&mut self, kind: &str, wait: Duration) -> Value {
+        self.next_of(kind, wait)
+            .await
+            .unwrap_or_else(|| panic!("no {kind} event within {wait:?}"))
+    }
+
+    /// One string field (`"type"`, `"id"`, …) of every event that arrives within `wait`.
+    pub async fn drain_field(&mut self, wait: Duration, field: &str) -> Vec<String> {
+        let events = self.drain(wait).await;
+        let text = |e: &Value| e[field].as_str().map(str::to_owned);
+        events
+            .iter()
+            .map(|e| text(e).unwrap_or_else(|| panic!("event without a {field}: {e}")))
+            .collect()
     }
 
     /// Every event that arrives within `wait`.

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use tokio::process::{Child, Command};
 
-use crate::{AMQP_URL, pg_base, unique};
+use tonic_health::pb::health_check_response::ServingStatus;
+
+use crate::{AMQP_URL, health_status, pg_base, unique};
 
 /// Path of a workspace binary, building the binaries once if needed. CI builds them before
 /// the tests and sets `CREDITS_BINS_BUILT`, so no test runs a nested cargo build there.
@@ -109,24 +111,7 @@ impl Proc {
 /// Waits until a gRPC server's health service answers SERVING.
 pub async fn wait_healthy(url: &str, service: &str, proc: &Proc) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(ch) = tonic::transport::Endpoint::from_shared(url.to_owned())
-            .expect("url")
-            .connect()
-            .await
-        {
-            let mut h = tonic_health::pb::health_client::HealthClient::new(ch);
-            if let Ok(r) = h
-                .check(tonic_health::pb::HealthCheckRequest {
-                    service: service.to_owned(),
-                })
-                .await
-                && r.into_inner().status
-                    == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
-            {
-                return;
-            }
-        }
+    while health_status(url, service).await != Some(ServingStatus::Serving) {
         assert!(
             tokio::time::Instant::now() < deadline,
             "{} never became healthy; log:\n{}",
