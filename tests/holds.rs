@@ -9,18 +9,13 @@ use std::time::Duration;
 use credits_tests::api::{
     Access, BillingMode, Code, CreditSource, EntryKind, HoldStatus, UsageCategory, acct, money,
 };
-use credits_tests::{EventTap, Ledger, System, eventually, pg_connect};
+use credits_tests::{Ledger, System, eventually};
 
 const WAIT: Duration = Duration::from_secs(20);
 
 #[tokio::test]
 async fn a_hold_reserves_the_available_balance_and_a_capture_posts_the_final_cost_r15() {
-    let ledger = Ledger::start().await;
-    let mut tap = EventTap::bind(&ledger.exchange, "ledger.hold.*").await;
-    let c = ledger.api();
-    c.create_account("acme", BillingMode::Prepaid).await;
-    c.add_credits("acme", "100", CreditSource::Purchase, "buy-1")
-        .await;
+    let (ledger, mut tap, c) = Ledger::tapped_with_prepaid("ledger.hold.*", "acme", "100").await;
 
     let h = c.hold("acme", "40", "job-1").await;
     assert_eq!((h.status, h.amount), (HoldStatus::Active, money("40")));
@@ -92,11 +87,7 @@ async fn a_hold_reserves_the_available_balance_and_a_capture_posts_the_final_cos
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
-    let e = c
-        .ledger()
-        .release_hold(&acct("acme"), &h.hold_id)
-        .await
-        .unwrap_err();
+    let e = c.try_release("acme", &h.hold_id).await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
     let entries = c.entries("acme").await;
     assert_eq!(
@@ -107,10 +98,10 @@ async fn a_hold_reserves_the_available_balance_and_a_capture_posts_the_final_cos
     assert_eq!(entries[1].reference, h.hold_id);
     assert_eq!(c.balance("acme").await, money("40"));
 
-    let created = tap.next_of("ledger.hold.created", WAIT).await.unwrap();
+    let created = tap.expect("ledger.hold.created", WAIT).await;
     assert_eq!(created["data"]["hold_id"], h.hold_id);
     assert_eq!(created["data"]["amount"], "40.00");
-    let captured = tap.next_of("ledger.hold.captured", WAIT).await.unwrap();
+    let captured = tap.expect("ledger.hold.captured", WAIT).await;
     assert_eq!(captured["data"]["captured_amount"], "55.00");
     assert_eq!(captured["data"]["entry_id"], cap.entry.entry_id);
     assert!(
@@ -122,26 +113,13 @@ async fn a_hold_reserves_the_available_balance_and_a_capture_posts_the_final_cos
 
 #[tokio::test]
 async fn release_ends_a_hold_with_no_entry_and_expiry_is_the_ledgers_own_r15() {
-    let ledger = Ledger::start().await;
-    let mut tap = EventTap::bind(&ledger.exchange, "ledger.hold.*").await;
-    let c = ledger.api();
-    c.create_account("acme", BillingMode::Prepaid).await;
-    c.add_credits("acme", "100", CreditSource::Purchase, "buy-1")
-        .await;
+    let (ledger, mut tap, c) = Ledger::tapped_with_prepaid("ledger.hold.*", "acme", "100").await;
 
     let h = c.hold("acme", "30", "job-1").await;
-    let r = c
-        .ledger()
-        .release_hold(&acct("acme"), &h.hold_id)
-        .await
-        .unwrap();
+    let r = c.release("acme", &h.hold_id).await;
     assert_eq!(r.status, HoldStatus::Released);
     assert!(r.ended_at.is_some());
-    let again = c
-        .ledger()
-        .release_hold(&acct("acme"), &h.hold_id)
-        .await
-        .unwrap();
+    let again = c.release("acme", &h.hold_id).await;
     assert_eq!(
         again.ended_at, r.ended_at,
         "a repeat answers the first result"
@@ -183,12 +161,7 @@ async fn release_ends_a_hold_with_no_entry_and_expiry_is_the_ledgers_own_r15() {
         "no entry for a release or an expiry"
     );
 
-    let keys: Vec<String> = tap
-        .drain(Duration::from_secs(2))
-        .await
-        .iter()
-        .map(|e| e["type"].as_str().unwrap().to_owned())
-        .collect();
+    let keys: Vec<String> = tap.drain_field(Duration::from_secs(2), "type").await;
     assert_eq!(
         keys,
         [
@@ -203,27 +176,12 @@ async fn release_ends_a_hold_with_no_entry_and_expiry_is_the_ledgers_own_r15() {
 
 #[tokio::test]
 async fn a_hold_crosses_the_threshold_and_suspends_on_the_available_balance_r16_r17() {
-    let ledger = Ledger::start().await;
-    let mut tap = EventTap::bind(&ledger.exchange, "ledger.#").await;
-    let c = ledger.api();
-    c.create_account("acme", BillingMode::Prepaid).await;
-    c.add_credits("acme", "20", CreditSource::Purchase, "buy-1")
-        .await;
-    c.ledger()
-        .set_balance_threshold(&acct("acme"), money("10"), None)
-        .await
-        .unwrap();
-    assert!(
-        tap.next_of("ledger.account.activated", WAIT)
-            .await
-            .is_some()
-    );
+    let (ledger, mut tap, c) = Ledger::tapped_with_prepaid("ledger.#", "acme", "20").await;
+    c.set_threshold("acme", "10").await;
+    tap.expect("ledger.account.activated", WAIT).await;
 
     let h1 = c.hold("acme", "15", "job-1").await;
-    let crossed = tap
-        .next_of("ledger.balance.threshold_crossed", WAIT)
-        .await
-        .unwrap();
+    let crossed = tap.expect("ledger.balance.threshold_crossed", WAIT).await;
     assert_eq!(crossed["data"]["hold_id"], h1.hold_id);
     assert_eq!(crossed["data"]["available_before"], "20.00");
     assert_eq!(crossed["data"]["available_after"], "5.00");
@@ -231,11 +189,7 @@ async fn a_hold_crosses_the_threshold_and_suspends_on_the_available_balance_r16_
 
     // Holding what is left leaves nothing available: suspended (R16).
     let h2 = c.hold("acme", "5", "job-2").await;
-    assert!(
-        tap.next_of("ledger.account.suspended", WAIT)
-            .await
-            .is_some()
-    );
+    tap.expect("ledger.account.suspended", WAIT).await;
     let a = c.access("acme").await;
     assert_eq!((a.access, a.allowed), (Access::Suspended, false));
     assert_eq!(a.balance, money("20"));
@@ -243,27 +197,15 @@ async fn a_hold_crosses_the_threshold_and_suspends_on_the_available_balance_r16_
     assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
 
     // Releasing gives it back.
-    c.ledger()
-        .release_hold(&acct("acme"), &h2.hold_id)
-        .await
-        .unwrap();
-    assert!(
-        tap.next_of("ledger.account.reactivated", WAIT)
-            .await
-            .is_some()
-    );
+    c.release("acme", &h2.hold_id).await;
+    tap.expect("ledger.account.reactivated", WAIT).await;
     assert!(c.access("acme").await.allowed);
     // A capture below the hold makes the rest available again; no second crossing while
     // the available balance stays below the threshold.
     c.try_capture("acme", &h1.hold_id, "12").await.unwrap();
     let a = c.account("acme").await;
     assert_eq!((a.balance, a.available_balance), (money("8"), money("8")));
-    let rest: Vec<String> = tap
-        .drain(Duration::from_secs(1))
-        .await
-        .iter()
-        .map(|e| e["type"].as_str().unwrap().to_owned())
-        .collect();
+    let rest: Vec<String> = tap.drain_field(Duration::from_secs(1), "type").await;
     assert!(
         !rest.iter().any(|k| k == "ledger.balance.threshold_crossed"),
         "{rest:?}"
@@ -279,22 +221,14 @@ async fn a_hold_crosses_the_threshold_and_suspends_on_the_available_balance_r16_
 
 #[tokio::test]
 async fn bad_hold_requests_get_a_clear_error_and_change_nothing_r12_r21() {
-    let ledger = Ledger::start().await;
-    let c = ledger.api();
-    c.create_account("acme", BillingMode::Prepaid).await;
-    c.add_credits("acme", "100", CreditSource::Purchase, "buy-1")
-        .await;
+    let (ledger, c) = Ledger::with_prepaid("acme", "100").await;
     let h = c.hold("acme", "10", "job-1").await;
     // R12: same key and request, same hold; another request under the key is refused.
     assert_eq!(c.hold("acme", "10", "job-1").await.hold_id, h.hold_id);
     let e = c.try_hold("acme", "11", "job-1", None).await.unwrap_err();
     assert_eq!(e.code(), Code::AlreadyExists, "{e}");
 
-    let mut raw = credits_proto::ledger::v1::ledger_service_client::LedgerServiceClient::connect(
-        ledger.url(),
-    )
-    .await
-    .unwrap();
+    let mut raw = ledger.client().await;
     let base = credits_proto::ledger::v1::CreateHoldRequest {
         account_id: "acme".into(),
         amount: "5".into(),
@@ -405,10 +339,10 @@ async fn holds_keep_the_balance_invariants_under_concurrency_r15() {
                     0 => drop(c.try_capture("acme", &h.hold_id, "2").await),
                     1 => drop(c.try_capture("acme", &h.hold_id, "3.5").await),
                     2 => drop(c.try_capture("acme", &h.hold_id, "5.125").await),
-                    _ => drop(c.ledger().release_hold(&acct("acme"), &h.hold_id).await),
+                    _ => drop(c.try_release("acme", &h.hold_id).await),
                 }
                 // A racing second ending of the same hold: it never ends twice.
-                let _ = c.ledger().release_hold(&acct("acme"), &h.hold_id).await;
+                let _ = c.try_release("acme", &h.hold_id).await;
             }
         }));
     }
@@ -427,7 +361,7 @@ async fn holds_keep_the_balance_invariants_under_concurrency_r15() {
     })
     .await;
 
-    let mut db = pg_connect(&ledger.database_url).await;
+    let mut db = ledger.db().await;
     let (balance, journal, held, active): (
         rust_decimal::Decimal,
         rust_decimal::Decimal,

@@ -13,8 +13,11 @@ use credits_tests::api::{
     Access, Api, BillingMode, Code, CreditSource, CreditsToAdd, EntryKind, UsageCategory, acct,
     dec, key, money, usage,
 };
-use credits_tests::{EventTap, Ledger, LedgerOptions, NOBODY, kill_amqp_connections};
+use credits_tests::{
+    EventTap, Ledger, LedgerOptions, NOBODY, channel, health_status, kill_amqp_connections,
+};
 use rust_decimal::Decimal;
+use tonic_health::pb::health_check_response::ServingStatus;
 
 const EVENT_WAIT: Duration = Duration::from_secs(10);
 
@@ -83,17 +86,9 @@ async fn new_prepaid_account_has_no_access_until_first_purchase_r3() {
 
 #[tokio::test]
 async fn usage_past_zero_is_recorded_suspends_and_credits_reactivate_r4() {
-    let ledger = Ledger::start().await;
-    let mut tap = EventTap::bind(&ledger.exchange, "ledger.account.*").await;
-    let c = ledger.api();
-    c.create_account("acme", BillingMode::Prepaid).await;
-    c.add_credits("acme", "5.00", CreditSource::Purchase, "buy-1")
-        .await;
-    assert!(
-        tap.next_of("ledger.account.activated", EVENT_WAIT)
-            .await
-            .is_some()
-    );
+    let (ledger, mut tap, c) =
+        Ledger::tapped_with_prepaid("ledger.account.*", "acme", "5.00").await;
+    tap.expect("ledger.account.activated", EVENT_WAIT).await;
 
     let r = c.use_credits("acme", "4.999999999", "u1").await;
     assert!(r.allowed);
@@ -104,10 +99,7 @@ async fn usage_past_zero_is_recorded_suspends_and_credits_reactivate_r4() {
     assert_eq!(r.balance, money("-1.999999999"));
     assert_eq!(r.entry.balance_after, money("-1.999999999"));
     assert_eq!(c.access("acme").await.access, Access::Suspended);
-    let ev = tap
-        .next_of("ledger.account.suspended", EVENT_WAIT)
-        .await
-        .expect("suspended event");
+    let ev = tap.expect("ledger.account.suspended", EVENT_WAIT).await;
     assert_eq!(ev["data"]["balance"], "-1.999999999");
 
     // Exactly zero is still suspended.
@@ -117,10 +109,7 @@ async fn usage_past_zero_is_recorded_suspends_and_credits_reactivate_r4() {
     c.add_credits("acme", "0.01", CreditSource::Purchase, "buy-2")
         .await;
     assert!(c.access("acme").await.allowed);
-    let ev = tap
-        .next_of("ledger.account.reactivated", EVENT_WAIT)
-        .await
-        .expect("reactivated event");
+    let ev = tap.expect("ledger.account.reactivated", EVENT_WAIT).await;
     assert_eq!(ev["account_id"], "acme");
     assert_eq!(ev["data"]["balance"], "0.01");
     ledger.stop().await;
@@ -164,12 +153,8 @@ async fn create_account_is_idempotent_but_refuses_different_settings() {
 
 #[tokio::test]
 async fn same_key_same_request_returns_first_result_different_request_is_rejected_r12() {
-    let ledger = Ledger::start().await;
-    let c = ledger.api();
-    c.create_account("acme", BillingMode::Prepaid).await;
+    let (ledger, c) = Ledger::with_prepaid("acme", "10").await;
     c.create_account("other", BillingMode::Prepaid).await;
-    c.add_credits("acme", "10", CreditSource::Purchase, "buy")
-        .await;
     let first = c.use_credits("acme", "1.25", "req-1").await;
     c.use_credits("acme", "1", "req-2").await;
     let again = c.use_credits("acme", "1.250", "req-1").await;
@@ -215,11 +200,7 @@ async fn same_key_same_request_returns_first_result_different_request_is_rejecte
 
 #[tokio::test]
 async fn fifty_concurrent_duplicates_post_once_r12() {
-    let ledger = Ledger::start().await;
-    let c = ledger.api();
-    c.create_account("acme", BillingMode::Prepaid).await;
-    c.add_credits("acme", "100", CreditSource::Purchase, "buy")
-        .await;
+    let (ledger, c) = Ledger::with_prepaid("acme", "100").await;
     let mut tasks = Vec::new();
     for i in 0..50 {
         let c = c.clone();
@@ -262,11 +243,7 @@ async fn fifty_concurrent_duplicates_post_once_r12() {
 
 #[tokio::test]
 async fn concurrent_usage_on_one_account_keeps_balance_equal_to_journal() {
-    let ledger = Ledger::start().await;
-    let c = ledger.api();
-    c.create_account("hot", BillingMode::Prepaid).await;
-    c.add_credits("hot", "50", CreditSource::Purchase, "buy")
-        .await;
+    let (ledger, c) = Ledger::with_prepaid("hot", "50").await;
     let mut tasks = Vec::new();
     for i in 0..200 {
         let c = c.clone();
@@ -301,17 +278,8 @@ async fn concurrent_usage_on_one_account_keeps_balance_equal_to_journal() {
 
 #[tokio::test]
 async fn threshold_crossing_publishes_exactly_one_event_per_crossing_r7() {
-    let ledger = Ledger::start().await;
-    let mut tap = EventTap::bind(&ledger.exchange, "ledger.balance.#").await;
-    let c = ledger.api();
-    c.create_account("acme", BillingMode::Prepaid).await;
-    c.add_credits("acme", "25", CreditSource::Purchase, "buy-1")
-        .await;
-    let t = c
-        .ledger()
-        .set_balance_threshold(&acct("acme"), money("10"), None)
-        .await
-        .unwrap();
+    let (ledger, mut tap, c) = Ledger::tapped_with_prepaid("ledger.balance.#", "acme", "25").await;
+    let t = c.set_threshold("acme", "10").await;
     assert_eq!(t.threshold, Some(money("10.00")));
     assert_eq!(
         c.account("acme").await.balance_threshold,
@@ -396,12 +364,7 @@ async fn the_publisher_tells_returned_messages_from_routed_ones_by_id() {
             assert_eq!(*d, expected, "message {} ({})", m.message_id, m.routing_key);
         }
     }
-    let received: Vec<String> = tap
-        .drain(Duration::from_secs(2))
-        .await
-        .iter()
-        .map(|e| e["id"].as_str().unwrap().to_owned())
-        .collect();
+    let received: Vec<String> = tap.drain_field(Duration::from_secs(2), "id").await;
     let unique: std::collections::BTreeSet<String> = received.iter().cloned().collect();
     assert_eq!(received.len(), unique.len(), "a message arrived twice");
     assert_eq!(unique, kept);
@@ -409,21 +372,9 @@ async fn the_publisher_tells_returned_messages_from_routed_ones_by_id() {
 
 #[tokio::test]
 async fn outbox_events_survive_a_rabbitmq_connection_drop() {
-    let ledger = Ledger::start().await;
-    let mut tap = EventTap::bind(&ledger.exchange, "ledger.#").await;
-    let c = ledger.api();
-    c.create_account("acme", BillingMode::Prepaid).await;
-    c.add_credits("acme", "20", CreditSource::Purchase, "buy-1")
-        .await;
-    assert!(
-        tap.next_of("ledger.account.activated", EVENT_WAIT)
-            .await
-            .is_some()
-    );
-    c.ledger()
-        .set_balance_threshold(&acct("acme"), money("10"), None)
-        .await
-        .unwrap();
+    let (ledger, mut tap, c) = Ledger::tapped_with_prepaid("ledger.#", "acme", "20").await;
+    tap.expect("ledger.account.activated", EVENT_WAIT).await;
+    c.set_threshold("acme", "10").await;
 
     assert!(
         kill_amqp_connections(&ledger.connection_name).await >= 1,
@@ -448,11 +399,7 @@ async fn outbox_events_survive_a_rabbitmq_connection_drop() {
 
 #[tokio::test]
 async fn entries_list_newest_first_with_pages_r13() {
-    let ledger = Ledger::start().await;
-    let c = ledger.api();
-    c.create_account("acme", BillingMode::Prepaid).await;
-    c.add_credits("acme", "10", CreditSource::Purchase, "buy")
-        .await;
+    let (ledger, c) = Ledger::with_prepaid("acme", "10").await;
     for i in 0..6 {
         c.use_credits("acme", "0.1", &format!("u{i}")).await;
     }
@@ -485,15 +432,9 @@ async fn entries_list_newest_first_with_pages_r13() {
 /// Raw prost: one item's amount ("-1") is one the typed client refuses to send.
 #[tokio::test]
 async fn usage_batch_answers_each_item_in_order() {
-    let ledger = Ledger::start().await;
+    let (ledger, api) = Ledger::with_prepaid("b", "10").await;
     let mut c = ledger.client().await;
-    let api = ledger.api();
-    api.create_account("b", BillingMode::Prepaid).await;
-    api.create_account("a", BillingMode::Prepaid).await;
-    api.add_credits("a", "10", CreditSource::Purchase, "buy")
-        .await;
-    api.add_credits("b", "10", CreditSource::Purchase, "buy")
-        .await;
+    api.prepaid("a", "10").await;
     let items = vec![
         usage_req("b", "1", "k1"),
         usage_req("a", "2", "k1"),
@@ -533,12 +474,8 @@ async fn usage_batch_answers_each_item_in_order() {
 
 #[tokio::test]
 async fn bad_input_gets_a_clear_error_and_changes_nothing_spec_4() {
-    let ledger = Ledger::start().await;
+    let (ledger, api) = Ledger::with_prepaid("acme", "10").await;
     let mut c = ledger.client().await;
-    let api = ledger.api();
-    api.create_account("acme", BillingMode::Prepaid).await;
-    api.add_credits("acme", "10", CreditSource::Purchase, "buy")
-        .await;
 
     let bad_amounts = [
         "",
@@ -703,11 +640,7 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing_spec_4() {
 
 #[tokio::test]
 async fn the_journal_is_append_only() {
-    let ledger = Ledger::start().await;
-    let c = ledger.api();
-    c.create_account("acme", BillingMode::Prepaid).await;
-    c.add_credits("acme", "10", CreditSource::Purchase, "buy")
-        .await;
+    let (ledger, c) = Ledger::with_prepaid("acme", "10").await;
     let mut db = ledger.db().await;
     for sql in [
         "UPDATE entries SET amount = 1000",
@@ -743,22 +676,11 @@ async fn bearer_token_guards_every_rpc_but_health() {
     );
 
     // Health is not in the typed client (it is not part of the product's contract).
-    let channel = tonic::transport::Endpoint::from_shared(ledger.url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
-    let status = health
-        .check(tonic_health::pb::HealthCheckRequest {
-            service: "credits.ledger.v1.LedgerService".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let status = health_status(&ledger.url(), "credits.ledger.v1.LedgerService").await;
     assert_eq!(
-        status.status,
-        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+        status,
+        Some(ServingStatus::Serving),
+        "health needs no token"
     );
     ledger.stop().await;
 }
@@ -767,12 +689,8 @@ async fn bearer_token_guards_every_rpc_but_health() {
 /// sending; the service's own refusal is what is checked.
 #[tokio::test]
 async fn text_fields_with_nul_or_control_characters_are_invalid_and_change_nothing_r21() {
-    let ledger = Ledger::start().await;
+    let (ledger, api) = Ledger::with_prepaid("acme", "10").await;
     let mut c = ledger.client().await;
-    let api = ledger.api();
-    api.create_account("acme", BillingMode::Prepaid).await;
-    api.add_credits("acme", "10", CreditSource::Purchase, "buy")
-        .await;
     let mut bad = usage_req("acme", "1", "u-nul");
     bad.description = "chat\0completions".into();
     let e = c.record_usage(bad).await.unwrap_err();
@@ -819,11 +737,7 @@ async fn text_fields_with_nul_or_control_characters_are_invalid_and_change_nothi
 
 #[tokio::test]
 async fn one_callers_bad_input_never_fails_another_callers_debit_r21() {
-    let ledger = Ledger::start().await;
-    let c = ledger.api();
-    c.create_account("acme", BillingMode::Prepaid).await;
-    c.add_credits("acme", "1000", CreditSource::Purchase, "buy")
-        .await;
+    let (ledger, c) = Ledger::with_prepaid("acme", "1000").await;
     let mut calls = Vec::new();
     for i in 0..100 {
         let good = c.clone();
@@ -880,11 +794,7 @@ async fn group_commit_isolates_an_item_the_database_refuses_r21() {
     use credits_ledger::domain::{
         AccountId, IdempotencyKey, Posting, PostingRequest, UsageCategory,
     };
-    let ledger = Ledger::start().await;
-    let c = ledger.api();
-    c.create_account("acme", BillingMode::Prepaid).await;
-    c.add_credits("acme", "100", CreditSource::Purchase, "buy")
-        .await;
+    let (ledger, c) = Ledger::with_prepaid("acme", "100").await;
     let pool = sqlx::PgPool::connect(&ledger.database_url).await.unwrap();
     let store = credits_ledger::store::Store::new(pool);
     let reqs: Vec<PostingRequest> = (0..20)
@@ -980,11 +890,7 @@ async fn reflection_v1alpha_is_served_beside_v1() {
     use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
     use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
     let ledger = Ledger::start().await;
-    let channel = tonic::transport::Endpoint::from_shared(ledger.url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = channel(&ledger.url()).await;
     let mut client = ServerReflectionClient::new(channel);
     let req = ServerReflectionRequest {
         host: String::new(),
@@ -1018,11 +924,7 @@ struct RawGetAccount {
 #[tokio::test]
 async fn a_text_field_that_is_not_utf8_is_invalid_not_internal_r21() {
     let ledger = Ledger::start().await;
-    let channel = tonic::transport::Endpoint::from_shared(ledger.url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = channel(&ledger.url()).await;
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready().await.unwrap();
     let path = http::uri::PathAndQuery::from_static("/credits.ledger.v1.LedgerService/GetAccount");
@@ -1053,16 +955,9 @@ async fn ledger_events_are_the_contract_type_with_v7_ids() {
     };
 
     let money = |s: &str| Money::parse_signed("amount", s).unwrap();
-    let ledger = Ledger::start().await;
-    let mut tap = EventTap::bind(&ledger.exchange, "ledger.#").await;
-    let c = ledger.api();
-    c.create_account("acme", BillingMode::Prepaid).await;
-    c.add_credits("acme", "25", CreditSource::Purchase, "buy-1")
-        .await; // activated
-    c.ledger()
-        .set_balance_threshold(&acct("acme"), money("10"), None)
-        .await
-        .unwrap();
+    // Buying 25 activates the account.
+    let (ledger, mut tap, c) = Ledger::tapped_with_prepaid("ledger.#", "acme", "25").await;
+    c.set_threshold("acme", "10").await;
     let crossing = c.use_credits("acme", "15.01", "u1").await; // 9.99: crossed
     c.use_credits("acme", "10", "u2").await; // -0.01: suspended
     c.add_credits("acme", "0.02", CreditSource::Purchase, "buy-2")
@@ -1099,10 +994,7 @@ async fn ledger_events_are_the_contract_type_with_v7_ids() {
     let mut last_ms = 0;
     for want in expected {
         let key = want.routing_key();
-        let ev = tap
-            .next_of(key, EVENT_WAIT)
-            .await
-            .unwrap_or_else(|| panic!("no {key} event"));
+        let ev = tap.expect(key, EVENT_WAIT).await;
         let body = ev["_amqp"]["body"].as_str().unwrap();
         let env = Envelope::parse(body.as_bytes()).unwrap_or_else(|e| panic!("{key}: {e}: {body}"));
         assert_eq!(env.event, want, "{body}");
@@ -1190,17 +1082,10 @@ async fn stream_usage_answers_every_item_in_order_through_group_commit() {
     let b = c.account("beta").await.balance;
     assert_eq!(a.as_decimal() + b.as_decimal(), dec("-5.98"));
     // A malformed item (NUL in its description) is refused in place; the stream goes on.
-    let mut raw = credits_proto::ledger::v1::ledger_service_client::LedgerServiceClient::connect(
-        ledger.url(),
-    )
-    .await
-    .unwrap();
+    let mut raw = ledger.client().await;
     let req = |k: &str, d: &str| pb::RecordUsageRequest {
-        account_id: "acme".into(),
-        category: pb::UsageCategory::ApiRequests as i32,
-        amount: "0.01".into(),
-        idempotency_key: k.into(),
         description: d.into(),
+        ..usage_req("acme", "0.01", k)
     };
     let out: Vec<_> = raw
         .stream_usage(futures_util::stream::iter(vec![
@@ -1237,9 +1122,7 @@ async fn check_access_on_one_replica_sees_another_replicas_change_r16() {
     })
     .await;
     let (ca, cb) = (a.api(), b.api());
-    ca.create_account("acme", BillingMode::Prepaid).await;
-    ca.add_credits("acme", "10", CreditSource::Purchase, "buy-1")
-        .await;
+    ca.prepaid("acme", "10").await;
     let mut worst = Duration::ZERO;
     for round in 0..5 {
         // B has the account in memory…
@@ -1262,10 +1145,7 @@ async fn check_access_on_one_replica_sees_another_replicas_change_r16() {
         worst = worst.max(t.elapsed());
         // A's own view is exact at once: its write dropped the account before answering.
         assert!(!ca.access("acme").await.allowed);
-        ca.ledger()
-            .release_hold(&acct("acme"), &h.hold_id)
-            .await
-            .unwrap();
+        ca.release("acme", &h.hold_id).await;
         let t = std::time::Instant::now();
         while !cb.access("acme").await.allowed {
             assert!(
