@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "credits/ledger/v1/ledger.proto",
         "credits/payments/v1/payments.proto",
         "credits/recharge/v1/recharge.proto",
+        "credits/portal/v1/portal.proto",
     ];
     let files: Vec<PathBuf> = protos.iter().map(|p| root.join(p)).collect();
     for f in &files {

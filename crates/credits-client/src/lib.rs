@@ -49,6 +49,7 @@
 mod error;
 mod ledger;
 mod payments;
+mod portal;
 mod recharge;
 pub mod retry;
 pub mod types;
@@ -64,6 +65,7 @@ pub use credits_common::ids::{AccountId, IdempotencyKey};
 pub use error::ClientError;
 pub use ledger::Ledger;
 pub use payments::Payments;
+pub use portal::{DEFAULT_PORTAL_URL, Portal, PortalSession};
 pub use recharge::Recharge;
 pub use retry::RetryPolicy;
 /// The gRPC status code of a [`ClientError`], re-exported so callers need no tonic.

@@ -23,5 +23,11 @@ pub mod recharge {
     }
 }
 
+pub mod portal {
+    pub mod v1 {
+        tonic::include_proto!("credits.portal.v1");
+    }
+}
+
 /// Encoded `FileDescriptorSet` of every credits proto, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("credits_descriptor");

@@ -1,0 +1,63 @@
+//! [`Portal`]: `credits.portal.v1.PortalService` — billing-portal sessions (R20).
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use credits_common::ids::AccountId;
+use credits_proto::portal::v1 as opb;
+use credits_proto::portal::v1::portal_service_client::PortalServiceClient;
+
+use crate::retry::{Repeat, RetryPolicy, rpc};
+use crate::types::timestamp;
+use crate::{AuthChannel, ClientError, ConnectError};
+
+/// The default address of the portal's gRPC service.
+pub const DEFAULT_PORTAL_URL: &str = "http://127.0.0.1:50054";
+
+/// The portal's session service (default port 50054). Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Portal {
+    inner: PortalServiceClient<AuthChannel>,
+    retry: RetryPolicy,
+}
+
+/// A session of the billing page for one account.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortalSession {
+    /// Send the customer here; it works until `expires_at`.
+    pub url: String,
+    pub expires_at: DateTime<Utc>,
+}
+
+impl Portal {
+    /// A lazy channel to the portal at `url` (nothing is dialled until the first call).
+    pub fn connect(
+        url: &str,
+        token: Option<&str>,
+        timeout: Duration,
+    ) -> Result<Portal, ConnectError> {
+        Ok(Portal {
+            inner: PortalServiceClient::new(crate::channel(url, token, timeout)?),
+            retry: RetryPolicy::default(),
+        })
+    }
+
+    /// Opens a session for `account` lasting `ttl` (`None`: an hour; at most a day).
+    /// Retried when transient: each call makes a new, equally valid session.
+    pub async fn create_portal_session(
+        &self,
+        account: &AccountId,
+        ttl: Option<Duration>,
+    ) -> Result<PortalSession, ClientError> {
+        let req = opb::CreatePortalSessionRequest {
+            account_id: account.to_string(),
+            ttl_seconds: ttl.map_or(0, |t| u32::try_from(t.as_secs()).unwrap_or(u32::MAX)),
+        };
+        let r = rpc!(self, Repeat::Safe, req, create_portal_session).await?;
+        Ok(PortalSession {
+            expires_at: timestamp("session.expires_at", r.expires_at.as_ref())?
+                .ok_or_else(|| ClientError::bad_response("session.expires_at: missing"))?,
+            url: r.url,
+        })
+    }
+}

@@ -1,0 +1,89 @@
+//! `credits-portal`: clap/env → config → telemetry → `App::build(cfg).run(grpc, http, shutdown)`.
+
+use std::net::SocketAddr;
+
+use clap::Parser;
+use credits_client::{ClientConfig, Money};
+use credits_common::config::{Secret, ranged};
+use credits_common::telemetry::LogFormat;
+
+#[derive(Parser, Debug)]
+#[command(name = "credits-portal", version, about = "The credits billing portal")]
+struct Args {
+    /// gRPC listen address (`PortalService`).
+    #[arg(long, env = "PORTAL_LISTEN_ADDR", default_value = credits_portal::DEFAULT_LISTEN)]
+    listen: SocketAddr,
+    /// HTTP listen address of the billing page.
+    #[arg(long, env = "PORTAL_HTTP_ADDR", default_value = credits_portal::DEFAULT_HTTP_LISTEN)]
+    http_listen: SocketAddr,
+    /// The base URL customers' browsers reach the page at; session URLs start with it.
+    #[arg(long, env = "PORTAL_PUBLIC_URL", default_value = credits_portal::DEFAULT_PUBLIC_URL)]
+    public_url: String,
+    /// Signs session links and cookies (HMAC-SHA256; at least 32 bytes). Every replica
+    /// needs the same key. Unset: a random key per process.
+    #[arg(long, env = "PORTAL_SIGNING_KEY", hide_env_values = true)]
+    signing_key: Option<String>,
+    /// The key before a rotation: still accepted, never used to sign.
+    #[arg(long, env = "PORTAL_PREVIOUS_SIGNING_KEY", hide_env_values = true)]
+    previous_signing_key: Option<String>,
+    #[arg(long, env = "LEDGER_URL", default_value = credits_client::DEFAULT_LEDGER_URL)]
+    ledger_url: String,
+    #[arg(long, env = "PAYMENTS_URL", default_value = credits_client::DEFAULT_PAYMENTS_URL)]
+    payments_url: String,
+    #[arg(long, env = "RECHARGE_URL", default_value = credits_client::DEFAULT_RECHARGE_URL)]
+    recharge_url: String,
+    /// The portal's own token for calling the services (a `billing`-role token);
+    /// defaults to `CREDITS_AUTH_TOKEN`.
+    #[arg(long, env = "PORTAL_CLIENT_TOKEN", hide_env_values = true)]
+    client_token: Option<String>,
+    /// When set, `PortalService` needs `authorization: Bearer <token>`.
+    #[arg(long, env = "CREDITS_AUTH_TOKEN", hide_env_values = true)]
+    auth_token: Option<String>,
+    /// Scoped tokens (`<role> <token>` lines), as for every daemon.
+    #[arg(long, env = "CREDITS_AUTH_TOKENS_FILE")]
+    auth_tokens_file: Option<std::path::PathBuf>,
+    /// Smallest credit purchase, in dollars, shown on the page (payments enforces it).
+    #[arg(long, env = "MIN_PURCHASE", default_value = "5.00")]
+    min_purchase: String,
+    /// Seconds a call to a service may take.
+    #[arg(long, env = "PORTAL_CLIENT_TIMEOUT_SECS", default_value_t = 10, value_parser = ranged::<1, 300>)]
+    client_timeout_secs: u64,
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Address of the Prometheus metrics endpoint (`/metrics`); "off" disables it.
+    #[arg(long, env = "METRICS_ADDR", default_value = credits_portal::DEFAULT_METRICS)]
+    metrics_addr: String,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    credits_common::telemetry::init(args.log_format, "info");
+    if args.metrics_addr != "off" {
+        credits_common::config::install_metrics(args.metrics_addr.parse()?)?;
+    }
+    let shutdown = credits_common::shutdown::on_signal();
+    let client = ClientConfig {
+        ledger_url: args.ledger_url.clone(),
+        payments_url: args.payments_url.clone(),
+        recharge_url: args.recharge_url.clone(),
+        token: args
+            .client_token
+            .clone()
+            .or_else(|| args.auth_token.clone()),
+        timeout: std::time::Duration::from_secs(args.client_timeout_secs),
+        ..ClientConfig::local()
+    };
+    let keys = credits_portal::keys_from(
+        args.signing_key.as_deref(),
+        args.previous_signing_key.as_deref(),
+    )?;
+    let mut cfg = credits_portal::Config::new(client, &args.public_url, keys);
+    cfg.min_purchase = Money::parse_positive("MIN_PURCHASE", &args.min_purchase)?;
+    cfg.auth_token = args.auth_token.filter(|t| !t.is_empty()).map(Secret::new);
+    cfg.auth_tokens_file = args.auth_tokens_file.clone();
+    let app = credits_portal::App::build(cfg)?;
+    let grpc = credits_common::config::bind(args.listen).await?;
+    let http = credits_common::config::bind(args.http_listen).await?;
+    app.run(grpc, http, shutdown).await
+}

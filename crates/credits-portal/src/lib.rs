@@ -1,0 +1,197 @@
+//! The portal daemon: the customer's billing settings page (R20).
+//!
+//! It owns no money and no database. It calls the ledger, payments and recharge over
+//! gRPC through `credits-client`, with a `billing`-role token, like any other client.
+//! Layout: [`session`] (signed link tokens, cookies, CSRF — pure) → [`Sessions`]
+//! (`CreatePortalSession`'s use case) ← [`grpc`] (`PortalService`); [`web`] (the HTTP
+//! routes) → [`page`] (the HTML).
+
+pub mod grpc;
+pub mod page;
+pub mod session;
+pub mod web;
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use credits_client::{AccountId, Client, ClientConfig, ClientError, Money};
+use credits_common::config::Secret;
+use credits_common::error::ServiceError;
+use credits_proto::portal::v1::portal_service_server::PortalServiceServer;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::session::{Keys, Kind};
+
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:50054";
+pub const DEFAULT_HTTP_LISTEN: &str = "0.0.0.0:8080";
+pub const DEFAULT_METRICS: &str = "0.0.0.0:9154";
+pub const DEFAULT_PUBLIC_URL: &str = "http://127.0.0.1:8080";
+/// A session's life when the request says 0, and the longest one may ask for.
+pub const DEFAULT_TTL_SECS: u32 = 3600;
+pub const MAX_TTL_SECS: u32 = 86_400;
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Where the services are; `client.token` is the portal's own (billing-role) token.
+    pub client: ClientConfig,
+    /// The base of the session URLs handed to customers (how the browser reaches the
+    /// HTTP listener, e.g. `https://billing.example.com`).
+    pub public_url: String,
+    pub keys: Keys,
+    /// Shown on the page; the payments service enforces it.
+    pub min_purchase: Money,
+    /// Guards `PortalService` like every daemon's gRPC (`CREDITS_AUTH_TOKEN`).
+    pub auth_token: Option<Secret>,
+    pub auth_tokens_file: Option<std::path::PathBuf>,
+}
+
+impl Config {
+    pub fn new(client: ClientConfig, public_url: &str, keys: Keys) -> Config {
+        Config {
+            client,
+            public_url: public_url.trim_end_matches('/').to_owned(),
+            keys,
+            min_purchase: Money::new(rust_decimal::Decimal::new(500, 2)),
+            auth_token: None,
+            auth_tokens_file: None,
+        }
+    }
+}
+
+/// A created session, as `CreatePortalSession` answers it.
+#[derive(Clone, Debug)]
+pub struct NewSession {
+    pub account: AccountId,
+    pub url: String,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// `CreatePortalSession`: checks the request and that the ledger knows the account, then
+/// signs a link.
+pub struct Sessions {
+    client: Client,
+    keys: Keys,
+    public_url: String,
+}
+
+impl Sessions {
+    pub async fn create(
+        &self,
+        account_id: &str,
+        ttl_seconds: u32,
+    ) -> Result<NewSession, ServiceError> {
+        let account = AccountId::parse(account_id)?;
+        let ttl = match ttl_seconds {
+            0 => DEFAULT_TTL_SECS,
+            t if t > MAX_TTL_SECS => {
+                return Err(ServiceError::invalid(format!(
+                    "ttl_seconds: at most {MAX_TTL_SECS} (a day); got {t}"
+                )));
+            }
+            t => t,
+        };
+        match self.client.ledger().get_account(&account).await {
+            Ok(_) => {}
+            Err(ClientError::NotFound { .. }) => {
+                return Err(ServiceError::not_found(format!(
+                    "account_id: no account {:?}",
+                    account.as_str()
+                )));
+            }
+            Err(e) if e.is_retryable() => {
+                return Err(ServiceError::Unavailable(format!(
+                    "ledger unavailable: {}",
+                    e.message()
+                )));
+            }
+            Err(e) => return Err(ServiceError::internal(format!("ledger: {e}"))),
+        }
+        let expires_at = Utc::now() + chrono::Duration::seconds(i64::from(ttl));
+        // Whole seconds: the token carries a unix time, and the answer must match it.
+        let expires_at = DateTime::from_timestamp(expires_at.timestamp(), 0).unwrap_or(expires_at);
+        let token = self.keys.sign(Kind::Link, &account, expires_at);
+        tracing::info!(account = %account, ttl, "portal session created");
+        Ok(NewSession {
+            url: format!("{}/session?token={token}", self.public_url),
+            account,
+            expires_at,
+        })
+    }
+}
+
+pub struct App {
+    cfg: Config,
+    client: Client,
+}
+
+impl App {
+    pub fn build(cfg: Config) -> anyhow::Result<App> {
+        let client = Client::connect(cfg.client.clone())?;
+        Ok(App { cfg, client })
+    }
+
+    /// Serves gRPC on `grpc` and the page on `http` until `shutdown`.
+    pub async fn run(
+        self,
+        grpc: TcpListener,
+        http: TcpListener,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
+        let sessions = Arc::new(Sessions {
+            client: self.client.clone(),
+            keys: self.cfg.keys.clone(),
+            public_url: self.cfg.public_url.clone(),
+        });
+        let policy = credits_common::auth::Policy::load(
+            self.cfg.auth_token.as_ref().map(Secret::expose),
+            self.cfg.auth_tokens_file.as_deref(),
+        )?;
+        let router = credits_common::grpc::service_router(
+            credits_proto::FILE_DESCRIPTOR_SET,
+            policy,
+            PortalServiceServer::new(grpc::PortalGrpc::new(sessions)),
+        )
+        .await?;
+        let web = Arc::new(web::Web {
+            client: self.client.clone(),
+            keys: self.cfg.keys.clone(),
+            min_purchase: self.cfg.min_purchase,
+            secure_cookie: self.cfg.public_url.starts_with("https://"),
+        });
+        tracing::info!(grpc = %grpc.local_addr()?, http = %http.local_addr()?, public_url = %self.cfg.public_url, "portal listening");
+        let page = {
+            let shutdown = shutdown.clone();
+            async move {
+                axum::serve(http, web::router(web))
+                    .with_graceful_shutdown(shutdown.cancelled_owned())
+                    .await
+                    .map_err(anyhow::Error::from)
+            }
+        };
+        let served = tokio::try_join!(
+            credits_common::grpc::serve(router, grpc, shutdown.clone()),
+            page
+        );
+        shutdown.cancel();
+        tracing::info!("portal stopped");
+        served.map(|_| ())
+    }
+}
+
+/// The keys from the configuration, or a random key for this process when none is set
+/// (sessions then end with the process and work on this replica only).
+pub fn keys_from(current: Option<&str>, previous: Option<&str>) -> anyhow::Result<Keys> {
+    match current.filter(|k| !k.is_empty()) {
+        Some(k) => Keys::new(
+            k.as_bytes(),
+            previous.filter(|p| !p.is_empty()).map(str::as_bytes),
+        ),
+        None => {
+            tracing::warn!(
+                "PORTAL_SIGNING_KEY is not set: using a random key; portal sessions end when this process does and work on this replica only"
+            );
+            Ok(Keys::random())
+        }
+    }
+}

@@ -1,0 +1,711 @@
+//! The billing settings page, rendered on the server as one HTML document.
+//!
+//! Every value that comes from a service or a form goes through [`esc`] before it is
+//! written; the only unescaped text is this file's own markup. The page needs no script
+//! (the auto-recharge form opens with `<details>`), loads nothing but its own stylesheet,
+//! and labels every control with the words the seed product uses.
+
+use std::collections::HashMap;
+use std::fmt::Write;
+
+use credits_client::{
+    Access, Account, AttemptStatus, AutoRecharge, Charge, DisabledReason, Entry, EntryKind, Money,
+    Page, PaymentMethod, PaymentMethodType, RechargeAttempt,
+};
+
+/// HTML-escapes text for element content and quoted attribute values.
+pub fn esc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// `$25.00`, `-$1.01`, `$0.000125`.
+pub fn dollars(m: &Money) -> String {
+    let s = m.to_string();
+    match s.strip_prefix('-') {
+        Some(abs) => format!("-${abs}"),
+        None => format!("${s}"),
+    }
+}
+
+/// Which form a problem or a kept value belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Form {
+    Credits,
+    Card,
+    Bank,
+    Methods,
+    AutoRecharge,
+}
+
+/// A refused submission, shown next to the field it concerns (or atop its form).
+#[derive(Clone, Debug)]
+pub struct Problem {
+    pub form: Form,
+    pub field: Option<&'static str>,
+    pub message: String,
+}
+
+/// Everything the page shows.
+pub struct View {
+    pub account: Account,
+    pub methods: Vec<PaymentMethod>,
+    pub recharge: AutoRecharge,
+    pub entries: Page<Entry>,
+    pub charges: Page<Charge>,
+    pub attempts: Page<RechargeAttempt>,
+    pub min_purchase: Money,
+    pub csrf: String,
+    /// A fresh idempotency key for the Add credits form (a double submit buys once).
+    pub purchase_key: String,
+    pub notice: Option<&'static str>,
+    pub problem: Option<Problem>,
+    /// What the customer typed into the form that failed (never card or account numbers).
+    pub kept: HashMap<&'static str, String>,
+}
+
+/// A whole page with a title and one message (sign-in problems, errors).
+pub fn message_page(title: &str, text: &str) -> String {
+    let mut h = head(title);
+    let _ = write!(
+        h,
+        "<main><h1>{}</h1><p role=\"alert\">{}</p></main></body></html>",
+        esc(title),
+        esc(text)
+    );
+    h
+}
+
+fn head(title: &str) -> String {
+    format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
+         <title>{}</title><link rel=\"stylesheet\" href=\"/assets/portal.css\"></head><body>",
+        esc(title)
+    )
+}
+
+pub fn render(v: &View) -> String {
+    let mut h = head("Billing settings");
+    let a = &v.account;
+    let name = if a.display_name.is_empty() {
+        a.account_id.as_str()
+    } else {
+        a.display_name.as_str()
+    };
+    let _ = write!(
+        h,
+        "<header><h1>Billing settings</h1><p class=\"who\"><span id=\"display-name\">{}</span> \
+         <span class=\"muted\">({})</span></p></header><main>",
+        esc(name),
+        esc(a.account_id.as_str())
+    );
+    if let Some(n) = v.notice {
+        let _ = write!(h, "<p class=\"notice\" role=\"status\">{}</p>", esc(n));
+    }
+    balance(&mut h, v);
+    add_credits(&mut h, v);
+    methods(&mut h, v);
+    auto_recharge(&mut h, v);
+    history(&mut h, v);
+    h.push_str("</main></body></html>");
+    h
+}
+
+fn balance(h: &mut String, v: &View) {
+    let a = &v.account;
+    let access = match a.access {
+        Access::Active => "Active: API access is on",
+        Access::Suspended => "Suspended: API access is off until credits are added",
+        Access::PendingFirstPurchase => {
+            "Waiting for your first purchase: add credits to turn API access on"
+        }
+    };
+    let _ = write!(
+        h,
+        "<section aria-labelledby=\"balance-h\"><h2 id=\"balance-h\">Credit balance</h2><dl class=\"figures\">\
+         <dt>Balance</dt><dd id=\"balance\">{}</dd>\
+         <dt>Reserved by running jobs</dt><dd id=\"held\">{}</dd>\
+         <dt>Available balance</dt><dd id=\"available\">{}</dd>\
+         <dt>Access</dt><dd id=\"access\">{}</dd></dl></section>",
+        esc(&dollars(&a.balance)),
+        esc(&dollars(&a.held)),
+        esc(&dollars(&a.available_balance)),
+        esc(access),
+    );
+}
+
+/// The problem of `form`, at `field` (`None`: the form's own).
+fn problem_at(v: &View, form: Form, field: Option<&str>) -> Option<String> {
+    v.problem
+        .as_ref()
+        .filter(|p| p.form == form && p.field == field)
+        .map(|p| p.message.clone())
+}
+
+fn kept(v: &View, form: Form, field: &str) -> String {
+    if v.problem.as_ref().is_some_and(|p| p.form == form) {
+        v.kept.get(field).cloned().unwrap_or_default()
+    } else {
+        String::new()
+    }
+}
+
+fn hidden_csrf(h: &mut String, v: &View) {
+    let _ = write!(
+        h,
+        "<input type=\"hidden\" name=\"csrf\" value=\"{}\">",
+        esc(&v.csrf)
+    );
+}
+
+fn form_problem(h: &mut String, v: &View, form: Form) {
+    if let Some(m) = problem_at(v, form, None) {
+        let _ = write!(h, "<p class=\"error\" role=\"alert\">{}</p>", esc(&m));
+    }
+}
+
+/// A labelled text input with its error (if any) right under it.
+#[allow(clippy::too_many_arguments)]
+fn field(
+    h: &mut String,
+    v: &View,
+    form: Form,
+    id: &str,
+    name: &'static str,
+    label: &str,
+    value: &str,
+    attrs: &str,
+) {
+    let err = problem_at(v, form, Some(name));
+    let _ = write!(
+        h,
+        "<p class=\"field\"><label for=\"{id}\">{}</label> <input id=\"{id}\" name=\"{name}\" value=\"{}\" {attrs}{}>",
+        esc(label),
+        esc(value),
+        if err.is_some() {
+            format!(" aria-invalid=\"true\" aria-describedby=\"{id}-error\"")
+        } else {
+            String::new()
+        }
+    );
+    if let Some(m) = err {
+        let _ = write!(
+            h,
+            "<span class=\"error\" id=\"{id}-error\" role=\"alert\">{}</span>",
+            esc(&m)
+        );
+    }
+    h.push_str("</p>");
+}
+
+fn checkbox(h: &mut String, id: &str, name: &str, label: &str, checked: bool) {
+    let _ = write!(
+        h,
+        "<p class=\"field check\"><input type=\"checkbox\" id=\"{id}\" name=\"{name}\" value=\"on\"{}> <label for=\"{id}\">{}</label></p>",
+        if checked { " checked" } else { "" },
+        esc(label)
+    );
+}
+
+fn add_credits(h: &mut String, v: &View) {
+    let default = v.methods.iter().find(|m| m.is_default);
+    let _ = write!(
+        h,
+        "<section aria-labelledby=\"credits-h\"><h2 id=\"credits-h\">Add credits</h2>\
+         <p>Credits are bought with your default payment method{}. Minimum purchase: <strong id=\"min-purchase\">{}</strong>.</p>\
+         <form method=\"post\" action=\"/billing/credits\">",
+        match default {
+            Some(m) => format!(" ({})", esc(&method_name(m))),
+            None => " (add one below first)".to_owned(),
+        },
+        esc(&dollars(&v.min_purchase)),
+    );
+    hidden_csrf(h, v);
+    let _ = write!(
+        h,
+        "<input type=\"hidden\" name=\"key\" value=\"{}\">",
+        esc(&v.purchase_key)
+    );
+    form_problem(h, v, Form::Credits);
+    field(
+        h,
+        v,
+        Form::Credits,
+        "credits-amount",
+        "amount",
+        "Amount (USD)",
+        &kept(v, Form::Credits, "amount"),
+        "inputmode=\"decimal\" required",
+    );
+    h.push_str("<p><button type=\"submit\">Add credits</button></p></form></section>");
+}
+
+fn method_name(m: &PaymentMethod) -> String {
+    match m.method_type {
+        PaymentMethodType::Card => {
+            let exp = m
+                .expiry
+                .as_ref()
+                .map(|e| format!(", expires {:02}/{}", e.month, e.year))
+                .unwrap_or_default();
+            format!("{} card ending {}{exp}", m.brand, m.last4)
+        }
+        PaymentMethodType::UsBankAccount => format!("US bank account ending {}", m.last4),
+    }
+}
+
+fn methods(h: &mut String, v: &View) {
+    h.push_str(
+        "<section aria-labelledby=\"methods-h\"><h2 id=\"methods-h\">Payment methods</h2>\
+         <p class=\"rule\">Auto-recharge needs a card as the default payment method. \
+         Making a bank account the default turns auto-recharge off.</p>",
+    );
+    form_problem(h, v, Form::Methods);
+    if v.methods.is_empty() {
+        h.push_str("<p id=\"no-methods\">No payment method yet.</p>");
+    } else {
+        h.push_str("<ul class=\"methods\">");
+        for m in &v.methods {
+            let name = method_name(m);
+            let _ = write!(
+                h,
+                "<li data-method=\"{}\"><span class=\"method\">{}</span>{}",
+                esc(&m.payment_method_id),
+                esc(&name),
+                if m.is_default {
+                    " <strong class=\"badge\">Default</strong>"
+                } else {
+                    ""
+                }
+            );
+            for (action, label, show) in [
+                ("default", "Make default", !m.is_default),
+                ("remove", "Remove", true),
+            ] {
+                if !show {
+                    continue;
+                }
+                let _ = write!(
+                    h,
+                    "<form class=\"inline\" method=\"post\" action=\"/billing/methods/{action}\">"
+                );
+                hidden_csrf(h, v);
+                let _ = write!(
+                    h,
+                    "<input type=\"hidden\" name=\"payment_method_id\" value=\"{}\">\
+                     <button type=\"submit\" aria-label=\"{} {}\">{}</button></form>",
+                    esc(&m.payment_method_id),
+                    esc(label),
+                    esc(&name),
+                    esc(label)
+                );
+            }
+            h.push_str("</li>");
+        }
+        h.push_str("</ul>");
+    }
+    // Add a card.
+    h.push_str("<details class=\"add\"");
+    if v.problem.as_ref().is_some_and(|p| p.form == Form::Card) {
+        h.push_str(" open");
+    }
+    h.push_str(
+        "><summary>Add a card</summary><form method=\"post\" action=\"/billing/methods/card\">",
+    );
+    hidden_csrf(h, v);
+    form_problem(h, v, Form::Card);
+    field(
+        h,
+        v,
+        Form::Card,
+        "card-number",
+        "number",
+        "Card number",
+        "",
+        "inputmode=\"numeric\" autocomplete=\"cc-number\" required",
+    );
+    field(
+        h,
+        v,
+        Form::Card,
+        "card-exp-month",
+        "exp_month",
+        "Expiry month",
+        &kept(v, Form::Card, "exp_month"),
+        "inputmode=\"numeric\" autocomplete=\"cc-exp-month\" required",
+    );
+    field(
+        h,
+        v,
+        Form::Card,
+        "card-exp-year",
+        "exp_year",
+        "Expiry year",
+        &kept(v, Form::Card, "exp_year"),
+        "inputmode=\"numeric\" autocomplete=\"cc-exp-year\" required",
+    );
+    field(
+        h,
+        v,
+        Form::Card,
+        "card-cvc",
+        "cvc",
+        "CVC",
+        "",
+        "inputmode=\"numeric\" autocomplete=\"cc-csc\" required",
+    );
+    checkbox(
+        h,
+        "card-default",
+        "make_default",
+        "Make this card the default payment method",
+        v.methods.is_empty(),
+    );
+    h.push_str("<p><button type=\"submit\">Add card</button></p></form></details>");
+    // Add a US bank account.
+    h.push_str("<details class=\"add\"");
+    if v.problem.as_ref().is_some_and(|p| p.form == Form::Bank) {
+        h.push_str(" open");
+    }
+    h.push_str("><summary>Add a US bank account</summary><form method=\"post\" action=\"/billing/methods/bank\">");
+    hidden_csrf(h, v);
+    form_problem(h, v, Form::Bank);
+    field(
+        h,
+        v,
+        Form::Bank,
+        "bank-holder",
+        "holder_name",
+        "Account holder name",
+        &kept(v, Form::Bank, "holder_name"),
+        "autocomplete=\"name\" required",
+    );
+    field(
+        h,
+        v,
+        Form::Bank,
+        "bank-routing",
+        "routing_number",
+        "Routing number",
+        &kept(v, Form::Bank, "routing_number"),
+        "inputmode=\"numeric\" required",
+    );
+    field(
+        h,
+        v,
+        Form::Bank,
+        "bank-account",
+        "account_number",
+        "Account number",
+        "",
+        "inputmode=\"numeric\" required",
+    );
+    checkbox(
+        h,
+        "bank-default",
+        "make_default",
+        "Make this bank account the default payment method",
+        false,
+    );
+    h.push_str(
+        "<p><button type=\"submit\">Add bank account</button></p></form></details></section>",
+    );
+}
+
+/// Why auto-recharge is off, and how to turn it back on; `None` when there is nothing to
+/// explain (on, never configured, or turned off by the customer).
+pub fn disabled_explanation(r: DisabledReason) -> Option<&'static str> {
+    match r {
+        DisabledReason::None | DisabledReason::User => None,
+        DisabledReason::DefaultPaymentMethodNotCard => Some(
+            "Auto-recharge was turned off because the default payment method became a bank account. \
+             Make a card the default, then enable automatic credit purchases again below.",
+        ),
+        DisabledReason::NoDefaultPaymentMethod => Some(
+            "Auto-recharge was turned off because there is no default payment method any more. \
+             Add a card as the default, then enable automatic credit purchases again below.",
+        ),
+        DisabledReason::RepeatedFailures => Some(
+            "Auto-recharge was turned off because three top-ups in a row were declined. \
+             Check your card or make another card the default, then enable automatic credit purchases again below.",
+        ),
+    }
+}
+
+fn auto_recharge(h: &mut String, v: &View) {
+    let r = &v.recharge;
+    let configured = r.threshold.is_some();
+    h.push_str("<section aria-labelledby=\"recharge-h\"><h2 id=\"recharge-h\">Auto-recharge</h2>");
+    let state = match (r.enabled, &r.threshold, &r.target) {
+        (true, Some(t), Some(g)) => format!(
+            "On: when your balance goes below {}, it is brought back up to {}.",
+            dollars(t),
+            dollars(g)
+        ),
+        _ if configured => "Off.".to_owned(),
+        _ => "Not set up. Set thresholds to buy credits automatically when your balance runs low."
+            .to_owned(),
+    };
+    let _ = write!(h, "<p id=\"recharge-state\">{}</p>", esc(&state));
+    if let Some(why) = disabled_explanation(r.disabled_reason) {
+        let _ = write!(
+            h,
+            "<p id=\"recharge-reason\" class=\"warning\" role=\"status\">{}</p>",
+            esc(why)
+        );
+    }
+    if let Some(limit) = &r.monthly_limit {
+        let _ = write!(
+            h,
+            "<p id=\"recharge-month\">Charged by auto-recharge this month: {} of your {} monthly limit.</p>",
+            esc(&dollars(&r.charged_this_month)),
+            esc(&dollars(limit))
+        );
+    }
+    let failed = v
+        .problem
+        .as_ref()
+        .is_some_and(|p| p.form == Form::AutoRecharge);
+    let _ = write!(
+        h,
+        "<details id=\"recharge-edit\"{}><summary>{}</summary><form method=\"post\" action=\"/billing/auto-recharge\">",
+        if failed { " open" } else { "" },
+        if configured {
+            "Edit limits"
+        } else {
+            "Set thresholds"
+        }
+    );
+    hidden_csrf(h, v);
+    form_problem(h, v, Form::AutoRecharge);
+    let (enabled, threshold, target, limit) = if failed {
+        (
+            v.kept.contains_key("enabled"),
+            kept(v, Form::AutoRecharge, "threshold"),
+            kept(v, Form::AutoRecharge, "target"),
+            kept(v, Form::AutoRecharge, "monthly_limit"),
+        )
+    } else {
+        let s = |m: &Option<Money>| m.as_ref().map(Money::to_string).unwrap_or_default();
+        (
+            r.enabled || !configured,
+            s(&r.threshold),
+            s(&r.target),
+            s(&r.monthly_limit),
+        )
+    };
+    checkbox(
+        h,
+        "recharge-enabled",
+        "enabled",
+        "Enable automatic credit purchases",
+        enabled,
+    );
+    field(
+        h,
+        v,
+        Form::AutoRecharge,
+        "recharge-threshold",
+        "threshold",
+        "When balance goes below",
+        &threshold,
+        "inputmode=\"decimal\"",
+    );
+    field(
+        h,
+        v,
+        Form::AutoRecharge,
+        "recharge-target",
+        "target",
+        "Bring credit balance up to",
+        &target,
+        "inputmode=\"decimal\"",
+    );
+    field(
+        h,
+        v,
+        Form::AutoRecharge,
+        "recharge-limit",
+        "monthly_limit",
+        "Monthly limit (optional)",
+        &limit,
+        "inputmode=\"decimal\"",
+    );
+    let _ = write!(
+        h,
+        "<p class=\"hint\">Each top-up is at least the minimum purchase ({}); the monthly limit caps what auto-recharge charges in a calendar month.</p>\
+         <p><button type=\"submit\">Save</button></p></form></details></section>",
+        esc(&dollars(&v.min_purchase))
+    );
+}
+
+fn older_link(h: &mut String, param: &str, page: &Option<String>, what: &str) {
+    if let Some(t) = page {
+        let _ = write!(
+            h,
+            "<p><a href=\"/billing?{param}={}#{param}-h\">Older {}</a></p>",
+            esc(&percent_encode(t)),
+            esc(what)
+        );
+    }
+}
+
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+fn when(t: &chrono::DateTime<chrono::Utc>) -> String {
+    t.format("%Y-%m-%d %H:%M UTC").to_string()
+}
+
+fn history(h: &mut String, v: &View) {
+    h.push_str("<section aria-labelledby=\"history-h\"><h2 id=\"history-h\">History</h2>");
+    // Entries.
+    h.push_str("<h3 id=\"entries-h\">Credits and usage</h3>");
+    if v.entries.items.is_empty() {
+        h.push_str("<p>Nothing yet.</p>");
+    } else {
+        h.push_str("<table id=\"entries\"><thead><tr><th>Date</th><th>What</th><th>Amount</th><th>Balance after</th><th>Description</th></tr></thead><tbody>");
+        for e in &v.entries.items {
+            let (what, sign) = match e.kind {
+                EntryKind::Usage(c) => (
+                    format!("Usage ({})", c.as_str().to_lowercase().replace('_', " ")),
+                    "-",
+                ),
+                EntryKind::Credit(s) => (
+                    format!("Credit ({})", s.as_str().to_lowercase().replace('_', " ")),
+                    "+",
+                ),
+            };
+            let _ = write!(
+                h,
+                "<tr><td>{}</td><td>{}</td><td class=\"num\">{sign}{}</td><td class=\"num\">{}</td><td>{}</td></tr>",
+                esc(&when(&e.created_at)),
+                esc(&what),
+                esc(&dollars(&e.amount)),
+                esc(&dollars(&e.balance_after)),
+                esc(&e.description)
+            );
+        }
+        h.push_str("</tbody></table>");
+    }
+    older_link(
+        h,
+        "entries",
+        &v.entries.next_page_token,
+        "credits and usage",
+    );
+    // Charges.
+    h.push_str("<h3 id=\"charges-h\">Charges</h3>");
+    if v.charges.items.is_empty() {
+        h.push_str("<p>No charges yet.</p>");
+    } else {
+        h.push_str("<table id=\"charges\"><thead><tr><th>Date</th><th>Amount</th><th>Method</th><th>Status</th></tr></thead><tbody>");
+        for c in &v.charges.items {
+            let method = match c.payment_method_type {
+                PaymentMethodType::Card => "Card",
+                PaymentMethodType::UsBankAccount => "US bank account",
+            };
+            let status = match &c.failure_code {
+                Some(code) => format!("{} ({code})", c.status.as_str().to_lowercase()),
+                None => c.status.as_str().to_lowercase(),
+            };
+            let _ = write!(
+                h,
+                "<tr><td>{}</td><td class=\"num\">{}</td><td>{}</td><td>{}</td></tr>",
+                esc(&when(&c.created_at)),
+                esc(&dollars(&c.amount)),
+                esc(method),
+                esc(&status)
+            );
+        }
+        h.push_str("</tbody></table>");
+    }
+    older_link(h, "charges", &v.charges.next_page_token, "charges");
+    // Recharge attempts.
+    h.push_str("<h3 id=\"attempts-h\">Auto-recharge top-ups</h3>");
+    if v.attempts.items.is_empty() {
+        h.push_str("<p>No top-ups yet.</p>");
+    } else {
+        h.push_str("<table id=\"attempts\"><thead><tr><th>Date</th><th>Amount</th><th>Status</th></tr></thead><tbody>");
+        for a in &v.attempts.items {
+            let mut status = a.status.as_str().to_lowercase();
+            if let Some(code) = &a.failure_code {
+                let _ = write!(status, " ({code})");
+            }
+            if a.status == AttemptStatus::Skipped {
+                status.push_str(": monthly limit reached");
+            }
+            let _ = write!(
+                h,
+                "<tr><td>{}</td><td class=\"num\">{}</td><td>{}</td></tr>",
+                esc(&when(&a.created_at)),
+                esc(&dollars(&a.amount)),
+                esc(&status)
+            );
+        }
+        h.push_str("</tbody></table>");
+    }
+    older_link(h, "attempts", &v.attempts.next_page_token, "top-ups");
+    h.push_str("</section>");
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_is_escaped_for_content_and_attributes() {
+        assert_eq!(
+            esc("<script>alert(\"x\")</script> & 'y'"),
+            "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; &#39;y&#39;"
+        );
+        assert_eq!(esc("plain"), "plain");
+    }
+
+    #[test]
+    fn amounts_read_as_dollars() {
+        let m = |s: &str| Money::parse_signed("x", s).unwrap();
+        assert_eq!(dollars(&m("25")), "$25.00");
+        assert_eq!(dollars(&m("-1.01")), "-$1.01");
+        assert_eq!(dollars(&m("0.000125")), "$0.000125");
+    }
+
+    #[test]
+    fn every_reason_but_the_customers_own_is_explained() {
+        assert!(disabled_explanation(DisabledReason::None).is_none());
+        assert!(disabled_explanation(DisabledReason::User).is_none());
+        for r in [
+            DisabledReason::DefaultPaymentMethodNotCard,
+            DisabledReason::NoDefaultPaymentMethod,
+            DisabledReason::RepeatedFailures,
+        ] {
+            assert!(disabled_explanation(r).unwrap().contains("again"));
+        }
+    }
+
+    #[test]
+    fn page_tokens_are_percent_encoded() {
+        assert_eq!(percent_encode("a b&c=d"), "a%20b%26c%3Dd");
+    }
+}

@@ -1,0 +1,287 @@
+//! Portal sessions without a database: everything a session is travels signed.
+//!
+//! - The **link token** (in the URL `CreatePortalSession` returns) says "account A until
+//!   T": `v1.<account>.<expires unix>.<nonce>.<mac>`, the MAC an HMAC-SHA256 under the
+//!   signing key over the kind (`link`), account, expiry and nonce.
+//! - The page trades it for a **session cookie** of the same shape and kind `cookie`, so a
+//!   link token is never accepted as a cookie nor the other way round.
+//! - The **CSRF token** of a session is an HMAC of the cookie's MAC under the same key:
+//!   a page of that session can show it, another site cannot compute it.
+//!
+//! Verification accepts the current key and, during a rotation, the previous one.
+//! Account ids are `[A-Za-z0-9_-]` and the other parts digits or base64url, so `.` can
+//! separate them without escaping.
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use chrono::{DateTime, TimeZone, Utc};
+use credits_common::ids::AccountId;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use subtle::ConstantTimeEq;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// The shortest signing key accepted, in bytes.
+pub const MIN_KEY_LEN: usize = 32;
+
+/// What a token is for; part of what is signed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Link,
+    Cookie,
+}
+
+impl Kind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Kind::Link => "link",
+            Kind::Cookie => "cookie",
+        }
+    }
+}
+
+/// A verified session: whose it is and until when.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Session {
+    pub account: AccountId,
+    pub expires_at: DateTime<Utc>,
+    /// The token's MAC, from which the CSRF token is derived.
+    mac: Vec<u8>,
+}
+
+/// Why a token was refused. Kept coarse on purpose: the page says "expired" or "not
+/// valid", never which part failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error("this billing link is not valid")]
+    Invalid,
+    #[error("this billing session has expired; ask for a new link")]
+    Expired,
+}
+
+/// The signing keys: the current one signs; it or the previous one verifies.
+#[derive(Clone)]
+pub struct Keys {
+    current: Vec<u8>,
+    previous: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for Keys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Keys(***)")
+    }
+}
+
+impl Keys {
+    /// `current` and `previous` are at least [`MIN_KEY_LEN`] bytes each.
+    pub fn new(current: &[u8], previous: Option<&[u8]>) -> anyhow::Result<Keys> {
+        for (name, k) in [
+            ("PORTAL_SIGNING_KEY", Some(current)),
+            ("PORTAL_PREVIOUS_SIGNING_KEY", previous),
+        ] {
+            if let Some(k) = k
+                && k.len() < MIN_KEY_LEN
+            {
+                anyhow::bail!("{name}: must be at least {MIN_KEY_LEN} bytes");
+            }
+        }
+        Ok(Keys {
+            current: current.to_vec(),
+            previous: previous.map(<[u8]>::to_vec),
+        })
+    }
+
+    /// A random key for this process only (sessions do not survive a restart nor work
+    /// on another replica): for `credits up` and tests.
+    pub fn random() -> Keys {
+        let mut k = Vec::with_capacity(64);
+        k.extend_from_slice(uuid::Uuid::new_v4().as_bytes());
+        k.extend_from_slice(uuid::Uuid::new_v4().as_bytes());
+        k.extend_from_slice(uuid::Uuid::new_v4().as_bytes());
+        k.extend_from_slice(uuid::Uuid::new_v4().as_bytes());
+        Keys {
+            current: k,
+            previous: None,
+        }
+    }
+
+    fn mac(key: &[u8], parts: &[&str]) -> Vec<u8> {
+        // HMAC takes a key of any length; `new_from_slice` cannot fail for it.
+        let mut m = <HmacSha256 as Mac>::new_from_slice(key).unwrap_or_else(|_| unreachable!());
+        for p in parts {
+            m.update(p.as_bytes());
+            m.update(b"\n");
+        }
+        m.finalize().into_bytes().to_vec()
+    }
+
+    /// Signs a token of `kind` for `account` until `expires_at`.
+    pub fn sign(&self, kind: Kind, account: &AccountId, expires_at: DateTime<Utc>) -> String {
+        let nonce = URL_SAFE_NO_PAD.encode(uuid::Uuid::new_v4().as_bytes());
+        let exp = expires_at.timestamp().to_string();
+        let mac = Self::mac(
+            &self.current,
+            &[kind.as_str(), account.as_str(), &exp, &nonce],
+        );
+        format!(
+            "v1.{}.{exp}.{nonce}.{}",
+            account.as_str(),
+            URL_SAFE_NO_PAD.encode(mac)
+        )
+    }
+
+    /// Checks a token of `kind` at `now`: signed by one of the keys, not expired.
+    pub fn verify(&self, kind: Kind, token: &str, now: DateTime<Utc>) -> Result<Session, Refused> {
+        if token.len() > 512 {
+            return Err(Refused::Invalid);
+        }
+        let parts: Vec<&str> = token.split('.').collect();
+        let [version, account, exp, nonce, mac] = parts[..] else {
+            return Err(Refused::Invalid);
+        };
+        if version != "v1" {
+            return Err(Refused::Invalid);
+        }
+        let account = AccountId::parse(account).map_err(|_| Refused::Invalid)?;
+        let given = URL_SAFE_NO_PAD.decode(mac).map_err(|_| Refused::Invalid)?;
+        let signed_by = |key: &[u8]| {
+            let want = Self::mac(key, &[kind.as_str(), account.as_str(), exp, nonce]);
+            bool::from(want.ct_eq(&given))
+        };
+        let valid = signed_by(&self.current) || self.previous.as_deref().is_some_and(signed_by);
+        if !valid {
+            return Err(Refused::Invalid);
+        }
+        let exp: i64 = exp.parse().map_err(|_| Refused::Invalid)?;
+        let expires_at = Utc.timestamp_opt(exp, 0).single().ok_or(Refused::Invalid)?;
+        if expires_at <= now {
+            return Err(Refused::Expired);
+        }
+        Ok(Session {
+            account,
+            expires_at,
+            mac: given,
+        })
+    }
+
+    /// The CSRF token of a session (verified from its cookie).
+    pub fn csrf(&self, session: &Session) -> String {
+        let mac_b64 = URL_SAFE_NO_PAD.encode(&session.mac);
+        URL_SAFE_NO_PAD.encode(Self::mac(&self.current, &["csrf", &mac_b64]))
+    }
+
+    /// Whether `given` is the session's CSRF token (under the current or previous key).
+    pub fn csrf_ok(&self, session: &Session, given: &str) -> bool {
+        let mac_b64 = URL_SAFE_NO_PAD.encode(&session.mac);
+        let Ok(given) = URL_SAFE_NO_PAD.decode(given) else {
+            return false;
+        };
+        let ok = |key: &[u8]| bool::from(Self::mac(key, &["csrf", &mac_b64]).ct_eq(&given));
+        ok(&self.current) || self.previous.as_deref().is_some_and(ok)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn keys() -> Keys {
+        Keys::new(&[7u8; 32], None).unwrap()
+    }
+
+    fn acct(s: &str) -> AccountId {
+        AccountId::parse(s).unwrap()
+    }
+
+    #[test]
+    fn a_signed_token_verifies_until_it_expires() {
+        let k = keys();
+        let now = Utc::now();
+        let t = k.sign(
+            Kind::Link,
+            &acct("acme"),
+            now + chrono::Duration::seconds(60),
+        );
+        let s = k.verify(Kind::Link, &t, now).unwrap();
+        assert_eq!(s.account, acct("acme"));
+        assert_eq!(
+            k.verify(Kind::Link, &t, now + chrono::Duration::seconds(60)),
+            Err(Refused::Expired)
+        );
+    }
+
+    #[test]
+    fn a_changed_account_expiry_kind_or_key_is_refused() {
+        let k = keys();
+        let now = Utc::now();
+        let t = k.sign(
+            Kind::Link,
+            &acct("acme"),
+            now + chrono::Duration::seconds(60),
+        );
+        let other_account = t.replacen(".acme.", ".evil.", 1);
+        assert_eq!(
+            k.verify(Kind::Link, &other_account, now),
+            Err(Refused::Invalid)
+        );
+        let parts: Vec<&str> = t.split('.').collect();
+        let later = format!(
+            "v1.acme.{}.{}.{}",
+            parts[2].parse::<i64>().unwrap() + 3600,
+            parts[3],
+            parts[4]
+        );
+        assert_eq!(k.verify(Kind::Link, &later, now), Err(Refused::Invalid));
+        assert_eq!(k.verify(Kind::Cookie, &t, now), Err(Refused::Invalid));
+        let stranger = Keys::new(&[8u8; 32], None).unwrap();
+        assert_eq!(stranger.verify(Kind::Link, &t, now), Err(Refused::Invalid));
+        for junk in [
+            "",
+            "v1",
+            "v1.acme.1.2",
+            "v2.acme.1.n.m",
+            "v1.a b.1.n.m",
+            "v1.acme.x.n.!!",
+        ] {
+            assert_eq!(
+                k.verify(Kind::Link, junk, now),
+                Err(Refused::Invalid),
+                "{junk}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_previous_key_still_verifies_during_a_rotation() {
+        let old = keys();
+        let now = Utc::now();
+        let t = old.sign(
+            Kind::Cookie,
+            &acct("acme"),
+            now + chrono::Duration::seconds(60),
+        );
+        let rotated = Keys::new(&[9u8; 32], Some(&[7u8; 32])).unwrap();
+        let s = rotated.verify(Kind::Cookie, &t, now).unwrap();
+        assert!(rotated.csrf_ok(&s, &old.csrf(&s)));
+        assert!(Keys::new(&[9u8; 31], None).is_err());
+    }
+
+    #[test]
+    fn the_csrf_token_belongs_to_one_session() {
+        let k = keys();
+        let now = Utc::now();
+        let exp = now + chrono::Duration::seconds(60);
+        let a = k
+            .verify(Kind::Cookie, &k.sign(Kind::Cookie, &acct("acme"), exp), now)
+            .unwrap();
+        let b = k
+            .verify(Kind::Cookie, &k.sign(Kind::Cookie, &acct("acme"), exp), now)
+            .unwrap();
+        assert!(k.csrf_ok(&a, &k.csrf(&a)));
+        assert!(!k.csrf_ok(&a, &k.csrf(&b)));
+        assert!(!k.csrf_ok(&a, ""));
+        assert!(!k.csrf_ok(&a, "not base64!"));
+    }
+}

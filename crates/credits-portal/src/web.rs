@@ -1,0 +1,642 @@
+//! The page's HTTP side: the session link, the page, and one POST per form.
+//!
+//! - `GET /session?token=…` trades a link token for the session cookie (`HttpOnly`,
+//!   `SameSite=Strict`, `Secure` behind https) and redirects to `/billing`, so the token
+//!   leaves the address bar (and, with `Referrer-Policy: no-referrer`, every referrer).
+//! - `GET /billing` renders the account of the cookie; nothing in a URL or a form names
+//!   the account, so a session cannot reach another one.
+//! - Each `POST /billing/…` checks the session, then the CSRF token, before it calls a
+//!   service; refused, it changes nothing. Success redirects (POST/redirect/GET) with a
+//!   fixed notice; a service's refusal re-renders the page with the error in words next
+//!   to the field it names.
+//! - Every response carries a strict Content-Security-Policy (no script at all, styles
+//!   and forms from this origin only, no framing) and `Cache-Control: no-store`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use chrono::Utc;
+use credits_client::{
+    AutoRechargeChange, BankAccountDetails, CardDetails, Client, ClientError, IdempotencyKey,
+    Money, NewPaymentMethod, PaymentMethodType,
+};
+
+use crate::page::{self, Form, Problem, View};
+use crate::session::{Keys, Kind, Refused, Session};
+
+pub const COOKIE: &str = "credits_portal";
+/// Rows per history table page.
+const HISTORY_PAGE: u32 = 20;
+const CSP: &str = "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; \
+                   frame-ancestors 'none'; base-uri 'none'";
+/// The longest a bank-account default waits for auto-recharge to be turned off.
+const BANK_DEFAULT_SETTLE: std::time::Duration = std::time::Duration::from_secs(3);
+const STYLESHEET: &str = include_str!("../assets/portal.css");
+
+/// What the handlers share.
+pub struct Web {
+    pub client: Client,
+    pub keys: Keys,
+    pub min_purchase: Money,
+    /// Mark the cookie `Secure` (the public URL is https).
+    pub secure_cookie: bool,
+}
+
+pub fn router(web: Arc<Web>) -> Router {
+    Router::new()
+        .route("/session", get(open_session))
+        .route("/billing", get(show))
+        .route("/billing/credits", post(add_credits))
+        .route("/billing/methods/card", post(add_card))
+        .route("/billing/methods/bank", post(add_bank))
+        .route("/billing/methods/default", post(make_default))
+        .route("/billing/methods/remove", post(remove_method))
+        .route("/billing/auto-recharge", post(save_auto_recharge))
+        .route("/assets/portal.css", get(stylesheet))
+        .route("/healthz", get(|| async { "ok" }))
+        .fallback(|| async {
+            html(
+                StatusCode::NOT_FOUND,
+                page::message_page("Not found", "There is no such page."),
+            )
+        })
+        .layer(axum::middleware::map_response(secure_headers))
+        .with_state(web)
+}
+
+async fn secure_headers(mut r: Response) -> Response {
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CSP),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+fn html(status: StatusCode, body: String) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        body,
+    )
+        .into_response()
+}
+
+fn see_other(to: &str) -> Response {
+    (StatusCode::SEE_OTHER, [(header::LOCATION, to.to_owned())]).into_response()
+}
+
+async fn stylesheet() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/css; charset=utf-8")],
+        STYLESHEET,
+    )
+        .into_response()
+}
+
+fn refused(r: Refused) -> Response {
+    html(
+        StatusCode::UNAUTHORIZED,
+        page::message_page("Billing settings", &r.to_string()),
+    )
+}
+
+// ---- sessions ---------------------------------------------------------------------------
+
+async fn open_session(
+    State(web): State<Arc<Web>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let token = q.get("token").map(String::as_str).unwrap_or_default();
+    let s = match web.keys.verify(Kind::Link, token, Utc::now()) {
+        Ok(s) => s,
+        Err(r) => return refused(r),
+    };
+    let cookie = web.keys.sign(Kind::Cookie, &s.account, s.expires_at);
+    let max_age = (s.expires_at - Utc::now()).num_seconds().max(0);
+    let set = format!(
+        "{COOKIE}={cookie}; Path=/; Max-Age={max_age}; HttpOnly; SameSite=Strict{}",
+        if web.secure_cookie { "; Secure" } else { "" }
+    );
+    tracing::info!(account = %s.account, "portal session opened");
+    (
+        StatusCode::SEE_OTHER,
+        [
+            (header::LOCATION, "/billing".to_owned()),
+            (header::SET_COOKIE, set),
+        ],
+    )
+        .into_response()
+}
+
+/// The session of the request's cookie.
+fn session(web: &Web, headers: &HeaderMap) -> Result<Session, Denied> {
+    let token = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|c| c.trim().split_once('='))
+        .find(|(k, _)| *k == COOKIE)
+        .map(|(_, v)| v.to_owned());
+    let Some(token) = token else {
+        return Err(Denied::Session(Refused::Invalid));
+    };
+    web.keys
+        .verify(Kind::Cookie, &token, Utc::now())
+        .map_err(Denied::Session)
+}
+
+/// Why a request was turned away before anything was looked at.
+enum Denied {
+    Session(Refused),
+    Csrf,
+}
+
+impl IntoResponse for Denied {
+    fn into_response(self) -> Response {
+        match self {
+            Denied::Session(r) => refused(r),
+            Denied::Csrf => html(
+                StatusCode::FORBIDDEN,
+                page::message_page(
+                    "Billing settings",
+                    "This form could not be accepted (its security token is missing or out of date). Nothing was changed; reload the page and try again.",
+                ),
+            ),
+        }
+    }
+}
+
+/// A submitted form: its fields, after the session and CSRF checks passed.
+struct Submitted {
+    session: Session,
+    fields: HashMap<String, String>,
+}
+
+impl Submitted {
+    fn get(&self, name: &str) -> &str {
+        self.fields
+            .get(name)
+            .map(String::as_str)
+            .unwrap_or_default()
+    }
+
+    fn checked(&self, name: &str) -> bool {
+        self.fields.contains_key(name)
+    }
+}
+
+/// The session, then the CSRF token: nothing else is looked at before both pass.
+fn submitted(web: &Web, headers: &HeaderMap, body: &Bytes) -> Result<Submitted, Denied> {
+    let session = session(web, headers)?;
+    let mut fields = HashMap::new();
+    for (k, v) in form_urlencoded::parse(body) {
+        fields
+            .entry(k.into_owned())
+            .or_insert_with(|| v.into_owned());
+    }
+    let csrf = fields.get("csrf").map(String::as_str).unwrap_or_default();
+    if !web.keys.csrf_ok(&session, csrf) {
+        tracing::warn!(account = %session.account, "portal form without a valid CSRF token refused");
+        return Err(Denied::Csrf);
+    }
+    Ok(Submitted { session, fields })
+}
+
+// ---- the page ---------------------------------------------------------------------------
+
+/// Notices a redirect may name; anything else in `?notice=` is ignored.
+fn notice(code: &str) -> Option<&'static str> {
+    Some(match code {
+        "credits-added" => "Credits added.",
+        "credits-pending" => "Payment started: bank transfers are credited when they settle.",
+        "card-added" => "Card added.",
+        "bank-added" => "Bank account added.",
+        "default-changed" => "Default payment method changed.",
+        "method-removed" => "Payment method removed.",
+        "recharge-saved" => "Auto-recharge settings saved.",
+        _ => return None,
+    })
+}
+
+async fn show(
+    State(web): State<Arc<Web>>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let s = match session(&web, &headers) {
+        Ok(s) => s,
+        Err(d) => return d.into_response(),
+    };
+    let pages = |k: &str| q.get(k).cloned().filter(|t| !t.is_empty());
+    render(
+        &web,
+        &s,
+        Paging {
+            entries: pages("entries"),
+            charges: pages("charges"),
+            attempts: pages("attempts"),
+        },
+        q.get("notice").and_then(|n| notice(n)),
+        None,
+        HashMap::new(),
+    )
+    .await
+}
+
+#[derive(Default)]
+struct Paging {
+    entries: Option<String>,
+    charges: Option<String>,
+    attempts: Option<String>,
+}
+
+async fn render(
+    web: &Web,
+    s: &Session,
+    paging: Paging,
+    notice: Option<&'static str>,
+    problem: Option<Problem>,
+    kept: HashMap<&'static str, String>,
+) -> Response {
+    let c = &web.client;
+    let acct = &s.account;
+    let loaded = tokio::try_join!(
+        c.ledger().get_account(acct),
+        c.payments().list_payment_methods(acct),
+        c.recharge().get_auto_recharge(acct),
+        c.ledger()
+            .list_entries(acct, HISTORY_PAGE, paging.entries.as_deref()),
+        c.payments()
+            .list_charges(acct, HISTORY_PAGE, paging.charges.as_deref()),
+        c.recharge()
+            .list_recharge_attempts(acct, HISTORY_PAGE, paging.attempts.as_deref()),
+    );
+    let (account, methods, recharge, entries, charges, attempts) = match loaded {
+        Ok(v) => v,
+        Err(e) => return unavailable(&e),
+    };
+    let status = if problem.is_some() {
+        StatusCode::UNPROCESSABLE_ENTITY
+    } else {
+        StatusCode::OK
+    };
+    let view = View {
+        account,
+        methods,
+        recharge,
+        entries,
+        charges,
+        attempts,
+        min_purchase: web.min_purchase,
+        csrf: web.keys.csrf(s),
+        purchase_key: format!("portal-{}", uuid::Uuid::now_v7()),
+        notice,
+        problem,
+        kept,
+    };
+    html(status, page::render(&view))
+}
+
+fn unavailable(e: &ClientError) -> Response {
+    let (status, text) = match e {
+        ClientError::NotFound { .. } => (
+            StatusCode::NOT_FOUND,
+            "This account no longer exists.".to_owned(),
+        ),
+        e if e.is_retryable() => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Billing is unavailable right now. Please try again in a minute.".to_owned(),
+        ),
+        e => (
+            StatusCode::BAD_GATEWAY,
+            format!("Billing could not be shown: {}", e.message()),
+        ),
+    };
+    tracing::warn!(error = %e, "portal page could not be loaded");
+    html(status, page::message_page("Billing settings", &text))
+}
+
+/// The field of `fields` a service's message names (`threshold: …`,
+/// `card.number: …`), if any.
+fn field_of(message: &str, fields: &[&'static str]) -> Option<&'static str> {
+    let named = message.split_once(':').map(|(f, _)| f.trim())?;
+    let last = named.rsplit('.').next().unwrap_or(named);
+    fields.iter().copied().find(|f| *f == last)
+}
+
+/// Re-renders the page with a refusal next to its field, keeping what was typed in
+/// `keep` (never card or bank account numbers).
+async fn refuse(
+    web: &Web,
+    sub: &Submitted,
+    form: Form,
+    fields: &[&'static str],
+    keep: &[&'static str],
+    err: Refusal,
+) -> Response {
+    let (field, message) = match err {
+        Refusal::Field(f, m) => (Some(f), m),
+        Refusal::Form(m) => (None, m),
+        Refusal::Service(e) => {
+            if e.is_retryable() {
+                (
+                    None,
+                    "Billing is unavailable right now; please try again in a minute.".to_owned(),
+                )
+            } else {
+                (field_of(e.message(), fields), e.message().to_owned())
+            }
+        }
+    };
+    let kept = keep
+        .iter()
+        .filter(|k| sub.fields.contains_key(**k))
+        .map(|k| (*k, sub.get(k).to_owned()))
+        .collect();
+    render(
+        web,
+        &sub.session,
+        Paging::default(),
+        None,
+        Some(Problem {
+            form,
+            field,
+            message,
+        }),
+        kept,
+    )
+    .await
+}
+
+enum Refusal {
+    Field(&'static str, String),
+    Form(String),
+    Service(ClientError),
+}
+
+impl From<ClientError> for Refusal {
+    fn from(e: ClientError) -> Self {
+        Refusal::Service(e)
+    }
+}
+
+fn money(field: &'static str, s: &str) -> Result<Money, Refusal> {
+    Money::parse_positive(field, s.trim()).map_err(|e| Refusal::Field(field, e.to_string()))
+}
+
+/// Runs one form: the session and CSRF checks, then `act`; success redirects with the
+/// notice it returns, a refusal re-renders the page.
+macro_rules! form_handler {
+    ($name:ident, $form:expr, fields = $fields:expr, keep = $keep:expr, $act:expr) => {
+        async fn $name(State(web): State<Arc<Web>>, headers: HeaderMap, body: Bytes) -> Response {
+            let sub = match submitted(&web, &headers, &body) {
+                Ok(s) => s,
+                Err(d) => return d.into_response(),
+            };
+            match $act(&web, &sub).await {
+                Ok(code) => see_other(&format!("/billing?notice={code}")),
+                Err(e) => refuse(&web, &sub, $form, $fields, $keep, e).await,
+            }
+        }
+    };
+}
+
+form_handler!(
+    add_credits,
+    Form::Credits,
+    fields = &["amount"],
+    keep = &["amount"],
+    do_add_credits
+);
+form_handler!(
+    add_card,
+    Form::Card,
+    fields = &["number", "exp_month", "exp_year", "cvc"],
+    keep = &["exp_month", "exp_year"],
+    do_add_card
+);
+form_handler!(
+    add_bank,
+    Form::Bank,
+    fields = &["holder_name", "routing_number", "account_number"],
+    keep = &["holder_name", "routing_number"],
+    do_add_bank
+);
+form_handler!(
+    make_default,
+    Form::Methods,
+    fields = &[],
+    keep = &[],
+    do_make_default
+);
+form_handler!(
+    remove_method,
+    Form::Methods,
+    fields = &[],
+    keep = &[],
+    do_remove
+);
+form_handler!(
+    save_auto_recharge,
+    Form::AutoRecharge,
+    fields = &["threshold", "target", "monthly_limit"],
+    keep = &["enabled", "threshold", "target", "monthly_limit"],
+    do_save_auto_recharge
+);
+
+async fn do_add_credits(web: &Web, sub: &Submitted) -> Result<&'static str, Refusal> {
+    let amount = money("amount", sub.get("amount"))?;
+    let key = IdempotencyKey::parse(sub.get("key")).map_err(|_| {
+        Refusal::Form("This form is out of date; reload the page and try again.".into())
+    })?;
+    let acct = &sub.session.account;
+    let methods = web.client.payments().list_payment_methods(acct).await?;
+    if !methods.iter().any(|m| m.is_default) {
+        return Err(Refusal::Form(
+            "Add a payment method first: credits are bought with your default payment method."
+                .into(),
+        ));
+    }
+    let p = web
+        .client
+        .payments()
+        .purchase_credits(acct, amount, None, &key)
+        .await
+        .map_err(|e| match e {
+            // Any refusal of a purchase concerns its amount or the method paying it.
+            ClientError::FailedPrecondition { message }
+            | ClientError::InvalidArgument { message } => Refusal::Field("amount", message),
+            e => Refusal::Service(e),
+        })?;
+    Ok(if p.entry.is_some() {
+        "credits-added"
+    } else {
+        "credits-pending"
+    })
+}
+
+fn whole(field: &'static str, s: &str) -> Result<u32, Refusal> {
+    s.trim()
+        .parse()
+        .map_err(|_| Refusal::Field(field, format!("{field}: must be a whole number")))
+}
+
+async fn do_add_card(web: &Web, sub: &Submitted) -> Result<&'static str, Refusal> {
+    let card = CardDetails {
+        number: sub
+            .get("number")
+            .chars()
+            .filter(|c| !c.is_whitespace())
+            .collect(),
+        exp_month: whole("exp_month", sub.get("exp_month"))?,
+        exp_year: whole("exp_year", sub.get("exp_year"))?,
+        cvc: sub.get("cvc").trim().to_owned(),
+    };
+    web.client
+        .payments()
+        .add_payment_method(
+            &sub.session.account,
+            &NewPaymentMethod::Card(card),
+            sub.checked("make_default"),
+        )
+        .await?;
+    Ok("card-added")
+}
+
+async fn do_add_bank(web: &Web, sub: &Submitted) -> Result<&'static str, Refusal> {
+    let bank = BankAccountDetails {
+        routing_number: sub.get("routing_number").trim().to_owned(),
+        account_number: sub.get("account_number").trim().to_owned(),
+        holder_name: sub.get("holder_name").to_owned(),
+    };
+    let m = web
+        .client
+        .payments()
+        .add_payment_method(
+            &sub.session.account,
+            &NewPaymentMethod::UsBankAccount(bank),
+            sub.checked("make_default"),
+        )
+        .await?;
+    if m.is_default {
+        settle_bank_default(web, &sub.session.account).await;
+    }
+    Ok("bank-added")
+}
+
+async fn do_make_default(web: &Web, sub: &Submitted) -> Result<&'static str, Refusal> {
+    let m = web
+        .client
+        .payments()
+        .set_default_payment_method(&sub.session.account, sub.get("payment_method_id"))
+        .await
+        .map_err(method_refusal)?;
+    if m.method_type == PaymentMethodType::UsBankAccount {
+        settle_bank_default(web, &sub.session.account).await;
+    }
+    Ok("default-changed")
+}
+
+async fn do_remove(web: &Web, sub: &Submitted) -> Result<&'static str, Refusal> {
+    web.client
+        .payments()
+        .remove_payment_method(&sub.session.account, sub.get("payment_method_id"))
+        .await
+        .map_err(method_refusal)?;
+    Ok("method-removed")
+}
+
+/// R10: a bank account as the default turns auto-recharge off, but the recharge service
+/// learns of it from an event, a moment later. So that the page the customer is sent to
+/// already says so (and why), wait a little for it; past that the page shows whatever the
+/// service says then, and the next load shows the rest.
+async fn settle_bank_default(web: &Web, account: &credits_client::AccountId) {
+    let deadline = tokio::time::Instant::now() + BANK_DEFAULT_SETTLE;
+    while tokio::time::Instant::now() < deadline {
+        match web.client.recharge().get_auto_recharge(account).await {
+            Ok(r) if r.enabled => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+            _ => return,
+        }
+    }
+}
+
+/// A method id is scoped to the session's account by the payments service: another
+/// account's id is simply not found.
+fn method_refusal(e: ClientError) -> Refusal {
+    match e {
+        ClientError::NotFound { .. } | ClientError::InvalidArgument { .. } => {
+            Refusal::Form("That payment method is not on this account.".into())
+        }
+        e => Refusal::Service(e),
+    }
+}
+
+async fn do_save_auto_recharge(web: &Web, sub: &Submitted) -> Result<&'static str, Refusal> {
+    let change = if sub.checked("enabled") {
+        let limit = sub.get("monthly_limit").trim();
+        AutoRechargeChange::Enable {
+            threshold: money("threshold", sub.get("threshold"))?,
+            target: money("target", sub.get("target"))?,
+            monthly_limit: if limit.is_empty() {
+                None
+            } else {
+                Some(money("monthly_limit", limit)?)
+            },
+        }
+    } else {
+        AutoRechargeChange::Disable
+    };
+    web.client
+        .recharge()
+        .set_auto_recharge(&sub.session.account, change)
+        .await?;
+    Ok("recharge-saved")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_services_message_is_shown_at_the_field_it_names() {
+        let f = &["number", "exp_month", "cvc"];
+        assert_eq!(
+            field_of("card.number: must be 12 to 19 digits", f),
+            Some("number")
+        );
+        assert_eq!(field_of("card.cvc: must be 3 or 4 digits", f), Some("cvc"));
+        assert_eq!(field_of("threshold: must be greater than zero", f), None);
+        assert_eq!(field_of("no colon here", f), None);
+        assert_eq!(
+            field_of(
+                "threshold: must be greater than zero",
+                &["threshold", "target"]
+            ),
+            Some("threshold")
+        );
+    }
+
+    #[test]
+    fn only_known_notices_are_shown() {
+        assert_eq!(notice("credits-added"), Some("Credits added."));
+        assert_eq!(notice("<script>"), None);
+    }
+}

@@ -1,0 +1,421 @@
+//! The billing portal (R20) in a real browser: headless Chromium driven over the DevTools
+//! protocol against an in-process portal in front of the three real services (their own
+//! databases and exchange, the machine's PostgreSQL and RabbitMQ). Screenshots of the
+//! main states are saved under each test's temp dir (printed on failure and with
+//! `--nocapture`).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "portal/browser.rs"]
+mod browser;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use browser::Browser;
+use credits_client::{ClientConfig, Portal, RetryPolicy};
+use credits_tests::System;
+use credits_tests::api::{Access, BillingMode, DisabledReason, acct, card, money};
+
+/// A portal in front of `system`, on ports chosen by the OS.
+struct PortalUnderTest {
+    http: String,
+    grpc: String,
+    shutdown: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl PortalUnderTest {
+    async fn start(system: &System) -> PortalUnderTest {
+        let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let http_url = format!("http://127.0.0.1:{}", http.local_addr().unwrap().port());
+        let grpc_url = format!("http://{}", grpc.local_addr().unwrap());
+        let client = ClientConfig {
+            ledger_url: system.ledger.url(),
+            payments_url: system.payments.url(),
+            recharge_url: system.recharge[0].url(),
+            token: None,
+            retry: RetryPolicy::none(),
+            ..ClientConfig::local()
+        };
+        let cfg =
+            credits_portal::Config::new(client, &http_url, credits_portal::session::Keys::random());
+        let app = credits_portal::App::build(cfg).unwrap();
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(app.run(grpc, http, shutdown.clone()));
+        PortalUnderTest {
+            http: http_url,
+            grpc: grpc_url,
+            shutdown,
+            task,
+        }
+    }
+
+    fn sessions(&self) -> Portal {
+        Portal::connect(&self.grpc, None, Duration::from_secs(10)).unwrap()
+    }
+
+    async fn session_url(&self, account: &str, ttl: Option<Duration>) -> String {
+        self.sessions()
+            .create_portal_session(&acct(account), ttl)
+            .await
+            .unwrap()
+            .url
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = self.task.await;
+    }
+}
+
+fn screenshots(test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(credits_tests::unique(&format!("portal-{test}")));
+    std::fs::create_dir_all(&dir).unwrap();
+    eprintln!("screenshots of {test}: {}", dir.display());
+    dir
+}
+
+/// The seed's story, as its customer meets it: open the session, add a card, buy $25,
+/// Set thresholds 10 → 50 and Save, see Edit limits, submit an invalid pair and read
+/// the error, add a bank account as the default and see auto-recharge turned off with
+/// its reason.
+#[tokio::test]
+async fn the_seed_story_in_a_real_browser_r20() {
+    let system = System::start(1).await;
+    let api = system.api();
+    api.create_account("acme", BillingMode::Prepaid).await;
+    let portal = PortalUnderTest::start(&system).await;
+    let dir = screenshots("story");
+    let mut b = Browser::launch(&dir).await;
+
+    let link = portal.session_url("acme", None).await;
+    assert!(
+        link.starts_with(&format!("{}/session?token=", portal.http)),
+        "{link}"
+    );
+    b.goto(&link).await;
+    // The token is traded for the cookie and leaves the address bar.
+    assert_eq!(b.url().await, format!("{}/billing", portal.http));
+    assert!(b.text().await.contains("Billing settings"));
+    assert_eq!(b.text_of("balance").await.unwrap(), "$0.00");
+    assert_eq!(b.text_of("min-purchase").await.unwrap(), "$5.00");
+    assert!(b.has_button("Set thresholds").await);
+    assert!(!b.has_button("Edit limits").await);
+    b.screenshot("1-new-account").await;
+
+    // A card, by its labels (a sandbox test number).
+    b.open("Add a card").await;
+    b.fill("Card number", "4242 4242 4242 4242").await;
+    b.fill("Expiry month", "12").await;
+    b.fill("Expiry year", "2034").await;
+    b.fill("CVC", "123").await;
+    b.check("Make this card the default payment method", true)
+        .await;
+    b.submit("Add card").await;
+    assert!(b.text().await.contains("Card added."), "{}", b.text().await);
+    let methods = api.methods("acme").await;
+    assert_eq!(methods.len(), 1);
+    assert!(methods[0].is_default);
+    assert!(b.text().await.contains("ending 4242"));
+
+    // Buy $25.
+    b.fill("Amount (USD)", "25").await;
+    b.submit("Add credits").await;
+    assert!(
+        b.text().await.contains("Credits added."),
+        "{}",
+        b.text().await
+    );
+    assert_eq!(b.text_of("balance").await.unwrap(), "$25.00");
+    assert_eq!(api.balance("acme").await, money("25.00"));
+    assert_eq!(api.account("acme").await.access, Access::Active);
+    let entries = b.text_of("entries").await.unwrap();
+    assert!(entries.contains("+$25.00"), "{entries}");
+
+    // Below the minimum purchase: the error, in words, next to the amount; nothing bought.
+    b.fill("Amount (USD)", "3").await;
+    b.submit("Add credits").await;
+    let err = b
+        .text_of("credits-amount-error")
+        .await
+        .expect("an error at the amount");
+    assert!(err.contains("at least $5.00"), "{err}");
+    assert_eq!(b.value("Amount (USD)").await, "3");
+    assert_eq!(api.balance("acme").await, money("25.00"));
+    assert_eq!(api.charges("acme").await.len(), 1);
+
+    // Set thresholds 10 → 50 and Save.
+    b.open("Set thresholds").await;
+    b.check("Enable automatic credit purchases", true).await;
+    b.fill("When balance goes below", "10").await;
+    b.fill("Bring credit balance up to", "50").await;
+    b.screenshot("2-set-thresholds").await;
+    b.submit("Save").await;
+    assert!(b.text().await.contains("Auto-recharge settings saved."));
+    assert!(b.has_button("Edit limits").await);
+    assert!(!b.has_button("Set thresholds").await);
+    let state = b.text_of("recharge-state").await.unwrap();
+    assert!(
+        state.contains("$10.00") && state.contains("$50.00"),
+        "{state}"
+    );
+    let r = api.recharge_settings("acme").await;
+    assert!(r.enabled);
+    assert_eq!(
+        (r.threshold, r.target),
+        (Some(money("10.00")), Some(money("50.00")))
+    );
+    b.screenshot("3-auto-recharge-on").await;
+
+    // An invalid pair: the error next to the field it concerns; nothing stored.
+    b.open("Edit limits").await;
+    assert_eq!(b.value("When balance goes below").await, "10.00");
+    b.fill("When balance goes below", "50").await;
+    b.fill("Bring credit balance up to", "40").await;
+    b.submit("Save").await;
+    let err = b
+        .text_of("recharge-target-error")
+        .await
+        .expect("an error at the target");
+    assert!(err.contains("greater than threshold"), "{err}");
+    assert_eq!(b.value("Bring credit balance up to").await, "40");
+    b.screenshot("4-invalid-pair").await;
+    let r = api.recharge_settings("acme").await;
+    assert_eq!(
+        (r.threshold, r.target),
+        (Some(money("10.00")), Some(money("50.00")))
+    );
+
+    // A bank account as the default turns auto-recharge off, and the page says why.
+    b.open("Add a US bank account").await;
+    b.fill("Account holder name", "Jane Roe").await;
+    b.fill("Routing number", "110000000").await;
+    b.fill("Account number", "000123456789").await;
+    b.check("Make this bank account the default payment method", true)
+        .await;
+    b.submit("Add bank account").await;
+    assert!(b.text().await.contains("Bank account added."));
+    let reason = b
+        .text_of("recharge-reason")
+        .await
+        .expect("the reason auto-recharge is off");
+    assert!(reason.contains("bank account"), "{reason}");
+    assert!(
+        b.text_of("recharge-state")
+            .await
+            .unwrap()
+            .starts_with("Off")
+    );
+    let r = api.recharge_settings("acme").await;
+    assert!(!r.enabled);
+    assert_eq!(
+        r.disabled_reason,
+        DisabledReason::DefaultPaymentMethodNotCard
+    );
+    b.screenshot("5-turned-off-by-bank-default").await;
+
+    // Card numbers never reach the page again, not even the one just typed.
+    assert!(
+        !b.eval("document.documentElement.outerHTML")
+            .await
+            .as_str()
+            .unwrap()
+            .contains("4242424242424242")
+    );
+
+    b.close().await;
+    portal.stop().await;
+    system.stop().await;
+}
+
+/// Another account's data and methods are out of reach; a form without the CSRF token
+/// changes nothing; an expired session is refused; a display name is shown as text.
+#[tokio::test]
+async fn a_session_reaches_only_its_own_account_until_it_expires_r20() {
+    let system = System::start(1).await;
+    let api = system.api();
+    let evil = "<script>document.title='owned'</script><img src=x onerror=alert(1)>";
+    api.ledger()
+        .create_account(&acct("acme"), BillingMode::Prepaid, evil)
+        .await
+        .unwrap();
+    api.create_account("other", BillingMode::Prepaid).await;
+    let other_card = api
+        .payments()
+        .add_payment_method(&acct("other"), &card("4242424242424242"), true)
+        .await
+        .unwrap();
+    let portal = PortalUnderTest::start(&system).await;
+    let dir = screenshots("isolation");
+    let mut b = Browser::launch(&dir).await;
+    b.goto(&portal.session_url("acme", None).await).await;
+
+    // The display name is text, not markup: no script ran, no element was injected.
+    assert_eq!(b.text_of("display-name").await.unwrap(), evil);
+    assert_eq!(b.eval("document.scripts.length").await, 0);
+    assert_eq!(b.eval("document.images.length").await, 0);
+    assert_eq!(b.eval("document.title").await, "Billing settings");
+    b.screenshot("escaped-name").await;
+
+    // The page names no account anywhere the customer could change it.
+    assert!(
+        !b.eval("document.body.innerHTML")
+            .await
+            .as_str()
+            .unwrap()
+            .contains("other")
+    );
+    // Another account's method, with a valid CSRF token: refused, and still there.
+    let csrf = b
+        .eval("document.querySelector('input[name=csrf]').value")
+        .await;
+    let csrf = csrf.as_str().unwrap().to_owned();
+    b.post_form(
+        "/billing/methods/remove",
+        &[
+            ("csrf", &csrf),
+            ("payment_method_id", &other_card.payment_method_id),
+        ],
+    )
+    .await;
+    assert!(
+        b.text().await.contains("not on this account"),
+        "{}",
+        b.text().await
+    );
+    b.post_form(
+        "/billing/methods/default",
+        &[
+            ("csrf", &csrf),
+            ("payment_method_id", &other_card.payment_method_id),
+        ],
+    )
+    .await;
+    assert!(b.text().await.contains("not on this account"));
+    let others = api.methods("other").await;
+    assert_eq!(others.len(), 1);
+    assert!(others[0].is_default);
+
+    // No CSRF token, or another one: refused before anything is looked at.
+    let refused = "could not be accepted";
+    b.post_form("/billing/credits", &[("amount", "25"), ("key", "k1")])
+        .await;
+    assert!(b.text().await.contains(refused), "{}", b.text().await);
+    b.post_form(
+        "/billing/auto-recharge",
+        &[
+            ("csrf", "AAAA"),
+            ("enabled", "on"),
+            ("threshold", "10"),
+            ("target", "50"),
+        ],
+    )
+    .await;
+    assert!(b.text().await.contains(refused));
+    b.post_form(
+        "/billing/methods/card",
+        &[
+            ("number", "4242424242424242"),
+            ("exp_month", "12"),
+            ("exp_year", "2034"),
+            ("cvc", "123"),
+        ],
+    )
+    .await;
+    assert!(b.text().await.contains(refused));
+    b.screenshot("csrf-refused").await;
+    assert!(api.methods("acme").await.is_empty());
+    assert!(api.charges("acme").await.is_empty());
+    assert!(api.recharge_settings("acme").await.threshold.is_none());
+
+    // A link token changed to name another account is refused.
+    let link = portal.session_url("acme", None).await;
+    let forged = link.replacen(".acme.", ".other.", 1);
+    let mut other = Browser::launch(&dir.join("second")).await;
+    other.goto(&forged).await;
+    assert!(
+        other.text().await.contains("not valid"),
+        "{}",
+        other.text().await
+    );
+    other.goto(&format!("{}/billing", portal.http)).await;
+    assert!(other.text().await.contains("not valid"));
+    assert!(!other.text().await.contains("other Inc."));
+
+    // An expired link is refused; a session whose time ran out ends.
+    let short = portal
+        .session_url("acme", Some(Duration::from_secs(2)))
+        .await;
+    other.goto(&short).await;
+    assert_eq!(other.text_of("balance").await.unwrap(), "$0.00");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    other.goto(&format!("{}/billing", portal.http)).await;
+    assert!(other.text().await.contains("not valid") || other.text().await.contains("expired"));
+    assert!(other.text_of("balance").await.is_none());
+    other.goto(&short).await;
+    assert!(
+        other.text().await.contains("expired"),
+        "{}",
+        other.text().await
+    );
+    other.screenshot("expired").await;
+
+    other.close().await;
+    b.close().await;
+    portal.stop().await;
+    system.stop().await;
+}
+
+/// `CreatePortalSession` checks what it is asked (SPEC §4): unknown account NOT_FOUND,
+/// bad id or ttl INVALID_ARGUMENT naming the field.
+#[tokio::test]
+async fn create_portal_session_validates_its_request() {
+    let system = System::start(1).await;
+    system
+        .api()
+        .create_account("acme", BillingMode::Prepaid)
+        .await;
+    let portal = PortalUnderTest::start(&system).await;
+    let s = portal.sessions();
+    let ok = s
+        .create_portal_session(&acct("acme"), Some(Duration::from_secs(86_400)))
+        .await
+        .unwrap();
+    let left = ok.expires_at - chrono::Utc::now();
+    assert!(left > chrono::Duration::seconds(86_390) && left <= chrono::Duration::seconds(86_400));
+    let default = s.create_portal_session(&acct("acme"), None).await.unwrap();
+    let left = default.expires_at - chrono::Utc::now();
+    assert!(left > chrono::Duration::seconds(3590) && left <= chrono::Duration::seconds(3600));
+
+    let e = s
+        .create_portal_session(&acct("nobody"), None)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), credits_client::Code::NotFound, "{e}");
+    assert!(e.message().contains("account_id"), "{e}");
+    let e = s
+        .create_portal_session(&acct("acme"), Some(Duration::from_secs(86_401)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), credits_client::Code::InvalidArgument, "{e}");
+    assert!(e.message().starts_with("ttl_seconds:"), "{e}");
+    // A raw request with an id the typed client would refuse.
+    let mut raw = credits_proto::portal::v1::portal_service_client::PortalServiceClient::connect(
+        portal.grpc.clone(),
+    )
+    .await
+    .unwrap();
+    let e = raw
+        .create_portal_session(credits_proto::portal::v1::CreatePortalSessionRequest {
+            account_id: "a b\0".into(),
+            ttl_seconds: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().starts_with("account_id:"), "{}", e.message());
+    portal.stop().await;
+    system.stop().await;
+}
