@@ -145,7 +145,7 @@ async fn usage_in_every_category_is_priced_in_fractions_of_a_cent_and_counted_r1
     assert_eq!(c.balance("acme").await, money("24.999375"));
 
     // Metrics are served.
-    let metrics = http_get(&d.metrics_url, "/metrics").await;
+    let metrics = http_get(&d.metrics_url, "/metrics", None).await;
     assert!(
         metrics.contains("credits_ledger_usage_entries_total"),
         "{metrics}"
@@ -360,10 +360,13 @@ async fn card_numbers_never_reach_the_logs_and_every_daemon_exits_cleanly_r14() 
     );
 }
 
-async fn http_get(addr: &str, path: &str) -> String {
+async fn http_get(addr: &str, path: &str, cookie: Option<&str>) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+    let cookie = cookie
+        .map(|c| format!("Cookie: {c}\r\n"))
+        .unwrap_or_default();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n{cookie}\r\n").as_bytes())
         .await
         .unwrap();
     let mut out = String::new();
@@ -372,8 +375,14 @@ async fn http_get(addr: &str, path: &str) -> String {
 }
 
 #[tokio::test]
-async fn credits_up_runs_all_three_and_the_demo_tells_the_story() {
-    let ports = [free_port(), free_port(), free_port()];
+async fn credits_up_runs_all_four_and_the_demo_tells_the_story() {
+    let ports = [
+        free_port(),
+        free_port(),
+        free_port(),
+        free_port(),
+        free_port(),
+    ];
     let addr = |p: u16| format!("127.0.0.1:{p}");
     let prefix = unique("credits_t_up");
     let queue = unique("credits.recharge.up");
@@ -396,6 +405,10 @@ async fn credits_up_runs_all_three_and_the_demo_tells_the_story() {
             &addr(ports[1]),
             "--recharge-addr",
             &addr(ports[2]),
+            "--portal-addr",
+            &addr(ports[3]),
+            "--portal-http-addr",
+            &addr(ports[4]),
             "--metrics-addr",
             "off",
         ],
@@ -408,6 +421,7 @@ async fn credits_up_runs_all_three_and_the_demo_tells_the_story() {
     wait_healthy(&urls[0], "credits.ledger.v1.LedgerService", &up).await;
     wait_healthy(&urls[1], "credits.payments.v1.PaymentsService", &up).await;
     wait_healthy(&urls[2], "credits.recharge.v1.AutoRechargeService", &up).await;
+    wait_healthy(&urls[3], "credits.portal.v1.PortalService", &up).await;
     assert!(up.logs().contains("credits is up"), "banner printed");
 
     let cli = |args: &[&str]| {
@@ -419,6 +433,8 @@ async fn credits_up_runs_all_three_and_the_demo_tells_the_story() {
             &urls[1],
             "--recharge",
             &urls[2],
+            "--portal",
+            &urls[3],
         ])
         .args(args);
         cmd.output().expect("run credits")
@@ -479,6 +495,36 @@ async fn credits_up_runs_all_three_and_the_demo_tells_the_story() {
         cli(&["purchase", "demo-e2e", "1.00"]).status.code(),
         Some(5)
     );
+    // R20: `credits portal-session` prints a link that opens the account's billing page.
+    let session = cli(&["portal-session", "demo-e2e"]);
+    assert!(session.status.success());
+    let link = String::from_utf8_lossy(&session.stdout).trim().to_owned();
+    let page = addr(ports[4]);
+    let path = link
+        .strip_prefix(&format!("http://{page}"))
+        .unwrap_or_else(|| panic!("{link}"));
+    let opened = http_get(&page, path, None).await;
+    assert!(
+        opened.lines().next().unwrap_or_default().contains(" 303 "),
+        "{opened}"
+    );
+    let cookie = opened
+        .lines()
+        .find_map(|l| l.strip_prefix("set-cookie: "))
+        .and_then(|c| c.split(';').next())
+        .unwrap_or_else(|| panic!("no cookie: {opened}"))
+        .to_owned();
+    let billing = http_get(&page, "/billing", Some(&cookie)).await;
+    assert!(
+        billing.lines().next().unwrap_or_default().contains(" 200 "),
+        "{billing}"
+    );
+    assert!(billing.contains("Billing settings") && billing.contains("demo-e2e"));
+    assert!(
+        billing.contains("$51.80"),
+        "the demo's balance is on the page"
+    );
+    assert_eq!(cli(&["portal-session", "nobody"]).status.code(), Some(4));
     let status = up.stop().await;
     assert!(status.success(), "credits up exits 0 on SIGTERM");
     credits_tests::delete_queues(&queue).await;

@@ -24,7 +24,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Run ledger, payments and recharge in one process on their default ports.
+    /// Run ledger, payments, recharge and the billing portal in one process on their
+    /// default ports.
     Up(Box<up::UpArgs>),
     /// Accounts: create, show, entries.
     #[command(subcommand, alias = "account")]
@@ -58,6 +59,13 @@ enum Cmd {
         account_id: String,
         #[arg(long, default_value_t = 20)]
         limit: i32,
+    },
+    /// Print a billing-page URL for an account's customer (a portal session, R20).
+    PortalSession {
+        account_id: String,
+        /// How long the link works, in seconds (default 3600, at most 86400).
+        #[arg(long)]
+        ttl: Option<u64>,
     },
     /// Walk the product's story against a running system.
     Demo {
@@ -137,6 +145,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Cmd::Methods(cmd) => Ok(ops::methods(&c, &out, cmd).await?),
         Cmd::Recharge(cmd) => Ok(ops::recharge(&c, &out, cmd).await?),
         Cmd::Charges { account_id, limit } => Ok(ops::charges(&c, &out, account_id, limit).await?),
+        Cmd::PortalSession { account_id, ttl } => {
+            Ok(ops::portal_session(&cli.conn, &out, account_id, ttl).await?)
+        }
         Cmd::Demo { account } => Ok(demo::run(&c, account).await?),
     }
 }

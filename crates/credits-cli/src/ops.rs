@@ -39,6 +39,13 @@ pub struct Conn {
     #[arg(
         long,
         global = true,
+        env = "CREDITS_PORTAL_URL",
+        default_value = credits_client::DEFAULT_PORTAL_URL
+    )]
+    pub portal: String,
+    #[arg(
+        long,
+        global = true,
         env = "CREDITS_AUTH_TOKEN",
         hide_env_values = true
     )]
@@ -61,6 +68,39 @@ impl Conn {
             retry: RetryPolicy::none(),
         })?)
     }
+}
+
+/// `credits portal-session`: a billing-page URL for the account's customer (R20).
+pub async fn portal_session(
+    conn: &Conn,
+    out: &Out,
+    account: String,
+    ttl_secs: Option<u64>,
+) -> Result<(), ClientError> {
+    let portal = credits_client::Portal::connect(
+        &conn.portal,
+        conn.token.as_deref(),
+        credits_client::DEFAULT_TIMEOUT,
+    )
+    .map_err(|e| ClientError::InvalidArgument {
+        message: format!("--portal: {e}"),
+    })?;
+    let s = portal
+        .create_portal_session(
+            &account_id(&account)?,
+            ttl_secs.map(std::time::Duration::from_secs),
+        )
+        .await?;
+    if out.json {
+        out.one(&serde_json::json!({
+            "url": s.url,
+            "expires_at": s.expires_at.format("%Y-%m-%dT%H:%M:%SZ").to_string(),
+        }));
+    } else {
+        // The URL alone on stdout, so `open "$(credits portal-session acme)"` works.
+        out.say(&s.url);
+    }
+    Ok(())
 }
 
 fn new_key() -> String {

@@ -1,4 +1,4 @@
-//! `credits up`: the three daemons in one process, for local use.
+//! `credits up`: the four daemons in one process, for local use.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -27,6 +27,21 @@ pub struct UpArgs {
     pub payments_addr: SocketAddr,
     #[arg(long, default_value = "0.0.0.0:50053")]
     pub recharge_addr: SocketAddr,
+    #[arg(long, default_value = credits_portal::DEFAULT_LISTEN)]
+    pub portal_addr: SocketAddr,
+    /// Where the billing page is served.
+    #[arg(long, env = "PORTAL_HTTP_ADDR", default_value = credits_portal::DEFAULT_HTTP_LISTEN)]
+    pub portal_http_addr: SocketAddr,
+    /// The base of the session URLs (default: the page's address on this machine).
+    #[arg(long, env = "PORTAL_PUBLIC_URL")]
+    pub portal_public_url: Option<String>,
+    /// Signs portal sessions; unset, a random key for this run.
+    #[arg(long, env = "PORTAL_SIGNING_KEY", hide_env_values = true)]
+    pub portal_signing_key: Option<String>,
+    /// The portal's token for calling the services (a billing-role token); defaults to
+    /// CREDITS_AUTH_TOKEN.
+    #[arg(long, env = "PORTAL_CLIENT_TOKEN", hide_env_values = true)]
+    pub portal_client_token: Option<String>,
     /// One Prometheus endpoint for the whole process; "off" disables it.
     #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9150")]
     pub metrics_addr: String,
@@ -108,6 +123,34 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
     recharge.min_purchase = min_purchase;
     recharge.worker.retry_after_failure = Duration::from_secs(a.retry_after_failure_secs);
 
+    let portal_public = a
+        .portal_public_url
+        .clone()
+        .unwrap_or_else(|| dial(a.portal_http_addr));
+    let mut portal = credits_portal::Config::new(
+        credits_client::ClientConfig {
+            ledger_url: dial(a.ledger_addr),
+            payments_url: dial(a.payments_addr),
+            recharge_url: dial(a.recharge_addr),
+            token: a
+                .portal_client_token
+                .clone()
+                .or_else(|| a.auth_token.clone())
+                .filter(|t| !t.is_empty()),
+            ..credits_client::ClientConfig::local()
+        },
+        &portal_public,
+        credits_portal::keys_from(a.portal_signing_key.as_deref(), None)?,
+    );
+    portal.min_purchase = min_purchase;
+    portal.auth_token = a
+        .auth_token
+        .clone()
+        .filter(|t| !t.is_empty())
+        .map(credits_common::config::Secret::new);
+    portal.auth_tokens_file = a.auth_tokens_file.clone();
+    let o = credits_portal::App::build(portal)?;
+
     let (l, p, r) = tokio::try_join!(
         credits_ledger::App::build(ledger, &shutdown),
         credits_payments::App::build(payments, &shutdown),
@@ -118,7 +161,12 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
         bind("payments", a.payments_addr).await?,
         bind("recharge", a.recharge_addr).await?,
     );
+    let (ol, oh) = (
+        bind("portal", a.portal_addr).await?,
+        bind("portal page", a.portal_http_addr).await?,
+    );
     banner(&a, &ll, &pl, &rl)?;
+    portal_banner(&ol, &portal_public)?;
     let stop = |token: &CancellationToken| {
         let t = token.clone();
         move |res: anyhow::Result<()>| {
@@ -126,12 +174,22 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
             res
         }
     };
-    let (lr, pr, rr) = tokio::join!(
+    let (lr, pr, rr, or) = tokio::join!(
         async { stop(&shutdown)(l.run(ll, shutdown.clone()).await) },
         async { stop(&shutdown)(p.run(pl, shutdown.clone()).await) },
         async { stop(&shutdown)(r.run(rl, shutdown.clone()).await) },
+        async { stop(&shutdown)(o.run(ol, oh, shutdown.clone()).await) },
     );
-    lr.and(pr).and(rr)
+    lr.and(pr).and(rr).and(or)
+}
+
+#[allow(clippy::print_stdout)] // the banner is this command's output
+fn portal_banner(grpc: &tokio::net::TcpListener, page: &str) -> anyhow::Result<()> {
+    println!(
+        "  portal    grpc {}   page {page}  (credits portal-session ACCOUNT prints a link)",
+        grpc.local_addr()?
+    );
+    Ok(())
 }
 
 #[allow(clippy::print_stdout)] // the banner is this command's output
@@ -141,7 +199,7 @@ fn banner(
     p: &tokio::net::TcpListener,
     r: &tokio::net::TcpListener,
 ) -> anyhow::Result<()> {
-    println!("credits is up (Ctrl-C stops all three)");
+    println!("credits is up (Ctrl-C stops all four)");
     println!(
         "  ledger    grpc {}   db {}",
         l.local_addr()?,
