@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 
 use clap::Parser;
 use credits_common::config::{CommonArgs, ranged};
+use credits_ledger::Config;
 
 #[derive(Parser, Debug)]
 #[command(version, about = "The credits ledger daemon")]
@@ -26,8 +27,8 @@ struct Args {
 
 impl Args {
     /// The daemon's configuration from its flags and environment.
-    fn config(&self) -> anyhow::Result<credits_ledger::Config> {
-        let mut cfg = credits_ledger::Config::new(&self.database_url, &self.common.amqp_url);
+    fn config(&self) -> anyhow::Result<Config> {
+        let mut cfg = Config::new(&self.database_url, &self.common.amqp_url);
         cfg.daemon.apply(&self.common);
         cfg.group_commit_workers = self.group_commit_workers as usize;
         cfg.group_commit_max = self.group_commit_max as usize;

@@ -6,6 +6,7 @@ use std::time::Duration;
 use clap::Parser;
 use credits_common::Money;
 use credits_common::config::{CommonArgs, ranged};
+use credits_payments::Config;
 
 #[derive(Parser, Debug)]
 #[command(version, about = "The credits payments daemon")]
@@ -34,12 +35,8 @@ struct Args {
 
 impl Args {
     /// The daemon's configuration from its flags and environment.
-    fn config(&self) -> anyhow::Result<credits_payments::Config> {
-        let mut cfg = credits_payments::Config::new(
-            &self.database_url,
-            &self.common.amqp_url,
-            &self.ledger_url,
-        );
+    fn config(&self) -> anyhow::Result<Config> {
+        let mut cfg = Config::new(&self.database_url, &self.common.amqp_url, &self.ledger_url);
         cfg.daemon.apply(&self.common);
         cfg.min_purchase = Money::parse_positive("MIN_PURCHASE", &self.min_purchase)?;
         cfg.sandbox.latency = Duration::from_millis(self.sandbox_latency_ms);

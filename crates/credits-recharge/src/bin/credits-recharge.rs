@@ -6,6 +6,7 @@ use std::time::Duration;
 use clap::Parser;
 use credits_common::Money;
 use credits_common::config::{CommonArgs, ranged};
+use credits_recharge::Config;
 
 #[derive(Parser, Debug)]
 #[command(version, about = "The credits auto-recharge worker")]
@@ -49,8 +50,8 @@ struct Args {
 
 impl Args {
     /// The daemon's configuration from its flags and environment.
-    fn config(&self) -> anyhow::Result<credits_recharge::Config> {
-        let mut cfg = credits_recharge::Config::new(
+    fn config(&self) -> anyhow::Result<Config> {
+        let mut cfg = Config::new(
             &self.database_url,
             &self.common.amqp_url,
             &self.ledger_url,
