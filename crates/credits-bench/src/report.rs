@@ -9,70 +9,72 @@ fn find<'a>(r: &'a [Stats], name: &str) -> Option<&'a Stats> {
     r.iter().find(|s| s.name == name)
 }
 
+/// Throughput ratios of two scenarios, reported in this order: (numerator, denominator,
+/// label, the least the ratio must be; `None` for information).
+const RATIOS: [(&str, &str, &str, Option<f64>); 6] = [
+    (
+        "usage-spread",
+        "pgbench-spread",
+        "usage-spread / pgbench",
+        Some(1.5),
+    ),
+    (
+        "usage-spread",
+        "ceiling-ledger-batch",
+        "usage-spread / ceiling (the ledger's batch SQL in pgbench)",
+        None,
+    ),
+    (
+        "usage-spread",
+        "ceiling-set-based",
+        "usage-spread / set-based ceiling",
+        Some(0.6),
+    ),
+    (
+        "stream-usage",
+        "ceiling-ledger-batch",
+        "stream-usage (one stream) / ceiling (the ledger's batch SQL)",
+        Some(0.8),
+    ),
+    (
+        "usage-hot",
+        "pgbench-hot",
+        "usage-hot / pgbench-hot (information)",
+        None,
+    ),
+    (
+        "usage-hot",
+        "usage-spread",
+        "usage-hot / usage-spread",
+        Some(0.5),
+    ),
+];
+
+/// The row of the throughput ratio `num / den`, when both ran.
+fn ratio(
+    r: &[Stats],
+    (num, den, label, min): (&str, &str, &str, Option<f64>),
+) -> Option<(String, String, String, bool)> {
+    let x = find(r, num)?.throughput / find(r, den)?.throughput;
+    Some((
+        label.into(),
+        format!("{x:.2}×"),
+        min.map_or_else(|| "—".into(), |m| format!("≥ {m}×")),
+        min.is_none_or(|m| x >= m),
+    ))
+}
+
 /// (label, value, target, met)
 pub fn ratios(r: &[Stats]) -> Vec<(String, String, String, bool)> {
-    let mut out = Vec::new();
-    let tp = |n: &str| find(r, n).map(|s| s.throughput);
-    if let (Some(c), Some(p)) = (tp("usage-spread"), tp("pgbench-spread")) {
-        let x = c / p;
-        out.push((
-            "usage-spread / pgbench".into(),
-            format!("{x:.2}×"),
-            "≥ 1.5×".into(),
-            x >= 1.5,
-        ));
-    }
-    if let (Some(c), Some(p)) = (tp("usage-spread"), tp("ceiling-ledger-batch")) {
-        out.push((
-            "usage-spread / ceiling (the ledger's batch SQL in pgbench)".into(),
-            format!("{:.2}×", c / p),
-            "—".into(),
-            true,
-        ));
-    }
-    if let (Some(c), Some(p)) = (tp("usage-spread"), tp("ceiling-set-based")) {
-        let x = c / p;
-        out.push((
-            "usage-spread / set-based ceiling".into(),
-            format!("{x:.2}×"),
-            "≥ 0.6×".into(),
-            x >= 0.6,
-        ));
-    }
-    if let (Some(c), Some(p)) = (tp("stream-usage"), tp("ceiling-ledger-batch")) {
-        let x = c / p;
-        out.push((
-            "stream-usage (one stream) / ceiling (the ledger's batch SQL)".into(),
-            format!("{x:.2}×"),
-            "≥ 0.8×".into(),
-            x >= 0.8,
-        ));
-    }
-    if let (Some(c), Some(p)) = (tp("usage-hot"), tp("pgbench-hot")) {
-        out.push((
-            "usage-hot / pgbench-hot (information)".into(),
-            format!("{:.2}×", c / p),
-            "—".into(),
-            true,
-        ));
-    }
-    if let (Some(h), Some(s)) = (tp("usage-hot"), tp("usage-spread")) {
-        let x = h / s;
-        out.push((
-            "usage-hot / usage-spread".into(),
-            format!("{x:.2}×"),
-            "≥ 0.5×".into(),
-            x >= 0.5,
-        ));
-    }
-    if let (Some(c), Some(s)) = (find(r, "check-access"), tp("usage-spread")) {
-        let x = c.throughput / s;
-        out.push((
-            "check-access / usage-spread".into(),
-            format!("{x:.2}×"),
-            "≥ 3×".into(),
-            x >= 3.0,
-        ));
+    let mut out: Vec<_> = RATIOS.into_iter().filter_map(|q| ratio(r, q)).collect();
+    let check_access = (
+        "check-access",
+        "usage-spread",
+        "check-access / usage-spread",
+        Some(3.0),
+    );
+    if let (Some(row), Some(c)) = (ratio(r, check_access), find(r, "check-access")) {
+        out.push(row);
         out.push((
             "check-access p99".into(),
             format!("{:.2} ms", c.p99_ms),
@@ -80,15 +82,13 @@ pub fn ratios(r: &[Stats]) -> Vec<(String, String, String, bool)> {
             c.p99_ms <= 5.0,
         ));
     }
-    if let (Some(c), Some(h)) = (find(r, "check-access"), find(r, "health-check")) {
-        let x = c.throughput / h.throughput;
-        out.push((
-            "check-access / health-check (a no-op RPC)".into(),
-            format!("{x:.2}×"),
-            "≥ 0.8×".into(),
-            x >= 0.8,
-        ));
-    }
+    let health = (
+        "check-access",
+        "health-check",
+        "check-access / health-check (a no-op RPC)",
+        Some(0.8),
+    );
+    out.extend(ratio(r, health));
     if let Some(rc) = find(r, "recharge-latency") {
         out.push((
             "recharge-latency p99".into(),
