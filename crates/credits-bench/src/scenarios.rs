@@ -123,6 +123,21 @@ fn tiny() -> Money {
     Money::new(rust_decimal::Decimal::new(125, 6))
 }
 
+/// Runs `setup` on every account (with its index, for the pool), `concurrency` at a
+/// time; the first failure to come back.
+async fn set_up_each<F, Fut, E>(ids: &[AccountId], concurrency: usize, setup: F) -> Result<(), E>
+where
+    F: FnMut((usize, AccountId)) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+{
+    let results: Vec<Result<(), E>> = futures_util::stream::iter(ids.iter().cloned().enumerate())
+        .map(setup)
+        .buffer_unordered(concurrency)
+        .collect()
+        .await;
+    results.into_iter().collect()
+}
+
 /// Creates `n` accounts funded with a large grant so usage never suspends them.
 async fn funded_accounts(
     pool: &Pool<Ledger>,
@@ -134,30 +149,23 @@ async fn funded_accounts(
         .collect::<Result<_, _>>()?;
     let fund = Money::new(rust_decimal::Decimal::new(1_000_000, 0));
     let key = IdempotencyKey::parse("fund")?;
-    let results: Vec<anyhow::Result<()>> =
-        futures_util::stream::iter(ids.clone().into_iter().enumerate())
-            .map(|(i, id)| {
-                let (l, key) = (pool.get(i), key.clone());
-                async move {
-                    l.create_account(&id, BillingMode::Prepaid, "").await?;
-                    l.add_credits(&CreditsToAdd {
-                        account_id: id,
-                        amount: fund,
-                        source: CreditSource::Purchase,
-                        reference: "bench".into(),
-                        idempotency_key: key,
-                        description: String::new(),
-                    })
-                    .await?;
-                    Ok(())
-                }
+    set_up_each(&ids, 64, |(i, id)| {
+        let (l, key) = (pool.get(i), key.clone());
+        async move {
+            l.create_account(&id, BillingMode::Prepaid, "").await?;
+            l.add_credits(&CreditsToAdd {
+                account_id: id,
+                amount: fund,
+                source: CreditSource::Purchase,
+                reference: "bench".into(),
+                idempotency_key: key,
+                description: String::new(),
             })
-            .buffer_unordered(64)
-            .collect()
-            .await;
-    for r in results {
-        r?;
-    }
+            .await?;
+            Ok::<_, ClientError>(())
+        }
+    })
+    .await?;
     Ok(ids)
 }
 
@@ -184,25 +192,14 @@ pub async fn run_all(a: &Args) -> anyhow::Result<Vec<Stats>> {
     if a.wants("usage-spread") {
         eprintln!("usage-spread…");
         let (p, accts, r) = (pool.clone(), spread_accounts.clone(), run.clone());
-        let s = load::run(
-            "usage-spread",
-            a.concurrency,
-            a.duration(),
-            1,
-            move |w, i| {
-                let l = p.get(w);
-                let acct = accts[(w * 7919 + i as usize * 104_729) % n].clone();
-                let key = format!("{r}-s-{w}-{i}");
-                async move {
-                    l.record_usage(&usage(acct, tiny(), &key)?)
-                        .await
-                        .map(|_| ())
-                        .map_err(|e| e.to_string())
-                }
-            },
-        )
+        let s = scenario(a, "usage-spread", 1, move |w, i| {
+            let l = p.get(w);
+            let acct = accts[(w * 7919 + i as usize * 104_729) % n].clone();
+            let key = format!("{r}-s-{w}-{i}");
+            async move { outcome(l.record_usage(&usage(acct, tiny(), &key)?).await) }
+        })
         .await;
-        out.push(with_rss(a, s));
+        out.push(s);
     }
     if a.wants("stream-usage") {
         eprintln!("stream-usage…");
@@ -220,100 +217,67 @@ pub async fn run_all(a: &Args) -> anyhow::Result<Vec<Stats>> {
             out.push(pgbench::run(a, "pgbench-hot", 1).await?);
         }
         let (p, r) = (pool.clone(), run.clone());
-        let s = load::run("usage-hot", a.concurrency, a.duration(), 1, move |w, i| {
+        let s = scenario(a, "usage-hot", 1, move |w, i| {
             let l = p.get(w);
             let (acct, key) = (hot.clone(), format!("{r}-h-{w}-{i}"));
-            async move {
-                l.record_usage(&usage(acct, tiny(), &key)?)
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| e.to_string())
-            }
+            async move { outcome(l.record_usage(&usage(acct, tiny(), &key)?).await) }
         })
         .await;
-        out.push(with_rss(a, s));
+        out.push(s);
     }
     if a.wants("usage-batch") {
         eprintln!("usage-batch…");
         let (p, accts, r, size) = (pool.clone(), spread_accounts.clone(), run.clone(), a.batch);
-        let s = load::run(
-            "usage-batch",
-            a.concurrency,
-            a.duration(),
-            size as u64,
-            move |w, i| {
-                let l = p.get(w);
-                let items: Result<Vec<_>, String> = (0..size)
-                    .map(|k| {
-                        usage(
-                            accts[(w * 31 + i as usize * 131 + k * 7) % n].clone(),
-                            tiny(),
-                            &format!("{r}-b-{w}-{i}-{k}"),
-                        )
-                    })
-                    .collect();
-                async move {
-                    let res = l
-                        .record_usage_batch(&items?)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    match res.into_iter().find_map(Result::err) {
-                        Some(bad) => Err(format!("batch item failed: {bad}")),
-                        None => Ok(()),
-                    }
+        let mut s = scenario(a, "usage-batch", size as u64, move |w, i| {
+            let l = p.get(w);
+            let items: Result<Vec<_>, String> = (0..size)
+                .map(|k| {
+                    usage(
+                        accts[(w * 31 + i as usize * 131 + k * 7) % n].clone(),
+                        tiny(),
+                        &format!("{r}-b-{w}-{i}-{k}"),
+                    )
+                })
+                .collect();
+            async move {
+                let res = l
+                    .record_usage_batch(&items?)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                match res.into_iter().find_map(Result::err) {
+                    Some(bad) => Err(format!("batch item failed: {bad}")),
+                    None => Ok(()),
                 }
-            },
-        )
+            }
+        })
         .await;
-        let mut s = with_rss(a, s);
         s.note = format!("{} items per call; throughput counts items", a.batch);
         out.push(s);
     }
     if a.wants("check-access") {
         eprintln!("check-access…");
         let (p, accts) = (pool.clone(), spread_accounts.clone());
-        let s = load::run(
-            "check-access",
-            a.concurrency,
-            a.duration(),
-            1,
-            move |w, i| {
-                let l = p.get(w);
-                let acct = accts[(w * 7919 + i as usize * 104_729) % n].clone();
-                async move {
-                    l.check_access(&acct)
-                        .await
-                        .map(|_| ())
-                        .map_err(|e| e.to_string())
-                }
-            },
-        )
+        let s = scenario(a, "check-access", 1, move |w, i| {
+            let l = p.get(w);
+            let acct = accts[(w * 7919 + i as usize * 104_729) % n].clone();
+            async move { outcome(l.check_access(&acct).await) }
+        })
         .await;
-        out.push(with_rss(a, s));
+        out.push(s);
     }
     if a.wants("health-check") || a.wants("check-access") {
         // The transport's own limit: an RPC that does no work, called the same way.
         eprintln!("health-check…");
         let health = health_pool(a)?;
-        let s = load::run(
-            "health-check",
-            a.concurrency,
-            a.duration(),
-            1,
-            move |w, _| {
-                let mut h = health.get(w);
-                async move {
-                    h.check(tonic_health::pb::HealthCheckRequest {
-                        service: String::new(),
-                    })
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| e.to_string())
-                }
-            },
-        )
+        let s = scenario(a, "health-check", 1, move |w, _| {
+            let mut h = health.get(w);
+            let req = tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            };
+            async move { outcome(h.check(req).await) }
+        })
         .await;
-        out.push(with_rss(a, s));
+        out.push(s);
     }
     if a.wants("recharge-latency") {
         eprintln!("recharge-latency ({} accounts)…", a.recharge_accounts);
@@ -327,6 +291,24 @@ pub async fn run_all(a: &Args) -> anyhow::Result<Vec<Stats>> {
         out.push(pgbench::ceiling(a, "ceiling-set-based", true).await?);
     }
     Ok(out)
+}
+
+/// Runs `op` as scenario `name` (`items` per call) at the configured concurrency and
+/// duration; its stats with the daemons' memory afterwards.
+async fn scenario<F, Fut>(a: &Args, name: &str, items: u64, op: F) -> Stats
+where
+    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), String>> + Send,
+{
+    with_rss(
+        a,
+        load::run(name, a.concurrency, a.duration(), items, op).await,
+    )
+}
+
+/// A call's outcome as the load counts it.
+fn outcome<T>(r: Result<T, impl ToString>) -> Result<(), String> {
+    r.map(|_| ()).map_err(|e| e.to_string())
 }
 
 fn with_rss(a: &Args, mut s: Stats) -> Stats {
@@ -362,32 +344,25 @@ async fn recharge_latency(a: &Args, pool: &Pool<Ledger>, run: &str) -> anyhow::R
         monthly_limit: None,
     };
     // Setup: account, card, $25 purchase, auto-recharge below 10 up to 50.
-    let setup: Vec<Result<(), ClientError>> =
-        futures_util::stream::iter(ids.clone().into_iter().enumerate())
-            .map(|(i, id)| {
-                let l = pool.get(i);
-                let (card, buy) = (&card, &buy);
-                async move {
-                    l.create_account(&id, BillingMode::Prepaid, "").await?;
-                    payments.add_payment_method(&id, card, true).await?;
-                    payments
-                        .purchase_credits(
-                            &id,
-                            Money::new(rust_decimal::Decimal::new(2500, 2)),
-                            None,
-                            buy,
-                        )
-                        .await?;
-                    recharge.set_auto_recharge(&id, settings).await?;
-                    Ok(())
-                }
-            })
-            .buffer_unordered(32)
-            .collect()
-            .await;
-    for s in setup {
-        s?;
-    }
+    set_up_each(&ids, 32, |(i, id)| {
+        let l = pool.get(i);
+        let (card, buy) = (&card, &buy);
+        async move {
+            l.create_account(&id, BillingMode::Prepaid, "").await?;
+            payments.add_payment_method(&id, card, true).await?;
+            payments
+                .purchase_credits(
+                    &id,
+                    Money::new(rust_decimal::Decimal::new(2500, 2)),
+                    None,
+                    buy,
+                )
+                .await?;
+            recharge.set_auto_recharge(&id, settings).await?;
+            Ok::<_, ClientError>(())
+        }
+    })
+    .await?;
     let crossing_usage = Money::new(rust_decimal::Decimal::new(1501, 2));
     let mut h = load::histogram();
     let start = Instant::now();
