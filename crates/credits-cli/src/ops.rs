@@ -305,17 +305,10 @@ pub async fn accounts(c: &Client, out: &Out, cmd: AccountCmd) -> Result<(), Clie
                 .ledger()
                 .list_entries(&id, page_size(limit)?, None)
                 .await?;
-            let rows: Vec<_> = page.items.iter().map(output::entry).collect();
-            out.list(
-                &rows,
-                &[
-                    "created_at",
-                    "kind",
-                    "category_or_source",
-                    "amount",
-                    "balance_after",
-                    "reference",
-                ],
+            out.table(
+                &page.items,
+                output::entry,
+                "created_at kind category_or_source amount balance_after reference",
             );
         }
     }
@@ -440,17 +433,10 @@ pub async fn holds(c: &Client, out: &Out, cmd: HoldCmd) -> Result<(), ClientErro
             let page = l
                 .list_holds(&account_id(&id)?, page_size(limit)?, None)
                 .await?;
-            let rows: Vec<_> = page.items.iter().map(output::hold).collect();
-            out.list(
-                &rows,
-                &[
-                    "created_at",
-                    "hold_id",
-                    "status",
-                    "amount",
-                    "captured_amount",
-                    "expires_at",
-                ],
+            out.table(
+                &page.items,
+                output::hold,
+                "created_at hold_id status amount captured_amount expires_at",
             );
         }
     }
@@ -514,17 +500,10 @@ pub async fn methods(c: &Client, out: &Out, cmd: MethodCmd) -> Result<(), Client
         )),
         MethodCmd::List { account_id: id } => {
             let methods = c.payments().list_payment_methods(&account_id(&id)?).await?;
-            let rows: Vec<_> = methods.iter().map(output::method).collect();
-            out.list(
-                &rows,
-                &[
-                    "payment_method_id",
-                    "type",
-                    "brand",
-                    "last4",
-                    "expiry",
-                    "is_default",
-                ],
+            out.table(
+                &methods,
+                output::method,
+                "payment_method_id type brand last4 expiry is_default",
             );
             None
         }
@@ -599,18 +578,10 @@ pub async fn recharge(c: &Client, out: &Out, cmd: RechargeCmd) -> Result<(), Cli
                 .recharge()
                 .list_recharge_attempts(&id, page_size(limit)?, None)
                 .await?;
-            let rows: Vec<_> = page.items.iter().map(output::attempt).collect();
-            out.list(
-                &rows,
-                &[
-                    "created_at",
-                    "status",
-                    "trigger",
-                    "balance_at_trigger",
-                    "amount",
-                    "charge_id",
-                    "failure_code",
-                ],
+            out.table(
+                &page.items,
+                output::attempt,
+                "created_at status trigger balance_at_trigger amount charge_id failure_code",
             );
         }
     }
@@ -623,17 +594,10 @@ pub async fn charges(c: &Client, out: &Out, id: String, limit: i32) -> Result<()
         .payments()
         .list_charges(&id, page_size(limit)?, None)
         .await?;
-    let rows: Vec<_> = page.items.iter().map(output::charge).collect();
-    out.list(
-        &rows,
-        &[
-            "created_at",
-            "charge_id",
-            "status",
-            "amount",
-            "failure_code",
-            "description",
-        ],
+    out.table(
+        &page.items,
+        output::charge,
+        "created_at charge_id status amount failure_code description",
     );
     Ok(())
 }

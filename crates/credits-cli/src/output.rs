@@ -53,6 +53,13 @@ impl Out {
     }
 
     /// Prints one record as `key: value` lines, or as a JSON object.
+    /// `items` as rows made by `row`: a table of the space-separated `cols`, or every field
+    /// of each row in JSON.
+    pub fn table<T>(&self, items: &[T], row: impl Fn(&T) -> Value, cols: &str) {
+        let rows: Vec<Value> = items.iter().map(row).collect();
+        self.list(&rows, &cols.split_whitespace().collect::<Vec<_>>());
+    }
+
     pub fn one(&self, v: &Value) {
         if self.json {
             println!("{v}");
