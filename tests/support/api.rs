@@ -238,6 +238,12 @@ impl Api {
         self.add_method(id, card(number), make_default).await
     }
 
+    /// An account in `mode` with one card on file (its default).
+    pub async fn with_card(&self, id: &str, mode: BillingMode, number: &str) -> PaymentMethod {
+        self.create_account(id, mode).await;
+        self.add_card(id, number, false).await
+    }
+
     pub async fn add_bank(&self, id: &str, make_default: bool) -> PaymentMethod {
         self.add_method(id, bank(), make_default).await
     }
@@ -438,9 +444,14 @@ impl Api {
     /// A prepaid account with a Visa on file and $25 bought, auto-recharge below 10 up
     /// to 50.
     pub async fn funded(&self, id: &str) {
-        self.create_account(id, BillingMode::Prepaid).await;
-        self.add_card(id, "4242424242424242", false).await;
-        self.buy(id, "25.00", &format!("{id}-buy")).await;
+        self.funded_with(id, "4242424242424242", "25.00").await;
+    }
+
+    /// A prepaid account with `card` on file and `bought` bought, then auto-recharge below
+    /// 10 up to 50.
+    pub async fn funded_with(&self, id: &str, card: &str, bought: &str) {
+        self.with_card(id, BillingMode::Prepaid, card).await;
+        self.buy(id, bought, &format!("{id}-buy")).await;
         let s = self
             .enable_recharge(id, "10", "50")
             .await

@@ -232,6 +232,14 @@ impl Ledger {
         (ledger, c)
     }
 
+    /// A fresh ledger, its typed client, and an account `id` with nothing on it.
+    pub async fn with_account(id: &str, mode: api::BillingMode) -> (Ledger, api::Api) {
+        let ledger = Ledger::start().await;
+        let c = ledger.api();
+        c.create_account(id, mode).await;
+        (ledger, c)
+    }
+
     /// [`Ledger::with_prepaid`], with a tap on `pattern` bound before the account exists
     /// (so it sees the activation too).
     pub async fn tapped_with_prepaid(
@@ -254,6 +262,15 @@ impl Ledger {
     /// The raw prost client, for requests the typed client would refuse to send.
     pub async fn client(&self) -> LedgerServiceClient<Channel> {
         LedgerServiceClient::new(channel(&self.url()).await)
+    }
+
+    /// How many events wait in the ledger's outbox.
+    pub async fn outbox_len(&self) -> i64 {
+        let mut db = self.db().await;
+        sqlx::query_scalar("SELECT count(*) FROM outbox")
+            .fetch_one(&mut db)
+            .await
+            .expect("count the outbox")
     }
 
     /// Options that bring this ledger back on the same address, database and exchange.
@@ -452,6 +469,29 @@ impl System {
         }
     }
 
+    /// `replicas` recharge workers and the typed client.
+    pub async fn connected(replicas: usize) -> (System, api::Api) {
+        let sys = System::start(replicas).await;
+        let c = sys.api();
+        (sys, c)
+    }
+
+    /// One recharge replica, the typed client, and a tap on `pattern` bound before anything
+    /// happens.
+    pub async fn tapped(pattern: &str) -> (System, EventTap, api::Api) {
+        let (sys, c) = System::connected(1).await;
+        let tap = EventTap::bind(&sys.ledger.exchange, pattern).await;
+        (sys, tap, c)
+    }
+
+    /// `replicas` recharge workers, the typed client, and `id` funded as [`api::Api::funded`]
+    /// does ($25 bought with a Visa, auto-recharge below 10 up to 50).
+    pub async fn with_funded(replicas: usize, id: &str) -> (System, api::Api) {
+        let (sys, c) = System::connected(replicas).await;
+        c.funded(id).await;
+        (sys, c)
+    }
+
     /// The typed client of the ledger, payments and the first recharge replica (if any).
     pub fn api(&self) -> api::Api {
         let recharge = self.recharge.first().map(|r| r.url());
@@ -524,6 +564,14 @@ pub async fn publish_raw(exchange: &str, routing_key: &str, body: &[u8]) {
     .await
     .expect("confirm");
     let _ = conn.close(0, "done".into()).await;
+}
+
+/// Waits up to `wait` until `queue` holds no ready message (its depth is 0).
+pub async fn wait_queue_empty(queue: &str, wait: Duration, what: &str) {
+    eventually(wait, what, || async {
+        (queue_depth(queue).await == 0).then_some(())
+    })
+    .await
 }
 
 /// How many messages wait in a queue (declared passively: it must exist).
@@ -661,6 +709,12 @@ impl EventTap {
             .iter()
             .map(|e| text(e).unwrap_or_else(|| panic!("event without a {field}: {e}")))
             .collect()
+    }
+
+    /// Asserts that no event arrives within `wait`.
+    pub async fn expect_none(&mut self, wait: Duration, why: &str) {
+        let events = self.drain(wait).await;
+        assert!(events.is_empty(), "{why}: {events:#?}");
     }
 
     /// Every event that arrives within `wait`.
