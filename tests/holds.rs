@@ -104,10 +104,8 @@ async fn a_hold_reserves_the_available_balance_and_a_capture_posts_the_final_cos
     let captured = tap.expect("ledger.hold.captured", WAIT).await;
     assert_eq!(captured["data"]["captured_amount"], "55.00");
     assert_eq!(captured["data"]["entry_id"], cap.entry.entry_id);
-    assert!(
-        tap.drain(Duration::from_millis(500)).await.is_empty(),
-        "one event per ending"
-    );
+    tap.expect_none(Duration::from_millis(500), "one event per ending")
+        .await;
     ledger.stop().await;
 }
 
@@ -321,9 +319,7 @@ async fn bad_hold_requests_get_a_clear_error_and_change_nothing_r12_r21() {
 /// active holds.
 #[tokio::test]
 async fn holds_keep_the_balance_invariants_under_concurrency_r15() {
-    let ledger = Ledger::start().await;
-    let c = ledger.api();
-    c.create_account("acme", BillingMode::Contract).await;
+    let (ledger, c) = Ledger::with_account("acme", BillingMode::Contract).await;
     c.add_credits("acme", "1000", CreditSource::Grant, "grant-1")
         .await;
     let mut tasks = Vec::new();

@@ -11,16 +11,16 @@ use credits_tests::api::{
     Api, AttemptStatus, BillingMode, Code, CreditSource, DisabledReason, EntryKind, acct, dec,
     money,
 };
-use credits_tests::{EventTap, Recharge, System, eventually, publish_raw, queue_depth};
+use credits_tests::{
+    Ledger, Recharge, System, eventually, publish_raw, queue_depth, wait_queue_empty,
+};
 use rust_decimal::Decimal;
 
 const WAIT: Duration = Duration::from_secs(20);
 
 #[tokio::test]
 async fn the_seed_walkthrough_charges_once_to_reach_the_target_r8() {
-    let sys = System::start(1).await;
-    let mut tap = EventTap::bind(&sys.ledger.exchange, "recharge.#").await;
-    let c = sys.api();
+    let (sys, mut tap, c) = System::tapped("recharge.#").await;
     c.funded("acme").await;
     let r = c.use_credits("acme", "15.01", "u1").await;
     assert_eq!(r.balance, money("9.99"));
@@ -43,10 +43,7 @@ async fn the_seed_walkthrough_charges_once_to_reach_the_target_r8() {
         EntryKind::Credit(CreditSource::AutoRecharge)
     );
     assert_eq!(entries[0].reference, charge_id);
-    let ev = tap
-        .next_of("recharge.attempt.succeeded", WAIT)
-        .await
-        .unwrap();
+    let ev = tap.expect("recharge.attempt.succeeded", WAIT).await;
     assert_eq!(ev["data"]["attempt_id"], a.attempt_id);
     assert_eq!(ev["data"]["amount"], "40.01");
     assert_eq!(ev["data"]["charge_id"], charge_id);
@@ -55,9 +52,7 @@ async fn the_seed_walkthrough_charges_once_to_reach_the_target_r8() {
 
 #[tokio::test]
 async fn top_ups_round_up_to_the_cent_r8() {
-    let sys = System::start(1).await;
-    let c = sys.api();
-    c.funded("acme").await;
+    let (sys, c) = System::with_funded(1, "acme").await;
     c.use_credits("acme", "15.005", "u1").await; // 9.995
     let a = c.settled_attempts("acme", 1).await;
     assert_eq!(a[0].amount, money("40.01"), "40.005 rounds up");
@@ -67,12 +62,8 @@ async fn top_ups_round_up_to_the_cent_r8() {
 
 #[tokio::test]
 async fn enabling_below_the_threshold_tops_up_at_once_r7() {
-    let sys = System::start(1).await;
-    let c = sys.api();
-    c.create_account("acme", BillingMode::Prepaid).await;
-    c.add_card("acme", "5555555555554444", false).await;
-    c.buy("acme", "8.00", "b").await;
-    c.enable_recharge("acme", "10", "50").await.unwrap();
+    let (sys, c) = System::connected(1).await;
+    c.funded_with("acme", "5555555555554444", "8.00").await;
     let a = c.settled_attempts("acme", 1).await;
     assert_eq!(a[0].trigger, "enabled_below_threshold");
     assert_eq!(a[0].amount, money("42.00"));
@@ -82,9 +73,7 @@ async fn enabling_below_the_threshold_tops_up_at_once_r7() {
 
 #[tokio::test]
 async fn usage_that_outruns_a_top_up_gets_another_r9() {
-    let sys = System::start(1).await;
-    let c = sys.api();
-    c.funded("acme").await;
+    let (sys, c) = System::with_funded(1, "acme").await;
     // Crosses, then usage lands before the top-up does: the first top-up (decided at 9.00)
     // leaves the balance below the threshold, so another follows.
     c.use_credits("acme", "16", "u1").await; // 9.00
@@ -131,10 +120,9 @@ async fn the_re_check_after_a_top_up_survives_losing_the_worker_r9() {
 
 #[tokio::test]
 async fn settings_are_validated_r5_r6() {
-    let sys = System::start(1).await;
-    let c = sys.api();
-    c.create_account("acme", BillingMode::Prepaid).await;
-    c.add_card("acme", "4242424242424242", false).await;
+    let (sys, c) = System::connected(1).await;
+    c.with_card("acme", BillingMode::Prepaid, "4242424242424242")
+        .await;
     let never = c.recharge_settings("acme").await;
     assert!(!never.enabled);
     assert_eq!(never.disabled_reason, DisabledReason::None);
@@ -182,8 +170,8 @@ async fn settings_are_validated_r5_r6() {
         "the smallest threshold, exactly the minimum apart"
     );
 
-    c.create_account("bigco", BillingMode::Contract).await;
-    c.add_card("bigco", "4242424242424242", false).await;
+    c.with_card("bigco", BillingMode::Contract, "4242424242424242")
+        .await;
     let err = c.enable_recharge("bigco", "10", "50").await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(err.message().contains("contract"));
@@ -200,9 +188,7 @@ async fn settings_are_validated_r5_r6() {
 
 #[tokio::test]
 async fn ach_default_refuses_enabling_and_turns_auto_recharge_off_r10() {
-    let sys = System::start(1).await;
-    let mut tap = EventTap::bind(&sys.ledger.exchange, "recharge.settings.disabled").await;
-    let c = sys.api();
+    let (sys, mut tap, c) = System::tapped("recharge.settings.disabled").await;
     c.create_account("acme", BillingMode::Prepaid).await;
     let ach = c.add_bank("acme", false).await;
     let err = c.enable_recharge("acme", "10", "50").await.unwrap_err();
@@ -220,10 +206,7 @@ async fn ach_default_refuses_enabling_and_turns_auto_recharge_off_r10() {
 
     // Making the bank account the default turns it off, with the reason recorded.
     c.set_default("acme", &ach.payment_method_id).await;
-    let ev = tap
-        .next_of("recharge.settings.disabled", WAIT)
-        .await
-        .expect("disabled event");
+    let ev = tap.expect("recharge.settings.disabled", WAIT).await;
     assert_eq!(ev["data"]["reason"], "DEFAULT_PAYMENT_METHOD_NOT_CARD");
     let s = c.recharge_settings("acme").await;
     assert!(!s.enabled);
@@ -245,10 +228,7 @@ async fn ach_default_refuses_enabling_and_turns_auto_recharge_off_r10() {
     // Removing the default card turns it off with NO_DEFAULT_PAYMENT_METHOD.
     c.enable_recharge("acme", "1", "50").await.unwrap();
     c.remove_method("acme", &visa.payment_method_id).await;
-    let ev = tap
-        .next_of("recharge.settings.disabled", WAIT)
-        .await
-        .expect("disabled event");
+    let ev = tap.expect("recharge.settings.disabled", WAIT).await;
     assert_eq!(ev["data"]["reason"], "NO_DEFAULT_PAYMENT_METHOD");
     assert_eq!(
         c.recharge_settings("acme").await.disabled_reason,
@@ -259,16 +239,11 @@ async fn ach_default_refuses_enabling_and_turns_auto_recharge_off_r10() {
 
 #[tokio::test]
 async fn three_declined_top_ups_turn_auto_recharge_off_r11() {
-    let sys = System::start(1).await;
-    let mut tap = EventTap::bind(&sys.ledger.exchange, "recharge.#").await;
-    let c = sys.api();
-    c.create_account("acme", BillingMode::Prepaid).await;
-    c.add_card("acme", "4000000000000002", false).await;
+    let (sys, mut tap, c) = System::tapped("recharge.#").await;
+    c.with_card("acme", BillingMode::Prepaid, "4000000000000002")
+        .await;
     c.enable_recharge("acme", "10", "50").await.unwrap(); // balance 0: below the threshold at once
-    let ev = tap
-        .next_of("recharge.settings.disabled", WAIT)
-        .await
-        .expect("turned off");
+    let ev = tap.expect("recharge.settings.disabled", WAIT).await;
     assert_eq!(ev["data"]["reason"], "REPEATED_FAILURES");
     let attempts = c.settled_attempts("acme", 3).await;
     assert_eq!(attempts.len(), 3);
@@ -311,8 +286,8 @@ async fn three_declined_top_ups_turn_auto_recharge_off_r11() {
     assert_eq!(c.balance("acme").await, money("0.00"));
 
     // insufficient_funds is recorded with its own code.
-    c.create_account("poor", BillingMode::Prepaid).await;
-    c.add_card("poor", "4000000000009995", false).await;
+    c.with_card("poor", BillingMode::Prepaid, "4000000000009995")
+        .await;
     c.enable_recharge("poor", "10", "50").await.unwrap();
     let a = c.settled_attempts("poor", 1).await;
     assert_eq!(
@@ -324,15 +299,10 @@ async fn three_declined_top_ups_turn_auto_recharge_off_r11() {
 
 #[tokio::test]
 async fn the_same_threshold_event_delivered_five_times_charges_once() {
-    let sys = System::start(1).await;
-    let mut tap = EventTap::bind(&sys.ledger.exchange, "ledger.balance.threshold_crossed").await;
-    let c = sys.api();
+    let (sys, mut tap, c) = System::tapped("ledger.balance.threshold_crossed").await;
     c.funded("acme").await;
     c.use_credits("acme", "15.01", "u1").await;
-    let ev = tap
-        .next_of("ledger.balance.threshold_crossed", WAIT)
-        .await
-        .unwrap();
+    let ev = tap.expect("ledger.balance.threshold_crossed", WAIT).await;
     let mut body = ev.clone();
     body.as_object_mut().unwrap().remove("_amqp");
     let body = serde_json::to_vec(&body).unwrap();
@@ -355,9 +325,7 @@ async fn the_same_threshold_event_delivered_five_times_charges_once() {
 
 #[tokio::test]
 async fn a_poison_message_is_dead_lettered_and_the_worker_keeps_working() {
-    let sys = System::start(1).await;
-    let c = sys.api();
-    c.funded("acme").await;
+    let (sys, c) = System::with_funded(1, "acme").await;
     publish_raw(
         &sys.ledger.exchange,
         "ledger.balance.threshold_crossed",
@@ -429,9 +397,7 @@ async fn a_worker_killed_between_charge_and_credit_resumes_with_one_charge_and_o
 
 #[tokio::test]
 async fn a_usage_storm_with_two_replicas_charges_exactly_what_it_credits() {
-    let sys = System::start(2).await;
-    let c = sys.api();
-    c.funded("acme").await;
+    let (sys, c) = System::with_funded(2, "acme").await;
     let mut tasks = Vec::new();
     for i in 0..200 {
         let c = c.clone();
@@ -523,8 +489,7 @@ async fn ledger_threshold(sys: &System, id: &str) -> Option<Decimal> {
 
 #[tokio::test]
 async fn concurrent_settings_changes_leave_ledger_and_settings_agreeing_r6() {
-    let sys = System::start(2).await;
-    let c = sys.api();
+    let (sys, c) = System::connected(2).await;
     let accounts: Vec<String> = (0..10).map(|i| format!("acct-{i}")).collect();
     for id in &accounts {
         c.funded(id).await;
@@ -562,15 +527,10 @@ async fn concurrent_settings_changes_leave_ledger_and_settings_agreeing_r6() {
 
 #[tokio::test]
 async fn the_reconciler_repairs_a_ledger_threshold_that_drifted() {
-    let sys = System::start(1).await;
-    let c = sys.api();
-    c.funded("acme").await;
+    let (sys, c) = System::with_funded(1, "acme").await;
     c.enable_recharge("acme", "10", "50").await.unwrap();
     // Something outside recharge (an operator, a half-applied save) moves the threshold.
-    c.ledger()
-        .set_balance_threshold(&acct("acme"), money("3"), None)
-        .await
-        .unwrap();
+    c.set_threshold("acme", "3").await;
     let repaired = eventually(WAIT, "the reconciler to repair the threshold", || async {
         (ledger_threshold(&sys, "acme").await == Some(dec("10"))).then_some(())
     })
@@ -579,43 +539,58 @@ async fn the_reconciler_repairs_a_ledger_threshold_that_drifted() {
     sys.stop().await;
 }
 
+/// A funded "acme" (auto-recharge below 10 up to 50) whose only recharge worker has
+/// stopped.
+async fn funded_while_recharge_is_away() -> (System, Api) {
+    let (mut sys, c) = System::with_funded(1, "acme").await;
+    c.enable_recharge("acme", "10", "50").await.unwrap();
+    sys.recharge.pop().unwrap().stop().await;
+    (sys, c)
+}
+
+/// Waits until the ledger's outbox is empty: what it recorded has gone to the broker.
+async fn crossing_left_the_ledger(ledger: &Ledger) {
+    eventually(
+        WAIT,
+        "the crossing to leave the ledger's outbox",
+        || async { (ledger.outbox_len().await == 0).then_some(()) },
+    )
+    .await;
+}
+
+/// With a recharge worker back, the crossing (seen as `trigger`) is topped up to the
+/// target; then everything stops.
+async fn topped_up_then_stop(sys: System, trigger: &str) {
+    let c = sys.api();
+    let a = c.settled_attempts("acme", 1).await;
+    assert_eq!(a[0].status, AttemptStatus::Succeeded);
+    assert_eq!(a[0].trigger, trigger);
+    assert_eq!(c.balance("acme").await, money("50.00"));
+    sys.stop().await;
+}
+
 #[tokio::test]
 async fn a_crossing_is_acknowledged_once_recorded_and_topped_up_after_a_ledger_outage() {
+    let (sys, c) = funded_while_recharge_is_away().await;
     let System {
         ledger,
         payments,
-        mut recharge,
         recharge_opts,
-    } = System::start(1).await;
-    let c = Api::connect(&ledger.url(), &payments.url(), &recharge[0].url(), None);
-    c.funded("acme").await;
-    c.enable_recharge("acme", "10", "50").await.unwrap();
+        ..
+    } = sys;
     // Recharge is away while the crossing happens, then the ledger goes away too.
-    recharge.pop().unwrap().stop().await;
     c.use_credits("acme", "15.01", "u1").await;
     // The crossing has left the ledger (it waits in the queue) before the ledger goes.
-    let ledger_db = ledger.database_url.clone();
-    eventually(WAIT, "the crossing to leave the ledger's outbox", || {
-        let url = ledger_db.clone();
-        async move {
-            let mut db = credits_tests::pg_connect(&url).await;
-            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
-                .fetch_one(&mut db)
-                .await
-                .unwrap();
-            (n == 0).then_some(())
-        }
-    })
-    .await;
+    crossing_left_the_ledger(&ledger).await;
     let restart = ledger.restart_options();
     ledger.stop().await;
     let recharge = Recharge::start(recharge_opts.clone()).await;
     // The crossing is acknowledged with the ledger still down: it is recorded as due.
-    let queue = recharge_opts.queue.clone();
-    eventually(WAIT, "the crossing to be acknowledged", || {
-        let queue = queue.clone();
-        async move { (queue_depth(&queue).await == 0).then_some(()) }
-    })
+    wait_queue_empty(
+        &recharge_opts.queue,
+        WAIT,
+        "the crossing to be acknowledged",
+    )
     .await;
     let url = recharge_opts.database_url.clone();
     let due = eventually(WAIT, "the crossing to be recorded as a due check", || {
@@ -633,71 +608,39 @@ async fn a_crossing_is_acknowledged_once_recorded_and_topped_up_after_a_ledger_o
     .await;
     assert_eq!(due, "threshold_crossed");
     // Acknowledged: nothing ready nor waiting for an ack in the queue.
-    let queue = recharge_opts.queue.clone();
-    eventually(WAIT, "the crossing to be acknowledged", || {
-        let queue = queue.clone();
-        async move { (queue_depth(&queue).await == 0).then_some(()) }
-    })
+    wait_queue_empty(
+        &recharge_opts.queue,
+        WAIT,
+        "the crossing to be acknowledged",
+    )
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let ledger = credits_tests::Ledger::start_with(restart).await;
-    let c = Api::connect(&ledger.url(), &payments.url(), &recharge.url(), None);
-    let a = c.settled_attempts("acme", 1).await;
-    assert_eq!(a[0].status, AttemptStatus::Succeeded);
-    assert_eq!(a[0].trigger, "threshold_crossed");
-    assert_eq!(c.balance("acme").await, money("50.00"));
-    recharge.stop().await;
-    payments.stop().await;
-    ledger.stop().await;
-    credits_tests::delete_queues(&recharge_opts.queue).await;
+    let sys = System {
+        ledger,
+        payments,
+        recharge: vec![recharge],
+        recharge_opts,
+    };
+    topped_up_then_stop(sys, "threshold_crossed").await;
 }
 
 #[tokio::test]
 async fn a_crossing_lost_upstream_is_found_by_the_reconciler_r9() {
-    let System {
-        ledger,
-        payments,
-        mut recharge,
-        recharge_opts,
-    } = System::start(1).await;
-    let c = Api::connect(&ledger.url(), &payments.url(), &recharge[0].url(), None);
-    c.funded("acme").await;
-    c.enable_recharge("acme", "10", "50").await.unwrap();
+    let (mut sys, c) = funded_while_recharge_is_away().await;
     // The queue is gone while the crossing is published: the event is parked, not lost
     // from the outbox, but it never reaches recharge.
-    recharge.pop().unwrap().stop().await;
-    credits_tests::delete_queues(&recharge_opts.queue).await;
+    credits_tests::delete_queues(&sys.recharge_opts.queue).await;
     c.use_credits("acme", "15.01", "u1").await;
-    let ledger_db = ledger.database_url.clone();
-    eventually(WAIT, "the crossing to leave the ledger's outbox", || {
-        let url = ledger_db.clone();
-        async move {
-            let mut db = credits_tests::pg_connect(&url).await;
-            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
-                .fetch_one(&mut db)
-                .await
-                .unwrap();
-            (n == 0).then_some(())
-        }
-    })
-    .await;
-    let recharge = Recharge::start(recharge_opts.clone()).await;
-    let c = Api::connect(&ledger.url(), &payments.url(), &recharge.url(), None);
-    let a = c.settled_attempts("acme", 1).await;
-    assert_eq!(a[0].status, AttemptStatus::Succeeded);
-    assert_eq!(a[0].trigger, "found_below_threshold");
-    assert_eq!(c.balance("acme").await, money("50.00"));
-    recharge.stop().await;
-    payments.stop().await;
-    ledger.stop().await;
-    credits_tests::delete_queues(&recharge_opts.queue).await;
+    crossing_left_the_ledger(&sys.ledger).await;
+    sys.recharge
+        .push(Recharge::start(sys.recharge_opts.clone()).await);
+    topped_up_then_stop(sys, "found_below_threshold").await;
 }
 
 #[tokio::test]
 async fn a_late_bank_default_event_does_not_undo_a_newer_choice_r10() {
-    let sys = System::start(1).await;
-    let c = sys.api();
-    c.funded("acme").await;
+    let (sys, c) = System::with_funded(1, "acme").await;
     let bank = c.add_bank("acme", true).await;
     eventually(
         WAIT,
@@ -722,11 +665,11 @@ async fn a_late_bank_default_event_does_not_undo_a_newer_choice_r10() {
         &serde_json::to_vec(&late).unwrap(),
     )
     .await;
-    let queue = sys.recharge_opts.queue.clone();
-    eventually(WAIT, "the late event to be consumed", || {
-        let queue = queue.clone();
-        async move { (queue_depth(&queue).await == 0).then_some(()) }
-    })
+    wait_queue_empty(
+        &sys.recharge_opts.queue,
+        WAIT,
+        "the late event to be consumed",
+    )
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let s = c.recharge_settings("acme").await;

@@ -8,7 +8,7 @@ use std::time::Duration;
 use credits_tests::api::{
     AttemptStatus, AutoRechargeChange, BillingMode, Code, CreditSource, acct, money,
 };
-use credits_tests::{EventTap, Ledger, System, eventually};
+use credits_tests::{Ledger, System, eventually};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -18,12 +18,8 @@ fn thresholds(v: &serde_json::Value) -> String {
 
 #[tokio::test]
 async fn alerts_fire_once_per_threshold_per_crossing_under_concurrent_debits_r18() {
-    let ledger = Ledger::start().await;
-    let mut tap = EventTap::bind(&ledger.exchange, "ledger.balance.alert").await;
-    let c = ledger.api();
-    c.create_account("acme", BillingMode::Prepaid).await;
-    c.add_credits("acme", "100", CreditSource::Purchase, "buy-1")
-        .await;
+    let (ledger, mut tap, c) =
+        Ledger::tapped_with_prepaid("ledger.balance.alert", "acme", "100").await;
     let stored = c
         .ledger()
         .set_balance_alerts(
@@ -72,9 +68,13 @@ async fn alerts_fire_once_per_threshold_per_crossing_under_concurrent_debits_r18
     // Rising back above a threshold re-arms it; staying below fires nothing.
     c.add_credits("acme", "90", CreditSource::Grant, "grant-1")
         .await; // 100
-    assert!(tap.drain(Duration::from_millis(500)).await.is_empty());
+    tap.expect_none(
+        Duration::from_millis(500),
+        "no alert while above every threshold",
+    )
+    .await;
     c.use_credits("acme", "25", "u-big").await; // 75: crosses 80 only
-    let a = tap.next_of("ledger.balance.alert", WAIT).await.unwrap();
+    let a = tap.expect("ledger.balance.alert", WAIT).await;
     assert_eq!(thresholds(&a), "80.00");
     // A hold moves the available balance too: 75 → 35 crosses 60 and 40.
     let h = c.hold("acme", "40", "job-1").await;
@@ -90,18 +90,12 @@ async fn alerts_fire_once_per_threshold_per_crossing_under_concurrent_debits_r18
 
 #[tokio::test]
 async fn bad_alert_thresholds_are_refused_naming_the_field_and_store_nothing_r18() {
-    let ledger = Ledger::start().await;
-    let c = ledger.api();
-    c.create_account("acme", BillingMode::Prepaid).await;
+    let (ledger, c) = Ledger::with_account("acme", BillingMode::Prepaid).await;
     c.ledger()
         .set_balance_alerts(&acct("acme"), &[money("10")])
         .await
         .unwrap();
-    let mut raw = credits_proto::ledger::v1::ledger_service_client::LedgerServiceClient::connect(
-        ledger.url(),
-    )
-    .await
-    .unwrap();
+    let mut raw = ledger.client().await;
     let cases: [(&[&str], &str); 5] = [
         (&["1", "2", "3", "4", "5", "6"], "thresholds:"),
         (&["5", "-1"], "thresholds[1]"),
@@ -150,9 +144,7 @@ async fn limit(c: &credits_tests::api::Api, id: &str, monthly_limit: Option<&str
 
 #[tokio::test]
 async fn a_monthly_limit_reduces_then_skips_top_ups_until_the_month_turns_r19() {
-    let sys = System::start(1).await;
-    let mut tap = EventTap::bind(&sys.ledger.exchange, "recharge.#").await;
-    let c = sys.api();
+    let (sys, mut tap, c) = System::tapped("recharge.#").await;
     c.funded("acme").await; // $25, below 10 up to 50
     limit(&c, "acme", Some("60")).await;
 
@@ -172,7 +164,7 @@ async fn a_monthly_limit_reduces_then_skips_top_ups_until_the_month_turns_r19() 
     assert_eq!(a[0].status, AttemptStatus::Skipped);
     assert_eq!(a[0].failure_code.as_deref(), Some("monthly_limit_reached"));
     assert_eq!(a[0].amount, money("40.02"), "the due amount, not charged");
-    let ev = tap.next_of("recharge.limit_reached", WAIT).await.unwrap();
+    let ev = tap.expect("recharge.limit_reached", WAIT).await;
     assert_eq!(ev["data"]["monthly_limit"], "60.00");
     assert_eq!(ev["data"]["charged_this_month"], "60.00");
     assert_eq!(ev["data"]["due_amount"], "40.02");
@@ -226,14 +218,8 @@ async fn a_monthly_limit_reduces_then_skips_top_ups_until_the_month_turns_r19() 
 
 #[tokio::test]
 async fn a_monthly_limit_below_the_minimum_purchase_is_refused_and_stores_nothing_r19() {
-    let sys = System::start(1).await;
-    let c = sys.api();
-    c.funded("acme").await;
-    let mut raw = credits_proto::recharge::v1::auto_recharge_service_client::AutoRechargeServiceClient::connect(
-        sys.recharge[0].url(),
-    )
-    .await
-    .unwrap();
+    let (sys, c) = System::with_funded(1, "acme").await;
+    let mut raw = sys.recharge[0].client().await;
     for bad in ["4.99", "0", "-5", "abc", "1e3"] {
         let s = raw
             .set_auto_recharge(credits_proto::recharge::v1::SetAutoRechargeRequest {
