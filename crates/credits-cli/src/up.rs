@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use credits_common::Money;
+use credits_common::config::Secret;
 use tokio_util::sync::CancellationToken;
 
 #[derive(clap::Args, Debug)]
@@ -94,11 +95,7 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
     // What the three daemons share: the exchange and who may call them.
     let shared = |d: &mut credits_common::config::DaemonConfig| {
         d.exchange = a.exchange.clone();
-        d.auth_token = a
-            .auth_token
-            .clone()
-            .filter(|t| !t.is_empty())
-            .map(credits_common::config::Secret::new);
+        d.auth_token = Secret::setting(a.auth_token.as_deref());
         d.auth_tokens_file = a.auth_tokens_file.clone();
     };
     let mut ledger =
@@ -143,11 +140,7 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
         credits_portal::keys_from(a.portal_signing_key.as_deref(), None)?,
     );
     portal.min_purchase = min_purchase;
-    portal.auth_token = a
-        .auth_token
-        .clone()
-        .filter(|t| !t.is_empty())
-        .map(credits_common::config::Secret::new);
+    portal.auth_token = Secret::setting(a.auth_token.as_deref());
     portal.auth_tokens_file = a.auth_tokens_file.clone();
     let o = credits_portal::App::build(portal)?;
 

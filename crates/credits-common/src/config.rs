@@ -200,6 +200,13 @@ impl std::fmt::Debug for Secret {
     }
 }
 
+impl Secret {
+    /// A token setting: none when unset or empty.
+    pub fn setting(token: Option<&str>) -> Option<Secret> {
+        token.filter(|t| !t.is_empty()).map(Secret::new)
+    }
+}
+
 masked_string!(
     /// A database URL: its password never shows in `Debug` output.
     DatabaseUrl
@@ -272,11 +279,7 @@ impl DaemonConfig {
     pub fn apply(&mut self, common: &CommonArgs) {
         self.amqp_url = common.amqp_url.clone();
         self.exchange = common.exchange.clone();
-        self.auth_token = common
-            .auth_token
-            .clone()
-            .filter(|t| !t.is_empty())
-            .map(Secret::new);
+        self.auth_token = Secret::setting(common.auth_token.as_deref());
         self.auth_tokens_file = common.auth_tokens_file.clone();
         self.db_max_connections = common.db_max_connections as u32;
         self.outbox_park_after = Duration::from_secs(common.outbox_park_after_secs);
