@@ -322,29 +322,23 @@ async fn holds_keep_the_balance_invariants_under_concurrency_r15() {
     let (ledger, c) = Ledger::with_account("acme", BillingMode::Contract).await;
     c.add_credits("acme", "1000", CreditSource::Grant, "grant-1")
         .await;
-    let mut tasks = Vec::new();
-    for w in 0..8 {
-        let c = c.clone();
-        tasks.push(tokio::spawn(async move {
-            for i in 0..15 {
-                let k = format!("w{w}-{i}");
-                let ttl = (i % 5 == 0).then_some(1);
-                let h = c.try_hold("acme", "3.5", &k, ttl).await.unwrap();
-                c.use_credits("acme", "0.25", &format!("{k}-use")).await;
-                match i % 4 {
-                    0 => drop(c.try_capture("acme", &h.hold_id, "2").await),
-                    1 => drop(c.try_capture("acme", &h.hold_id, "3.5").await),
-                    2 => drop(c.try_capture("acme", &h.hold_id, "5.125").await),
-                    _ => drop(c.try_release("acme", &h.hold_id).await),
-                }
-                // A racing second ending of the same hold: it never ends twice.
-                let _ = c.try_release("acme", &h.hold_id).await;
+    c.concurrently(8, |c, w| async move {
+        for i in 0..15 {
+            let k = format!("w{w}-{i}");
+            let ttl = (i % 5 == 0).then_some(1);
+            let h = c.try_hold("acme", "3.5", &k, ttl).await.unwrap();
+            c.use_credits("acme", "0.25", &format!("{k}-use")).await;
+            match i % 4 {
+                0 => drop(c.try_capture("acme", &h.hold_id, "2").await),
+                1 => drop(c.try_capture("acme", &h.hold_id, "3.5").await),
+                2 => drop(c.try_capture("acme", &h.hold_id, "5.125").await),
+                _ => drop(c.try_release("acme", &h.hold_id).await),
             }
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
+            // A racing second ending of the same hold: it never ends twice.
+            let _ = c.try_release("acme", &h.hold_id).await;
+        }
+    })
+    .await;
     // Let the one-second holds that were not ended expire.
     eventually(WAIT, "every hold to end", || {
         let c = c.clone();

@@ -33,6 +33,7 @@ use credits_proto::payments::v1 as ppb;
 use credits_proto::payments::v1::payments_service_client::PaymentsServiceClient;
 use credits_proto::recharge::v1 as rpb;
 use credits_proto::recharge::v1::auto_recharge_service_client::AutoRechargeServiceClient;
+use credits_tests::raw::{self, usage};
 use credits_tests::{Ledger, System, queue_depth};
 use rust_decimal::Decimal;
 use sqlx::PgConnection;
@@ -1962,12 +1963,7 @@ async fn purchase(
     key: &str,
 ) -> ppb::PurchaseCreditsResponse {
     c.payments
-        .purchase_credits(ppb::PurchaseCreditsRequest {
-            account_id: account.into(),
-            amount: amount.into(),
-            payment_method_id: String::new(),
-            idempotency_key: key.into(),
-        })
+        .purchase_credits(raw::purchase(account, amount, key))
         .await
         .unwrap()
         .into_inner()
@@ -2269,16 +2265,6 @@ async fn hostile_clients_never_get_internal_errors_and_rejected_requests_change_
 // ---------------------------------------------------------------------------------------
 // Focused checks.
 
-fn usage(account: &str, amount: &str, key: &str, description: &str) -> lpb::RecordUsageRequest {
-    lpb::RecordUsageRequest {
-        account_id: account.into(),
-        category: lpb::UsageCategory::ApiRequests as i32,
-        amount: amount.into(),
-        idempotency_key: key.into(),
-        description: description.into(),
-    }
-}
-
 async fn ledger_with_credit(account: &str, amount: &str) -> (Ledger, LedgerServiceClient<Channel>) {
     let ledger = Ledger::start().await;
     let mut c = ledger.client().await;
@@ -2290,12 +2276,8 @@ async fn ledger_with_credit(account: &str, amount: &str) -> (Ledger, LedgerServi
     .await
     .unwrap();
     c.add_credits(lpb::AddCreditsRequest {
-        account_id: account.into(),
-        amount: amount.into(),
-        source: lpb::CreditSource::Purchase as i32,
         reference: "ch_seed".into(),
-        idempotency_key: "seed".into(),
-        description: String::new(),
+        ..raw::credit(account, amount, lpb::CreditSource::Purchase, "seed")
     })
     .await
     .unwrap();
@@ -2479,12 +2461,7 @@ async fn trailing_zero_amounts_are_the_same_amount_on_money_paths_r22() {
             // Same key, same amount spelled "25.00": the first result, not ALREADY_EXISTS.
             match c
                 .payments
-                .purchase_credits(ppb::PurchaseCreditsRequest {
-                    account_id: "zeros".into(),
-                    amount: "25.00".into(),
-                    payment_method_id: String::new(),
-                    idempotency_key: "buy-1".into(),
-                })
+                .purchase_credits(raw::purchase("zeros", "25.00", "buy-1"))
                 .await
             {
                 Ok(again)

@@ -13,6 +13,7 @@ use credits_tests::api::{
     Access, Api, BillingMode, Code, CreditSource, CreditsToAdd, EntryKind, UsageCategory, acct,
     dec, key, money, usage,
 };
+use credits_tests::raw;
 use credits_tests::{
     EventTap, Ledger, LedgerOptions, NOBODY, channel, health_status, kill_amqp_connections,
 };
@@ -23,13 +24,7 @@ const EVENT_WAIT: Duration = Duration::from_secs(10);
 
 /// A raw usage request, for input the typed client refuses to send.
 fn usage_req(id: &str, amount: &str, key: &str) -> pb::RecordUsageRequest {
-    pb::RecordUsageRequest {
-        account_id: id.into(),
-        category: pb::UsageCategory::ApiRequests as i32,
-        amount: amount.into(),
-        idempotency_key: key.into(),
-        description: "chat completions".into(),
-    }
+    raw::usage(id, amount, key, "chat completions")
 }
 
 /// Balance recomputed from the journal in SQL, for the "balance = sum of journal" invariant.
@@ -202,10 +197,8 @@ async fn same_key_same_request_returns_first_result_different_request_is_rejecte
 #[tokio::test]
 async fn fifty_concurrent_duplicates_post_once_r12() {
     let (ledger, c) = Ledger::with_prepaid("acme", "100").await;
-    let mut tasks = Vec::new();
-    for i in 0..50 {
-        let c = c.clone();
-        tasks.push(tokio::spawn(async move {
+    let ids = c
+        .concurrently(50, |c, i| async move {
             if i % 2 == 0 {
                 c.try_use_credits("acme", "0.5", "dup")
                     .await
@@ -223,12 +216,12 @@ async fn fifty_concurrent_duplicates_post_once_r12() {
                     .await
                     .map(|r| r.entry.entry_id)
             }
-        }));
-    }
+        })
+        .await;
     let mut usage_ids = std::collections::HashSet::new();
     let mut credit_ids = std::collections::HashSet::new();
-    for (i, t) in tasks.into_iter().enumerate() {
-        let id = t.await.unwrap().expect("every duplicate succeeds");
+    for (i, id) in ids.into_iter().enumerate() {
+        let id = id.expect("every duplicate succeeds");
         if i % 2 == 0 {
             usage_ids.insert(id)
         } else {
@@ -245,16 +238,10 @@ async fn fifty_concurrent_duplicates_post_once_r12() {
 #[tokio::test]
 async fn concurrent_usage_on_one_account_keeps_balance_equal_to_journal() {
     let (ledger, c) = Ledger::with_prepaid("hot", "50").await;
-    let mut tasks = Vec::new();
-    for i in 0..200 {
-        let c = c.clone();
-        tasks.push(tokio::spawn(async move {
-            c.use_credits("hot", "0.333333333", &format!("u{i}")).await
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
+    c.concurrently(200, |c, i| async move {
+        c.use_credits("hot", "0.333333333", &format!("u{i}")).await
+    })
+    .await;
     let expected = dec("50") - dec("0.333333333") * Decimal::from(200);
     assert_eq!(c.access("hot").await.balance.as_decimal(), expected);
     let (balance, sum) = journal_sum(&ledger, "hot").await;
@@ -503,13 +490,12 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing_spec_4() {
             err.message()
         );
         let err = c
-            .add_credits(pb::AddCreditsRequest {
-                account_id: "acme".into(),
-                amount: amount.into(),
-                source: pb::CreditSource::Purchase as i32,
-                idempotency_key: "bad".into(),
-                ..Default::default()
-            })
+            .add_credits(raw::credit(
+                "acme",
+                amount,
+                pb::CreditSource::Purchase,
+                "bad",
+            ))
             .await
             .unwrap_err();
         assert_eq!(
@@ -557,12 +543,7 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing_spec_4() {
         );
     }
     let err = c
-        .add_credits(pb::AddCreditsRequest {
-            account_id: "acme".into(),
-            amount: "1".into(),
-            idempotency_key: "k".into(),
-            ..Default::default()
-        })
+        .add_credits(raw::credit("acme", "1", pb::CreditSource::Unspecified, "k"))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
@@ -713,12 +694,8 @@ async fn text_fields_with_nul_or_control_characters_are_invalid_and_change_nothi
     assert!(e.message().starts_with("display_name:"), "{}", e.message());
     let e = c
         .add_credits(pb::AddCreditsRequest {
-            account_id: "acme".into(),
-            amount: "1".into(),
-            source: pb::CreditSource::Grant as i32,
             reference: "line\nbreak".into(),
-            idempotency_key: "g1".into(),
-            description: String::new(),
+            ..raw::credit("acme", "1", pb::CreditSource::Grant, "g1")
         })
         .await
         .unwrap_err();
@@ -735,25 +712,25 @@ async fn text_fields_with_nul_or_control_characters_are_invalid_and_change_nothi
 #[tokio::test]
 async fn one_callers_bad_input_never_fails_another_callers_debit_r21() {
     let (ledger, c) = Ledger::with_prepaid("acme", "1000").await;
-    let mut calls = Vec::new();
-    for i in 0..100 {
-        let good = c.clone();
-        calls.push(tokio::spawn(async move {
-            good.try_use_credits("acme", "0.01", &format!("good-{i}"))
-                .await
-                .map(|_| ())
-        }));
-        let evil = c.clone();
-        calls.push(tokio::spawn(async move {
-            let mut r = usage("acme", "0.01", &format!("evil-{i}"));
-            r.description = "\0".into();
-            let e = evil.ledger().record_usage(&r).await.unwrap_err();
-            assert_eq!(e.code(), Code::InvalidArgument);
-            Ok(())
-        }));
-    }
+    // 100 good callers, each racing an evil one (even index: good, odd: evil).
+    let calls = c
+        .concurrently(200, |c, n| async move {
+            let i = n / 2;
+            if n % 2 == 0 {
+                c.try_use_credits("acme", "0.01", &format!("good-{i}"))
+                    .await
+                    .map(|_| ())
+            } else {
+                let mut r = usage("acme", "0.01", &format!("evil-{i}"));
+                r.description = "\0".into();
+                let e = c.ledger().record_usage(&r).await.unwrap_err();
+                assert_eq!(e.code(), Code::InvalidArgument);
+                Ok(())
+            }
+        })
+        .await;
     for call in calls {
-        call.await.unwrap().unwrap();
+        call.unwrap();
     }
     let items: Vec<_> = (0..10)
         .map(|i| {

@@ -12,6 +12,7 @@ use credits_tests::api::{
     Api, BillingMode, CardDetails, ChargeStatus, Code, CreditSource, EntryKind, NewPaymentMethod,
     PaymentMethodType, acct, money,
 };
+use credits_tests::raw;
 use credits_tests::{EventTap, Ledger, NOBODY, Payments, PaymentsOptions, eventually};
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -112,7 +113,7 @@ async fn each_sandbox_test_card_has_its_outcome() {
         } else {
             "payments.charge.failed"
         };
-        let ev = tap.next_of(kind, WAIT).await.expect(kind);
+        let ev = tap.expect(kind, WAIT).await;
         assert_eq!(ev["data"]["charge_id"], c.charge_id);
         assert_eq!(ev["data"]["failure_code"], *code);
         assert_eq!(ev["data"]["amount"], "10.00");
@@ -148,9 +149,8 @@ async fn exactly_one_default_moves_with_make_default_and_set_default_r10() {
     let visa = e.c.add_card("acme", "4242424242424242", false).await;
     assert!(visa.is_default, "the first method becomes the default");
     let ev = tap
-        .next_of("payments.payment_method.default_changed", WAIT)
-        .await
-        .unwrap();
+        .expect("payments.payment_method.default_changed", WAIT)
+        .await;
     assert_eq!(ev["data"]["payment_method_id"], visa.payment_method_id);
     assert_eq!(ev["data"]["type"], "CARD");
 
@@ -162,17 +162,15 @@ async fn exactly_one_default_moves_with_make_default_and_set_default_r10() {
     let ach = e.c.set_default("acme", &ach.payment_method_id).await;
     assert!(ach.is_default);
     let ev = tap
-        .next_of("payments.payment_method.default_changed", WAIT)
-        .await
-        .unwrap();
+        .expect("payments.payment_method.default_changed", WAIT)
+        .await;
     assert_eq!(ev["data"]["type"], "US_BANK_ACCOUNT");
 
     let mc = e.c.add_card("acme", "5555555555554444", true).await;
     assert!(mc.is_default, "make_default moves the default");
     let ev = tap
-        .next_of("payments.payment_method.default_changed", WAIT)
-        .await
-        .unwrap();
+        .expect("payments.payment_method.default_changed", WAIT)
+        .await;
     assert_eq!(ev["data"]["payment_method_id"], mc.payment_method_id);
 
     let list = e.c.methods("acme").await;
@@ -181,10 +179,7 @@ async fn exactly_one_default_moves_with_make_default_and_set_default_r10() {
 
     // Removing the default leaves no default, and the event says so.
     e.c.remove_method("acme", &mc.payment_method_id).await;
-    let ev = tap
-        .next_of("payments.payment_method.removed", WAIT)
-        .await
-        .unwrap();
+    let ev = tap.expect("payments.payment_method.removed", WAIT).await;
     assert_eq!(ev["data"]["payment_method_id"], mc.payment_method_id);
     assert_eq!(ev["data"]["was_default"], true);
     let list = e.c.methods("acme").await;
@@ -252,16 +247,14 @@ async fn purchase_credits_the_ledger_once_and_activates_the_account_r3() {
 async fn concurrent_duplicate_purchases_charge_once_r12() {
     let e = env().await;
     e.c.add_card("acme", "4242424242424242", false).await;
-    let mut tasks = Vec::new();
-    for _ in 0..20 {
-        let c = e.c.clone();
-        tasks.push(tokio::spawn(async move {
+    let purchases =
+        e.c.concurrently(20, |c, _| async move {
             c.try_buy("acme", "12.34", "same").await
-        }));
-    }
+        })
+        .await;
     let mut ids = std::collections::HashSet::new();
-    for t in tasks {
-        let r = t.await.unwrap().expect("every duplicate answers");
+    for r in purchases {
+        let r = r.expect("every duplicate answers");
         ids.insert(r.charge.charge_id);
     }
     assert_eq!(ids.len(), 1);
@@ -531,12 +524,7 @@ async fn amounts_with_trailing_zeros_are_the_same_amount_r22() {
     e.c.add_card("acme", "4242424242424242", true).await;
     let mut raw = e.payments.client().await;
     let p = raw
-        .purchase_credits(pb::PurchaseCreditsRequest {
-            account_id: "acme".into(),
-            amount: "25.000".into(),
-            payment_method_id: String::new(),
-            idempotency_key: "buy-1".into(),
-        })
+        .purchase_credits(raw::purchase("acme", "25.000", "buy-1"))
         .await
         .unwrap()
         .into_inner();

@@ -398,19 +398,13 @@ async fn a_worker_killed_between_charge_and_credit_resumes_with_one_charge_and_o
 #[tokio::test]
 async fn a_usage_storm_with_two_replicas_charges_exactly_what_it_credits() {
     let (sys, c) = System::with_funded(2, "acme").await;
-    let mut tasks = Vec::new();
-    for i in 0..200 {
-        let c = c.clone();
-        tasks.push(tokio::spawn(async move {
-            // Spread the storm over ~2 s so the balance crosses the threshold again and
-            // again while top-ups are landing.
-            tokio::time::sleep(Duration::from_millis(i as u64 * 10)).await;
-            c.use_credits("acme", "1.37", &format!("storm-{i}")).await;
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
+    c.concurrently(200, |c, i| async move {
+        // Spread the storm over ~2 s so the balance crosses the threshold again and
+        // again while top-ups are landing.
+        tokio::time::sleep(Duration::from_millis(i as u64 * 10)).await;
+        c.use_credits("acme", "1.37", &format!("storm-{i}")).await;
+    })
+    .await;
     // Quiescence: nothing in flight and the balance back at or above the threshold.
     let attempts = c
         .settled_at_or_above("acme", 1, "10", Duration::from_secs(60))

@@ -36,16 +36,10 @@ async fn alerts_fire_once_per_threshold_per_crossing_under_concurrent_debits_r18
 
     // 90 concurrent debits of $1 go through group commit in batches: 100 → 10 crosses all
     // four thresholds, each exactly once, whatever batch carries the crossing.
-    let mut tasks = Vec::new();
-    for i in 0..90 {
-        let c = c.clone();
-        tasks.push(tokio::spawn(async move {
-            c.use_credits("acme", "1", &format!("u{i}")).await;
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
+    c.concurrently(90, |c, i| async move {
+        c.use_credits("acme", "1", &format!("u{i}")).await;
+    })
+    .await;
     assert_eq!(c.balance("acme").await, money("10"));
     let mut alerts = tap.drain(Duration::from_secs(2)).await;
     alerts.sort_by_key(|a| std::cmp::Reverse(money(a["data"]["threshold"].as_str().unwrap())));

@@ -128,6 +128,23 @@ impl Api {
         self.client.recharge()
     }
 
+    /// Runs `n` calls of `task` at once, each with its own clone of this client and its
+    /// index; their answers, by index. A call that panics fails the test.
+    pub async fn concurrently<T, Fut>(&self, n: usize, task: impl Fn(Api, usize) -> Fut) -> Vec<T>
+    where
+        Fut: std::future::Future<Output = T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let calls: Vec<_> = (0..n)
+            .map(|i| tokio::spawn(task(self.clone(), i)))
+            .collect();
+        let mut answers = Vec::with_capacity(n);
+        for call in calls {
+            answers.push(call.await.expect("a concurrent call"));
+        }
+        answers
+    }
+
     // ---- ledger ---------------------------------------------------------------------
 
     pub async fn create_account(&self, id: &str, mode: BillingMode) -> Account {

@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod procs;
+pub mod raw;
 
 use std::collections::VecDeque;
 use std::time::Duration;
