@@ -144,12 +144,27 @@ async fn usage_in_every_category_is_priced_in_fractions_of_a_cent_and_counted_r1
     }
     assert_eq!(c.balance("acme").await, money("24.999375"));
 
-    // Metrics are served.
+    // Metrics are served: the ledger's own, and per RPC its rate by status code and its
+    // latency histogram (docs/operations.md).
+    assert!(
+        c.ledger().get_account(&acct("nobody")).await.is_err(),
+        "an unknown account, for a NOT_FOUND"
+    );
     let metrics = http_get(&d.metrics_url, "/metrics", None).await;
     assert!(
         metrics.contains("credits_ledger_usage_entries_total"),
         "{metrics}"
     );
+    let ledger = "service=\"credits.ledger.v1.LedgerService\"";
+    for line in [
+        format!("credits_grpc_requests_total{{{ledger},method=\"RecordUsage\",code=\"OK\"}}"),
+        format!("credits_grpc_requests_total{{{ledger},method=\"GetAccount\",code=\"NOT_FOUND\"}}"),
+        format!(
+            "credits_grpc_request_duration_seconds_bucket{{{ledger},method=\"RecordUsage\",le=\"0.005\"}}"
+        ),
+    ] {
+        assert!(metrics.contains(&line), "{line} in\n{metrics}");
+    }
     stop(d).await;
 }
 
@@ -505,7 +520,8 @@ async fn credits_up_runs_all_four_and_the_demo_tells_the_story() {
         .unwrap_or_else(|| panic!("{link}"));
     let opened = http_get(&page, path, None).await;
     assert!(
-        opened.lines().next().unwrap_or_default().contains(" 303 "),
+        opened.lines().next().unwrap_or_default().contains(" 200 ")
+            && opened.contains("url=/billing"),
         "{opened}"
     );
     let cookie = opened

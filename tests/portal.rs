@@ -70,6 +70,55 @@ impl PortalUnderTest {
     }
 }
 
+/// Sleeps until just past `t`.
+async fn wait_past(t: chrono::DateTime<chrono::Utc>) {
+    let left = (t - chrono::Utc::now()).to_std().unwrap_or_default();
+    tokio::time::sleep(left + Duration::from_millis(300)).await;
+}
+
+/// One raw HTTP/1.0 exchange: the status line's code, the headers (lower-case names) and
+/// the body.
+async fn http(
+    addr: &str,
+    path: &str,
+    cookie: Option<&str>,
+) -> (u16, Vec<(String, String)>, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = addr.trim_start_matches("http://");
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let cookie = cookie
+        .map(|c| format!("Cookie: {c}\r\n"))
+        .unwrap_or_default();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n{cookie}\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    let mut lines = head.lines();
+    let code = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let headers = lines
+        .filter_map(|l| l.split_once(": "))
+        .map(|(k, v)| (k.to_lowercase(), v.to_owned()))
+        .collect();
+    (code, headers, body.to_owned())
+}
+
+fn header<'a>(headers: &'a [(String, String)], name: &str) -> &'a str {
+    headers
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+        .unwrap_or_else(|| panic!("no {name} header in {headers:?}"))
+}
+
 fn screenshots(test: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(credits_tests::unique(&format!("portal-{test}")));
     std::fs::create_dir_all(&dir).unwrap();
@@ -95,9 +144,17 @@ async fn the_seed_story_in_a_real_browser_r20() {
         link.starts_with(&format!("{}/session?token=", portal.http)),
         "{link}"
     );
-    b.goto(&link).await;
+    // The customer arrives from the platform's own site, another origin: a cross-site
+    // navigation, after which a SameSite=Strict cookie must still reach the page.
+    b.goto(&format!("data:text/html,<a href=\"{link}\">Billing</a>"))
+        .await;
+    b.submit("Billing").await;
+    b.wait_for_path("/billing").await;
     // The token is traded for the cookie and leaves the address bar.
     assert_eq!(b.url().await, format!("{}/billing", portal.http));
+    // The cookie is HttpOnly; the page has no script at all (it works with scripts off).
+    assert_eq!(b.eval("document.cookie").await, "");
+    assert_eq!(b.eval("document.scripts.length").await, 0);
     assert!(b.text().await.contains("Billing settings"));
     assert_eq!(b.text_of("balance").await.unwrap(), "$0.00");
     assert_eq!(b.text_of("min-purchase").await.unwrap(), "$5.00");
@@ -250,7 +307,8 @@ async fn a_session_reaches_only_its_own_account_until_it_expires_r20() {
     let portal = PortalUnderTest::start(&system).await;
     let dir = screenshots("isolation");
     let mut b = Browser::launch(&dir).await;
-    b.goto(&portal.session_url("acme", None).await).await;
+    b.open_session(&portal.session_url("acme", None).await)
+        .await;
 
     // The display name is text, not markup: no script ran, no element was injected.
     assert_eq!(b.text_of("display-name").await.unwrap(), evil);
@@ -335,6 +393,7 @@ async fn a_session_reaches_only_its_own_account_until_it_expires_r20() {
     let forged = link.replacen(".acme.", ".other.", 1);
     let mut other = Browser::launch(&dir.join("second")).await;
     other.goto(&forged).await;
+    assert!(other.text_of("balance").await.is_none());
     assert!(
         other.text().await.contains("not valid"),
         "{}",
@@ -346,15 +405,20 @@ async fn a_session_reaches_only_its_own_account_until_it_expires_r20() {
 
     // An expired link is refused; a session whose time ran out ends.
     let short = portal
-        .session_url("acme", Some(Duration::from_secs(2)))
-        .await;
-    other.goto(&short).await;
+        .sessions()
+        .create_portal_session(&acct("acme"), Some(Duration::from_secs(3)))
+        .await
+        .unwrap();
+    other.open_session(&short.url).await;
     assert_eq!(other.text_of("balance").await.unwrap(), "$0.00");
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    wait_past(short.expires_at).await;
     other.goto(&format!("{}/billing", portal.http)).await;
-    assert!(other.text().await.contains("not valid") || other.text().await.contains("expired"));
-    assert!(other.text_of("balance").await.is_none());
-    other.goto(&short).await;
+    assert!(
+        other.text_of("balance").await.is_none(),
+        "{}",
+        other.text().await
+    );
+    other.goto(&short.url).await;
     assert!(
         other.text().await.contains("expired"),
         "{}",
@@ -416,6 +480,145 @@ async fn create_portal_session_validates_its_request() {
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     assert!(e.message().starts_with("account_id:"), "{}", e.message());
+    portal.stop().await;
+    system.stop().await;
+}
+
+/// What every response carries (CSP, no framing, no caching, no referrer), what the
+/// session cookie is (HttpOnly, SameSite=Strict, for the session's life), and that the
+/// server itself refuses a cookie past its expiry, whatever the browser keeps.
+#[tokio::test]
+async fn responses_carry_strict_headers_and_the_cookie_ends_with_the_session_r20() {
+    let system = System::start(1).await;
+    system
+        .api()
+        .create_account("acme", BillingMode::Prepaid)
+        .await;
+    let portal = PortalUnderTest::start(&system).await;
+    let (code, headers, body) = http(&portal.http, "/billing", None).await;
+    assert_eq!(code, 403);
+    assert!(body.contains("not valid"));
+    let csp = header(&headers, "content-security-policy");
+    for part in [
+        "default-src 'none'",
+        "style-src 'self'",
+        "form-action 'self'",
+        "frame-ancestors 'none'",
+    ] {
+        assert!(csp.contains(part), "{csp}");
+    }
+    assert_eq!(header(&headers, "x-frame-options"), "DENY");
+    assert_eq!(header(&headers, "cache-control"), "no-store");
+    assert_eq!(header(&headers, "referrer-policy"), "no-referrer");
+    assert_eq!(header(&headers, "x-content-type-options"), "nosniff");
+
+    let session = portal
+        .sessions()
+        .create_portal_session(&acct("acme"), Some(Duration::from_secs(2)))
+        .await
+        .unwrap();
+    let path = session.url.strip_prefix(&portal.http).unwrap();
+    let (code, headers, body) = http(&portal.http, path, None).await;
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("url=/billing"), "{body}");
+    let set = header(&headers, "set-cookie");
+    for part in ["HttpOnly", "SameSite=Strict", "Path=/", "Max-Age="] {
+        assert!(set.contains(part), "{set}");
+    }
+    let max_age: i64 = set
+        .split("Max-Age=")
+        .nth(1)
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=2).contains(&max_age), "{set}");
+    let cookie = set.split(';').next().unwrap().to_owned();
+    let (code, _, body) = http(&portal.http, "/billing", Some(&cookie)).await;
+    assert_eq!(code, 200);
+    assert!(body.contains("Billing settings"));
+    // The same cookie twice (one planted beside ours) is refused, not guessed between.
+    let (code, _, _) = http(
+        &portal.http,
+        "/billing",
+        Some(&format!("{cookie}; {cookie}")),
+    )
+    .await;
+    assert_eq!(code, 403);
+    wait_past(session.expires_at).await;
+    let (code, _, body) = http(&portal.http, "/billing", Some(&cookie)).await;
+    assert_eq!(code, 403);
+    assert!(body.contains("expired"), "{body}");
+    portal.stop().await;
+    system.stop().await;
+}
+
+/// Add credits tells a declined card in words at the amount; a double submit of one form
+/// buys once; a refused card is never echoed back into the page.
+#[tokio::test]
+async fn add_credits_says_declined_and_a_double_submit_buys_once_r20() {
+    let system = System::start(1).await;
+    let api = system.api();
+    api.create_account("acme", BillingMode::Prepaid).await;
+    api.add_card("acme", "4000000000000002", true).await; // the sandbox declines it
+    let portal = PortalUnderTest::start(&system).await;
+    let dir = screenshots("declined");
+    let mut b = Browser::launch(&dir).await;
+    b.open_session(&portal.session_url("acme", None).await)
+        .await;
+
+    b.fill("Amount (USD)", "25").await;
+    b.submit("Add credits").await;
+    let err = b
+        .text_of("credits-amount-error")
+        .await
+        .expect("an error at the amount");
+    assert!(err.contains("declined"), "{err}");
+    assert!(!b.text().await.contains("Payment started"));
+    assert_eq!(api.balance("acme").await, money("0.00"));
+    b.screenshot("declined").await;
+
+    // A refused card (its CVC) is shown again without the number typed.
+    b.open("Add a card").await;
+    b.fill("Card number", "5555555555554444").await;
+    b.fill("Expiry month", "12").await;
+    b.fill("Expiry year", "2034").await;
+    b.fill("CVC", "1").await;
+    b.submit("Add card").await;
+    let err = b
+        .text_of("card-cvc-error")
+        .await
+        .expect("an error at the CVC");
+    assert!(err.contains("3 or 4 digits"), "{err}");
+    let html = b.eval("document.documentElement.outerHTML").await;
+    assert!(!html.as_str().unwrap().contains("5555555555554444"));
+    assert_eq!(b.value("Card number").await, "");
+    assert_eq!(b.value("Expiry year").await, "2034");
+
+    // One form submitted twice (a double click, a resubmit after a timeout): one purchase.
+    api.add_card("acme", "4242424242424242", true).await;
+    b.goto(&format!("{}/billing", portal.http)).await;
+    let field = |name: &str| format!("document.querySelector('input[name={name}]').value");
+    let csrf = b.eval(&field("csrf")).await.as_str().unwrap().to_owned();
+    let key = b.eval(&field("key")).await.as_str().unwrap().to_owned();
+    for _ in 0..2 {
+        b.post_form(
+            "/billing/credits",
+            &[("csrf", &csrf), ("key", &key), ("amount", "25")],
+        )
+        .await;
+        assert!(
+            b.text().await.contains("Credits added."),
+            "{}",
+            b.text().await
+        );
+    }
+    assert_eq!(api.balance("acme").await, money("25.00"));
+    let charges = api.charges("acme").await;
+    assert_eq!(charges.len(), 2, "one declined, one bought: {charges:?}");
+    b.close().await;
     portal.stop().await;
     system.stop().await;
 }

@@ -179,6 +179,35 @@ impl Browser {
         self.wait_new_document().await;
     }
 
+    /// Waits until the page at `path` (e.g. after the session link's own page moved on to
+    /// it) has loaded.
+    pub async fn wait_for_path(&mut self, path: &str) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let here = self
+                .eval(&format!(
+                    "location.pathname === {} && document.readyState === 'complete'",
+                    json!(path)
+                ))
+                .await;
+            if here == Value::Bool(true) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "never reached {path}: {}",
+                self.url().await
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Opens a session link the way a customer does and waits for the billing page.
+    pub async fn open_session(&mut self, link: &str) {
+        self.goto(link).await;
+        self.wait_for_path("/billing").await;
+    }
+
     pub async fn url(&mut self) -> String {
         self.eval("location.href")
             .await

@@ -51,7 +51,11 @@ impl Portal {
     ) -> Result<PortalSession, ClientError> {
         let req = opb::CreatePortalSessionRequest {
             account_id: account.to_string(),
-            ttl_seconds: ttl.map_or(0, |t| u32::try_from(t.as_secs()).unwrap_or(u32::MAX)),
+            // Rounded up to whole seconds (and at least one): 0 would mean the default hour.
+            ttl_seconds: ttl.map_or(0, |t| {
+                let secs = t.as_secs() + u64::from(t.subsec_nanos() > 0);
+                u32::try_from(secs.max(1)).unwrap_or(u32::MAX)
+            }),
         };
         let r = rpc!(self, Repeat::Safe, req, create_portal_session).await?;
         Ok(PortalSession {

@@ -143,6 +143,15 @@ impl App {
             keys: self.cfg.keys.clone(),
             public_url: self.cfg.public_url.clone(),
         });
+        if self.cfg.public_url.starts_with("https://")
+            && self.cfg.auth_token.is_none()
+            && self.cfg.auth_tokens_file.is_none()
+        {
+            // Anyone reaching the gRPC port could open any account's billing page.
+            anyhow::bail!(
+                "PortalService would be open to anyone: set CREDITS_AUTH_TOKEN or CREDITS_AUTH_TOKENS_FILE (the public URL is https, so this is not local development)"
+            );
+        }
         let policy = credits_common::auth::Policy::load(
             self.cfg.auth_token.as_ref().map(Secret::expose),
             self.cfg.auth_tokens_file.as_deref(),

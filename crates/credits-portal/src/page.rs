@@ -86,6 +86,25 @@ pub fn message_page(title: &str, text: &str) -> String {
     h
 }
 
+/// The page a session link answers: it sets the cookie and moves on to `to` by itself
+/// (a meta refresh, no script) or by its link.
+pub fn continue_page(to: &str) -> String {
+    let mut h = head("Billing settings");
+    let _ = write!(
+        h,
+        "<main><h1>Billing settings</h1><p><a id=\"continue\" href=\"{0}\">Continue to your billing settings</a></p></main></body></html>",
+        esc(to)
+    );
+    h.replacen(
+        "<title>",
+        &format!(
+            "<meta http-equiv=\"refresh\" content=\"0;url={}\"><title>",
+            esc(to)
+        ),
+        1,
+    )
+}
+
 fn head(title: &str) -> String {
     format!(
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\

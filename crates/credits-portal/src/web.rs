@@ -23,14 +23,15 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use chrono::Utc;
 use credits_client::{
-    AutoRechargeChange, BankAccountDetails, CardDetails, Client, ClientError, IdempotencyKey,
-    Money, NewPaymentMethod, PaymentMethodType,
+    AutoRechargeChange, BankAccountDetails, CardDetails, ChargeStatus, Client, ClientError,
+    IdempotencyKey, Money, NewPaymentMethod, PaymentMethodType,
 };
 
 use crate::page::{self, Form, Problem, View};
 use crate::session::{Keys, Kind, Refused, Session};
 
 pub const COOKIE: &str = "credits_portal";
+pub const SECURE_COOKIE: &str = "__Host-credits_portal";
 /// Rows per history table page.
 const HISTORY_PAGE: u32 = 20;
 const CSP: &str = "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; \
@@ -46,6 +47,18 @@ pub struct Web {
     pub min_purchase: Money,
     /// Mark the cookie `Secure` (the public URL is https).
     pub secure_cookie: bool,
+}
+
+impl Web {
+    /// Behind https the cookie is `__Host-` prefixed: the browser then refuses one set by
+    /// another host of the domain or for another path.
+    fn cookie_name(&self) -> &'static str {
+        if self.secure_cookie {
+            SECURE_COOKIE
+        } else {
+            COOKIE
+        }
+    }
 }
 
 pub fn router(web: Arc<Web>) -> Router {
@@ -112,7 +125,7 @@ async fn stylesheet() -> Response {
 
 fn refused(r: Refused) -> Response {
     html(
-        StatusCode::UNAUTHORIZED,
+        StatusCode::FORBIDDEN,
         page::message_page("Billing settings", &r.to_string()),
     )
 }
@@ -129,37 +142,43 @@ async fn open_session(
         Err(r) => return refused(r),
     };
     let cookie = web.keys.sign(Kind::Cookie, &s.account, s.expires_at);
-    let max_age = (s.expires_at - Utc::now()).num_seconds().max(0);
+    // Rounded up: a link used in its last second still gets a cookie for that second.
+    let max_age = ((s.expires_at - Utc::now()).num_milliseconds().max(0) + 999) / 1000;
     let set = format!(
-        "{COOKIE}={cookie}; Path=/; Max-Age={max_age}; HttpOnly; SameSite=Strict{}",
+        "{}={cookie}; Path=/; Max-Age={max_age}; HttpOnly; SameSite=Strict{}",
+        web.cookie_name(),
         if web.secure_cookie { "; Secure" } else { "" }
     );
     tracing::info!(account = %s.account, "portal session opened");
-    (
-        StatusCode::SEE_OTHER,
-        [
-            (header::LOCATION, "/billing".to_owned()),
-            (header::SET_COOKIE, set),
-        ],
-    )
-        .into_response()
+    // Not a redirect: a customer arriving from the platform's own site is a cross-site
+    // navigation, and a redirect keeps it one, so the SameSite=Strict cookie would not be
+    // sent to /billing. This page (no script: a meta refresh and a link) makes the next
+    // request come from the portal itself, and leaves the token out of the address bar.
+    let mut r = html(StatusCode::OK, page::continue_page("/billing"));
+    if let Ok(v) = HeaderValue::from_str(&set) {
+        r.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    r
 }
 
-/// The session of the request's cookie.
+/// The session of the request's cookie. Two cookies of that name (one planted by a
+/// sibling domain beside ours) are refused, not guessed between.
 fn session(web: &Web, headers: &HeaderMap) -> Result<Session, Denied> {
-    let token = headers
+    let name = web.cookie_name();
+    let found: Vec<String> = headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|c| c.trim().split_once('='))
-        .find(|(k, _)| *k == COOKIE)
-        .map(|(_, v)| v.to_owned());
-    let Some(token) = token else {
+        .filter(|(k, _)| *k == name)
+        .map(|(_, v)| v.to_owned())
+        .collect();
+    let [token] = &found[..] else {
         return Err(Denied::Session(Refused::Invalid));
     };
     web.keys
-        .verify(Kind::Cookie, &token, Utc::now())
+        .verify(Kind::Cookie, token, Utc::now())
         .map_err(Denied::Session)
 }
 
@@ -273,7 +292,7 @@ async fn render(
     s: &Session,
     paging: Paging,
     notice: Option<&'static str>,
-    problem: Option<Problem>,
+    problem: Option<(Problem, StatusCode)>,
     kept: HashMap<&'static str, String>,
 ) -> Response {
     let c = &web.client;
@@ -293,11 +312,16 @@ async fn render(
         Ok(v) => v,
         Err(e) => return unavailable(&e),
     };
-    let status = if problem.is_some() {
-        StatusCode::UNPROCESSABLE_ENTITY
-    } else {
-        StatusCode::OK
+    let (problem, status) = match problem {
+        Some((p, status)) => (Some(p), status),
+        None => (None, StatusCode::OK),
     };
+    // A purchase whose outcome is unknown keeps its key, so submitting it again completes
+    // or returns the same payment instead of making a second one.
+    let purchase_key = kept
+        .get("key")
+        .cloned()
+        .unwrap_or_else(|| format!("portal-{}", uuid::Uuid::now_v7()));
     let view = View {
         account,
         methods,
@@ -307,7 +331,7 @@ async fn render(
         attempts,
         min_purchase: web.min_purchase,
         csrf: web.keys.csrf(s),
-        purchase_key: format!("portal-{}", uuid::Uuid::now_v7()),
+        purchase_key,
         notice,
         problem,
         kept,
@@ -325,9 +349,14 @@ fn unavailable(e: &ClientError) -> Response {
             StatusCode::SERVICE_UNAVAILABLE,
             "Billing is unavailable right now. Please try again in a minute.".to_owned(),
         ),
-        e => (
+        ClientError::InvalidArgument { .. } => (
+            StatusCode::BAD_REQUEST,
+            "That page of history does not exist; start again from the billing page.".to_owned(),
+        ),
+        _ => (
             StatusCode::BAD_GATEWAY,
-            format!("Billing could not be shown: {}", e.message()),
+            "Billing could not be shown because of a problem on our side. Please try again later."
+                .to_owned(),
         ),
     };
     tracing::warn!(error = %e, "portal page could not be loaded");
@@ -339,6 +368,12 @@ fn unavailable(e: &ClientError) -> Response {
 fn field_of(message: &str, fields: &[&'static str]) -> Option<&'static str> {
     let named = message.split_once(':').map(|(f, _)| f.trim())?;
     let last = named.rsplit('.').next().unwrap_or(named);
+    // The processor names the card number `card_number`.
+    let last = if last == "card_number" {
+        "number"
+    } else {
+        last
+    };
     fields.iter().copied().find(|f| *f == last)
 }
 
@@ -352,35 +387,66 @@ async fn refuse(
     keep: &[&'static str],
     err: Refusal,
 ) -> Response {
-    let (field, message) = match err {
-        Refusal::Field(f, m) => (Some(f), m),
-        Refusal::Form(m) => (None, m),
-        Refusal::Service(e) => {
-            if e.is_retryable() {
+    let unprocessable = StatusCode::UNPROCESSABLE_ENTITY;
+    let mut keep_key = false;
+    let (field, message, status) = match err {
+        Refusal::Field(f, m) => (Some(f), m, unprocessable),
+        Refusal::Form(m) => (None, m, unprocessable),
+        Refusal::Unconfirmed(m) => {
+            keep_key = true;
+            (None, m, StatusCode::SERVICE_UNAVAILABLE)
+        }
+        Refusal::Service(e) if e.is_retryable() => {
+            // Whether a sent-once change took effect is unknown; a purchase keeps its key.
+            keep_key = true;
+            (
+                None,
+                "Billing did not answer in time; nothing is known to have changed. Reload the page to check, then try again (a purchase submitted again is not charged twice).".to_owned(),
+                StatusCode::SERVICE_UNAVAILABLE,
+            )
+        }
+        Refusal::Service(e) => match e {
+            // Answers about the request: shown in the service's words, at their field.
+            ClientError::InvalidArgument { .. }
+            | ClientError::NotFound { .. }
+            | ClientError::AlreadyExists { .. }
+            | ClientError::FailedPrecondition { .. } => (
+                field_of(e.message(), fields),
+                e.message().to_owned(),
+                unprocessable,
+            ),
+            // Our own configuration or a fault: not the customer's to read.
+            e => {
+                tracing::error!(error = %e, "portal form failed");
                 (
                     None,
-                    "Billing is unavailable right now; please try again in a minute.".to_owned(),
+                    "This could not be done because of a problem on our side. Please try again later.".to_owned(),
+                    StatusCode::BAD_GATEWAY,
                 )
-            } else {
-                (field_of(e.message(), fields), e.message().to_owned())
             }
-        }
+        },
     };
-    let kept = keep
+    let mut kept: HashMap<&'static str, String> = keep
         .iter()
         .filter(|k| sub.fields.contains_key(**k))
         .map(|k| (*k, sub.get(k).to_owned()))
         .collect();
+    if keep_key && form == Form::Credits {
+        kept.insert("key", sub.get("key").to_owned());
+    }
     render(
         web,
         &sub.session,
         Paging::default(),
         None,
-        Some(Problem {
-            form,
-            field,
-            message,
-        }),
+        Some((
+            Problem {
+                form,
+                field,
+                message,
+            },
+            status,
+        )),
         kept,
     )
     .await
@@ -389,6 +455,8 @@ async fn refuse(
 enum Refusal {
     Field(&'static str, String),
     Form(String),
+    /// The outcome is not known yet (a card charge still in flight): say so, keep the key.
+    Unconfirmed(String),
     Service(ClientError),
 }
 
@@ -484,13 +552,28 @@ async fn do_add_credits(web: &Web, sub: &Submitted) -> Result<&'static str, Refu
             // Any refusal of a purchase concerns its amount or the method paying it.
             ClientError::FailedPrecondition { message }
             | ClientError::InvalidArgument { message } => Refusal::Field("amount", message),
+            // The kept key, sent again with another amount.
+            ClientError::AlreadyExists { .. } => Refusal::Field(
+                "amount",
+                "This payment was already submitted with another amount; reload the page to start a new one.".into(),
+            ),
             e => Refusal::Service(e),
         })?;
-    Ok(if p.entry.is_some() {
-        "credits-added"
-    } else {
-        "credits-pending"
-    })
+    match (p.charge.status, p.charge.payment_method_type) {
+        (ChargeStatus::Succeeded, _) if p.entry.is_some() => Ok("credits-added"),
+        (ChargeStatus::Failed, _) => Err(Refusal::Field(
+            "amount",
+            format!(
+                "Your payment was declined ({}). Nothing was charged; try another card or ask your bank.",
+                p.charge.failure_code.as_deref().unwrap_or("declined")
+            ),
+        )),
+        (_, PaymentMethodType::UsBankAccount) => Ok("credits-pending"),
+        // A card charge (or its credit) not completed yet: the same key finishes it.
+        _ => Err(Refusal::Unconfirmed(
+            "We could not confirm this payment yet. Submit again to complete it: it will not be charged twice.".into(),
+        )),
+    }
 }
 
 fn whole(field: &'static str, s: &str) -> Result<u32, Refusal> {
@@ -569,13 +652,17 @@ async fn do_remove(web: &Web, sub: &Submitted) -> Result<&'static str, Refusal> 
 /// already says so (and why), wait a little for it; past that the page shows whatever the
 /// service says then, and the next load shows the rest.
 async fn settle_bank_default(web: &Web, account: &credits_client::AccountId) {
-    let deadline = tokio::time::Instant::now() + BANK_DEFAULT_SETTLE;
-    while tokio::time::Instant::now() < deadline {
-        match web.client.recharge().get_auto_recharge(account).await {
-            Ok(r) if r.enabled => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
-            _ => return,
+    let wait = async {
+        loop {
+            match web.client.recharge().get_auto_recharge(account).await {
+                Ok(r) if r.enabled => {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await
+                }
+                _ => return,
+            }
         }
-    }
+    };
+    let _ = tokio::time::timeout(BANK_DEFAULT_SETTLE, wait).await;
 }
 
 /// A method id is scoped to the session's account by the payments service: another

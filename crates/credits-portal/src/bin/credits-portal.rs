@@ -7,7 +7,8 @@ use credits_client::{ClientConfig, Money};
 use credits_common::config::{Secret, ranged};
 use credits_common::telemetry::LogFormat;
 
-#[derive(Parser, Debug)]
+/// No `Debug`: it holds the signing keys and tokens.
+#[derive(Parser)]
 #[command(name = "credits-portal", version, about = "The credits billing portal")]
 struct Args {
     /// gRPC listen address (`PortalService`).
