@@ -69,10 +69,22 @@ pub fn ranged<const MIN: u64, const MAX: u64>(s: &str) -> Result<u64, String> {
     }
 }
 
+/// Buckets of every latency histogram, in seconds: 0.5 ms to 10 s.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
 /// Installs the global Prometheus recorder with its HTTP listener (`GET /metrics`).
 pub fn install_metrics(addr: SocketAddr) -> anyhow::Result<()> {
     metrics_exporter_prometheus::PrometheusBuilder::new()
         .with_http_listener(addr)
+        // Latency histograms (`*_seconds`) get buckets, so p99 can be computed across
+        // replicas with `histogram_quantile`.
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Suffix("_seconds".to_owned()),
+            LATENCY_BUCKETS,
+        )
+        .map_err(|e| anyhow::anyhow!("metrics buckets: {e}"))?
         .install()
         .map_err(|e| anyhow::anyhow!("cannot serve metrics on {addr}: {e}"))?;
     tracing::info!(%addr, "metrics listening");

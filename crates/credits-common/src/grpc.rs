@@ -1,4 +1,4 @@
-//! The gRPC server scaffolding every daemon shares: health (never behind auth), server
+//! The gRPC server scaffolding every daemon shares: per-RPC metrics, health (never behind auth), server
 //! reflection (behind auth like every other RPC), and serving on an already-bound listener
 //! until shutdown, so tests can bind port 0.
 
@@ -25,7 +25,13 @@ pub fn lazy_channel(url: &str, token: Option<&str>) -> anyhow::Result<AuthChanne
 }
 
 /// A daemon's router: every request but health goes through the token [`Policy`].
-pub type AuthRouter = Router<tower_layer::Stack<AuthLayer, tower_layer::Identity>>;
+/// Layers run outermost first: per-RPC metrics (so refusals are counted), then auth.
+pub type AuthRouter = Router<
+    tower_layer::Stack<
+        AuthLayer,
+        tower_layer::Stack<crate::rpc_metrics::RpcMetricsLayer, tower_layer::Identity>,
+    >,
+>;
 
 /// A router holding health and reflection behind `policy`; the daemon adds its own
 /// service(s).
@@ -43,6 +49,7 @@ pub fn base_router(
     // speak only v1alpha.
     let router = Server::builder()
         .tcp_nodelay(true)
+        .layer(crate::rpc_metrics::RpcMetricsLayer)
         .layer(AuthLayer::new(policy))
         .add_service(health)
         .add_service(reflection().build_v1()?)

@@ -12,6 +12,7 @@ pub mod grpc;
 pub mod ids;
 pub mod money;
 pub mod outbox;
+pub mod rpc_metrics;
 pub mod shutdown;
 pub mod telemetry;
 
