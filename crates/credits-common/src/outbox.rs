@@ -140,6 +140,12 @@ pub async fn run_relay(pool: PgPool, cfg: RelayConfig, shutdown: CancellationTok
 /// `credits_outbox_depth` and `credits_outbox_oldest_age_seconds` (label `relay`: the
 /// daemon's relay, several of which share a process under `credits up`).
 async fn record_gauges(pool: &PgPool, relay: &str) {
+    // The daemon's pool, seen from its relay: connections in use and idle.
+    let idle = pool.num_idle() as f64;
+    metrics::gauge!("credits_db_pool_connections", "relay" => relay.to_owned(), "state" => "idle")
+        .set(idle);
+    metrics::gauge!("credits_db_pool_connections", "relay" => relay.to_owned(), "state" => "in_use")
+        .set((f64::from(pool.size()) - idle).max(0.0));
     let row: Result<(i64, Option<f64>), sqlx::Error> = sqlx::query_as(
         "SELECT count(*), extract(epoch FROM now() - min(created_at))::float8 FROM outbox",
     )

@@ -144,6 +144,14 @@ async fn sweep_holds(store: store::Store, every: std::time::Duration, shutdown: 
                 }
             }
         }
+        // Holds active (R15), for the dashboard; a failed read leaves the last value.
+        if let Ok(n) =
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM holds WHERE status = 'ACTIVE'")
+                .fetch_one(store.pool())
+                .await
+        {
+            metrics::gauge!("credits_ledger_holds_active").set(n as f64);
+        }
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(every) => {}

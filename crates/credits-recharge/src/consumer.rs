@@ -142,12 +142,48 @@ pub async fn run(worker: Arc<Recharge>, cfg: ConsumerConfig, shutdown: Cancellat
     tracing::info!("event consumer stopped");
 }
 
+/// `credits_recharge_queue_messages{queue}`: the events waiting in the work queue (the
+/// consumers' lag) and in its dead-letter queue, read every few seconds while connected.
+async fn queue_gauges(
+    conn: std::sync::Arc<lapin::Connection>,
+    queue: String,
+    stop: CancellationToken,
+) {
+    let dlq = format!("{queue}.dlq");
+    loop {
+        for (name, role) in [(&queue, "work"), (&dlq, "dead_letter")] {
+            // A passive declare that fails closes its channel: one channel per probe.
+            let Ok(ch) = conn.create_channel().await else {
+                return;
+            };
+            let passive = lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            };
+            if let Ok(q) = ch
+                .queue_declare(name.as_str().into(), passive, FieldTable::default())
+                .await
+            {
+                metrics::gauge!("credits_recharge_queue_messages", "queue" => role)
+                    .set(f64::from(q.message_count()));
+            }
+            let _ = ch.close(200, "gauge read".into()).await;
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+    }
+}
+
 async fn consume(
     worker: &Arc<Recharge>,
     cfg: &ConsumerConfig,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let conn = credits_common::amqp::connect(&cfg.amqp_url, &cfg.connection_name).await?;
+    let conn = std::sync::Arc::new(
+        credits_common::amqp::connect(&cfg.amqp_url, &cfg.connection_name).await?,
+    );
     let ch = conn.create_channel().await?;
     declare(&ch, cfg).await?;
     ch.basic_qos(cfg.prefetch, BasicQosOptions::default())
@@ -168,6 +204,11 @@ async fn consume(
     // Handlers holding an event they cannot apply yet give it back (unacknowledged) when
     // this connection ends, so the consumer reconnects at once instead of waiting for them.
     let connection = shutdown.child_token();
+    tokio::spawn(queue_gauges(
+        conn.clone(),
+        cfg.queue.clone(),
+        connection.clone(),
+    ));
     let result = loop {
         let next = tokio::select! {
             d = deliveries.next() => d,

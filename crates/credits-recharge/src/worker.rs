@@ -444,6 +444,9 @@ impl Recharge {
         outbox::enqueue(&mut tx, &a.account_id, &event).await?;
         tx.commit().await?;
         metrics::counter!("credits_recharge_topups_total", "status" => "SUCCEEDED").increment(1);
+        // From the decision (made when the crossing or due check was taken) to the credit.
+        metrics::histogram!("credits_recharge_trigger_to_credit_seconds", "trigger" => a.trigger.clone())
+            .record((chrono::Utc::now() - a.created_at).num_milliseconds().max(0) as f64 / 1000.0);
         tracing::info!(account_id = %a.account_id, attempt_id = %a.attempt_id, charge_id, amount = %a.amount, "top-up succeeded");
         Ok(true)
     }
