@@ -10,12 +10,13 @@ use credits_proto::ledger::v1::ledger_service_client::LedgerServiceClient;
 use credits_proto::payments::v1 as pb;
 use credits_tests::api::{
     Api, BillingMode, CardDetails, ChargeStatus, Code, CreditSource, EntryKind, NewPaymentMethod,
-    PaymentMethodType, acct, money,
+    PaymentMethodType, acct, assert_names, assert_says, money,
 };
 use credits_tests::raw;
 use credits_tests::{EventTap, Ledger, NOBODY, Payments, PaymentsOptions, eventually};
 
 const WAIT: Duration = Duration::from_secs(15);
+const DEFAULT_CHANGED: &str = "payments.payment_method.default_changed";
 
 /// A ledger and payments with the account "acme" (prepaid, nothing bought).
 struct Env {
@@ -28,6 +29,14 @@ async fn env() -> Env {
     let ledger = Ledger::start().await;
     let payments = Payments::start(PaymentsOptions::for_ledger(&ledger)).await;
     Env::with(ledger, payments).await
+}
+
+/// [`env`], with a Visa on file as the default payment method.
+async fn env_with_visa() -> Env {
+    let e = env().await;
+    let visa = e.c.add_card("acme", "4242424242424242", true).await;
+    assert!(visa.is_default);
+    e
 }
 
 impl Env {
@@ -127,12 +136,7 @@ async fn each_sandbox_test_card_has_its_outcome() {
         e.c.try_charge("acme", "7.00", &pm.payment_method_id, "flaky")
             .await
             .unwrap_err();
-    assert_eq!(err.code(), Code::Unavailable);
-    assert!(
-        err.message().contains("processing_error"),
-        "{}",
-        err.message()
-    );
+    assert_says(&err, Code::Unavailable, "processing_error");
     let c =
         e.c.try_charge("acme", "7.00", &pm.payment_method_id, "flaky")
             .await
@@ -148,9 +152,7 @@ async fn exactly_one_default_moves_with_make_default_and_set_default_r10() {
     let mut tap = EventTap::bind(&e.ledger.exchange, "payments.payment_method.*").await;
     let visa = e.c.add_card("acme", "4242424242424242", false).await;
     assert!(visa.is_default, "the first method becomes the default");
-    let ev = tap
-        .expect("payments.payment_method.default_changed", WAIT)
-        .await;
+    let ev = tap.expect(DEFAULT_CHANGED, WAIT).await;
     assert_eq!(ev["data"]["payment_method_id"], visa.payment_method_id);
     assert_eq!(ev["data"]["type"], "CARD");
 
@@ -161,16 +163,12 @@ async fn exactly_one_default_moves_with_make_default_and_set_default_r10() {
 
     let ach = e.c.set_default("acme", &ach.payment_method_id).await;
     assert!(ach.is_default);
-    let ev = tap
-        .expect("payments.payment_method.default_changed", WAIT)
-        .await;
+    let ev = tap.expect(DEFAULT_CHANGED, WAIT).await;
     assert_eq!(ev["data"]["type"], "US_BANK_ACCOUNT");
 
     let mc = e.c.add_card("acme", "5555555555554444", true).await;
     assert!(mc.is_default, "make_default moves the default");
-    let ev = tap
-        .expect("payments.payment_method.default_changed", WAIT)
-        .await;
+    let ev = tap.expect(DEFAULT_CHANGED, WAIT).await;
     assert_eq!(ev["data"]["payment_method_id"], mc.payment_method_id);
 
     let list = e.c.methods("acme").await;
@@ -207,8 +205,7 @@ async fn exactly_one_default_moves_with_make_default_and_set_default_r10() {
 
 #[tokio::test]
 async fn purchase_credits_the_ledger_once_and_activates_the_account_r3() {
-    let e = env().await;
-    e.c.add_card("acme", "4242424242424242", false).await;
+    let e = env_with_visa().await;
     let r = e.c.buy("acme", "25.00", "buy-1").await;
     let charge = r.charge;
     assert_eq!(charge.status, ChargeStatus::Succeeded);
@@ -245,8 +242,7 @@ async fn purchase_credits_the_ledger_once_and_activates_the_account_r3() {
 
 #[tokio::test]
 async fn concurrent_duplicate_purchases_charge_once_r12() {
-    let e = env().await;
-    e.c.add_card("acme", "4242424242424242", false).await;
+    let e = env_with_visa().await;
     let purchases =
         e.c.concurrently(20, |c, _| async move {
             c.try_buy("acme", "12.34", "same").await
@@ -266,8 +262,7 @@ async fn concurrent_duplicate_purchases_charge_once_r12() {
 
 #[tokio::test]
 async fn purchase_below_minimum_changes_nothing_r3() {
-    let e = env().await;
-    e.c.add_card("acme", "4242424242424242", false).await;
+    let e = env_with_visa().await;
     let err = e.c.try_buy("acme", "4.99", "small").await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(
@@ -419,12 +414,7 @@ async fn bad_payment_input_gets_a_clear_error_and_changes_nothing() {
                 .add_payment_method(&acct("acme"), &card, false)
                 .await
                 .unwrap_err();
-        assert_eq!(err.code(), Code::InvalidArgument, "{number}");
-        assert!(
-            err.message().starts_with(field),
-            "{field}: {}",
-            err.message()
-        );
+        assert_names(&err, Code::InvalidArgument, field, number);
         assert!(
             !err.message().contains(number) || number.len() < 12,
             "error never echoes a card number"
@@ -520,8 +510,7 @@ async fn bad_payment_input_gets_a_clear_error_and_changes_nothing() {
 /// checks that the service itself treats them as one amount.
 #[tokio::test]
 async fn amounts_with_trailing_zeros_are_the_same_amount_r22() {
-    let e = env().await;
-    e.c.add_card("acme", "4242424242424242", true).await;
+    let e = env_with_visa().await;
     let mut raw = e.payments.client().await;
     let p = raw
         .purchase_credits(raw::purchase("acme", "25.000", "buy-1"))
@@ -613,8 +602,7 @@ async fn a_charge_the_processor_made_is_never_recorded_as_failed() {
     use credits_payments::domain::{
         AccountId, ChargeRequest, ChargeStatus, IdempotencyKey, Purpose,
     };
-    let e = env().await;
-    e.c.add_card("acme", "4242424242424242", true).await;
+    let e = env_with_visa().await;
     // The daemon's own recovery loop would finish the charge through the honest sandbox;
     // stop it and drive payments directly with the processor that loses its answers.
     let database_url = e.payments.database_url.clone();

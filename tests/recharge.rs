@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use credits_proto::recharge::v1 as pb;
 use credits_tests::api::{
-    Api, AttemptStatus, BillingMode, Code, CreditSource, DisabledReason, EntryKind, acct, dec,
-    money,
+    Api, AttemptStatus, BillingMode, Code, CreditSource, DisabledReason, EntryKind, acct,
+    assert_names, dec, money,
 };
 use credits_tests::{
     Ledger, Recharge, System, eventually, publish_raw, queue_depth, wait_queue_empty,
@@ -154,12 +154,7 @@ async fn settings_are_validated_r5_r6() {
             })
             .await
             .unwrap_err();
-        assert_eq!(err.code(), Code::InvalidArgument, "{t} {g}");
-        assert!(
-            err.message().starts_with(field),
-            "{field}: {}",
-            err.message()
-        );
+        assert_names(&err, Code::InvalidArgument, field, &format!("{t} {g}"));
     }
     assert!(
         !c.recharge_settings("acme").await.enabled,

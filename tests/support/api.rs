@@ -18,8 +18,8 @@ pub use credits_client::{
     BalanceThreshold, BankAccountDetails, BillingMode, CardDetails, Charge, ChargeStatus, Client,
     ClientConfig, ClientError, Code, CreditSource, CreditsAdded, CreditsToAdd, DisabledReason,
     Entry, EntryKind, Hold, HoldCaptured, HoldRequest, HoldStatus, IdempotencyKey, Money,
-    NewPaymentMethod, PaymentMethod, PaymentMethodType, Purchase, RechargeAttempt, RetryPolicy,
-    UsageCategory, UsageRecord, UsageRecorded,
+    NewPaymentMethod, Page, PaymentMethod, PaymentMethodType, Purchase, RechargeAttempt,
+    RetryPolicy, UsageCategory, UsageRecord, UsageRecorded,
 };
 use rust_decimal::Decimal;
 
@@ -90,6 +90,54 @@ pub fn credits(id: &str, amount: &str, source: CreditSource, k: &str) -> Credits
         idempotency_key: key(k),
         description: String::new(),
     }
+}
+
+/// A refusal as the typed client or a raw prost client reports it.
+pub trait Refusal: std::fmt::Debug {
+    fn code(&self) -> Code;
+    fn message(&self) -> &str;
+}
+
+impl Refusal for ClientError {
+    fn code(&self) -> Code {
+        ClientError::code(self)
+    }
+    fn message(&self) -> &str {
+        ClientError::message(self)
+    }
+}
+
+impl Refusal for tonic::Status {
+    fn code(&self) -> Code {
+        tonic::Status::code(self)
+    }
+    fn message(&self) -> &str {
+        tonic::Status::message(self)
+    }
+}
+
+/// Asserts that `e` is a `code` refusal whose message starts with the field it names,
+/// `field` (for `case`, which the failure shows).
+#[track_caller]
+pub fn assert_names(e: &impl Refusal, code: Code, field: &str, case: &str) {
+    assert_eq!(e.code(), code, "{case}: {e:?}");
+    assert!(
+        e.message().starts_with(field),
+        "{case}: {field}: {}",
+        e.message()
+    );
+}
+
+/// Asserts that `e` is a `code` refusal whose message says `text`.
+#[track_caller]
+pub fn assert_says(e: &impl Refusal, code: Code, text: &str) {
+    assert_eq!(e.code(), code, "{e:?}");
+    assert!(e.message().contains(text), "{text}: {}", e.message());
+}
+
+/// The items of a first page (of up to 500), which must answer.
+fn first_page<T>(page: Result<Page<T>, ClientError>, what: &str, id: &str) -> Vec<T> {
+    page.unwrap_or_else(|e| panic!("{what} of {id}: {e}")).items
 }
 
 /// The typed client of one set of daemons, with the shared test verbs.
@@ -320,11 +368,8 @@ impl Api {
 
     /// Every charge, newest first.
     pub async fn charges(&self, id: &str) -> Vec<Charge> {
-        self.payments()
-            .list_charges(&acct(id), 500, None)
-            .await
-            .unwrap_or_else(|e| panic!("charges of {id}: {e}"))
-            .items
+        let page = self.payments().list_charges(&acct(id), 500, None).await;
+        first_page(page, "charges", id)
     }
 
     // ---- holds (R15) ----------------------------------------------------------------
@@ -375,11 +420,8 @@ impl Api {
     }
 
     pub async fn holds(&self, id: &str) -> Vec<Hold> {
-        self.ledger()
-            .list_holds(&acct(id), 500, None)
-            .await
-            .unwrap_or_else(|e| panic!("holds of {id}: {e}"))
-            .items
+        let page = self.ledger().list_holds(&acct(id), 500, None).await;
+        first_page(page, "holds", id)
     }
 
     // ---- recharge -------------------------------------------------------------------
@@ -414,11 +456,11 @@ impl Api {
 
     /// Every top-up attempt, newest first.
     pub async fn attempts(&self, id: &str) -> Vec<RechargeAttempt> {
-        self.recharge()
+        let page = self
+            .recharge()
             .list_recharge_attempts(&acct(id), 500, None)
-            .await
-            .unwrap_or_else(|e| panic!("attempts of {id}: {e}"))
-            .items
+            .await;
+        first_page(page, "attempts", id)
     }
 
     /// Waits until at least `n` attempts exist and every one is finished (succeeded or
