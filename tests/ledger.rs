@@ -706,7 +706,7 @@ async fn text_fields_with_nul_or_control_characters_are_invalid_and_change_nothi
 /// recorded; an odd one sends a NUL, which must be refused as invalid.
 async fn good_or_evil_debit(c: Api, n: usize) {
     let i = n / 2;
-    if n % 2 == 0 {
+    if n.is_multiple_of(2) {
         c.try_use_credits("acme", "0.01", &format!("good-{i}"))
             .await
             .expect("a good debit is recorded");
