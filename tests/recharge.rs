@@ -342,6 +342,44 @@ async fn a_poison_message_is_dead_lettered_and_the_worker_keeps_working() {
     let a = c.settled_attempts("acme", 1).await;
     assert_eq!(a[0].status, AttemptStatus::Succeeded);
     assert_eq!(c.balance("acme").await, money("50.00"));
+
+    // The operator's view (`credits dlq list`): both, why, how often; nothing taken.
+    let queue = &sys.recharge_opts.queue;
+    let amqp = credits_tests::AMQP_URL;
+    let listed = credits_recharge::dlq::list(amqp, queue, 10).await.unwrap();
+    assert_eq!(listed.len(), 2);
+    assert!(
+        listed
+            .iter()
+            .all(|d| d.reason.as_deref() == Some("rejected") && d.count == Some(1)),
+        "{listed:?}"
+    );
+    assert!(listed.iter().any(|d| d.body == b"{not json"));
+    assert_eq!(queue_depth(&dlq).await, 2);
+    // `credits dlq replay --id` of an id that is not there moves nothing.
+    assert_eq!(
+        credits_recharge::dlq::replay(amqp, queue, Some("nope"))
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(queue_depth(&dlq).await, 2);
+    // Replayed, they reach the worker again, which dead-letters them again: a second death.
+    assert_eq!(
+        credits_recharge::dlq::replay(amqp, queue, None)
+            .await
+            .unwrap(),
+        2
+    );
+    eventually(
+        WAIT,
+        "both poison messages dead-lettered a second time",
+        || async {
+            let l = credits_recharge::dlq::list(amqp, queue, 10).await.unwrap();
+            (l.len() == 2 && l.iter().all(|d| d.count == Some(2))).then_some(())
+        },
+    )
+    .await;
     sys.stop().await;
 }
 

@@ -60,6 +60,9 @@ enum Cmd {
         #[arg(long, default_value_t = 20)]
         limit: i32,
     },
+    /// The recharge dead-letter queue: list, replay.
+    #[command(subcommand)]
+    Dlq(ops::DlqCmd),
     /// Print a billing-page URL for an account's customer (a portal session, R20).
     PortalSession {
         account_id: String,
@@ -145,6 +148,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Cmd::Methods(cmd) => Ok(ops::methods(&c, &out, cmd).await?),
         Cmd::Recharge(cmd) => Ok(ops::recharge(&c, &out, cmd).await?),
         Cmd::Charges { account_id, limit } => Ok(ops::charges(&c, &out, account_id, limit).await?),
+        Cmd::Dlq(cmd) => Ok(ops::dlq(&out, cmd).await?),
         Cmd::PortalSession { account_id, ttl } => {
             Ok(ops::portal_session(&cli.conn, &out, account_id, ttl).await?)
         }

@@ -70,6 +70,69 @@ impl Conn {
     }
 }
 
+/// `credits dlq list|replay`: the recharge dead-letter queue (docs/operations.md).
+#[derive(Subcommand, Debug)]
+pub enum DlqCmd {
+    /// Show what is in the dead-letter queue (nothing is taken).
+    List {
+        #[command(flatten)]
+        at: DlqAt,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Move dead-lettered events back into the work queue (all, or one by its id).
+    Replay {
+        #[command(flatten)]
+        at: DlqAt,
+        /// Only the event with this message id.
+        #[arg(long)]
+        id: Option<String>,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+pub struct DlqAt {
+    #[arg(long, env = "AMQP_URL", default_value = credits_common::config::DEFAULT_AMQP_URL)]
+    pub amqp_url: String,
+    /// The recharge work queue; its dead letters are in `<queue>.dlq`.
+    #[arg(long, env = "RECHARGE_QUEUE", default_value = credits_recharge::DEFAULT_QUEUE)]
+    pub queue: String,
+}
+
+pub async fn dlq(out: &Out, cmd: DlqCmd) -> anyhow::Result<()> {
+    match cmd {
+        DlqCmd::List { at, limit } => {
+            let rows: Vec<serde_json::Value> = credits_recharge::dlq::list(
+                &at.amqp_url,
+                &at.queue,
+                limit,
+            )
+            .await?
+            .into_iter()
+            .map(|d| {
+                serde_json::json!({
+                    "message_id": d.message_id,
+                    "type": d.event_type,
+                    "reason": d.reason,
+                    "count": d.count,
+                    "body": String::from_utf8_lossy(&d.body).chars().take(200).collect::<String>(),
+                })
+            })
+            .collect();
+            out.list(&rows, &["message_id", "type", "reason", "count", "body"]);
+        }
+        DlqCmd::Replay { at, id } => {
+            let n = credits_recharge::dlq::replay(&at.amqp_url, &at.queue, id.as_deref()).await?;
+            if out.json {
+                out.one(&serde_json::json!({ "replayed": n }));
+            } else {
+                out.say(&format!("replayed {n} event(s) into {}", at.queue));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// `credits portal-session`: a billing-page URL for the account's customer (R20).
 pub async fn portal_session(
     conn: &Conn,

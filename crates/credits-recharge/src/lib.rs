@@ -5,6 +5,7 @@
 //! events) and [`grpc`] (`AutoRechargeService`).
 
 pub mod consumer;
+pub mod dlq;
 pub mod domain;
 pub mod grpc;
 pub mod ports;
