@@ -51,6 +51,22 @@ async fn with_card(c: &Api, id: &str) -> credits_tests::api::PaymentMethod {
     visa
 }
 
+/// The daemons, and "acme" [`with_card`] that bought `amount` (key "p1").
+async fn start_with_acme(amount: &str) -> (Daemons, Api) {
+    let (d, c) = start().await;
+    with_card(&c, "acme").await;
+    c.buy("acme", amount, "p1").await;
+    (d, c)
+}
+
+/// Asserts that enabling auto-recharge on `id` (below `threshold` up to `target`) is
+/// refused with `code`.
+async fn enable_refused(c: &Api, id: &str, threshold: &str, target: &str, code: Code) {
+    let refused = c.enable_recharge(id, threshold, target).await;
+    let err = refused.expect_err("enabling auto-recharge is refused");
+    assert_eq!(err.code(), code, "{err}");
+}
+
 #[tokio::test]
 async fn every_rpc_needs_the_token_and_the_first_purchase_opens_access_r1_r3() {
     let (d, c) = start().await;
@@ -115,9 +131,7 @@ async fn the_same_key_returns_the_first_purchase_and_refuses_another_r12() {
 
 #[tokio::test]
 async fn usage_in_every_category_is_priced_in_fractions_of_a_cent_and_counted_r1_r2() {
-    let (d, c) = start().await;
-    with_card(&c, "acme").await;
-    c.buy("acme", "25.00", "p1").await;
+    let (d, c) = start_with_acme("25.00").await;
     // R2 + R1: usage in every category, priced in fractions of a cent.
     for (i, cat) in [
         UsageCategory::ApiRequests,
@@ -170,42 +184,25 @@ async fn usage_in_every_category_is_priced_in_fractions_of_a_cent_and_counted_r1
 
 #[tokio::test]
 async fn crossing_below_the_threshold_tops_up_once_to_exactly_the_target_r6_r7_r8() {
-    let (d, c) = start().await;
+    let (d, c) = start_with_acme("25.00").await;
     let mut tap = EventTap::bind(&d.exchange, "#").await;
-    with_card(&c, "acme").await;
-    c.buy("acme", "25.00", "p1").await;
     // R6: settings are validated; R7 + R8: crossing below 10 tops up once to exactly 50.
-    assert_eq!(
-        c.enable_recharge("acme", "10", "12")
-            .await
-            .unwrap_err()
-            .code(),
-        Code::InvalidArgument
-    );
+    enable_refused(&c, "acme", "10", "12", Code::InvalidArgument).await;
     c.enable_recharge("acme", "10", "50").await.unwrap();
     c.use_credits("acme", "15.01", "cross").await; // 9.99
     let a = c.settled_attempts("acme", 1).await;
     assert_eq!(a.len(), 1);
     assert_eq!(a[0].amount, money("40.01"));
     assert_eq!(c.balance("acme").await, money("50.00"));
-    let crossed = tap
-        .next_of("ledger.balance.threshold_crossed", WAIT)
-        .await
-        .unwrap();
+    let crossed = tap.expect("ledger.balance.threshold_crossed", WAIT).await;
     assert_eq!(crossed["data"]["balance_after"], "9.99");
-    assert!(
-        tap.next_of("recharge.attempt.succeeded", WAIT)
-            .await
-            .is_some()
-    );
+    tap.expect("recharge.attempt.succeeded", WAIT).await;
     stop(d).await;
 }
 
 #[tokio::test]
 async fn usage_that_outruns_a_top_up_still_ends_at_or_above_the_threshold_r9() {
-    let (d, c) = start().await;
-    with_card(&c, "acme").await;
-    c.buy("acme", "50.00", "p1").await;
+    let (d, c) = start_with_acme("50.00").await;
     c.enable_recharge("acme", "10", "50").await.unwrap();
     // R9: usage outruns a top-up: the balance still ends at or above the threshold.
     c.use_credits("acme", "41", "r9a").await;
@@ -222,9 +219,7 @@ async fn usage_that_outruns_a_top_up_still_ends_at_or_above_the_threshold_r9() {
 
 #[tokio::test]
 async fn histories_are_newest_first_and_paged_r13() {
-    let (d, c) = start().await;
-    with_card(&c, "acme").await;
-    c.buy("acme", "25.00", "p1").await;
+    let (d, c) = start_with_acme("25.00").await;
     c.buy("acme", "5.00", "p2").await;
     c.use_credits("acme", "1", "u1").await;
     c.use_credits("acme", "2", "u2").await;
@@ -254,26 +249,15 @@ async fn histories_are_newest_first_and_paged_r13() {
 
 #[tokio::test]
 async fn a_bank_account_as_default_turns_auto_recharge_off_and_it_stays_off_r10() {
-    let (d, c) = start().await;
+    let (d, c) = start_with_acme("25.00").await;
     let mut tap = EventTap::bind(&d.exchange, "#").await;
-    with_card(&c, "acme").await;
-    c.buy("acme", "25.00", "p1").await;
     c.enable_recharge("acme", "10", "50").await.unwrap();
     // R10: a bank account as default turns auto-recharge off and it stays off.
     let ach = c.add_bank("acme", true).await;
     assert!(ach.is_default);
-    let off = tap
-        .next_of("recharge.settings.disabled", WAIT)
-        .await
-        .unwrap();
+    let off = tap.expect("recharge.settings.disabled", WAIT).await;
     assert_eq!(off["data"]["reason"], "DEFAULT_PAYMENT_METHOD_NOT_CARD");
-    assert_eq!(
-        c.enable_recharge("acme", "10", "50")
-            .await
-            .unwrap_err()
-            .code(),
-        Code::FailedPrecondition
-    );
+    enable_refused(&c, "acme", "10", "50", Code::FailedPrecondition).await;
     stop(d).await;
 }
 
@@ -291,19 +275,11 @@ async fn usage_past_zero_is_recorded_suspends_and_credits_reactivate_r4() {
     let r = c.use_credits("acme", &over, "r4").await;
     assert_eq!(r.balance, money("-1.00"));
     assert!(!r.allowed);
-    assert!(
-        tap.next_of("ledger.account.suspended", WAIT)
-            .await
-            .is_some()
-    );
+    tap.expect("ledger.account.suspended", WAIT).await;
     c.set_default("acme", &visa.payment_method_id).await;
     c.buy("acme", "5.00", "p2").await;
     assert!(c.access("acme").await.allowed);
-    assert!(
-        tap.next_of("ledger.account.reactivated", WAIT)
-            .await
-            .is_some()
-    );
+    tap.expect("ledger.account.reactivated", WAIT).await;
     stop(d).await;
 }
 
@@ -326,13 +302,7 @@ async fn contract_accounts_are_never_suspended_and_get_no_auto_recharge_r5() {
     assert!(r.allowed);
     assert_eq!(r.balance, money("-500.00"));
     c.add_card("bigco", "4242424242424242", true).await;
-    assert_eq!(
-        c.enable_recharge("bigco", "10", "50")
-            .await
-            .unwrap_err()
-            .code(),
-        Code::FailedPrecondition
-    );
+    enable_refused(&c, "bigco", "10", "50", Code::FailedPrecondition).await;
     stop(d).await;
 }
 
@@ -360,9 +330,7 @@ async fn three_declined_top_ups_turn_auto_recharge_off_r11() {
 
 #[tokio::test]
 async fn card_numbers_never_reach_the_logs_and_every_daemon_exits_cleanly_r14() {
-    let (d, c) = start().await;
-    with_card(&c, "acme").await;
-    c.buy("acme", "25.00", "p1").await;
+    let (d, c) = start_with_acme("25.00").await;
     c.add_card("acme", "4000000000000002", true).await;
     let declined = c.try_buy("acme", "10.00", "p2").await.unwrap();
     assert!(declined.entry.is_none());
