@@ -1145,3 +1145,97 @@ async fn check_access_on_one_replica_sees_another_replicas_change_r16() {
     b.stop().await;
     a.stop().await;
 }
+
+/// docs/scaling.md: the data shards by account, so every query on a per-account table
+/// names its account: an INSERT writes `account_id`, any other statement filters on
+/// `account_id = …` / `account_id IN …`. Exceptions are listed with their reason: the
+/// sweeps, which scan by time on purpose (sharded, they run on every shard), and the
+/// point look-ups by a globally unique id still to be given their account before the
+/// tables are distributed (docs/scaling.md, step 1). A new query outside both lists fails.
+/// Reads every compile-time-checked query in `.sqlx/`.
+#[test]
+fn hot_queries_are_keyed_by_account() {
+    const PER_ACCOUNT: &[&str] = &[
+        "accounts",
+        "entries",
+        "holds",
+        "payment_methods",
+        "charges",
+        "settings",
+        "attempts",
+    ];
+    /// (a fragment of the query, why it is not keyed by account).
+    const EXCEPTIONS: &[(&str, &str)] = &[
+        // Sweeps.
+        (
+            "lease_until <= now()",
+            "sweep: attempts whose lease ran out, on any account",
+        ),
+        (
+            "retry_at <= now()",
+            "sweep: due balance checks, on any account",
+        ),
+        (
+            "expires_at <= now()",
+            "sweep: holds past their expiry (R15)",
+        ),
+        (
+            "where charge_id in ( select charge_id from charges where ((status in",
+            "sweep: the payments recovery loop",
+        ),
+        (
+            "from settings where enabled",
+            "sweep: the reconciler's pass over enabled settings",
+        ),
+        // Point look-ups by a unique id (debt for step 1 of docs/scaling.md).
+        (
+            "from entries where seq = $1",
+            "by entry seq (a capture's entry)",
+        ),
+        ("where charge_id = $1", "by charge id"),
+        ("where payment_method_id = $1", "by payment method id"),
+        ("where attempt_id = $1", "by attempt id"),
+    ];
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.sqlx");
+    let keyed = |q: &str| {
+        if q.starts_with("insert") {
+            q.contains("account_id")
+        } else {
+            [
+                "account_id =",
+                "account_id in",
+                "account_id=any",
+                "account_id = any",
+            ]
+            .iter()
+            .any(|k| q.contains(k))
+        }
+    };
+    let mut unkeyed = Vec::new();
+    let mut read = 0;
+    for f in std::fs::read_dir(&dir).unwrap() {
+        let path = f.unwrap().path();
+        if path.extension().is_none_or(|e| e != "json") {
+            continue;
+        }
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let q = v["query"].as_str().unwrap().to_lowercase();
+        let q = q.split_whitespace().collect::<Vec<_>>().join(" ");
+        read += 1;
+        let touches = PER_ACCOUNT.iter().any(|t| {
+            ["from", "join", "update", "into"]
+                .iter()
+                .any(|kw| q.contains(&format!("{kw} {t} ")) || q.ends_with(&format!("{kw} {t}")))
+        });
+        if touches && !keyed(&q) && !EXCEPTIONS.iter().any(|(s, _)| q.contains(s)) {
+            unkeyed.push(q);
+        }
+    }
+    assert!(read > 20, "read only {read} queries from {}", dir.display());
+    assert!(
+        unkeyed.is_empty(),
+        "queries on per-account tables without account_id:\n{}",
+        unkeyed.join("\n")
+    );
+}
