@@ -17,7 +17,7 @@ use credits_tests::api::{
     UsageRecord, acct, key, money,
 };
 use credits_tests::procs::{Daemons, Proc, bin, free_port, wait_healthy};
-use credits_tests::{EventTap, eventually, pg_base, unique};
+use credits_tests::{EventTap, eventually, http_get, pg_base, unique};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -341,20 +341,6 @@ async fn card_numbers_never_reach_the_logs_and_every_daemon_exits_cleanly_r14() 
         logs[1].contains("payment method added"),
         "the payments log was captured"
     );
-}
-
-async fn http_get(addr: &str, path: &str, cookie: Option<&str>) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let cookie = cookie
-        .map(|c| format!("Cookie: {c}\r\n"))
-        .unwrap_or_default();
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n{cookie}\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
 }
 
 #[tokio::test]

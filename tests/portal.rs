@@ -83,17 +83,7 @@ async fn http(
     path: &str,
     cookie: Option<&str>,
 ) -> (u16, Vec<(String, String)>, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let addr = addr.trim_start_matches("http://");
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let cookie = cookie
-        .map(|c| format!("Cookie: {c}\r\n"))
-        .unwrap_or_default();
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n{cookie}\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
+    let out = credits_tests::http_get(addr, path, cookie).await;
     let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
     let mut lines = head.lines();
     let code = lines

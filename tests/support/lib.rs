@@ -588,6 +588,23 @@ pub async fn queue_depth(queue: &str) -> u32 {
     n
 }
 
+/// One raw HTTP/1.0 GET of `path` (with a cookie, if any) from `addr` (host:port, or an
+/// http:// URL): the whole response, head and body.
+pub async fn http_get(addr: &str, path: &str, cookie: Option<&str>) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = addr.trim_start_matches("http://");
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let cookie = cookie
+        .map(|c| format!("Cookie: {c}\r\n"))
+        .unwrap_or_default();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n{cookie}\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
 /// Polls `check` until it returns `Some`, or panics after `wait`.
 pub async fn eventually<T, F, Fut>(wait: Duration, what: &str, mut check: F) -> T
 where
