@@ -149,6 +149,9 @@ pub enum ConnectError {
     /// A token that cannot be sent as a header value.
     #[error(transparent)]
     Token(#[from] tonic::metadata::errors::InvalidMetadataValue),
+    /// A TLS file that cannot be read, or a certificate without its key.
+    #[error("{0}")]
+    Tls(String),
 }
 
 /// A client of all three services. Cheap to clone; clones share the connections.
@@ -179,10 +182,23 @@ impl Client {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn connect(cfg: ClientConfig) -> Result<Client, ConnectError> {
+        Self::connect_with_tls(cfg, &credits_common::tls::Tls::default())
+    }
+
+    /// [`Client::connect`] over TLS: the services are verified against `tls.ca` (their
+    /// URLs are `https://`), and `tls.cert`/`tls.key`, when set, are presented to services
+    /// that require mutual TLS.
+    pub fn connect_with_tls(
+        cfg: ClientConfig,
+        tls: &credits_common::tls::Tls,
+    ) -> Result<Client, ConnectError> {
+        let tls = tls
+            .client()
+            .map_err(|e| ConnectError::Tls(format!("{e:#}")))?;
         let token = cfg.token.as_deref();
-        let ledger = channel(&cfg.ledger_url, token, cfg.timeout)?;
-        let payments = channel(&cfg.payments_url, token, cfg.timeout)?;
-        let recharge = channel(&cfg.recharge_url, token, cfg.timeout)?;
+        let ledger = channel(&cfg.ledger_url, token, cfg.timeout, tls.as_ref())?;
+        let payments = channel(&cfg.payments_url, token, cfg.timeout, tls.as_ref())?;
+        let recharge = channel(&cfg.recharge_url, token, cfg.timeout, tls.as_ref())?;
         Ok(Client {
             ledger: Ledger::new(ledger, cfg.retry),
             payments: Payments::new(payments, cfg.retry),
@@ -206,12 +222,20 @@ impl Client {
     }
 }
 
-fn channel(url: &str, token: Option<&str>, timeout: Duration) -> Result<AuthChannel, ConnectError> {
-    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())?
+fn channel(
+    url: &str,
+    token: Option<&str>,
+    timeout: Duration,
+    tls: Option<&tonic::transport::ClientTlsConfig>,
+) -> Result<AuthChannel, ConnectError> {
+    let mut endpoint = tonic::transport::Endpoint::from_shared(url.to_owned())?
         .connect_timeout(CONNECT_TIMEOUT)
         .timeout(timeout)
-        .tcp_nodelay(true)
-        .connect_lazy();
+        .tcp_nodelay(true);
+    if let Some(tls) = tls {
+        endpoint = endpoint.tls_config(tls.clone())?;
+    }
+    let channel = endpoint.connect_lazy();
     Ok(InterceptedService::new(channel, AttachToken::new(token)?))
 }
 

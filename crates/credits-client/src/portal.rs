@@ -37,7 +37,7 @@ impl Portal {
         timeout: Duration,
     ) -> Result<Portal, ConnectError> {
         Ok(Portal {
-            inner: PortalServiceClient::new(crate::channel(url, token, timeout)?),
+            inner: PortalServiceClient::new(crate::channel(url, token, timeout, None)?),
             retry: RetryPolicy::default(),
         })
     }

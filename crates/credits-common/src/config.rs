@@ -38,6 +38,8 @@ pub struct CommonArgs {
     /// Address of the Prometheus metrics endpoint (`/metrics`); "off" disables it.
     #[arg(long, env = "METRICS_ADDR")]
     pub metrics_addr: Option<String>,
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
 }
 
 impl CommonArgs {
@@ -252,6 +254,8 @@ pub struct DaemonConfig {
     pub outbox_park_after: Duration,
     /// Name of the AMQP connection, as shown by `rabbitmqctl list_connections`.
     pub amqp_connection_name: String,
+    /// TLS of the gRPC server and of the clients to peers (off by default).
+    pub tls: crate::tls::Tls,
 }
 
 /// Passwords stay out of logs: the database URL and the token mask themselves, and the
@@ -268,6 +272,7 @@ impl std::fmt::Debug for DaemonConfig {
             .field("relay_poll", &self.relay_poll)
             .field("outbox_park_after", &self.outbox_park_after)
             .field("amqp_connection_name", &self.amqp_connection_name)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -284,6 +289,7 @@ impl DaemonConfig {
             relay_poll: DEFAULT_RELAY_POLL,
             outbox_park_after: Duration::from_secs(DEFAULT_OUTBOX_PARK_AFTER_SECS),
             amqp_connection_name: connection_name.to_owned(),
+            tls: crate::tls::Tls::default(),
         }
     }
 
@@ -295,6 +301,12 @@ impl DaemonConfig {
         self.auth_tokens_file = common.auth_tokens_file.clone();
         self.db_max_connections = common.db_max_connections as u32;
         self.outbox_park_after = Duration::from_secs(common.outbox_park_after_secs);
+        self.tls = crate::tls::Tls::from(&common.tls);
+    }
+
+    /// A lazy channel to a peer daemon, with this daemon's token and TLS settings.
+    pub fn peer_channel(&self, url: &str) -> anyhow::Result<crate::grpc::AuthChannel> {
+        crate::grpc::lazy_channel_with(url, self.peer_token(), &self.tls)
     }
 
     /// The token table for this daemon's servers.

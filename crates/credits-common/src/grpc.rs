@@ -16,11 +16,23 @@ pub type AuthChannel = InterceptedService<tonic::transport::Channel, AttachToken
 
 /// Connects lazily, so a daemon starts (and retries) while its peers are down.
 pub fn lazy_channel(url: &str, token: Option<&str>) -> anyhow::Result<AuthChannel> {
-    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())?
+    lazy_channel_with(url, token, &crate::tls::Tls::default())
+}
+
+/// [`lazy_channel`] with TLS when `tls` has a CA (the URL is then `https://`).
+pub fn lazy_channel_with(
+    url: &str,
+    token: Option<&str>,
+    tls: &crate::tls::Tls,
+) -> anyhow::Result<AuthChannel> {
+    let mut endpoint = tonic::transport::Endpoint::from_shared(url.to_owned())?
         .connect_timeout(std::time::Duration::from_secs(2))
         .timeout(std::time::Duration::from_secs(10))
-        .tcp_nodelay(true)
-        .connect_lazy();
+        .tcp_nodelay(true);
+    if let Some(cfg) = tls.client()? {
+        endpoint = endpoint.tls_config(cfg)?;
+    }
+    let channel = endpoint.connect_lazy();
     Ok(InterceptedService::new(channel, AttachToken::new(token)?))
 }
 
@@ -38,6 +50,7 @@ pub type AuthRouter = Router<
 pub fn base_router(
     descriptor_set: &'static [u8],
     policy: Policy,
+    tls: &crate::tls::Tls,
 ) -> anyhow::Result<(AuthRouter, HealthReporter)> {
     let (reporter, health) = tonic_health::server::health_reporter();
     let reflection = || {
@@ -47,7 +60,11 @@ pub fn base_router(
     };
     // Both versions: grpc_cli, the Python reflection client, older grpcurl and IDE plugins
     // speak only v1alpha.
-    let router = Server::builder()
+    let mut server = Server::builder();
+    if let Some(cfg) = tls.server()? {
+        server = server.tls_config(cfg)?;
+    }
+    let router = server
         .tcp_nodelay(true)
         .layer(crate::rpc_metrics::RpcMetricsLayer)
         .layer(AuthLayer::new(policy))
@@ -62,6 +79,7 @@ pub fn base_router(
 pub async fn service_router<S>(
     descriptor_set: &'static [u8],
     policy: Policy,
+    tls: &crate::tls::Tls,
     service: S,
 ) -> anyhow::Result<AuthRouter>
 where
@@ -76,7 +94,7 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
-    let (router, health) = base_router(descriptor_set, policy)?;
+    let (router, health) = base_router(descriptor_set, policy, tls)?;
     health.set_serving::<S>().await;
     Ok(router.add_service(service))
 }

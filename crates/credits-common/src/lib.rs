@@ -15,5 +15,6 @@ pub mod outbox;
 pub mod rpc_metrics;
 pub mod shutdown;
 pub mod telemetry;
+pub mod tls;
 
 pub use money::{Money, MoneyError};

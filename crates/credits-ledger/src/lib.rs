@@ -108,7 +108,13 @@ impl App {
             self.cfg.group_commit_max,
         );
         let svc = LedgerServiceServer::new(grpc::LedgerGrpc::new(store, coalescer, views));
-        let router = service_router(credits_proto::FILE_DESCRIPTOR_SET, policy, svc).await?;
+        let router = service_router(
+            credits_proto::FILE_DESCRIPTOR_SET,
+            policy,
+            &self.cfg.daemon.tls,
+            svc,
+        )
+        .await?;
         tracing::info!(addr = %listener.local_addr()?, "ledger listening");
         let served = credits_common::grpc::serve(router, listener, shutdown.clone()).await;
         shutdown.cancel();

@@ -89,7 +89,7 @@ impl App {
         let svc = Arc::new(Payments::new(
             store::Store::new(self.pool.clone()),
             Arc::new(Sandbox::new(self.pool.clone(), self.cfg.sandbox.clone())),
-            ledger_client(&self.cfg.ledger_url, self.cfg.daemon.peer_token())?,
+            LedgerServiceClient::new(self.cfg.daemon.peer_channel(&self.cfg.ledger_url)?),
             self.cfg.min_purchase,
         ));
         let relay = tokio::spawn(run_relay(
@@ -104,7 +104,13 @@ impl App {
         ));
         let server = PaymentsServiceServer::new(grpc::PaymentsGrpc::new(svc));
         let policy = self.cfg.daemon.policy()?;
-        let router = service_router(credits_proto::FILE_DESCRIPTOR_SET, policy, server).await?;
+        let router = service_router(
+            credits_proto::FILE_DESCRIPTOR_SET,
+            policy,
+            &self.cfg.daemon.tls,
+            server,
+        )
+        .await?;
         tracing::info!(addr = %listener.local_addr()?, ledger = %self.cfg.ledger_url, "payments listening");
         let served = credits_common::grpc::serve(router, listener, shutdown.clone()).await;
         shutdown.cancel();

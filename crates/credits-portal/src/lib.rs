@@ -159,6 +159,7 @@ impl App {
         let router = credits_common::grpc::service_router(
             credits_proto::FILE_DESCRIPTOR_SET,
             policy,
+            &credits_common::tls::Tls::default(),
             PortalServiceServer::new(grpc::PortalGrpc::new(sessions)),
         )
         .await?;

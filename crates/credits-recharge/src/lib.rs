@@ -81,14 +81,13 @@ impl App {
         listener: TcpListener,
         shutdown: CancellationToken,
     ) -> anyhow::Result<()> {
-        let token = self.cfg.daemon.peer_token();
         let worker = Arc::new(Recharge::new(
             store::Store::new(self.pool.clone()),
             Arc::new(ports::GrpcLedger(LedgerServiceClient::new(
-                credits_common::grpc::lazy_channel(&self.cfg.ledger_url, token)?,
+                self.cfg.daemon.peer_channel(&self.cfg.ledger_url)?,
             ))),
             Arc::new(ports::GrpcPayments(PaymentsServiceClient::new(
-                credits_common::grpc::lazy_channel(&self.cfg.payments_url, token)?,
+                self.cfg.daemon.peer_channel(&self.cfg.payments_url)?,
             ))),
             self.cfg.min_purchase,
             self.cfg.worker.clone(),
@@ -113,7 +112,13 @@ impl App {
         let sweeper = tokio::spawn(worker.clone().run_sweeper(shutdown.clone()));
         let server = AutoRechargeServiceServer::new(grpc::RechargeGrpc::new(worker.clone()));
         let policy = self.cfg.daemon.policy()?;
-        let router = service_router(credits_proto::FILE_DESCRIPTOR_SET, policy, server).await?;
+        let router = service_router(
+            credits_proto::FILE_DESCRIPTOR_SET,
+            policy,
+            &self.cfg.daemon.tls,
+            server,
+        )
+        .await?;
         tracing::info!(addr = %listener.local_addr()?, queue = %self.cfg.queue, "recharge listening");
         let served = credits_common::grpc::serve(router, listener, shutdown.clone()).await;
         shutdown.cancel();
