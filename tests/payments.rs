@@ -394,21 +394,62 @@ async fn ach_purchase_credits_only_after_settling() {
 #[tokio::test]
 async fn bad_payment_input_gets_a_clear_error_and_changes_nothing() {
     let e = env().await;
-    let bad_cards = [
-        ("4242424242424241", 12, 2034, "123", "card.number"),
-        ("4242", 12, 2034, "123", "card.number"),
-        ("abcd424242424242", 12, 2034, "123", "card.number"),
-        ("4242424242424242", 0, 2034, "123", "card.exp_month"),
-        ("4242424242424242", 1, 2020, "123", "card.exp_year"),
-        ("4242424242424242", 1, 2034, "12a", "card.cvc"),
+    // A good card with one thing wrong: (the field named, what it is set to).
+    let good = || CardDetails {
+        number: "4242424242424242".into(),
+        exp_month: 12,
+        exp_year: 2034,
+        cvc: "123".into(),
+    };
+    let bad_cards: Vec<(&str, CardDetails)> = vec![
+        (
+            "card.number",
+            CardDetails {
+                number: "4242424242424241".into(),
+                ..good()
+            },
+        ),
+        (
+            "card.number",
+            CardDetails {
+                number: "4242".into(),
+                ..good()
+            },
+        ),
+        (
+            "card.number",
+            CardDetails {
+                number: "abcd424242424242".into(),
+                ..good()
+            },
+        ),
+        (
+            "card.exp_month",
+            CardDetails {
+                exp_month: 0,
+                ..good()
+            },
+        ),
+        (
+            "card.exp_year",
+            CardDetails {
+                exp_month: 1,
+                exp_year: 2020,
+                ..good()
+            },
+        ),
+        (
+            "card.cvc",
+            CardDetails {
+                cvc: "12a".into(),
+                ..good()
+            },
+        ),
     ];
-    for (number, m, y, cvc, field) in bad_cards {
-        let card = NewPaymentMethod::Card(CardDetails {
-            number: number.into(),
-            exp_month: m,
-            exp_year: y,
-            cvc: cvc.into(),
-        });
+    for (field, details) in bad_cards {
+        let number = details.number.clone();
+        let number = number.as_str();
+        let card = NewPaymentMethod::Card(details);
         let err =
             e.c.payments()
                 .add_payment_method(&acct("acme"), &card, false)

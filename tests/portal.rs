@@ -109,6 +109,30 @@ fn header<'a>(headers: &'a [(String, String)], name: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no {name} header in {headers:?}"))
 }
 
+/// The three services with a prepaid account `acme`, and a portal in front of them.
+async fn acme_and_portal() -> (System, PortalUnderTest) {
+    let system = System::start(1).await;
+    system
+        .api()
+        .create_account("acme", BillingMode::Prepaid)
+        .await;
+    let portal = PortalUnderTest::start(&system).await;
+    (system, portal)
+}
+
+async fn stop(portal: PortalUnderTest, system: System) {
+    portal.stop().await;
+    system.stop().await;
+}
+
+/// Fills the open "Add a card" form (expiry 12/2034).
+async fn fill_card(b: &mut Browser, number: &str, cvc: &str) {
+    b.fill("Card number", number).await;
+    b.fill("Expiry month", "12").await;
+    b.fill("Expiry year", "2034").await;
+    b.fill("CVC", cvc).await;
+}
+
 fn screenshots(test: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(credits_tests::unique(&format!("portal-{test}")));
     std::fs::create_dir_all(&dir).unwrap();
@@ -122,10 +146,8 @@ fn screenshots(test: &str) -> PathBuf {
 /// its reason.
 #[tokio::test]
 async fn the_seed_story_in_a_real_browser_r20() {
-    let system = System::start(1).await;
+    let (system, portal) = acme_and_portal().await;
     let api = system.api();
-    api.create_account("acme", BillingMode::Prepaid).await;
-    let portal = PortalUnderTest::start(&system).await;
     let dir = screenshots("story");
     let mut b = Browser::launch(&dir).await;
 
@@ -154,10 +176,7 @@ async fn the_seed_story_in_a_real_browser_r20() {
 
     // A card, by its labels (a sandbox test number).
     b.open("Add a card").await;
-    b.fill("Card number", "4242 4242 4242 4242").await;
-    b.fill("Expiry month", "12").await;
-    b.fill("Expiry year", "2034").await;
-    b.fill("CVC", "123").await;
+    fill_card(&mut b, "4242 4242 4242 4242", "123").await;
     b.check("Make this card the default payment method", true)
         .await;
     b.submit("Add card").await;
@@ -184,10 +203,7 @@ async fn the_seed_story_in_a_real_browser_r20() {
     // Below the minimum purchase: the error, in words, next to the amount; nothing bought.
     b.fill("Amount (USD)", "3").await;
     b.submit("Add credits").await;
-    let err = b
-        .text_of("credits-amount-error")
-        .await
-        .expect("an error at the amount");
+    let err = b.error_at("credits-amount").await;
     assert!(err.contains("at least $5.00"), "{err}");
     assert_eq!(b.value("Amount (USD)").await, "3");
     assert_eq!(api.balance("acme").await, money("25.00"));
@@ -222,10 +238,7 @@ async fn the_seed_story_in_a_real_browser_r20() {
     b.fill("When balance goes below", "50").await;
     b.fill("Bring credit balance up to", "40").await;
     b.submit("Save").await;
-    let err = b
-        .text_of("recharge-target-error")
-        .await
-        .expect("an error at the target");
+    let err = b.error_at("recharge-target").await;
     assert!(err.contains("greater than threshold"), "{err}");
     assert_eq!(b.value("Bring credit balance up to").await, "40");
     b.screenshot("4-invalid-pair").await;
@@ -264,17 +277,10 @@ async fn the_seed_story_in_a_real_browser_r20() {
     b.screenshot("5-turned-off-by-bank-default").await;
 
     // Card numbers never reach the page again, not even the one just typed.
-    assert!(
-        !b.eval("document.documentElement.outerHTML")
-            .await
-            .as_str()
-            .unwrap()
-            .contains("4242424242424242")
-    );
+    assert!(!b.html().await.contains("4242424242424242"));
 
     b.close().await;
-    portal.stop().await;
-    system.stop().await;
+    stop(portal, system).await;
 }
 
 /// Another account's data and methods are out of reach; a form without the CSRF token
@@ -308,18 +314,9 @@ async fn a_session_reaches_only_its_own_account_until_it_expires_r20() {
     b.screenshot("escaped-name").await;
 
     // The page names no account anywhere the customer could change it.
-    assert!(
-        !b.eval("document.body.innerHTML")
-            .await
-            .as_str()
-            .unwrap()
-            .contains("other")
-    );
+    assert!(!b.html().await.contains("other"));
     // Another account's method, with a valid CSRF token: refused, and still there.
-    let csrf = b
-        .eval("document.querySelector('input[name=csrf]').value")
-        .await;
-    let csrf = csrf.as_str().unwrap().to_owned();
+    let csrf = b.input("csrf").await;
     b.post_form(
         "/billing/methods/remove",
         &[
@@ -351,28 +348,30 @@ async fn a_session_reaches_only_its_own_account_until_it_expires_r20() {
     b.post_form("/billing/credits", &[("amount", "25"), ("key", "k1")])
         .await;
     assert!(b.text().await.contains(refused), "{}", b.text().await);
-    b.post_form(
-        "/billing/auto-recharge",
-        &[
-            ("csrf", "AAAA"),
-            ("enabled", "on"),
-            ("threshold", "10"),
-            ("target", "50"),
-        ],
-    )
-    .await;
-    assert!(b.text().await.contains(refused));
-    b.post_form(
-        "/billing/methods/card",
-        &[
-            ("number", "4242424242424242"),
-            ("exp_month", "12"),
-            ("exp_year", "2034"),
-            ("cvc", "123"),
-        ],
-    )
-    .await;
-    assert!(b.text().await.contains(refused));
+    let forged: [(&str, &[(&str, &str)]); 2] = [
+        (
+            "/billing/auto-recharge",
+            &[
+                ("csrf", "AAAA"),
+                ("enabled", "on"),
+                ("threshold", "10"),
+                ("target", "50"),
+            ],
+        ),
+        (
+            "/billing/methods/card",
+            &[
+                ("number", "4242424242424242"),
+                ("exp_month", "12"),
+                ("exp_year", "2034"),
+                ("cvc", "123"),
+            ],
+        ),
+    ];
+    for (action, fields) in forged {
+        b.post_form(action, fields).await;
+        assert!(b.text().await.contains(refused), "{action}");
+    }
     b.screenshot("csrf-refused").await;
     assert!(api.methods("acme").await.is_empty());
     assert!(api.charges("acme").await.is_empty());
@@ -418,20 +417,14 @@ async fn a_session_reaches_only_its_own_account_until_it_expires_r20() {
 
     other.close().await;
     b.close().await;
-    portal.stop().await;
-    system.stop().await;
+    stop(portal, system).await;
 }
 
 /// `CreatePortalSession` checks what it is asked (SPEC §4): unknown account NOT_FOUND,
 /// bad id or ttl INVALID_ARGUMENT naming the field.
 #[tokio::test]
 async fn create_portal_session_validates_its_request() {
-    let system = System::start(1).await;
-    system
-        .api()
-        .create_account("acme", BillingMode::Prepaid)
-        .await;
-    let portal = PortalUnderTest::start(&system).await;
+    let (system, portal) = acme_and_portal().await;
     let s = portal.sessions();
     let ok = s
         .create_portal_session(&acct("acme"), Some(Duration::from_secs(86_400)))
@@ -470,8 +463,7 @@ async fn create_portal_session_validates_its_request() {
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     assert!(e.message().starts_with("account_id:"), "{}", e.message());
-    portal.stop().await;
-    system.stop().await;
+    stop(portal, system).await;
 }
 
 /// What every response carries (CSP, no framing, no caching, no referrer), what the
@@ -479,12 +471,7 @@ async fn create_portal_session_validates_its_request() {
 /// server itself refuses a cookie past its expiry, whatever the browser keeps.
 #[tokio::test]
 async fn responses_carry_strict_headers_and_the_cookie_ends_with_the_session_r20() {
-    let system = System::start(1).await;
-    system
-        .api()
-        .create_account("acme", BillingMode::Prepaid)
-        .await;
-    let portal = PortalUnderTest::start(&system).await;
+    let (system, portal) = acme_and_portal().await;
     let (code, headers, body) = http(&portal.http, "/billing", None).await;
     assert_eq!(code, 403);
     assert!(body.contains("not valid"));
@@ -541,19 +528,16 @@ async fn responses_carry_strict_headers_and_the_cookie_ends_with_the_session_r20
     let (code, _, body) = http(&portal.http, "/billing", Some(&cookie)).await;
     assert_eq!(code, 403);
     assert!(body.contains("expired"), "{body}");
-    portal.stop().await;
-    system.stop().await;
+    stop(portal, system).await;
 }
 
 /// Add credits tells a declined card in words at the amount; a double submit of one form
 /// buys once; a refused card is never echoed back into the page.
 #[tokio::test]
 async fn add_credits_says_declined_and_a_double_submit_buys_once_r20() {
-    let system = System::start(1).await;
+    let (system, portal) = acme_and_portal().await;
     let api = system.api();
-    api.create_account("acme", BillingMode::Prepaid).await;
     api.add_card("acme", "4000000000000002", true).await; // the sandbox declines it
-    let portal = PortalUnderTest::start(&system).await;
     let dir = screenshots("declined");
     let mut b = Browser::launch(&dir).await;
     b.open_session(&portal.session_url("acme", None).await)
@@ -561,10 +545,7 @@ async fn add_credits_says_declined_and_a_double_submit_buys_once_r20() {
 
     b.fill("Amount (USD)", "25").await;
     b.submit("Add credits").await;
-    let err = b
-        .text_of("credits-amount-error")
-        .await
-        .expect("an error at the amount");
+    let err = b.error_at("credits-amount").await;
     assert!(err.contains("declined"), "{err}");
     assert!(!b.text().await.contains("Payment started"));
     assert_eq!(api.balance("acme").await, money("0.00"));
@@ -572,27 +553,18 @@ async fn add_credits_says_declined_and_a_double_submit_buys_once_r20() {
 
     // A refused card (its CVC) is shown again without the number typed.
     b.open("Add a card").await;
-    b.fill("Card number", "5555555555554444").await;
-    b.fill("Expiry month", "12").await;
-    b.fill("Expiry year", "2034").await;
-    b.fill("CVC", "1").await;
+    fill_card(&mut b, "5555555555554444", "1").await;
     b.submit("Add card").await;
-    let err = b
-        .text_of("card-cvc-error")
-        .await
-        .expect("an error at the CVC");
+    let err = b.error_at("card-cvc").await;
     assert!(err.contains("3 or 4 digits"), "{err}");
-    let html = b.eval("document.documentElement.outerHTML").await;
-    assert!(!html.as_str().unwrap().contains("5555555555554444"));
+    assert!(!b.html().await.contains("5555555555554444"));
     assert_eq!(b.value("Card number").await, "");
     assert_eq!(b.value("Expiry year").await, "2034");
 
     // One form submitted twice (a double click, a resubmit after a timeout): one purchase.
     api.add_card("acme", "4242424242424242", true).await;
     b.goto(&format!("{}/billing", portal.http)).await;
-    let field = |name: &str| format!("document.querySelector('input[name={name}]').value");
-    let csrf = b.eval(&field("csrf")).await.as_str().unwrap().to_owned();
-    let key = b.eval(&field("key")).await.as_str().unwrap().to_owned();
+    let (csrf, key) = (b.input("csrf").await, b.input("key").await);
     for _ in 0..2 {
         b.post_form(
             "/billing/credits",
@@ -609,6 +581,5 @@ async fn add_credits_says_declined_and_a_double_submit_buys_once_r20() {
     let charges = api.charges("acme").await;
     assert_eq!(charges.len(), 2, "one declined, one bought: {charges:?}");
     b.close().await;
-    portal.stop().await;
-    system.stop().await;
+    stop(portal, system).await;
 }

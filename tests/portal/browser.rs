@@ -225,6 +225,32 @@ impl Browser {
             .to_owned()
     }
 
+    /// The error shown next to the control with id `control` (panics when there is none).
+    pub async fn error_at(&mut self, control: &str) -> String {
+        match self.text_of(&format!("{control}-error")).await {
+            Some(e) => e,
+            None => panic!("no error at {control}: {}", self.text().await),
+        }
+    }
+
+    /// The whole document's markup, as it is now.
+    pub async fn html(&mut self) -> String {
+        self.eval("document.documentElement.outerHTML")
+            .await
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    /// The value of the (hidden or visible) input named `name`.
+    pub async fn input(&mut self, name: &str) -> String {
+        let js = format!(
+            "document.querySelector({}).value",
+            json!(format!("input[name={name}]"))
+        );
+        self.eval(&js).await.as_str().unwrap_or_default().to_owned()
+    }
+
     /// The text of the element with `id` (`None` when there is none).
     pub async fn text_of(&mut self, id: &str) -> Option<String> {
         let js = format!(

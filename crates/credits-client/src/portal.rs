@@ -49,19 +49,29 @@ impl Portal {
         account: &AccountId,
         ttl: Option<Duration>,
     ) -> Result<PortalSession, ClientError> {
-        let req = opb::CreatePortalSessionRequest {
-            account_id: account.to_string(),
-            // Rounded up to whole seconds (and at least one): 0 would mean the default hour.
-            ttl_seconds: ttl.map_or(0, |t| {
-                let secs = t.as_secs() + u64::from(t.subsec_nanos() > 0);
-                u32::try_from(secs.max(1)).unwrap_or(u32::MAX)
-            }),
-        };
-        let r = rpc!(self, Repeat::Safe, req, create_portal_session).await?;
+        let r = rpc!(
+            self,
+            Repeat::Safe,
+            request(account, ttl),
+            create_portal_session
+        )
+        .await?;
         Ok(PortalSession {
             expires_at: timestamp("session.expires_at", r.expires_at.as_ref())?
                 .ok_or_else(|| ClientError::bad_response("session.expires_at: missing"))?,
             url: r.url,
         })
+    }
+}
+
+fn request(account: &AccountId, ttl: Option<Duration>) -> opb::CreatePortalSessionRequest {
+    // Rounded up to whole seconds (and at least one): 0 would mean the default hour.
+    let ttl_seconds = ttl.map_or(0, |t| {
+        let secs = t.as_secs() + u64::from(t.subsec_nanos() > 0);
+        u32::try_from(secs.max(1)).unwrap_or(u32::MAX)
+    });
+    opb::CreatePortalSessionRequest {
+        account_id: account.to_string(),
+        ttl_seconds,
     }
 }

@@ -213,25 +213,20 @@ mod tests {
         assert_eq!(jitter(Duration::ZERO), Duration::ZERO);
     }
 
+    /// Repeatable calls retry transient failures until the attempts run out; calls that
+    /// are not repeatable are sent once; refusals are never retried.
     #[tokio::test]
-    async fn repeatable_calls_retry_transient_failures_until_attempts_run_out() {
-        let (r, sent) = failing_with(quick(3), Repeat::Safe, tonic::Code::Unavailable).await;
-        assert!(matches!(r, Err(ClientError::Unavailable { .. })));
-        assert_eq!(sent, 3);
-    }
-
-    #[tokio::test]
-    async fn non_idempotent_calls_are_sent_once() {
-        let (r, sent) = failing_with(quick(3), Repeat::Once, tonic::Code::Unavailable).await;
-        assert!(matches!(r, Err(ClientError::Unavailable { .. })));
-        assert_eq!(sent, 1);
-    }
-
-    #[tokio::test]
-    async fn refusals_are_never_retried() {
-        let (r, sent) = failing_with(quick(3), Repeat::Safe, tonic::Code::AlreadyExists).await;
-        assert!(matches!(r, Err(ClientError::AlreadyExists { .. })));
-        assert_eq!(sent, 1);
+    async fn only_repeatable_calls_retry_and_only_transient_failures() {
+        let cases = [
+            (Repeat::Safe, tonic::Code::Unavailable, 3),
+            (Repeat::Once, tonic::Code::Unavailable, 1),
+            (Repeat::Safe, tonic::Code::AlreadyExists, 1),
+        ];
+        for (repeat, code, attempts) in cases {
+            let (r, sent) = failing_with(quick(3), repeat, code).await;
+            assert_eq!(r.unwrap_err().code(), code);
+            assert_eq!(sent, attempts, "{repeat:?} {code:?}");
+        }
     }
 
     #[tokio::test]

@@ -128,68 +128,69 @@ impl Publisher {
         messages: &[OutgoingMessage],
         routing_key: impl Fn(&OutgoingMessage) -> String,
     ) -> Result<Vec<Delivery>, PublishError> {
-        let result = tokio::time::timeout(
-            PUBLISH_TIMEOUT,
-            self.try_publish(exchange, messages, routing_key),
-        )
-        .await
-        .unwrap_or(Err(PublishError::TimedOut(PUBLISH_TIMEOUT)));
+        let sent = async {
+            let ch = self.channel().await?;
+            send(&ch, exchange, messages, routing_key).await
+        };
+        let result = tokio::time::timeout(PUBLISH_TIMEOUT, sent)
+            .await
+            .unwrap_or(Err(PublishError::TimedOut(PUBLISH_TIMEOUT)));
         if result.is_err() {
             self.state = None;
         }
         result
     }
+}
 
-    async fn try_publish(
-        &mut self,
-        exchange: &str,
-        messages: &[OutgoingMessage],
-        routing_key: impl Fn(&OutgoingMessage) -> String,
-    ) -> Result<Vec<Delivery>, PublishError> {
-        let ch = self.channel().await?;
-        let mut confirms = Vec::with_capacity(messages.len());
-        for m in messages {
-            let props = BasicProperties::default()
-                .with_delivery_mode(2)
-                .with_content_type(ShortString::from("application/json"))
-                .with_message_id(ShortString::from(m.message_id.as_str()))
-                .with_type(ShortString::from(m.routing_key.as_str()))
-                .with_timestamp(m.timestamp_secs);
-            let confirm = ch
-                .basic_publish(
-                    exchange.into(),
-                    routing_key(m).as_str().into(),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..Default::default()
-                    },
-                    &m.body,
-                    props,
-                )
-                .await?;
-            confirms.push(confirm);
-        }
-        // lapin hangs a returned message on whichever confirm it resolves next, not on the
-        // one it belongs to: a `basic.return` is sent at routing time, the ack of an earlier
-        // persistent message only after its fsync, so the return of message 2 can arrive
-        // first and be attached to message 1's ack (and a `multiple` ack resolves its tags in
-        // no set order). Which messages came back is therefore read from the returned
-        // messages' own ids, over the whole batch; reading it per confirm once published a
-        // routed event twice and deleted an unroutable one as if a queue had it.
-        let mut returned = std::collections::HashSet::new();
-        for c in confirms {
-            match c.await? {
-                lapin::Confirmation::Ack(None) | lapin::Confirmation::NotRequested => {}
-                lapin::Confirmation::Ack(Some(m)) => {
-                    returned.insert(returned_id(&m));
-                }
-                lapin::Confirmation::Nack(_) => {
-                    return Err(PublishError::Nacked);
-                }
+/// Publishes every message on `ch` and waits for all the broker's confirms.
+async fn send(
+    ch: &Channel,
+    exchange: &str,
+    messages: &[OutgoingMessage],
+    routing_key: impl Fn(&OutgoingMessage) -> String,
+) -> Result<Vec<Delivery>, PublishError> {
+    let mut confirms = Vec::with_capacity(messages.len());
+    for m in messages {
+        let props = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type(ShortString::from("application/json"))
+            .with_message_id(ShortString::from(m.message_id.as_str()))
+            .with_type(ShortString::from(m.routing_key.as_str()))
+            .with_timestamp(m.timestamp_secs);
+        let confirm = ch
+            .basic_publish(
+                exchange.into(),
+                routing_key(m).as_str().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                &m.body,
+                props,
+            )
+            .await?;
+        confirms.push(confirm);
+    }
+    // lapin hangs a returned message on whichever confirm it resolves next, not on the
+    // one it belongs to: a `basic.return` is sent at routing time, the ack of an earlier
+    // persistent message only after its fsync, so the return of message 2 can arrive
+    // first and be attached to message 1's ack (and a `multiple` ack resolves its tags in
+    // no set order). Which messages came back is therefore read from the returned
+    // messages' own ids, over the whole batch; reading it per confirm once published a
+    // routed event twice and deleted an unroutable one as if a queue had it.
+    let mut returned = std::collections::HashSet::new();
+    for c in confirms {
+        match c.await? {
+            lapin::Confirmation::Ack(None) | lapin::Confirmation::NotRequested => {}
+            lapin::Confirmation::Ack(Some(m)) => {
+                returned.insert(returned_id(&m));
+            }
+            lapin::Confirmation::Nack(_) => {
+                return Err(PublishError::Nacked);
             }
         }
-        Ok(messages.iter().map(|m| delivery_of(m, &returned)).collect())
     }
+    Ok(messages.iter().map(|m| delivery_of(m, &returned)).collect())
 }
 
 /// The id a returned message was published with (`None` if it had none: ours always do).

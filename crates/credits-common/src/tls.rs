@@ -26,14 +26,14 @@ pub struct Tls {
 pub struct TlsArgs {
     /// PEM certificate (chain) this daemon serves gRPC with, and presents to peers that
     /// require mutual TLS.
-    #[arg(long, env = "CREDITS_TLS_CERT")]
+    #[arg(long, env = "CREDITS_TLS_CERT", value_name = "PEM")]
     pub tls_cert: Option<PathBuf>,
     /// PEM private key of `CREDITS_TLS_CERT`.
-    #[arg(long, env = "CREDITS_TLS_KEY")]
+    #[arg(long, env = "CREDITS_TLS_KEY", value_name = "PEM")]
     pub tls_key: Option<PathBuf>,
     /// PEM CA certificate: peers are verified against it, and clients of this daemon must
     /// present a certificate it signed (mutual TLS).
-    #[arg(long, env = "CREDITS_TLS_CA")]
+    #[arg(long, env = "CREDITS_TLS_CA", value_name = "PEM")]
     pub tls_ca: Option<PathBuf>,
 }
 

@@ -23,14 +23,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::session::{Keys, Kind};
 
-pub const DEFAULT_LISTEN: &str = "0.0.0.0:50054";
-pub const DEFAULT_HTTP_LISTEN: &str = "0.0.0.0:8080";
-pub const DEFAULT_METRICS: &str = "0.0.0.0:9154";
-pub const DEFAULT_PUBLIC_URL: &str = "http://127.0.0.1:8080";
-/// A session's life when the request says 0, and the longest one may ask for.
-pub const DEFAULT_TTL_SECS: u32 = 3600;
-pub const MAX_TTL_SECS: u32 = 86_400;
-
 #[derive(Clone, Debug)]
 pub struct Config {
     /// Where the services are; `client.token` is the portal's own (billing-role) token.
@@ -45,6 +37,12 @@ pub struct Config {
     pub auth_token: Option<Secret>,
     pub auth_tokens_file: Option<std::path::PathBuf>,
 }
+
+/// Where the portal listens and what links it hands out, unless configured.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:50054";
+pub const DEFAULT_HTTP_LISTEN: &str = "0.0.0.0:8080";
+pub const DEFAULT_METRICS: &str = "0.0.0.0:9154";
+pub const DEFAULT_PUBLIC_URL: &str = "http://127.0.0.1:8080";
 
 impl Config {
     pub fn new(client: ClientConfig, public_url: &str, keys: Keys) -> Config {
@@ -74,6 +72,10 @@ pub struct Sessions {
     keys: Keys,
     public_url: String,
 }
+
+/// A session's life when the request says 0, and the longest one may ask for.
+pub const DEFAULT_TTL_SECS: u32 = 3600;
+pub const MAX_TTL_SECS: u32 = 86_400;
 
 impl Sessions {
     pub async fn create(

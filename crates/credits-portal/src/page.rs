@@ -596,95 +596,129 @@ fn when(t: &chrono::DateTime<chrono::Utc>) -> String {
     t.format("%Y-%m-%d %H:%M UTC").to_string()
 }
 
-fn history(h: &mut String, v: &View) {
-    h.push_str("<section aria-labelledby=\"history-h\"><h2 id=\"history-h\">History</h2>");
-    // Entries.
-    h.push_str("<h3 id=\"entries-h\">Credits and usage</h3>");
-    if v.entries.items.is_empty() {
+/// A cell of a history table: text, or a right-aligned amount.
+enum Cell {
+    Text(String),
+    Num(String),
+}
+
+/// One history table: its id, its heading, its column heads (`|`-separated).
+struct Table(&'static str, &'static str, &'static str);
+
+const ENTRIES: Table = Table(
+    "entries",
+    "Credits and usage",
+    "Date|What|Amount|Balance after|Description",
+);
+const CHARGES: Table = Table("charges", "Charges", "Date|Amount|Method|Status");
+const ATTEMPTS: Table = Table("attempts", "Auto-recharge top-ups", "Date|Amount|Status");
+
+/// Writes a history table (rows escaped here) and the link to its next page.
+fn table(
+    h: &mut String,
+    Table(id, title, head): Table,
+    rows: Vec<Vec<Cell>>,
+    next: &Option<String>,
+) {
+    let _ = write!(h, "<h3 id=\"{id}-h\">{}</h3>", esc(title));
+    if rows.is_empty() {
         h.push_str("<p>Nothing yet.</p>");
     } else {
-        h.push_str("<table id=\"entries\"><thead><tr><th>Date</th><th>What</th><th>Amount</th><th>Balance after</th><th>Description</th></tr></thead><tbody>");
-        for e in &v.entries.items {
-            let (what, sign) = match e.kind {
-                EntryKind::Usage(c) => (
-                    format!("Usage ({})", c.as_str().to_lowercase().replace('_', " ")),
-                    "-",
-                ),
-                EntryKind::Credit(s) => (
-                    format!("Credit ({})", s.as_str().to_lowercase().replace('_', " ")),
-                    "+",
-                ),
-            };
-            let _ = write!(
-                h,
-                "<tr><td>{}</td><td>{}</td><td class=\"num\">{sign}{}</td><td class=\"num\">{}</td><td>{}</td></tr>",
-                esc(&when(&e.created_at)),
-                esc(&what),
-                esc(&dollars(&e.amount)),
-                esc(&dollars(&e.balance_after)),
-                esc(&e.description)
-            );
+        let _ = write!(h, "<table id=\"{id}\"><thead><tr>");
+        for c in head.split('|') {
+            let _ = write!(h, "<th>{}</th>", esc(c));
+        }
+        h.push_str("</tr></thead><tbody>");
+        for row in rows {
+            h.push_str("<tr>");
+            for cell in row {
+                let _ = match cell {
+                    Cell::Text(s) => write!(h, "<td>{}</td>", esc(&s)),
+                    Cell::Num(s) => write!(h, "<td class=\"num\">{}</td>", esc(&s)),
+                };
+            }
+            h.push_str("</tr>");
         }
         h.push_str("</tbody></table>");
     }
-    older_link(
+    older_link(h, id, next, &title.to_lowercase());
+}
+
+/// `failed (card_declined)`.
+fn status(status: &str, failure_code: &Option<String>) -> String {
+    match failure_code {
+        Some(code) => format!("{} ({code})", words(status)),
+        None => words(status),
+    }
+}
+
+/// `API_REQUESTS` → `api requests`.
+fn words(s: &str) -> String {
+    s.to_lowercase().replace('_', " ")
+}
+
+fn entry_row(e: &Entry) -> Vec<Cell> {
+    let (what, sign) = match e.kind {
+        EntryKind::Usage(c) => (format!("Usage ({})", words(c.as_str())), "-"),
+        EntryKind::Credit(s) => (format!("Credit ({})", words(s.as_str())), "+"),
+    };
+    vec![
+        Cell::Text(when(&e.created_at)),
+        Cell::Text(what),
+        Cell::Num(format!("{sign}{}", dollars(&e.amount))),
+        Cell::Num(dollars(&e.balance_after)),
+        Cell::Text(e.description.clone()),
+    ]
+}
+
+fn charge_row(c: &Charge) -> Vec<Cell> {
+    let method = match c.payment_method_type {
+        PaymentMethodType::Card => "Card",
+        PaymentMethodType::UsBankAccount => "US bank account",
+    };
+    vec![
+        Cell::Text(when(&c.created_at)),
+        Cell::Num(dollars(&c.amount)),
+        Cell::Text(method.to_owned()),
+        Cell::Text(status(c.status.as_str(), &c.failure_code)),
+    ]
+}
+
+fn attempt_row(a: &RechargeAttempt) -> Vec<Cell> {
+    let mut status = status(a.status.as_str(), &a.failure_code);
+    if a.status == AttemptStatus::Skipped {
+        status.push_str(": monthly limit reached");
+    }
+    vec![
+        Cell::Text(when(&a.created_at)),
+        Cell::Num(dollars(&a.amount)),
+        Cell::Text(status),
+    ]
+}
+
+fn history(h: &mut String, v: &View) {
+    fn rows<T>(page: &Page<T>, row: fn(&T) -> Vec<Cell>) -> Vec<Vec<Cell>> {
+        page.items.iter().map(row).collect()
+    }
+    h.push_str("<section aria-labelledby=\"history-h\"><h2 id=\"history-h\">History</h2>");
+    table(
         h,
-        "entries",
+        ENTRIES,
+        rows(&v.entries, entry_row),
         &v.entries.next_page_token,
-        "credits and usage",
     );
-    // Charges.
-    h.push_str("<h3 id=\"charges-h\">Charges</h3>");
-    if v.charges.items.is_empty() {
-        h.push_str("<p>No charges yet.</p>");
-    } else {
-        h.push_str("<table id=\"charges\"><thead><tr><th>Date</th><th>Amount</th><th>Method</th><th>Status</th></tr></thead><tbody>");
-        for c in &v.charges.items {
-            let method = match c.payment_method_type {
-                PaymentMethodType::Card => "Card",
-                PaymentMethodType::UsBankAccount => "US bank account",
-            };
-            let status = match &c.failure_code {
-                Some(code) => format!("{} ({code})", c.status.as_str().to_lowercase()),
-                None => c.status.as_str().to_lowercase(),
-            };
-            let _ = write!(
-                h,
-                "<tr><td>{}</td><td class=\"num\">{}</td><td>{}</td><td>{}</td></tr>",
-                esc(&when(&c.created_at)),
-                esc(&dollars(&c.amount)),
-                esc(method),
-                esc(&status)
-            );
-        }
-        h.push_str("</tbody></table>");
-    }
-    older_link(h, "charges", &v.charges.next_page_token, "charges");
-    // Recharge attempts.
-    h.push_str("<h3 id=\"attempts-h\">Auto-recharge top-ups</h3>");
-    if v.attempts.items.is_empty() {
-        h.push_str("<p>No top-ups yet.</p>");
-    } else {
-        h.push_str("<table id=\"attempts\"><thead><tr><th>Date</th><th>Amount</th><th>Status</th></tr></thead><tbody>");
-        for a in &v.attempts.items {
-            let mut status = a.status.as_str().to_lowercase();
-            if let Some(code) = &a.failure_code {
-                let _ = write!(status, " ({code})");
-            }
-            if a.status == AttemptStatus::Skipped {
-                status.push_str(": monthly limit reached");
-            }
-            let _ = write!(
-                h,
-                "<tr><td>{}</td><td class=\"num\">{}</td><td>{}</td></tr>",
-                esc(&when(&a.created_at)),
-                esc(&dollars(&a.amount)),
-                esc(&status)
-            );
-        }
-        h.push_str("</tbody></table>");
-    }
-    older_link(h, "attempts", &v.attempts.next_page_token, "top-ups");
+    table(
+        h,
+        CHARGES,
+        rows(&v.charges, charge_row),
+        &v.charges.next_page_token,
+    );
+    table(
+        h,
+        ATTEMPTS,
+        rows(&v.attempts, attempt_row),
+        &v.attempts.next_page_token,
+    );
     h.push_str("</section>");
 }
 

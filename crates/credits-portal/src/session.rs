@@ -195,15 +195,19 @@ mod tests {
         AccountId::parse(s).unwrap()
     }
 
+    /// A `kind` token for acme, signed by `k`, valid for a minute from now; and now.
+    fn acme_token(k: &Keys, kind: Kind) -> (String, DateTime<Utc>) {
+        let now = Utc::now();
+        (
+            k.sign(kind, &acct("acme"), now + chrono::Duration::seconds(60)),
+            now,
+        )
+    }
+
     #[test]
     fn a_signed_token_verifies_until_it_expires() {
         let k = keys();
-        let now = Utc::now();
-        let t = k.sign(
-            Kind::Link,
-            &acct("acme"),
-            now + chrono::Duration::seconds(60),
-        );
+        let (t, now) = acme_token(&k, Kind::Link);
         let s = k.verify(Kind::Link, &t, now).unwrap();
         assert_eq!(s.account, acct("acme"));
         assert_eq!(
@@ -215,12 +219,7 @@ mod tests {
     #[test]
     fn a_changed_account_expiry_kind_or_key_is_refused() {
         let k = keys();
-        let now = Utc::now();
-        let t = k.sign(
-            Kind::Link,
-            &acct("acme"),
-            now + chrono::Duration::seconds(60),
-        );
+        let (t, now) = acme_token(&k, Kind::Link);
         let other_account = t.replacen(".acme.", ".evil.", 1);
         assert_eq!(
             k.verify(Kind::Link, &other_account, now),
@@ -256,12 +255,7 @@ mod tests {
     #[test]
     fn the_previous_key_still_verifies_during_a_rotation() {
         let old = keys();
-        let now = Utc::now();
-        let t = old.sign(
-            Kind::Cookie,
-            &acct("acme"),
-            now + chrono::Duration::seconds(60),
-        );
+        let (t, now) = acme_token(&old, Kind::Cookie);
         let rotated = Keys::new(&[9u8; 32], Some(&[7u8; 32])).unwrap();
         let s = rotated.verify(Kind::Cookie, &t, now).unwrap();
         assert!(rotated.csrf_ok(&s, &old.csrf(&s)));
@@ -271,14 +265,11 @@ mod tests {
     #[test]
     fn the_csrf_token_belongs_to_one_session() {
         let k = keys();
-        let now = Utc::now();
-        let exp = now + chrono::Duration::seconds(60);
-        let a = k
-            .verify(Kind::Cookie, &k.sign(Kind::Cookie, &acct("acme"), exp), now)
-            .unwrap();
-        let b = k
-            .verify(Kind::Cookie, &k.sign(Kind::Cookie, &acct("acme"), exp), now)
-            .unwrap();
+        let session = || {
+            let (t, now) = acme_token(&k, Kind::Cookie);
+            k.verify(Kind::Cookie, &t, now).unwrap()
+        };
+        let (a, b) = (session(), session());
         assert!(k.csrf_ok(&a, &k.csrf(&a)));
         assert!(!k.csrf_ok(&a, &k.csrf(&b)));
         assert!(!k.csrf_ok(&a, ""));

@@ -593,15 +593,20 @@ async fn do_add_card(web: &Web, sub: &Submitted) -> Result<&'static str, Refusal
         exp_year: whole("exp_year", sub.get("exp_year"))?,
         cvc: sub.get("cvc").trim().to_owned(),
     };
+    add_method(web, sub, NewPaymentMethod::Card(card)).await?;
+    Ok("card-added")
+}
+
+/// Adds a method to the session's account, the default when the form says so.
+async fn add_method(
+    web: &Web,
+    sub: &Submitted,
+    method: NewPaymentMethod,
+) -> Result<credits_client::PaymentMethod, ClientError> {
     web.client
         .payments()
-        .add_payment_method(
-            &sub.session.account,
-            &NewPaymentMethod::Card(card),
-            sub.checked("make_default"),
-        )
-        .await?;
-    Ok("card-added")
+        .add_payment_method(&sub.session.account, &method, sub.checked("make_default"))
+        .await
 }
 
 async fn do_add_bank(web: &Web, sub: &Submitted) -> Result<&'static str, Refusal> {
@@ -610,15 +615,7 @@ async fn do_add_bank(web: &Web, sub: &Submitted) -> Result<&'static str, Refusal
         account_number: sub.get("account_number").trim().to_owned(),
         holder_name: sub.get("holder_name").to_owned(),
     };
-    let m = web
-        .client
-        .payments()
-        .add_payment_method(
-            &sub.session.account,
-            &NewPaymentMethod::UsBankAccount(bank),
-            sub.checked("make_default"),
-        )
-        .await?;
+    let m = add_method(web, sub, NewPaymentMethod::UsBankAccount(bank)).await?;
     if m.is_default {
         settle_bank_default(web, &sub.session.account).await;
     }

@@ -5,28 +5,22 @@
 
 #![allow(clippy::derive_partial_eq_without_eq, clippy::large_enum_variant)]
 
-pub mod ledger {
-    pub mod v1 {
-        tonic::include_proto!("credits.ledger.v1");
-    }
+/// One module per package: `credits.<service>.v1` is `<service>::v1`.
+macro_rules! packages {
+    ($($service:ident => $package:literal),+ $(,)?) => {
+        $(pub mod $service {
+            pub mod v1 {
+                tonic::include_proto!($package);
+            }
+        })+
+    };
 }
 
-pub mod payments {
-    pub mod v1 {
-        tonic::include_proto!("credits.payments.v1");
-    }
-}
-
-pub mod recharge {
-    pub mod v1 {
-        tonic::include_proto!("credits.recharge.v1");
-    }
-}
-
-pub mod portal {
-    pub mod v1 {
-        tonic::include_proto!("credits.portal.v1");
-    }
+packages! {
+    ledger => "credits.ledger.v1",
+    payments => "credits.payments.v1",
+    recharge => "credits.recharge.v1",
+    portal => "credits.portal.v1",
 }
 
 /// Encoded `FileDescriptorSet` of every credits proto, for gRPC server reflection.
