@@ -1148,10 +1148,9 @@ async fn check_access_on_one_replica_sees_another_replicas_change_r16() {
 
 /// docs/scaling.md: the data shards by account, so every query on a per-account table
 /// names its account: an INSERT writes `account_id`, any other statement filters on
-/// `account_id = …` / `account_id IN …`. Exceptions are listed with their reason: the
-/// sweeps, which scan by time on purpose (sharded, they run on every shard), and the
-/// point look-ups by a globally unique id still to be given their account before the
-/// tables are distributed (docs/scaling.md, step 1). A new query outside both lists fails.
+/// `account_id = …` / `account_id IN …`. The exceptions are the sweeps, listed with their
+/// reason: they scan by time on purpose (sharded, they run on every shard). A new query
+/// outside the list fails.
 /// Reads every compile-time-checked query in `.sqlx/`.
 #[test]
 fn hot_queries_are_keyed_by_account() {
@@ -1164,9 +1163,8 @@ fn hot_queries_are_keyed_by_account() {
         "settings",
         "attempts",
     ];
-    /// (a fragment of the query, why it is not keyed by account).
+    /// Sweeps: (a fragment of the query, why it is not keyed by account).
     const EXCEPTIONS: &[(&str, &str)] = &[
-        // Sweeps.
         (
             "lease_until <= now()",
             "sweep: attempts whose lease ran out, on any account",
@@ -1187,14 +1185,6 @@ fn hot_queries_are_keyed_by_account() {
             "from settings where enabled",
             "sweep: the reconciler's pass over enabled settings",
         ),
-        // Point look-ups by a unique id (debt for step 1 of docs/scaling.md).
-        (
-            "from entries where seq = $1",
-            "by entry seq (a capture's entry)",
-        ),
-        ("where charge_id = $1", "by charge id"),
-        ("where payment_method_id = $1", "by payment method id"),
-        ("where attempt_id = $1", "by attempt id"),
     ];
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.sqlx");
     let keyed = |q: &str| {

@@ -402,7 +402,7 @@ impl Store {
         // repeat; a release with the balances now.
         let (entry, balance, available) = match (hold.entry_seq, hold.capture_available) {
             (Some(seq), Some(available)) => {
-                let entry = self.entry(seq).await?;
+                let entry = self.entry(account, seq).await?;
                 let balance = entry.balance_after;
                 (Some(entry), balance, available)
             }
@@ -503,13 +503,14 @@ impl Store {
         rows.into_iter().map(Hold::try_from).collect()
     }
 
-    /// One entry by its sequence number.
-    async fn entry(&self, seq: i64) -> Result<Entry, LedgerError> {
+    /// One entry of `account` by its sequence number.
+    async fn entry(&self, account: &AccountId, seq: i64) -> Result<Entry, LedgerError> {
         sqlx::query_as!(
             EntryRow,
             r#"SELECT seq, entry_id, account_id, kind, category, source, amount, balance_after,
                       reference, description, idempotency_key, created_at
-               FROM entries WHERE seq = $1"#,
+               FROM entries WHERE account_id = $1 AND seq = $2"#,
+            account.as_str(),
             seq,
         )
         .fetch_one(&self.pool)

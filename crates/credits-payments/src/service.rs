@@ -173,7 +173,7 @@ impl Payments {
         let pm = Store::find_method(&mut tx, account.as_str(), id)
             .await?
             .ok_or_else(|| method_not_found(account, id))?;
-        Store::mark_removed(&mut tx, id).await?;
+        Store::mark_removed(&mut tx, account.as_str(), id).await?;
         let event = Event::PaymentMethodRemoved(MethodRemoved {
             payment_method_id: id.to_owned(),
             was_default: pm.is_default,
@@ -271,7 +271,10 @@ impl Payments {
 
     /// Calls the processor for a PROCESSING charge and records the outcome.
     pub async fn drive(&self, charge: Charge) -> Result<Charge, PaymentsError> {
-        let token = self.store.method_token(&charge.payment_method_id).await?;
+        let token = self
+            .store
+            .method_token(&charge.account_id, &charge.payment_method_id)
+            .await?;
         let result = self
             .processor
             .charge(
@@ -288,7 +291,10 @@ impl Payments {
                     .await
             }
             Err(ProcessorError::Transient(reason)) => {
-                let attempts = self.store.count_attempt(&charge.charge_id).await?;
+                let attempts = self
+                    .store
+                    .count_attempt(&charge.account_id, &charge.charge_id)
+                    .await?;
                 metrics::counter!("credits_payments_processor_transient_errors_total").increment(1);
                 if attempts >= MAX_PROCESSOR_ATTEMPTS {
                     // The error may have hidden a charge the processor did make (its answer
@@ -342,8 +348,15 @@ impl Payments {
         processor_id: Option<&str>,
     ) -> Result<Charge, PaymentsError> {
         let mut tx = self.store.pool().begin().await?;
-        let moved =
-            Store::transition(&mut tx, &charge.charge_id, status, code, processor_id).await?;
+        let moved = Store::transition(
+            &mut tx,
+            &charge.account_id,
+            &charge.charge_id,
+            status,
+            code,
+            processor_id,
+        )
+        .await?;
         if let Some(c) = &moved
             && c.status.is_final()
         {
@@ -449,7 +462,7 @@ impl Payments {
             .entry
             .ok_or_else(|| PaymentsError::internal("ledger returned no entry"))?;
         self.store
-            .set_ledger_entry(&charge.charge_id, &entry.entry_id)
+            .set_ledger_entry(&charge.account_id, &charge.charge_id, &entry.entry_id)
             .await?;
         Ok((entry, resp.balance))
     }

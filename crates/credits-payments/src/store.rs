@@ -203,7 +203,8 @@ impl Store {
         .await?;
         if let Some(id) = id {
             sqlx::query!(
-                "UPDATE payment_methods SET is_default = true WHERE payment_method_id = $1",
+                "UPDATE payment_methods SET is_default = true WHERE account_id = $1 AND payment_method_id = $2",
+                account,
                 id
             )
             .execute(&mut *conn)
@@ -212,9 +213,15 @@ impl Store {
         Ok(())
     }
 
-    pub async fn mark_removed(conn: &mut PgConnection, id: &str) -> Result<(), PaymentsError> {
+    pub async fn mark_removed(
+        conn: &mut PgConnection,
+        account: &str,
+        id: &str,
+    ) -> Result<(), PaymentsError> {
         sqlx::query!(
-            "UPDATE payment_methods SET removed_at = now(), is_default = false WHERE payment_method_id = $1",
+            "UPDATE payment_methods SET removed_at = now(), is_default = false
+             WHERE account_id = $1 AND payment_method_id = $2",
+            account,
             id
         )
         .execute(conn)
@@ -294,9 +301,14 @@ impl Store {
         .transpose()
     }
 
-    pub async fn method_token(&self, payment_method_id: &str) -> Result<String, PaymentsError> {
+    pub async fn method_token(
+        &self,
+        account: &str,
+        payment_method_id: &str,
+    ) -> Result<String, PaymentsError> {
         Ok(sqlx::query_scalar!(
-            "SELECT processor_token FROM payment_methods WHERE payment_method_id = $1",
+            "SELECT processor_token FROM payment_methods WHERE account_id = $1 AND payment_method_id = $2",
+            account,
             payment_method_id
         )
         .fetch_one(&self.pool)
@@ -307,6 +319,7 @@ impl Store {
     /// made the transition (so exactly one of racing callers publishes the event).
     pub async fn transition(
         conn: &mut PgConnection,
+        account: &str,
         charge_id: &str,
         status: ChargeStatus,
         failure_code: &str,
@@ -320,6 +333,7 @@ impl Store {
                    updated_at = now(),
                    completed_at = CASE WHEN $2 IN ('SUCCEEDED', 'FAILED') THEN now() END
                WHERE charge_id = $1 AND status IN ('PROCESSING', 'PENDING') AND status <> $2
+                 AND account_id = $5
                RETURNING seq, charge_id, account_id, purpose, payment_method_id, payment_method_type,
                          requested_method_id, amount, description, idempotency_key, status, failure_code,
                          processor_attempts, ledger_entry_id, created_at"#,
@@ -327,6 +341,7 @@ impl Store {
             status.as_str(),
             failure_code,
             processor_charge_id,
+            account,
         )
         .fetch_optional(conn)
         .await?
@@ -335,10 +350,15 @@ impl Store {
     }
 
     /// Counts a transient processor failure; returns the attempts so far.
-    pub async fn count_attempt(&self, charge_id: &str) -> Result<i32, PaymentsError> {
+    pub async fn count_attempt(
+        &self,
+        account: &str,
+        charge_id: &str,
+    ) -> Result<i32, PaymentsError> {
         Ok(sqlx::query_scalar!(
             "UPDATE charges SET processor_attempts = processor_attempts + 1, updated_at = now()
-             WHERE charge_id = $1 RETURNING processor_attempts",
+             WHERE account_id = $1 AND charge_id = $2 RETURNING processor_attempts",
+            account,
             charge_id
         )
         .fetch_one(&self.pool)
@@ -347,11 +367,14 @@ impl Store {
 
     pub async fn set_ledger_entry(
         &self,
+        account: &str,
         charge_id: &str,
         entry_id: &str,
     ) -> Result<(), PaymentsError> {
         sqlx::query!(
-            "UPDATE charges SET ledger_entry_id = $2, updated_at = now() WHERE charge_id = $1 AND ledger_entry_id IS NULL",
+            "UPDATE charges SET ledger_entry_id = $3, updated_at = now()
+             WHERE account_id = $1 AND charge_id = $2 AND ledger_entry_id IS NULL",
+            account,
             charge_id,
             entry_id
         )
@@ -420,7 +443,8 @@ impl Store {
                 ChargeStatus::PROCESSING => out.stale_processing.push(c),
                 ChargeStatus::PENDING => {
                     let pid = sqlx::query_scalar!(
-                        "SELECT processor_charge_id FROM charges WHERE charge_id = $1",
+                        "SELECT processor_charge_id FROM charges WHERE account_id = $1 AND charge_id = $2",
+                        c.account_id,
                         c.charge_id
                     )
                     .fetch_one(&self.pool)

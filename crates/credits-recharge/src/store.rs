@@ -473,10 +473,11 @@ impl Store {
     ) -> Result<bool, RechargeError> {
         let r = sqlx::query!(
             "UPDATE attempts SET status = 'CHARGING', payment_method_id = $2
-             WHERE attempt_id = $1 AND status = 'PENDING' AND lease_owner = $3",
+             WHERE attempt_id = $1 AND status = 'PENDING' AND lease_owner = $3 AND account_id = $4",
             lease.attempt.attempt_id,
             payment_method_id,
             lease.owner,
+            lease.attempt.account_id,
         )
         .execute(&self.pool)
         .await?;
@@ -486,10 +487,12 @@ impl Store {
     /// Records the charge of the attempt; false when the lease was lost.
     pub async fn set_charge(&self, lease: &Lease, charge_id: &str) -> Result<bool, RechargeError> {
         let r = sqlx::query!(
-            "UPDATE attempts SET charge_id = $2 WHERE attempt_id = $1 AND lease_owner = $3",
+            "UPDATE attempts SET charge_id = $2
+             WHERE attempt_id = $1 AND lease_owner = $3 AND account_id = $4",
             lease.attempt.attempt_id,
             charge_id,
             lease.owner,
+            lease.attempt.account_id,
         )
         .execute(&self.pool)
         .await?;
@@ -501,10 +504,12 @@ impl Store {
     pub async fn defer(&self, lease: &Lease, delay: Duration) -> Result<bool, RechargeError> {
         let r = sqlx::query!(
             "UPDATE attempts SET retries = retries + 1, lease_until = now() + make_interval(secs => $2)
-             WHERE attempt_id = $1 AND lease_owner = $3 AND status IN ('PENDING', 'CHARGING')",
+             WHERE attempt_id = $1 AND lease_owner = $3 AND status IN ('PENDING', 'CHARGING')
+               AND account_id = $4",
             lease.attempt.attempt_id,
             secs(delay),
             lease.owner,
+            lease.attempt.account_id,
         )
         .execute(&self.pool)
         .await?;
@@ -527,6 +532,7 @@ impl Store {
             r#"UPDATE attempts SET status = $2, charge_id = COALESCE($3, charge_id), failure_code = $4,
                                    completed_at = now() + make_interval(secs => $6)
                WHERE attempt_id = $1 AND status IN ('PENDING', 'CHARGING') AND lease_owner = $5
+                 AND account_id = $7
                RETURNING seq, attempt_id, account_id, trigger, balance_at_trigger, amount, status,
                          payment_method_id, charge_id, failure_code, retries, created_at, completed_at"#,
             lease.attempt.attempt_id,
@@ -535,6 +541,7 @@ impl Store {
             failure_code,
             lease.owner,
             offset_secs,
+            lease.attempt.account_id,
         )
         .fetch_optional(conn)
         .await?
