@@ -368,7 +368,7 @@ async fn inject_one(
                 "[{at:6.1}s] fault: ledger unreachable for {:.0} s (kill -9, restarted after the outage)",
                 d.ledger_outage.as_secs_f32()
             );
-            c.ledger.kill9().await;
+            c.ledger[0].kill9().await;
             st.recover_after(now, d.ledger_outage, Recovery::LedgerUp);
             counts.ledger_outage += 1;
         }
@@ -460,7 +460,7 @@ async fn recover_due(c: &mut Cluster, st: &mut State, t0: Instant) {
         match p.what {
             Recovery::LedgerUp => {
                 println!("[{at:6.1}s] recover: ledger restarted after {lasted:.1} s down");
-                if let Err(e) = c.ledger.restart().await {
+                if let Err(e) = c.ledger[0].restart().await {
                     println!("           restart of the ledger failed: {e}");
                 }
             }

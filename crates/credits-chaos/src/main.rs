@@ -1,4 +1,4 @@
-//! `credits-chaos`: a bounded soak that runs every daemon as its own process (one ledger,
+//! `credits-chaos`: a bounded soak that runs every daemon as its own process (two ledgers,
 //! two payments, two recharge workers), drives usage and purchases on prepaid accounts with
 //! auto-recharge, injects faults — `kill -9` and restart, RabbitMQ connection kills and
 //! broker restarts, PostgreSQL connection terminations, a slow processor, poison messages,
@@ -57,7 +57,10 @@ pub struct Args {
 
 pub struct Cluster {
     pub run: String,
-    pub ledger: Daemon,
+    /// Two ledger replicas on one database: payments, recharge and the workload's callers
+    /// of replica `i` use ledger `i`, so postings, holds and access checks interleave
+    /// across replicas. The ledger outage fault takes down `ledger[0]`.
+    pub ledger: Vec<Daemon>,
     pub payments: Vec<Daemon>,
     pub recharge: Vec<Daemon>,
     pub exchange: String,
@@ -70,7 +73,7 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn all(&mut self) -> Vec<&mut Daemon> {
-        let mut v: Vec<&mut Daemon> = vec![&mut self.ledger];
+        let mut v: Vec<&mut Daemon> = self.ledger.iter_mut().collect();
         v.extend(self.payments.iter_mut());
         v.extend(self.recharge.iter_mut());
         v
@@ -124,16 +127,22 @@ fn cluster(a: &Args, run: &str, logdir: &std::path::Path) -> Cluster {
             logdir,
         )
     };
-    let ledger = daemon(
-        "ledger",
-        "credits-ledger",
-        &dbs[0],
-        "LEDGER_LISTEN_ADDR",
-        vec![],
-    );
-    let payments: Vec<Daemon> = ["payments-a", "payments-b"]
+    let ledger: Vec<Daemon> = ["ledger-a", "ledger-b"]
         .into_iter()
         .map(|name| {
+            daemon(
+                name,
+                "credits-ledger",
+                &dbs[0],
+                "LEDGER_LISTEN_ADDR",
+                vec![],
+            )
+        })
+        .collect();
+    let payments: Vec<Daemon> = ["payments-a", "payments-b"]
+        .into_iter()
+        .zip(&ledger)
+        .map(|(name, ledger)| {
             daemon(
                 name,
                 "credits-payments",
@@ -148,8 +157,8 @@ fn cluster(a: &Args, run: &str, logdir: &std::path::Path) -> Cluster {
         .collect();
     let recharge = ["recharge-a", "recharge-b"]
         .into_iter()
-        .zip(&payments)
-        .map(|(name, payments)| {
+        .zip(payments.iter().zip(&ledger))
+        .map(|(name, (payments, ledger))| {
             daemon(
                 name,
                 "credits-recharge",
@@ -207,7 +216,10 @@ async fn healthy(url: &str, service: &str) -> bool {
 }
 
 async fn all_healthy(c: &Cluster) -> bool {
-    let mut ok = healthy(&c.ledger.url(), "credits.ledger.v1.LedgerService").await;
+    let mut ok = true;
+    for l in &c.ledger {
+        ok &= healthy(&l.url(), "credits.ledger.v1.LedgerService").await;
+    }
     for p in &c.payments {
         ok &= healthy(&p.url(), "credits.payments.v1.PaymentsService").await;
     }

@@ -20,7 +20,8 @@ use crate::rng::Rng;
 
 #[derive(Clone)]
 pub struct Clients {
-    pub ledger: Ledger,
+    /// One per ledger replica; the workload alternates between them.
+    pub ledger: Vec<Ledger>,
     pub payments: Vec<Payments>,
     pub recharge: Vec<Recharge>,
 }
@@ -40,9 +41,10 @@ impl Clients {
             .payments
             .iter()
             .zip(&c.recharge)
-            .map(|(p, r)| {
+            .zip(&c.ledger)
+            .map(|((p, r), l)| {
                 Client::connect(ClientConfig {
-                    ledger_url: c.ledger.url(),
+                    ledger_url: l.url(),
                     payments_url: p.url(),
                     recharge_url: r.url(),
                     token: Some(c.token.clone()),
@@ -52,7 +54,7 @@ impl Clients {
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Clients {
-            ledger: replicas[0].ledger().clone(),
+            ledger: replicas.iter().map(|r| r.ledger().clone()).collect(),
             payments: replicas.iter().map(|r| r.payments().clone()).collect(),
             recharge: replicas.iter().map(|r| r.recharge().clone()).collect(),
         })
@@ -171,7 +173,7 @@ pub async fn setup(c: &Clients, n: usize, rng: &mut Rng) -> anyhow::Result<Vec<A
             _ => Kind::Good,
         };
         let id = AccountId::parse(&format!("acct-{i}"))?;
-        let (l, p, r) = (&c.ledger, &c.payments[i % 2], &c.recharge[i % 2]);
+        let (l, p, r) = (&c.ledger[i % 2], &c.payments[i % 2], &c.recharge[i % 2]);
         let id_ = &id;
         retry(move || l.create_account(id_, BillingMode::Prepaid, "")).await?;
         let good_card = card("4242424242424242");
@@ -289,9 +291,12 @@ pub async fn drive(
             while Instant::now() < until {
                 n += 1;
                 let acct = &accounts[rng.below(accounts.len() as u64) as usize];
+                // Every other step on the other ledger replica: a hold may be created on
+                // one and captured on the other, a debit replayed on the other.
+                let ledger = &c.ledger[(n % 2) as usize];
                 let roll = rng.below(100);
                 let outcome: Result<&'static str, ClientError> = if (78..86).contains(&roll) {
-                    hold_step(&c.ledger, acct, &mut held, &mut rng, w, n).await
+                    hold_step(ledger, acct, &mut held, &mut rng, w, n).await
                 } else if roll < 86 {
                     let amount = format!("{}.{:02}", rng.below(5), rng.below(100));
                     let amount = if amount == "0.00" {
@@ -309,7 +314,7 @@ pub async fn drive(
                                 idempotency_key,
                                 description: String::new(),
                             };
-                            let r = c.ledger.record_usage(&usage).await;
+                            let r = ledger.record_usage(&usage).await;
                             if acknowledged(&r) {
                                 mine.push(usage);
                                 if let Ok(mut rep) = report.lock() {
@@ -377,7 +382,7 @@ pub async fn drive(
                     .cloned()
                 {
                     // Replay an acknowledged debit: must answer, and must not post twice.
-                    c.ledger.record_usage(&usage).await.map(|_| "replay")
+                    ledger.record_usage(&usage).await.map(|_| "replay")
                 } else {
                     Ok("noop")
                 };
