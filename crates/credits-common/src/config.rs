@@ -304,6 +304,15 @@ impl DaemonConfig {
         self.tls = crate::tls::Tls::from(&common.tls);
     }
 
+    /// The daemon's router for `service`: its token policy and TLS, health and reflection.
+    pub async fn router<S: crate::grpc::GrpcService>(
+        &self,
+        descriptor_set: &'static [u8],
+        service: S,
+    ) -> anyhow::Result<crate::grpc::AuthRouter> {
+        crate::grpc::service_router(descriptor_set, self.policy()?, &self.tls, service).await
+    }
+
     /// A lazy channel to a peer daemon, with this daemon's token and TLS settings.
     pub fn peer_channel(&self, url: &str) -> anyhow::Result<crate::grpc::AuthChannel> {
         crate::grpc::lazy_channel_with(url, self.peer_token(), &self.tls)

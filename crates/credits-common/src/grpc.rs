@@ -74,26 +74,43 @@ pub fn base_router(
     Ok((router, reporter))
 }
 
-/// A daemon's whole router: [`base_router`] behind `policy`, plus its `service`, which
-/// health reports serving.
-pub async fn service_router<S>(
-    descriptor_set: &'static [u8],
-    policy: Policy,
-    tls: &crate::tls::Tls,
-    service: S,
-) -> anyhow::Result<AuthRouter>
-where
+/// What a daemon serves: a tonic-generated service (`…ServiceServer<Impl>`).
+pub trait GrpcService:
+    tower_service::Service<
+        http::Request<tonic::body::Body>,
+        Response = http::Response<tonic::body::Body>,
+        Error = std::convert::Infallible,
+        Future: Send + 'static,
+    > + tonic::server::NamedService
+    + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<S> GrpcService for S where
     S: tower_service::Service<
             http::Request<tonic::body::Body>,
             Response = http::Response<tonic::body::Body>,
             Error = std::convert::Infallible,
+            Future: Send + 'static,
         > + tonic::server::NamedService
         + Clone
         + Send
         + Sync
-        + 'static,
-    S::Future: Send + 'static,
+        + 'static
 {
+}
+
+/// A daemon's whole router: [`base_router`] behind `policy`, plus its `service`, which
+/// health reports serving.
+pub async fn service_router<S: GrpcService>(
+    descriptor_set: &'static [u8],
+    policy: Policy,
+    tls: &crate::tls::Tls,
+    service: S,
+) -> anyhow::Result<AuthRouter> {
     let (router, health) = base_router(descriptor_set, policy, tls)?;
     health.set_serving::<S>().await;
     Ok(router.add_service(service))

@@ -15,7 +15,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use credits_common::Money;
-use credits_common::grpc::service_router;
 use credits_common::outbox::run_relay;
 use credits_proto::ledger::v1::ledger_service_client::LedgerServiceClient;
 use credits_proto::payments::v1::payments_service_server::PaymentsServiceServer;
@@ -103,14 +102,11 @@ impl App {
             shutdown.clone(),
         ));
         let server = PaymentsServiceServer::new(grpc::PaymentsGrpc::new(svc));
-        let policy = self.cfg.daemon.policy()?;
-        let router = service_router(
-            credits_proto::FILE_DESCRIPTOR_SET,
-            policy,
-            &self.cfg.daemon.tls,
-            server,
-        )
-        .await?;
+        let router = self
+            .cfg
+            .daemon
+            .router(credits_proto::FILE_DESCRIPTOR_SET, server)
+            .await?;
         tracing::info!(addr = %listener.local_addr()?, ledger = %self.cfg.ledger_url, "payments listening");
         let served = credits_common::grpc::serve(router, listener, shutdown.clone()).await;
         shutdown.cancel();

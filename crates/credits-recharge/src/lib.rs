@@ -16,7 +16,6 @@ pub mod worker;
 use std::sync::Arc;
 
 use credits_common::Money;
-use credits_common::grpc::service_router;
 use credits_common::outbox::run_relay;
 use credits_proto::ledger::v1::ledger_service_client::LedgerServiceClient;
 use credits_proto::payments::v1::payments_service_client::PaymentsServiceClient;
@@ -111,14 +110,11 @@ impl App {
         ));
         let sweeper = tokio::spawn(worker.clone().run_sweeper(shutdown.clone()));
         let server = AutoRechargeServiceServer::new(grpc::RechargeGrpc::new(worker.clone()));
-        let policy = self.cfg.daemon.policy()?;
-        let router = service_router(
-            credits_proto::FILE_DESCRIPTOR_SET,
-            policy,
-            &self.cfg.daemon.tls,
-            server,
-        )
-        .await?;
+        let router = self
+            .cfg
+            .daemon
+            .router(credits_proto::FILE_DESCRIPTOR_SET, server)
+            .await?;
         tracing::info!(addr = %listener.local_addr()?, queue = %self.cfg.queue, "recharge listening");
         let served = credits_common::grpc::serve(router, listener, shutdown.clone()).await;
         shutdown.cancel();
