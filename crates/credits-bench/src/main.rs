@@ -42,7 +42,8 @@ pub struct Args {
     /// Items per RecordUsageBatch.
     #[arg(long, default_value_t = 100)]
     pub batch: usize,
-    /// Scenarios to run (comma-separated), or "all".
+    /// Scenarios to run (comma-separated), or "all". `recharge-open-<rate>` takes any
+    /// rate (crossings per second); "all" runs 10, 50 and 100.
     #[arg(long, default_value = "all")]
     pub scenarios: String,
     /// PostgreSQL server (no database) for the pgbench baseline.

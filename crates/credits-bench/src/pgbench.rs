@@ -135,13 +135,25 @@ pub async fn run(a: &Args, name: &str, accounts: usize) -> anyhow::Result<Stats>
 /// How many postings one group-commit statement carries at most (`Config::group_commit_max`).
 pub const GROUP_COMMIT_BATCH: usize = 128;
 
+/// What a ceiling run sends per statement.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Ceiling {
+    /// `ledger_post_batch()`: what group commit sends today.
+    LedgerBatch,
+    /// `ledger_post()` per item, accounts in sorted order: what group commit sent before
+    /// the set-based batch (and still sends for a batch with two items on one key).
+    RowByRow,
+    /// One hand-written set-based statement (no idempotency look-up, no events): a lower
+    /// bound of what PostgreSQL can do for this work.
+    SetBased,
+}
+
 /// The store's ceiling (performance issue, item 1): pgbench executing the ledger's own batch
-/// posting — `ledger_post()` over `GROUP_COMMIT_BATCH` items in one statement, accounts in
-/// sorted order, exactly what `Store::post_batch` sends — on a fresh database that holds the
-/// ledger's current schema and functions (applied by the ledger's own migrator), 4 clients.
-/// `set_based`: instead, one set-based statement of the same debits (no idempotency look-up,
-/// no events): a lower bound of what PostgreSQL can do for this work. Throughput is debits/s.
-pub async fn ceiling(a: &Args, name: &str, set_based: bool) -> anyhow::Result<Stats> {
+/// posting over `GROUP_COMMIT_BATCH` items in one statement, exactly what `Store::post_batch`
+/// sends, on a fresh database that holds the ledger's current schema and functions (applied
+/// by the ledger's own migrator), 4 clients; or one of the other forms of [`Ceiling`].
+/// Throughput is debits/s.
+pub async fn ceiling(a: &Args, name: &str, form: Ceiling) -> anyhow::Result<Stats> {
     let db = "credits_bench_ceiling";
     let base = a.pg_url.trim_end_matches('/');
     let url = format!("{base}/{db}");
@@ -174,10 +186,13 @@ pub async fn ceiling(a: &Args, name: &str, set_based: bool) -> anyhow::Result<St
     sqlx::query("VACUUM ANALYZE accounts")
         .execute(&pool)
         .await?;
+    // Flush what the scenarios before wrote, so the ceiling is not measured under their
+    // checkpoint.
+    sqlx::query("CHECKPOINT").execute(&pool).await?;
     pool.close().await;
     let n = GROUP_COMMIT_BATCH;
-    let script = if set_based {
-        format!(
+    let script = match form {
+        Ceiling::SetBased => format!(
             "WITH items AS (
   SELECT 'a' || (floor(random()*{accounts})+1)::int AS aid, 0.000125::numeric AS amount, gen_random_uuid()::text AS key, g AS ord
   FROM generate_series(1,{n}) g),
@@ -188,12 +203,20 @@ SELECT i.aid, 'USAGE', 'API_REQUESTS', i.amount,
        u.before - sum(i.amount) OVER (PARTITION BY i.aid ORDER BY i.ord), i.key
 FROM items i JOIN upd u ON u.account_id = i.aid;
 "
-        )
-    } else {
-        format!(
+        ),
+        Ceiling::RowByRow => format!(
             "SELECT count(*) FROM (SELECT 'a' || (floor(random()*{accounts})+1)::int AS aid, gen_random_uuid()::text AS k FROM generate_series(1,{n}) ORDER BY 1) i CROSS JOIN LATERAL ledger_post(i.aid, 'USAGE', 'API_REQUESTS', NULL, 0.000125, '', '', i.k) p;
 "
-        )
+        ),
+        Ceiling::LedgerBatch => format!(
+            "SELECT count(*) FROM ledger_post_batch(
+  ARRAY(SELECT 'a' || (floor(random()*{accounts})+1)::int FROM generate_series(1,{n})),
+  array_fill('USAGE'::text, ARRAY[{n}]), array_fill('API_REQUESTS'::text, ARRAY[{n}]),
+  array_fill(NULL::text, ARRAY[{n}]), array_fill(0.000125::numeric, ARRAY[{n}]),
+  array_fill(''::text, ARRAY[{n}]), array_fill(''::text, ARRAY[{n}]),
+  ARRAY(SELECT gen_random_uuid()::text FROM generate_series(1,{n})));
+"
+        ),
     };
     let file = std::env::temp_dir().join(format!("credits-{name}.sql"));
     std::fs::write(&file, script)?;
@@ -213,10 +236,13 @@ FROM items i JOIN upd u ON u.account_id = i.aid;
         note: format!(
             "pgbench -c {clients} -j 2 -T {}: {tps:.1} statements/s × {n} debits, {accounts} accounts, {}",
             a.duration,
-            if set_based {
-                "one set-based statement (no idempotency look-up, no events): PostgreSQL's lower bound"
-            } else {
-                "the ledger's own batch (ledger_post() per item, as group commit sends it)"
+            match form {
+                Ceiling::SetBased =>
+                    "one set-based statement (no idempotency look-up, no events): PostgreSQL's lower bound",
+                Ceiling::LedgerBatch =>
+                    "the ledger's own batch (ledger_post_batch(), as group commit sends it)",
+                Ceiling::RowByRow =>
+                    "the row-by-row batch (ledger_post() per item, group commit before the set-based batch)",
             }
         ),
         ..Default::default()

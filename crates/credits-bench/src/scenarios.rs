@@ -283,12 +283,17 @@ pub async fn run_all(a: &Args) -> anyhow::Result<Vec<Stats>> {
         eprintln!("recharge-latency ({} accounts)…", a.recharge_accounts);
         out.push(with_rss(a, recharge_latency(a, &pool, &run).await?));
     }
+    for rate in open_rates(a) {
+        out.push(with_rss(a, recharge_open(a, &pool, &run, rate).await?));
+    }
     // Last: its hundreds of thousands of rows in another database would otherwise leave
     // checkpoints and vacuum to the scenarios that follow it.
     if a.wants("ceiling") || a.wants("usage-spread") || a.wants("stream-usage") {
-        eprintln!("the store's ceiling: the ledger's batch SQL, then a set-based statement…");
-        out.push(pgbench::ceiling(a, "ceiling-ledger-batch", false).await?);
-        out.push(pgbench::ceiling(a, "ceiling-set-based", true).await?);
+        use pgbench::Ceiling;
+        eprintln!("the store's ceiling: the ledger's batch SQL, the row-by-row batch, then a set-based statement…");
+        out.push(pgbench::ceiling(a, "ceiling-ledger-batch", Ceiling::LedgerBatch).await?);
+        out.push(pgbench::ceiling(a, "ceiling-row-by-row", Ceiling::RowByRow).await?);
+        out.push(pgbench::ceiling(a, "ceiling-set-based", Ceiling::SetBased).await?);
     }
     Ok(out)
 }
@@ -323,27 +328,47 @@ fn with_rss(a: &Args, mut s: Stats) -> Stats {
     s
 }
 
-/// 500 accounts with auto-recharge each cross their threshold once; the latency is from
-/// the crossing `RecordUsage` returning to the top-up credit being visible in the ledger.
-async fn recharge_latency(a: &Args, pool: &Pool<Ledger>, run: &str) -> anyhow::Result<Stats> {
-    let c = client(a)?;
-    let (payments, recharge) = (c.payments(), c.recharge());
-    let ids: Vec<AccountId> = (0..a.recharge_accounts)
-        .map(|i| AccountId::parse(&format!("rc-{run}-{i}")))
-        .collect::<Result<_, _>>()?;
-    let card = NewPaymentMethod::Card(CardDetails {
+/// The card every auto-recharge account pays with.
+fn test_card() -> NewPaymentMethod {
+    NewPaymentMethod::Card(CardDetails {
         number: "4242424242424242".into(),
         exp_month: 12,
         exp_year: 2034,
         cvc: "123".into(),
-    });
+    })
+}
+
+/// The idempotency key of each account's one crossing debit.
+const CROSSING_KEY: &str = "cross";
+
+/// The debit that takes a set-up account from $25 to below its $10 threshold.
+fn crossing_usage() -> Money {
+    Money::new(rust_decimal::Decimal::new(1501, 2))
+}
+
+/// How long a crossing's top-up may take before it counts as missing.
+const TOP_UP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Creates `n` accounts `<prefix>-<i>`, each with a card, a $25 purchase and
+/// auto-recharge below $10 up to $50; 32 at a time, not timed.
+async fn auto_recharge_accounts(
+    a: &Args,
+    pool: &Pool<Ledger>,
+    prefix: &str,
+    n: usize,
+) -> anyhow::Result<Vec<AccountId>> {
+    let c = client(a)?;
+    let (payments, recharge) = (c.payments(), c.recharge());
+    let ids: Vec<AccountId> = (0..n)
+        .map(|i| AccountId::parse(&format!("{prefix}-{i}")))
+        .collect::<Result<_, _>>()?;
+    let card = test_card();
     let buy = IdempotencyKey::parse("buy")?;
     let settings = AutoRechargeChange::Enable {
         threshold: Money::new(rust_decimal::Decimal::new(10, 0)),
         target: Money::new(rust_decimal::Decimal::new(50, 0)),
         monthly_limit: None,
     };
-    // Setup: account, card, $25 purchase, auto-recharge below 10 up to 50.
     set_up_each(&ids, 32, |(i, id)| {
         let l = pool.get(i);
         let (card, buy) = (&card, &buy);
@@ -363,7 +388,34 @@ async fn recharge_latency(a: &Args, pool: &Pool<Ledger>, run: &str) -> anyhow::R
         }
     })
     .await?;
-    let crossing_usage = Money::new(rust_decimal::Decimal::new(1501, 2));
+    Ok(ids)
+}
+
+/// A crossing's top-up as the journal shows it: the time from the crossing debit to the
+/// first auto-recharge credit (both `created_at` of committed rows, the ledger's clock),
+/// and how many auto-recharge credits the account has.
+type TopUp = (Duration, usize);
+
+/// The top-up of an account from its newest journal entries; `None` until both the
+/// crossing and a top-up are there.
+fn top_up_of(entries: &[Entry]) -> Option<TopUp> {
+    let crossing = entries.iter().find(|e| e.idempotency_key == CROSSING_KEY)?;
+    let credits: Vec<&Entry> = entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::Credit(CreditSource::AutoRecharge))
+        .collect();
+    // Newest first: the first top-up is the last one listed.
+    let first = credits.last()?;
+    Some((between(crossing, first), credits.len()))
+}
+
+/// 500 accounts with auto-recharge each cross their threshold once, all at once; the
+/// latency is from the crossing entry to the top-up credit entry in the ledger.
+async fn recharge_latency(a: &Args, pool: &Pool<Ledger>, run: &str) -> anyhow::Result<Stats> {
+    let c = client(a)?;
+    let payments = c.payments();
+    let ids = auto_recharge_accounts(a, pool, &format!("rc-{run}"), a.recharge_accounts).await?;
+    let crossing_usage = crossing_usage();
     let mut h = load::histogram();
     let start = Instant::now();
     // Latency is measured on the ledger's own clock: from the crossing entry to the
@@ -374,7 +426,7 @@ async fn recharge_latency(a: &Args, pool: &Pool<Ledger>, run: &str) -> anyhow::R
             .map(|(i, id)| {
                 let l = pool.get(i);
                 async move {
-                    l.record_usage(&usage(id.clone(), crossing_usage, "cross")?)
+                    l.record_usage(&usage(id.clone(), crossing_usage, CROSSING_KEY)?)
                         .await
                         .map_err(|e| e.to_string())?;
                     let t = Instant::now();
@@ -385,14 +437,10 @@ async fn recharge_latency(a: &Args, pool: &Pool<Ledger>, run: &str) -> anyhow::R
                             .await
                             .map_err(|e| e.to_string())?
                             .items;
-                        let crossing = entries.iter().find(|e| e.idempotency_key == "cross");
-                        let credit = entries
-                            .iter()
-                            .find(|e| e.kind == EntryKind::Credit(CreditSource::AutoRecharge));
-                        if let (Some(c), Some(t)) = (crossing, credit) {
-                            return Ok(between(c, t));
+                        if let Some((d, _)) = top_up_of(&entries) {
+                            return Ok(d);
                         }
-                        if t.elapsed() > Duration::from_secs(60) {
+                        if t.elapsed() > TOP_UP_TIMEOUT {
                             return Err(format!("{id}: no top-up within 60 s"));
                         }
                     }
@@ -422,7 +470,7 @@ async fn recharge_latency(a: &Args, pool: &Pool<Ledger>, run: &str) -> anyhow::R
     }
     let mut s = load::stats_from("recharge-latency", &h, h.len(), errors, elapsed, 1);
     s.note = format!(
-        "crossings {}, top-up charges {} ({})",
+        "burst: all at once; crossings {}, top-up charges {} ({})",
         ids.len(),
         top_ups,
         if top_ups == ids.len() {
@@ -431,6 +479,178 @@ async fn recharge_latency(a: &Args, pool: &Pool<Ledger>, run: &str) -> anyhow::R
             "MISMATCH"
         }
     );
+    Ok(s)
+}
+
+/// The offered rates of the open-loop recharge scenarios, crossings per second; each is
+/// scenario `recharge-open-<rate>`.
+const OPEN_RATES: [u32; 4] = [10, 50, 100, 200];
+
+/// The open-loop rates to run: [`OPEN_RATES`] by default, else every
+/// `recharge-open-<rate>` named in `--scenarios` (any rate, to look for the limit).
+fn open_rates(a: &Args) -> Vec<u32> {
+    if a.scenarios == "all" {
+        return OPEN_RATES.to_vec();
+    }
+    let mut rates: Vec<u32> = a
+        .scenarios
+        .split(',')
+        .filter_map(|s| s.trim().strip_prefix("recharge-open-")?.parse().ok())
+        .filter(|&r| r > 0)
+        .collect();
+    rates.sort_unstable();
+    rates.dedup();
+    rates
+}
+
+/// Most crossings (so accounts to set up) of one open-loop scenario.
+const MAX_OPEN_CROSSINGS: usize = 5_000;
+
+/// Recharge latency as users meet it: accounts cross their threshold at a fixed rate,
+/// open loop (each crossing is sent at its scheduled time, however long the earlier
+/// ones take), for the configured duration. Each account crosses once. The latency of a
+/// crossing is from its debit entry to its top-up credit entry, on the ledger's clock.
+/// The throughput is the achieved rate of crossing debits; a top-up not there within
+/// [`TOP_UP_TIMEOUT`] of the last crossing is an error.
+async fn recharge_open(
+    a: &Args,
+    pool: &Pool<Ledger>,
+    run: &str,
+    rate: u32,
+) -> anyhow::Result<Stats> {
+    let name = format!("recharge-open-{rate}");
+    let wanted = (f64::from(rate) * a.duration().as_secs_f64()).round() as usize;
+    let n = wanted.clamp(1, MAX_OPEN_CROSSINGS);
+    eprintln!("{name}: setting up {n} auto-recharge accounts…");
+    let ids = auto_recharge_accounts(a, pool, &format!("ro{rate}-{run}"), n).await?;
+    // Let the set-up's own events (purchases, settings) drain before the clock starts.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    eprintln!("{name}: {n} crossings at {rate}/s…");
+
+    let period = Duration::from_secs_f64(1.0 / f64::from(rate));
+    let start = Instant::now();
+    let mut ticks = tokio::time::interval_at(start.into(), period);
+    // A tick the bench itself was late for is sent at once: the schedule, not the
+    // answers, sets the pace.
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut sent = Vec::with_capacity(n);
+    for (i, id) in ids.iter().cloned().enumerate() {
+        let scheduled = start + period * i as u32;
+        ticks.tick().await;
+        let l = pool.get(i);
+        sent.push(tokio::spawn(async move {
+            let r = async {
+                l.record_usage(&usage(id, crossing_usage(), CROSSING_KEY)?)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            .await;
+            // From the crossing's scheduled time, so a late send is counted too.
+            (r.map(|_| ()), scheduled.elapsed(), Instant::now())
+        }));
+    }
+    let mut debit = load::histogram();
+    let mut crossed = Vec::with_capacity(n);
+    let (mut errors, mut first_error) = (0u64, None::<String>);
+    let mut last_done = start;
+    for (i, task) in sent.into_iter().enumerate() {
+        match task.await {
+            Ok((Ok(()), took, done)) => {
+                let _ = debit.record(took.as_micros().max(1) as u64);
+                last_done = last_done.max(done);
+                crossed.push(i);
+            }
+            Ok((Err(e), _, _)) => {
+                errors += 1;
+                first_error.get_or_insert(format!("crossing: {e}"));
+            }
+            Err(e) => {
+                errors += 1;
+                first_error.get_or_insert(format!("crossing task: {e}"));
+            }
+        }
+    }
+    // The schedule spans n periods; a crossing debit still running past it stretches it.
+    let window = (period * n as u32).max(last_done - start);
+    let achieved = crossed.len() as f64 / window.as_secs_f64();
+
+    // Only now look for the top-ups, a few accounts at a time: the latencies come from
+    // the journal, so the probe need not run (and load the system) while crossings do.
+    let deadline = Instant::now() + TOP_UP_TIMEOUT;
+    let mut h = load::histogram();
+    let (mut top_ups, mut extra) = (0usize, 0usize);
+    let mut pending = crossed;
+    loop {
+        let seen: Vec<(usize, Result<Option<TopUp>, String>)> =
+            futures_util::stream::iter(pending.iter().copied())
+                .map(|i| {
+                    let (l, id) = (pool.get(i), ids[i].clone());
+                    async move {
+                        let r = l.list_entries(&id, 10, None).await;
+                        (i, r.map(|p| top_up_of(&p.items)).map_err(|e| e.to_string()))
+                    }
+                })
+                .buffer_unordered(8)
+                .collect()
+                .await;
+        pending.clear();
+        for (i, r) in seen {
+            match r {
+                Ok(Some((d, credits))) => {
+                    let _ = h.record(d.as_micros().max(1) as u64);
+                    top_ups += 1;
+                    extra += credits - 1;
+                }
+                Ok(None) => pending.push(i),
+                Err(e) => {
+                    // A failed look-up is tried again; only a missing top-up counts.
+                    pending.push(i);
+                    first_error.get_or_insert(format!("ListEntries (retried): {e}"));
+                }
+            }
+        }
+        if pending.is_empty() || Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let missing = pending.len();
+    errors += missing as u64;
+    if let Some(&i) = pending.first() {
+        first_error.get_or_insert(format!(
+            "{}: no top-up within {} s",
+            ids[i],
+            TOP_UP_TIMEOUT.as_secs()
+        ));
+    }
+
+    let mut s = load::stats_from(&name, &h, h.len(), errors, window, 1);
+    s.throughput = achieved;
+    let ms = |q: f64| debit.value_at_quantile(q) as f64 / 1000.0;
+    s.note = format!(
+        "open loop: offered {rate}/s, achieved {achieved:.1}/s; crossings {n}, top-ups {top_ups}{}{}; \
+         crossing RecordUsage from its scheduled time p50 {:.1} ms, p99 {:.1} ms{}",
+        if missing > 0 {
+            format!(", {missing} MISSING")
+        } else {
+            String::new()
+        },
+        if extra > 0 {
+            format!(", {extra} EXTRA top-ups")
+        } else {
+            String::new()
+        },
+        ms(0.50),
+        ms(0.99),
+        if wanted > n {
+            format!("; capped at {MAX_OPEN_CROSSINGS} crossings")
+        } else {
+            String::new()
+        },
+    );
+    if let Some(e) = first_error {
+        s.note.push_str(&format!("; first error: {e}"));
+    }
     Ok(s)
 }
 

@@ -211,6 +211,201 @@ BEGIN
     RETURN NEXT;
 END $$;
 
+-- Posts a batch (what group commit sends) as set operations instead of one ledger_post()
+-- per item: the accounts are locked once, in one order shared by every batch (so batches
+-- cannot deadlock); replays and conflicts are found with one join on the idempotency key;
+-- each account's running balance is a window sum in request order, which gives every
+-- entry its balance_after and every item the account's state right after it; entries,
+-- balances and events are written with one statement each. Per item, the outcome, the
+-- entry, the balance and the access are exactly what ledger_post() would answer had the
+-- items been posted one after another in request order (`ord`, 1-based), and the same
+-- events are published (R7, R17, R18, access changes), in that order.
+--
+-- The caller must not send two items with one (account, key): an item cannot see an
+-- entry inserted by the same statement, so such a batch goes through ledger_post() per
+-- item (the unique index would refuse it here anyway).
+CREATE OR REPLACE FUNCTION ledger_post_batch(
+    p_account_ids text[], p_kinds text[], p_categories text[], p_sources text[],
+    p_amounts numeric[], p_references text[], p_descriptions text[], p_keys text[])
+RETURNS TABLE (
+    ord bigint, outcome text, seq bigint, entry_id uuid, kind text, category text, source text,
+    amount numeric, balance_after numeric, reference text, description text,
+    created_at timestamptz, balance numeric, access text)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    r record;
+    outbox_notified boolean := false;
+BEGIN
+    -- Byte order ("C"), as the row-by-row batch of Store::post_batch sorts its items: any
+    -- two batches lock shared accounts in the same order.
+    PERFORM 1 FROM accounts a WHERE a.account_id = ANY (p_account_ids)
+    ORDER BY a.account_id COLLATE "C" FOR UPDATE;
+
+    -- A new statement, so a new snapshot: everything committed before the locks were
+    -- granted is seen (READ COMMITTED), as in ledger_post().
+    FOR r IN
+        WITH item AS (
+            SELECT i.ord, i.account_id, i.kind, i.category, i.source, i.amount, i.reference,
+                   i.description, i.key,
+                   a.account_id IS NOT NULL AS known,
+                   a.balance AS start_balance, a.held, a.access AS start_access,
+                   a.billing_mode, a.threshold, a.alert_thresholds,
+                   e.seq AS e_seq, e.entry_id AS e_entry_id, e.kind AS e_kind,
+                   e.category AS e_category, e.source AS e_source, e.amount AS e_amount,
+                   e.balance_after AS e_balance_after, e.reference AS e_reference,
+                   e.description AS e_description, e.created_at AS e_created_at,
+                   a.account_id IS NOT NULL AND e.seq IS NULL AS posts
+            FROM unnest(p_account_ids, p_kinds, p_categories, p_sources, p_amounts,
+                        p_references, p_descriptions, p_keys)
+                 WITH ORDINALITY AS i(account_id, kind, category, source, amount, reference,
+                                      description, key, ord)
+            LEFT JOIN accounts a ON a.account_id = i.account_id
+            LEFT JOIN entries e ON e.account_id = i.account_id AND e.idempotency_key = i.key
+        ),
+        -- The account's state after each item, in request order. Items that do not post
+        -- (replays, conflicts) move nothing and answer the state they find.
+        run AS (
+            SELECT item.*,
+                   CASE WHEN NOT item.posts THEN 0
+                        WHEN item.kind = 'USAGE' THEN -item.amount
+                        ELSE item.amount END AS delta,
+                   item.start_balance + sum(CASE WHEN NOT item.posts THEN 0
+                                                 WHEN item.kind = 'USAGE' THEN -item.amount
+                                                 ELSE item.amount END) OVER w AS bal,
+                   bool_or(item.posts AND item.kind = 'CREDIT'
+                           AND item.source IN ('PURCHASE', 'AUTO_RECHARGE')) OVER w AS purchased,
+                   count(*) FILTER (WHERE item.posts) OVER w AS postings
+            FROM item
+            WINDOW w AS (PARTITION BY item.account_id ORDER BY item.ord
+                         ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)
+        ),
+        -- R3-R5, R16: access derived from the available balance, as ledger_move() does.
+        state AS (
+            SELECT run.*,
+                   CASE WHEN run.postings = 0 OR run.billing_mode <> 'PREPAID' THEN run.start_access
+                        WHEN run.start_access = 'PENDING_FIRST_PURCHASE' AND NOT run.purchased
+                            THEN run.start_access
+                        WHEN run.bal - run.held > 0 THEN 'ACTIVE'
+                        ELSE 'SUSPENDED' END AS acc_after
+            FROM run
+        ),
+        step AS (
+            SELECT state.*, state.bal - state.delta AS bal_before,
+                   lag(state.acc_after, 1, state.start_access)
+                       OVER (PARTITION BY state.account_id ORDER BY state.ord) AS acc_before
+            FROM state
+        ),
+        ins AS (
+            INSERT INTO entries (account_id, kind, category, source, amount, balance_after,
+                                 reference, description, idempotency_key)
+            SELECT s.account_id, s.kind, s.category, s.source, s.amount, s.bal, s.reference,
+                   s.description, s.key
+            FROM step s WHERE s.posts
+            ORDER BY s.account_id, s.ord   -- seq follows the balance_after chain
+            RETURNING entries.seq, entries.entry_id, entries.account_id,
+                      entries.idempotency_key, entries.created_at
+        ),
+        posted AS (
+            SELECT s.*, n.seq AS n_seq, n.entry_id AS n_entry_id, n.created_at AS n_created_at
+            FROM step s JOIN ins n ON n.account_id = s.account_id AND n.idempotency_key = s.key
+        ),
+        upd AS (
+            UPDATE accounts a SET balance = f.bal, access = f.acc_after, updated_at = now()
+            FROM (SELECT DISTINCT ON (s.account_id) s.account_id, s.bal, s.acc_after, s.postings
+                  FROM step s WHERE s.known
+                  ORDER BY s.account_id, s.ord DESC) f
+            WHERE a.account_id = f.account_id AND f.postings > 0
+        ),
+        -- Per posted item, what ledger_move() publishes: the crossing, the alerts highest
+        -- first, the access change.
+        ev AS (
+            SELECT p.account_id, p.ord, 1 AS rank, 0::bigint AS alert_no,
+                   'ledger.balance.threshold_crossed' AS routing_key,
+                   jsonb_build_object(
+                       'threshold', money_text(p.threshold),
+                       'balance_before', money_text(p.bal_before),
+                       'balance_after', money_text(p.bal),
+                       'available_before', money_text(p.bal_before - p.held),
+                       'available_after', money_text(p.bal - p.held),
+                       'entry_id', p.n_entry_id) AS data
+            FROM posted p
+            WHERE p.threshold IS NOT NULL AND p.bal_before - p.held >= p.threshold
+              AND p.bal - p.held < p.threshold
+            UNION ALL
+            SELECT p.account_id, p.ord, 2, t.n, 'ledger.balance.alert',
+                   jsonb_build_object(
+                       'threshold', money_text(t.v),
+                       'available_before', money_text(p.bal_before - p.held),
+                       'available_after', money_text(p.bal - p.held),
+                       'entry_id', p.n_entry_id)
+            FROM posted p CROSS JOIN LATERAL unnest(p.alert_thresholds) WITH ORDINALITY AS t(v, n)
+            WHERE cardinality(p.alert_thresholds) > 0
+              AND p.bal_before - p.held >= t.v AND p.bal - p.held < t.v
+            UNION ALL
+            SELECT p.account_id, p.ord, 3, 0,
+                   CASE WHEN p.acc_after = 'SUSPENDED' THEN 'ledger.account.suspended'
+                        WHEN p.acc_before = 'PENDING_FIRST_PURCHASE' THEN 'ledger.account.activated'
+                        ELSE 'ledger.account.reactivated' END,
+                   jsonb_build_object('balance', money_text(p.bal),
+                                      'available_balance', money_text(p.bal - p.held))
+            FROM posted p WHERE p.acc_after <> p.acc_before
+        ),
+        published AS (
+            INSERT INTO outbox (event_id, routing_key, payload)
+            SELECT x.id, x.routing_key, jsonb_build_object(
+                       'id', x.id, 'type', x.routing_key, 'occurred_at', now(),
+                       'account_id', x.account_id, 'data', x.data, 'schema_version', 1)
+            FROM (SELECT uuid_v7() AS id, ev.* FROM ev
+                  ORDER BY ev.account_id, ev.ord, ev.rank, ev.alert_no OFFSET 0) x
+            RETURNING outbox.payload->>'account_id' AS account_id
+        ),
+        touched AS (SELECT DISTINCT pb.account_id FROM published pb)
+        SELECT s.ord, s.account_id,
+               CASE WHEN NOT s.known THEN 'not_found'
+                    WHEN s.posts THEN 'posted'
+                    WHEN s.e_kind = s.kind AND s.e_amount = s.amount
+                         AND s.e_category IS NOT DISTINCT FROM s.category
+                         AND s.e_source IS NOT DISTINCT FROM s.source
+                         AND s.e_reference = s.reference AND s.e_description = s.description
+                        THEN 'replayed'
+                    ELSE 'conflict' END AS outcome,
+               CASE WHEN s.posts THEN p.n_seq ELSE s.e_seq END AS seq,
+               CASE WHEN s.posts THEN p.n_entry_id ELSE s.e_entry_id END AS entry_id,
+               CASE WHEN s.posts THEN s.kind ELSE s.e_kind END AS kind,
+               CASE WHEN s.posts THEN s.category ELSE s.e_category END AS category,
+               CASE WHEN s.posts THEN s.source ELSE s.e_source END AS source,
+               CASE WHEN s.posts THEN s.amount ELSE s.e_amount END AS amount,
+               CASE WHEN s.posts THEN s.bal ELSE s.e_balance_after END AS balance_after,
+               CASE WHEN s.posts THEN s.reference ELSE s.e_reference END AS reference,
+               CASE WHEN s.posts THEN s.description ELSE s.e_description END AS description,
+               CASE WHEN s.posts THEN p.n_created_at ELSE s.e_created_at END AS created_at,
+               s.bal AS balance, s.acc_after AS access,
+               -- the first item of an account that published: its replicas' views drop it
+               (tc.account_id IS NOT NULL
+                AND s.ord = min(s.ord) OVER (PARTITION BY s.account_id)) AS notify
+        FROM step s
+        LEFT JOIN posted p ON p.ord = s.ord
+        LEFT JOIN touched tc ON tc.account_id = s.account_id
+        ORDER BY s.ord
+    LOOP
+        IF r.notify THEN
+            -- As ledger_move(): every replica's access view drops the account on commit.
+            PERFORM pg_notify('credits_access', r.account_id);
+            IF NOT outbox_notified THEN
+                PERFORM pg_notify('credits_outbox', '');
+                outbox_notified := true;
+            END IF;
+        END IF;
+        ord := r.ord; outcome := r.outcome; seq := r.seq; entry_id := r.entry_id;
+        kind := r.kind; category := r.category; source := r.source; amount := r.amount;
+        balance_after := r.balance_after; reference := r.reference;
+        description := r.description; created_at := r.created_at;
+        balance := r.balance; access := r.access;
+        RETURN NEXT;
+    END LOOP;
+END $$;
+
 -- Creates a hold (R15) under the account's lock. Outcome is one of:
 --   'created'      the hold is ACTIVE; held and access changed with it
 --   'replayed'     the key was used before with the same request; that hold
