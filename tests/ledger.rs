@@ -333,6 +333,7 @@ async fn the_publisher_tells_returned_messages_from_routed_ones_by_id() {
                         .into_bytes(),
                     message_id: id,
                     timestamp_secs: 0,
+                    traceparent: None,
                 }
             })
             .collect();
@@ -780,6 +781,7 @@ async fn group_commit_isolates_an_item_the_database_refuses_r21() {
                 String::new()
             },
             idempotency_key: IdempotencyKey::parse(&format!("k{i}")).unwrap(),
+            traceparent: None,
         })
         .collect();
     let results = store.post_batch_isolated(&reqs).await;
@@ -1259,7 +1261,8 @@ async fn set_based_batch_answers_and_publishes_what_posting_one_by_one_would() {
         c.set_threshold("held", "5").await;
         c.create_account("pend", BillingMode::Prepaid).await;
         c.create_account("contract", BillingMode::Contract).await;
-        c.add_credits("contract", "5", CreditSource::Grant, "g").await;
+        c.add_credits("contract", "5", CreditSource::Grant, "g")
+            .await;
         c.set_threshold("contract", "3").await;
         c.prepaid("susp", "1").await;
         c.use_credits("susp", "2", "u0").await;
@@ -1337,7 +1340,11 @@ async fn set_based_batch_answers_and_publishes_what_posting_one_by_one_would() {
         });
     }
     assert_eq!(got, want, "every item answers as if posted one by one");
-    assert_eq!(got.iter().filter(|g| g.starts_with("ok")).count(), 15, "{got:?}");
+    assert_eq!(
+        got.iter().filter(|g| g.starts_with("ok")).count(),
+        15,
+        "{got:?}"
+    );
 
     async fn state(l: &Ledger) -> (Vec<(String, Decimal, Decimal, String)>, Vec<String>) {
         let mut db = l.db().await;
@@ -1347,10 +1354,11 @@ async fn set_based_batch_answers_and_publishes_what_posting_one_by_one_would() {
         .fetch_all(&mut db)
         .await
         .unwrap();
-        // Each account's journal in seq order: the balance_after chain must follow seq.
+        // The journal in seq order: request order, each account's balance_after chain
+        // following seq.
         let journal = sqlx::query_scalar(
             "SELECT concat_ws(' ', account_id, kind, amount, balance_after, idempotency_key)
-             FROM entries ORDER BY account_id, seq",
+             FROM entries ORDER BY seq",
         )
         .fetch_all(&mut db)
         .await
@@ -1361,7 +1369,7 @@ async fn set_based_batch_answers_and_publishes_what_posting_one_by_one_would() {
 
     let mut events = Vec::new();
     for tap in &mut taps {
-        let mut seen: Vec<String> = tap
+        let seen: Vec<String> = tap
             .drain(Duration::from_secs(3))
             .await
             .into_iter()
@@ -1370,18 +1378,63 @@ async fn set_based_batch_answers_and_publishes_what_posting_one_by_one_would() {
                 format!("{} {} {}", e["account_id"], e["type"], e["data"])
             })
             .collect();
-        seen.sort();
+        // In outbox order: one relay publishes in seq order.
         events.push(seen);
     }
-    assert_eq!(events[0], events[1], "the same events");
+    assert_eq!(events[0], events[1], "the same events, in the same order");
     for kind in [
         "ledger.balance.threshold_crossed",
         "ledger.balance.alert",
         "ledger.account.suspended",
     ] {
-        assert!(events[0].iter().any(|e| e.contains(kind)), "{kind} among {:?}", events[0]);
+        assert!(
+            events[0].iter().any(|e| e.contains(kind)),
+            "{kind} among {:?}",
+            events[0]
+        );
     }
     assert_eq!(events[0].len(), 9, "{:#?}", events[0]);
     a.stop().await;
     b.stop().await;
+}
+
+/// A batch waiting for one account's lock must not post to an account created meanwhile,
+/// which it never locked (a concurrent posting there would be overwritten): that item
+/// answers NOT_FOUND, and every balance stays equal to its journal.
+#[tokio::test]
+async fn a_batch_does_not_post_to_an_account_created_while_it_waited_for_a_lock() {
+    let (ledger, c) = Ledger::with_prepaid("busy", "10").await;
+    let mut blocker = ledger.db().await;
+    sqlx::query("BEGIN").execute(&mut blocker).await.unwrap();
+    sqlx::query("SELECT 1 FROM accounts WHERE account_id = 'busy' FOR UPDATE")
+        .execute(&mut blocker)
+        .await
+        .unwrap();
+    let batch = {
+        let c = c.clone();
+        tokio::spawn(async move {
+            c.ledger()
+                .record_usage_batch(&[usage("busy", "1", "b1"), usage("late", "1", "b1")])
+                .await
+                .unwrap()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    c.prepaid("late", "100").await;
+    c.use_credits("late", "30", "u1").await;
+    sqlx::query("COMMIT").execute(&mut blocker).await.unwrap();
+    let results = batch.await.unwrap();
+    assert_eq!(results[0].as_ref().unwrap().balance, money("9"));
+    assert_eq!(
+        results[1].as_ref().map(|_| ()).unwrap_err().code(),
+        Code::NotFound,
+        "{:?}",
+        results[1]
+    );
+    for id in ["busy", "late"] {
+        let (balance, journal) = journal_sum(&ledger, id).await;
+        assert_eq!(balance, journal, "{id}");
+    }
+    assert_eq!(c.balance("late").await, money("70"));
+    ledger.stop().await;
 }

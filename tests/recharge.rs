@@ -775,3 +775,61 @@ async fn a_worker_that_lost_its_lease_cannot_move_the_attempt_on() {
     tx.commit().await.unwrap();
     sys.stop().await;
 }
+
+/// The trace id of an event as the tap saw it (its `traceparent` AMQP header).
+fn trace_of(ev: &serde_json::Value) -> Option<String> {
+    let tp = ev["_amqp"]["traceparent"].as_str()?;
+    Some(tp.split('-').nth(1)?.to_owned())
+}
+
+/// One trace runs from the gateway's `RecordUsage` through the crossing event, the recharge
+/// decision, the charge and the credit: each event of the top-up carries the trace id the
+/// gateway sent (W3C `traceparent` on gRPC, in the outbox, on AMQP), and calls made
+/// without one start traces of their own.
+#[tokio::test]
+async fn one_trace_runs_from_the_usage_through_the_crossing_to_the_top_up() {
+    let (sys, mut tap, c) = System::tapped("#").await;
+    c.funded("acme").await;
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let mut req = tonic::Request::new(credits_tests::raw::usage("acme", "15.01", "u1", "chat"));
+    req.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace_id}-00f067aa0ba902b7-01")
+            .parse()
+            .unwrap(),
+    );
+    sys.ledger.client().await.record_usage(req).await.unwrap();
+    c.settled_attempts("acme", 1).await;
+
+    let want = [
+        "ledger.balance.threshold_crossed",
+        "payments.charge.succeeded",
+        "recharge.attempt.succeeded",
+    ];
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while want
+        .iter()
+        .any(|k| !seen.iter().any(|(kind, t)| kind == k && t == trace_id))
+        && tokio::time::Instant::now() < deadline
+    {
+        for ev in tap.drain(Duration::from_millis(200)).await {
+            let kind = ev["type"].as_str().unwrap_or_default().to_owned();
+            seen.push((kind, trace_of(&ev).unwrap_or_default()));
+        }
+    }
+    for kind in want {
+        assert!(
+            seen.iter().any(|(k, t)| k == kind && t == trace_id),
+            "{kind} in the gateway's trace: {seen:#?}"
+        );
+    }
+    // The purchase before it ran in a trace of its own, and so did nothing else in ours.
+    let purchase = seen
+        .iter()
+        .find(|(k, _)| k == "payments.charge.succeeded")
+        .expect("the purchase's charge");
+    assert_ne!(purchase.1, trace_id, "{seen:#?}");
+    assert_eq!(purchase.1.len(), 32, "{seen:#?}");
+    sys.stop().await;
+}

@@ -689,6 +689,8 @@ impl EventTap {
             "type": delivery.properties.kind().as_ref().map(|s| s.to_string()),
             "content_type": delivery.properties.content_type().as_ref().map(|s| s.to_string()),
             "delivery_mode": delivery.properties.delivery_mode(),
+            "traceparent": credits_common::amqp::traceparent_of(&delivery.properties)
+                .map(|t| t.header()),
             // The body as it arrived, for tests that parse it with the contract's type.
             "body": String::from_utf8_lossy(&delivery.data),
         });

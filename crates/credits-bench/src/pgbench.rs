@@ -214,7 +214,8 @@ FROM items i JOIN upd u ON u.account_id = i.aid;
   array_fill('USAGE'::text, ARRAY[{n}]), array_fill('API_REQUESTS'::text, ARRAY[{n}]),
   array_fill(NULL::text, ARRAY[{n}]), array_fill(0.000125::numeric, ARRAY[{n}]),
   array_fill(''::text, ARRAY[{n}]), array_fill(''::text, ARRAY[{n}]),
-  ARRAY(SELECT gen_random_uuid()::text FROM generate_series(1,{n})));
+  ARRAY(SELECT gen_random_uuid()::text FROM generate_series(1,{n})),
+  array_fill(NULL::text, ARRAY[{n}]));
 "
         ),
     };

@@ -290,7 +290,9 @@ pub async fn run_all(a: &Args) -> anyhow::Result<Vec<Stats>> {
     // checkpoints and vacuum to the scenarios that follow it.
     if a.wants("ceiling") || a.wants("usage-spread") || a.wants("stream-usage") {
         use pgbench::Ceiling;
-        eprintln!("the store's ceiling: the ledger's batch SQL, the row-by-row batch, then a set-based statement…");
+        eprintln!(
+            "the store's ceiling: the ledger's batch SQL, the row-by-row batch, then a set-based statement…"
+        );
         out.push(pgbench::ceiling(a, "ceiling-ledger-batch", Ceiling::LedgerBatch).await?);
         out.push(pgbench::ceiling(a, "ceiling-row-by-row", Ceiling::RowByRow).await?);
         out.push(pgbench::ceiling(a, "ceiling-set-based", Ceiling::SetBased).await?);

@@ -85,7 +85,11 @@ async fn bind(name: &str, addr: SocketAddr) -> anyhow::Result<tokio::net::TcpLis
 }
 
 pub async fn run(a: UpArgs) -> anyhow::Result<()> {
-    credits_common::telemetry::init(credits_common::telemetry::LogFormat::Text, "info");
+    credits_common::telemetry::init(
+        credits_common::telemetry::LogFormat::Text,
+        "info",
+        "credits",
+    );
     if a.metrics_addr != "off" {
         credits_common::config::install_metrics(a.metrics_addr.parse()?)?;
     }

@@ -6,7 +6,7 @@
 //! caller may delete what it published only after `publish_confirmed` returns `Ok`.
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
-use lapin::types::{FieldTable, LongString, ShortString};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 
 use crate::db::redact_url;
@@ -18,6 +18,8 @@ pub struct OutgoingMessage {
     pub routing_key: String,
     pub body: Vec<u8>,
     pub timestamp_secs: u64,
+    /// The W3C trace context the event was written in, sent as the `traceparent` header.
+    pub traceparent: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -157,6 +159,17 @@ async fn send(
             .with_message_id(ShortString::from(m.message_id.as_str()))
             .with_type(ShortString::from(m.routing_key.as_str()))
             .with_timestamp(m.timestamp_secs);
+        let props = match &m.traceparent {
+            Some(tp) => {
+                let mut headers = FieldTable::default();
+                headers.insert(
+                    crate::trace::HEADER.into(),
+                    AMQPValue::LongString(tp.as_str().into()),
+                );
+                props.with_headers(headers)
+            }
+            None => props,
+        };
         let confirm = ch
             .basic_publish(
                 exchange.into(),
@@ -233,4 +246,17 @@ pub async fn declare_exchange(ch: &Channel, exchange: &str) -> Result<(), lapin:
         FieldTable::default(),
     )
     .await
+}
+
+/// The trace context a delivery was published in (its `traceparent` header), if valid.
+pub fn traceparent_of(props: &BasicProperties) -> Option<crate::trace::TraceContext> {
+    let value = props
+        .headers()
+        .as_ref()?
+        .inner()
+        .get(crate::trace::HEADER)?;
+    match value {
+        AMQPValue::LongString(s) => crate::trace::parent_from(Some(s.as_bytes())),
+        _ => None,
+    }
 }

@@ -289,7 +289,8 @@ fn undecodable_is_invalid<R>(mut response: http::Response<R>) -> http::Response<
     response
 }
 
-/// Adds the bearer token to outgoing requests of a client, when one is configured.
+/// Adds the bearer token to outgoing requests of a client, when one is configured, and the
+/// current trace context (`traceparent`), when the call is made in one.
 #[derive(Clone, Debug)]
 pub struct AttachToken {
     header: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
@@ -309,6 +310,10 @@ impl tonic::service::Interceptor for AttachToken {
     fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
         if let Some(h) = &self.header {
             req.metadata_mut().insert("authorization", h.clone());
+        }
+        // The caller's trace goes on with the call (crate::trace).
+        if let Some(tp) = crate::trace::current_header().and_then(|v| v.parse().ok()) {
+            req.metadata_mut().insert(crate::trace::HEADER, tp);
         }
         Ok(req)
     }

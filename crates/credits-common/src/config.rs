@@ -98,8 +98,9 @@ pub fn install_metrics(addr: SocketAddr) -> anyhow::Result<()> {
 pub fn start_daemon(
     common: &CommonArgs,
     default_metrics: &str,
+    service: &str,
 ) -> anyhow::Result<tokio_util::sync::CancellationToken> {
-    crate::telemetry::init(common.log_format, "info");
+    crate::telemetry::init(common.log_format, "info", service);
     if let Some(addr) = common.metrics_addr_or(default_metrics.parse()?)? {
         install_metrics(addr)?;
     }
@@ -112,6 +113,7 @@ pub fn start_daemon(
 pub async fn run_daemon<A, R>(
     common: &CommonArgs,
     default_metrics: &str,
+    service: &str,
     listen: SocketAddr,
     build: impl AsyncFnOnce(&tokio_util::sync::CancellationToken) -> anyhow::Result<A>,
     run: impl FnOnce(A, tokio::net::TcpListener, tokio_util::sync::CancellationToken) -> R,
@@ -119,10 +121,12 @@ pub async fn run_daemon<A, R>(
 where
     R: Future<Output = anyhow::Result<()>>,
 {
-    let shutdown = start_daemon(common, default_metrics)?;
+    let shutdown = start_daemon(common, default_metrics, service)?;
     let app = build(&shutdown).await?;
     let listener = bind(listen).await?;
-    run(app, listener, shutdown).await
+    let result = run(app, listener, shutdown).await;
+    crate::telemetry::flush().await;
+    result
 }
 
 /// The `main` of the binary of daemon crate `$daemon`: parses the binary's clap `Args`
@@ -137,6 +141,7 @@ macro_rules! daemon_main {
             $crate::config::run_daemon(
                 &args.common,
                 $daemon::DEFAULT_METRICS,
+                &stringify!($daemon).replace('_', "-"),
                 args.listen,
                 async |shutdown| $daemon::App::build(args.config()?, shutdown).await,
                 $daemon::App::run,

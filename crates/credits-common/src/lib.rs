@@ -16,5 +16,6 @@ pub mod rpc_metrics;
 pub mod shutdown;
 pub mod telemetry;
 pub mod tls;
+pub mod trace;
 
 pub use money::{Money, MoneyError};

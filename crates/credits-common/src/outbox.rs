@@ -16,7 +16,7 @@
 //!
 //! Expected table (created by each daemon's migrations):
 //! `outbox(seq bigint identity primary key, event_id uuid, routing_key text,
-//!         payload jsonb, created_at timestamptz)`.
+//!         payload jsonb, created_at timestamptz, traceparent text)`.
 
 use std::time::Duration;
 
@@ -35,6 +35,7 @@ const BATCH: i64 = 200;
 
 /// Writes one event into the outbox inside the caller's transaction, and asks the relay to
 /// wake when that transaction commits (NOTIFY is delivered at commit, never on rollback).
+/// The row keeps the current trace context ([`crate::trace`]), which the relay sends on.
 /// The body is the contract's envelope ([`crate::events::Envelope`]) with a fresh v7 id.
 pub async fn enqueue(
     tx: &mut Transaction<'_, Postgres>,
@@ -44,12 +45,15 @@ pub async fn enqueue(
     let id = Uuid::now_v7();
     let payload = events::body(id, Utc::now(), account_id, event)
         .map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
-    sqlx::query("INSERT INTO outbox (event_id, routing_key, payload) VALUES ($1, $2, $3)")
-        .bind(id)
-        .bind(event.routing_key())
-        .bind(payload)
-        .execute(&mut **tx)
-        .await?;
+    sqlx::query(
+        "INSERT INTO outbox (event_id, routing_key, payload, traceparent) VALUES ($1, $2, $3, $4)",
+    )
+    .bind(id)
+    .bind(event.routing_key())
+    .bind(payload)
+    .bind(crate::trace::current_header())
+    .execute(&mut **tx)
+    .await?;
     sqlx::query("SELECT pg_notify($1, '')")
         .bind(NOTIFY_CHANNEL)
         .execute(&mut **tx)
@@ -168,6 +172,7 @@ struct Row {
     created_at: DateTime<Utc>,
     attempts: i32,
     first_returned_at: Option<DateTime<Utc>>,
+    traceparent: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -184,6 +189,7 @@ fn message(r: &Row) -> OutgoingMessage {
         routing_key: r.routing_key.clone(),
         body: r.payload.to_string().into_bytes(),
         timestamp_secs: r.created_at.timestamp().max(0) as u64,
+        traceparent: r.traceparent.clone(),
     }
 }
 
@@ -202,7 +208,8 @@ async fn relay_batch(
                        WHERE next_attempt_at <= now()
                          AND (claimed_until IS NULL OR claimed_until < now())
                        ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED)
-         RETURNING seq, event_id, routing_key, payload, created_at, attempts, first_returned_at",
+         RETURNING seq, event_id, routing_key, payload, created_at, attempts, first_returned_at,
+                   traceparent",
     )
     .bind(BATCH)
     .bind(CLAIM.as_secs_f64())

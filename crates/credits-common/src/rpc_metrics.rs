@@ -1,5 +1,6 @@
-//! Per-RPC metrics for every gRPC server: a tower layer in front of the auth layer, so
-//! refused calls are counted too.
+//! Per-RPC metrics and trace context for every gRPC server: a tower layer in front of the
+//! auth layer, so refused calls are counted too. Each call runs in a trace span whose parent
+//! is the caller's `traceparent` header (a new trace without one; see [`crate::trace`]).
 //!
 //! - `credits_grpc_requests_total{service, method, code}` — one per call, `code` the gRPC
 //!   status name (`OK`, `INVALID_ARGUMENT`, …);
@@ -18,6 +19,10 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Instant;
+
+use tracing::Instrument;
+
+use crate::trace;
 
 /// The layer; add it to a `tonic::transport::Server` builder.
 #[derive(Clone, Copy, Debug, Default)]
@@ -55,7 +60,10 @@ where
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let (service, method) = split_path(req.uri().path());
         let started = Instant::now();
-        let answer = self.inner.call(req);
+        let parent = trace::parent_from(req.headers().get(trace::HEADER).map(|v| v.as_bytes()));
+        let (span, cx) = trace::span(&format!("{service}/{method}"), "server", parent);
+        let answer = trace::sync_scope(cx, || span.in_scope(|| self.inner.call(req)));
+        let answer = trace::scope(cx, answer.instrument(span));
         Box::pin(async move {
             let result = answer.await;
             let code = match &result {

@@ -1,7 +1,12 @@
 //! Logging through `tracing-subscriber`: `RUST_LOG` filters, `LOG_FORMAT=json|text` picks
 //! the format. Installing twice is harmless (tests call it from every test).
 
-use tracing_subscriber::{EnvFilter, fmt, prelude::*};
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
+use tracing::Level;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::{EnvFilter, Layer, Registry, fmt, prelude::*};
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -15,7 +20,25 @@ pub enum LogFormat {
 /// silenced (unless `RUST_LOG` names `lapin::returned_messages`): the outbox relay logs the
 /// first return of each event itself and counts the rest (`credits_outbox_unroutable_total`),
 /// where lapin would log every retry of every event.
-pub fn init(format: LogFormat, default_filter: &str) {
+///
+/// When `OTEL_EXPORTER_OTLP_ENDPOINT` is set (an OTLP/gRPC collector, e.g.
+/// `http://otel-collector:4317`), the trace spans of [`crate::trace`] are also
+/// exported over OTLP/gRPC as `service` (`OTEL_SERVICE_NAME` wins when set), whatever
+/// `RUST_LOG` says: the log filter applies to the log lines only.
+pub fn init(format: LogFormat, default_filter: &str, service: &str) {
+    let endpoint = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .ok()
+        .filter(|e| !e.trim().is_empty());
+    init_with_endpoint(format, default_filter, service, endpoint.as_deref());
+}
+
+/// [`init`] with the OTLP endpoint given rather than read from the environment.
+pub fn init_with_endpoint(
+    format: LogFormat,
+    default_filter: &str,
+    service: &str,
+    otlp_endpoint: Option<&str>,
+) {
     let mut filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     if !std::env::var("RUST_LOG").is_ok_and(|v| v.contains("lapin::returned_messages"))
@@ -23,26 +46,83 @@ pub fn init(format: LogFormat, default_filter: &str) {
     {
         filter = filter.add_directive(d);
     }
-    let registry = tracing_subscriber::registry().with(filter);
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let _ = match format {
-        LogFormat::Text => registry
-            .with(fmt::layer().with_ansi(ansi).with_writer(std::io::stderr))
-            .try_init(),
-        LogFormat::Json => registry
-            .with(
-                fmt::layer()
-                    .json()
-                    .flatten_event(true)
-                    .with_writer(std::io::stderr),
-            )
-            .try_init(),
+    let log: Box<dyn Layer<Registry> + Send + Sync> = match format {
+        LogFormat::Text => fmt::layer()
+            .with_ansi(ansi)
+            .with_writer(std::io::stderr)
+            .with_filter(filter)
+            .boxed(),
+        LogFormat::Json => fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_writer(std::io::stderr)
+            .with_filter(filter)
+            .boxed(),
     };
+    let mut layers = vec![log];
+    let export = otlp_endpoint.and_then(|e| otlp_layer(service, e));
+    let exporting = export.is_some();
+    layers.extend(export);
+    if tracing_subscriber::registry()
+        .with(layers)
+        .try_init()
+        .is_ok()
+        && exporting
+    {
+        crate::trace::set_exporting();
+    }
+}
+
+static PROVIDER: std::sync::OnceLock<SdkTracerProvider> = std::sync::OnceLock::new();
+
+/// The OpenTelemetry layer exporting [`crate::trace`]'s spans, when an endpoint is set.
+fn otlp_layer(service: &str, endpoint: &str) -> Option<Box<dyn Layer<Registry> + Send + Sync>> {
+    if PROVIDER.get().is_some() {
+        return None; // installed once per process
+    }
+    // The builder reads OTEL_EXPORTER_OTLP_HEADERS and _TIMEOUT itself.
+    let exporter = match opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .with_endpoint(endpoint)
+        .build()
+    {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("traces are not exported: {e}");
+            return None;
+        }
+    };
+    let mut resource = opentelemetry_sdk::Resource::builder();
+    if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
+        resource = resource.with_service_name(service.to_owned());
+    }
+    let provider = SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_sampler(Sampler::ParentBased(Box::new(Sampler::AlwaysOn)))
+        .with_resource(resource.build())
+        .build();
+    let tracer = provider.tracer("credits");
+    let _ = PROVIDER.set(provider);
+    Some(
+        tracing_opentelemetry::layer()
+            .with_tracer(tracer)
+            .with_filter(Targets::new().with_target(crate::trace::TARGET, Level::INFO))
+            .boxed(),
+    )
+}
+
+/// Exports the spans still buffered; call once before the process exits.
+pub async fn flush() {
+    if let Some(p) = PROVIDER.get() {
+        let p = p.clone();
+        let _ = tokio::task::spawn_blocking(move || p.force_flush()).await;
+    }
 }
 
 /// For tests: quiet unless `TEST_LOG` is set, as in zero-to-production.
 pub fn init_for_tests() {
     if std::env::var_os("TEST_LOG").is_some() {
-        init(LogFormat::Text, "info");
+        init(LogFormat::Text, "info", "credits-test");
     }
 }

@@ -27,10 +27,11 @@ LANGUAGE plpgsql AS $$
 DECLARE
     id uuid := uuid_v7();
 BEGIN
-    INSERT INTO outbox (event_id, routing_key, payload)
+    -- The trace the writing call runs in, if it set one for its transaction (Store::traced).
+    INSERT INTO outbox (event_id, routing_key, payload, traceparent)
     VALUES (id, p_key, jsonb_build_object(
         'id', id, 'type', p_key, 'occurred_at', now(), 'account_id', p_account_id, 'data', p_data,
-        'schema_version', 1));
+        'schema_version', 1), nullif(current_setting('credits.traceparent', true), ''));
     PERFORM pg_notify('credits_outbox', '');
 END $$;
 
@@ -219,14 +220,16 @@ END $$;
 -- balances and events are written with one statement each. Per item, the outcome, the
 -- entry, the balance and the access are exactly what ledger_post() would answer had the
 -- items been posted one after another in request order (`ord`, 1-based), and the same
--- events are published (R7, R17, R18, access changes), in that order.
+-- events are published (R7, R17, R18, access changes), in that order, each with the trace
+-- context of the item that caused it (`p_traceparents`, null outside a trace).
 --
 -- The caller must not send two items with one (account, key): an item cannot see an
 -- entry inserted by the same statement, so such a batch goes through ledger_post() per
 -- item (the unique index would refuse it here anyway).
 CREATE OR REPLACE FUNCTION ledger_post_batch(
     p_account_ids text[], p_kinds text[], p_categories text[], p_sources text[],
-    p_amounts numeric[], p_references text[], p_descriptions text[], p_keys text[])
+    p_amounts numeric[], p_references text[], p_descriptions text[], p_keys text[],
+    p_traceparents text[])
 RETURNS TABLE (
     ord bigint, outcome text, seq bigint, entry_id uuid, kind text, category text, source text,
     amount numeric, balance_after numeric, reference text, description text,
@@ -236,18 +239,22 @@ LANGUAGE plpgsql AS $$
 DECLARE
     r record;
     outbox_notified boolean := false;
+    locked text[];
 BEGIN
     -- Byte order ("C"), as the row-by-row batch of Store::post_batch sorts its items: any
-    -- two batches lock shared accounts in the same order.
-    PERFORM 1 FROM accounts a WHERE a.account_id = ANY (p_account_ids)
-    ORDER BY a.account_id COLLATE "C" FOR UPDATE;
+    -- two batches lock shared accounts in the same order. Only the accounts locked here are
+    -- posted to: one created while this waited for a lock answers not_found (the batch
+    -- comes first), never posted to unlocked.
+    SELECT coalesce(array_agg(l.account_id), '{}') INTO locked
+    FROM (SELECT a.account_id FROM accounts a WHERE a.account_id = ANY (p_account_ids)
+          ORDER BY a.account_id COLLATE "C" FOR UPDATE) l;
 
     -- A new statement, so a new snapshot: everything committed before the locks were
     -- granted is seen (READ COMMITTED), as in ledger_post().
     FOR r IN
         WITH item AS (
             SELECT i.ord, i.account_id, i.kind, i.category, i.source, i.amount, i.reference,
-                   i.description, i.key,
+                   i.description, i.key, i.traceparent,
                    a.account_id IS NOT NULL AS known,
                    a.balance AS start_balance, a.held, a.access AS start_access,
                    a.billing_mode, a.threshold, a.alert_thresholds,
@@ -257,11 +264,11 @@ BEGIN
                    e.description AS e_description, e.created_at AS e_created_at,
                    a.account_id IS NOT NULL AND e.seq IS NULL AS posts
             FROM unnest(p_account_ids, p_kinds, p_categories, p_sources, p_amounts,
-                        p_references, p_descriptions, p_keys)
+                        p_references, p_descriptions, p_keys, p_traceparents)
                  WITH ORDINALITY AS i(account_id, kind, category, source, amount, reference,
-                                      description, key, ord)
-            LEFT JOIN accounts a ON a.account_id = i.account_id
-            LEFT JOIN entries e ON e.account_id = i.account_id AND e.idempotency_key = i.key
+                                      description, key, traceparent, ord)
+            LEFT JOIN accounts a ON a.account_id = i.account_id AND a.account_id = ANY (locked)
+            LEFT JOIN entries e ON e.account_id = a.account_id AND e.idempotency_key = i.key
         ),
         -- The account's state after each item, in request order. Items that do not post
         -- (replays, conflicts) move nothing and answer the state they find.
@@ -302,7 +309,7 @@ BEGIN
             SELECT s.account_id, s.kind, s.category, s.source, s.amount, s.bal, s.reference,
                    s.description, s.key
             FROM step s WHERE s.posts
-            ORDER BY s.account_id, s.ord   -- seq follows the balance_after chain
+            ORDER BY s.ord   -- seq in request order, as one by one (and so the balance_after chain)
             RETURNING entries.seq, entries.entry_id, entries.account_id,
                       entries.idempotency_key, entries.created_at
         ),
@@ -320,7 +327,7 @@ BEGIN
         -- Per posted item, what ledger_move() publishes: the crossing, the alerts highest
         -- first, the access change.
         ev AS (
-            SELECT p.account_id, p.ord, 1 AS rank, 0::bigint AS alert_no,
+            SELECT p.account_id, p.ord, p.traceparent, 1 AS rank, 0::bigint AS alert_no,
                    'ledger.balance.threshold_crossed' AS routing_key,
                    jsonb_build_object(
                        'threshold', money_text(p.threshold),
@@ -333,7 +340,7 @@ BEGIN
             WHERE p.threshold IS NOT NULL AND p.bal_before - p.held >= p.threshold
               AND p.bal - p.held < p.threshold
             UNION ALL
-            SELECT p.account_id, p.ord, 2, t.n, 'ledger.balance.alert',
+            SELECT p.account_id, p.ord, p.traceparent, 2, t.n, 'ledger.balance.alert',
                    jsonb_build_object(
                        'threshold', money_text(t.v),
                        'available_before', money_text(p.bal_before - p.held),
@@ -343,7 +350,7 @@ BEGIN
             WHERE cardinality(p.alert_thresholds) > 0
               AND p.bal_before - p.held >= t.v AND p.bal - p.held < t.v
             UNION ALL
-            SELECT p.account_id, p.ord, 3, 0,
+            SELECT p.account_id, p.ord, p.traceparent, 3, 0,
                    CASE WHEN p.acc_after = 'SUSPENDED' THEN 'ledger.account.suspended'
                         WHEN p.acc_before = 'PENDING_FIRST_PURCHASE' THEN 'ledger.account.activated'
                         ELSE 'ledger.account.reactivated' END,
@@ -352,12 +359,13 @@ BEGIN
             FROM posted p WHERE p.acc_after <> p.acc_before
         ),
         published AS (
-            INSERT INTO outbox (event_id, routing_key, payload)
+            INSERT INTO outbox (event_id, routing_key, payload, traceparent)
             SELECT x.id, x.routing_key, jsonb_build_object(
                        'id', x.id, 'type', x.routing_key, 'occurred_at', now(),
-                       'account_id', x.account_id, 'data', x.data, 'schema_version', 1)
+                       'account_id', x.account_id, 'data', x.data, 'schema_version', 1),
+                   x.traceparent
             FROM (SELECT uuid_v7() AS id, ev.* FROM ev
-                  ORDER BY ev.account_id, ev.ord, ev.rank, ev.alert_no OFFSET 0) x
+                  ORDER BY ev.ord, ev.rank, ev.alert_no OFFSET 0) x
             RETURNING outbox.payload->>'account_id' AS account_id
         ),
         touched AS (SELECT DISTINCT pb.account_id FROM published pb)

@@ -226,6 +226,9 @@ pub struct PostingRequest {
     pub reference: String,
     pub description: String,
     pub idempotency_key: IdempotencyKey,
+    /// The W3C trace context of the call that asked for it (`credits_common::trace`): the
+    /// events this posting causes carry it on.
+    pub traceparent: Option<String>,
 }
 
 #[derive(Clone, Debug)]

@@ -202,6 +202,7 @@ fn usage_request(r: &pb::RecordUsageRequest) -> Result<PostingRequest, LedgerErr
         reference: String::new(),
         description: description_text("description", &r.description, 1024)?,
         idempotency_key: IdempotencyKey::parse(&r.idempotency_key)?,
+        traceparent: credits_common::trace::current_header(),
     })
 }
 
@@ -361,6 +362,7 @@ impl pb::ledger_service_server::LedgerService for LedgerGrpc {
             reference: bounded_text("reference", &r.reference, 255)?,
             description: description_text("description", &r.description, 1024)?,
             idempotency_key: IdempotencyKey::parse(&r.idempotency_key)?,
+            traceparent: credits_common::trace::current_header(),
         };
         let posted = self.store.post(&posting).await;
         self.views.drop_account(posting.account_id.as_str());
@@ -555,17 +557,21 @@ impl pb::ledger_service_server::LedgerService for LedgerGrpc {
         use futures_util::StreamExt;
         let coalescer = self.coalescer.clone();
         let views = self.views.clone();
+        // Items are read after this handler returned, outside the call's trace scope.
+        let traceparent = credits_common::trace::current_header();
         let results = req
             .into_inner()
             .enumerate()
             .map(move |(i, item)| {
                 let (coalescer, views) = (coalescer.clone(), views.clone());
+                let traceparent = traceparent.clone();
                 async move {
                     // A broken stream (transport, undecodable message) ends it; a bad item
                     // is that item's result.
                     let r = item?;
                     let outcome = match usage_request(&r) {
-                        Ok(posting) => {
+                        Ok(mut posting) => {
+                            posting.traceparent = traceparent;
                             let account = posting.account_id.clone();
                             let posted = coalescer.post(posting).await;
                             views.drop_account(account.as_str());

@@ -302,7 +302,9 @@ impl Store {
 
     /// R15: creates a hold, or answers the first one for a repeated key.
     pub async fn create_hold(&self, new: &NewHold) -> Result<(Hold, bool), LedgerError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self
+            .traced(credits_common::trace::current_header().as_deref())
+            .await?;
         let r = sqlx::query!(
             r#"SELECT outcome AS "outcome!", hold_id FROM ledger_hold_create($1, $2, $3, $4, $5, $6)"#,
             new.account_id.as_str(),
@@ -358,7 +360,9 @@ impl Store {
             } => (Some(amount.as_decimal()), description.as_str()),
             HoldEnding::Release => (None, ""),
         };
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self
+            .traced(credits_common::trace::current_header().as_deref())
+            .await?;
         let r = sqlx::query!(
             r#"SELECT outcome AS "outcome!", status FROM ledger_hold_end($1, $2, $3, $4, $5)"#,
             account.as_str(),
@@ -552,6 +556,7 @@ impl Store {
 
     pub async fn post(&self, req: &PostingRequest) -> Result<Posted, LedgerError> {
         let (category, source) = split(req.posting);
+        let mut tx = self.traced(req.traceparent.as_deref()).await?;
         let row = sqlx::query_as!(
             PostRow,
             r#"SELECT outcome AS "outcome!", seq, entry_id, kind, category, source, amount,
@@ -566,15 +571,32 @@ impl Store {
             req.description,
             req.idempotency_key.as_str(),
         )
-        .fetch_one(&self.pool)
+        .fetch_one(&mut *tx)
         .await?;
+        tx.commit().await?;
         posted(req, row)
+    }
+
+    /// A transaction whose events carry `traceparent` (`ledger_event()` reads it from the
+    /// transaction-local setting `credits.traceparent`). Without one, no setting is made.
+    async fn traced(
+        &self,
+        traceparent: Option<&str>,
+    ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, LedgerError> {
+        let mut tx = self.pool.begin().await?;
+        if let Some(tp) = traceparent {
+            sqlx::query!("SELECT set_config('credits.traceparent', $1, true)", tp)
+                .fetch_one(&mut *tx)
+                .await?;
+        }
+        Ok(tx)
     }
 
     /// Posts many usage items in one statement (one round trip, one transaction): the
     /// set-based `ledger_post_batch`, or `ledger_post` per item when two items share one
     /// (account, key) — an item must see the entry its twin appended, and only the
-    /// row-by-row form does. Items are applied in request order within one account; results
+    /// row-by-row form does (its events then carry no trace context: rare, and a trace is
+    /// information, not money). Items are applied in request order within one account; results
     /// come back in request order.
     pub async fn post_batch(
         &self,
@@ -599,6 +621,7 @@ impl Store {
         let mut references = Vec::with_capacity(reqs.len());
         let mut descriptions = Vec::with_capacity(reqs.len());
         let mut keys = Vec::with_capacity(reqs.len());
+        let mut traceparents: Vec<Option<String>> = Vec::with_capacity(reqs.len());
         for &i in &order {
             let r = &reqs[i];
             let (c, s) = split(r.posting);
@@ -610,6 +633,7 @@ impl Store {
             references.push(r.reference.clone());
             descriptions.push(r.description.clone());
             keys.push(r.idempotency_key.as_str().to_owned());
+            traceparents.push(r.traceparent.clone());
         }
         let rows = if twins {
             sqlx::query_as!(
@@ -642,7 +666,8 @@ impl Store {
                           p.amount, p.balance_after, p.reference, p.description, p.created_at,
                           p.balance, p.access
                    FROM ledger_post_batch($1::text[], $2::text[], $3::text[], $4::text[],
-                                          $5::numeric[], $6::text[], $7::text[], $8::text[]) p
+                                          $5::numeric[], $6::text[], $7::text[], $8::text[],
+                                          $9::text[]) p
                    ORDER BY p.ord"#,
                 &accounts,
                 &kinds,
@@ -652,6 +677,7 @@ impl Store {
                 &references,
                 &descriptions,
                 &keys,
+                &traceparents as &[Option<String>],
             )
             .fetch_all(&self.pool)
             .await?

@@ -21,6 +21,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, ExchangeKind};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use credits_common::db::redact_url;
 use credits_common::events::{Envelope, Event, EventParseError, PaymentMethodType};
@@ -222,7 +223,13 @@ async fn consume(
         };
         let worker = worker.clone();
         let shutdown = connection.clone();
-        in_flight.spawn(async move {
+        // The event is handled in the producer's trace (its `traceparent` header).
+        let (span, cx) = credits_common::trace::span(
+            &format!("consume {}", delivery.routing_key.as_str()),
+            "consumer",
+            credits_common::amqp::traceparent_of(&delivery.properties),
+        );
+        let handling = async move {
             let mut backoff = RETRY_FIRST;
             let mut tries = 0u32;
             let acked = loop {
@@ -259,7 +266,8 @@ async fn consume(
                 // The broker redelivers an unacknowledged message; its effect is idempotent.
                 tracing::warn!(error = %e, "could not acknowledge an event");
             }
-        });
+        };
+        in_flight.spawn(credits_common::trace::scope(cx, handling.instrument(span)));
     };
     // Let handlers that already started finish (their effects commit either way); those
     // still waiting on a dependency stop waiting.

@@ -317,20 +317,20 @@ impl Recharge {
     /// Runs the account's due check in the background; a failure leaves it due.
     pub fn spawn_decide(self: &Arc<Self>, account: String, fallback: Trigger) {
         let me = self.clone();
-        self.tasks.spawn(async move {
+        self.tasks.spawn(credits_common::trace::carried(async move {
             if let Err(e) = me.decide_and_start(&account, fallback).await {
                 tracing::warn!(account_id = %account, error = %e, "balance check deferred to the sweeper");
             }
-        });
+        }));
     }
 
     pub fn spawn_execute(self: &Arc<Self>, attempt_id: String) {
         let me = self.clone();
-        self.tasks.spawn(async move {
+        self.tasks.spawn(credits_common::trace::carried(async move {
             if let Err(e) = me.execute(&attempt_id).await {
                 tracing::warn!(attempt_id, error = %e, "attempt interrupted; the sweeper resumes it");
             }
-        });
+        }));
     }
 
     /// Carries an attempt as far as it can go now.

@@ -59,7 +59,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    credits_common::telemetry::init(args.log_format, "info");
+    credits_common::telemetry::init(args.log_format, "info", "credits-portal");
     if args.metrics_addr != "off" {
         credits_common::config::install_metrics(args.metrics_addr.parse()?)?;
     }
