@@ -824,12 +824,35 @@ async fn one_trace_runs_from_the_usage_through_the_crossing_to_the_top_up() {
             "{kind} in the gateway's trace: {seen:#?}"
         );
     }
-    // The purchase before it ran in a trace of its own, and so did nothing else in ours.
+    // The purchase before it ran in a trace of its own (the client sent none) — one that
+    // went on from payments into the ledger's AddCredits, whose SQL wrote the activation.
     let purchase = seen
         .iter()
         .find(|(k, _)| k == "payments.charge.succeeded")
         .expect("the purchase's charge");
     assert_ne!(purchase.1, trace_id, "{seen:#?}");
     assert_eq!(purchase.1.len(), 32, "{seen:#?}");
+    let activated = seen
+        .iter()
+        .find(|(k, _)| k == "ledger.account.activated")
+        .expect("the purchase's activation");
+    assert_eq!(activated.1, purchase.1, "{seen:#?}");
+
+    // A malformed traceparent is ignored, never refused: the call starts its own trace.
+    for junk in [
+        "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01".to_owned(),
+        format!("ff-{trace_id}-00f067aa0ba902b7-01"),
+        "x".repeat(8000),
+    ] {
+        let mut req = tonic::Request::new(credits_tests::raw::usage(
+            "acme",
+            "0.01",
+            &junk[..8],
+            "chat",
+        ));
+        req.metadata_mut()
+            .insert("traceparent", junk.parse().unwrap());
+        sys.ledger.client().await.record_usage(req).await.unwrap();
+    }
     sys.stop().await;
 }

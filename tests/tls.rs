@@ -1,7 +1,8 @@
 //! TLS between daemons and for clients: a ledger and a payments daemon serving gRPC over
 //! TLS and requiring client certificates (mutual TLS), payments calling the ledger over
 //! it, with a CA and certificates generated here (rcgen). A plaintext client and a client
-//! without a certificate are refused.
+//! without a certificate are refused. And TLS to the stores: PostgreSQL as `sslmode` in
+//! the database URL asks, RabbitMQ over `amqps://` with a private CA.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -187,4 +188,147 @@ async fn daemons_serve_and_call_each_other_over_mutual_tls() {
 
     shutdown.cancel();
     let _ = tokio::join!(ledger_task, payments_task);
+}
+
+/// `sslmode` in `DATABASE_URL` is honoured: with `require` every connection the ledger
+/// holds is TLS, with `disable` none is. (`verify-ca`/`verify-full` with `sslrootcert`
+/// verify the server too; the machine's PostgreSQL offers only Debian's self-signed
+/// "snakeoil" certificate.)
+#[tokio::test]
+async fn the_ledger_reaches_postgresql_over_tls_as_its_url_asks() {
+    use credits_tests::{Ledger, LedgerOptions, fresh_database_url, pg_base, pg_connect};
+    let mut admin = pg_connect(&format!("{}/postgres", pg_base())).await;
+    let ssl: String = sqlx::query_scalar("SHOW ssl")
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(
+        ssl, "on",
+        "needs PostgreSQL with ssl = on (Debian's default)"
+    );
+    for (mode, want_tls) in [("require", true), ("disable", false)] {
+        let base = fresh_database_url("ledger");
+        let name = base.rsplit('/').next().unwrap().to_owned();
+        let ledger = Ledger::start_with(LedgerOptions {
+            database_url: Some(format!("{base}?sslmode={mode}")),
+            ..Default::default()
+        })
+        .await;
+        let c = ledger.api();
+        c.prepaid("acme", "10").await;
+        assert_eq!(c.balance("acme").await, money("10"));
+        let (tls, plain): (i64, i64) = sqlx::query_as(
+            "SELECT count(*) FILTER (WHERE s.ssl), count(*) FILTER (WHERE NOT s.ssl)
+             FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) WHERE a.datname = $1",
+        )
+        .bind(&name)
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+        if want_tls {
+            assert!(tls >= 1 && plain == 0, "{mode}: {tls} TLS, {plain} plain");
+        } else {
+            assert!(plain >= 1 && tls == 0, "{mode}: {tls} TLS, {plain} plain");
+        }
+        ledger.stop().await;
+    }
+}
+
+/// A TLS listener in front of the local RabbitMQ (what a broker's TLS port is to a client):
+/// TLS with `cert`/`key`, then bytes piped to 127.0.0.1:5672. Returns the port and how many
+/// TLS handshakes it completed.
+async fn tls_front_for_rabbitmq(
+    cert: &Path,
+    key: &Path,
+) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .unwrap()
+        .map(|c| c.unwrap())
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(key).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let handshakes = Arc::new(AtomicUsize::new(0));
+    let counted = handshakes.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, counted) = (acceptor.clone(), counted.clone());
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                counted.fetch_add(1, Ordering::SeqCst);
+                if let Ok(mut broker) = tokio::net::TcpStream::connect("127.0.0.1:5672").await {
+                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut broker).await;
+                }
+            });
+        }
+    });
+    (port, handshakes)
+}
+
+/// `amqps://` with `AMQP_TLS_CA_FILE`: the ledger (the real binary) publishes its events
+/// through a TLS connection verified against a private CA, and they reach a consumer.
+#[tokio::test]
+async fn the_ledger_publishes_over_amqps_verified_by_a_private_ca() {
+    use credits_tests::procs::{Proc, free_port, wait_healthy};
+    use credits_tests::{EventTap, fresh_database_url, unique};
+    let dir = std::env::temp_dir().join(unique("amqps"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pki = pki(&dir);
+    let (port, handshakes) = tls_front_for_rabbitmq(&pki.server_cert, &pki.server_key).await;
+    let exchange = unique("credits.events.amqps");
+    let mut tap = EventTap::bind(&exchange, "ledger.#").await;
+    let grpc = free_port();
+    let ledger = Proc::spawn(
+        "ledger-amqps",
+        "credits-ledger",
+        &[],
+        &[
+            ("DATABASE_URL", fresh_database_url("ledger")),
+            (
+                "AMQP_URL",
+                format!("amqps://guest:guest@127.0.0.1:{port}/%2f"),
+            ),
+            ("AMQP_TLS_CA_FILE", pki.ca.display().to_string()),
+            ("CREDITS_EXCHANGE", exchange.clone()),
+            ("LEDGER_LISTEN_ADDR", format!("127.0.0.1:{grpc}")),
+            ("METRICS_ADDR", "off".to_owned()),
+        ],
+    );
+    let url = format!("http://127.0.0.1:{grpc}");
+    wait_healthy(&url, "credits.ledger.v1.LedgerService", &ledger).await;
+    let c =
+        credits_tests::api::Api::connect(&url, credits_tests::NOBODY, credits_tests::NOBODY, None);
+    c.prepaid("acme", "10").await;
+    let ev = tap
+        .next_of(
+            "ledger.account.activated",
+            std::time::Duration::from_secs(20),
+        )
+        .await;
+    assert!(
+        ev.is_some(),
+        "the event went out over amqps; log:\n{}",
+        ledger.logs()
+    );
+    assert!(
+        handshakes.load(std::sync::atomic::Ordering::SeqCst) >= 1,
+        "through the TLS front"
+    );
+    ledger.stop().await;
 }

@@ -177,6 +177,7 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
         async { stop(&shutdown)(r.run(rl, shutdown.clone()).await) },
         async { stop(&shutdown)(o.run(ol, oh, shutdown.clone()).await) },
     );
+    credits_common::telemetry::flush().await;
     lr.and(pr).and(rr).and(or)
 }
 

@@ -228,10 +228,32 @@ fn delivery_of(
 }
 
 /// Opens a connection with a name visible in the broker's management tools.
+///
+/// `amqps://` speaks TLS and verifies the broker's certificate against the system's CAs, or
+/// against the PEM file named by `AMQP_TLS_CA_FILE` (a private CA).
 pub async fn connect(url: &str, connection_name: &str) -> Result<Connection, lapin::Error> {
     let opts =
         ConnectionProperties::default().with_connection_name(LongString::from(connection_name));
-    Connection::connect(url, opts).await
+    let ca_file = std::env::var("AMQP_TLS_CA_FILE")
+        .ok()
+        .filter(|f| !f.is_empty());
+    match ca_file {
+        Some(file) if url.starts_with("amqps://") => {
+            let pem = std::fs::read_to_string(&file).map_err(|e| {
+                lapin::Error::from(std::io::Error::new(
+                    e.kind(),
+                    format!("AMQP_TLS_CA_FILE {file}: {e}"),
+                ))
+            })?;
+            let tls = lapin::tcp::OwnedTLSConfig {
+                identity: None,
+                cert_chain: Some(pem),
+            };
+            Connection::connect_with_config(url, opts, tls, lapin::runtime::default_runtime()?)
+                .await
+        }
+        _ => Connection::connect(url, opts).await,
+    }
 }
 
 /// Declares the durable topic exchange events go to.
@@ -257,6 +279,8 @@ pub fn traceparent_of(props: &BasicProperties) -> Option<crate::trace::TraceCont
         .get(crate::trace::HEADER)?;
     match value {
         AMQPValue::LongString(s) => crate::trace::parent_from(Some(s.as_bytes())),
+        // Some clients (.NET, Java) send header strings as byte arrays.
+        AMQPValue::ByteArray(b) => crate::trace::parent_from(Some(b.as_slice())),
         _ => None,
     }
 }

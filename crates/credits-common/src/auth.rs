@@ -312,7 +312,9 @@ impl tonic::service::Interceptor for AttachToken {
             req.metadata_mut().insert("authorization", h.clone());
         }
         // The caller's trace goes on with the call (crate::trace).
-        if let Some(tp) = crate::trace::current_header().and_then(|v| v.parse().ok()) {
+        if !req.metadata().contains_key(crate::trace::HEADER)
+            && let Some(tp) = crate::trace::current_header().and_then(|v| v.parse().ok())
+        {
             req.metadata_mut().insert(crate::trace::HEADER, tp);
         }
         Ok(req)

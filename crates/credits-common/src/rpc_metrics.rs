@@ -60,10 +60,16 @@ where
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let (service, method) = split_path(req.uri().path());
         let started = Instant::now();
-        let parent = trace::parent_from(req.headers().get(trace::HEADER).map(|v| v.as_bytes()));
-        let (span, cx) = trace::span(&format!("{service}/{method}"), "server", parent);
-        let answer = trace::sync_scope(cx, || span.in_scope(|| self.inner.call(req)));
-        let answer = trace::scope(cx, answer.instrument(span));
+        // Health checks (probes, every few seconds) are not traced.
+        let answer: BoxFuture<_> = if service == "grpc.health.v1.Health" {
+            Box::pin(self.inner.call(req))
+        } else {
+            let parent = trace::parent_from(req.headers().get(trace::HEADER).map(|v| v.as_bytes()));
+            // The checked names (a scanner's paths are "unknown/unknown"), not the raw path.
+            let (span, cx) = trace::span(&format!("{service}/{method}"), "server", parent);
+            let answer = trace::sync_scope(cx, || span.in_scope(|| self.inner.call(req)));
+            Box::pin(trace::scope(cx, answer.instrument(span)))
+        };
         Box::pin(async move {
             let result = answer.await;
             let code = match &result {

@@ -3,7 +3,7 @@
 
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig;
-use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
+use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing::Level;
 use tracing_subscriber::filter::Targets;
 use tracing_subscriber::{EnvFilter, Layer, Registry, fmt, prelude::*};
@@ -97,9 +97,10 @@ fn otlp_layer(service: &str, endpoint: &str) -> Option<Box<dyn Layer<Registry> +
     if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
         resource = resource.with_service_name(service.to_owned());
     }
+    // The SDK's sampler: parent-based, always on for new traces, unless
+    // OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG say otherwise.
     let provider = SdkTracerProvider::builder()
         .with_batch_exporter(exporter)
-        .with_sampler(Sampler::ParentBased(Box::new(Sampler::AlwaysOn)))
         .with_resource(resource.build())
         .build();
     let tracer = provider.tracer("credits");
@@ -107,6 +108,9 @@ fn otlp_layer(service: &str, endpoint: &str) -> Option<Box<dyn Layer<Registry> +
     Some(
         tracing_opentelemetry::layer()
             .with_tracer(tracer)
+            .with_threads(false)
+            .with_location(false)
+            .with_tracked_inactivity(false)
             .with_filter(Targets::new().with_target(crate::trace::TARGET, Level::INFO))
             .boxed(),
     )

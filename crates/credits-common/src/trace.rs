@@ -49,7 +49,7 @@ pub(crate) fn set_exporting() {
 
 fn random_nonzero<T: Default + PartialEq>(f: impl Fn(u128) -> T) -> T {
     loop {
-        let v = f(uuid::Uuid::new_v4().as_u128());
+        let v = f(rand::random::<u128>());
         if v != T::default() {
             return v;
         }
@@ -112,7 +112,7 @@ impl TraceContext {
     /// A new span in the same trace.
     pub fn child(&self) -> TraceContext {
         TraceContext {
-            span_id: random_nonzero(|r| (r >> 64) as u64),
+            span_id: random_nonzero(|r| r as u64),
             ..*self
         }
     }
@@ -152,9 +152,12 @@ pub fn scope<F: Future>(cx: TraceContext, f: F) -> impl Future<Output = F::Outpu
     CURRENT.scope(cx, f)
 }
 
-/// `f` in the context current now (for a task spawned to finish a call's work).
+/// `f` in the context and the span current now (for a task spawned to finish a call's
+/// work: its calls and events stay in the trace, its log lines name it).
 pub fn carried<F: Future>(f: F) -> impl Future<Output = F::Output> {
+    use tracing::Instrument;
     let cx = current();
+    let f = f.instrument(tracing::Span::current());
     async move {
         match cx {
             Some(cx) => scope(cx, f).await,
@@ -176,8 +179,10 @@ pub fn span(
     kind: &'static str,
     parent: Option<TraceContext>,
 ) -> (tracing::Span, TraceContext) {
+    // No implicit parent: the caller's context is `parent`, whatever span is entered.
     let span = tracing::info_span!(
         target: TARGET,
+        parent: None,
         "span",
         otel.name = name,
         otel.kind = kind,
@@ -199,7 +204,9 @@ pub fn span(
         }
     }
     let cx = cx.unwrap_or_else(|| parent.map_or_else(TraceContext::root, |p| p.child()));
-    span.record("trace_id", cx.trace_id());
+    if !span.is_disabled() {
+        span.record("trace_id", cx.trace_id());
+    }
     (span, cx)
 }
 

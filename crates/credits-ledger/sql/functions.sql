@@ -27,7 +27,7 @@ LANGUAGE plpgsql AS $$
 DECLARE
     id uuid := uuid_v7();
 BEGIN
-    -- The trace the writing call runs in, if it set one for its transaction (Store::traced).
+    -- The trace the writing call runs in (set for the transaction by the function it called).
     INSERT INTO outbox (event_id, routing_key, payload, traceparent)
     VALUES (id, p_key, jsonb_build_object(
         'id', id, 'type', p_key, 'occurred_at', now(), 'account_id', p_account_id, 'data', p_data,
@@ -115,9 +115,13 @@ END $$;
 --   'replayed'  the key was used before with the same request; the first entry is returned
 --   'conflict'  the key was used before with a different request; nothing changed
 --   'not_found' no such account; nothing changed
+-- `p_traceparent`: the W3C trace context of the call, kept with the events it publishes.
+-- (Functions version 8 replaced the signatures without it: a caller that does not pass it,
+-- such as a replica still on the version before, gets null.)
+DROP FUNCTION IF EXISTS ledger_post(text, text, text, text, numeric, text, text, text);
 CREATE OR REPLACE FUNCTION ledger_post(
     p_account_id text, p_kind text, p_category text, p_source text, p_amount numeric,
-    p_reference text, p_description text, p_key text)
+    p_reference text, p_description text, p_key text, p_traceparent text DEFAULT NULL)
 RETURNS TABLE (
     outcome text, seq bigint, entry_id uuid, kind text, category text, source text,
     amount numeric, balance_after numeric, reference text, description text,
@@ -131,6 +135,7 @@ DECLARE
     new_access text;
     crosses_alert boolean;
 BEGIN
+    PERFORM set_config('credits.traceparent', coalesce(p_traceparent, ''), true);
     SELECT * INTO acc FROM accounts a WHERE a.account_id = p_account_id FOR UPDATE;
     IF NOT FOUND THEN
         outcome := 'not_found';
@@ -420,15 +425,17 @@ END $$;
 --   'conflict'     the key was used before with a different request; nothing changed
 --   'insufficient' a prepaid account without access or available < amount; nothing changed
 --   'not_found'    no such account; nothing changed
+DROP FUNCTION IF EXISTS ledger_hold_create(text, numeric, text, text, text, integer);
 CREATE OR REPLACE FUNCTION ledger_hold_create(
     p_account_id text, p_amount numeric, p_category text, p_description text, p_key text,
-    p_ttl_seconds integer)
+    p_ttl_seconds integer, p_traceparent text DEFAULT NULL)
 RETURNS TABLE (outcome text, hold_id uuid)
 LANGUAGE plpgsql AS $$
 DECLARE
     acc accounts%ROWTYPE;
     h holds%ROWTYPE;
 BEGIN
+    PERFORM set_config('credits.traceparent', coalesce(p_traceparent, ''), true);
     SELECT * INTO acc FROM accounts a WHERE a.account_id = p_account_id FOR UPDATE;
     IF NOT FOUND THEN
         outcome := 'not_found';
@@ -477,8 +484,10 @@ END $$;
 --   'ended_otherwise' the hold has ended another way (perhaps just now, by expiry)
 --   'not_due'         EXPIRE of a hold that is not past expires_at (or already ended)
 --   'not_found'       no such account, or no such hold on it
+DROP FUNCTION IF EXISTS ledger_hold_end(text, uuid, text, numeric, text);
 CREATE OR REPLACE FUNCTION ledger_hold_end(
-    p_account_id text, p_hold_id uuid, p_action text, p_amount numeric, p_description text)
+    p_account_id text, p_hold_id uuid, p_action text, p_amount numeric, p_description text,
+    p_traceparent text DEFAULT NULL)
 RETURNS TABLE (outcome text, status text)
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -490,6 +499,7 @@ DECLARE
     e entries%ROWTYPE;
     new_balance numeric;
 BEGIN
+    PERFORM set_config('credits.traceparent', coalesce(p_traceparent, ''), true);
     SELECT * INTO acc FROM accounts a WHERE a.account_id = p_account_id FOR UPDATE;
     IF NOT FOUND THEN
         outcome := 'not_found';

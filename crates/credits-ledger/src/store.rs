@@ -302,17 +302,16 @@ impl Store {
 
     /// R15: creates a hold, or answers the first one for a repeated key.
     pub async fn create_hold(&self, new: &NewHold) -> Result<(Hold, bool), LedgerError> {
-        let mut tx = self
-            .traced(credits_common::trace::current_header().as_deref())
-            .await?;
+        let mut tx = self.pool.begin().await?;
         let r = sqlx::query!(
-            r#"SELECT outcome AS "outcome!", hold_id FROM ledger_hold_create($1, $2, $3, $4, $5, $6)"#,
+            r#"SELECT outcome AS "outcome!", hold_id FROM ledger_hold_create($1, $2, $3, $4, $5, $6, $7)"#,
             new.account_id.as_str(),
             new.amount.as_decimal(),
             new.category.as_str(),
             new.description,
             new.idempotency_key.as_str(),
             new.ttl_seconds,
+            credits_common::trace::current_header(),
         )
         .fetch_one(&mut *tx)
         .await?;
@@ -360,16 +359,15 @@ impl Store {
             } => (Some(amount.as_decimal()), description.as_str()),
             HoldEnding::Release => (None, ""),
         };
-        let mut tx = self
-            .traced(credits_common::trace::current_header().as_deref())
-            .await?;
+        let mut tx = self.pool.begin().await?;
         let r = sqlx::query!(
-            r#"SELECT outcome AS "outcome!", status FROM ledger_hold_end($1, $2, $3, $4, $5)"#,
+            r#"SELECT outcome AS "outcome!", status FROM ledger_hold_end($1, $2, $3, $4, $5, $6)"#,
             account.as_str(),
             hold_id,
             ending.action(),
             amount,
             description,
+            credits_common::trace::current_header(),
         )
         .fetch_one(&mut *tx)
         .await?;
@@ -556,12 +554,11 @@ impl Store {
 
     pub async fn post(&self, req: &PostingRequest) -> Result<Posted, LedgerError> {
         let (category, source) = split(req.posting);
-        let mut tx = self.traced(req.traceparent.as_deref()).await?;
         let row = sqlx::query_as!(
             PostRow,
             r#"SELECT outcome AS "outcome!", seq, entry_id, kind, category, source, amount,
                       balance_after, reference, description, created_at, balance, access
-               FROM ledger_post($1, $2, $3, $4, $5, $6, $7, $8)"#,
+               FROM ledger_post($1, $2, $3, $4, $5, $6, $7, $8, $9)"#,
             req.account_id.as_str(),
             req.posting.kind().as_str(),
             category,
@@ -570,33 +567,17 @@ impl Store {
             req.reference,
             req.description,
             req.idempotency_key.as_str(),
+            req.traceparent.as_deref(),
         )
-        .fetch_one(&mut *tx)
+        .fetch_one(&self.pool)
         .await?;
-        tx.commit().await?;
         posted(req, row)
-    }
-
-    /// A transaction whose events carry `traceparent` (`ledger_event()` reads it from the
-    /// transaction-local setting `credits.traceparent`). Without one, no setting is made.
-    async fn traced(
-        &self,
-        traceparent: Option<&str>,
-    ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, LedgerError> {
-        let mut tx = self.pool.begin().await?;
-        if let Some(tp) = traceparent {
-            sqlx::query!("SELECT set_config('credits.traceparent', $1, true)", tp)
-                .fetch_one(&mut *tx)
-                .await?;
-        }
-        Ok(tx)
     }
 
     /// Posts many usage items in one statement (one round trip, one transaction): the
     /// set-based `ledger_post_batch`, or `ledger_post` per item when two items share one
     /// (account, key) — an item must see the entry its twin appended, and only the
-    /// row-by-row form does (its events then carry no trace context: rare, and a trace is
-    /// information, not money). Items are applied in request order within one account; results
+    /// row-by-row form does. Items are applied in request order within one account; results
     /// come back in request order.
     pub async fn post_batch(
         &self,
@@ -642,11 +623,12 @@ impl Store {
                           p.amount, p.balance_after, p.reference, p.description, p.created_at,
                           p.balance, p.access
                    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::numeric[],
-                               $6::text[], $7::text[], $8::text[])
+                               $6::text[], $7::text[], $8::text[], $9::text[])
                         WITH ORDINALITY AS i(account_id, kind, category, source, amount,
-                                             reference, description, key, ord)
+                                             reference, description, key, traceparent, ord)
                    CROSS JOIN LATERAL ledger_post(i.account_id, i.kind, i.category, i.source,
-                                                  i.amount, i.reference, i.description, i.key) p
+                                                  i.amount, i.reference, i.description, i.key,
+                                                  i.traceparent) p
                    ORDER BY i.ord"#,
                 &accounts,
                 &kinds,
@@ -656,6 +638,7 @@ impl Store {
                 &references,
                 &descriptions,
                 &keys,
+                &traceparents as &[Option<String>],
             )
             .fetch_all(&self.pool)
             .await?

@@ -224,8 +224,9 @@ async fn consume(
         let worker = worker.clone();
         let shutdown = connection.clone();
         // The event is handled in the producer's trace (its `traceparent` header).
+        let kind = delivery.properties.kind().as_ref().map(|k| k.as_str());
         let (span, cx) = credits_common::trace::span(
-            &format!("consume {}", delivery.routing_key.as_str()),
+            &format!("consume {}", kind.unwrap_or("event")),
             "consumer",
             credits_common::amqp::traceparent_of(&delivery.properties),
         );

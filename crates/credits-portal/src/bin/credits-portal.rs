@@ -86,5 +86,7 @@ async fn main() -> anyhow::Result<()> {
     let app = credits_portal::App::build(cfg)?;
     let grpc = credits_common::config::bind(args.listen).await?;
     let http = credits_common::config::bind(args.http_listen).await?;
-    app.run(grpc, http, shutdown).await
+    let result = app.run(grpc, http, shutdown).await;
+    credits_common::telemetry::flush().await;
+    result
 }
