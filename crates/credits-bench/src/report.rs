@@ -265,6 +265,7 @@ pub async fn markdown(a: &Args, r: &[Stats]) -> anyhow::Result<String> {
     if !rates.is_empty() {
         md.push_str(&format!("- recharge-open-<rate>: open loop, one threshold crossing every 1/rate s for {} s at {} crossings/s, each on its own account; latency from the crossing debit's journal entry to the top-up credit's\n", a.duration, rates.join(", ")));
     }
+    md.push_str("- events: a queue bound to every routing key (keeping only the newest) stands for a deployment's other consumers, so the outbox relays are not retrying events nobody binds\n");
     md.push('\n');
     md.push_str("## Reproduce\n\n```sh\nscripts/bench            # builds release binaries, starts the three daemons, runs everything\n```\n\n");
     md.push_str("## Results\n\n| scenario | throughput/s | p50 ms | p90 ms | p99 ms | p99.9 ms | errors | note |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n");

@@ -169,9 +169,49 @@ async fn funded_accounts(
     Ok(ids)
 }
 
+/// A queue that takes every event of the bench's exchange and keeps only the newest: what
+/// a deployment's other consumers (audit, analytics, the portal's mail) are to the outbox
+/// relays. Without one, every event no consumer binds (the activation of each of the
+/// 10,000 accounts, every charge…) is returned by the broker and retried with backoff for
+/// ten minutes, a background load no deployment has. Deleted with the connection.
+async fn sink_every_event() -> anyhow::Result<Option<lapin::Connection>> {
+    use lapin::options::{QueueBindOptions, QueueDeclareOptions};
+    use lapin::types::{AMQPValue, FieldTable};
+    let (Ok(url), Ok(exchange)) = (std::env::var("AMQP_URL"), std::env::var("CREDITS_EXCHANGE"))
+    else {
+        return Ok(None);
+    };
+    let conn = credits_common::amqp::connect(&url, "credits-bench-sink").await?;
+    let ch = conn.create_channel().await?;
+    credits_common::amqp::declare_exchange(&ch, &exchange).await?;
+    let queue = format!("{exchange}.sink");
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongLongInt(1));
+    ch.queue_declare(
+        queue.as_str().into(),
+        QueueDeclareOptions {
+            exclusive: true,
+            auto_delete: true,
+            ..Default::default()
+        },
+        args,
+    )
+    .await?;
+    ch.queue_bind(
+        queue.as_str().into(),
+        exchange.as_str().into(),
+        "#".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+    Ok(Some(conn))
+}
+
 pub async fn run_all(a: &Args) -> anyhow::Result<Vec<Stats>> {
     let pool = Arc::new(ledger_pool(a)?);
     let run = run_id();
+    let _sink = sink_every_event().await?;
     let mut out = Vec::new();
     let spread_accounts = if a.wants("usage-spread")
         || a.wants("check-access")

@@ -239,7 +239,12 @@ RETURNS TABLE (
     ord bigint, outcome text, seq bigint, entry_id uuid, kind text, category text, source text,
     amount numeric, balance_after numeric, reference text, description text,
     created_at timestamptz, balance numeric, access text)
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+-- A batch touches at most 128 accounts: always by index. Left to itself the planner finds
+-- a sequential scan of `accounts` cheaper for 100+ keys (and an UPDATE by hash join over
+-- the whole table), which a profile showed costing most of PostgreSQL's CPU.
+SET enable_seqscan = off
+AS $$
 #variable_conflict use_column
 DECLARE
     r record;
