@@ -12,7 +12,7 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use serde_json::Value;
 use sqlx::{Connection, PgConnection};
@@ -633,30 +633,16 @@ pub struct EventTap {
 impl EventTap {
     pub async fn bind(exchange: &str, routing_pattern: &str) -> EventTap {
         let (conn, ch) = amqp_channel().await;
-        credits_common::amqp::declare_exchange(&ch, exchange)
-            .await
-            .expect("exchange");
         let queue = unique("tap");
-        ch.queue_declare(
-            queue.as_str().into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..Default::default()
-            },
+        credits_common::amqp::declare_private_queue(
+            &ch,
+            exchange,
+            &queue,
+            routing_pattern,
             FieldTable::default(),
         )
         .await
-        .expect("queue");
-        ch.queue_bind(
-            queue.as_str().into(),
-            exchange.into(),
-            routing_pattern.into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("bind");
+        .expect("tap queue");
         let consumer = ch
             .basic_consume(
                 queue.as_str().into(),

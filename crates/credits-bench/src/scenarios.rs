@@ -175,7 +175,6 @@ async fn funded_accounts(
 /// 10,000 accounts, every charge…) is returned by the broker and retried with backoff for
 /// ten minutes, a background load no deployment has. Deleted with the connection.
 async fn sink_every_event() -> anyhow::Result<Option<lapin::Connection>> {
-    use lapin::options::{QueueBindOptions, QueueDeclareOptions};
     use lapin::types::{AMQPValue, FieldTable};
     let (Ok(url), Ok(exchange)) = (std::env::var("AMQP_URL"), std::env::var("CREDITS_EXCHANGE"))
     else {
@@ -183,28 +182,10 @@ async fn sink_every_event() -> anyhow::Result<Option<lapin::Connection>> {
     };
     let conn = credits_common::amqp::connect(&url, "credits-bench-sink").await?;
     let ch = conn.create_channel().await?;
-    credits_common::amqp::declare_exchange(&ch, &exchange).await?;
-    let queue = format!("{exchange}.sink");
     let mut args = FieldTable::default();
     args.insert("x-max-length".into(), AMQPValue::LongLongInt(1));
-    ch.queue_declare(
-        queue.as_str().into(),
-        QueueDeclareOptions {
-            exclusive: true,
-            auto_delete: true,
-            ..Default::default()
-        },
-        args,
-    )
-    .await?;
-    ch.queue_bind(
-        queue.as_str().into(),
-        exchange.as_str().into(),
-        "#".into(),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await?;
+    let queue = format!("{exchange}.sink");
+    credits_common::amqp::declare_private_queue(&ch, &exchange, &queue, "#", args).await?;
     Ok(Some(conn))
 }
 

@@ -256,6 +256,38 @@ pub async fn connect(url: &str, connection_name: &str) -> Result<Connection, lap
     }
 }
 
+/// Declares a queue only this connection uses (deleted with it) and binds it to every event
+/// of `exchange` matching `pattern` — a tap or a sink. `args`: queue arguments (e.g.
+/// `x-max-length`).
+pub async fn declare_private_queue(
+    ch: &Channel,
+    exchange: &str,
+    queue: &str,
+    pattern: &str,
+    args: FieldTable,
+) -> Result<(), lapin::Error> {
+    use lapin::options::{QueueBindOptions, QueueDeclareOptions};
+    declare_exchange(ch, exchange).await?;
+    ch.queue_declare(
+        queue.into(),
+        QueueDeclareOptions {
+            exclusive: true,
+            auto_delete: true,
+            ..Default::default()
+        },
+        args,
+    )
+    .await?;
+    ch.queue_bind(
+        queue.into(),
+        exchange.into(),
+        pattern.into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+}
+
 /// Declares the durable topic exchange events go to.
 pub async fn declare_exchange(ch: &Channel, exchange: &str) -> Result<(), lapin::Error> {
     ch.exchange_declare(
