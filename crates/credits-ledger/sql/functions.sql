@@ -228,9 +228,8 @@ END $$;
 -- events are published (R7, R17, R18, access changes), in that order, each with the trace
 -- context of the item that caused it (`p_traceparents`, null outside a trace).
 --
--- The caller must not send two items with one (account, key): an item cannot see an
--- entry inserted by the same statement, so such a batch goes through ledger_post() per
--- item (the unique index would refuse it here anyway).
+-- A batch with two items on one (account, key) is posted by ledger_post() per item instead:
+-- an item must see the entry its twin appends, which a set-based statement cannot.
 CREATE OR REPLACE FUNCTION ledger_post_batch(
     p_account_ids text[], p_kinds text[], p_categories text[], p_sources text[],
     p_amounts numeric[], p_references text[], p_descriptions text[], p_keys text[],
@@ -251,8 +250,25 @@ DECLARE
     outbox_notified boolean := false;
     locked text[];
 BEGIN
-    -- Byte order ("C"), as the row-by-row batch of Store::post_batch sorts its items: any
-    -- two batches lock shared accounts in the same order. Only the accounts locked here are
+    IF EXISTS (SELECT 1 FROM unnest(p_account_ids, p_keys) AS t(account_id, key)
+               GROUP BY t.account_id, t.key HAVING count(*) > 1) THEN
+        -- Row by row: accounts in byte order (the lock order of every batch), request
+        -- order within one account; answered in request order.
+        RETURN QUERY
+        SELECT i.ord, p.*
+        FROM (SELECT u.* FROM unnest(p_account_ids, p_kinds, p_categories, p_sources, p_amounts,
+                                     p_references, p_descriptions, p_keys, p_traceparents)
+                   WITH ORDINALITY AS u(account_id, kind, category, source, amount, reference,
+                                        description, key, traceparent, ord)
+              ORDER BY u.account_id COLLATE "C", u.ord) i
+        CROSS JOIN LATERAL ledger_post(i.account_id, i.kind, i.category, i.source, i.amount,
+                                       i.reference, i.description, i.key, i.traceparent) p
+        ORDER BY i.ord;
+        RETURN;
+    END IF;
+
+    -- Byte order ("C"), as the row-by-row form above: any two batches lock shared accounts
+    -- in the same order. Only the accounts locked here are
     -- posted to: one created while this waited for a lock answers not_found (the batch
     -- comes first), never posted to unlocked.
     SELECT coalesce(array_agg(l.account_id), '{}') INTO locked

@@ -574,26 +574,14 @@ impl Store {
         posted(req, row)
     }
 
-    /// Posts many usage items in one statement (one round trip, one transaction): the
-    /// set-based `ledger_post_batch`, or `ledger_post` per item when two items share one
-    /// (account, key) — an item must see the entry its twin appended, and only the
-    /// row-by-row form does. Items are applied in request order within one account; results
+    /// Posts many usage items in one statement (one round trip, one transaction),
+    /// `ledger_post_batch`: as set operations, or `ledger_post` per item when two items share
+    /// one (account, key). Items are applied in request order within one account; results
     /// come back in request order.
     pub async fn post_batch(
         &self,
         reqs: &[PostingRequest],
     ) -> Result<Vec<Result<Posted, LedgerError>>, LedgerError> {
-        let mut seen = std::collections::HashSet::with_capacity(reqs.len());
-        let twins = !reqs
-            .iter()
-            .all(|r| seen.insert((r.account_id.as_str(), r.idempotency_key.as_str())));
-        let mut order: Vec<usize> = (0..reqs.len()).collect();
-        if twins {
-            // Row by row: accounts in sorted order keep concurrent batches free of
-            // deadlocks; the stable sort keeps request order within one account. The
-            // set-based form takes request order and locks in its own order.
-            order.sort_by(|&a, &b| reqs[a].account_id.cmp(&reqs[b].account_id));
-        }
         let mut accounts = Vec::with_capacity(reqs.len());
         let mut kinds = Vec::with_capacity(reqs.len());
         let mut categories: Vec<Option<String>> = Vec::with_capacity(reqs.len());
@@ -603,8 +591,7 @@ impl Store {
         let mut descriptions = Vec::with_capacity(reqs.len());
         let mut keys = Vec::with_capacity(reqs.len());
         let mut traceparents: Vec<Option<String>> = Vec::with_capacity(reqs.len());
-        for &i in &order {
-            let r = &reqs[i];
+        for r in reqs {
             let (c, s) = split(r.posting);
             accounts.push(r.account_id.as_str().to_owned());
             kinds.push(r.posting.kind().as_str().to_owned());
@@ -616,68 +603,36 @@ impl Store {
             keys.push(r.idempotency_key.as_str().to_owned());
             traceparents.push(r.traceparent.clone());
         }
-        let rows = if twins {
-            sqlx::query_as!(
-                PostRow,
-                r#"SELECT p.outcome AS "outcome!", p.seq, p.entry_id, p.kind, p.category, p.source,
-                          p.amount, p.balance_after, p.reference, p.description, p.created_at,
-                          p.balance, p.access
-                   FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::numeric[],
-                               $6::text[], $7::text[], $8::text[], $9::text[])
-                        WITH ORDINALITY AS i(account_id, kind, category, source, amount,
-                                             reference, description, key, traceparent, ord)
-                   CROSS JOIN LATERAL ledger_post(i.account_id, i.kind, i.category, i.source,
-                                                  i.amount, i.reference, i.description, i.key,
-                                                  i.traceparent) p
-                   ORDER BY i.ord"#,
-                &accounts,
-                &kinds,
-                &categories as &[Option<String>],
-                &sources as &[Option<String>],
-                &amounts,
-                &references,
-                &descriptions,
-                &keys,
-                &traceparents as &[Option<String>],
-            )
-            .fetch_all(&self.pool)
-            .await?
-        } else {
-            sqlx::query_as!(
-                PostRow,
-                r#"SELECT p.outcome AS "outcome!", p.seq, p.entry_id, p.kind, p.category, p.source,
-                          p.amount, p.balance_after, p.reference, p.description, p.created_at,
-                          p.balance, p.access
-                   FROM ledger_post_batch($1::text[], $2::text[], $3::text[], $4::text[],
-                                          $5::numeric[], $6::text[], $7::text[], $8::text[],
-                                          $9::text[]) p
-                   ORDER BY p.ord"#,
-                &accounts,
-                &kinds,
-                &categories as &[Option<String>],
-                &sources as &[Option<String>],
-                &amounts,
-                &references,
-                &descriptions,
-                &keys,
-                &traceparents as &[Option<String>],
-            )
-            .fetch_all(&self.pool)
-            .await?
-        };
+        let rows = sqlx::query_as!(
+            PostRow,
+            r#"SELECT p.outcome AS "outcome!", p.seq, p.entry_id, p.kind, p.category, p.source,
+                      p.amount, p.balance_after, p.reference, p.description, p.created_at,
+                      p.balance, p.access
+               FROM ledger_post_batch($1::text[], $2::text[], $3::text[], $4::text[],
+                                      $5::numeric[], $6::text[], $7::text[], $8::text[],
+                                      $9::text[]) p
+               ORDER BY p.ord"#,
+            &accounts,
+            &kinds,
+            &categories as &[Option<String>],
+            &sources as &[Option<String>],
+            &amounts,
+            &references,
+            &descriptions,
+            &keys,
+            &traceparents as &[Option<String>],
+        )
+        .fetch_all(&self.pool)
+        .await?;
         if rows.len() != reqs.len() {
             return Err(LedgerError::Internal(
                 "batch returned a different number of rows".into(),
             ));
         }
-        let mut results: Vec<Option<Result<Posted, LedgerError>>> =
-            (0..reqs.len()).map(|_| None).collect();
-        for (&i, row) in order.iter().zip(rows) {
-            results[i] = Some(posted(&reqs[i], row));
-        }
-        Ok(results
-            .into_iter()
-            .map(|r| r.unwrap_or_else(|| Err(LedgerError::Internal("missing batch result".into()))))
+        Ok(reqs
+            .iter()
+            .zip(rows)
+            .map(|(req, row)| posted(req, row))
             .collect())
     }
 
