@@ -7,6 +7,7 @@
 pub mod api;
 pub mod procs;
 pub mod raw;
+pub mod stripe;
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -83,10 +84,14 @@ trait Daemon: Sized {
         listener: tokio::net::TcpListener,
         shutdown: CancellationToken,
     ) -> impl std::future::Future<Output = anyhow::Result<()>> + Send + 'static;
+    /// A second (HTTP) listener the daemon bound at build, if any.
+    fn http_addr(&self) -> Option<std::net::SocketAddr> {
+        None
+    }
 }
 
 macro_rules! daemon {
-    ($krate:ident, $name:literal) => {
+    ($krate:ident, $name:literal $(, $http:ident)?) => {
         impl Daemon for $krate::App {
             type Config = $krate::Config;
             const NAME: &'static str = $name;
@@ -103,11 +108,14 @@ macro_rules! daemon {
             ) -> impl std::future::Future<Output = anyhow::Result<()>> + Send + 'static {
                 $krate::App::run(self, listener, shutdown)
             }
+            $(fn $http(&self) -> Option<std::net::SocketAddr> {
+                $krate::App::$http(self)
+            })?
         }
     };
 }
 daemon!(credits_ledger, "ledger");
-daemon!(credits_payments, "payments");
+daemon!(credits_payments, "payments", http_addr);
 daemon!(credits_recharge, "recharge");
 
 /// An in-process daemon serving as a task, with its own database.
@@ -117,6 +125,8 @@ pub struct Served {
     pub database_url: String,
     pub shutdown: CancellationToken,
     pub task: JoinHandle<anyhow::Result<()>>,
+    /// The daemon's HTTP listener (payments' webhooks), if it has one.
+    pub http_addr: Option<std::net::SocketAddr>,
 }
 
 impl Served {
@@ -133,6 +143,7 @@ impl Served {
             .unwrap_or_else(|e| panic!("build {}: {e:#}", D::NAME));
         let listener = bind(addr).await;
         Served {
+            http_addr: app.http_addr(),
             name: D::NAME,
             addr: listener.local_addr().expect("addr"),
             database_url,
@@ -335,6 +346,8 @@ pub struct PaymentsOptions {
     pub ach_settle: Duration,
     pub auth_token: Option<String>,
     pub sandbox_latency: Duration,
+    /// Charge through Stripe (the emulator's URL and keys) instead of the sandbox.
+    pub stripe: Option<credits_payments::stripe::StripeConfig>,
 }
 
 impl PaymentsOptions {
@@ -346,6 +359,7 @@ impl PaymentsOptions {
             ach_settle: Duration::from_millis(1500),
             auth_token: None,
             sandbox_latency: Duration::ZERO,
+            stripe: None,
         }
     }
 }
@@ -361,8 +375,17 @@ impl Payments {
         cfg.daemon.auth_token = opts.auth_token.map(credits_common::config::Secret::new);
         cfg.recovery_every = Duration::from_millis(200);
         cfg.recovery_stale_after = Duration::from_millis(500);
-        cfg.sandbox.ach_settle_delay = opts.ach_settle;
-        cfg.sandbox.latency = opts.sandbox_latency;
+        cfg.processor = match opts.stripe {
+            Some(s) => credits_payments::ProcessorChoice::Stripe(s),
+            None => credits_payments::ProcessorChoice::Sandbox(
+                credits_payments::processor::SandboxConfig {
+                    ach_settle_delay: opts.ach_settle,
+                    latency: opts.sandbox_latency,
+                    ..Default::default()
+                },
+            ),
+        };
+        cfg.http_listen = "127.0.0.1:0".parse().expect("addr");
         let served = Served::launch::<credits_payments::App>(cfg, None, database_url).await;
         Payments { served }
     }

@@ -162,6 +162,7 @@ impl Daemons {
         env.push(("PAYMENTS_LISTEN_ADDR", format!("127.0.0.1:{pp}")));
         env.push(("LEDGER_URL", format!("http://127.0.0.1:{lp}")));
         env.push(("SANDBOX_ACH_SETTLE_MS", "1000".to_owned()));
+        env.push(("PAYMENTS_PROCESSOR", "sandbox".to_owned()));
         let payments = Proc::spawn("payments", "credits-payments", &[], &env);
         let mut env = common("recharge");
         env.push(("RECHARGE_LISTEN_ADDR", format!("127.0.0.1:{rp}")));

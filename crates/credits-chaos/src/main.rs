@@ -151,6 +151,7 @@ fn cluster(a: &Args, run: &str, logdir: &std::path::Path) -> Cluster {
                 vec![
                     ("LEDGER_URL", ledger.url()),
                     ("SANDBOX_ACH_SETTLE_MS", "1000".into()),
+                    ("PAYMENTS_PROCESSOR", "sandbox".into()),
                 ],
             )
         })

@@ -112,7 +112,11 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
     );
     shared(&mut payments.daemon);
     payments.min_purchase = min_purchase;
-    payments.sandbox.ach_settle_delay = Duration::from_millis(a.sandbox_ach_settle_ms);
+    payments.processor =
+        credits_payments::ProcessorChoice::Sandbox(credits_payments::processor::SandboxConfig {
+            ach_settle_delay: Duration::from_millis(a.sandbox_ach_settle_ms),
+            ..Default::default()
+        });
     let mut recharge = credits_recharge::Config::new(
         &db(&a.pg_url, &a.db_prefix, "recharge"),
         &a.amqp_url,

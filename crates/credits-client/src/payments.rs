@@ -34,10 +34,12 @@ impl Payments {
         method: &NewPaymentMethod,
         make_default: bool,
     ) -> Result<PaymentMethod, ClientError> {
+        let (method, processor_token) = method.to_wire();
         let req = ppb::AddPaymentMethodRequest {
             account_id: account.to_string(),
-            method: Some(method.to_wire()),
+            method,
             make_default,
+            processor_token,
         };
         rpc!(self, Repeat::Once, req, add_payment_method)
             .await?
@@ -106,6 +108,7 @@ impl Payments {
             payment_method_id: payment_method_id.unwrap_or_default().to_owned(),
             idempotency_key: idempotency_key.as_str().to_owned(),
             description: description.to_owned(),
+            top_up: false,
         };
         rpc!(self, Repeat::Safe, req, charge).await?.try_into()
     }
@@ -156,5 +159,52 @@ impl Payments {
             charge_id: charge_id.to_owned(),
         };
         rpc!(self, Repeat::Safe, req, get_charge).await?.try_into()
+    }
+
+    /// R27: refunds unused credits of a succeeded purchase or top-up. Retried when
+    /// transient (the same key answers the same refund).
+    pub async fn refund_charge(
+        &self,
+        account: &AccountId,
+        charge_id: &str,
+        amount: Money,
+        idempotency_key: &IdempotencyKey,
+        reason: &str,
+    ) -> Result<ppb::Refund, ClientError> {
+        let req = ppb::RefundChargeRequest {
+            account_id: account.to_string(),
+            charge_id: charge_id.to_owned(),
+            amount: amount.to_wire(),
+            idempotency_key: idempotency_key.as_str().to_owned(),
+            reason: reason.to_owned(),
+        };
+        rpc!(self, Repeat::Safe, req, refund_charge).await
+    }
+
+    /// R24: the client secret and publishable key the customer's Stripe.js needs to add a
+    /// card for off-session use. Sent once (each call makes a SetupIntent).
+    pub async fn create_setup_intent(
+        &self,
+        account: &AccountId,
+    ) -> Result<ppb::CreateSetupIntentResponse, ClientError> {
+        let req = ppb::CreateSetupIntentRequest {
+            account_id: account.to_string(),
+        };
+        rpc!(self, Repeat::Once, req, create_setup_intent).await
+    }
+
+    /// R25: after the customer confirmed a payment on-session.
+    pub async fn confirm_charge(
+        &self,
+        account: &AccountId,
+        charge_id: &str,
+    ) -> Result<Charge, ClientError> {
+        let req = ppb::ConfirmChargeRequest {
+            account_id: account.to_string(),
+            charge_id: charge_id.to_owned(),
+        };
+        rpc!(self, Repeat::Safe, req, confirm_charge)
+            .await?
+            .try_into()
     }
 }

@@ -163,6 +163,7 @@ wire_enum! {
         DefaultPaymentMethodNotCard = "DEFAULT_PAYMENT_METHOD_NOT_CARD",
         NoDefaultPaymentMethod = "NO_DEFAULT_PAYMENT_METHOD",
         RepeatedFailures = "REPEATED_FAILURES",
+        Disputed = "DISPUTED",
     }
 }
 
@@ -184,6 +185,12 @@ pub enum EntryKind {
     Usage(UsageCategory),
     /// A credit.
     Credit(CreditSource),
+    /// R27/R26: credits taken back because the money was refunded.
+    Refund,
+    /// R26: credits taken back because the payment was disputed.
+    Dispute,
+    /// R29: what was left of a grant or purchase at its expiry.
+    Expiry,
 }
 
 impl EntryKind {
@@ -192,6 +199,9 @@ impl EntryKind {
         match self {
             EntryKind::Usage(_) => "USAGE",
             EntryKind::Credit(_) => "CREDIT",
+            EntryKind::Refund => "REFUND",
+            EntryKind::Dispute => "DISPUTE",
+            EntryKind::Expiry => "EXPIRY",
         }
     }
 
@@ -200,7 +210,13 @@ impl EntryKind {
         match self {
             EntryKind::Usage(c) => c.as_str(),
             EntryKind::Credit(s) => s.as_str(),
+            EntryKind::Refund | EntryKind::Dispute | EntryKind::Expiry => "",
         }
+    }
+
+    /// Whether the entry added to the balance (a credit) rather than took from it.
+    pub fn is_credit(self) -> bool {
+        matches!(self, EntryKind::Credit(_))
     }
 
     fn from_wire(e: &lpb::Entry) -> Result<Self, ClientError> {
@@ -213,6 +229,9 @@ impl EntryKind {
                 "entry.source",
                 e.source,
             )?)),
+            Ok(lpb::EntryKind::Refund) => Ok(EntryKind::Refund),
+            Ok(lpb::EntryKind::Dispute) => Ok(EntryKind::Dispute),
+            Ok(lpb::EntryKind::Expiry) => Ok(EntryKind::Expiry),
             _ => Err(ClientError::bad_response(format!(
                 "entry.kind: unexpected EntryKind value {}",
                 e.kind
@@ -681,12 +700,16 @@ impl fmt::Debug for BankAccountDetails {
 pub enum NewPaymentMethod {
     Card(CardDetails),
     UsBankAccount(BankAccountDetails),
+    /// R24: a payment method the customer's browser made at the processor (`pm_…`).
+    ProcessorToken(String),
 }
 
 impl NewPaymentMethod {
-    pub(crate) fn to_wire(&self) -> ppb::add_payment_method_request::Method {
+    /// The request's `method` and `processor_token`.
+    pub(crate) fn to_wire(&self) -> (Option<ppb::add_payment_method_request::Method>, String) {
         use ppb::add_payment_method_request::Method;
-        match self {
+        let method = match self {
+            NewPaymentMethod::ProcessorToken(t) => return (None, t.clone()),
             NewPaymentMethod::Card(c) => Method::Card(ppb::CardDetails {
                 number: c.number.clone(),
                 exp_month: c.exp_month,
@@ -700,7 +723,8 @@ impl NewPaymentMethod {
                     holder_name: b.holder_name.clone(),
                 })
             }
-        }
+        };
+        (Some(method), String::new())
     }
 }
 
@@ -762,6 +786,12 @@ pub struct Charge {
     pub idempotency_key: String,
     /// The ledger entry crediting this charge, for purchases once credited.
     pub ledger_entry_id: Option<String>,
+    /// R27: refunded so far.
+    pub refunded_amount: Money,
+    /// R25: the bank wants the customer to confirm it on-session (`client_secret` is for
+    /// Stripe.js `confirmCardPayment`).
+    pub action_required: bool,
+    pub client_secret: Option<String>,
 }
 
 impl TryFrom<ppb::Charge> for Charge {
@@ -782,6 +812,13 @@ impl TryFrom<ppb::Charge> for Charge {
             description: c.description,
             idempotency_key: c.idempotency_key,
             ledger_entry_id: optional_text(c.ledger_entry_id),
+            refunded_amount: if c.refunded_amount.is_empty() {
+                Money::ZERO
+            } else {
+                amount("charge.refunded_amount", &c.refunded_amount)?
+            },
+            action_required: c.action_required,
+            client_secret: optional_text(c.client_secret),
         })
     }
 }

@@ -86,6 +86,13 @@ contract! {
     PaymentMethodRemoved(MethodRemoved) = "payments.payment_method.removed",
     ChargeSucceeded(ChargeFinished) = "payments.charge.succeeded",
     ChargeFailed(ChargeFinished) = "payments.charge.failed",
+    /// R25: the bank wants the customer to confirm this payment on-session (it was also
+    /// published as `payments.charge.failed` with `authentication_required`).
+    ChargeActionRequired(ChargeFinished) = "payments.charge.action_required",
+    /// R26/R27: (part of) a charge went back to the customer; its credits were debited.
+    ChargeRefunded(ChargeRefunded) = "payments.charge.refunded",
+    /// R26: the customer's bank disputed a charge (and again when the dispute is won).
+    ChargeDisputed(ChargeDisputed) = "payments.charge.disputed",
     AttemptSucceeded(AttemptFinished) = "recharge.attempt.succeeded",
     AttemptFailed(AttemptFinished) = "recharge.attempt.failed",
     SettingsDisabled(SettingsDisabled) = "recharge.settings.disabled",
@@ -188,6 +195,28 @@ pub struct ChargeFinished {
     pub purpose: ChargePurpose,
 }
 
+/// R26/R27: a refund ended successfully.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ChargeRefunded {
+    pub charge_id: String,
+    pub refund_id: String,
+    pub amount: Money,
+    /// The `REFUND` entry that took the credits back.
+    pub ledger_entry_id: String,
+    /// The processor's id of the refund (`re_…`).
+    pub processor_refund_id: String,
+}
+
+/// R26: a dispute was opened (its amount debited) or, `status = won`, won (credited back).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ChargeDisputed {
+    pub charge_id: String,
+    pub dispute_id: String,
+    pub amount: Money,
+    /// The processor's dispute status (`needs_response`, `won`, `lost`, …).
+    pub status: String,
+}
+
 /// A top-up attempt finished (`recharge.attempt.succeeded` / `.failed`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AttemptFinished {
@@ -257,7 +286,7 @@ open_enum!(
 );
 open_enum!(
     /// `purpose` of a charge: a `Charge` RPC (e.g. an auto-recharge top-up) or a purchase.
-    ChargePurpose { Charge = "CHARGE", Purchase = "PURCHASE" }
+    ChargePurpose { Charge = "CHARGE", Purchase = "PURCHASE", TopUp = "TOPUP" }
 );
 open_enum!(
     /// `reason` auto-recharge turned itself off.
@@ -265,6 +294,7 @@ open_enum!(
         DefaultPaymentMethodNotCard = "DEFAULT_PAYMENT_METHOD_NOT_CARD",
         NoDefaultPaymentMethod = "NO_DEFAULT_PAYMENT_METHOD",
         RepeatedFailures = "REPEATED_FAILURES",
+        Disputed = "DISPUTED",
     }
 );
 
@@ -581,6 +611,26 @@ mod tests {
                 payment_method_id: "pm_01".into(),
                 purpose: ChargePurpose::Charge,
             }),
+            Event::ChargeActionRequired(ChargeFinished {
+                charge_id: "ch_03".into(),
+                amount: money("40.01"),
+                failure_code: "authentication_required".into(),
+                payment_method_id: "pm_01".into(),
+                purpose: ChargePurpose::Charge,
+            }),
+            Event::ChargeRefunded(ChargeRefunded {
+                charge_id: "ch_01".into(),
+                refund_id: "rf_01".into(),
+                amount: money("10.00"),
+                ledger_entry_id: "0193a5b0-0000-7000-8000-000000000003".into(),
+                processor_refund_id: "re_01".into(),
+            }),
+            Event::ChargeDisputed(ChargeDisputed {
+                charge_id: "ch_01".into(),
+                dispute_id: "dp_01".into(),
+                amount: money("40.01"),
+                status: "needs_response".into(),
+            }),
             Event::AttemptSucceeded(AttemptFinished {
                 attempt_id: "att_01".into(),
                 amount: money("40.01"),
@@ -617,6 +667,9 @@ mod tests {
                 | Event::PaymentMethodRemoved(_)
                 | Event::ChargeSucceeded(_)
                 | Event::ChargeFailed(_)
+                | Event::ChargeActionRequired(_)
+                | Event::ChargeRefunded(_)
+                | Event::ChargeDisputed(_)
                 | Event::AttemptSucceeded(_)
                 | Event::AttemptFailed(_)
                 | Event::SettingsDisabled(_)

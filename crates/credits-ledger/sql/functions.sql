@@ -160,10 +160,11 @@ BEGIN
         RETURN;
     END IF;
 
-    IF p_kind = 'USAGE' THEN
-        new_balance := acc.balance - p_amount;
-    ELSE
+    -- Credits add; every other kind (usage, refund, dispute, expiry) takes away.
+    IF p_kind = 'CREDIT' THEN
         new_balance := acc.balance + p_amount;
+    ELSE
+        new_balance := acc.balance - p_amount;
     END IF;
 
     INSERT INTO entries (account_id, kind, category, source, amount, balance_after,
@@ -215,6 +216,38 @@ BEGIN
     reference := e.reference; description := e.description; created_at := e.created_at;
     balance := new_balance; access := new_access;
     RETURN NEXT;
+END $$;
+
+-- R27: a debit that must be covered by the available balance (a refund asked through the
+-- API): 'insufficient' (nothing changed, `balance`/`access` the account's, `amount` the
+-- available balance) when it is not; otherwise exactly ledger_post(). A replayed key is
+-- answered by ledger_post() as always, whatever the balance is now. The account's row is
+-- locked here, before the look, so the check and the posting see one balance.
+CREATE OR REPLACE FUNCTION ledger_debit_covered(
+    p_account_id text, p_kind text, p_amount numeric, p_reference text, p_description text,
+    p_key text, p_traceparent text DEFAULT NULL)
+RETURNS TABLE (
+    outcome text, seq bigint, entry_id uuid, kind text, category text, source text,
+    amount numeric, balance_after numeric, reference text, description text,
+    created_at timestamptz, balance numeric, access text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    acc accounts%ROWTYPE;
+BEGIN
+    SELECT * INTO acc FROM accounts a WHERE a.account_id = p_account_id FOR UPDATE;
+    IF FOUND
+       AND NOT EXISTS (SELECT 1 FROM entries x
+                       WHERE x.account_id = p_account_id AND x.idempotency_key = p_key)
+       AND acc.balance - acc.held < p_amount THEN
+        outcome := 'insufficient';
+        amount := acc.balance - acc.held;
+        balance := acc.balance;
+        access := acc.access;
+        RETURN NEXT;
+        RETURN;
+    END IF;
+    RETURN QUERY SELECT * FROM ledger_post(p_account_id, p_kind, NULL, NULL, p_amount,
+                                           p_reference, p_description, p_key, p_traceparent);
 END $$;
 
 -- Posts a batch (what group commit sends) as set operations instead of one ledger_post()

@@ -27,7 +27,13 @@ text_enum!(CreditSource {
     GRANT,
     ADJUSTMENT
 });
-text_enum!(EntryKind { USAGE, CREDIT });
+text_enum!(EntryKind {
+    USAGE,
+    CREDIT,
+    REFUND,
+    DISPUTE,
+    EXPIRY
+});
 text_enum!(
     /// R15: a hold is ACTIVE until it ends, once, in one of three ways.
     HoldStatus { ACTIVE, CAPTURED, RELEASED, EXPIRED }
@@ -206,6 +212,9 @@ pub struct NewAccount {
 pub enum Posting {
     Usage(UsageCategory),
     Credit(CreditSource),
+    /// Credits taken back for money that left (R26, R27) or expired (R29): `REFUND`,
+    /// `DISPUTE` or `EXPIRY`, with neither a category nor a source.
+    Debit(EntryKind),
 }
 
 impl Posting {
@@ -213,6 +222,7 @@ impl Posting {
         match self {
             Posting::Usage(_) => EntryKind::USAGE,
             Posting::Credit(_) => EntryKind::CREDIT,
+            Posting::Debit(k) => k,
         }
     }
 }
@@ -282,7 +292,7 @@ pub enum LedgerError {
     Conflict(String),
     /// R15: a prepaid account without access, or whose available balance is below the hold.
     #[error(
-        "insufficient available balance: account {:?} has {available} available (access {}); the hold needs {amount}",
+        "insufficient available balance: account {:?} has {available} available (access {}); this needs {amount}",
         .account.as_str(),
         .access.as_str()
     )]

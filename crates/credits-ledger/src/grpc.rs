@@ -171,6 +171,17 @@ fn entry_to_wire(e: Entry) -> pb::Entry {
             pb::UsageCategory::Unspecified,
             source_to_wire(s),
         ),
+        Posting::Debit(k) => (
+            match k {
+                EntryKind::REFUND => pb::EntryKind::Refund,
+                EntryKind::DISPUTE => pb::EntryKind::Dispute,
+                EntryKind::EXPIRY => pb::EntryKind::Expiry,
+                EntryKind::USAGE => pb::EntryKind::Usage,
+                EntryKind::CREDIT => pb::EntryKind::Credit,
+            },
+            pb::UsageCategory::Unspecified,
+            pb::CreditSource::Unspecified,
+        ),
     };
     pb::Entry {
         entry_id: e.entry_id.to_string(),
@@ -249,6 +260,21 @@ fn record_posted(p: &Posted) {
             metrics::counter!("credits_ledger_credit_entries_total", "source" => s.as_str())
                 .increment(1)
         }
+        Posting::Debit(k) => {
+            metrics::counter!("credits_ledger_debit_entries_total", "kind" => k.as_str())
+                .increment(1)
+        }
+    }
+}
+
+fn debit_kind_from_wire(v: i32) -> Result<EntryKind, LedgerError> {
+    match pb::DebitKind::try_from(v) {
+        Ok(pb::DebitKind::Refund) => Ok(EntryKind::REFUND),
+        Ok(pb::DebitKind::Dispute) => Ok(EntryKind::DISPUTE),
+        Ok(pb::DebitKind::Unspecified) => Err(LedgerError::invalid(
+            "kind: is required (DEBIT_KIND_REFUND or DEBIT_KIND_DISPUTE)",
+        )),
+        Err(_) => Err(LedgerError::invalid(format!("kind: unknown value {v}"))),
     }
 }
 
@@ -375,6 +401,44 @@ impl pb::ledger_service_server::LedgerService for LedgerGrpc {
                 reference = %posting.reference,
                 balance = %posted.balance,
                 "credits added"
+            );
+        }
+        Ok(Response::new(pb::AddCreditsResponse {
+            balance: posted.balance.to_wire(),
+            entry: Some(entry_to_wire(posted.entry)),
+        }))
+    }
+
+    async fn debit_credits(
+        &self,
+        req: Request<pb::DebitCreditsRequest>,
+    ) -> Result<Response<pb::AddCreditsResponse>, Status> {
+        let r = req.into_inner();
+        let posting = PostingRequest {
+            account_id: AccountId::parse(&r.account_id)?,
+            posting: Posting::Debit(debit_kind_from_wire(r.kind)?),
+            amount: Money::parse_positive("amount", &r.amount).map_err(LedgerError::from)?,
+            reference: bounded_text("reference", &r.reference, 255)?,
+            description: description_text("description", &r.description, 1024)?,
+            idempotency_key: IdempotencyKey::parse(&r.idempotency_key)?,
+            traceparent: credits_common::trace::current_header(),
+        };
+        let posted = if r.require_available {
+            self.store.post_covered_debit(&posting).await
+        } else {
+            self.store.post(&posting).await
+        };
+        self.views.drop_account(posting.account_id.as_str());
+        let posted = posted?;
+        record_posted(&posted);
+        if !posted.replayed {
+            tracing::info!(
+                account_id = %posting.account_id.as_str(),
+                kind = posting.posting.kind().as_str(),
+                amount = %posting.amount,
+                reference = %posting.reference,
+                balance = %posted.balance,
+                "credits taken back"
             );
         }
         Ok(Response::new(pb::AddCreditsResponse {

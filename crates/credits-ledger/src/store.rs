@@ -127,6 +127,9 @@ fn posting_from_db(
     match (EntryKind::from_db(kind)?, category, source) {
         (EntryKind::USAGE, Some(c), _) => Ok(Posting::Usage(UsageCategory::from_db(c)?)),
         (EntryKind::CREDIT, _, Some(s)) => Ok(Posting::Credit(CreditSource::from_db(s)?)),
+        (k @ (EntryKind::REFUND | EntryKind::DISPUTE | EntryKind::EXPIRY), None, None) => {
+            Ok(Posting::Debit(k))
+        }
         _ => Err(LedgerError::Internal(
             "entry without category or source".into(),
         )),
@@ -164,6 +167,8 @@ enum PostOutcome {
     Replayed,
     Conflict,
     NotFound,
+    /// `ledger_debit_covered`: the available balance does not cover the debit.
+    Insufficient,
 }
 
 impl PostOutcome {
@@ -173,6 +178,7 @@ impl PostOutcome {
             "replayed" => Ok(PostOutcome::Replayed),
             "conflict" => Ok(PostOutcome::Conflict),
             "not_found" => Ok(PostOutcome::NotFound),
+            "insufficient" => Ok(PostOutcome::Insufficient),
             other => {
                 Err(credits_common::ids::unknown_db_value("ledger_post outcome", other).into())
             }
@@ -189,6 +195,14 @@ fn posted(req: &PostingRequest, r: PostRow) -> Result<Posted, LedgerError> {
             return Err(LedgerError::IdempotencyConflict {
                 account: req.account_id.clone(),
                 key: req.idempotency_key.clone(),
+            });
+        }
+        PostOutcome::Insufficient => {
+            return Err(LedgerError::InsufficientAvailable {
+                account: req.account_id.clone(),
+                available: Money::new(r.amount.ok_or_else(|| missing("amount"))?),
+                access: Access::from_db(&r.access.ok_or_else(|| missing("access"))?)?,
+                amount: req.amount,
             });
         }
         PostOutcome::Posted | PostOutcome::Replayed => {}
@@ -218,6 +232,7 @@ fn split(p: Posting) -> (Option<&'static str>, Option<&'static str>) {
     match p {
         Posting::Usage(c) => (Some(c.as_str()), None),
         Posting::Credit(s) => (None, Some(s.as_str())),
+        Posting::Debit(_) => (None, None),
     }
 }
 
@@ -563,6 +578,27 @@ impl Store {
             req.posting.kind().as_str(),
             category,
             source,
+            req.amount.as_decimal(),
+            req.reference,
+            req.description,
+            req.idempotency_key.as_str(),
+            req.traceparent.as_deref(),
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        posted(req, row)
+    }
+
+    /// R27: a debit the available balance must cover (`ledger_debit_covered`):
+    /// `InsufficientAvailable` and nothing changed when it does not.
+    pub async fn post_covered_debit(&self, req: &PostingRequest) -> Result<Posted, LedgerError> {
+        let row = sqlx::query_as!(
+            PostRow,
+            r#"SELECT outcome AS "outcome!", seq, entry_id, kind, category, source, amount,
+                      balance_after, reference, description, created_at, balance, access
+               FROM ledger_debit_covered($1, $2, $3, $4, $5, $6, $7)"#,
+            req.account_id.as_str(),
+            req.posting.kind().as_str(),
             req.amount.as_decimal(),
             req.reference,
             req.description,

@@ -14,20 +14,35 @@ text_enum!(
 );
 text_enum!(
     /// `PROCESSING` is internal (processor outcome not known yet) and reads as `PENDING`
-    /// on the wire; `PENDING` is an ACH debit waiting to settle.
-    ChargeStatus { PROCESSING, PENDING, SUCCEEDED, FAILED }
+    /// on the wire; `PENDING` is an ACH debit waiting to settle; `REQUIRES_ACTION` (R25)
+    /// reads as `FAILED` with `authentication_required` and may still succeed once the
+    /// customer confirms on-session.
+    ChargeStatus { PROCESSING, PENDING, REQUIRES_ACTION, SUCCEEDED, FAILED }
 );
 text_enum!(
-    /// Why the charge exists: a plain `Charge`, or a `PurchaseCredits` that must end in
-    /// exactly one ledger credit.
-    Purpose { CHARGE, PURCHASE }
+    /// R27: `PROCESSING` until the processor answered; `FAILED` means the debit was reversed.
+    RefundStatus { PROCESSING, SUCCEEDED, FAILED }
+);
+text_enum!(
+    /// Why the charge exists: a plain `Charge`, a `PurchaseCredits` that must end in
+    /// exactly one ledger credit, or an auto-recharge top-up (`Charge` with `top_up`),
+    /// credited by recharge — or by payments after an on-session confirmation (R25).
+    Purpose { CHARGE, PURCHASE, TOPUP }
 );
 
 impl ChargeStatus {
+    /// Published as finished (`charge.succeeded` / `charge.failed`): a charge waiting for
+    /// the customer's confirmation has failed as far as an off-session caller is concerned.
     pub fn is_final(self) -> bool {
-        matches!(self, ChargeStatus::SUCCEEDED | ChargeStatus::FAILED)
+        matches!(
+            self,
+            ChargeStatus::SUCCEEDED | ChargeStatus::FAILED | ChargeStatus::REQUIRES_ACTION
+        )
     }
 }
+
+/// R25: the failure code a charge waiting for the customer reads with.
+pub const AUTHENTICATION_REQUIRED: &str = "authentication_required";
 
 /// Card details as they arrive, only ever handed to the processor. `Debug` masks them so
 /// that no log line can carry the number or CVC (R14).
@@ -187,6 +202,8 @@ fn aba_checksum_valid(r: &str) -> bool {
 pub enum NewMethod {
     Card(CardDetails),
     UsBankAccount(BankAccountDetails),
+    /// R24: a payment method made at the processor by the customer's browser (`pm_…`).
+    Token(String),
 }
 
 #[derive(Clone, Debug)]
@@ -220,6 +237,56 @@ pub struct Charge {
     pub processor_attempts: i32,
     pub ledger_entry_id: Option<String>,
     pub created_at: DateTime<Utc>,
+    pub refunded_amount: Money,
+    pub disputed_amount: Money,
+    /// R25: set while the customer's confirmation is outstanding.
+    pub action_client_secret: Option<String>,
+    /// R25: when the bank first asked for the customer (kept after a confirmation).
+    pub action_required_at: Option<DateTime<Utc>>,
+    pub processor_charge_id: Option<String>,
+}
+
+impl Charge {
+    /// Whether payments itself owes this charge its one ledger credit: a purchase, or a
+    /// top-up the customer confirmed on-session (recharge gave that one up as failed).
+    pub fn credited_by_payments(&self) -> bool {
+        self.purpose == Purpose::PURCHASE
+            || (self.purpose == Purpose::TOPUP && self.action_required_at.is_some())
+    }
+}
+
+/// R27: a refund of (part of) a charge.
+#[derive(Clone, Debug)]
+pub struct Refund {
+    pub seq: i64,
+    pub refund_id: String,
+    pub account_id: String,
+    pub charge_id: String,
+    pub amount: Money,
+    pub reason: String,
+    pub idempotency_key: Option<String>,
+    pub status: RefundStatus,
+    pub failure_code: String,
+    pub processor_refund_id: Option<String>,
+    pub ledger_entry_id: Option<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// A validated `RefundCharge`.
+#[derive(Clone, Debug)]
+pub struct RefundRequest {
+    pub account_id: AccountId,
+    pub charge_id: String,
+    pub amount: Money,
+    pub idempotency_key: IdempotencyKey,
+    pub reason: String,
+}
+
+impl RefundRequest {
+    /// Whether a stored refund answers this same request (R12).
+    pub fn matches(&self, r: &Refund) -> bool {
+        r.charge_id == self.charge_id && r.amount == self.amount && r.reason == self.reason
+    }
 }
 
 /// A validated request to charge.
@@ -365,6 +432,12 @@ pub enum PaymentsError {
     /// The ledger, the database or the processor is down: retry with the same key.
     #[error("{0}")]
     Unavailable(String),
+    /// A rule refuses it (R24 raw details with a real processor, R27 refund limits, a
+    /// charge with nothing to confirm); the words say which.
+    #[error("{0}")]
+    Refused(String),
+    #[error("refund {id:?} not found on account {:?}", .account.as_str())]
+    RefundNotFound { account: AccountId, id: String },
     #[error("{0}")]
     Internal(String),
 }
@@ -378,13 +451,14 @@ impl From<PaymentsError> for ServiceError {
             }
             PaymentsError::AccountNotFound(_)
             | PaymentsError::MethodNotFound { .. }
-            | PaymentsError::ChargeNotFound { .. } => ServiceError::NotFound(msg),
+            | PaymentsError::ChargeNotFound { .. }
+            | PaymentsError::RefundNotFound { .. } => ServiceError::NotFound(msg),
             PaymentsError::IdempotencyConflict { .. } | PaymentsError::Conflict(_) => {
                 ServiceError::AlreadyExists(msg)
             }
-            PaymentsError::NoDefaultMethod(_) | PaymentsError::BelowMinimumPurchase { .. } => {
-                ServiceError::FailedPrecondition(msg)
-            }
+            PaymentsError::NoDefaultMethod(_)
+            | PaymentsError::BelowMinimumPurchase { .. }
+            | PaymentsError::Refused(_) => ServiceError::FailedPrecondition(msg),
             PaymentsError::Unavailable(_) => ServiceError::Unavailable(msg),
             PaymentsError::Internal(_) => ServiceError::Internal(msg),
         }

@@ -44,9 +44,10 @@ fn method_to_wire(m: PaymentMethod) -> pb::PaymentMethod {
 fn charge_to_wire(c: Charge) -> pb::Charge {
     let status = match c.status {
         ChargeStatus::SUCCEEDED => pb::ChargeStatus::Succeeded,
-        ChargeStatus::FAILED => pb::ChargeStatus::Failed,
+        ChargeStatus::FAILED | ChargeStatus::REQUIRES_ACTION => pb::ChargeStatus::Failed,
         ChargeStatus::PENDING | ChargeStatus::PROCESSING => pb::ChargeStatus::Pending,
     };
+    let action_required = c.status == ChargeStatus::REQUIRES_ACTION;
     pb::Charge {
         charge_id: c.charge_id,
         status: status as i32,
@@ -59,7 +60,44 @@ fn charge_to_wire(c: Charge) -> pb::Charge {
         idempotency_key: c.idempotency_key,
         payment_method_type: method_type_to_wire(c.payment_method_type) as i32,
         ledger_entry_id: c.ledger_entry_id.unwrap_or_default(),
+        refunded_amount: c.refunded_amount.to_wire(),
+        action_required,
+        client_secret: if action_required {
+            c.action_client_secret.unwrap_or_default()
+        } else {
+            String::new()
+        },
+        disputed_amount: c.disputed_amount.to_wire(),
     }
+}
+
+fn refund_to_wire(r: Refund) -> pb::Refund {
+    let status = match r.status {
+        RefundStatus::PROCESSING => pb::RefundStatus::RefundPending,
+        RefundStatus::SUCCEEDED => pb::RefundStatus::RefundSucceeded,
+        RefundStatus::FAILED => pb::RefundStatus::RefundFailed,
+    };
+    pb::Refund {
+        refund_id: r.refund_id,
+        charge_id: r.charge_id,
+        amount: r.amount.to_wire(),
+        status: status as i32,
+        ledger_entry_id: r.ledger_entry_id.unwrap_or_default(),
+        created_at: Some(timestamp(r.created_at)),
+        account_id: r.account_id,
+        reason: r.reason,
+        failure_code: r.failure_code,
+    }
+}
+
+/// A processor's payment method id (`pm_…`): letters, digits and `_`, as Stripe spells ids.
+fn processor_token(s: &str) -> Result<String, PaymentsError> {
+    if s.len() > 255 || !s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        return Err(PaymentsError::invalid(
+            "processor_token: not a processor payment method id (pm_…)",
+        ));
+    }
+    Ok(s.to_owned())
 }
 
 fn method_id(field: &str, s: &str) -> Result<String, PaymentsError> {
@@ -77,6 +115,21 @@ impl pb::payments_service_server::PaymentsService for PaymentsGrpc {
     ) -> Result<Response<pb::PaymentMethod>, Status> {
         let r = req.into_inner();
         let account = AccountId::parse(&r.account_id)?;
+        let token = r.processor_token.trim();
+        if !token.is_empty() {
+            if r.method.is_some() {
+                return Err(PaymentsError::invalid(
+                    "processor_token: give a processor_token or card/bank details, not both",
+                )
+                .into());
+            }
+            let token = processor_token(token)?;
+            let pm = self
+                .svc
+                .add_method(&account, NewMethod::Token(token), r.make_default)
+                .await?;
+            return Ok(Response::new(method_to_wire(pm)));
+        }
         let method = match r.method {
             Some(pb::add_payment_method_request::Method::Card(c)) => {
                 NewMethod::Card(CardDetails::parse(
@@ -96,7 +149,7 @@ impl pb::payments_service_server::PaymentsService for PaymentsGrpc {
             }
             None => {
                 return Err(PaymentsError::invalid(
-                    "method: one of card or us_bank_account is required",
+                    "method: one of processor_token, card or us_bank_account is required",
                 )
                 .into());
             }
@@ -153,7 +206,11 @@ impl pb::payments_service_server::PaymentsService for PaymentsGrpc {
             payment_method_id: bounded_text("payment_method_id", &r.payment_method_id, 64)?,
             idempotency_key: IdempotencyKey::parse(&r.idempotency_key)?,
             description: description_text("description", &r.description, 1024)?,
-            purpose: Purpose::CHARGE,
+            purpose: if r.top_up {
+                Purpose::TOPUP
+            } else {
+                Purpose::CHARGE
+            },
         };
         Ok(Response::new(charge_to_wire(self.svc.charge(&req).await?)))
     }
@@ -204,6 +261,47 @@ impl pb::payments_service_server::PaymentsService for PaymentsGrpc {
         let id = method_id("charge_id", &r.charge_id)?;
         Ok(Response::new(charge_to_wire(
             self.svc.get_charge(&account, &id).await?,
+        )))
+    }
+
+    async fn refund_charge(
+        &self,
+        req: Request<pb::RefundChargeRequest>,
+    ) -> Result<Response<pb::Refund>, Status> {
+        let r = req.into_inner();
+        let req = RefundRequest {
+            account_id: AccountId::parse(&r.account_id)?,
+            charge_id: method_id("charge_id", &r.charge_id)?,
+            amount: parse_cents("amount", &r.amount)?,
+            idempotency_key: IdempotencyKey::parse(&r.idempotency_key)?,
+            reason: bounded_text("reason", &r.reason, 500)?,
+        };
+        Ok(Response::new(refund_to_wire(
+            self.svc.refund_charge(&req).await?,
+        )))
+    }
+
+    async fn create_setup_intent(
+        &self,
+        req: Request<pb::CreateSetupIntentRequest>,
+    ) -> Result<Response<pb::CreateSetupIntentResponse>, Status> {
+        let account = AccountId::parse(&req.into_inner().account_id)?;
+        let si = self.svc.create_setup_intent(&account).await?;
+        Ok(Response::new(pb::CreateSetupIntentResponse {
+            client_secret: si.client_secret,
+            publishable_key: si.publishable_key,
+        }))
+    }
+
+    async fn confirm_charge(
+        &self,
+        req: Request<pb::ConfirmChargeRequest>,
+    ) -> Result<Response<pb::Charge>, Status> {
+        let r = req.into_inner();
+        let account = AccountId::parse(&r.account_id)?;
+        let id = method_id("charge_id", &r.charge_id)?;
+        Ok(Response::new(charge_to_wire(
+            self.svc.confirm_charge(&account, &id).await?,
         )))
     }
 }

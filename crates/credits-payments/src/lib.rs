@@ -8,8 +8,11 @@
 pub mod domain;
 pub mod grpc;
 pub mod processor;
+pub mod refunds;
 pub mod service;
 pub mod store;
+pub mod stripe;
+pub mod webhook;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::processor::{Sandbox, SandboxConfig};
 use crate::service::Payments;
+use crate::stripe::{Stripe, StripeConfig};
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -31,6 +35,16 @@ pub const DEFAULT_DATABASE_URL: &str = "postgres://localhost/credits_payments";
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:50052";
 pub const DEFAULT_METRICS: &str = "0.0.0.0:9152";
 pub const DEFAULT_LEDGER_URL: &str = "http://127.0.0.1:50051";
+/// R26: where processor webhooks are received.
+pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:8081";
+
+/// R23: which processor charges. There is no default in the binary: a deployment says.
+#[derive(Clone, Debug)]
+pub enum ProcessorChoice {
+    /// The built-in test processor (test card numbers, nothing is really charged).
+    Sandbox(SandboxConfig),
+    Stripe(StripeConfig),
+}
 
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -38,7 +52,10 @@ pub struct Config {
     pub daemon: credits_common::config::DaemonConfig,
     pub ledger_url: String,
     pub min_purchase: Money,
-    pub sandbox: SandboxConfig,
+    pub processor: ProcessorChoice,
+    /// R26: the webhook endpoint's address (served with a real processor); `127.0.0.1:0`
+    /// picks a free port (`App::http_addr` says which).
+    pub http_listen: std::net::SocketAddr,
     /// How often the recovery loop runs, and how long a charge must sit idle before it
     /// counts as unfinished.
     pub recovery_every: Duration,
@@ -55,7 +72,8 @@ impl Config {
             ),
             ledger_url: ledger_url.to_owned(),
             min_purchase: Money::new(rust_decimal::Decimal::new(500, 2)),
-            sandbox: SandboxConfig::default(),
+            processor: ProcessorChoice::Sandbox(SandboxConfig::default()),
+            http_listen: std::net::SocketAddr::from(([127, 0, 0, 1], 8081)),
             recovery_every: Duration::from_secs(1),
             recovery_stale_after: Duration::from_secs(10),
         }
@@ -65,6 +83,8 @@ impl Config {
 pub struct App {
     cfg: Config,
     pool: PgPool,
+    /// The webhook endpoint's listener, bound at build (a real processor only).
+    http: Option<TcpListener>,
 }
 
 /// A ledger client that connects lazily (payments starts even while the ledger is down).
@@ -76,8 +96,21 @@ pub fn ledger_client(url: &str, token: Option<&str>) -> anyhow::Result<service::
 
 impl App {
     pub async fn build(cfg: Config, shutdown: &CancellationToken) -> anyhow::Result<App> {
+        let http = match &cfg.processor {
+            ProcessorChoice::Stripe(_) => {
+                Some(TcpListener::bind(cfg.http_listen).await.map_err(|e| {
+                    anyhow::anyhow!("PAYMENTS_HTTP_ADDR {}: cannot listen: {e}", cfg.http_listen)
+                })?)
+            }
+            ProcessorChoice::Sandbox(_) => None,
+        };
         let pool = cfg.daemon.connect_database(&MIGRATOR, shutdown).await?;
-        Ok(App { cfg, pool })
+        Ok(App { cfg, pool, http })
+    }
+
+    /// Where the webhook endpoint listens (`None` with the sandbox).
+    pub fn http_addr(&self) -> Option<std::net::SocketAddr> {
+        self.http.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     pub async fn run(
@@ -85,12 +118,48 @@ impl App {
         listener: TcpListener,
         shutdown: CancellationToken,
     ) -> anyhow::Result<()> {
-        let svc = Arc::new(Payments::new(
-            store::Store::new(self.pool.clone()),
-            Arc::new(Sandbox::new(self.pool.clone(), self.cfg.sandbox.clone())),
-            LedgerServiceClient::new(self.cfg.daemon.peer_channel(&self.cfg.ledger_url)?),
-            self.cfg.min_purchase,
-        ));
+        let store = store::Store::new(self.pool.clone());
+        let ledger = LedgerServiceClient::new(self.cfg.daemon.peer_channel(&self.cfg.ledger_url)?);
+        let (svc, stripe) = match &self.cfg.processor {
+            ProcessorChoice::Sandbox(s) => {
+                tracing::warn!(
+                    "processor: the built-in SANDBOX (test cards; no money moves). Set PAYMENTS_PROCESSOR=stripe to charge for real."
+                );
+                let sandbox = Arc::new(Sandbox::new(self.pool.clone(), s.clone()));
+                (
+                    Payments::new(store, sandbox, ledger, self.cfg.min_purchase),
+                    None,
+                )
+            }
+            ProcessorChoice::Stripe(s) => {
+                tracing::info!(api = %s.api_base, "processor: Stripe");
+                let stripe = Arc::new(Stripe::new(s.clone())?);
+                (
+                    Payments::with_stripe(store, stripe.clone(), ledger, self.cfg.min_purchase),
+                    Some(stripe),
+                )
+            }
+        };
+        let svc = Arc::new(svc);
+        let webhooks = match (self.http, stripe) {
+            (Some(listener), Some(stripe)) => {
+                let app = webhook::router(Arc::new(webhook::Webhooks {
+                    payments: svc.clone(),
+                    stripe,
+                }));
+                tracing::info!(addr = %listener.local_addr()?, "webhooks listening on /webhooks/stripe");
+                let stop = shutdown.clone();
+                Some(tokio::spawn(async move {
+                    let served = axum::serve(listener, app)
+                        .with_graceful_shutdown(async move { stop.cancelled().await })
+                        .await;
+                    if let Err(e) = served {
+                        tracing::error!(error = %e, "webhook endpoint failed");
+                    }
+                }))
+            }
+            _ => None,
+        };
         let relay = tokio::spawn(run_relay(
             self.pool.clone(),
             self.cfg.daemon.relay(""),
@@ -111,6 +180,9 @@ impl App {
         let served = credits_common::grpc::serve(router, listener, shutdown.clone()).await;
         shutdown.cancel();
         let _ = tokio::join!(relay, recovery);
+        if let Some(w) = webhooks {
+            let _ = w.await;
+        }
         self.pool.close().await;
         tracing::info!("payments stopped");
         served

@@ -1,4 +1,5 @@
-//! The `PaymentProcessor` boundary and the built-in sandbox.
+//! The `PaymentProcessor` boundary, the built-in sandbox, and the Stripe connector's
+//! implementation of it (the connector itself is `crate::stripe`).
 //!
 //! The sandbox behaves like a card network for the test numbers of docs/rules.md, keeps its own
 //! durable record of every charge it accepted (`sandbox_*` tables, never read by the
@@ -28,6 +29,56 @@ pub enum ProcessorStatus {
     Pending,
     /// Declined; final. The code is the processor's (`card_declined`, …).
     Failed(String),
+    /// R25: the bank wants the customer to confirm on-session; `client_secret` is what
+    /// Stripe.js needs to do it. Never retried off-session.
+    RequiresAction {
+        client_secret: String,
+    },
+}
+
+/// What a charge needs from the processor: the method's token and, with a processor that
+/// has customers, the account's customer.
+#[derive(Clone, Copy, Debug)]
+pub struct ChargeInput<'a> {
+    pub account_id: &'a str,
+    pub customer: Option<&'a str>,
+    pub token: &'a str,
+    pub method: MethodType,
+    pub amount: Money,
+    /// Our charge id: the processor's idempotency key.
+    pub idempotency_key: &'a str,
+}
+
+/// A payment method the processor holds for the account's customer (R24).
+#[derive(Clone, Debug)]
+pub struct AttachedMethod {
+    pub token: String,
+    pub brand: String,
+    pub last4: String,
+    pub exp_month: Option<u32>,
+    pub exp_year: Option<u32>,
+}
+
+#[derive(Clone, Debug)]
+pub struct SetupIntent {
+    pub client_secret: String,
+    pub publishable_key: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RefundState {
+    Pending,
+    Succeeded,
+    Failed,
+}
+
+#[derive(Clone, Debug)]
+pub struct ProcessorRefund {
+    pub processor_refund_id: String,
+    pub amount: Option<Money>,
+    pub state: RefundState,
+    /// Ours when we asked for it (`metadata[refund_id]`); none for a dashboard refund.
+    pub our_refund_id: Option<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -44,6 +95,10 @@ pub enum ProcessorError {
     /// The details were refused at tokenisation.
     #[error("{0}")]
     Rejected(String),
+    /// This processor does not do that (card details to Stripe, a SetupIntent to the
+    /// sandbox).
+    #[error("{0}")]
+    Unsupported(String),
     #[error("processor error: {0}")]
     Other(String),
 }
@@ -56,29 +111,108 @@ impl From<sqlx::Error> for ProcessorError {
 
 #[tonic::async_trait]
 pub trait PaymentProcessor: Send + Sync + 'static {
+    /// `sandbox` or `stripe`, for logs and start-up lines.
+    fn name(&self) -> &'static str;
+    /// R24: whether raw card and bank details may be sent to it (the sandbox only).
+    fn takes_raw_details(&self) -> bool;
     async fn tokenize_card(&self, card: &CardDetails) -> Result<Tokenized, ProcessorError>;
     async fn tokenize_bank_account(
         &self,
         bank: &BankAccountDetails,
     ) -> Result<Tokenized, ProcessorError>;
+    /// R23: the account's customer at the processor, created once (the caller stores it);
+    /// `None` for a processor without customers.
+    async fn create_customer(&self, account_id: &str) -> Result<Option<String>, ProcessorError>;
+    /// R24: a payment method the browser created, attached to `customer`.
+    async fn attach_method(
+        &self,
+        customer: &str,
+        token: &str,
+    ) -> Result<AttachedMethod, ProcessorError>;
+    async fn create_setup_intent(&self, customer: &str) -> Result<SetupIntent, ProcessorError>;
     /// Charges `amount` (whole cents) to `token`. The same `idempotency_key` always returns
     /// the same charge, however often it is called.
-    async fn charge(
-        &self,
-        token: &str,
-        method: MethodType,
-        amount: Money,
-        idempotency_key: &str,
-    ) -> Result<ProcessorCharge, ProcessorError>;
-    /// The charge's current state (for pending ACH debits).
+    async fn charge(&self, input: &ChargeInput<'_>) -> Result<ProcessorCharge, ProcessorError>;
+    /// The charge's current state (pending ACH debits, on-session confirmations).
     async fn retrieve(&self, processor_charge_id: &str) -> Result<ProcessorCharge, ProcessorError>;
     /// The charge made under `idempotency_key`, if the processor made one. Asked before a
     /// charge is given up after transient errors: a charge the processor made must never
     /// be recorded as failed.
     async fn find_by_key(
         &self,
-        idempotency_key: &str,
+        input: &ChargeInput<'_>,
     ) -> Result<Option<ProcessorCharge>, ProcessorError>;
+    /// R27: refunds `amount` of a charge, keyed by our refund id. `Rejected` is final (the
+    /// caller reverses its debit); `Transient` is asked again with the same id.
+    async fn refund(
+        &self,
+        processor_charge_id: &str,
+        amount: Money,
+        refund_id: &str,
+    ) -> Result<ProcessorRefund, ProcessorError>;
+}
+
+#[tonic::async_trait]
+impl PaymentProcessor for crate::stripe::Stripe {
+    fn name(&self) -> &'static str {
+        "stripe"
+    }
+    fn takes_raw_details(&self) -> bool {
+        false
+    }
+    async fn tokenize_card(&self, _: &CardDetails) -> Result<Tokenized, ProcessorError> {
+        Err(raw_refused("card"))
+    }
+    async fn tokenize_bank_account(
+        &self,
+        _: &BankAccountDetails,
+    ) -> Result<Tokenized, ProcessorError> {
+        Err(raw_refused("us_bank_account"))
+    }
+    async fn create_customer(&self, account_id: &str) -> Result<Option<String>, ProcessorError> {
+        crate::stripe::Stripe::create_customer(self, account_id)
+            .await
+            .map(Some)
+    }
+    async fn attach_method(
+        &self,
+        customer: &str,
+        token: &str,
+    ) -> Result<AttachedMethod, ProcessorError> {
+        crate::stripe::Stripe::attach_method(self, customer, token).await
+    }
+    async fn create_setup_intent(&self, customer: &str) -> Result<SetupIntent, ProcessorError> {
+        crate::stripe::Stripe::create_setup_intent(self, customer).await
+    }
+    async fn charge(&self, input: &ChargeInput<'_>) -> Result<ProcessorCharge, ProcessorError> {
+        crate::stripe::Stripe::charge(self, input).await
+    }
+    async fn retrieve(&self, id: &str) -> Result<ProcessorCharge, ProcessorError> {
+        crate::stripe::Stripe::retrieve(self, id).await
+    }
+    async fn find_by_key(
+        &self,
+        input: &ChargeInput<'_>,
+    ) -> Result<Option<ProcessorCharge>, ProcessorError> {
+        crate::stripe::Stripe::find_by_key(self, input).await
+    }
+    async fn refund(
+        &self,
+        processor_charge_id: &str,
+        amount: Money,
+        refund_id: &str,
+    ) -> Result<ProcessorRefund, ProcessorError> {
+        crate::stripe::Stripe::refund(self, processor_charge_id, amount, refund_id).await
+    }
+}
+
+/// R24: with a real processor, card data never reaches our services.
+fn raw_refused(field: &str) -> ProcessorError {
+    ProcessorError::Unsupported(format!(
+        "{field}: raw payment details are accepted only by the sandbox processor; with a real \
+         processor add the method with processor_token (a pm_… made by Stripe.js from a \
+         SetupIntent, see CreateSetupIntent)"
+    ))
 }
 
 #[derive(Clone, Debug)]
@@ -146,6 +280,65 @@ pub const SANDBOX_ROUTING_NUMBER: &str = "110000000";
 
 #[tonic::async_trait]
 impl PaymentProcessor for Sandbox {
+    fn name(&self) -> &'static str {
+        "sandbox"
+    }
+
+    fn takes_raw_details(&self) -> bool {
+        true
+    }
+
+    async fn create_customer(&self, _: &str) -> Result<Option<String>, ProcessorError> {
+        Ok(None)
+    }
+
+    async fn attach_method(&self, _: &str, _: &str) -> Result<AttachedMethod, ProcessorError> {
+        Err(ProcessorError::Unsupported(
+            "processor_token: the sandbox processor takes card details, not tokens".into(),
+        ))
+    }
+
+    async fn create_setup_intent(&self, _: &str) -> Result<SetupIntent, ProcessorError> {
+        Err(ProcessorError::Unsupported(
+            "the sandbox processor takes card details directly; it has no SetupIntents".into(),
+        ))
+    }
+
+    async fn refund(
+        &self,
+        processor_charge_id: &str,
+        amount: Money,
+        refund_id: &str,
+    ) -> Result<ProcessorRefund, ProcessorError> {
+        self.delay().await;
+        // Like a processor: the same key answers the same refund; never more than charged.
+        let row: Option<(String,)> = sqlx::query_as(
+            "WITH c AS (SELECT amount FROM sandbox_charges WHERE processor_charge_id = $1 AND status = 'SUCCEEDED' FOR UPDATE),
+                  ins AS (INSERT INTO sandbox_refunds (refund_key, processor_charge_id, amount)
+                          SELECT $3, $1, $2 FROM c
+                          WHERE c.amount >= $2 + COALESCE((SELECT sum(amount) FROM sandbox_refunds WHERE processor_charge_id = $1), 0)
+                          ON CONFLICT (refund_key) DO NOTHING RETURNING processor_refund_id)
+             SELECT processor_refund_id FROM ins
+             UNION ALL SELECT processor_refund_id FROM sandbox_refunds WHERE refund_key = $3",
+        )
+        .bind(processor_charge_id)
+        .bind(amount.as_decimal())
+        .bind(refund_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            Some((id,)) => Ok(ProcessorRefund {
+                processor_refund_id: id,
+                amount: Some(amount),
+                state: RefundState::Succeeded,
+                our_refund_id: Some(refund_id.to_owned()),
+            }),
+            None => Err(ProcessorError::Rejected(
+                "the sandbox refuses a refund above what is left of the charge".into(),
+            )),
+        }
+    }
+
     async fn tokenize_card(&self, card: &CardDetails) -> Result<Tokenized, ProcessorError> {
         self.delay().await;
         let t = Tokenized {
@@ -189,13 +382,14 @@ impl PaymentProcessor for Sandbox {
         Ok(t)
     }
 
-    async fn charge(
-        &self,
-        token: &str,
-        method: MethodType,
-        amount: Money,
-        idempotency_key: &str,
-    ) -> Result<ProcessorCharge, ProcessorError> {
+    async fn charge(&self, input: &ChargeInput<'_>) -> Result<ProcessorCharge, ProcessorError> {
+        let ChargeInput {
+            token,
+            method,
+            amount,
+            idempotency_key,
+            ..
+        } = *input;
         self.delay().await;
         // A real processor answers a repeated key with the charge it already made.
         if let Some(existing) = self.by_key(idempotency_key).await? {
@@ -255,9 +449,9 @@ impl PaymentProcessor for Sandbox {
 
     async fn find_by_key(
         &self,
-        idempotency_key: &str,
+        input: &ChargeInput<'_>,
     ) -> Result<Option<ProcessorCharge>, ProcessorError> {
-        self.by_key(idempotency_key).await
+        self.by_key(input.idempotency_key).await
     }
 
     async fn retrieve(&self, processor_charge_id: &str) -> Result<ProcessorCharge, ProcessorError> {

@@ -19,7 +19,9 @@ use credits_proto::ledger::v1::ledger_service_client::LedgerServiceClient;
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::*;
-use crate::processor::{PaymentProcessor, ProcessorError, ProcessorStatus};
+use crate::processor::{
+    ChargeInput, PaymentProcessor, ProcessorError, ProcessorStatus, SetupIntent,
+};
 use crate::store::Store;
 
 pub type LedgerClient = LedgerServiceClient<credits_common::grpc::AuthChannel>;
@@ -32,10 +34,12 @@ pub const MAX_PROCESSOR_ATTEMPTS: i32 = 5;
 pub const PROCESSOR_SETTLE_SECS: i64 = 60;
 
 pub struct Payments {
-    store: Store,
-    processor: Arc<dyn PaymentProcessor>,
-    ledger: LedgerClient,
+    pub(crate) store: Store,
+    pub(crate) processor: Arc<dyn PaymentProcessor>,
+    pub(crate) ledger: LedgerClient,
     min_purchase: Money,
+    /// The Stripe connector, when it is the processor: webhooks re-read objects through it.
+    pub(crate) stripe: Option<Arc<crate::stripe::Stripe>>,
 }
 
 /// The result of a purchase: the charge and, once credited, the ledger entry and balance.
@@ -59,6 +63,21 @@ impl Payments {
             processor,
             ledger,
             min_purchase,
+            stripe: None,
+        }
+    }
+
+    /// Payments charging through Stripe (R23): the connector is both the processor and
+    /// what processor events are re-read through.
+    pub fn with_stripe(
+        store: Store,
+        stripe: Arc<crate::stripe::Stripe>,
+        ledger: LedgerClient,
+        min_purchase: Money,
+    ) -> Self {
+        Payments {
+            stripe: Some(stripe.clone()),
+            ..Payments::new(store, stripe, ledger, min_purchase)
         }
     }
 
@@ -87,6 +106,14 @@ impl Payments {
         make_default: bool,
     ) -> Result<PaymentMethod, PaymentsError> {
         self.ensure_account(account).await?;
+        if !matches!(method, NewMethod::Token(_)) && !self.processor.takes_raw_details() {
+            // R24: card data never reaches a real processor through us.
+            return Err(PaymentsError::invalid(format!(
+                "card: raw card and bank details are refused with the {} processor; add the \
+                 method with processor_token (Stripe.js and a SetupIntent, see CreateSetupIntent)",
+                self.processor.name()
+            )));
+        }
         let (tok, method_type, exp) = match &method {
             NewMethod::Card(c) => (
                 self.processor.tokenize_card(c).await,
@@ -98,8 +125,41 @@ impl Payments {
                 MethodType::US_BANK_ACCOUNT,
                 None,
             ),
+            NewMethod::Token(token) => {
+                if let Some(pm) = self.store.method_by_token(account.as_str(), token).await? {
+                    // The same card added twice is the same method (a retried form).
+                    return Ok(pm);
+                }
+                let customer = self.ensure_customer(account).await?;
+                let attached = self
+                    .processor
+                    .attach_method(&customer, token)
+                    .await
+                    .map_err(|e| match e {
+                        ProcessorError::Unsupported(m) => PaymentsError::Invalid(m),
+                        e => processor_error(e),
+                    })?;
+                let exp = match (attached.exp_month, attached.exp_year) {
+                    (Some(m), Some(y)) if (1..=12).contains(&m) => Some((m as i32, y as i32)),
+                    _ => None,
+                };
+                (
+                    Ok(crate::processor::Tokenized {
+                        token: attached.token,
+                        brand: attached.brand,
+                        last4: attached.last4,
+                    }),
+                    MethodType::CARD,
+                    exp,
+                )
+            }
         };
         let tok = tok.map_err(processor_error)?;
+        if tok.last4.len() != 4 || !tok.last4.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(PaymentsError::ProcessorRejected(
+                "processor_token: the processor did not say the card's last four digits".into(),
+            ));
+        }
         let mut tx = self.store.pool().begin().await?;
         Store::lock_account(&mut tx, account.as_str()).await?;
         let had_default = Store::default_method(&mut tx, account.as_str())
@@ -132,6 +192,48 @@ impl Payments {
         tx.commit().await?;
         tracing::info!(account_id = %account, payment_method_id = %pm.payment_method_id, r#type = pm.method_type.as_str(), is_default = pm.is_default, "payment method added");
         Ok(pm)
+    }
+
+    /// R23: the account's customer at the processor, created once. Two first calls may
+    /// race: the processor's idempotency key (`customer:<account>`) gives both one customer
+    /// at Stripe, and the first one stored wins here.
+    pub async fn ensure_customer(&self, account: &AccountId) -> Result<String, PaymentsError> {
+        if let Some(c) = self.store.customer(account.as_str()).await? {
+            return Ok(c);
+        }
+        let made = self
+            .processor
+            .create_customer(account.as_str())
+            .await
+            .map_err(processor_error)?
+            .ok_or_else(|| {
+                PaymentsError::Refused(format!(
+                    "the {} processor has no customers",
+                    self.processor.name()
+                ))
+            })?;
+        let c = self.store.insert_customer(account.as_str(), &made).await?;
+        tracing::info!(account_id = %account, customer = %c, "processor customer created");
+        Ok(c)
+    }
+
+    /// R24: what the browser needs to hand a card to Stripe.js for off-session use.
+    pub async fn create_setup_intent(
+        &self,
+        account: &AccountId,
+    ) -> Result<SetupIntent, PaymentsError> {
+        if self.processor.takes_raw_details() {
+            return Err(PaymentsError::Refused(format!(
+                "the {} processor takes card details directly (AddPaymentMethod.card); it has no SetupIntents",
+                self.processor.name()
+            )));
+        }
+        self.ensure_account(account).await?;
+        let customer = self.ensure_customer(account).await?;
+        self.processor
+            .create_setup_intent(&customer)
+            .await
+            .map_err(processor_error)
     }
 
     pub async fn list_methods(
@@ -275,20 +377,30 @@ impl Payments {
             .store
             .method_token(&charge.account_id, &charge.payment_method_id)
             .await?;
-        let result = self
-            .processor
-            .charge(
-                &token,
-                charge.payment_method_type,
-                charge.amount,
-                &charge.charge_id,
-            )
-            .await;
+        let customer = self.store.customer(&charge.account_id).await?;
+        let input = ChargeInput {
+            account_id: &charge.account_id,
+            customer: customer.as_deref(),
+            token: &token,
+            method: charge.payment_method_type,
+            amount: charge.amount,
+            idempotency_key: &charge.charge_id,
+        };
+        let result = self.processor.charge(&input).await;
         match result {
-            Ok(pc) => {
-                let (status, code) = outcome(&pc.status);
-                self.finish(&charge, status, code, Some(&pc.processor_charge_id))
-                    .await
+            Ok(pc) => self.record(&charge, &pc).await,
+            // The processor refused the request itself (a payment method it no longer
+            // has, …): final, never retried.
+            Err(ProcessorError::Rejected(reason)) => {
+                tracing::warn!(charge_id = %charge.charge_id, reason = %reason, "processor refused the charge");
+                self.finish(
+                    &charge,
+                    ChargeStatus::FAILED,
+                    "processor_refused",
+                    None,
+                    None,
+                )
+                .await
             }
             Err(ProcessorError::Transient(reason)) => {
                 let attempts = self
@@ -299,12 +411,10 @@ impl Payments {
                 if attempts >= MAX_PROCESSOR_ATTEMPTS {
                     // The error may have hidden a charge the processor did make (its answer
                     // was lost): ask by our key before recording a failure.
-                    return match self.processor.find_by_key(&charge.charge_id).await {
+                    return match self.processor.find_by_key(&input).await {
                         Ok(Some(pc)) => {
                             tracing::warn!(charge_id = %charge.charge_id, attempts, processor_charge_id = %pc.processor_charge_id, "processor errors hid a charge it made; recording its outcome");
-                            let (status, code) = outcome(&pc.status);
-                            self.finish(&charge, status, code, Some(&pc.processor_charge_id))
-                                .await
+                            self.record(&charge, &pc).await
                         }
                         // Another drive of this charge (a retried request, the recovery loop)
                         // may still be inside its processor call: give it time to land
@@ -320,8 +430,14 @@ impl Payments {
                         }
                         Ok(None) => {
                             tracing::warn!(charge_id = %charge.charge_id, attempts, "processor kept failing and made no charge; charge failed");
-                            self.finish(&charge, ChargeStatus::FAILED, "processing_error", None)
-                                .await
+                            self.finish(
+                                &charge,
+                                ChargeStatus::FAILED,
+                                "processing_error",
+                                None,
+                                None,
+                            )
+                            .await
                         }
                         Err(e) => Err(PaymentsError::Unavailable(format!(
                             "payment processor unreachable ({e}) on charge {}; it stays processing and is looked up again",
@@ -339,13 +455,50 @@ impl Payments {
         }
     }
 
-    /// Records a charge's new status and, when final, its event, in one transaction.
-    async fn finish(
+    /// Records what the processor answered for a charge.
+    pub(crate) async fn record(
+        &self,
+        charge: &Charge,
+        pc: &crate::processor::ProcessorCharge,
+    ) -> Result<Charge, PaymentsError> {
+        let id = Some(pc.processor_charge_id.as_str()).filter(|s| !s.is_empty());
+        let (status, code, secret) = match &pc.status {
+            ProcessorStatus::Succeeded => (ChargeStatus::SUCCEEDED, "", None),
+            ProcessorStatus::Pending => (ChargeStatus::PENDING, "", None),
+            ProcessorStatus::Failed(code) => (ChargeStatus::FAILED, code.as_str(), None),
+            ProcessorStatus::RequiresAction { client_secret } => (
+                ChargeStatus::REQUIRES_ACTION,
+                AUTHENTICATION_REQUIRED,
+                Some(client_secret.as_str()),
+            ),
+        };
+        if status == charge.status {
+            // Nothing moved (a pending debit still pending, a confirmation still open).
+            if let Some(id) = id {
+                self.store
+                    .set_processor_id(&charge.account_id, &charge.charge_id, id)
+                    .await?;
+            }
+            return self.reload(charge).await;
+        }
+        self.finish(charge, status, code, id, secret).await
+    }
+
+    async fn reload(&self, charge: &Charge) -> Result<Charge, PaymentsError> {
+        self.store
+            .charge_by_id(&charge.account_id, &charge.charge_id)
+            .await?
+            .ok_or_else(|| PaymentsError::internal("charge vanished"))
+    }
+
+    /// Records a charge's new status and, when final, its events, in one transaction.
+    pub(crate) async fn finish(
         &self,
         charge: &Charge,
         status: ChargeStatus,
         code: &str,
         processor_id: Option<&str>,
+        client_secret: Option<&str>,
     ) -> Result<Charge, PaymentsError> {
         let mut tx = self.store.pool().begin().await?;
         let moved = Store::transition(
@@ -355,6 +508,7 @@ impl Payments {
             status,
             code,
             processor_id,
+            client_secret,
         )
         .await?;
         if let Some(c) = &moved
@@ -367,12 +521,18 @@ impl Payments {
                 payment_method_id: c.payment_method_id.clone(),
                 purpose: c.purpose.as_str().into(),
             };
-            let event = if c.status == ChargeStatus::SUCCEEDED {
-                Event::ChargeSucceeded(data)
-            } else {
-                Event::ChargeFailed(data)
+            let events = match c.status {
+                ChargeStatus::SUCCEEDED => vec![Event::ChargeSucceeded(data)],
+                // R25: failed for an off-session caller, and the customer is asked.
+                ChargeStatus::REQUIRES_ACTION => vec![
+                    Event::ChargeFailed(data.clone()),
+                    Event::ChargeActionRequired(data),
+                ],
+                _ => vec![Event::ChargeFailed(data)],
             };
-            outbox::enqueue(&mut tx, &c.account_id, &event).await?;
+            for event in &events {
+                outbox::enqueue(&mut tx, &c.account_id, event).await?;
+            }
         }
         tx.commit().await?;
         let c = match moved {
@@ -382,12 +542,8 @@ impl Payments {
                     .increment(1);
                 c
             }
-            // Someone else (a duplicate request, the recovery loop) got there first.
-            None => self
-                .store
-                .charge_by_id(&charge.account_id, &charge.charge_id)
-                .await?
-                .ok_or_else(|| PaymentsError::internal("charge vanished"))?,
+            // Someone else (a duplicate request, the recovery loop, a webhook) got there first.
+            None => self.reload(charge).await?,
         };
         Ok(c)
     }
@@ -441,20 +597,36 @@ impl Payments {
 
     /// Credits a succeeded purchase to the ledger. The ledger key is derived from the charge,
     /// so repeating this (retries, recovery, replicas) yields one credit.
+    ///
+    /// A top-up confirmed on-session (R25) is credited exactly as recharge credits a top-up
+    /// (source, reference, description, and the charge's own key as the ledger key), so
+    /// whichever of the two posts first, the other is answered with the same entry.
     pub async fn credit_purchase(
         &self,
         charge: &Charge,
     ) -> Result<(ledger_pb::Entry, String), PaymentsError> {
         let mut ledger = self.ledger.clone();
-        let resp = ledger
-            .add_credits(ledger_pb::AddCreditsRequest {
+        let request = if charge.purpose == Purpose::TOPUP {
+            ledger_pb::AddCreditsRequest {
+                account_id: charge.account_id.clone(),
+                amount: charge.amount.to_wire(),
+                source: ledger_pb::CreditSource::AutoRecharge as i32,
+                reference: charge.charge_id.clone(),
+                idempotency_key: charge.idempotency_key.clone(),
+                description: charge.description.clone(),
+            }
+        } else {
+            ledger_pb::AddCreditsRequest {
                 account_id: charge.account_id.clone(),
                 amount: charge.amount.to_wire(),
                 source: ledger_pb::CreditSource::Purchase as i32,
                 reference: charge.charge_id.clone(),
                 idempotency_key: format!("purchase:{}", charge.charge_id),
                 description: format!("credit purchase, charge {}", charge.charge_id),
-            })
+            }
+        };
+        let resp = ledger
+            .add_credits(request)
             .await
             .map_err(|s| PaymentsError::from(ServiceError::from(s)))?
             .into_inner();
@@ -477,9 +649,8 @@ impl Payments {
         let mut done = 0;
         for c in work.stale_processing {
             tracing::info!(charge_id = %c.charge_id, "resuming unfinished charge");
-            let purpose = c.purpose;
             match self.drive(c).await {
-                Ok(c) if purpose == Purpose::PURCHASE && c.status == ChargeStatus::SUCCEEDED => {
+                Ok(c) if c.credited_by_payments() && c.status == ChargeStatus::SUCCEEDED => {
                     self.credit_logged(&c).await;
                 }
                 Ok(_) => {}
@@ -489,18 +660,12 @@ impl Payments {
         }
         for (c, processor_id) in work.pending {
             match self.processor.retrieve(&processor_id).await {
-                Ok(pc) if pc.status == ProcessorStatus::Succeeded => {
-                    let c = self.finish(&c, ChargeStatus::SUCCEEDED, "", None).await?;
-                    if c.purpose == Purpose::PURCHASE {
+                Ok(pc) => {
+                    let c = self.record(&c, &pc).await?;
+                    if c.status == ChargeStatus::SUCCEEDED && c.credited_by_payments() {
                         self.credit_logged(&c).await;
                     }
                     done += 1;
-                }
-                Ok(pc) => {
-                    if let ProcessorStatus::Failed(code) = pc.status {
-                        self.finish(&c, ChargeStatus::FAILED, &code, None).await?;
-                        done += 1;
-                    }
                 }
                 Err(e) => {
                     tracing::warn!(charge_id = %c.charge_id, error = %e, "cannot read pending charge")
@@ -511,10 +676,22 @@ impl Payments {
             self.credit_logged(&c).await;
             done += 1;
         }
+        for r in self
+            .store
+            .claim_stale_refunds(stale_after.as_secs_f64())
+            .await?
+        {
+            let account = AccountId::parse(&r.account_id)?;
+            if let Err(e) = self.carry_out_refund(&account, r).await {
+                tracing::warn!(error = %e, "resuming a refund failed; will retry");
+            }
+            done += 1;
+        }
+        done += self.process_pending_events(stale_after).await?;
         Ok(done)
     }
 
-    async fn credit_logged(&self, c: &Charge) {
+    pub(crate) async fn credit_logged(&self, c: &Charge) {
         match self.credit_purchase(c).await {
             Ok((entry, balance)) => {
                 tracing::info!(charge_id = %c.charge_id, entry_id = %entry.entry_id, balance = %balance, "purchase credited")
@@ -555,15 +732,6 @@ async fn default_changed(
     Ok(())
 }
 
-/// The charge status and failure code a processor outcome records.
-fn outcome(s: &ProcessorStatus) -> (ChargeStatus, &str) {
-    match s {
-        ProcessorStatus::Succeeded => (ChargeStatus::SUCCEEDED, ""),
-        ProcessorStatus::Pending => (ChargeStatus::PENDING, ""),
-        ProcessorStatus::Failed(code) => (ChargeStatus::FAILED, code.as_str()),
-    }
-}
-
 fn method_not_found(account: &AccountId, id: &str) -> PaymentsError {
     PaymentsError::MethodNotFound {
         account: account.clone(),
@@ -571,12 +739,13 @@ fn method_not_found(account: &AccountId, id: &str) -> PaymentsError {
     }
 }
 
-fn processor_error(e: ProcessorError) -> PaymentsError {
+pub(crate) fn processor_error(e: ProcessorError) -> PaymentsError {
     match e {
         ProcessorError::Rejected(m) => PaymentsError::ProcessorRejected(m),
         ProcessorError::Transient(m) => {
             PaymentsError::Unavailable(format!("payment processor unavailable: {m}"))
         }
+        ProcessorError::Unsupported(m) => PaymentsError::Refused(m),
         ProcessorError::Other(m) => PaymentsError::internal(m),
     }
 }

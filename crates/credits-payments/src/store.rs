@@ -60,6 +60,11 @@ struct ChargeRow {
     processor_attempts: i32,
     ledger_entry_id: Option<String>,
     created_at: DateTime<Utc>,
+    refunded_amount: Decimal,
+    disputed_amount: Decimal,
+    action_client_secret: Option<String>,
+    action_required_at: Option<DateTime<Utc>>,
+    processor_charge_id: Option<String>,
 }
 
 impl TryFrom<ChargeRow> for Charge {
@@ -79,6 +84,46 @@ impl TryFrom<ChargeRow> for Charge {
             status: ChargeStatus::from_db(&r.status)?,
             failure_code: r.failure_code,
             processor_attempts: r.processor_attempts,
+            ledger_entry_id: r.ledger_entry_id,
+            created_at: r.created_at,
+            refunded_amount: Money::new(r.refunded_amount),
+            disputed_amount: Money::new(r.disputed_amount),
+            action_client_secret: r.action_client_secret,
+            action_required_at: r.action_required_at,
+            processor_charge_id: r.processor_charge_id,
+        })
+    }
+}
+
+struct RefundRow {
+    seq: i64,
+    refund_id: String,
+    account_id: String,
+    charge_id: String,
+    amount: Decimal,
+    reason: String,
+    idempotency_key: Option<String>,
+    status: String,
+    failure_code: String,
+    processor_refund_id: Option<String>,
+    ledger_entry_id: Option<String>,
+    created_at: DateTime<Utc>,
+}
+
+impl TryFrom<RefundRow> for Refund {
+    type Error = PaymentsError;
+    fn try_from(r: RefundRow) -> Result<Self, Self::Error> {
+        Ok(Refund {
+            seq: r.seq,
+            refund_id: r.refund_id,
+            account_id: r.account_id,
+            charge_id: r.charge_id,
+            amount: Money::new(r.amount),
+            reason: r.reason,
+            idempotency_key: r.idempotency_key,
+            status: RefundStatus::from_db(&r.status)?,
+            failure_code: r.failure_code,
+            processor_refund_id: r.processor_refund_id,
             ledger_entry_id: r.ledger_entry_id,
             created_at: r.created_at,
         })
@@ -145,6 +190,28 @@ impl Store {
             id
         )
         .fetch_optional(conn)
+        .await?
+        .map(PaymentMethod::try_from)
+        .transpose()
+    }
+
+    /// A live method of this account with this processor token (R24: the same `pm_…`
+    /// added twice is one method).
+    pub async fn method_by_token(
+        &self,
+        account: &str,
+        token: &str,
+    ) -> Result<Option<PaymentMethod>, PaymentsError> {
+        sqlx::query_as!(
+            MethodRow,
+            r#"SELECT payment_method_id, account_id, type, processor_token, brand, last4, exp_month,
+                      exp_year, is_default, created_at
+               FROM payment_methods
+               WHERE account_id = $1 AND processor_token = $2 AND removed_at IS NULL"#,
+            account,
+            token
+        )
+        .fetch_optional(&self.pool)
         .await?
         .map(PaymentMethod::try_from)
         .transpose()
@@ -238,7 +305,8 @@ impl Store {
             ChargeRow,
             r#"SELECT seq, charge_id, account_id, purpose, payment_method_id, payment_method_type,
                       requested_method_id, amount, description, idempotency_key, status, failure_code,
-                      processor_attempts, ledger_entry_id, created_at
+                      processor_attempts, ledger_entry_id, created_at, refunded_amount,
+                      disputed_amount, action_client_secret, action_required_at, processor_charge_id
                FROM charges WHERE account_id = $1 AND idempotency_key = $2"#,
             account,
             key
@@ -258,7 +326,8 @@ impl Store {
             ChargeRow,
             r#"SELECT seq, charge_id, account_id, purpose, payment_method_id, payment_method_type,
                       requested_method_id, amount, description, idempotency_key, status, failure_code,
-                      processor_attempts, ledger_entry_id, created_at
+                      processor_attempts, ledger_entry_id, created_at, refunded_amount,
+                      disputed_amount, action_client_secret, action_required_at, processor_charge_id
                FROM charges WHERE account_id = $1 AND charge_id = $2"#,
             account,
             charge_id
@@ -284,7 +353,8 @@ impl Store {
                ON CONFLICT (account_id, idempotency_key) DO NOTHING
                RETURNING seq, charge_id, account_id, purpose, payment_method_id, payment_method_type,
                          requested_method_id, amount, description, idempotency_key, status, failure_code,
-                         processor_attempts, ledger_entry_id, created_at"#,
+                         processor_attempts, ledger_entry_id, created_at, refunded_amount,
+                      disputed_amount, action_client_secret, action_required_at, processor_charge_id"#,
             new_id("ch"),
             req.account_id.as_str(),
             req.purpose.as_str(),
@@ -316,7 +386,8 @@ impl Store {
     }
 
     /// Moves an unfinished charge to `status`. Returns the charge only for the caller that
-    /// made the transition (so exactly one of racing callers publishes the event).
+    /// made the transition (so exactly one of racing callers publishes the event). A charge
+    /// waiting for the customer (`REQUIRES_ACTION`) keeps `client_secret` until it ends.
     pub async fn transition(
         conn: &mut PgConnection,
         account: &str,
@@ -324,6 +395,7 @@ impl Store {
         status: ChargeStatus,
         failure_code: &str,
         processor_charge_id: Option<&str>,
+        client_secret: Option<&str>,
     ) -> Result<Option<Charge>, PaymentsError> {
         sqlx::query_as!(
             ChargeRow,
@@ -331,17 +403,22 @@ impl Store {
                SET status = $2, failure_code = $3,
                    processor_charge_id = COALESCE($4, processor_charge_id),
                    updated_at = now(),
-                   completed_at = CASE WHEN $2 IN ('SUCCEEDED', 'FAILED') THEN now() END
-               WHERE charge_id = $1 AND status IN ('PROCESSING', 'PENDING') AND status <> $2
-                 AND account_id = $5
+                   completed_at = CASE WHEN $2 IN ('SUCCEEDED', 'FAILED', 'REQUIRES_ACTION') THEN now() END,
+                   action_client_secret = CASE WHEN $2 = 'REQUIRES_ACTION' THEN $6 END,
+                   action_required_at = CASE WHEN $2 = 'REQUIRES_ACTION' THEN now()
+                                             ELSE action_required_at END
+               WHERE charge_id = $1 AND status IN ('PROCESSING', 'PENDING', 'REQUIRES_ACTION')
+                 AND status <> $2 AND account_id = $5
                RETURNING seq, charge_id, account_id, purpose, payment_method_id, payment_method_type,
                          requested_method_id, amount, description, idempotency_key, status, failure_code,
-                         processor_attempts, ledger_entry_id, created_at"#,
+                         processor_attempts, ledger_entry_id, created_at, refunded_amount,
+                      disputed_amount, action_client_secret, action_required_at, processor_charge_id"#,
             charge_id,
             status.as_str(),
             failure_code,
             processor_charge_id,
             account,
+            client_secret,
         )
         .fetch_optional(conn)
         .await?
@@ -393,7 +470,8 @@ impl Store {
             ChargeRow,
             r#"SELECT seq, charge_id, account_id, purpose, payment_method_id, payment_method_type,
                       requested_method_id, amount, description, idempotency_key, status, failure_code,
-                      processor_attempts, ledger_entry_id, created_at
+                      processor_attempts, ledger_entry_id, created_at, refunded_amount,
+                      disputed_amount, action_client_secret, action_required_at, processor_charge_id
                FROM charges WHERE account_id = $1 AND seq < $2
                ORDER BY seq DESC LIMIT $3"#,
             account,
@@ -421,12 +499,15 @@ impl Store {
                WHERE charge_id IN (
                    SELECT charge_id FROM charges
                    WHERE ((status IN ('PROCESSING', 'PENDING')
-                           OR (purpose = 'PURCHASE' AND status = 'SUCCEEDED' AND ledger_entry_id IS NULL))
+                           OR (status = 'SUCCEEDED' AND ledger_entry_id IS NULL
+                               AND (purpose = 'PURCHASE'
+                                    OR (purpose = 'TOPUP' AND action_required_at IS NOT NULL))))
                           AND updated_at < now() - make_interval(secs => $1))
                    ORDER BY seq LIMIT $2 FOR UPDATE SKIP LOCKED)
                RETURNING seq, charge_id, account_id, purpose, payment_method_id, payment_method_type,
                          requested_method_id, amount, description, idempotency_key, status, failure_code,
-                         processor_attempts, ledger_entry_id, created_at"#,
+                         processor_attempts, ledger_entry_id, created_at, refunded_amount,
+                      disputed_amount, action_client_secret, action_required_at, processor_charge_id"#,
             stale_secs,
             limit
         )
@@ -442,19 +523,422 @@ impl Store {
             match c.status {
                 ChargeStatus::PROCESSING => out.stale_processing.push(c),
                 ChargeStatus::PENDING => {
-                    let pid = sqlx::query_scalar!(
-                        "SELECT processor_charge_id FROM charges WHERE account_id = $1 AND charge_id = $2",
-                        c.account_id,
-                        c.charge_id
-                    )
-                    .fetch_one(&self.pool)
-                    .await?
-                    .unwrap_or_default();
+                    let pid = c.processor_charge_id.clone().unwrap_or_default();
                     out.pending.push((c, pid));
                 }
                 _ => out.uncredited.push(c),
             }
         }
         Ok(out)
+    }
+
+    // ---- processor customers (R23) ----------------------------------------------------
+
+    pub async fn customer(&self, account: &str) -> Result<Option<String>, PaymentsError> {
+        Ok(sqlx::query_scalar!(
+            "SELECT customer_id FROM processor_customers WHERE account_id = $1",
+            account
+        )
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    /// Stores the account's customer; the first one stored wins and is returned.
+    pub async fn insert_customer(
+        &self,
+        account: &str,
+        customer: &str,
+    ) -> Result<String, PaymentsError> {
+        sqlx::query!(
+            "INSERT INTO processor_customers (account_id, customer_id) VALUES ($1, $2)
+             ON CONFLICT (account_id) DO NOTHING",
+            account,
+            customer
+        )
+        .execute(&self.pool)
+        .await?;
+        self.customer(account)
+            .await?
+            .ok_or_else(|| PaymentsError::internal("customer vanished"))
+    }
+
+    pub async fn charge_by_processor_id(
+        &self,
+        processor_charge_id: &str,
+    ) -> Result<Option<Charge>, PaymentsError> {
+        sqlx::query_as!(
+            ChargeRow,
+            r#"SELECT seq, charge_id, account_id, purpose, payment_method_id, payment_method_type,
+                      requested_method_id, amount, description, idempotency_key, status, failure_code,
+                      processor_attempts, ledger_entry_id, created_at, refunded_amount,
+                      disputed_amount, action_client_secret, action_required_at, processor_charge_id
+               FROM charges WHERE processor_charge_id = $1"#,
+            processor_charge_id
+        )
+        .fetch_optional(&self.pool)
+        .await?
+        .map(Charge::try_from)
+        .transpose()
+    }
+
+    /// Notes the processor's id for a charge as soon as it is known (webhooks find the
+    /// charge by it).
+    pub async fn set_processor_id(
+        &self,
+        account: &str,
+        charge_id: &str,
+        processor_charge_id: &str,
+    ) -> Result<(), PaymentsError> {
+        sqlx::query!(
+            "UPDATE charges SET processor_charge_id = $3
+             WHERE account_id = $1 AND charge_id = $2 AND processor_charge_id IS NULL",
+            account,
+            charge_id,
+            processor_charge_id
+        )
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    // ---- refunds (R27) -----------------------------------------------------------------
+
+    pub async fn refund_by_key(
+        &self,
+        account: &str,
+        key: &str,
+    ) -> Result<Option<Refund>, PaymentsError> {
+        sqlx::query_as!(
+            RefundRow,
+            r#"SELECT seq, refund_id, account_id, charge_id, amount, reason, idempotency_key, status,
+                      failure_code, processor_refund_id, ledger_entry_id, created_at
+               FROM refunds WHERE account_id = $1 AND idempotency_key = $2"#,
+            account,
+            key
+        )
+        .fetch_optional(&self.pool)
+        .await?
+        .map(Refund::try_from)
+        .transpose()
+    }
+
+    pub async fn refund_by_id(
+        &self,
+        account: &str,
+        refund_id: &str,
+    ) -> Result<Option<Refund>, PaymentsError> {
+        sqlx::query_as!(
+            RefundRow,
+            r#"SELECT seq, refund_id, account_id, charge_id, amount, reason, idempotency_key, status,
+                      failure_code, processor_refund_id, ledger_entry_id, created_at
+               FROM refunds WHERE account_id = $1 AND refund_id = $2"#,
+            account,
+            refund_id
+        )
+        .fetch_optional(&self.pool)
+        .await?
+        .map(Refund::try_from)
+        .transpose()
+    }
+
+    /// Locks the charge row: refunds and disputes of one charge serialise on it.
+    pub async fn lock_charge(
+        conn: &mut PgConnection,
+        account: &str,
+        charge_id: &str,
+    ) -> Result<Option<Charge>, PaymentsError> {
+        sqlx::query_as!(
+            ChargeRow,
+            r#"SELECT seq, charge_id, account_id, purpose, payment_method_id, payment_method_type,
+                      requested_method_id, amount, description, idempotency_key, status, failure_code,
+                      processor_attempts, ledger_entry_id, created_at, refunded_amount,
+                      disputed_amount, action_client_secret, action_required_at, processor_charge_id
+               FROM charges WHERE account_id = $1 AND charge_id = $2 FOR UPDATE"#,
+            account,
+            charge_id
+        )
+        .fetch_optional(conn)
+        .await?
+        .map(Charge::try_from)
+        .transpose()
+    }
+
+    /// Records a refund (under the charge's lock) and counts it against the charge.
+    /// `None` when the processor refund id is already recorded.
+    pub async fn insert_refund(
+        conn: &mut PgConnection,
+        r: &Refund,
+    ) -> Result<Option<Refund>, PaymentsError> {
+        let row = sqlx::query_as!(
+            RefundRow,
+            r#"INSERT INTO refunds (refund_id, account_id, charge_id, amount, reason, idempotency_key,
+                                    status, processor_refund_id)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+               ON CONFLICT DO NOTHING
+               RETURNING seq, refund_id, account_id, charge_id, amount, reason, idempotency_key, status,
+                         failure_code, processor_refund_id, ledger_entry_id, created_at"#,
+            r.refund_id,
+            r.account_id,
+            r.charge_id,
+            r.amount.as_decimal(),
+            r.reason,
+            r.idempotency_key,
+            r.status.as_str(),
+            r.processor_refund_id,
+        )
+        .fetch_optional(&mut *conn)
+        .await?;
+        if row.is_some() {
+            sqlx::query!(
+                "UPDATE charges SET refunded_amount = refunded_amount + $3, updated_at = now()
+                 WHERE account_id = $1 AND charge_id = $2",
+                r.account_id,
+                r.charge_id,
+                r.amount.as_decimal()
+            )
+            .execute(&mut *conn)
+            .await?;
+        }
+        row.map(Refund::try_from).transpose()
+    }
+
+    /// Forgets a refund whose ledger debit was refused (R27: nothing changes).
+    pub async fn delete_refund(&self, r: &Refund) -> Result<(), PaymentsError> {
+        let mut tx = self.pool.begin().await?;
+        let gone = sqlx::query!(
+            "DELETE FROM refunds WHERE refund_id = $1 AND status = 'PROCESSING' AND ledger_entry_id IS NULL",
+            r.refund_id
+        )
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if gone == 1 {
+            sqlx::query!(
+                "UPDATE charges SET refunded_amount = refunded_amount - $3, updated_at = now()
+                 WHERE account_id = $1 AND charge_id = $2",
+                r.account_id,
+                r.charge_id,
+                r.amount.as_decimal()
+            )
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn set_refund_entry(
+        &self,
+        refund_id: &str,
+        entry_id: &str,
+    ) -> Result<(), PaymentsError> {
+        sqlx::query!(
+            "UPDATE refunds SET ledger_entry_id = $2, updated_at = now()
+             WHERE refund_id = $1 AND ledger_entry_id IS NULL",
+            refund_id,
+            entry_id
+        )
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Ends a PROCESSING refund; a FAILED one no longer counts against its charge. Returns
+    /// the refund only for the caller that ended it.
+    pub async fn finish_refund(
+        conn: &mut PgConnection,
+        refund_id: &str,
+        status: RefundStatus,
+        failure_code: &str,
+        processor_refund_id: Option<&str>,
+    ) -> Result<Option<Refund>, PaymentsError> {
+        let row = sqlx::query_as!(
+            RefundRow,
+            r#"UPDATE refunds SET status = $2, failure_code = $3,
+                      processor_refund_id = COALESCE(processor_refund_id, $4), updated_at = now()
+               WHERE refund_id = $1 AND status = 'PROCESSING'
+               RETURNING seq, refund_id, account_id, charge_id, amount, reason, idempotency_key, status,
+                         failure_code, processor_refund_id, ledger_entry_id, created_at"#,
+            refund_id,
+            status.as_str(),
+            failure_code,
+            processor_refund_id
+        )
+        .fetch_optional(&mut *conn)
+        .await?;
+        if let Some(r) = &row
+            && status == RefundStatus::FAILED
+        {
+            sqlx::query!(
+                "UPDATE charges SET refunded_amount = refunded_amount - $3, updated_at = now()
+                 WHERE account_id = $1 AND charge_id = $2",
+                r.account_id,
+                r.charge_id,
+                r.amount
+            )
+            .execute(&mut *conn)
+            .await?;
+        }
+        row.map(Refund::try_from).transpose()
+    }
+
+    /// PROCESSING refunds idle for `stale_secs`, claimed for the recovery loop.
+    pub async fn claim_stale_refunds(&self, stale_secs: f64) -> Result<Vec<Refund>, PaymentsError> {
+        sqlx::query_as!(
+            RefundRow,
+            r#"UPDATE refunds SET updated_at = now()
+               WHERE refund_id IN (SELECT refund_id FROM refunds
+                                   WHERE status = 'PROCESSING'
+                                     AND updated_at < now() - make_interval(secs => $1)
+                                   ORDER BY updated_at LIMIT 100 FOR UPDATE SKIP LOCKED)
+               RETURNING seq, refund_id, account_id, charge_id, amount, reason, idempotency_key, status,
+                         failure_code, processor_refund_id, ledger_entry_id, created_at"#,
+            stale_secs
+        )
+        .fetch_all(&self.pool)
+        .await?
+        .into_iter()
+        .map(Refund::try_from)
+        .collect()
+    }
+
+    // ---- disputes (R26) ------------------------------------------------------------------
+
+    /// Records a dispute once; `true` for the caller that recorded it.
+    pub async fn insert_dispute(
+        conn: &mut PgConnection,
+        dispute_id: &str,
+        charge: &Charge,
+        amount: Money,
+        status: &str,
+    ) -> Result<bool, PaymentsError> {
+        let inserted = sqlx::query!(
+            "INSERT INTO disputes (dispute_id, account_id, charge_id, amount, status)
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (dispute_id) DO NOTHING",
+            dispute_id,
+            charge.account_id,
+            charge.charge_id,
+            amount.as_decimal(),
+            status
+        )
+        .execute(&mut *conn)
+        .await?
+        .rows_affected()
+            == 1;
+        if inserted {
+            sqlx::query!(
+                "UPDATE charges SET disputed_amount = disputed_amount + $3, updated_at = now()
+                 WHERE account_id = $1 AND charge_id = $2",
+                charge.account_id,
+                charge.charge_id,
+                amount.as_decimal()
+            )
+            .execute(&mut *conn)
+            .await?;
+        }
+        Ok(inserted)
+    }
+
+    /// Marks a dispute won, once; `true` for the caller that did.
+    pub async fn dispute_won(
+        conn: &mut PgConnection,
+        dispute_id: &str,
+    ) -> Result<bool, PaymentsError> {
+        let row = sqlx::query!(
+            r#"UPDATE disputes SET status = 'won', updated_at = now()
+               WHERE dispute_id = $1 AND status <> 'won'
+               RETURNING account_id, charge_id, amount"#,
+            dispute_id
+        )
+        .fetch_optional(&mut *conn)
+        .await?;
+        if let Some(r) = &row {
+            sqlx::query!(
+                "UPDATE charges SET disputed_amount = disputed_amount - $3, updated_at = now()
+                 WHERE account_id = $1 AND charge_id = $2",
+                r.account_id,
+                r.charge_id,
+                r.amount
+            )
+            .execute(&mut *conn)
+            .await?;
+        }
+        Ok(row.is_some())
+    }
+
+    pub async fn set_dispute_status(
+        &self,
+        dispute_id: &str,
+        status: &str,
+    ) -> Result<(), PaymentsError> {
+        sqlx::query!(
+            "UPDATE disputes SET status = $2, updated_at = now() WHERE dispute_id = $1 AND status <> 'won'",
+            dispute_id,
+            status
+        )
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    // ---- processor events (R26) ------------------------------------------------------------
+
+    /// Records an event by id; `false` when it was recorded before.
+    pub async fn record_event(
+        &self,
+        event_id: &str,
+        kind: &str,
+        payload: &serde_json::Value,
+    ) -> Result<bool, PaymentsError> {
+        Ok(sqlx::query!(
+            "INSERT INTO processor_events (event_id, type, payload) VALUES ($1, $2, $3)
+             ON CONFLICT (event_id) DO NOTHING",
+            event_id,
+            kind,
+            payload
+        )
+        .execute(&self.pool)
+        .await?
+        .rows_affected()
+            == 1)
+    }
+
+    pub async fn event_done(&self, event_id: &str) -> Result<(), PaymentsError> {
+        sqlx::query!(
+            "UPDATE processor_events SET processed_at = now() WHERE event_id = $1 AND processed_at IS NULL",
+            event_id
+        )
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn event_failed(&self, event_id: &str, error: &str) -> Result<(), PaymentsError> {
+        sqlx::query!(
+            "UPDATE processor_events SET attempts = attempts + 1, last_error = $2 WHERE event_id = $1",
+            event_id,
+            error
+        )
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Events recorded at least `stale_secs` ago and not acted on yet (oldest first).
+    pub async fn pending_events(
+        &self,
+        stale_secs: f64,
+    ) -> Result<Vec<(String, String, serde_json::Value)>, PaymentsError> {
+        Ok(sqlx::query!(
+            r#"SELECT event_id, type, payload FROM processor_events
+               WHERE processed_at IS NULL AND received_at < now() - make_interval(secs => $1)
+               ORDER BY received_at LIMIT 100"#,
+            stale_secs
+        )
+        .fetch_all(&self.pool)
+        .await?
+        .into_iter()
+        .map(|r| (r.event_id, r.r#type, r.payload))
+        .collect())
     }
 }

@@ -459,6 +459,10 @@ pub fn disabled_explanation(r: DisabledReason) -> Option<&'static str> {
             "Auto-recharge was turned off because three top-ups in a row were declined. \
              Check your card or make another card the default, then enable automatic credit purchases again below.",
         ),
+        DisabledReason::Disputed => Some(
+            "Auto-recharge was turned off because a payment of this account was disputed with your bank. \
+             Once that is settled you can enable automatic credit purchases again below.",
+        ),
     }
 }
 
@@ -661,6 +665,9 @@ fn entry_row(e: &Entry) -> Vec<Cell> {
     let (what, sign) = match e.kind {
         EntryKind::Usage(c) => (format!("Usage ({})", words(c.as_str())), "-"),
         EntryKind::Credit(s) => (format!("Credit ({})", words(s.as_str())), "+"),
+        EntryKind::Refund => ("Refund".to_owned(), "-"),
+        EntryKind::Dispute => ("Disputed payment".to_owned(), "-"),
+        EntryKind::Expiry => ("Expired credits".to_owned(), "-"),
     };
     vec![
         Cell::Text(when(&e.created_at)),

@@ -30,10 +30,11 @@ use crate::domain::{RechargeError, Trigger};
 use crate::worker::Recharge;
 
 pub const DEAD_LETTER_EXCHANGE: &str = "credits.dlx";
-pub const BINDINGS: [&str; 3] = [
+pub const BINDINGS: [&str; 4] = [
     "ledger.balance.threshold_crossed",
     "payments.payment_method.default_changed",
     "payments.payment_method.removed",
+    "payments.charge.disputed",
 ];
 
 #[derive(Clone, Debug)]
@@ -322,6 +323,11 @@ async fn handle(worker: &Arc<Recharge>, body: &[u8]) -> Outcome {
                 Ok(())
             }
         }
+        Event::ChargeDisputed(d) => {
+            worker
+                .apply_dispute_event(account, &event_id, &d.status)
+                .await
+        }
         // In the contract, but not what this worker acts on (its queue is bound to BINDINGS
         // only); listed so that a new event is a decision here, not a silent ack.
         Event::AccountSuspended(_)
@@ -334,6 +340,8 @@ async fn handle(worker: &Arc<Recharge>, body: &[u8]) -> Outcome {
         | Event::BalanceAlert(_)
         | Event::ChargeSucceeded(_)
         | Event::ChargeFailed(_)
+        | Event::ChargeActionRequired(_)
+        | Event::ChargeRefunded(_)
         | Event::AttemptSucceeded(_)
         | Event::AttemptFailed(_)
         | Event::SettingsDisabled(_)

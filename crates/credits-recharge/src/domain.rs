@@ -10,7 +10,7 @@ pub use credits_common::ids::AccountId;
 
 text_enum!(
     /// Why auto-recharge is off (`NONE` while it is on, or never configured).
-    DisabledReason { NONE, USER, DEFAULT_PAYMENT_METHOD_NOT_CARD, NO_DEFAULT_PAYMENT_METHOD, REPEATED_FAILURES }
+    DisabledReason { NONE, USER, DEFAULT_PAYMENT_METHOD_NOT_CARD, NO_DEFAULT_PAYMENT_METHOD, REPEATED_FAILURES, DISPUTED }
 );
 text_enum!(
     /// `SKIPPED`: due, but the month's allowance was spent (R19); never charged.

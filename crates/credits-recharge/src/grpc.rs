@@ -54,6 +54,7 @@ fn reason_to_wire(r: DisabledReason) -> pb::DisabledReason {
         }
         DisabledReason::NO_DEFAULT_PAYMENT_METHOD => pb::DisabledReason::NoDefaultPaymentMethod,
         DisabledReason::REPEATED_FAILURES => pb::DisabledReason::RepeatedFailures,
+        DisabledReason::DISPUTED => pb::DisabledReason::Disputed,
     }
 }
 

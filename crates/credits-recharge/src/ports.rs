@@ -258,6 +258,9 @@ impl PaymentsPort for GrpcPayments {
                 payment_method_id: charge.payment_method_id.clone(),
                 idempotency_key: charge.idempotency_key.clone(),
                 description: charge.description.clone(),
+                // Credited by us under this key; after an on-session confirmation (R25)
+                // payments credits it the same way.
+                top_up: true,
             })
             .await
             .map(|r| r.into_inner());

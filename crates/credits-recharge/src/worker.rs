@@ -541,6 +541,27 @@ impl Recharge {
         )))
     }
 
+    /// R26: a disputed payment turns auto-recharge off (`DISPUTED`), whatever the settings'
+    /// revision: a customer whose bank claws payments back is not charged again by itself.
+    /// A won dispute (`status = won`) changes nothing here.
+    pub async fn apply_dispute_event(
+        &self,
+        account: &str,
+        event_id: &str,
+        status: &str,
+    ) -> Result<(), RechargeError> {
+        if status == "won" {
+            return Ok(());
+        }
+        let mut tx = self.store.pool().begin().await?;
+        if !Store::mark_processed(&mut tx, event_id).await? {
+            return Ok(());
+        }
+        disable_in_tx(&mut tx, account, DisabledReason::DISPUTED, None).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// Resumes attempts whose lease ran out, and carries out due balance checks, until
     /// shutdown. The two run as separate loops so that slow attempts (a slow processor)
     /// never hold up checks that are due.
