@@ -1165,6 +1165,7 @@ impl World {
                         account_id: a.v,
                         method: m.v,
                         make_default: make_default.v,
+                        processor_token: String::new(),
                     }),
                     f,
                 )
@@ -1213,6 +1214,7 @@ impl World {
                         payment_method_id: m.v,
                         idempotency_key: key.v,
                         description: d.v,
+                        top_up: false,
                     }),
                     f,
                 )
@@ -1938,6 +1940,7 @@ async fn card(c: &mut Clients, account: &str, number: &str, make_default: bool) 
                 },
             )),
             make_default,
+            processor_token: String::new(),
         })
         .await
         .unwrap()
@@ -2009,6 +2012,7 @@ async fn seed_accounts(c: &mut Clients) -> (Vec<String>, Vec<(String, String)>) 
                 },
             )),
             make_default: true,
+            processor_token: String::new(),
         })
         .await
         .unwrap()
@@ -2493,6 +2497,7 @@ async fn trailing_zero_amounts_are_the_same_amount_on_money_paths_r22() {
             payment_method_id: String::new(),
             idempotency_key: "charge-1".into(),
             description: "dedicated endpoint".into(),
+            top_up: false,
         })
         .await
     {

@@ -72,6 +72,7 @@ fn raw_charge(amount: &str, method: &str, key: &str) -> pb::ChargeRequest {
         payment_method_id: method.into(),
         idempotency_key: key.into(),
         description: "test".into(),
+        top_up: false,
     }
 }
 
@@ -325,6 +326,7 @@ async fn purchase_interrupted_after_the_charge_completes_on_restart() {
         ach_settle: Duration::from_secs(1),
         auth_token: None,
         sandbox_latency: Duration::ZERO,
+        stripe: None,
     })
     .await;
     let c = Api::connect(&ledger.url(), &payments.url(), NOBODY, None);
@@ -469,6 +471,7 @@ async fn bad_payment_input_gets_a_clear_error_and_changes_nothing() {
             account_id: "acme".into(),
             method: None,
             make_default: false,
+            processor_token: String::new(),
         })
         .await
         .unwrap_err();
@@ -589,54 +592,67 @@ struct LostAnswers(credits_payments::processor::Sandbox);
 
 #[tonic::async_trait]
 impl credits_payments::processor::PaymentProcessor for LostAnswers {
-    async fn tokenize_card(
-        &self,
-        card: &credits_payments::domain::CardDetails,
-    ) -> Result<credits_payments::processor::Tokenized, credits_payments::processor::ProcessorError>
-    {
+    fn name(&self) -> &'static str {
+        "lost-answers"
+    }
+    fn takes_raw_details(&self) -> bool {
+        true
+    }
+    async fn tokenize_card(&self, card: &CardDetailsIn) -> Result<Tokenized, ProcessorError> {
         self.0.tokenize_card(card).await
     }
     async fn tokenize_bank_account(
         &self,
         bank: &credits_payments::domain::BankAccountDetails,
-    ) -> Result<credits_payments::processor::Tokenized, credits_payments::processor::ProcessorError>
-    {
+    ) -> Result<Tokenized, ProcessorError> {
         self.0.tokenize_bank_account(bank).await
+    }
+    async fn create_customer(&self, account: &str) -> Result<Option<String>, ProcessorError> {
+        self.0.create_customer(account).await
+    }
+    async fn attach_method(
+        &self,
+        customer: &str,
+        token: &str,
+    ) -> Result<credits_payments::processor::AttachedMethod, ProcessorError> {
+        self.0.attach_method(customer, token).await
+    }
+    async fn create_setup_intent(
+        &self,
+        customer: &str,
+    ) -> Result<credits_payments::processor::SetupIntent, ProcessorError> {
+        self.0.create_setup_intent(customer).await
     }
     async fn charge(
         &self,
-        token: &str,
-        method: credits_payments::domain::MethodType,
-        amount: credits_common::Money,
-        key: &str,
-    ) -> Result<
-        credits_payments::processor::ProcessorCharge,
-        credits_payments::processor::ProcessorError,
-    > {
-        self.0.charge(token, method, amount, key).await?;
-        Err(credits_payments::processor::ProcessorError::Transient(
+        input: &credits_payments::processor::ChargeInput<'_>,
+    ) -> Result<ProcessorCharge, ProcessorError> {
+        self.0.charge(input).await?;
+        Err(ProcessorError::Transient(
             "connection reset after the charge".into(),
         ))
     }
-    async fn retrieve(
-        &self,
-        id: &str,
-    ) -> Result<
-        credits_payments::processor::ProcessorCharge,
-        credits_payments::processor::ProcessorError,
-    > {
+    async fn retrieve(&self, id: &str) -> Result<ProcessorCharge, ProcessorError> {
         self.0.retrieve(id).await
     }
     async fn find_by_key(
         &self,
-        key: &str,
-    ) -> Result<
-        Option<credits_payments::processor::ProcessorCharge>,
-        credits_payments::processor::ProcessorError,
-    > {
-        self.0.find_by_key(key).await
+        input: &credits_payments::processor::ChargeInput<'_>,
+    ) -> Result<Option<ProcessorCharge>, ProcessorError> {
+        self.0.find_by_key(input).await
+    }
+    async fn refund(
+        &self,
+        id: &str,
+        amount: credits_common::Money,
+        refund_id: &str,
+    ) -> Result<credits_payments::processor::ProcessorRefund, ProcessorError> {
+        self.0.refund(id, amount, refund_id).await
     }
 }
+
+use credits_payments::domain::CardDetails as CardDetailsIn;
+use credits_payments::processor::{ProcessorCharge, ProcessorError, Tokenized};
 
 #[tokio::test]
 async fn a_charge_the_processor_made_is_never_recorded_as_failed() {

@@ -136,7 +136,7 @@ struct ErrorObj {
 /// What an answer other than 2xx was.
 enum Failure {
     /// 402 (a card error) or another 4xx: final for this request.
-    Refused { status: u16, error: ErrorObj },
+    Refused { status: u16, error: Box<ErrorObj> },
     /// Network, 5xx, 429 after every try.
     Transient(String),
 }
@@ -297,7 +297,7 @@ impl Stripe {
                 .unwrap_or_default();
             return Err(Failure::Refused {
                 status: status.as_u16(),
-                error,
+                error: Box::new(error),
             });
         }
         Err(Failure::Transient(last))
@@ -695,7 +695,7 @@ pub fn sign(secret: &[u8], t: i64, body: &[u8]) -> String {
 }
 
 fn hex_decode(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 || s.len() > 128 {
+    if !s.len().is_multiple_of(2) || s.len() > 128 {
         return None;
     }
     (0..s.len())
