@@ -1190,6 +1190,10 @@ fn hot_queries_are_keyed_by_account() {
             "sweep: the payments recovery loop",
         ),
         (
+            "from charges where processor_charge_id = $1",
+            "R26: a processor's refund or dispute names only its payment (on a sharded store: a small processor-id → account index)",
+        ),
+        (
             "from settings where enabled",
             "sweep: the reconciler's pass over enabled settings",
         ),
