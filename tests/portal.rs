@@ -27,6 +27,11 @@ struct PortalUnderTest {
 
 impl PortalUnderTest {
     async fn start(system: &System) -> PortalUnderTest {
+        Self::start_with(system, None).await
+    }
+
+    /// With `stripe_js`: cards through Stripe.js (R24).
+    async fn start_with(system: &System, stripe_js: Option<String>) -> PortalUnderTest {
         let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let http_url = format!("http://127.0.0.1:{}", http.local_addr().unwrap().port());
@@ -39,8 +44,9 @@ impl PortalUnderTest {
             retry: RetryPolicy::none(),
             ..ClientConfig::local()
         };
-        let cfg =
+        let mut cfg =
             credits_portal::Config::new(client, &http_url, credits_portal::session::Keys::random());
+        cfg.stripe_js_url = stripe_js;
         let app = credits_portal::App::build(cfg).unwrap();
         let shutdown = tokio_util::sync::CancellationToken::new();
         let task = tokio::spawn(app.run(grpc, http, shutdown.clone()));
@@ -580,6 +586,109 @@ async fn add_credits_says_declined_and_a_double_submit_buys_once_r20() {
     assert_eq!(api.balance("acme").await, money("25.00"));
     let charges = api.charges("acme").await;
     assert_eq!(charges.len(), 2, "one declined, one bought: {charges:?}");
+    b.close().await;
+    stop(portal, system).await;
+}
+
+/// Types a card into Stripe's card element (the emulator's Stripe.js: plain inputs named by
+/// their placeholders; a two-digit year).
+async fn fill_stripe_card(b: &mut Browser, number: &str) {
+    for (field, value) in [
+        ("number", number),
+        ("exp_month", "12"),
+        ("exp_year", "31"),
+        ("cvc", "123"),
+        ("postal_code", "10001"),
+    ] {
+        let js = format!(
+            "(() => {{ const i = document.querySelector('#card-element input[placeholder={field}]'); \
+               if (!i) throw new Error('no {field} in the card element'); i.focus(); i.value = {}; \
+               i.dispatchEvent(new Event('input', {{bubbles: true}})); return true; }})()",
+            serde_json::json!(value)
+        );
+        b.eval(&js).await;
+    }
+}
+
+/// R24/R25 in a real browser against the emulator's Stripe.js: the card is typed into
+/// Stripe's element and only a `pm_…` reaches our origin (every request the page sent is
+/// watched); the page's CSP admits that one script origin; a purchase the bank wants
+/// confirmed shows **Confirm payment**, the customer passes 3-D Secure in Stripe.js's
+/// dialog, and the balance is credited once.
+#[tokio::test]
+async fn cards_go_to_stripe_js_and_a_payment_is_confirmed_on_the_page_r24_r25() {
+    let stripe = credits_tests::stripe::LocalStripe::start().await;
+    let system = System::start_stripe(stripe.config()).await;
+    system
+        .api()
+        .create_account("acme", BillingMode::Prepaid)
+        .await;
+    let js = format!("{}/js.stripe.com/v3/", stripe.base);
+    let portal = PortalUnderTest::start_with(&system, Some(js)).await;
+    let mut b = Browser::launch(&screenshots("stripe")).await;
+    b.watch_requests().await;
+    b.open_session(&portal.session_url("acme", None).await)
+        .await;
+    let csp = b
+        .eval("fetch('/billing').then(r => r.headers.get('content-security-policy'))")
+        .await;
+    let csp = csp.as_str().unwrap().to_owned();
+    assert!(
+        csp.contains(&format!("script-src 'self' {}", stripe.base)) && !csp.contains("unsafe"),
+        "{csp}"
+    );
+    assert!(
+        !b.html().await.contains("name=\"number\""),
+        "no card field of ours on the page"
+    );
+
+    // A card that needs 3-D Secure, added through Stripe.js (its dialog answered).
+    b.open("Add a card").await;
+    fill_stripe_card(&mut b, "4000002500003155").await;
+    b.submit_through("Add card", Some("Complete authentication"))
+        .await;
+    assert!(b.text().await.contains("Card added."), "{}", b.text().await);
+    let methods = system.api().methods("acme").await;
+    assert_eq!(methods.len(), 1);
+    assert_eq!(methods[0].last4, "3155");
+    b.screenshot("card-added").await;
+
+    // Buy $25: the bank wants the customer.
+    b.fill("Amount (USD)", "25").await;
+    b.submit("Add credits").await;
+    assert!(b.has_button("Confirm payment").await, "{}", b.text().await);
+    b.screenshot("confirm-payment").await;
+    b.submit_through("Confirm payment", Some("Complete authentication"))
+        .await;
+    let text = b.text().await;
+    assert!(text.contains("Payment confirmed."), "{text}");
+    assert_eq!(system.api().balance("acme").await, money("25.00"));
+    let credits = system
+        .api()
+        .entries("acme")
+        .await
+        .into_iter()
+        .filter(|e| e.kind.is_credit())
+        .count();
+    assert_eq!(credits, 1);
+    assert!(!b.has_button("Confirm payment").await);
+
+    // Everything the page sent to our origin: no card number, no CVC; the card form posted
+    // only the payment method id.
+    let ours = b.requests_to(&portal.http).await;
+    assert!(!ours.is_empty());
+    for (method, url, body) in &ours {
+        assert!(
+            !body.contains("4000002500003155") && !body.contains("3155") && !body.contains("cvc"),
+            "{method} {url} carried card data: {body}"
+        );
+    }
+    let added: Vec<_> = ours
+        .iter()
+        .filter(|(_, url, _)| url.ends_with("/billing/methods/card-token"))
+        .collect();
+    assert_eq!(added.len(), 1, "{ours:?}");
+    assert!(added[0].2.contains("processor_token=pm_"), "{}", added[0].2);
     b.close().await;
     stop(portal, system).await;
 }

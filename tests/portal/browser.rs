@@ -22,6 +22,8 @@ pub struct Browser {
     session: String,
     next_id: u64,
     pub dir: PathBuf,
+    /// DevTools events seen while waiting for answers (network requests, once enabled).
+    pub events: Vec<Value>,
 }
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -80,6 +82,7 @@ impl Browser {
             session: String::new(),
             next_id: 0,
             dir: dir.to_owned(),
+            events: Vec::new(),
         };
         let target = b
             .call_browser("Target.createTarget", json!({ "url": "about:blank" }))
@@ -117,6 +120,10 @@ impl Browser {
                 continue;
             };
             let v: Value = serde_json::from_str(&t).unwrap();
+            if v["method"] == "Network.requestWillBeSent" {
+                self.events.push(v["params"]["request"].clone());
+                continue;
+            }
             if v["id"] == id {
                 if let Some(e) = v.get("error") {
                     panic!("{method}: {e}");
@@ -147,6 +154,52 @@ impl Browser {
             panic!("script failed: {e}\n{js}");
         }
         r["result"]["value"].clone()
+    }
+
+    /// Records every request the page sends from now on (`requests_to`).
+    pub async fn watch_requests(&mut self) {
+        self.call("Network.enable", json!({})).await;
+    }
+
+    /// The requests sent to URLs starting with `prefix` so far: (method, url, body).
+    pub async fn requests_to(&mut self, prefix: &str) -> Vec<(String, String, String)> {
+        self.eval("1").await; // read the events that arrived meanwhile
+        self.events
+            .iter()
+            .filter(|r| r["url"].as_str().unwrap_or_default().starts_with(prefix))
+            .map(|r| {
+                let s = |k: &str| r[k].as_str().unwrap_or_default().to_owned();
+                (s("method"), s("url"), s("postData"))
+            })
+            .collect()
+    }
+
+    /// Clicks the visible button whose text is `text` once it is there (a dialog a script
+    /// opens), without waiting for a page.
+    pub async fn click_when_shown(&mut self, text: &str) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let find = format!(
+            "(() => {{ const b = [...document.querySelectorAll('button')].find(b => b.textContent.trim() === {}); if (!b) return false; b.click(); return true; }})()",
+            json!(text)
+        );
+        while self.eval(&find).await != Value::Bool(true) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no button {text:?} shown"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Clicks `text`, answers the dialog a script then opens by its button `dialog` (if
+    /// any), and waits for the page the script leads to.
+    pub async fn submit_through(&mut self, text: &str, dialog: Option<&str>) {
+        self.mark().await;
+        self.eval(&Self::click_js(text)).await;
+        if let Some(d) = dialog {
+            self.click_when_shown(d).await;
+        }
+        self.wait_new_document().await;
     }
 
     /// Marks the current document, so that [`Browser::wait_new_document`] can tell when

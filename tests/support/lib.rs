@@ -465,12 +465,26 @@ impl System {
         processor_latency: Duration,
         skip_recheck_after_success: bool,
     ) -> System {
-        let ledger = Ledger::start().await;
-        let payments = Payments::start(PaymentsOptions {
-            sandbox_latency: processor_latency,
-            ..PaymentsOptions::for_ledger(&ledger)
+        Self::start_full(replicas, skip_recheck_after_success, |o| {
+            o.sandbox_latency = processor_latency
         })
-        .await;
+        .await
+    }
+
+    /// Charging through Stripe (the emulator's configuration), one recharge replica.
+    pub async fn start_stripe(stripe: credits_payments::stripe::StripeConfig) -> System {
+        Self::start_full(1, false, |o| o.stripe = Some(stripe)).await
+    }
+
+    async fn start_full(
+        replicas: usize,
+        skip_recheck_after_success: bool,
+        payments_options: impl FnOnce(&mut PaymentsOptions),
+    ) -> System {
+        let ledger = Ledger::start().await;
+        let mut opts = PaymentsOptions::for_ledger(&ledger);
+        payments_options(&mut opts);
+        let payments = Payments::start(opts).await;
         let recharge_opts = RechargeOptions {
             ledger_url: ledger.url(),
             payments_url: payments.url(),

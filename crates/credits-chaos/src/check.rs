@@ -343,7 +343,7 @@ pub async fn settle_and_check(
     let unexplained = charges
         .iter()
         .filter(|(_, purpose, _, key, _)| match purpose.as_str() {
-            "CHARGE" => !key
+            "CHARGE" | "TOPUP" => !key
                 .strip_prefix("recharge:")
                 .is_some_and(|id| attempt_ids.contains(id)),
             _ => !(key == "initial" || key.starts_with("buy-")),

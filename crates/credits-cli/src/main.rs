@@ -48,6 +48,17 @@ enum Cmd {
         #[arg(long)]
         key: Option<String>,
     },
+    /// R27: refund unused credits of a purchase or top-up (the credits are debited first).
+    Refund {
+        account_id: String,
+        charge_id: String,
+        amount: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+        /// Idempotency key (a new one when omitted; give one to retry safely).
+        #[arg(long)]
+        key: Option<String>,
+    },
     /// Payment methods: add-card, add-bank, list, default, remove.
     #[command(subcommand, alias = "method")]
     Methods(ops::MethodCmd),
@@ -145,6 +156,13 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             method,
             key,
         } => Ok(ops::purchase(&c, &out, account_id, amount, method, key).await?),
+        Cmd::Refund {
+            account_id,
+            charge_id,
+            amount,
+            reason,
+            key,
+        } => Ok(ops::refund(&c, &out, account_id, charge_id, amount, reason, key).await?),
         Cmd::Methods(cmd) => Ok(ops::methods(&c, &out, cmd).await?),
         Cmd::Recharge(cmd) => Ok(ops::recharge(&c, &out, cmd).await?),
         Cmd::Charges { account_id, limit } => Ok(ops::charges(&c, &out, account_id, limit).await?),

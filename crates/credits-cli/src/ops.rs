@@ -527,6 +527,37 @@ pub async fn purchase(
     Ok(())
 }
 
+pub async fn refund(
+    c: &Client,
+    out: &Out,
+    id: String,
+    charge_id: String,
+    amount: String,
+    reason: String,
+    k: Option<String>,
+) -> Result<(), ClientError> {
+    let account = account_id(&id)?;
+    let amount = Money::parse_positive("amount", &amount)?;
+    let r = c
+        .payments()
+        .refund_charge(&account, &charge_id, amount, &key(k)?, &reason)
+        .await?;
+    let status = match r.status {
+        2 => "SUCCEEDED",
+        3 => "FAILED",
+        _ => "PENDING",
+    };
+    out.one(&serde_json::json!({
+        "refund_id": r.refund_id,
+        "charge_id": r.charge_id,
+        "amount": r.amount,
+        "status": status,
+        "ledger_entry_id": r.ledger_entry_id,
+        "failure_code": r.failure_code,
+    }));
+    Ok(())
+}
+
 pub async fn methods(c: &Client, out: &Out, cmd: MethodCmd) -> Result<(), ClientError> {
     let added = match cmd {
         MethodCmd::AddCard {

@@ -62,6 +62,61 @@ pub struct UpArgs {
         value_parser = credits_common::config::ranged::<1, 604_800>
     )]
     pub retry_after_failure_secs: u64,
+    /// The payments processor: `sandbox` (the default here: test cards, no money moves) or
+    /// `stripe` (with the keys below; `--stripe-api-base` points at an emulator).
+    #[arg(long, env = "PAYMENTS_PROCESSOR", default_value = "sandbox", value_parser = ["sandbox", "stripe"])]
+    pub processor: String,
+    #[arg(long, env = "STRIPE_SECRET_KEY", hide_env_values = true)]
+    pub stripe_secret_key: Option<String>,
+    #[arg(long, env = "STRIPE_PUBLISHABLE_KEY")]
+    pub stripe_publishable_key: Option<String>,
+    #[arg(long, env = "STRIPE_WEBHOOK_SECRET", hide_env_values = true)]
+    pub stripe_webhook_secret: Option<String>,
+    #[arg(long, env = "STRIPE_API_BASE", default_value = credits_payments::stripe::DEFAULT_API_BASE)]
+    pub stripe_api_base: String,
+    /// Stripe.js for the billing page; default: `<stripe-api-base>/js.stripe.com/v3/` for an
+    /// emulator, Stripe's own otherwise.
+    #[arg(long, env = "STRIPE_JS_URL")]
+    pub stripe_js_url: Option<String>,
+    /// Where payments receives the processor's webhooks.
+    #[arg(long, env = "PAYMENTS_HTTP_ADDR", default_value = credits_payments::DEFAULT_HTTP_LISTEN)]
+    pub payments_http_addr: SocketAddr,
+}
+
+/// The processor `credits up` runs payments with, and the Stripe.js URL the page then uses.
+fn processor(a: &UpArgs) -> anyhow::Result<(credits_payments::ProcessorChoice, Option<String>)> {
+    let sandbox =
+        credits_payments::ProcessorChoice::Sandbox(credits_payments::processor::SandboxConfig {
+            ach_settle_delay: Duration::from_millis(a.sandbox_ach_settle_ms),
+            ..Default::default()
+        });
+    if a.processor == "sandbox" {
+        return Ok((sandbox, None));
+    }
+    let need = |v: &Option<String>, name: &str| {
+        v.clone()
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| anyhow::anyhow!("{name} is required with --processor stripe"))
+    };
+    let js = a.stripe_js_url.clone().unwrap_or_else(|| {
+        if a.stripe_api_base == credits_payments::stripe::DEFAULT_API_BASE {
+            credits_payments::stripe::DEFAULT_JS_URL.to_owned()
+        } else {
+            format!(
+                "{}/js.stripe.com/v3/",
+                a.stripe_api_base.trim_end_matches('/')
+            )
+        }
+    });
+    Ok((
+        credits_payments::ProcessorChoice::Stripe(credits_payments::stripe::StripeConfig {
+            secret_key: Secret::new(need(&a.stripe_secret_key, "STRIPE_SECRET_KEY")?),
+            publishable_key: need(&a.stripe_publishable_key, "STRIPE_PUBLISHABLE_KEY")?,
+            webhook_secret: Secret::new(need(&a.stripe_webhook_secret, "STRIPE_WEBHOOK_SECRET")?),
+            api_base: a.stripe_api_base.clone(),
+        }),
+        Some(js),
+    ))
 }
 
 fn db(base: &str, prefix: &str, service: &str) -> String {
@@ -112,11 +167,9 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
     );
     shared(&mut payments.daemon);
     payments.min_purchase = min_purchase;
-    payments.processor =
-        credits_payments::ProcessorChoice::Sandbox(credits_payments::processor::SandboxConfig {
-            ach_settle_delay: Duration::from_millis(a.sandbox_ach_settle_ms),
-            ..Default::default()
-        });
+    let (choice, stripe_js) = processor(&a)?;
+    payments.processor = choice;
+    payments.http_listen = a.payments_http_addr;
     let mut recharge = credits_recharge::Config::new(
         &db(&a.pg_url, &a.db_prefix, "recharge"),
         &a.amqp_url,
@@ -150,6 +203,7 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
     portal.min_purchase = min_purchase;
     portal.auth_token = Secret::setting(a.auth_token.as_deref());
     portal.auth_tokens_file = a.auth_tokens_file.clone();
+    portal.stripe_js_url = stripe_js;
     let o = credits_portal::App::build(portal)?;
 
     let (l, p, r) = tokio::try_join!(
@@ -202,6 +256,16 @@ fn banner(
     r: &tokio::net::TcpListener,
 ) -> anyhow::Result<()> {
     println!("credits is up (Ctrl-C stops all four)");
+    if a.processor == "sandbox" {
+        println!(
+            "  processor SANDBOX: test cards only, no money moves (--processor stripe to charge for real)"
+        );
+    } else {
+        println!(
+            "  processor Stripe at {}   webhooks http://{}/webhooks/stripe",
+            a.stripe_api_base, a.payments_http_addr
+        );
+    }
     println!(
         "  ledger    grpc {}   db {}",
         l.local_addr()?,

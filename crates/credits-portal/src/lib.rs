@@ -36,6 +36,10 @@ pub struct Config {
     /// Guards `PortalService` like every daemon's gRPC (`CREDITS_AUTH_TOKEN`).
     pub auth_token: Option<Secret>,
     pub auth_tokens_file: Option<std::path::PathBuf>,
+    /// R24: Stripe.js (`STRIPE_JS_URL`): when set, **Add a card** hands the card to
+    /// Stripe.js and posts only the resulting payment method id; the page's CSP admits
+    /// this script's origin. Unset: the card form posts card details (sandbox only).
+    pub stripe_js_url: Option<String>,
 }
 
 /// Where the portal listens and what links it hands out, unless configured.
@@ -53,6 +57,7 @@ impl Config {
             min_purchase: Money::new(rust_decimal::Decimal::new(500, 2)),
             auth_token: None,
             auth_tokens_file: None,
+            stripe_js_url: None,
         }
     }
 }
@@ -165,11 +170,19 @@ impl App {
             PortalServiceServer::new(grpc::PortalGrpc::new(sessions)),
         )
         .await?;
+        let stripe_js = self
+            .cfg
+            .stripe_js_url
+            .as_deref()
+            .map(web::StripeJs::parse)
+            .transpose()?;
         let web = Arc::new(web::Web {
+            csp: web::csp(stripe_js.as_ref()),
             client: self.client.clone(),
             keys: self.cfg.keys.clone(),
             min_purchase: self.cfg.min_purchase,
             secure_cookie: self.cfg.public_url.starts_with("https://"),
+            stripe_js,
         });
         tracing::info!(grpc = %grpc.local_addr()?, http = %http.local_addr()?, public_url = %self.cfg.public_url, "portal listening");
         let page = {

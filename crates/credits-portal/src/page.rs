@@ -46,6 +46,8 @@ pub enum Form {
     Bank,
     Methods,
     AutoRecharge,
+    /// R25: a payment to confirm.
+    Charges,
 }
 
 /// A refused submission, shown next to the field it concerns (or atop its form).
@@ -72,6 +74,16 @@ pub struct View {
     pub problem: Option<Problem>,
     /// What the customer typed into the form that failed (never card or account numbers).
     pub kept: HashMap<&'static str, String>,
+    /// R24: with Stripe, what the card form needs (`Err`: it could not be had now).
+    pub stripe: Option<Result<StripeCard, ()>>,
+}
+
+/// What the page's Stripe.js card form needs.
+#[derive(Clone, Debug)]
+pub struct StripeCard {
+    pub js_url: String,
+    pub client_secret: String,
+    pub publishable_key: String,
 }
 
 /// A whole page with a title and one message (sign-in problems, errors).
@@ -133,11 +145,14 @@ pub fn render(v: &View) -> String {
         let _ = write!(h, "<p class=\"notice\" role=\"status\">{}</p>", esc(n));
     }
     balance(&mut h, v);
+    payments_to_confirm(&mut h, v);
     add_credits(&mut h, v);
     methods(&mut h, v);
     auto_recharge(&mut h, v);
     history(&mut h, v);
-    h.push_str("</main></body></html>");
+    h.push_str("</main>");
+    scripts(&mut h, v);
+    h.push_str("</body></html>");
     h
 }
 
@@ -177,6 +192,155 @@ fn kept(v: &View, form: Form, field: &str) -> String {
         v.kept.get(field).cloned().unwrap_or_default()
     } else {
         String::new()
+    }
+}
+
+/// **Add a card**: with Stripe (R24) the card goes to Stripe.js and only the payment method
+/// it made is posted here; with the sandbox, the card details are posted.
+fn card_form(h: &mut String, v: &View) {
+    match &v.stripe {
+        Some(Ok(s)) => return stripe_card_form(h, v, s),
+        Some(Err(())) => {
+            h.push_str("<details class=\"add\"><summary>Add a card</summary><p class=\"error\" role=\"alert\">Adding a card is unavailable right now. Please try again in a minute.</p></details>");
+            return;
+        }
+        None => {}
+    }
+    h.push_str("<details class=\"add\"");
+    if v.problem.as_ref().is_some_and(|p| p.form == Form::Card) {
+        h.push_str(" open");
+    }
+    h.push_str(
+        "><summary>Add a card</summary><form method=\"post\" action=\"/billing/methods/card\">",
+    );
+    hidden_csrf(h, v);
+    form_problem(h, v, Form::Card);
+    field(
+        h,
+        v,
+        Form::Card,
+        "card-number",
+        "number",
+        "Card number",
+        "",
+        "inputmode=\"numeric\" autocomplete=\"cc-number\" required",
+    );
+    field(
+        h,
+        v,
+        Form::Card,
+        "card-exp-month",
+        "exp_month",
+        "Expiry month",
+        &kept(v, Form::Card, "exp_month"),
+        "inputmode=\"numeric\" autocomplete=\"cc-exp-month\" required",
+    );
+    field(
+        h,
+        v,
+        Form::Card,
+        "card-exp-year",
+        "exp_year",
+        "Expiry year",
+        &kept(v, Form::Card, "exp_year"),
+        "inputmode=\"numeric\" autocomplete=\"cc-exp-year\" required",
+    );
+    field(
+        h,
+        v,
+        Form::Card,
+        "card-cvc",
+        "cvc",
+        "CVC",
+        "",
+        "inputmode=\"numeric\" autocomplete=\"cc-csc\" required",
+    );
+    checkbox(
+        h,
+        "card-default",
+        "make_default",
+        "Make this card the default payment method",
+        v.methods.is_empty(),
+    );
+    h.push_str("<p><button type=\"submit\">Add card</button></p></form></details>");
+}
+
+fn stripe_card_form(h: &mut String, v: &View, s: &StripeCard) {
+    h.push_str("<details class=\"add\"");
+    if v.problem.as_ref().is_some_and(|p| p.form == Form::Card) {
+        h.push_str(" open");
+    }
+    // No field of ours carries card data: the card element is Stripe's, mounted by Stripe.js.
+    let _ = write!(
+        h,
+        "><summary>Add a card</summary><form id=\"stripe-card-form\" method=\"post\" action=\"/billing/methods/card-token\" \
+         data-client-secret=\"{}\" data-publishable-key=\"{}\">",
+        esc(&s.client_secret),
+        esc(&s.publishable_key)
+    );
+    hidden_csrf(h, v);
+    form_problem(h, v, Form::Card);
+    h.push_str(
+        "<input type=\"hidden\" name=\"processor_token\" value=\"\">\
+         <div class=\"field\"><span class=\"label\">Card</span><div id=\"card-element\"></div>\
+         <p class=\"error\" id=\"card-error\" role=\"alert\"></p></div>",
+    );
+    checkbox(
+        h,
+        "card-default",
+        "make_default",
+        "Make this card the default payment method",
+        v.methods.is_empty(),
+    );
+    h.push_str("<p><button type=\"submit\">Add card</button></p></form></details>");
+}
+
+/// R25: payments the bank wants the customer to confirm, each with its button.
+fn payments_to_confirm(h: &mut String, v: &View) {
+    let Some(Ok(s)) = &v.stripe else {
+        return;
+    };
+    let waiting: Vec<&Charge> = v
+        .charges
+        .items
+        .iter()
+        .filter(|c| c.action_required && c.client_secret.is_some())
+        .collect();
+    if waiting.is_empty() && problem_at(v, Form::Charges, None).is_none() {
+        return;
+    }
+    h.push_str("<section aria-labelledby=\"confirm-h\" class=\"confirm\"><h2 id=\"confirm-h\">Payments to confirm</h2>");
+    form_problem(h, v, Form::Charges);
+    for c in waiting {
+        let _ = write!(
+            h,
+            "<form class=\"confirm-payment\" method=\"post\" action=\"/billing/charges/confirm\" \
+             data-client-secret=\"{}\" data-publishable-key=\"{}\"><p>Your bank asks you to confirm a payment of \
+             <strong>{}</strong> ({}).</p>",
+            esc(c.client_secret.as_deref().unwrap_or_default()),
+            esc(&s.publishable_key),
+            esc(&dollars(&c.amount)),
+            esc(&when(&c.created_at)),
+        );
+        hidden_csrf(h, v);
+        let _ = write!(
+            h,
+            "<input type=\"hidden\" name=\"charge_id\" value=\"{}\"><p class=\"error\" role=\"alert\"></p>\
+             <p><button type=\"submit\">Confirm payment</button></p></form>",
+            esc(&c.charge_id)
+        );
+    }
+    h.push_str("</section>");
+}
+
+/// The scripts a Stripe page needs: Stripe.js from its one origin, then ours.
+fn scripts(h: &mut String, v: &View) {
+    if let Some(Ok(s)) = &v.stripe {
+        let _ = write!(
+            h,
+            "<script src=\"{}\"></script><script src=\"/assets/billing.js\"></script>",
+            esc(&s.js_url)
+        );
     }
 }
 
@@ -334,64 +498,7 @@ fn methods(h: &mut String, v: &View) {
         }
         h.push_str("</ul>");
     }
-    // Add a card.
-    h.push_str("<details class=\"add\"");
-    if v.problem.as_ref().is_some_and(|p| p.form == Form::Card) {
-        h.push_str(" open");
-    }
-    h.push_str(
-        "><summary>Add a card</summary><form method=\"post\" action=\"/billing/methods/card\">",
-    );
-    hidden_csrf(h, v);
-    form_problem(h, v, Form::Card);
-    field(
-        h,
-        v,
-        Form::Card,
-        "card-number",
-        "number",
-        "Card number",
-        "",
-        "inputmode=\"numeric\" autocomplete=\"cc-number\" required",
-    );
-    field(
-        h,
-        v,
-        Form::Card,
-        "card-exp-month",
-        "exp_month",
-        "Expiry month",
-        &kept(v, Form::Card, "exp_month"),
-        "inputmode=\"numeric\" autocomplete=\"cc-exp-month\" required",
-    );
-    field(
-        h,
-        v,
-        Form::Card,
-        "card-exp-year",
-        "exp_year",
-        "Expiry year",
-        &kept(v, Form::Card, "exp_year"),
-        "inputmode=\"numeric\" autocomplete=\"cc-exp-year\" required",
-    );
-    field(
-        h,
-        v,
-        Form::Card,
-        "card-cvc",
-        "cvc",
-        "CVC",
-        "",
-        "inputmode=\"numeric\" autocomplete=\"cc-csc\" required",
-    );
-    checkbox(
-        h,
-        "card-default",
-        "make_default",
-        "Make this card the default payment method",
-        v.methods.is_empty(),
-    );
-    h.push_str("<p><button type=\"submit\">Add card</button></p></form></details>");
+    card_form(h, v);
     // Add a US bank account.
     h.push_str("<details class=\"add\"");
     if v.problem.as_ref().is_some_and(|p| p.form == Form::Bank) {

@@ -27,6 +27,8 @@ use credits_client::{
     IdempotencyKey, Money, NewPaymentMethod, PaymentMethodType,
 };
 
+use crate::page::StripeCard;
+
 use crate::page::{self, Form, Problem, View};
 use crate::session::{Keys, Kind, Refused, Session};
 
@@ -36,6 +38,62 @@ pub const SECURE_COOKIE: &str = "__Host-credits_portal";
 const HISTORY_PAGE: u32 = 20;
 const CSP: &str = "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; \
                    frame-ancestors 'none'; base-uri 'none'";
+const SCRIPT: &str = include_str!("../assets/billing.js");
+
+/// R24: where Stripe.js comes from, and the one origin the page admits for it.
+#[derive(Clone, Debug)]
+pub struct StripeJs {
+    pub url: String,
+    pub origin: String,
+}
+
+impl StripeJs {
+    /// `STRIPE_JS_URL`: an http(s) URL; its origin is what the CSP admits.
+    pub fn parse(url: &str) -> anyhow::Result<StripeJs> {
+        let rest = url
+            .strip_prefix("https://")
+            .map(|r| ("https", r))
+            .or_else(|| url.strip_prefix("http://").map(|r| ("http", r)));
+        let Some((scheme, rest)) = rest else {
+            anyhow::bail!("STRIPE_JS_URL: must be an http(s) URL, got {url:?}");
+        };
+        let host = rest.split('/').next().unwrap_or_default();
+        if host.is_empty()
+            || !host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b))
+        {
+            anyhow::bail!("STRIPE_JS_URL: no host in {url:?}");
+        }
+        Ok(StripeJs {
+            url: url.to_owned(),
+            origin: format!("{scheme}://{host}"),
+        })
+    }
+}
+
+/// The page's Content-Security-Policy: no script at all, or (R24) this origin's Stripe.js
+/// and our own small script, nothing else. Stripe.js talks to its own origin (and, for
+/// Stripe's real `js.stripe.com`, to Stripe's API and 3-D Secure frames, Stripe's
+/// documented hosts).
+pub fn csp(stripe: Option<&StripeJs>) -> String {
+    let Some(s) = stripe else {
+        return CSP.to_owned();
+    };
+    let (connect, frame) = if s.origin == "https://js.stripe.com" {
+        (
+            "https://js.stripe.com https://api.stripe.com",
+            "https://js.stripe.com https://hooks.stripe.com",
+        )
+    } else {
+        (s.origin.as_str(), s.origin.as_str())
+    };
+    format!(
+        "default-src 'none'; script-src 'self' {o}; connect-src {connect}; frame-src {frame}; \
+         style-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+        o = s.origin
+    )
+}
 /// The longest a bank-account default waits for auto-recharge to be turned off.
 const BANK_DEFAULT_SETTLE: std::time::Duration = std::time::Duration::from_secs(3);
 const STYLESHEET: &str = include_str!("../assets/portal.css");
@@ -47,6 +105,10 @@ pub struct Web {
     pub min_purchase: Money,
     /// Mark the cookie `Secure` (the public URL is https).
     pub secure_cookie: bool,
+    /// R24: cards through Stripe.js, when payments charges through Stripe.
+    pub stripe_js: Option<StripeJs>,
+    /// The Content-Security-Policy of every response ([`csp`]).
+    pub csp: String,
 }
 
 impl Web {
@@ -67,6 +129,9 @@ pub fn router(web: Arc<Web>) -> Router {
         .route("/billing", get(show))
         .route("/billing/credits", post(add_credits))
         .route("/billing/methods/card", post(add_card))
+        .route("/billing/methods/card-token", post(add_card_token))
+        .route("/billing/charges/confirm", post(confirm_payment))
+        .route("/assets/billing.js", get(script))
         .route("/billing/methods/bank", post(add_bank))
         .route("/billing/methods/default", post(make_default))
         .route("/billing/methods/remove", post(remove_method))
@@ -79,15 +144,18 @@ pub fn router(web: Arc<Web>) -> Router {
                 page::message_page("Not found", "There is no such page."),
             )
         })
-        .layer(axum::middleware::map_response(secure_headers))
+        .layer(axum::middleware::map_response_with_state(
+            web.clone(),
+            secure_headers,
+        ))
         .with_state(web)
 }
 
-async fn secure_headers(mut r: Response) -> Response {
+async fn secure_headers(State(web): State<Arc<Web>>, mut r: Response) -> Response {
     let h = r.headers_mut();
     h.insert(
         header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static(CSP),
+        HeaderValue::from_str(&web.csp).unwrap_or(HeaderValue::from_static(CSP)),
     );
     h.insert(
         header::X_CONTENT_TYPE_OPTIONS,
@@ -113,6 +181,14 @@ fn html(status: StatusCode, body: String) -> Response {
 
 fn see_other(to: &str) -> Response {
     (StatusCode::SEE_OTHER, [(header::LOCATION, to.to_owned())]).into_response()
+}
+
+async fn script() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        SCRIPT,
+    )
+        .into_response()
 }
 
 async fn stylesheet() -> Response {
@@ -247,6 +323,10 @@ fn notice(code: &str) -> Option<&'static str> {
         "credits-added" => "Credits added.",
         "credits-pending" => "Payment started: bank transfers are credited when they settle.",
         "card-added" => "Card added.",
+        "payment-confirmed" => "Payment confirmed. Thank you.",
+        "confirm-needed" => {
+            "Your bank asks you to confirm this payment: use Confirm payment below."
+        }
         "bank-added" => "Bank account added.",
         "default-changed" => "Default payment method changed.",
         "method-removed" => "Payment method removed.",
@@ -322,6 +402,21 @@ async fn render(
         .get("key")
         .cloned()
         .unwrap_or_else(|| format!("portal-{}", uuid::Uuid::now_v7()));
+    // R24: a SetupIntent for this page's card form (Stripe's own pattern: one per page).
+    let stripe = match &web.stripe_js {
+        None => None,
+        Some(js) => Some(match c.payments().create_setup_intent(acct).await {
+            Ok(si) => Ok(StripeCard {
+                js_url: js.url.clone(),
+                client_secret: si.client_secret,
+                publishable_key: si.publishable_key,
+            }),
+            Err(e) => {
+                tracing::warn!(error = %e, "card entry unavailable: no SetupIntent");
+                Err(())
+            }
+        }),
+    };
     let view = View {
         account,
         methods,
@@ -335,6 +430,7 @@ async fn render(
         notice,
         problem,
         kept,
+        stripe,
     };
     html(status, page::render(&view))
 }
@@ -502,6 +598,20 @@ form_handler!(
     do_add_card
 );
 form_handler!(
+    add_card_token,
+    Form::Card,
+    fields = &["processor_token"],
+    keep = &[],
+    do_add_card_token
+);
+form_handler!(
+    confirm_payment,
+    Form::Charges,
+    fields = &[],
+    keep = &[],
+    do_confirm_payment
+);
+form_handler!(
     add_bank,
     Form::Bank,
     fields = &["holder_name", "routing_number", "account_number"],
@@ -561,6 +671,8 @@ async fn do_add_credits(web: &Web, sub: &Submitted) -> Result<&'static str, Refu
         })?;
     match (p.charge.status, p.charge.payment_method_type) {
         (ChargeStatus::Succeeded, _) if p.entry.is_some() => Ok("credits-added"),
+        // R25: the bank wants the customer; the page shows it with its Confirm button.
+        (ChargeStatus::Failed, _) if p.charge.action_required => Ok("confirm-needed"),
         (ChargeStatus::Failed, _) => Err(Refusal::Field(
             "amount",
             format!(
@@ -595,6 +707,45 @@ async fn do_add_card(web: &Web, sub: &Submitted) -> Result<&'static str, Refusal
     };
     add_method(web, sub, NewPaymentMethod::Card(card)).await?;
     Ok("card-added")
+}
+
+/// R24: the card went to Stripe.js; we receive only the payment method it made.
+async fn do_add_card_token(web: &Web, sub: &Submitted) -> Result<&'static str, Refusal> {
+    let token = sub.get("processor_token").trim();
+    if token.is_empty() {
+        return Err(Refusal::Form(
+            "The card was not accepted by the card form; check it and try again.".into(),
+        ));
+    }
+    add_method(web, sub, NewPaymentMethod::ProcessorToken(token.to_owned()))
+        .await
+        .map_err(|e| match e {
+            ClientError::InvalidArgument { message }
+            | ClientError::FailedPrecondition { message } => {
+                Refusal::Form(format!("This card could not be added: {message}"))
+            }
+            e => Refusal::Service(e),
+        })?;
+    Ok("card-added")
+}
+
+/// R25: the customer confirmed a payment with their bank (Stripe.js); payments reads it
+/// from the processor and credits it once.
+async fn do_confirm_payment(web: &Web, sub: &Submitted) -> Result<&'static str, Refusal> {
+    web.client
+        .payments()
+        .confirm_charge(&sub.session.account, sub.get("charge_id"))
+        .await
+        .map_err(|e| match e {
+            ClientError::FailedPrecondition { message } => {
+                Refusal::Form(format!("The payment is not confirmed yet: {message}"))
+            }
+            ClientError::NotFound { .. } | ClientError::InvalidArgument { .. } => {
+                Refusal::Form("That payment is not on this account.".into())
+            }
+            e => Refusal::Service(e),
+        })?;
+    Ok("payment-confirmed")
 }
 
 /// Adds a method to the session's account, the default when the form says so.

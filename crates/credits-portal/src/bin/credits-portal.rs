@@ -43,6 +43,10 @@ struct Args {
     /// Scoped tokens (`<role> <token>` lines), as for every daemon.
     #[arg(long, env = "CREDITS_AUTH_TOKENS_FILE")]
     auth_tokens_file: Option<std::path::PathBuf>,
+    /// Stripe.js (R24): set when payments charges through Stripe; **Add a card** then hands
+    /// the card to Stripe.js, never to us. `https://js.stripe.com/v3/` in production.
+    #[arg(long, env = "STRIPE_JS_URL")]
+    stripe_js_url: Option<String>,
     /// Smallest credit purchase, in dollars, shown on the page (payments enforces it).
     #[arg(long, env = "MIN_PURCHASE", default_value = "5.00")]
     min_purchase: String,
@@ -83,6 +87,7 @@ async fn main() -> anyhow::Result<()> {
     cfg.min_purchase = Money::parse_positive("MIN_PURCHASE", &args.min_purchase)?;
     cfg.auth_token = args.auth_token.filter(|t| !t.is_empty()).map(Secret::new);
     cfg.auth_tokens_file = args.auth_tokens_file.clone();
+    cfg.stripe_js_url = args.stripe_js_url.clone().filter(|u| !u.is_empty());
     let app = credits_portal::App::build(cfg)?;
     let grpc = credits_common::config::bind(args.listen).await?;
     let http = credits_common::config::bind(args.http_listen).await?;
