@@ -794,7 +794,11 @@ fn charge_row(c: &Charge) -> Vec<Cell> {
         Cell::Text(when(&c.created_at)),
         Cell::Num(dollars(&c.amount)),
         Cell::Text(method.to_owned()),
-        Cell::Text(status(c.status.as_str(), &c.failure_code)),
+        Cell::Text(if c.action_required {
+            "waiting for your confirmation".to_owned()
+        } else {
+            status(c.status.as_str(), &c.failure_code)
+        }),
     ]
 }
 
