@@ -649,6 +649,13 @@ impl credits_payments::processor::PaymentProcessor for LostAnswers {
     ) -> Result<credits_payments::processor::ProcessorRefund, ProcessorError> {
         self.0.refund(id, amount, refund_id).await
     }
+    async fn find_refund(
+        &self,
+        id: &str,
+        refund_id: &str,
+    ) -> Result<Option<credits_payments::processor::ProcessorRefund>, ProcessorError> {
+        self.0.find_refund(id, refund_id).await
+    }
 }
 
 use credits_payments::domain::CardDetails as CardDetailsIn;

@@ -784,3 +784,166 @@ fn the_payments_binary_refuses_to_start_without_a_processor_named_r23() {
     assert!(!ok);
     assert!(err.contains("paypal"), "{err}");
 }
+
+/// R12/R27 under a race: the same refund sent eight times at once is one refund, one debit,
+/// one refund at Stripe — never an error for the late ones.
+#[tokio::test]
+async fn concurrent_duplicates_of_one_refund_refund_once_r12_r27() {
+    let w = World::start().await;
+    w.account("acme").await;
+    w.add_card("acme", "4242424242424242").await;
+    let charge_id = w
+        .buy("acme", "25.00", "buy-1")
+        .await
+        .charge
+        .unwrap()
+        .charge_id;
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let mut c = w.payments.client().await;
+        let charge_id = charge_id.clone();
+        tasks.push(tokio::spawn(async move {
+            c.refund_charge(ppb::RefundChargeRequest {
+                account_id: "acme".into(),
+                charge_id,
+                amount: "25.00".into(),
+                idempotency_key: "rf-all".into(),
+                reason: String::new(),
+            })
+            .await
+            .map(|r| r.into_inner().refund_id)
+        }));
+    }
+    let mut ids = std::collections::HashSet::new();
+    for t in tasks {
+        ids.insert(
+            t.await
+                .unwrap()
+                .expect("every duplicate is answered with the refund"),
+        );
+    }
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    let entries = w.entries("acme").await;
+    assert_eq!(kinds(&entries, lpb::EntryKind::Refund).len(), 1);
+    assert_eq!(w.balance("acme").await, "0.00");
+    let pi = w.intent_of(&charge_id).await;
+    let refunds = w
+        .stripe
+        .get(&format!(
+            "/v1/refunds?payment_intent={}",
+            pi["id"].as_str().unwrap()
+        ))
+        .await;
+    assert_eq!(refunds["data"].as_array().unwrap().len(), 1);
+    w.stop().await;
+}
+
+/// R26: a dispute takes back at most what refunds left of the charge; an inquiry
+/// (`warning_*`) moves no money and changes nothing. (Posted by the test: the emulator has
+/// no disputes.)
+#[tokio::test]
+async fn a_dispute_takes_back_only_what_refunds_left_and_an_inquiry_nothing_r26() {
+    let w = World::start().await;
+    w.account("acme").await;
+    w.add_card("acme", "4242424242424242").await;
+    let charge_id = w
+        .buy("acme", "25.00", "buy-1")
+        .await
+        .charge
+        .unwrap()
+        .charge_id;
+    w.payments
+        .client()
+        .await
+        .refund_charge(ppb::RefundChargeRequest {
+            account_id: "acme".into(),
+            charge_id: charge_id.clone(),
+            amount: "20.00".into(),
+            idempotency_key: "rf-1".into(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap();
+    let pi = w.intent_of(&charge_id).await;
+    let d = |id: &str, status: &str| {
+        json!({"id": id, "object": "dispute", "amount": 2500, "currency": "usd",
+               "payment_intent": pi["id"], "status": status})
+    };
+    let now = chrono::Utc::now().timestamp();
+    let inquiry = event(
+        "evt_w",
+        "charge.dispute.created",
+        d("dp_inquiry", "warning_needs_response"),
+    );
+    assert_eq!(w.stripe.deliver(&w.webhook_url, &inquiry, now).await, 200);
+    assert_eq!(
+        kinds(&w.entries("acme").await, lpb::EntryKind::Dispute).len(),
+        0
+    );
+    assert_eq!(w.balance("acme").await, "5.00");
+    let real = event(
+        "evt_d",
+        "charge.dispute.created",
+        d("dp_real", "needs_response"),
+    );
+    assert_eq!(w.stripe.deliver(&w.webhook_url, &real, now).await, 200);
+    let entries = w.entries("acme").await;
+    let disputes = kinds(&entries, lpb::EntryKind::Dispute);
+    assert_eq!(disputes.len(), 1, "{entries:?}");
+    assert_eq!(
+        disputes[0].amount, "5.00",
+        "the $20 refunded already is not taken twice"
+    );
+    assert_eq!(w.balance("acme").await, "0.00");
+    // And nothing is left to refund.
+    let e = w
+        .payments
+        .client()
+        .await
+        .refund_charge(ppb::RefundChargeRequest {
+            account_id: "acme".into(),
+            charge_id,
+            amount: "0.01".into(),
+            idempotency_key: "rf-2".into(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    w.stop().await;
+}
+
+/// R24: a token with the sandbox is refused as what it is: the wrong kind of input.
+#[tokio::test]
+async fn the_sandbox_refuses_a_processor_token_as_invalid_r24() {
+    let ledger = Ledger::start().await;
+    let payments = Payments::start(PaymentsOptions::for_ledger(&ledger)).await;
+    ledger
+        .client()
+        .await
+        .create_account(lpb::CreateAccountRequest {
+            account_id: "acme".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut c = payments.client().await;
+    let e = c
+        .add_payment_method(ppb::AddPaymentMethodRequest {
+            account_id: "acme".into(),
+            processor_token: "pm_123".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let e = c
+        .create_setup_intent(ppb::CreateSetupIntentRequest {
+            account_id: "acme".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    payments.stop().await;
+    ledger.stop().await;
+}

@@ -80,9 +80,12 @@ CREATE TABLE processor_events (
     received_at  timestamptz NOT NULL DEFAULT now(),
     attempts     integer NOT NULL DEFAULT 0,
     last_error   text,
+    -- When the recovery loop may act on it (again): after the inline try's chance, then
+    -- backing off exponentially (capped at an hour) while it keeps failing.
+    next_attempt_at timestamptz NOT NULL DEFAULT now() + interval '10 seconds',
     processed_at timestamptz
 );
-CREATE INDEX processor_events_pending ON processor_events (received_at) WHERE processed_at IS NULL;
+CREATE INDEX processor_events_pending ON processor_events (next_attempt_at) WHERE processed_at IS NULL;
 
 -- The sandbox's refunds (a stand-in for the processor's own records).
 CREATE TABLE sandbox_refunds (
@@ -92,3 +95,7 @@ CREATE TABLE sandbox_refunds (
     amount              numeric NOT NULL,
     created_at          timestamptz NOT NULL DEFAULT now()
 );
+
+-- Top-ups charged before TOPUP existed were recorded as plain charges: they bought credits
+-- (recharge keys them `recharge:<attempt>`), so they are refundable like any top-up.
+UPDATE charges SET purpose = 'TOPUP' WHERE purpose = 'CHARGE' AND idempotency_key LIKE 'recharge:%';

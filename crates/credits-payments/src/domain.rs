@@ -304,7 +304,14 @@ pub struct ChargeRequest {
 impl ChargeRequest {
     /// Whether a stored charge answers this same request (R12).
     pub fn matches(&self, c: &Charge) -> bool {
-        c.purpose == self.purpose
+        // A top-up recorded as a plain charge before top-ups were told apart (or sent by a
+        // recharge replica that does not say so yet) is the same request.
+        let same_purpose = c.purpose == self.purpose
+            || matches!(
+                (c.purpose, self.purpose),
+                (Purpose::CHARGE, Purpose::TOPUP) | (Purpose::TOPUP, Purpose::CHARGE)
+            );
+        same_purpose
             && c.amount == self.amount
             && c.requested_method_id == self.payment_method_id
             && c.description == self.description

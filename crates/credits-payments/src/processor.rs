@@ -150,6 +150,13 @@ pub trait PaymentProcessor: Send + Sync + 'static {
         amount: Money,
         refund_id: &str,
     ) -> Result<ProcessorRefund, ProcessorError>;
+    /// The refund made under `refund_id`, if the processor made one: asked before a
+    /// refusal reverses our debit (a refund must never be both paid and reversed).
+    async fn find_refund(
+        &self,
+        processor_charge_id: &str,
+        refund_id: &str,
+    ) -> Result<Option<ProcessorRefund>, ProcessorError>;
 }
 
 #[tonic::async_trait]
@@ -203,6 +210,13 @@ impl PaymentProcessor for crate::stripe::Stripe {
         refund_id: &str,
     ) -> Result<ProcessorRefund, ProcessorError> {
         crate::stripe::Stripe::refund(self, processor_charge_id, amount, refund_id).await
+    }
+    async fn find_refund(
+        &self,
+        processor_charge_id: &str,
+        refund_id: &str,
+    ) -> Result<Option<ProcessorRefund>, ProcessorError> {
+        crate::stripe::Stripe::find_refund(self, processor_charge_id, refund_id).await
     }
 }
 
@@ -337,6 +351,25 @@ impl PaymentProcessor for Sandbox {
                 "the sandbox refuses a refund above what is left of the charge".into(),
             )),
         }
+    }
+
+    async fn find_refund(
+        &self,
+        _processor_charge_id: &str,
+        refund_id: &str,
+    ) -> Result<Option<ProcessorRefund>, ProcessorError> {
+        let row: Option<(String, rust_decimal::Decimal)> = sqlx::query_as(
+            "SELECT processor_refund_id, amount FROM sandbox_refunds WHERE refund_key = $1",
+        )
+        .bind(refund_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|(id, amount)| ProcessorRefund {
+            processor_refund_id: id,
+            amount: Some(Money::new(amount)),
+            state: RefundState::Succeeded,
+            our_refund_id: Some(refund_id.to_owned()),
+        }))
     }
 
     async fn tokenize_card(&self, card: &CardDetails) -> Result<Tokenized, ProcessorError> {

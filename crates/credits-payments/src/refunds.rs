@@ -18,6 +18,10 @@ use crate::processor::{ProcessorError, ProcessorStatus, RefundState};
 use crate::service::{Payments, processor_error};
 use crate::store::Store;
 
+/// How long a refund being carried out is left to its caller (a processor call with its
+/// retries can take two minutes) before a duplicate or the recovery loop takes it over.
+pub const REFUND_LEASE_SECS: f64 = 180.0;
+
 impl Payments {
     pub async fn refund_charge(&self, req: &RefundRequest) -> Result<Refund, PaymentsError> {
         let account = &req.account_id;
@@ -33,7 +37,7 @@ impl Payments {
                 });
             }
             return match existing.status {
-                RefundStatus::PROCESSING => self.carry_out_refund(account, existing).await,
+                RefundStatus::PROCESSING => self.resume_refund(account, existing).await,
                 _ => Ok(existing),
             };
         }
@@ -44,6 +48,26 @@ impl Payments {
                 account: account.clone(),
                 id: req.charge_id.clone(),
             })?;
+        // A concurrent duplicate may have recorded it while this one waited for the lock:
+        // answer as its replay, not by the limits the duplicate itself used up.
+        if let Some(existing) = self
+            .store
+            .refund_by_key(account.as_str(), req.idempotency_key.as_str())
+            .await?
+        {
+            tx.rollback().await?;
+            return if req.matches(&existing) {
+                match existing.status {
+                    RefundStatus::PROCESSING => self.resume_refund(account, existing).await,
+                    _ => Ok(existing),
+                }
+            } else {
+                Err(PaymentsError::IdempotencyConflict {
+                    account: account.clone(),
+                    key: req.idempotency_key.clone(),
+                })
+            };
+        }
         refundable(&charge, req.amount)?;
         let refund = Refund {
             seq: 0,
@@ -65,6 +89,21 @@ impl Payments {
         tx.commit().await?;
         tracing::info!(account_id = %account, charge_id = %refund.charge_id, refund_id = %refund.refund_id, amount = %refund.amount, "refund recorded");
         self.carry_out_refund(account, refund).await
+    }
+
+    /// A duplicate of a refund still being carried out: carried on only when nobody is
+    /// (its lease ran out); otherwise answered as it stands (pending), so one refund is
+    /// never asked of the processor by two callers at once.
+    async fn resume_refund(&self, account: &AccountId, r: Refund) -> Result<Refund, PaymentsError> {
+        if self
+            .store
+            .claim_refund(&r.refund_id, REFUND_LEASE_SECS)
+            .await?
+        {
+            self.carry_out_refund(account, r).await
+        } else {
+            Ok(r)
+        }
     }
 
     /// The refund's next steps from wherever it stands; every step repeatable.
@@ -128,6 +167,23 @@ impl Payments {
                 .await
             }
             Err(ProcessorError::Rejected(m)) => {
+                // A refusal of this request is not proof that no refund exists under our
+                // key (an earlier try may have made it): ask before giving the credits back.
+                if let Some(made) = self
+                    .processor
+                    .find_refund(&processor_id, &refund.refund_id)
+                    .await
+                    .map_err(processor_error)?
+                {
+                    return self
+                        .end_refund(
+                            &refund,
+                            RefundStatus::SUCCEEDED,
+                            "",
+                            Some(&made.processor_refund_id),
+                        )
+                        .await;
+                }
                 tracing::warn!(refund_id = %refund.refund_id, reason = %m, "processor refused the refund; reversing the debit");
                 self.reverse_refund(&refund, "processor_refused").await
             }
@@ -235,18 +291,11 @@ impl Payments {
         let charge = self.get_charge(account, charge_id).await?;
         let charge = match charge.status {
             ChargeStatus::REQUIRES_ACTION | ChargeStatus::PENDING => {
-                let id = charge.processor_charge_id.clone().unwrap_or_default();
-                let pc = self
-                    .processor
-                    .retrieve(&id)
-                    .await
-                    .map_err(processor_error)?;
-                if matches!(pc.status, ProcessorStatus::RequiresAction { .. }) {
-                    return Err(PaymentsError::Refused(format!(
-                        "charge {charge_id} is still waiting for the customer to confirm it"
-                    )));
-                }
-                self.record(&charge, &pc).await?
+                self.confirm_from_processor(&charge, charge_id).await?
+            }
+            // After a failed 3-D Secure the customer may still confirm it.
+            ChargeStatus::FAILED if charge.action_required_at.is_some() => {
+                self.confirm_from_processor(&charge, charge_id).await?
             }
             ChargeStatus::SUCCEEDED => charge,
             _ => {
@@ -256,6 +305,35 @@ impl Payments {
                 )));
             }
         };
+        if charge.status == ChargeStatus::FAILED {
+            return Err(PaymentsError::Refused(format!(
+                "charge {charge_id} was not confirmed: the bank declined it ({})",
+                charge.failure_code
+            )));
+        }
+        self.credit_confirmed(charge).await
+    }
+
+    async fn confirm_from_processor(
+        &self,
+        charge: &Charge,
+        charge_id: &str,
+    ) -> Result<Charge, PaymentsError> {
+        let id = charge.processor_charge_id.clone().unwrap_or_default();
+        let pc = self
+            .processor
+            .retrieve(&id)
+            .await
+            .map_err(processor_error)?;
+        if matches!(pc.status, ProcessorStatus::RequiresAction { .. }) {
+            return Err(PaymentsError::Refused(format!(
+                "charge {charge_id} is still waiting for the customer to confirm it"
+            )));
+        }
+        self.record(charge, &pc).await
+    }
+
+    async fn credit_confirmed(&self, charge: Charge) -> Result<Charge, PaymentsError> {
         if charge.status == ChargeStatus::SUCCEEDED
             && charge.credited_by_payments()
             && charge.ledger_entry_id.is_none()
@@ -290,11 +368,12 @@ fn refundable(charge: &Charge, amount: credits_common::Money) -> Result<(), Paym
             charge.charge_id
         )));
     }
-    let left = charge.amount - charge.refunded_amount;
+    // What a dispute already took back is not refundable either.
+    let left = charge.amount - charge.refunded_amount - charge.disputed_amount;
     if amount > left {
         return Err(PaymentsError::Refused(format!(
-            "a refund of charge {} may be at most ${left} (charged ${}, refunded ${} already); got ${amount}",
-            charge.charge_id, charge.amount, charge.refunded_amount
+            "a refund of charge {} may be at most ${left} (charged ${}, refunded ${} and disputed ${} already); got ${amount}",
+            charge.charge_id, charge.amount, charge.refunded_amount, charge.disputed_amount
         )));
     }
     Ok(())

@@ -125,6 +125,12 @@ impl Payments {
                 MethodType::US_BANK_ACCOUNT,
                 None,
             ),
+            NewMethod::Token(_) if self.processor.takes_raw_details() => {
+                return Err(PaymentsError::invalid(format!(
+                    "processor_token: the {} processor takes card details (card), not tokens",
+                    self.processor.name()
+                )));
+            }
             NewMethod::Token(token) => {
                 if let Some(pm) = self.store.method_by_token(account.as_str(), token).await? {
                     // The same card added twice is the same method (a retried form).
@@ -316,6 +322,14 @@ impl Payments {
 
     /// Charges once per idempotency key, resuming an unfinished charge with the same key.
     pub async fn charge(&self, req: &ChargeRequest) -> Result<Charge, PaymentsError> {
+        // A top-up may end up credited by payments itself (R25): it is a purchase, and
+        // obeys the minimum like one.
+        if req.purpose == Purpose::TOPUP && req.amount < self.min_purchase {
+            return Err(PaymentsError::BelowMinimumPurchase {
+                min: self.min_purchase,
+                amount: req.amount,
+            });
+        }
         let charge = match self
             .store
             .charge_by_key(req.account_id.as_str(), req.idempotency_key.as_str())
@@ -660,13 +674,18 @@ impl Payments {
         }
         for (c, processor_id) in work.pending {
             match self.processor.retrieve(&processor_id).await {
-                Ok(pc) => {
-                    let c = self.record(&c, &pc).await?;
-                    if c.status == ChargeStatus::SUCCEEDED && c.credited_by_payments() {
-                        self.credit_logged(&c).await;
+                Ok(pc) => match self.record(&c, &pc).await {
+                    Ok(c) => {
+                        if c.status == ChargeStatus::SUCCEEDED && c.credited_by_payments() {
+                            self.credit_logged(&c).await;
+                        }
+                        done += 1;
                     }
-                    done += 1;
-                }
+                    // One charge's trouble must not hold up the rest of the pass.
+                    Err(e) => {
+                        tracing::warn!(charge_id = %c.charge_id, error = %e, "recording a pending charge failed; will retry")
+                    }
+                },
                 Err(e) => {
                     tracing::warn!(charge_id = %c.charge_id, error = %e, "cannot read pending charge")
                 }
@@ -678,7 +697,11 @@ impl Payments {
         }
         for r in self
             .store
-            .claim_stale_refunds(stale_after.as_secs_f64())
+            .claim_stale_refunds(
+                stale_after
+                    .as_secs_f64()
+                    .max(crate::refunds::REFUND_LEASE_SECS),
+            )
             .await?
         {
             let account = AccountId::parse(&r.account_id)?;

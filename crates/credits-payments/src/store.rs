@@ -407,8 +407,10 @@ impl Store {
                    action_client_secret = CASE WHEN $2 = 'REQUIRES_ACTION' THEN $6 END,
                    action_required_at = CASE WHEN $2 = 'REQUIRES_ACTION' THEN now()
                                              ELSE action_required_at END
-               WHERE charge_id = $1 AND status IN ('PROCESSING', 'PENDING', 'REQUIRES_ACTION')
-                 AND status <> $2 AND account_id = $5
+               WHERE charge_id = $1 AND account_id = $5 AND status <> $2
+                 AND (status IN ('PROCESSING', 'PENDING', 'REQUIRES_ACTION')
+                      -- R25: after a failed 3-D Secure the customer may still confirm it.
+                      OR (status = 'FAILED' AND action_required_at IS NOT NULL AND $2 = 'SUCCEEDED'))
                RETURNING seq, charge_id, account_id, purpose, payment_method_id, payment_method_type,
                          requested_method_id, amount, description, idempotency_key, status, failure_code,
                          processor_attempts, ledger_entry_id, created_at, refunded_amount,
@@ -503,6 +505,10 @@ impl Store {
                                AND (purpose = 'PURCHASE'
                                     OR (purpose = 'TOPUP' AND action_required_at IS NOT NULL))))
                           AND updated_at < now() - make_interval(secs => $1))
+                      -- R25: a payment waiting for the customer is looked at every 5 minutes
+                      -- for a week (a confirmation whose page and webhook were both lost).
+                      OR (status = 'REQUIRES_ACTION' AND updated_at < now() - interval '5 minutes'
+                          AND created_at > now() - interval '7 days')
                    ORDER BY seq LIMIT $2 FOR UPDATE SKIP LOCKED)
                RETURNING seq, charge_id, account_id, purpose, payment_method_id, payment_method_type,
                          requested_method_id, amount, description, idempotency_key, status, failure_code,
@@ -522,7 +528,7 @@ impl Store {
             let c = Charge::try_from(r)?;
             match c.status {
                 ChargeStatus::PROCESSING => out.stale_processing.push(c),
-                ChargeStatus::PENDING => {
+                ChargeStatus::PENDING | ChargeStatus::REQUIRES_ACTION => {
                     let pid = c.processor_charge_id.clone().unwrap_or_default();
                     out.pending.push((c, pid));
                 }
@@ -690,7 +696,9 @@ impl Store {
         .await?;
         if row.is_some() {
             sqlx::query!(
-                "UPDATE charges SET refunded_amount = refunded_amount + $3, updated_at = now()
+                // Clamped: a refund the processor already made (its dashboard) counts even
+                // past what our own limits allow, and must not be refused by the CHECK.
+                "UPDATE charges SET refunded_amount = LEAST(amount, refunded_amount + $3), updated_at = now()
                  WHERE account_id = $1 AND charge_id = $2",
                 r.account_id,
                 r.charge_id,
@@ -714,7 +722,7 @@ impl Store {
         .rows_affected();
         if gone == 1 {
             sqlx::query!(
-                "UPDATE charges SET refunded_amount = refunded_amount - $3, updated_at = now()
+                "UPDATE charges SET refunded_amount = GREATEST(0, refunded_amount - $3), updated_at = now()
                  WHERE account_id = $1 AND charge_id = $2",
                 r.account_id,
                 r.charge_id,
@@ -770,7 +778,7 @@ impl Store {
             && status == RefundStatus::FAILED
         {
             sqlx::query!(
-                "UPDATE charges SET refunded_amount = refunded_amount - $3, updated_at = now()
+                "UPDATE charges SET refunded_amount = GREATEST(0, refunded_amount - $3), updated_at = now()
                  WHERE account_id = $1 AND charge_id = $2",
                 r.account_id,
                 r.charge_id,
@@ -780,6 +788,26 @@ impl Store {
             .await?;
         }
         row.map(Refund::try_from).transpose()
+    }
+
+    /// Takes over a PROCESSING refund nobody has touched for `stale_secs`; `false` when
+    /// someone is carrying it out (or it ended).
+    pub async fn claim_refund(
+        &self,
+        refund_id: &str,
+        stale_secs: f64,
+    ) -> Result<bool, PaymentsError> {
+        Ok(sqlx::query!(
+            "UPDATE refunds SET updated_at = now()
+             WHERE refund_id = $1 AND status = 'PROCESSING'
+               AND updated_at < now() - make_interval(secs => $2)",
+            refund_id,
+            stale_secs
+        )
+        .execute(&self.pool)
+        .await?
+        .rows_affected()
+            == 1)
     }
 
     /// PROCESSING refunds idle for `stale_secs`, claimed for the recovery loop.
@@ -866,6 +894,17 @@ impl Store {
         Ok(row.is_some())
     }
 
+    /// The amount a dispute was recorded with (what its debit and its credit back are).
+    pub async fn dispute_amount(&self, dispute_id: &str) -> Result<Option<Money>, PaymentsError> {
+        Ok(sqlx::query_scalar!(
+            "SELECT amount FROM disputes WHERE dispute_id = $1",
+            dispute_id
+        )
+        .fetch_optional(&self.pool)
+        .await?
+        .map(Money::new))
+    }
+
     pub async fn set_dispute_status(
         &self,
         dispute_id: &str,
@@ -915,7 +954,9 @@ impl Store {
 
     pub async fn event_failed(&self, event_id: &str, error: &str) -> Result<(), PaymentsError> {
         sqlx::query!(
-            "UPDATE processor_events SET attempts = attempts + 1, last_error = $2 WHERE event_id = $1",
+            "UPDATE processor_events SET attempts = attempts + 1, last_error = $2,
+                    next_attempt_at = now() + make_interval(secs => LEAST(3600, 2 ^ LEAST(attempts + 1, 12)))
+             WHERE event_id = $1",
             event_id,
             error
         )
@@ -924,16 +965,19 @@ impl Store {
         Ok(())
     }
 
-    /// Events recorded at least `stale_secs` ago and not acted on yet (oldest first).
+    /// Events not acted on yet whose turn has come, claimed for `lease_secs` (replicas take
+    /// different ones; a claim that is not settled comes back after it).
     pub async fn pending_events(
         &self,
-        stale_secs: f64,
+        lease_secs: f64,
     ) -> Result<Vec<(String, String, serde_json::Value)>, PaymentsError> {
         Ok(sqlx::query!(
-            r#"SELECT event_id, type, payload FROM processor_events
-               WHERE processed_at IS NULL AND received_at < now() - make_interval(secs => $1)
-               ORDER BY received_at LIMIT 100"#,
-            stale_secs
+            r#"UPDATE processor_events SET next_attempt_at = now() + make_interval(secs => $1)
+               WHERE event_id IN (SELECT event_id FROM processor_events
+                                  WHERE processed_at IS NULL AND next_attempt_at <= now()
+                                  ORDER BY next_attempt_at LIMIT 100 FOR UPDATE SKIP LOCKED)
+               RETURNING event_id, type, payload"#,
+            lease_secs
         )
         .fetch_all(&self.pool)
         .await?

@@ -287,7 +287,7 @@ impl Stripe {
                 return serde_json::from_slice(&body)
                     .map_err(|e| Failure::Transient(format!("unreadable answer to {path}: {e}")));
             }
-            if status.is_server_error() || status.as_u16() == 429 {
+            if worth_retrying(status.as_u16()) {
                 last = format!("HTTP {status}");
                 continue;
             }
@@ -406,9 +406,12 @@ impl Stripe {
 
     /// R25: one off-session PaymentIntent, confirmed at once, keyed by our charge id.
     pub async fn charge(&self, c: &ChargeInput<'_>) -> Result<ProcessorCharge, ProcessorError> {
-        let customer = c
-            .customer
-            .ok_or_else(|| ProcessorError::Other("a Stripe charge needs the customer".into()))?;
+        // A method added under another processor (the sandbox) has no customer here.
+        let customer = c.customer.ok_or_else(|| {
+            ProcessorError::Rejected(
+                "the payment method was not added through Stripe (no customer)".into(),
+            )
+        })?;
         let form = [
             ("amount", cents(c.amount)?.to_string()),
             ("currency", "usd".to_owned()),
@@ -511,6 +514,32 @@ impl Stripe {
         Ok(refund_of(r))
     }
 
+    /// The refund made under our refund id, if Stripe made one (asked before a refusal is
+    /// taken as final).
+    pub async fn find_refund(
+        &self,
+        processor_charge_id: &str,
+        refund_id: &str,
+    ) -> Result<Option<ProcessorRefund>, ProcessorError> {
+        let list: List<RefundObj> = self
+            .get(
+                "/v1/refunds",
+                &[
+                    (
+                        "payment_intent",
+                        path_segment("id", processor_charge_id)?.to_owned(),
+                    ),
+                    ("limit", "100".to_owned()),
+                ],
+            )
+            .await?;
+        Ok(list
+            .data
+            .into_iter()
+            .map(refund_of)
+            .find(|r| r.our_refund_id.as_deref() == Some(refund_id)))
+    }
+
     /// The refunds of the charge (`ch_…`) and the intent it belongs to.
     pub async fn charge_refunds(
         &self,
@@ -602,9 +631,24 @@ fn path_segment<'a>(field: &str, id: &'a str) -> Result<&'a str, ProcessorError>
     Ok(id)
 }
 
+/// Answers worth asking again with the same idempotency key: 5xx, 429 (rate limited) and
+/// 409 (Stripe's `idempotency_key_in_use`: another request with our key is still in
+/// flight — its outcome is not known, and must never be taken as a refusal).
+fn worth_retrying(status: u16) -> bool {
+    status >= 500 || status == 429 || status == 409
+}
+
 fn plain(f: Failure) -> ProcessorError {
     match f {
         Failure::Transient(m) => ProcessorError::Transient(m),
+        // Our own key or account is wrong: a configuration fault, not the caller's input.
+        Failure::Refused {
+            status: status @ (401 | 403),
+            error,
+        } => ProcessorError::Other(format!(
+            "the processor refused our credentials (HTTP {status}): {}",
+            error.message.unwrap_or_default()
+        )),
         Failure::Refused { status, error } => {
             let words = error
                 .message
@@ -794,6 +838,26 @@ mod tests {
         );
         assert!(cents(Money::parse_positive("a", "0.001").unwrap()).is_err());
         assert_eq!(money_from_cents(4001).to_wire(), "40.01");
+    }
+
+    #[test]
+    fn only_answers_of_unknown_outcome_are_retried() {
+        for s in [409, 429, 500, 502, 503] {
+            assert!(worth_retrying(s), "{s}");
+        }
+        for s in [400, 401, 402, 403, 404] {
+            assert!(!worth_retrying(s), "{s}");
+        }
+        let creds = plain(Failure::Refused {
+            status: 401,
+            error: Box::default(),
+        });
+        assert!(matches!(creds, ProcessorError::Other(_)), "{creds:?}");
+        let bad = plain(Failure::Refused {
+            status: 400,
+            error: Box::default(),
+        });
+        assert!(matches!(bad, ProcessorError::Rejected(_)), "{bad:?}");
     }
 
     #[test]

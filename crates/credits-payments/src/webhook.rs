@@ -135,7 +135,8 @@ impl Payments {
         let stored = match &outcome {
             Ok(()) => self.store.event_done(id).await,
             Err(e) => {
-                tracing::warn!(event_id = id, r#type = kind, error = %e, "processor event not acted on yet; will retry");
+                metrics::counter!("credits_payments_processor_event_failures_total").increment(1);
+                tracing::warn!(event_id = id, r#type = kind, error = %e, "processor event not acted on yet; will retry with backoff");
                 self.store.event_failed(id, &e.to_string()).await
             }
         };
@@ -149,7 +150,11 @@ impl Payments {
         &self,
         stale_after: Duration,
     ) -> Result<usize, PaymentsError> {
-        let events = self.store.pending_events(stale_after.as_secs_f64()).await?;
+        // Claimed for a minute at least: acting on one may take that long (a slow processor).
+        let events = self
+            .store
+            .pending_events(stale_after.as_secs_f64().max(60.0))
+            .await?;
         let n = events.len();
         for (id, kind, payload) in events {
             self.act_on_event(&id, &kind, &payload).await;
@@ -219,7 +224,10 @@ impl Payments {
             tracing::info!(charge_id = %charge.charge_id, "processor event before the charge's own answer");
         }
         let charge = match charge.status {
-            ChargeStatus::SUCCEEDED | ChargeStatus::FAILED => charge,
+            ChargeStatus::SUCCEEDED => charge,
+            // A failed charge stays failed, unless it failed waiting for the customer: the
+            // intent can still be confirmed on-session after a failed 3-D Secure.
+            ChargeStatus::FAILED if charge.action_required_at.is_none() => charge,
             _ => self.record(&charge, &pc).await?,
         };
         if charge.status == ChargeStatus::SUCCEEDED
@@ -244,18 +252,30 @@ impl Payments {
             if r.state != RefundState::Succeeded && r.state != RefundState::Pending {
                 continue;
             }
-            if let Some(ours) = &r.our_refund_id
-                && let Some(refund) = self.store.refund_by_id(&charge.account_id, ours).await?
-            {
-                // Ours: its debit was posted before the processor was asked.
-                if refund.status == RefundStatus::PROCESSING && refund.ledger_entry_id.is_some() {
-                    self.end_refund(
-                        &refund,
-                        RefundStatus::SUCCEEDED,
-                        "",
-                        Some(&r.processor_refund_id),
-                    )
-                    .await?;
+            if charge.purpose == Purpose::CHARGE {
+                // A plain charge bought no credits: nothing to take back.
+                continue;
+            }
+            if let Some(ours) = &r.our_refund_id {
+                // Ours (we asked with metadata[refund_id]): its debit was posted before the
+                // processor was asked. Never debited again as if made elsewhere.
+                match self.store.refund_by_id(&charge.account_id, ours).await? {
+                    Some(refund)
+                        if refund.status == RefundStatus::PROCESSING
+                            && refund.ledger_entry_id.is_some() =>
+                    {
+                        self.end_refund(
+                            &refund,
+                            RefundStatus::SUCCEEDED,
+                            "",
+                            Some(&r.processor_refund_id),
+                        )
+                        .await?;
+                    }
+                    Some(_) => {}
+                    None => {
+                        tracing::error!(refund_id = %ours, processor_refund_id = %r.processor_refund_id, "a refund carrying our id is not in our records; not debited")
+                    }
                 }
                 continue;
             }
@@ -337,6 +357,10 @@ impl Payments {
         let now = stripe.dispute(dp).await.map_err(processor_error)?;
         let d = now.as_ref().unwrap_or(obj);
         let status = str_of(d, "status").unwrap_or("needs_response").to_owned();
+        if status.starts_with("warning_") {
+            // An inquiry: no money moved (and none will unless it becomes a dispute).
+            return Ok(());
+        }
         let pi = match str_of(d, "payment_intent") {
             Some(pi) => Some(pi.to_owned()),
             None => match str_of(d, "charge") {
@@ -352,19 +376,17 @@ impl Payments {
             );
             return Ok(());
         };
+        if charge.purpose == Purpose::CHARGE {
+            tracing::info!(dispute = dp, charge_id = %charge.charge_id, "dispute of a charge that bought no credits; nothing to debit");
+            return Ok(());
+        }
         let Some(cents) = d.get("amount").and_then(Value::as_i64).filter(|c| *c > 0) else {
             return Ok(());
         };
-        let amount = money_from_cents(cents).min(charge.amount);
-        // Recorded open first, so that a won dispute seen before its opening is won once.
-        let opened = if status == "won" {
-            "needs_response"
-        } else {
-            status.as_str()
-        };
-        self.dispute_debit(&charge, dp, amount, opened).await?;
+        let amount = money_from_cents(cents);
+        self.dispute_debit(&charge, dp, amount, &status).await?;
         if status == "won" {
-            self.dispute_won(&charge, dp, amount).await?;
+            self.dispute_won(&charge, dp).await?;
         } else {
             self.store.set_dispute_status(dp, &status).await?;
         }
@@ -372,16 +394,25 @@ impl Payments {
         Ok(())
     }
 
+    /// Records the dispute once (its amount capped, under the charge's row lock, at what
+    /// refunds and other disputes left) and posts its one debit.
     async fn dispute_debit(
         &self,
         charge: &Charge,
         dp: &str,
-        amount: Money,
+        seen: Money,
         status: &str,
     ) -> Result<(), PaymentsError> {
         let mut tx = self.store.pool().begin().await?;
-        Store::lock_charge(&mut tx, &charge.account_id, &charge.charge_id).await?;
-        if Store::insert_dispute(&mut tx, dp, charge, amount, status).await? {
+        let locked = Store::lock_charge(&mut tx, &charge.account_id, &charge.charge_id)
+            .await?
+            .ok_or_else(|| PaymentsError::internal("disputed charge vanished"))?;
+        let left = locked.amount - locked.refunded_amount - locked.disputed_amount;
+        let amount = seen.min(left);
+        // Recorded open, so that a dispute first seen won is won (credited back) once.
+        if amount > Money::ZERO
+            && Store::insert_dispute(&mut tx, dp, &locked, amount, "needs_response").await?
+        {
             let event = Event::ChargeDisputed(ChargeDisputed {
                 charge_id: charge.charge_id.clone(),
                 dispute_id: dp.to_owned(),
@@ -391,6 +422,11 @@ impl Payments {
             outbox::enqueue(&mut tx, &charge.account_id, &event).await?;
         }
         tx.commit().await?;
+        // The amount recorded with the dispute, whatever this event says: its debit's key
+        // is the dispute's, so it has one amount forever.
+        let Some(amount) = self.store.dispute_amount(dp).await? else {
+            return Ok(());
+        };
         // Every time (idempotent): a debit lost to a crash after the commit is posted now.
         self.debit(
             &charge.account_id,
@@ -405,12 +441,11 @@ impl Payments {
         Ok(())
     }
 
-    async fn dispute_won(
-        &self,
-        charge: &Charge,
-        dp: &str,
-        amount: Money,
-    ) -> Result<(), PaymentsError> {
+    async fn dispute_won(&self, charge: &Charge, dp: &str) -> Result<(), PaymentsError> {
+        // What was debited is what comes back.
+        let Some(amount) = self.store.dispute_amount(dp).await? else {
+            return Ok(());
+        };
         let mut tx = self.store.pool().begin().await?;
         Store::dispute_won(&mut tx, dp).await?;
         tx.commit().await?;
