@@ -134,6 +134,26 @@ impl World {
             .into_inner()
     }
 
+    async fn refund(
+        &self,
+        charge_id: &str,
+        amount: &str,
+        key: &str,
+    ) -> Result<ppb::Refund, tonic::Status> {
+        self.payments
+            .client()
+            .await
+            .refund_charge(ppb::RefundChargeRequest {
+                account_id: "acme".into(),
+                charge_id: charge_id.into(),
+                amount: amount.into(),
+                idempotency_key: key.into(),
+                reason: String::new(),
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
     async fn processor_events(&self) -> i64 {
         let mut db = self.payments.db().await;
         sqlx::query_scalar("SELECT count(*) FROM processor_events")
@@ -158,6 +178,12 @@ impl World {
         self.payments.stop().await;
         self.ledger.stop().await;
     }
+}
+
+/// The processor charge (`ch_…`) of an intent (`latest_charge`: an id or the object).
+fn latest_charge(pi: &serde_json::Value) -> String {
+    let c = &pi["latest_charge"];
+    c["id"].as_str().or(c.as_str()).unwrap().to_owned()
 }
 
 fn kinds(entries: &[lpb::Entry], kind: lpb::EntryKind) -> Vec<&lpb::Entry> {
@@ -452,11 +478,7 @@ async fn webhooks_that_do_not_verify_get_400_and_change_nothing_r26() {
     let p = w.buy("acme", "25.00", "buy-1").await;
     let charge_id = p.charge.unwrap().charge_id;
     let pi = w.intent_of(&charge_id).await;
-    let ch = pi["latest_charge"]["id"]
-        .as_str()
-        .or(pi["latest_charge"].as_str())
-        .unwrap()
-        .to_owned();
+    let ch = latest_charge(&pi);
     eventually("the emulator's own webhooks are recorded", || async {
         let mut db = w.payments.db().await;
         let n: i64 = sqlx::query_scalar(
@@ -531,11 +553,7 @@ async fn a_refund_made_in_the_dashboard_is_debited_once_whatever_is_redelivered_
     let p = w.buy("acme", "25.00", "buy-1").await;
     let charge_id = p.charge.unwrap().charge_id;
     let pi = w.intent_of(&charge_id).await;
-    let ch = pi["latest_charge"]["id"]
-        .as_str()
-        .or(pi["latest_charge"].as_str())
-        .unwrap()
-        .to_owned();
+    let ch = latest_charge(&pi);
     // The dashboard refunds $10 (the emulator sends no charge.refunded: posted by the test,
     // signed as Stripe signs, three times under two event ids, as Stripe may).
     w.stripe
@@ -670,11 +688,7 @@ async fn a_dispute_debits_once_even_below_zero_and_a_won_one_credits_back_once_r
     .unwrap();
     let tap = EventTap::bind(&w.ledger.exchange, "payments.charge.disputed").await;
     let pi = w.intent_of(&charge_id).await;
-    let ch = pi["latest_charge"]["id"]
-        .as_str()
-        .or(pi["latest_charge"].as_str())
-        .unwrap()
-        .to_owned();
+    let ch = latest_charge(&pi);
     // The emulator has no disputes: the events are posted by the test, signed as Stripe
     // signs them; the closing arrives first, then the opening twice.
     let dispute = |status: &str| {
@@ -852,18 +866,7 @@ async fn a_dispute_takes_back_only_what_refunds_left_and_an_inquiry_nothing_r26(
         .charge
         .unwrap()
         .charge_id;
-    w.payments
-        .client()
-        .await
-        .refund_charge(ppb::RefundChargeRequest {
-            account_id: "acme".into(),
-            charge_id: charge_id.clone(),
-            amount: "20.00".into(),
-            idempotency_key: "rf-1".into(),
-            reason: String::new(),
-        })
-        .await
-        .unwrap();
+    w.refund(&charge_id, "20.00", "rf-1").await.unwrap();
     let pi = w.intent_of(&charge_id).await;
     let d = |id: &str, status: &str| {
         json!({"id": id, "object": "dispute", "amount": 2500, "currency": "usd",
@@ -896,19 +899,7 @@ async fn a_dispute_takes_back_only_what_refunds_left_and_an_inquiry_nothing_r26(
     );
     assert_eq!(w.balance("acme").await, "0.00");
     // And nothing is left to refund.
-    let e = w
-        .payments
-        .client()
-        .await
-        .refund_charge(ppb::RefundChargeRequest {
-            account_id: "acme".into(),
-            charge_id,
-            amount: "0.01".into(),
-            idempotency_key: "rf-2".into(),
-            reason: String::new(),
-        })
-        .await
-        .unwrap_err();
+    let e = w.refund(&charge_id, "0.01", "rf-2").await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
     w.stop().await;
 }

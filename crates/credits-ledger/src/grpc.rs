@@ -278,6 +278,54 @@ fn debit_kind_from_wire(v: i32) -> Result<EntryKind, LedgerError> {
     }
 }
 
+/// An `AddCredits` or `DebitCredits` request, every field checked.
+fn money_request(
+    account_id: &str,
+    posting: Posting,
+    amount: &str,
+    reference: &str,
+    description: &str,
+    key: &str,
+) -> Result<PostingRequest, LedgerError> {
+    Ok(PostingRequest {
+        account_id: AccountId::parse(account_id)?,
+        posting,
+        amount: Money::parse_positive("amount", amount)?,
+        reference: bounded_text("reference", reference, 255)?,
+        description: description_text("description", description, 1024)?,
+        idempotency_key: IdempotencyKey::parse(key)?,
+        traceparent: credits_common::trace::current_header(),
+    })
+}
+
+impl LedgerGrpc {
+    /// What a credit or a debit answers; the account's cached access is dropped whatever
+    /// the outcome (the posting may have committed before an error reached us).
+    fn answer_money(
+        &self,
+        p: &PostingRequest,
+        posted: Result<Posted, LedgerError>,
+    ) -> Result<pb::AddCreditsResponse, LedgerError> {
+        self.views.drop_account(p.account_id.as_str());
+        let posted = posted?;
+        record_posted(&posted);
+        if !posted.replayed {
+            tracing::info!(
+                account_id = %p.account_id.as_str(),
+                kind = p.posting.kind().as_str(),
+                amount = %p.amount,
+                reference = %p.reference,
+                balance = %posted.balance,
+                "money posted"
+            );
+        }
+        Ok(pb::AddCreditsResponse {
+            balance: posted.balance.to_wire(),
+            entry: Some(entry_to_wire(posted.entry)),
+        })
+    }
+}
+
 #[tonic::async_trait]
 impl pb::ledger_service_server::LedgerService for LedgerGrpc {
     async fn create_account(
@@ -381,32 +429,17 @@ impl pb::ledger_service_server::LedgerService for LedgerGrpc {
         req: Request<pb::AddCreditsRequest>,
     ) -> Result<Response<pb::AddCreditsResponse>, Status> {
         let r = req.into_inner();
-        let posting = PostingRequest {
-            account_id: AccountId::parse(&r.account_id)?,
-            posting: Posting::Credit(source_from_wire(r.source)?),
-            amount: Money::parse_positive("amount", &r.amount).map_err(LedgerError::from)?,
-            reference: bounded_text("reference", &r.reference, 255)?,
-            description: description_text("description", &r.description, 1024)?,
-            idempotency_key: IdempotencyKey::parse(&r.idempotency_key)?,
-            traceparent: credits_common::trace::current_header(),
-        };
-        let posted = self.store.post(&posting).await;
-        self.views.drop_account(posting.account_id.as_str());
-        let posted = posted?;
-        record_posted(&posted);
-        if !posted.replayed {
-            tracing::info!(
-                account_id = %posting.account_id.as_str(),
-                amount = %posting.amount,
-                reference = %posting.reference,
-                balance = %posted.balance,
-                "credits added"
-            );
-        }
-        Ok(Response::new(pb::AddCreditsResponse {
-            balance: posted.balance.to_wire(),
-            entry: Some(entry_to_wire(posted.entry)),
-        }))
+        let posting = Posting::Credit(source_from_wire(r.source)?);
+        let p = money_request(
+            &r.account_id,
+            posting,
+            &r.amount,
+            &r.reference,
+            &r.description,
+            &r.idempotency_key,
+        )?;
+        let posted = self.store.post(&p).await;
+        Ok(Response::new(self.answer_money(&p, posted)?))
     }
 
     async fn debit_credits(
@@ -414,37 +447,21 @@ impl pb::ledger_service_server::LedgerService for LedgerGrpc {
         req: Request<pb::DebitCreditsRequest>,
     ) -> Result<Response<pb::AddCreditsResponse>, Status> {
         let r = req.into_inner();
-        let posting = PostingRequest {
-            account_id: AccountId::parse(&r.account_id)?,
-            posting: Posting::Debit(debit_kind_from_wire(r.kind)?),
-            amount: Money::parse_positive("amount", &r.amount).map_err(LedgerError::from)?,
-            reference: bounded_text("reference", &r.reference, 255)?,
-            description: description_text("description", &r.description, 1024)?,
-            idempotency_key: IdempotencyKey::parse(&r.idempotency_key)?,
-            traceparent: credits_common::trace::current_header(),
-        };
+        let posting = Posting::Debit(debit_kind_from_wire(r.kind)?);
+        let p = money_request(
+            &r.account_id,
+            posting,
+            &r.amount,
+            &r.reference,
+            &r.description,
+            &r.idempotency_key,
+        )?;
         let posted = if r.require_available {
-            self.store.post_covered_debit(&posting).await
+            self.store.post_covered_debit(&p).await
         } else {
-            self.store.post(&posting).await
+            self.store.post(&p).await
         };
-        self.views.drop_account(posting.account_id.as_str());
-        let posted = posted?;
-        record_posted(&posted);
-        if !posted.replayed {
-            tracing::info!(
-                account_id = %posting.account_id.as_str(),
-                kind = posting.posting.kind().as_str(),
-                amount = %posting.amount,
-                reference = %posting.reference,
-                balance = %posted.balance,
-                "credits taken back"
-            );
-        }
-        Ok(Response::new(pb::AddCreditsResponse {
-            balance: posted.balance.to_wire(),
-            entry: Some(entry_to_wire(posted.entry)),
-        }))
+        Ok(Response::new(self.answer_money(&p, posted)?))
     }
 
     async fn list_entries(
