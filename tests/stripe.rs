@@ -154,6 +154,42 @@ impl World {
             .map(|r| r.into_inner())
     }
 
+    /// "acme" with a Visa added through Stripe and $25 bought; the purchase's charge id.
+    async fn funded(&self) -> String {
+        self.account("acme").await;
+        self.add_card("acme", "4242424242424242").await;
+        self.buy("acme", "25.00", "buy-1")
+            .await
+            .charge
+            .unwrap()
+            .charge_id
+    }
+
+    /// The refunds Stripe holds for an intent.
+    async fn refunds_at_stripe(&self, pi: &serde_json::Value) -> Vec<serde_json::Value> {
+        let path = format!("/v1/refunds?payment_intent={}", pi["id"].as_str().unwrap());
+        self.stripe.get(&path).await["data"]
+            .as_array()
+            .unwrap()
+            .clone()
+    }
+
+    /// Usage of `amount` on "acme" (key `key`).
+    async fn spend(&self, amount: &str, key: &str) {
+        self.ledger
+            .client()
+            .await
+            .record_usage(lpb::RecordUsageRequest {
+                account_id: "acme".into(),
+                category: lpb::UsageCategory::ApiRequests as i32,
+                amount: amount.into(),
+                idempotency_key: key.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+
     async fn processor_events(&self) -> i64 {
         let mut db = self.payments.db().await;
         sqlx::query_scalar("SELECT count(*) FROM processor_events")
@@ -473,10 +509,7 @@ async fn a_purchase_the_bank_wants_confirmed_is_credited_once_after_the_customer
 #[tokio::test]
 async fn webhooks_that_do_not_verify_get_400_and_change_nothing_r26() {
     let w = World::start().await;
-    w.account("acme").await;
-    w.add_card("acme", "4242424242424242").await;
-    let p = w.buy("acme", "25.00", "buy-1").await;
-    let charge_id = p.charge.unwrap().charge_id;
+    let charge_id = w.funded().await;
     let pi = w.intent_of(&charge_id).await;
     let ch = latest_charge(&pi);
     eventually("the emulator's own webhooks are recorded", || async {
@@ -548,10 +581,7 @@ async fn webhooks_that_do_not_verify_get_400_and_change_nothing_r26() {
 #[tokio::test]
 async fn a_refund_made_in_the_dashboard_is_debited_once_whatever_is_redelivered_r26() {
     let w = World::start().await;
-    w.account("acme").await;
-    w.add_card("acme", "4242424242424242").await;
-    let p = w.buy("acme", "25.00", "buy-1").await;
-    let charge_id = p.charge.unwrap().charge_id;
+    let charge_id = w.funded().await;
     let pi = w.intent_of(&charge_id).await;
     let ch = latest_charge(&pi);
     // The dashboard refunds $10 (the emulator sends no charge.refunded: posted by the test,
@@ -584,10 +614,7 @@ async fn a_refund_made_in_the_dashboard_is_debited_once_whatever_is_redelivered_
 async fn refund_charge_debits_first_refunds_at_stripe_and_refuses_past_the_charge_or_the_balance_r27()
  {
     let w = World::start().await;
-    w.account("acme").await;
-    w.add_card("acme", "4242424242424242").await;
-    let p = w.buy("acme", "25.00", "buy-1").await;
-    let charge_id = p.charge.unwrap().charge_id;
+    let charge_id = w.funded().await;
     let mut c = w.payments.client().await;
     let refund = |amount: &str, key: &str| ppb::RefundChargeRequest {
         account_id: "acme".into(),
@@ -630,16 +657,7 @@ async fn refund_charge_debits_first_refunds_at_stripe_and_refuses_past_the_charg
     let e = c.refund_charge(refund("15.01", "rf-2")).await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     // Above the available balance: spend $12 first, $3 left.
-    let mut l = w.ledger.client().await;
-    l.record_usage(lpb::RecordUsageRequest {
-        account_id: "acme".into(),
-        category: lpb::UsageCategory::ApiRequests as i32,
-        amount: "12.00".into(),
-        idempotency_key: "use-1".into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    w.spend("12.00", "use-1").await;
     let e = c.refund_charge(refund("5.00", "rf-3")).await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     assert!(e.message().contains("available"), "{}", e.message());
@@ -658,34 +676,15 @@ async fn refund_charge_debits_first_refunds_at_stripe_and_refuses_past_the_charg
     let entries = w.entries("acme").await;
     assert_eq!(kinds(&entries, lpb::EntryKind::Refund).len(), 1);
     assert_eq!(w.charge("acme", &charge_id).await.refunded_amount, "10.00");
-    let refunds = w
-        .stripe
-        .get(&format!(
-            "/v1/refunds?payment_intent={}",
-            pi["id"].as_str().unwrap()
-        ))
-        .await;
-    assert_eq!(refunds["data"].as_array().unwrap().len(), 1);
+    assert_eq!(w.refunds_at_stripe(&pi).await.len(), 1);
     w.stop().await;
 }
 
 #[tokio::test]
 async fn a_dispute_debits_once_even_below_zero_and_a_won_one_credits_back_once_r26() {
     let w = World::start().await;
-    w.account("acme").await;
-    w.add_card("acme", "4242424242424242").await;
-    let p = w.buy("acme", "25.00", "buy-1").await;
-    let charge_id = p.charge.unwrap().charge_id;
-    let mut l = w.ledger.client().await;
-    l.record_usage(lpb::RecordUsageRequest {
-        account_id: "acme".into(),
-        category: lpb::UsageCategory::ApiRequests as i32,
-        amount: "5.00".into(),
-        idempotency_key: "use-1".into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let charge_id = w.funded().await;
+    w.spend("5.00", "use-1").await;
     let tap = EventTap::bind(&w.ledger.exchange, "payments.charge.disputed").await;
     let pi = w.intent_of(&charge_id).await;
     let ch = latest_charge(&pi);
@@ -708,7 +707,10 @@ async fn a_dispute_debits_once_even_below_zero_and_a_won_one_credits_back_once_r
     assert_eq!(disputes.len(), 1, "{entries:?}");
     assert_eq!(disputes[0].amount, "25.00");
     assert_eq!(w.balance("acme").await, "-5.00");
-    let acct = l
+    let acct = w
+        .ledger
+        .client()
+        .await
         .get_account(lpb::GetAccountRequest {
             account_id: "acme".into(),
         })
@@ -746,14 +748,7 @@ async fn a_dispute_debits_once_even_below_zero_and_a_won_one_credits_back_once_r
 #[tokio::test]
 async fn a_dispute_seen_closed_before_opened_still_nets_to_nothing_r26() {
     let w = World::start().await;
-    w.account("acme").await;
-    w.add_card("acme", "4242424242424242").await;
-    let charge_id = w
-        .buy("acme", "25.00", "buy-1")
-        .await
-        .charge
-        .unwrap()
-        .charge_id;
+    let charge_id = w.funded().await;
     let pi = w.intent_of(&charge_id).await;
     let d = |status: &str| {
         json!({"id": "dp_test_2", "object": "dispute", "amount": 1000, "currency": "usd",
@@ -804,14 +799,7 @@ fn the_payments_binary_refuses_to_start_without_a_processor_named_r23() {
 #[tokio::test]
 async fn concurrent_duplicates_of_one_refund_refund_once_r12_r27() {
     let w = World::start().await;
-    w.account("acme").await;
-    w.add_card("acme", "4242424242424242").await;
-    let charge_id = w
-        .buy("acme", "25.00", "buy-1")
-        .await
-        .charge
-        .unwrap()
-        .charge_id;
+    let charge_id = w.funded().await;
     let mut tasks = Vec::new();
     for _ in 0..8 {
         let mut c = w.payments.client().await;
@@ -841,14 +829,7 @@ async fn concurrent_duplicates_of_one_refund_refund_once_r12_r27() {
     assert_eq!(kinds(&entries, lpb::EntryKind::Refund).len(), 1);
     assert_eq!(w.balance("acme").await, "0.00");
     let pi = w.intent_of(&charge_id).await;
-    let refunds = w
-        .stripe
-        .get(&format!(
-            "/v1/refunds?payment_intent={}",
-            pi["id"].as_str().unwrap()
-        ))
-        .await;
-    assert_eq!(refunds["data"].as_array().unwrap().len(), 1);
+    assert_eq!(w.refunds_at_stripe(&pi).await.len(), 1);
     w.stop().await;
 }
 
@@ -858,14 +839,7 @@ async fn concurrent_duplicates_of_one_refund_refund_once_r12_r27() {
 #[tokio::test]
 async fn a_dispute_takes_back_only_what_refunds_left_and_an_inquiry_nothing_r26() {
     let w = World::start().await;
-    w.account("acme").await;
-    w.add_card("acme", "4242424242424242").await;
-    let charge_id = w
-        .buy("acme", "25.00", "buy-1")
-        .await
-        .charge
-        .unwrap()
-        .charge_id;
+    let charge_id = w.funded().await;
     w.refund(&charge_id, "20.00", "rf-1").await.unwrap();
     let pi = w.intent_of(&charge_id).await;
     let d = |id: &str, status: &str| {
