@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use rust_decimal::Decimal;
 use sqlx::{Connection, PgConnection};
 
+use crate::stripe::Dashboard;
 use crate::workload::{self, Account, Report};
 use crate::{Args, Cluster};
 
@@ -192,12 +193,28 @@ async fn busy(a: &Args, c: &Cluster) -> anyhow::Result<Vec<String>> {
             "SELECT count(*) FROM holds WHERE status = 'ACTIVE' AND expires_at <= now()",
             "holds past expiry",
         ),
+        (
+            1,
+            "SELECT count(*) FROM refunds WHERE status = 'PROCESSING'",
+            "refunds in flight",
+        ),
+        (
+            1,
+            "SELECT count(*) FROM processor_events WHERE processed_at IS NULL",
+            "processor events not acted on",
+        ),
     ];
     for (i, sql, what) in unfinished {
         let mut conn = db(&a.pg_url, &c.dbs[i]).await?;
         let n = scalar(&mut conn, sql).await;
         if n != 0 {
             left.push(format!("{n} {what}"));
+        }
+    }
+    if let Some(s) = &c.stripe {
+        let n = s.relay.pending();
+        if n != 0 {
+            left.push(format!("{n} webhook deliveries"));
         }
     }
     match queue_counts(&c.queue).await {
@@ -268,6 +285,7 @@ pub async fn settle_and_check(
     rep: &Report,
     poison: u32,
     t0: Instant,
+    dashboard: Option<&Dashboard>,
 ) -> anyhow::Result<bool> {
     // Quiescence: nothing left to drain twice in a row, one second apart. Threshold drift
     // counts as unfinished work for the first DRIFT_ALLOWANCE: repairing it may cross a
@@ -320,10 +338,31 @@ pub async fn settle_and_check(
         sqlx::query_as("SELECT charge_id, purpose, status, idempotency_key, amount FROM charges")
             .fetch_all(&mut p)
             .await?;
-    let processor: Vec<(String, String, Decimal)> =
-        sqlx::query_as("SELECT idempotency_key, status, amount FROM sandbox_charges")
-            .fetch_all(&mut p)
-            .await?;
+    // The processor's own records: (our charge id, status, amount) of each charge it made.
+    let processor: Vec<(String, String, Decimal)> = match &c.stripe {
+        Some(s) => s
+            .emulator
+            .api
+            .list_all("/v1/payment_intents")
+            .await?
+            .iter()
+            .map(|pi| {
+                (
+                    pi["metadata"]["charge_id"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned(),
+                    pi["status"].as_str().unwrap_or_default().to_uppercase(),
+                    Decimal::new(pi["amount"].as_i64().unwrap_or(0), 2),
+                )
+            })
+            .collect(),
+        None => {
+            sqlx::query_as("SELECT idempotency_key, status, amount FROM sandbox_charges")
+                .fetch_all(&mut p)
+                .await?
+        }
+    };
     let attempts: Vec<(String, String, Option<String>, Option<String>)> =
         sqlx::query_as("SELECT attempt_id, status, charge_id, trigger_event_id FROM attempts")
             .fetch_all(&mut r)
@@ -349,7 +388,18 @@ pub async fn settle_and_check(
             _ => !(key == "initial" || key.starts_with("buy-")),
         })
         .count();
-    let processed: HashSet<&str> = processor.iter().map(|p| p.0.as_str()).collect();
+    // With Stripe, a succeeded charge needs a succeeded intent (the sandbox records only
+    // what it was asked).
+    let processed: HashSet<&str> = processor
+        .iter()
+        .filter(|p| c.stripe.is_none() || p.1 == "SUCCEEDED")
+        .map(|p| p.0.as_str())
+        .collect();
+    let mut intents_per_charge: HashMap<&str, usize> = HashMap::new();
+    for (key, _, _) in &processor {
+        *intents_per_charge.entry(key.as_str()).or_default() += 1;
+    }
+    let charged_twice = intents_per_charge.values().filter(|n| **n > 1).count();
     let final_without_processor = charges
         .iter()
         .filter(|c| c.2 == "SUCCEEDED" && !processed.contains(c.0.as_str()))
@@ -373,12 +423,12 @@ pub async fn settle_and_check(
     }
     let twice = events.values().filter(|n| **n > 1).count();
     ck.report(
-        orphans == 0 && unexplained == 0 && final_without_processor == 0 && shared == 0 && succeeded_without_charge == 0 && twice == 0,
+        orphans == 0 && unexplained == 0 && final_without_processor == 0 && shared == 0 && succeeded_without_charge == 0 && twice == 0 && charged_twice == 0,
         "1. every processor charge ↔ one attempt or purchase",
         format!(
             "{} processor charges, {} payments charges, {} attempts; orphan processor charges {orphans}, charges without attempt/purchase {unexplained}, \
              succeeded without processor charge {final_without_processor}, charges shared by attempts {shared}, succeeded attempts without charge {succeeded_without_charge}, \
-             crossings with >1 attempt {twice}",
+             crossings with >1 attempt {twice}, charges the processor made more than once {charged_twice}",
             processor.len(), charges.len(), attempts.len()
         ),
     );
@@ -583,10 +633,11 @@ pub async fn settle_and_check(
     .await?;
     let mut crossings = HashSet::new();
     for (acct, entry, kind, amount, after) in &journal {
-        let before = if kind == "USAGE" {
-            after + amount
-        } else {
+        // Every kind but a credit is a debit (usage, refund, dispute, expiry).
+        let before = if kind == "CREDIT" {
             after - amount
+        } else {
+            after + amount
         };
         if let Some(a) = with_alerts.iter().find(|a| a.id.as_str() == acct) {
             for t in &a.alerts {
@@ -640,5 +691,196 @@ pub async fn settle_and_check(
             most.map_or("0".to_owned(), |m| m.to_string())
         ),
     );
+    refunds_check(&mut ck, c, &mut l, &mut p).await?;
+    if let Some(d) = dashboard {
+        stripe_checks(&mut ck, d, &charges, &processor, &credits, &mut l, &mut p).await?;
+    }
     Ok(!ck.failed)
+}
+
+/// Ledger entries by idempotency key: key → amounts (one each, if all is well).
+async fn entries_by_key(
+    l: &mut PgConnection,
+    kind: &str,
+    prefix: &str,
+) -> anyhow::Result<HashMap<String, Vec<Decimal>>> {
+    let rows: Vec<(String, Decimal)> = sqlx::query_as(
+        "SELECT idempotency_key, amount FROM entries WHERE kind = $1 AND idempotency_key LIKE $2 || '%'",
+    )
+    .bind(kind)
+    .bind(prefix)
+    .fetch_all(l)
+    .await?;
+    let mut out: HashMap<String, Vec<Decimal>> = HashMap::new();
+    for (k, a) in rows {
+        out.entry(k).or_default().push(a);
+    }
+    Ok(out)
+}
+
+/// 11 (R27, R26). Every refund the processor made ↔ exactly one `REFUND` entry of its
+/// amount, never undone; every `REFUND` entry without a processor refund was refused and
+/// undone by exactly one reversal of its amount.
+async fn refunds_check(
+    ck: &mut Check,
+    c: &Cluster,
+    l: &mut PgConnection,
+    p: &mut PgConnection,
+) -> anyhow::Result<()> {
+    // (our refund id, or the processor's for one made at its dashboard; amount).
+    let made: Vec<(String, Decimal)> = match &c.stripe {
+        Some(s) => s
+            .emulator
+            .api
+            .list_all("/v1/refunds")
+            .await?
+            .iter()
+            .filter(|r| r["status"] == "succeeded" || r["status"] == "pending")
+            .map(|r| {
+                let ours = r["metadata"]["refund_id"].as_str();
+                (
+                    ours.or(r["id"].as_str()).unwrap_or_default().to_owned(),
+                    Decimal::new(r["amount"].as_i64().unwrap_or(0), 2),
+                )
+            })
+            .collect(),
+        None => {
+            sqlx::query_as("SELECT refund_key, amount FROM sandbox_refunds")
+                .fetch_all(&mut *p)
+                .await?
+        }
+    };
+    let debits = entries_by_key(l, "REFUND", "refund:").await?;
+    let reversals = entries_by_key(l, "CREDIT", "refund-reversal:").await?;
+    let made_ids: HashSet<&str> = made.iter().map(|(id, _)| id.as_str()).collect();
+    let not_debited_once = made
+        .iter()
+        .filter(|(id, amount)| {
+            debits.get(&format!("refund:{id}")).map(Vec::as_slice) != Some(&[*amount][..])
+        })
+        .count();
+    let undone_but_made = made
+        .iter()
+        .filter(|(id, _)| reversals.contains_key(&format!("refund-reversal:{id}")))
+        .count();
+    let unexplained_debits = debits
+        .iter()
+        .filter(|(k, amounts)| {
+            let id = k.trim_start_matches("refund:");
+            !made_ids.contains(id)
+                && reversals.get(&format!("refund-reversal:{id}")) != Some(*amounts)
+        })
+        .count();
+    let by_status: Vec<(String, i64)> =
+        sqlx::query_as("SELECT status, count(*) FROM refunds GROUP BY status ORDER BY status")
+            .fetch_all(&mut *p)
+            .await?;
+    ck.report(
+        not_debited_once == 0 && undone_but_made == 0 && unexplained_debits == 0,
+        "11. every processor refund ↔ one REFUND entry; a refused one undone once",
+        format!(
+            "{} processor refunds, {} REFUND entries, {} reversals, payments refunds by status {by_status:?}; \
+             not debited exactly once {not_debited_once}, undone though made {undone_but_made}, debits neither made nor undone once {unexplained_debits}",
+            made.len(),
+            debits.len(),
+            reversals.len()
+        ),
+    );
+    Ok(())
+}
+
+/// 12 (R25, R26), Stripe runs: every intent that succeeded ↔ its charge succeeded and
+/// credited exactly once; every dispute ↔ one `DISPUTE` entry, and a won one ↔ one credit
+/// back of the same amount.
+#[allow(clippy::too_many_arguments)] // the books already read, passed down once
+async fn stripe_checks(
+    ck: &mut Check,
+    d: &Dashboard,
+    charges: &[(String, String, String, String, Decimal)],
+    processor: &[(String, String, Decimal)],
+    credits: &[(String, String, Decimal)],
+    l: &mut PgConnection,
+    p: &mut PgConnection,
+) -> anyhow::Result<()> {
+    let by_id: HashMap<&str, &(String, String, String, String, Decimal)> =
+        charges.iter().map(|c| (c.0.as_str(), c)).collect();
+    let mut credited: HashMap<&str, Vec<Decimal>> = HashMap::new();
+    for (reference, _, amount) in credits {
+        credited
+            .entry(reference.as_str())
+            .or_default()
+            .push(*amount);
+    }
+    let succeeded: Vec<&(String, String, Decimal)> =
+        processor.iter().filter(|x| x.1 == "SUCCEEDED").collect();
+    let not_succeeded_here = succeeded
+        .iter()
+        .filter(|(id, _, _)| by_id.get(id.as_str()).is_none_or(|c| c.2 != "SUCCEEDED"))
+        .count();
+    let not_credited_once = succeeded
+        .iter()
+        .filter(|(id, _, amount)| {
+            by_id.get(id.as_str()).is_some_and(|c| c.1 != "CHARGE")
+                && credited.get(id.as_str()).map(Vec::as_slice) != Some(&[*amount][..])
+        })
+        .count();
+    ck.report(
+        not_succeeded_here == 0 && not_credited_once == 0,
+        "12. every payment intent that succeeded ↔ its charge succeeded, credited exactly once",
+        format!(
+            "{} intents, {} succeeded; charge not succeeded here {not_succeeded_here}, not credited exactly once (its amount) {not_credited_once}",
+            processor.len(),
+            succeeded.len()
+        ),
+    );
+
+    let debits = entries_by_key(l, "DISPUTE", "dispute:").await?;
+    let backs = entries_by_key(l, "CREDIT", "dispute-won:").await?;
+    let recorded: HashMap<String, Decimal> =
+        sqlx::query_as::<_, (String, Decimal)>("SELECT dispute_id, amount FROM disputes")
+            .fetch_all(&mut *p)
+            .await?
+            .into_iter()
+            .collect();
+    let mut wrong = Vec::new();
+    for dp in &d.disputes {
+        let debit = debits.get(&format!("dispute:{}", dp.id));
+        let back = backs.get(&format!("dispute-won:{}", dp.id));
+        let amount = recorded.get(&dp.id);
+        let ok = match (amount, debit.map(Vec::as_slice)) {
+            // Recorded: one debit of the recorded amount (at most what the customer paid).
+            (Some(a), Some([x])) => {
+                *x == *a
+                    && *a <= Decimal::new(dp.cents, 2)
+                    && match dp.closed_won {
+                        Some(true) => back.map(Vec::as_slice) == Some(&[*a][..]),
+                        _ => back.is_none(),
+                    }
+            }
+            // Nothing left to take: refunds had returned the whole payment.
+            (None, None) => back.is_none(),
+            _ => false,
+        };
+        if !ok {
+            wrong.push(dp.id.clone());
+        }
+    }
+    let ours: HashSet<String> = d
+        .disputes
+        .iter()
+        .map(|x| format!("dispute:{}", x.id))
+        .collect();
+    let foreign = debits.keys().filter(|k| !ours.contains(*k)).count();
+    ck.report(
+        wrong.is_empty() && foreign == 0,
+        "13. every dispute ↔ one DISPUTE entry; a won one ↔ one credit back",
+        format!(
+            "{} disputes ({} won), {} DISPUTE entries, {} credits back; wrong {wrong:?}, entries of no dispute {foreign}",
+            d.disputes.len(),
+            d.disputes.iter().filter(|x| x.closed_won == Some(true)).count(),
+            debits.len(),
+            backs.len()
+        ),
+    );
+    Ok(())
 }

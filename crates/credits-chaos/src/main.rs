@@ -6,6 +6,12 @@
 //! deleted, a recharge replica frozen past its lease or running with a wrong auth token —
 //! then stops the faults, waits for quiescence, and checks the money invariants, printing
 //! each figure. Exits non-zero if any invariant fails. The seed is printed for replay.
+//!
+//! `--processor stripe` runs the same soak against `localstripe` (the Stripe emulator):
+//! cards added as Stripe tokens, charges through a proxy that replays idempotency keys as
+//! Stripe does and loses answers, webhooks delivered late, twice and out of order,
+//! refunds and disputes made at the processor — and two more invariants (11, 12) that tie
+//! the processor's records to the ledger ([`stripe`]).
 
 #![allow(clippy::print_stdout)] // the report is this tool's output
 
@@ -13,6 +19,7 @@ mod check;
 mod faults;
 mod procs;
 mod rng;
+mod stripe;
 mod workload;
 
 use std::time::{Duration, Instant};
@@ -53,6 +60,23 @@ pub struct Args {
     /// Keep the databases and logs for inspection.
     #[arg(long)]
     pub keep: bool,
+    /// The processor payments charges through: the built-in `sandbox`, or `stripe` against
+    /// `localstripe` (started by the harness on a free port).
+    #[arg(long, default_value = "sandbox", value_parser = ["sandbox", "stripe"])]
+    pub processor: String,
+}
+
+impl Args {
+    pub fn stripe(&self) -> bool {
+        self.processor == "stripe"
+    }
+}
+
+/// The Stripe side of a `--processor stripe` run.
+pub struct StripeSide {
+    pub emulator: stripe::Emulator,
+    pub proxy: stripe::Proxy,
+    pub relay: stripe::Relay,
 }
 
 pub struct Cluster {
@@ -69,6 +93,9 @@ pub struct Cluster {
     /// The bearer token every daemon requires and sends (`CREDITS_AUTH_TOKEN`): running
     /// with auth on is what production does, and what the token-mismatch fault breaks.
     pub token: String,
+    /// Each payments replica's webhook endpoint (Stripe runs).
+    pub webhook_urls: Vec<String>,
+    pub stripe: Option<StripeSide>,
 }
 
 impl Cluster {
@@ -87,7 +114,27 @@ fn free_port() -> u16 {
         .unwrap_or(0)
 }
 
-fn cluster(a: &Args, run: &str, logdir: &std::path::Path) -> Cluster {
+/// The processor settings of a payments replica: the sandbox, or Stripe through the
+/// harness's proxy with webhooks received on `http_port`.
+fn processor_env(a: &Args, proxy: Option<&str>, http_port: u16) -> Vec<(&'static str, String)> {
+    match proxy {
+        Some(base) if a.stripe() => vec![
+            ("PAYMENTS_PROCESSOR", "stripe".into()),
+            ("STRIPE_SECRET_KEY", stripe::SECRET_KEY.into()),
+            ("STRIPE_PUBLISHABLE_KEY", stripe::PUBLISHABLE_KEY.into()),
+            ("STRIPE_WEBHOOK_SECRET", stripe::WEBHOOK_SECRET.into()),
+            ("STRIPE_API_BASE", base.to_owned()),
+            ("PAYMENTS_HTTP_ADDR", format!("127.0.0.1:{http_port}")),
+        ],
+        _ => vec![
+            ("SANDBOX_ACH_SETTLE_MS", "1000".into()),
+            ("PAYMENTS_PROCESSOR", "sandbox".into()),
+            ("PAYMENTS_HTTP_ADDR", format!("127.0.0.1:{http_port}")),
+        ],
+    }
+}
+
+fn cluster(a: &Args, run: &str, logdir: &std::path::Path, proxy: Option<&str>) -> Cluster {
     let base = a.pg_url.trim_end_matches('/');
     let dbs = [
         format!("{run}_ledger"),
@@ -139,20 +186,21 @@ fn cluster(a: &Args, run: &str, logdir: &std::path::Path) -> Cluster {
             )
         })
         .collect();
+    let mut webhook_urls = Vec::new();
     let payments: Vec<Daemon> = ["payments-a", "payments-b"]
         .into_iter()
         .zip(&ledger)
         .map(|(name, ledger)| {
+            let http_port = free_port();
+            webhook_urls.push(format!("http://127.0.0.1:{http_port}/webhooks/stripe"));
+            let mut env = vec![("LEDGER_URL", ledger.url())];
+            env.extend(processor_env(a, proxy, http_port));
             daemon(
                 name,
                 "credits-payments",
                 &dbs[1],
                 "PAYMENTS_LISTEN_ADDR",
-                vec![
-                    ("LEDGER_URL", ledger.url()),
-                    ("SANDBOX_ACH_SETTLE_MS", "1000".into()),
-                    ("PAYMENTS_PROCESSOR", "sandbox".into()),
-                ],
+                env,
             )
         })
         .collect();
@@ -188,6 +236,8 @@ fn cluster(a: &Args, run: &str, logdir: &std::path::Path) -> Cluster {
         queue,
         dbs,
         token,
+        webhook_urls,
+        stripe: None,
     }
 }
 
@@ -271,7 +321,36 @@ async fn run(a: &Args, seed: u64) -> anyhow::Result<bool> {
     println!("logs in {}", logdir.display());
     // A run interrupted in the middle of a broker outage leaves the app stopped.
     sh("rabbitmqctl", &["-q", "start_app"]).await;
-    let mut c = cluster(a, &run, &logdir);
+    let (emulator, proxy) = if a.stripe() {
+        let emulator = stripe::Emulator::start(&logdir).await?;
+        let proxy = stripe::Proxy::start(&emulator.api.base, rng.fork()).await?;
+        println!(
+            "localstripe on {}, the processor proxy on {}",
+            emulator.api.base, proxy.url
+        );
+        (Some(emulator), Some(proxy))
+    } else {
+        (None, None)
+    };
+    let mut c = cluster(a, &run, &logdir, proxy.as_ref().map(|p| p.url.as_str()));
+    if let (Some(emulator), Some(proxy)) = (emulator, proxy) {
+        let relay = stripe::Relay::start(c.webhook_urls.clone(), rng.fork()).await?;
+        emulator
+            .api
+            .post(
+                "/_config/webhooks/chaos",
+                &[
+                    ("url", relay.url.clone()),
+                    ("secret", stripe::WEBHOOK_SECRET.to_owned()),
+                ],
+            )
+            .await?;
+        c.stripe = Some(StripeSide {
+            emulator,
+            proxy,
+            relay,
+        });
+    }
     for d in c.all() {
         d.start()?;
     }
@@ -284,9 +363,10 @@ async fn run(a: &Args, seed: u64) -> anyhow::Result<bool> {
     let t0 = Instant::now();
     let clients = workload::Clients::new(&c)?;
     check::bind_alerts(&a.amqp_url, &c.exchange, &c.queue).await?;
-    let accounts = workload::setup(&clients, a.accounts, &mut rng).await?;
+    let api = c.stripe.as_ref().map(|s| s.emulator.api.clone());
+    let accounts = workload::setup(&clients, a.accounts, &mut rng, api.as_ref()).await?;
     println!(
-        "[{:6.1}s] set up {} accounts ({} with declining cards, {} that will switch to ACH)",
+        "[{:6.1}s] set up {} accounts ({} with declining cards, {} that will switch to ACH, {} with cards that need 3-D Secure)",
         t0.elapsed().as_secs_f32(),
         accounts.len(),
         accounts
@@ -296,6 +376,10 @@ async fn run(a: &Args, seed: u64) -> anyhow::Result<bool> {
         accounts
             .iter()
             .filter(|x| x.kind == workload::Kind::AchSwitcher)
+            .count(),
+        accounts
+            .iter()
+            .filter(|x| x.kind == workload::Kind::ThreeDs)
             .count()
     );
 
@@ -323,9 +407,25 @@ async fn run(a: &Args, seed: u64) -> anyhow::Result<bool> {
         a.workers,
         rng.fork(),
         until,
+        api.clone(),
     ));
+    let dashboard = c.stripe.as_ref().map(|s| {
+        tokio::spawn(stripe::dashboard(
+            s.emulator.api.clone(),
+            s.relay.clone(),
+            rng.fork(),
+            until,
+        ))
+    });
     faults::inject(&mut c, a, rng.fork(), until, &mut faults, t0, durations).await;
     let report = load.await?;
+    let dashboard = match dashboard {
+        Some(d) => Some(d.await?),
+        None => None,
+    };
+    if let Some(s) = &c.stripe {
+        s.proxy.heal();
+    }
     // Faults are over: the broker runs, every daemon runs.
     sh("rabbitmqctl", &["-q", "start_app"]).await;
     for d in c.all() {
@@ -341,8 +441,45 @@ async fn run(a: &Args, seed: u64) -> anyhow::Result<bool> {
         t0.elapsed().as_secs_f32()
     );
     println!("workload: {report}");
+    if let (Some(s), Some(d)) = (&c.stripe, &dashboard) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (p, r) = (s.proxy.stats(), s.relay.stats());
+        println!(
+            "processor: {} calls forwarded, {} answered again from an idempotency key, {} refused as a key in flight (409), {} answers lost, {} refused while down; \
+             dashboard: {} refunds, {} disputes ({} closed won, {} lost); webhooks: {} from the emulator + {} made here, {} sent twice, {} deliveries, {} failed and sent again",
+            p.forwarded.load(Relaxed),
+            p.replayed.load(Relaxed),
+            p.in_use.load(Relaxed),
+            p.lost_answers.load(Relaxed),
+            p.refused_down.load(Relaxed),
+            d.refunds,
+            d.disputes.len(),
+            d.disputes
+                .iter()
+                .filter(|x| x.closed_won == Some(true))
+                .count(),
+            d.disputes
+                .iter()
+                .filter(|x| x.closed_won == Some(false))
+                .count(),
+            r.received.load(Relaxed),
+            r.synthetic.load(Relaxed),
+            r.duplicated.load(Relaxed),
+            r.delivered.load(Relaxed),
+            r.failed_deliveries.load(Relaxed),
+        );
+    }
 
-    let ok = check::settle_and_check(a, &c, &accounts, &report, faults.poison, t0).await?;
+    let ok = check::settle_and_check(
+        a,
+        &c,
+        &accounts,
+        &report,
+        faults.poison,
+        t0,
+        dashboard.as_ref(),
+    )
+    .await?;
 
     let mut clean = true;
     for d in c.all() {

@@ -2,7 +2,9 @@
 //! switch their default to ACH mid-run), usage from concurrent callers, purchases with
 //! reused idempotency keys, replays of acknowledged usage, threshold changes, and holds
 //! (R15): some captured below, at or above their amount, some released, some left to
-//! expire.
+//! expire. Refunds of purchases through `RefundCharge` (R27); with Stripe, cards are
+//! tokens made at the processor, some need 3-D Secure, and the customer confirms some of
+//! the payments that waited for it (R25).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -17,6 +19,7 @@ use lapin::options::BasicPublishOptions;
 
 use crate::Cluster;
 use crate::rng::Rng;
+use crate::stripe::Api;
 
 #[derive(Clone)]
 pub struct Clients {
@@ -66,6 +69,9 @@ pub enum Kind {
     Good,
     Declining,
     AchSwitcher,
+    /// Stripe runs (no ACH at the emulator) in the switchers' place: a card whose
+    /// off-session payments need 3-D Secure.
+    ThreeDs,
 }
 
 #[derive(Clone, Debug)]
@@ -135,12 +141,17 @@ fn error_name(e: &ClientError) -> String {
     }
 }
 
-fn card(number: &str) -> NewPaymentMethod {
-    NewPaymentMethod::Card(CardDetails {
-        number: number.into(),
-        exp_month: 12,
-        exp_year: 2034,
-        cvc: "123".into(),
+/// A card: its raw details for the sandbox; with Stripe, a token made at the processor
+/// (as Stripe.js makes it), since raw details are refused there (R24).
+async fn card(stripe: Option<&Api>, number: &str) -> anyhow::Result<NewPaymentMethod> {
+    Ok(match stripe {
+        Some(api) => NewPaymentMethod::ProcessorToken(api.card(number).await?),
+        None => NewPaymentMethod::Card(CardDetails {
+            number: number.into(),
+            exp_month: 12,
+            exp_year: 2034,
+            cvc: "123".into(),
+        }),
     })
 }
 
@@ -164,27 +175,43 @@ fn enable(
     })
 }
 
-pub async fn setup(c: &Clients, n: usize, rng: &mut Rng) -> anyhow::Result<Vec<Account>> {
+pub async fn setup(
+    c: &Clients,
+    n: usize,
+    rng: &mut Rng,
+    stripe: Option<&Api>,
+) -> anyhow::Result<Vec<Account>> {
     let mut out = Vec::new();
     for i in 0..n {
-        let kind = match rng.below(10) {
-            0 => Kind::Declining,
-            1 => Kind::AchSwitcher,
+        let kind = match (rng.below(10), stripe) {
+            (0, _) => Kind::Declining,
+            (1, None) => Kind::AchSwitcher,
+            (1, Some(_)) => Kind::ThreeDs,
             _ => Kind::Good,
         };
         let id = AccountId::parse(&format!("acct-{i}"))?;
         let (l, p, r) = (&c.ledger[i % 2], &c.payments[i % 2], &c.recharge[i % 2]);
         let id_ = &id;
         retry(move || l.create_account(id_, BillingMode::Prepaid, "")).await?;
-        let good_card = card("4242424242424242");
+        let good_card = card(stripe, "4242424242424242").await?;
         retry(|| p.add_payment_method(id_, &good_card, true)).await?;
         let (initial, initial_key) = (money("amount", "50.00")?, key("initial")?);
         retry(|| p.purchase_credits(id_, initial, None, &initial_key)).await?;
         let mut bank_method = None;
         match kind {
             Kind::Declining => {
-                let declining = card("4000000000000002");
+                // Stripe's test card that attaches and then declines every charge.
+                let number = if stripe.is_some() {
+                    "4000000000000341"
+                } else {
+                    "4000000000000002"
+                };
+                let declining = card(stripe, number).await?;
                 retry(|| p.add_payment_method(id_, &declining, true)).await?;
+            }
+            Kind::ThreeDs => {
+                let three_ds = card(stripe, "4000002500003155").await?;
+                retry(|| p.add_payment_method(id_, &three_ds, true)).await?;
             }
             Kind::AchSwitcher => {
                 let bank = NewPaymentMethod::UsBankAccount(BankAccountDetails {
@@ -238,6 +265,11 @@ pub struct Report {
     pub holds_refused: usize,
     pub holds_captured: usize,
     pub holds_released: usize,
+    pub refunds_ok: usize,
+    /// Refunds refused for want of balance or of charge left (R27): answers, not faults.
+    pub refunds_refused: usize,
+    /// Payments that waited for 3-D Secure, confirmed by the customer (R25).
+    pub confirmed: usize,
     pub errors: HashMap<String, usize>,
     /// (account, idempotency key) of every RecordUsage acknowledged.
     pub acked: Vec<(String, String)>,
@@ -247,7 +279,7 @@ impl std::fmt::Display for Report {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} usage acknowledged, {} usage replays answered, {} purchases answered, {} accounts switched to ACH, {} threshold changes answered, holds {} created / {} refused / {} captured / {} released (the rest left to expire), errors {:?}",
+            "{} usage acknowledged, {} usage replays answered, {} purchases answered, {} accounts switched to ACH, {} threshold changes answered, holds {} created / {} refused / {} captured / {} released (the rest left to expire), refunds {} made / {} refused, {} payments confirmed after 3-D Secure, errors {:?}",
             self.usage_acked,
             self.usage_replays_ok,
             self.purchases_ok,
@@ -257,6 +289,9 @@ impl std::fmt::Display for Report {
             self.holds_refused,
             self.holds_captured,
             self.holds_released,
+            self.refunds_ok,
+            self.refunds_refused,
+            self.confirmed,
             self.errors
         )
     }
@@ -268,18 +303,20 @@ pub async fn drive(
     workers: usize,
     mut rng: Rng,
     until: Instant,
+    stripe: Option<Api>,
 ) -> Report {
     let report = Arc::new(Mutex::new(Report::default()));
     let switched = Arc::new(Mutex::new(std::collections::HashSet::new()));
     let accounts = Arc::new(accounts);
     let mut tasks = Vec::new();
     for w in 0..workers {
-        let (c, accounts, report, switched, mut rng) = (
+        let (c, accounts, report, switched, mut rng, stripe) = (
             c.clone(),
             accounts.clone(),
             report.clone(),
             switched.clone(),
             rng.fork(),
+            stripe.clone(),
         );
         tasks.push(tokio::spawn(async move {
             let mut n = 0u64;
@@ -288,6 +325,8 @@ pub async fn drive(
             // This worker's holds to end: (account, hold id, how it ends). The ending is
             // fixed at creation, so a repeat after a lost answer asks the same.
             let mut held: Vec<(AccountId, String, Ending)> = Vec::new();
+            // This worker's answered purchases: (account, charge id), to refund from.
+            let mut bought: Vec<(AccountId, String)> = Vec::new();
             while Instant::now() < until {
                 n += 1;
                 let acct = &accounts[rng.below(accounts.len() as u64) as usize];
@@ -337,7 +376,10 @@ pub async fn drive(
                         (Ok(amount), Ok(reused)) => p
                             .purchase_credits(&acct.id, amount, None, &reused)
                             .await
-                            .map(|_| "purchase"),
+                            .map(|purchase| {
+                                bought.push((acct.id.clone(), purchase.charge.charge_id));
+                                "purchase"
+                            }),
                         (Err(e), _) | (_, Err(e)) => Err(e),
                     }
                 } else if roll < 94 && acct.kind == Kind::AchSwitcher {
@@ -362,6 +404,16 @@ pub async fn drive(
                     } else {
                         Ok("noop")
                     }
+                } else if roll == 95 && !bought.is_empty() {
+                    let (account, charge) = &bought[rng.below(bought.len() as u64) as usize];
+                    let p = &c.payments[rng.below(2) as usize];
+                    refund_step(p, account, charge, &mut rng, w, n).await
+                } else if (96..98).contains(&roll)
+                    && acct.kind == Kind::ThreeDs
+                    && let Some(api) = &stripe
+                {
+                    let p = &c.payments[rng.below(2) as usize];
+                    confirm_step(p, api, &acct.id).await
                 } else if roll == 94 && acct.kind == Kind::Good {
                     // Move the threshold between $10 and $12 through either replica:
                     // concurrent changes, and changes cut by faults, are what can leave
@@ -395,6 +447,9 @@ pub async fn drive(
                         Ok("hold_refused") => rep.holds_refused += 1,
                         Ok("captured") => rep.holds_captured += 1,
                         Ok("released") => rep.holds_released += 1,
+                        Ok("refund") => rep.refunds_ok += 1,
+                        Ok("refund_refused") => rep.refunds_refused += 1,
+                        Ok("confirmed") => rep.confirmed += 1,
                         Ok(_) => {}
                         Err(e) => *rep.errors.entry(error_name(&e)).or_default() += 1,
                     }
@@ -409,6 +464,69 @@ pub async fn drive(
     let mut rep = std::mem::take(&mut *report.lock().unwrap_or_else(|e| e.into_inner()));
     rep.switched_to_ach = switched.lock().map(|s| s.len()).unwrap_or(0);
     rep
+}
+
+/// R27: part of a purchase refunded (a key of its own; a repeat after a lost answer is
+/// the client's business, tallied as the failure it was).
+async fn refund_step(
+    p: &Payments,
+    account: &AccountId,
+    charge: &str,
+    rng: &mut Rng,
+    w: usize,
+    n: u64,
+) -> Result<&'static str, ClientError> {
+    let amount = money(
+        "amount",
+        &format!("{}.{:02}", 1 + rng.below(2), rng.below(100)),
+    )?;
+    match p
+        .refund_charge(
+            account,
+            charge,
+            amount,
+            &key(&format!("rf-{w}-{n}"))?,
+            "chaos",
+        )
+        .await
+    {
+        Ok(_) => Ok("refund"),
+        // More than the charge has left, or than the balance holds: an answer.
+        Err(ClientError::FailedPrecondition { .. } | ClientError::InvalidArgument { .. }) => {
+            Ok("refund_refused")
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// R25: the customer confirms a payment that waited for 3-D Secure — at Stripe (what
+/// Stripe.js does on the page), then `ConfirmCharge`.
+async fn confirm_step(
+    p: &Payments,
+    api: &Api,
+    account: &AccountId,
+) -> Result<&'static str, ClientError> {
+    let page = p.list_charges(account, 20, None).await?;
+    let Some(waiting) = page
+        .items
+        .iter()
+        .find(|ch| ch.action_required && ch.status == credits_client::ChargeStatus::Failed)
+    else {
+        return Ok("noop");
+    };
+    let Some(secret) = waiting.client_secret.as_deref() else {
+        return Ok("noop");
+    };
+    // The intent's id is the client secret's prefix (`pi_…_secret_…`).
+    let Some((pi, _)) = secret.split_once("_secret_") else {
+        return Ok("noop");
+    };
+    if api.authenticate(pi, secret).await.is_err() {
+        return Ok("noop");
+    }
+    p.confirm_charge(account, &waiting.charge_id)
+        .await
+        .map(|_| "confirmed")
 }
 
 /// How a chaos hold ends: captured for this amount, released, or left to expire.

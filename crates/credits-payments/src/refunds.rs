@@ -21,6 +21,8 @@ use crate::store::Store;
 /// How long a refund being carried out is left to its caller (a processor call with its
 /// retries can take two minutes) before a duplicate or the recovery loop takes it over.
 pub const REFUND_LEASE_SECS: f64 = 180.0;
+/// How soon recovery resumes a refund whose steps could not finish.
+pub const REFUND_RETRY_SECS: f64 = 5.0;
 
 impl Payments {
     pub async fn refund_charge(&self, req: &RefundRequest) -> Result<Refund, PaymentsError> {
@@ -106,8 +108,30 @@ impl Payments {
         }
     }
 
-    /// The refund's next steps from wherever it stands; every step repeatable.
+    /// The refund's next steps from wherever it stands, by the caller that holds its lease.
+    /// When they cannot finish (the ledger or the processor unreachable), nobody is inside
+    /// a processor call for it any more: the lease is handed back so that recovery resumes
+    /// it within seconds, not after the whole lease.
     pub(crate) async fn carry_out_refund(
+        &self,
+        account: &AccountId,
+        refund: Refund,
+    ) -> Result<Refund, PaymentsError> {
+        let refund_id = refund.refund_id.clone();
+        let result = self.refund_steps(account, refund).await;
+        if result.is_err()
+            && let Err(e) = self
+                .store
+                .release_refund(&refund_id, REFUND_LEASE_SECS, REFUND_RETRY_SECS)
+                .await
+        {
+            tracing::warn!(refund_id = %refund_id, error = %e, "refund lease not handed back; recovery resumes it when the lease runs out");
+        }
+        result
+    }
+
+    /// Every step repeatable.
+    async fn refund_steps(
         &self,
         account: &AccountId,
         refund: Refund,

@@ -810,6 +810,25 @@ impl Store {
             == 1)
     }
 
+    /// Hands a refund's lease back: claimable by recovery (idle `lease_secs`) in `retry_secs`.
+    pub async fn release_refund(
+        &self,
+        refund_id: &str,
+        lease_secs: f64,
+        retry_secs: f64,
+    ) -> Result<(), PaymentsError> {
+        sqlx::query!(
+            "UPDATE refunds SET updated_at = now() - make_interval(secs => $2::float8 - $3::float8)
+             WHERE refund_id = $1 AND status = 'PROCESSING'",
+            refund_id,
+            lease_secs,
+            retry_secs
+        )
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     /// PROCESSING refunds idle for `stale_secs`, claimed for the recovery loop.
     pub async fn claim_stale_refunds(&self, stale_secs: f64) -> Result<Vec<Refund>, PaymentsError> {
         sqlx::query_as!(
