@@ -753,6 +753,16 @@ async fn refunds_check(
     let debits = entries_by_key(l, "REFUND", "refund:").await?;
     let reversals = entries_by_key(l, "CREDIT", "refund-reversal:").await?;
     let made_ids: HashSet<&str> = made.iter().map(|(id, _)| id.as_str()).collect();
+    // One processor refund per id of ours: a second one is a refund made twice.
+    let made_twice = made.len() - made_ids.len();
+    // A reversal gives credits back: only for a debit of a refund the processor refused.
+    let reversals_without_debit = reversals
+        .keys()
+        .filter(|k| {
+            let id = k.trim_start_matches("refund-reversal:");
+            !debits.contains_key(&format!("refund:{id}")) || made_ids.contains(id)
+        })
+        .count();
     let not_debited_once = made
         .iter()
         .filter(|(id, amount)| {
@@ -776,11 +786,16 @@ async fn refunds_check(
             .fetch_all(&mut *p)
             .await?;
     ck.report(
-        not_debited_once == 0 && undone_but_made == 0 && unexplained_debits == 0,
+        not_debited_once == 0
+            && undone_but_made == 0
+            && unexplained_debits == 0
+            && made_twice == 0
+            && reversals_without_debit == 0,
         "11. every processor refund ↔ one REFUND entry; a refused one undone once",
         format!(
             "{} processor refunds, {} REFUND entries, {} reversals, payments refunds by status {by_status:?}; \
-             not debited exactly once {not_debited_once}, undone though made {undone_but_made}, debits neither made nor undone once {unexplained_debits}",
+             not debited exactly once {not_debited_once}, undone though made {undone_but_made}, debits neither made nor undone once {unexplained_debits}, \
+             refunds made twice {made_twice}, reversals of no refused debit {reversals_without_debit}",
             made.len(),
             debits.len(),
             reversals.len()
@@ -842,23 +857,34 @@ async fn stripe_checks(
             .await?
             .into_iter()
             .collect();
+    // What refunds left of each payment (by intent): a dispute takes at most that.
+    let left: HashMap<String, Decimal> = sqlx::query_as::<_, (String, Decimal)>(
+        "SELECT processor_charge_id, amount - refunded_amount FROM charges WHERE processor_charge_id IS NOT NULL",
+    )
+    .fetch_all(&mut *p)
+    .await?
+    .into_iter()
+    .collect();
     let mut wrong = Vec::new();
     for dp in &d.disputes {
         let debit = debits.get(&format!("dispute:{}", dp.id));
         let back = backs.get(&format!("dispute-won:{}", dp.id));
         let amount = recorded.get(&dp.id);
+        let left = left.get(&dp.payment_intent).copied();
         let ok = match (amount, debit.map(Vec::as_slice)) {
-            // Recorded: one debit of the recorded amount (at most what the customer paid).
+            // Recorded: one debit of the recorded amount — what the customer paid, or
+            // what refunds left of it when they came first.
             (Some(a), Some([x])) => {
                 *x == *a
                     && *a <= Decimal::new(dp.cents, 2)
+                    && (*a == Decimal::new(dp.cents, 2) || left.is_some())
                     && match dp.closed_won {
                         Some(true) => back.map(Vec::as_slice) == Some(&[*a][..]),
                         _ => back.is_none(),
                     }
             }
             // Nothing left to take: refunds had returned the whole payment.
-            (None, None) => back.is_none(),
+            (None, None) => back.is_none() && left == Some(Decimal::ZERO),
             _ => false,
         };
         if !ok {

@@ -124,9 +124,13 @@ fn processor_env(a: &Args, proxy: Option<&str>, http_port: u16) -> Vec<(&'static
             ("STRIPE_PUBLISHABLE_KEY", stripe::PUBLISHABLE_KEY.into()),
             ("STRIPE_WEBHOOK_SECRET", stripe::WEBHOOK_SECRET.into()),
             ("STRIPE_API_BASE", base.to_owned()),
+            // The processor answers in well under a second here: a refund left by a
+            // killed replica is resumed within the settle window.
+            ("REFUND_LEASE_SECS", "20".into()),
             ("PAYMENTS_HTTP_ADDR", format!("127.0.0.1:{http_port}")),
         ],
         _ => vec![
+            ("REFUND_LEASE_SECS", "20".into()),
             ("SANDBOX_ACH_SETTLE_MS", "1000".into()),
             ("PAYMENTS_PROCESSOR", "sandbox".into()),
             ("PAYMENTS_HTTP_ADDR", format!("127.0.0.1:{http_port}")),
@@ -409,6 +413,25 @@ async fn run(a: &Args, seed: u64) -> anyhow::Result<bool> {
         until,
         api.clone(),
     ));
+    // The processor's own faults, each forced once early (a short run may not roll them):
+    // answers lost after the work for 6 s, then the processor down for 3 s.
+    if let Some(s) = &c.stripe {
+        let proxy = s.proxy.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            println!(
+                "[{:6.1}s] fault: processor loses a third of its answers for 6 s (the work done); forced once",
+                t0.elapsed().as_secs_f32()
+            );
+            proxy.lose_answers_for(Duration::from_secs(6));
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            println!(
+                "[{:6.1}s] fault: processor down (503) for 3 s; forced once",
+                t0.elapsed().as_secs_f32()
+            );
+            proxy.down_for(Duration::from_secs(3));
+        });
+    }
     let dashboard = c.stripe.as_ref().map(|s| {
         tokio::spawn(stripe::dashboard(
             s.emulator.api.clone(),

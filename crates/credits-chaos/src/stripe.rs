@@ -309,6 +309,11 @@ async fn forward(
         .flatten()
         .and_then(|v| v.to_str().ok())
         .map(|k| format!("{}:{k}", uri.path()));
+    // In a lossy window a third of the answers to POSTs are lost — replays included, so
+    // a caller may run out of tries and only learn the outcome later (recovery, events).
+    let lose = method == Method::POST
+        && now_ms() < s.lossy_until.load(Ordering::Relaxed)
+        && s.rng.lock().map(|mut r| r.below(3) == 0).unwrap_or(false);
     if let Some(k) = &key {
         let mut keys = s.keys.lock().unwrap_or_else(|e| e.into_inner());
         match keys.get(k) {
@@ -320,6 +325,10 @@ async fn forward(
                 if *sent != body {
                     return error(400, "idempotency_error", "idempotency_key_reused");
                 }
+                if lose {
+                    s.stats.lost_answers.fetch_add(1, Ordering::Relaxed);
+                    return error(502, "api_error", "chaos_answer_lost");
+                }
                 s.stats.replayed.fetch_add(1, Ordering::Relaxed);
                 return answer(*status, answer_.clone());
             }
@@ -328,17 +337,58 @@ async fn forward(
             }
         }
     }
-    let result = upstream(&s, &method, &uri, &headers, body.clone()).await;
+    // The work and its record run to the end even if our caller goes away (killed, timed
+    // out): Stripe finishes a request whatever the client does.
+    let task = {
+        let (s, method, uri, headers, body, key) = (
+            s.clone(),
+            method.clone(),
+            uri.clone(),
+            headers.clone(),
+            body.clone(),
+            key.clone(),
+        );
+        tokio::spawn(
+            async move { forward_and_record(&s, &method, &uri, &headers, body, key).await },
+        )
+    };
+    let Ok(result) = task.await else {
+        return error(502, "api_error", "chaos_proxy_task_failed");
+    };
+    let (status, answer_) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            return answer(
+                502,
+                Bytes::from(format!("{{\"error\":{{\"message\":\"{e}\"}}}}")),
+            );
+        }
+    };
+    if lose {
+        s.stats.lost_answers.fetch_add(1, Ordering::Relaxed);
+        return error(502, "api_error", "chaos_answer_lost");
+    }
+    answer(status, answer_)
+}
+
+/// Calls the emulator and records the answer under the idempotency key (a failure frees
+/// the key: nothing was done).
+async fn forward_and_record(
+    s: &ProxyState,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: Bytes,
+    key: Option<String>,
+) -> anyhow::Result<(u16, Bytes)> {
+    let result = upstream(s, method, uri, headers, body.clone()).await;
     let (status, answer_) = match result {
         Ok(r) => r,
         Err(e) => {
             if let Some(k) = &key {
                 s.keys.lock().unwrap_or_else(|e| e.into_inner()).remove(k);
             }
-            return answer(
-                502,
-                Bytes::from(format!("{{\"error\":{{\"message\":\"{e}\"}}}}")),
-            );
+            return Err(e);
         }
     };
     s.stats.forwarded.fetch_add(1, Ordering::Relaxed);
@@ -347,20 +397,10 @@ async fn forward(
         if status >= 500 {
             keys.remove(k);
         } else {
-            keys.insert(
-                k.clone(),
-                KeyState::Done(body.clone(), status, answer_.clone()),
-            );
+            keys.insert(k.clone(), KeyState::Done(body, status, answer_.clone()));
         }
     }
-    let lossy = method == Method::POST
-        && now_ms() < s.lossy_until.load(Ordering::Relaxed)
-        && s.rng.lock().map(|mut r| r.below(3) == 0).unwrap_or(false);
-    if lossy {
-        s.stats.lost_answers.fetch_add(1, Ordering::Relaxed);
-        return error(502, "api_error", "chaos_answer_lost");
-    }
-    answer(status, answer_)
+    Ok((status, answer_))
 }
 
 async fn upstream(
@@ -514,10 +554,11 @@ async fn deliver_loop(s: Arc<RelayState>) {
             let now = Instant::now();
             let (due, later): (Vec<_>, Vec<_>) = q.drain(..).partition(|(at, _)| *at <= now);
             *q = later;
+            // Counted before the queue is let go, so `pending` never reads 0 in between.
+            s.in_flight.fetch_add(due.len() as u64, Ordering::Relaxed);
             due.into_iter().map(|(_, e)| e).collect()
         };
         for event in due {
-            s.in_flight.fetch_add(1, Ordering::Relaxed);
             let s = s.clone();
             tokio::spawn(async move {
                 let target = {
@@ -562,6 +603,7 @@ async fn deliver_loop(s: Arc<RelayState>) {
 #[derive(Clone, Debug)]
 pub struct Dispute {
     pub id: String,
+    pub payment_intent: String,
     pub cents: i64,
     /// `Some(true)` won, `Some(false)` lost, `None` still open.
     pub closed_won: Option<bool>,
@@ -621,8 +663,13 @@ pub async fn dashboard(emulator: Api, relay: Relay, mut rng: Rng, until: Instant
             continue;
         };
         touched.insert(id.to_owned());
+        let refunded = pi["latest_charge"]["amount_refunded"].as_i64().unwrap_or(0);
         if rng.below(2) == 0 {
-            let part = (100 + rng.below(400) as i64).min(cents);
+            // Never more than is left (Stripe refuses that).
+            let part = (100 + rng.below(400) as i64).min(cents - refunded);
+            if part <= 0 {
+                continue;
+            }
             if emulator
                 .post(
                     "/v1/refunds",
@@ -633,10 +680,13 @@ pub async fn dashboard(emulator: Api, relay: Relay, mut rng: Rng, until: Instant
             {
                 continue;
             }
-            if let Ok(charge) = emulator.get(&format!("/v1/charges/{ch}")).await {
-                relay.inject(event("charge.refunded", charge));
-                done.refunds += 1;
-            }
+            // The event's object is only a hint (payments re-reads the charge).
+            let charge = emulator
+                .get(&format!("/v1/charges/{ch}"))
+                .await
+                .unwrap_or_else(|_| json!({"id": ch, "object": "charge"}));
+            relay.inject(event("charge.refunded", charge));
+            done.refunds += 1;
         } else {
             let dp = format!("dp_chaos_{}", uuid::Uuid::new_v4().simple());
             let object = |status: &str| {
@@ -659,6 +709,7 @@ pub async fn dashboard(emulator: Api, relay: Relay, mut rng: Rng, until: Instant
             }
             done.disputes.push(Dispute {
                 id: dp,
+                payment_intent: id.to_owned(),
                 cents,
                 closed_won,
             });

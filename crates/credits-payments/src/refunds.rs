@@ -20,6 +20,7 @@ use crate::store::Store;
 
 /// How long a refund being carried out is left to its caller (a processor call with its
 /// retries can take two minutes) before a duplicate or the recovery loop takes it over.
+/// The default of `REFUND_LEASE_SECS`.
 pub const REFUND_LEASE_SECS: f64 = 180.0;
 /// How soon recovery resumes a refund whose steps could not finish.
 pub const REFUND_RETRY_SECS: f64 = 5.0;
@@ -99,7 +100,7 @@ impl Payments {
     async fn resume_refund(&self, account: &AccountId, r: Refund) -> Result<Refund, PaymentsError> {
         if self
             .store
-            .claim_refund(&r.refund_id, REFUND_LEASE_SECS)
+            .claim_refund(&r.refund_id, self.refund_lease.as_secs_f64())
             .await?
         {
             self.carry_out_refund(account, r).await
@@ -122,7 +123,11 @@ impl Payments {
         if result.is_err()
             && let Err(e) = self
                 .store
-                .release_refund(&refund_id, REFUND_LEASE_SECS, REFUND_RETRY_SECS)
+                .release_refund(
+                    &refund_id,
+                    self.refund_lease.as_secs_f64(),
+                    REFUND_RETRY_SECS,
+                )
                 .await
         {
             tracing::warn!(refund_id = %refund_id, error = %e, "refund lease not handed back; recovery resumes it when the lease runs out");

@@ -40,6 +40,9 @@ pub struct Payments {
     min_purchase: Money,
     /// The Stripe connector, when it is the processor: webhooks re-read objects through it.
     pub(crate) stripe: Option<Arc<crate::stripe::Stripe>>,
+    /// How long a refund being carried out is left to its caller (REFUND_LEASE_SECS): at
+    /// least as long as its processor calls may take.
+    pub(crate) refund_lease: Duration,
 }
 
 /// The result of a purchase: the charge and, once credited, the ledger entry and balance.
@@ -64,7 +67,13 @@ impl Payments {
             ledger,
             min_purchase,
             stripe: None,
+            refund_lease: Duration::from_secs_f64(crate::refunds::REFUND_LEASE_SECS),
         }
+    }
+
+    pub fn with_refund_lease(mut self, lease: Duration) -> Self {
+        self.refund_lease = lease;
+        self
     }
 
     /// Payments charging through Stripe (R23): the connector is both the processor and
@@ -700,7 +709,7 @@ impl Payments {
             .claim_stale_refunds(
                 stale_after
                     .as_secs_f64()
-                    .max(crate::refunds::REFUND_LEASE_SECS),
+                    .max(self.refund_lease.as_secs_f64()),
             )
             .await?
         {

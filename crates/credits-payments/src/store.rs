@@ -836,6 +836,9 @@ impl Store {
             r#"UPDATE refunds SET updated_at = now()
                WHERE refund_id IN (SELECT refund_id FROM refunds
                                    WHERE status = 'PROCESSING'
+                                     -- Ours only: a refund made at the processor's dashboard is
+                                     -- finished by its event's retries, never asked for again.
+                                     AND idempotency_key IS NOT NULL
                                      AND updated_at < now() - make_interval(secs => $1)
                                    ORDER BY updated_at LIMIT 100 FOR UPDATE SKIP LOCKED)
                RETURNING seq, refund_id, account_id, charge_id, amount, reason, idempotency_key, status,

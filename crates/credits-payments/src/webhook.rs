@@ -239,12 +239,33 @@ impl Payments {
         Ok(())
     }
 
+    /// Our charge behind a PaymentIntent: by its recorded id, or — when the event came
+    /// before our own call recorded it (a lost answer, a crash) — by the ids we put in the
+    /// intent's metadata. Never "not ours" for a charge of ours.
+    async fn charge_of_intent(
+        &self,
+        stripe: &Stripe,
+        pi_id: &str,
+    ) -> Result<Option<Charge>, PaymentsError> {
+        if let Some(c) = self.store.charge_by_processor_id(pi_id).await? {
+            return Ok(Some(c));
+        }
+        let pi = stripe
+            .payment_intent(pi_id)
+            .await
+            .map_err(processor_error)?;
+        match (pi.metadata.get("account_id"), pi.metadata.get("charge_id")) {
+            (Some(a), Some(c)) => self.store.charge_by_id(a, c).await,
+            _ => Ok(None),
+        }
+    }
+
     /// The refunds of a processor charge (`ch_…`), as Stripe reports them now.
     async fn refunds_changed(&self, ch: &str) -> Result<(), PaymentsError> {
         let stripe = self.stripe_reader()?;
         let (pi, refunds) = stripe.charge_refunds(ch).await.map_err(processor_error)?;
         let Some(pi) = pi else { return Ok(()) };
-        let Some(charge) = self.store.charge_by_processor_id(&pi).await? else {
+        let Some(charge) = self.charge_of_intent(stripe, &pi).await? else {
             tracing::info!(charge = ch, "refund of a payment we did not make; ignored");
             return Ok(());
         };
@@ -369,7 +390,7 @@ impl Payments {
             },
         };
         let Some(pi) = pi else { return Ok(()) };
-        let Some(charge) = self.store.charge_by_processor_id(&pi).await? else {
+        let Some(charge) = self.charge_of_intent(stripe, &pi).await? else {
             tracing::info!(
                 dispute = dp,
                 "dispute of a payment we did not make; ignored"
