@@ -745,6 +745,60 @@ async fn a_dispute_debits_once_even_below_zero_and_a_won_one_credits_back_once_r
     w.stop().await;
 }
 
+/// Found by the chaos soak: a dispute or refund event for a payment whose intent id payments
+/// had not recorded yet (its answer lost, the replica killed) was dropped as "not ours".
+/// The charge is found by the ids payments put in the intent's metadata.
+#[tokio::test]
+async fn events_for_a_payment_whose_answer_was_lost_still_reach_the_ledger_r26() {
+    let w = World::start().await;
+    let charge_id = w.funded().await;
+    let pi = w.intent_of(&charge_id).await;
+    let ch = latest_charge(&pi);
+    // As if the charge's answer had never been recorded.
+    let mut db = w.payments.db().await;
+    sqlx::query("UPDATE charges SET processor_charge_id = NULL WHERE charge_id = $1")
+        .bind(&charge_id)
+        .execute(&mut db)
+        .await
+        .unwrap();
+    let refund = w
+        .stripe
+        .post(
+            "/v1/refunds",
+            &[
+                ("payment_intent", pi["id"].as_str().unwrap()),
+                ("amount", "500"),
+            ],
+        )
+        .await;
+    let now = chrono::Utc::now().timestamp();
+    let charge = w.stripe.get(&format!("/v1/charges/{ch}")).await;
+    let refunded = event("evt_lost_r", "charge.refunded", charge);
+    assert_eq!(w.stripe.deliver(&w.webhook_url, &refunded, now).await, 200);
+    let dispute = json!({"id": "dp_lost", "object": "dispute", "amount": 1000, "currency": "usd",
+                         "charge": ch, "payment_intent": pi["id"], "status": "needs_response"});
+    let opened = event("evt_lost_d", "charge.dispute.created", dispute);
+    assert_eq!(w.stripe.deliver(&w.webhook_url, &opened, now).await, 200);
+    let entries = w.entries("acme").await;
+    let refunds = kinds(&entries, lpb::EntryKind::Refund);
+    assert_eq!(refunds.len(), 1, "{entries:?}");
+    assert_eq!(refunds[0].amount, "5.00");
+    assert!(
+        refunds[0]
+            .idempotency_key
+            .ends_with(refund["id"].as_str().unwrap()),
+        "{:?}",
+        refunds[0]
+    );
+    assert_eq!(
+        kinds(&entries, lpb::EntryKind::Dispute).len(),
+        1,
+        "{entries:?}"
+    );
+    assert_eq!(w.balance("acme").await, "10.00");
+    w.stop().await;
+}
+
 #[tokio::test]
 async fn a_dispute_seen_closed_before_opened_still_nets_to_nothing_r26() {
     let w = World::start().await;
