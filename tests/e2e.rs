@@ -499,3 +499,78 @@ async fn credits_up_runs_all_four_and_the_demo_tells_the_story() {
     assert!(status.success(), "credits up exits 0 on SIGTERM");
     credits_tests::delete_queues(&queue).await;
 }
+
+/// One raw gRPC call to any path (an empty message each way), with or without a token: its
+/// status code.
+async fn raw_call(url: &str, path: &str, token: Option<&str>) -> Code {
+    let channel = lazy_channel(url, token).unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let codec: tonic_prost::ProstCodec<(), ()> = tonic_prost::ProstCodec::default();
+    let path = http::uri::PathAndQuery::try_from(path.to_owned()).unwrap();
+    match grpc.unary(tonic::Request::new(()), path, codec).await {
+        Ok(_) => Code::Ok,
+        Err(s) => s.code(),
+    }
+}
+
+/// R28: calls refused for their credentials, and calls to methods the server does not
+/// have, add no metric series — the finding was 300 such calls making 5,400 new lines.
+#[tokio::test]
+async fn refused_and_made_up_calls_add_no_metric_series_r28() {
+    let (d, _c) = start_with_acme("25.00").await;
+    let series = |text: &str| {
+        text.lines()
+            .filter(|l| l.starts_with("credits_grpc_"))
+            .count()
+    };
+    let real = "/credits.ledger.v1.LedgerService/GetAccount";
+    // One of each kind first: their fixed series ("refused", "unknown") appear once.
+    assert_eq!(
+        raw_call(&d.ledger_url, "/scan.v1.S/M", None).await,
+        Code::Unauthenticated
+    );
+    assert_eq!(
+        raw_call(
+            &d.ledger_url,
+            real,
+            Some("wrong-token-0123456789abcdef0123")
+        )
+        .await,
+        Code::Unauthenticated
+    );
+    assert_eq!(
+        raw_call(&d.ledger_url, "/scan.v1.S/M", Some(&d.token)).await,
+        Code::Unimplemented
+    );
+    let before = http_get(&d.metrics_url, "/metrics", None).await;
+    for i in 0..100 {
+        let made_up = format!("/scan{i}.v1.Svc{i}/Method{i}");
+        assert_eq!(
+            raw_call(&d.ledger_url, &made_up, None).await,
+            Code::Unauthenticated
+        );
+        assert_eq!(
+            raw_call(&d.ledger_url, &made_up, Some(&d.token)).await,
+            Code::Unimplemented
+        );
+        let wrong = format!("wrong-token-{i:04}-0123456789abcdef0123");
+        assert_eq!(
+            raw_call(&d.ledger_url, real, Some(&wrong)).await,
+            Code::Unauthenticated
+        );
+    }
+    let after = http_get(&d.metrics_url, "/metrics", None).await;
+    assert_eq!(series(&before), series(&after), "new series:\n{after}");
+    assert!(
+        !after.contains("scan"),
+        "a made-up name became a label:\n{after}"
+    );
+    for line in [
+        "credits_grpc_requests_total{service=\"refused\",method=\"refused\",code=\"UNAUTHENTICATED\"}",
+        "credits_grpc_requests_total{service=\"unknown\",method=\"unknown\",code=\"UNIMPLEMENTED\"}",
+    ] {
+        assert!(after.contains(line), "{line} in\n{after}");
+    }
+    stop(d).await;
+}

@@ -633,9 +633,10 @@ async fn the_journal_is_append_only() {
 }
 
 #[tokio::test]
-async fn bearer_token_guards_every_rpc_but_health() {
+async fn bearer_token_guards_every_rpc_but_health_check() {
+    const TOKEN: &str = "s3cret-s3cret-s3cret-s3cret-s3cret";
     let ledger = Ledger::start_with(LedgerOptions {
-        auth_token: Some("s3cret".into()),
+        auth_token: Some(TOKEN.into()),
         ..Default::default()
     })
     .await;
@@ -648,7 +649,7 @@ async fn bearer_token_guards_every_rpc_but_health() {
         Code::Unauthenticated
     );
     assert_eq!(
-        check(with(Some("s3cret"))).await.unwrap_err().code(),
+        check(with(Some(TOKEN))).await.unwrap_err().code(),
         Code::NotFound,
         "authenticated, account unknown"
     );
@@ -658,8 +659,74 @@ async fn bearer_token_guards_every_rpc_but_health() {
     assert_eq!(
         status,
         Some(ServingStatus::Serving),
-        "health needs no token"
+        "health's Check (probes) needs no token"
     );
+    // R28: its Watch, a stream that stays open, is a call like any other.
+    let watch = |token: Option<&'static str>| {
+        let url = ledger.url();
+        async move {
+            let ch = tonic::transport::Endpoint::from_shared(url)
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            let mut req = tonic::Request::new(tonic_health::pb::HealthCheckRequest {
+                service: "credits.ledger.v1.LedgerService".into(),
+            });
+            if let Some(t) = token {
+                req.metadata_mut()
+                    .insert("authorization", format!("Bearer {t}").parse().unwrap());
+            }
+            tonic_health::pb::health_client::HealthClient::new(ch)
+                .watch(req)
+                .await
+                .map(|_| ())
+        }
+    };
+    assert_eq!(
+        watch(None).await.unwrap_err().code(),
+        Code::Unauthenticated,
+        "an unauthenticated Watch stream"
+    );
+    watch(Some(TOKEN)).await.expect("Watch with the token");
+    ledger.stop().await;
+}
+
+/// R28 (R21 extended): display text refuses bidirectional overrides and zero-width
+/// characters — `"\u{202e}emca"` shows as "acme" — and the refusal creates nothing.
+#[tokio::test]
+async fn display_names_refuse_bidi_overrides_and_zero_width_characters_r28() {
+    let ledger = Ledger::start().await;
+    let mut c = ledger.client().await;
+    for (i, name) in ["\u{202e}emca", "pay\u{200b}pal", "Acme\u{2066}Inc"]
+        .iter()
+        .enumerate()
+    {
+        let id = format!("spoof-{i}");
+        let e = c
+            .create_account(pb::CreateAccountRequest {
+                account_id: id.clone(),
+                billing_mode: pb::BillingMode::Prepaid as i32,
+                display_name: (*name).into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{name:?}");
+        assert!(e.message().starts_with("display_name:"), "{}", e.message());
+        let missing = c
+            .get_account(pb::GetAccountRequest { account_id: id })
+            .await
+            .unwrap_err();
+        assert_eq!(missing.code(), Code::NotFound);
+    }
+    // Right-to-left text is a name like any other.
+    c.create_account(pb::CreateAccountRequest {
+        account_id: "rtl".into(),
+        billing_mode: pb::BillingMode::Prepaid as i32,
+        display_name: "شركة أكمي".into(),
+    })
+    .await
+    .unwrap();
     ledger.stop().await;
 }
 
@@ -802,7 +869,7 @@ async fn scoped_tokens_limit_each_role_and_the_gateway_cannot_mint_credits() {
     let file = dir.join("tokens");
     std::fs::write(
         &file,
-        "gateway gw-0123456789abcdef\nbilling bill-0123456789abcdef\ninternal int-0123456789abcdef\n",
+        "gateway gw-0123456789abcdef0123456789abcdef\nbilling bill-0123456789abcdef0123456789abcdef\ninternal int-0123456789abcdef0123456789abcdef\n",
     )
     .unwrap();
     let ledger = Ledger::start_with(LedgerOptions {
@@ -811,11 +878,36 @@ async fn scoped_tokens_limit_each_role_and_the_gateway_cannot_mint_credits() {
     })
     .await;
     let with = |token: &str| Api::connect(&ledger.url(), NOBODY, NOBODY, Some(token));
-    with("bill-0123456789abcdef")
+    with("bill-0123456789abcdef0123456789abcdef")
         .ledger()
         .create_account(&acct("acme"), BillingMode::Prepaid, "")
         .await
         .unwrap();
+    // R28: a CONTRACT account may go below zero without limit: internal only, and the
+    // refusal creates nothing.
+    let e = with("bill-0123456789abcdef0123456789abcdef")
+        .ledger()
+        .create_account(&acct("bigco"), BillingMode::Contract, "")
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{}", e.message());
+    assert!(e.message().starts_with("billing_mode:"), "{}", e.message());
+    let internal = with("int-0123456789abcdef0123456789abcdef");
+    assert_eq!(
+        internal
+            .ledger()
+            .get_account(&acct("bigco"))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound,
+        "the refused CONTRACT account was not created"
+    );
+    internal
+        .ledger()
+        .create_account(&acct("bigco"), BillingMode::Contract, "")
+        .await
+        .expect("internal opens CONTRACT accounts");
     let grant = CreditsToAdd {
         account_id: acct("acme"),
         amount: money("1000"),
@@ -824,28 +916,31 @@ async fn scoped_tokens_limit_each_role_and_the_gateway_cannot_mint_credits() {
         idempotency_key: key("free-money"),
         description: String::new(),
     };
-    for token in ["gw-0123456789abcdef", "bill-0123456789abcdef"] {
+    for token in [
+        "gw-0123456789abcdef0123456789abcdef",
+        "bill-0123456789abcdef0123456789abcdef",
+    ] {
         let e = with(token).ledger().add_credits(&grant).await.unwrap_err();
         assert_eq!(e.code(), Code::PermissionDenied, "{token}: {}", e.message());
     }
-    let e = with("nobody-0123456789")
+    let e = with("nobody-0123456789abcdef0123456789abcdef")
         .ledger()
         .add_credits(&grant)
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);
-    let r = with("gw-0123456789abcdef")
+    let r = with("gw-0123456789abcdef0123456789abcdef")
         .use_credits("acme", "1", "u1")
         .await;
     assert_eq!(r.balance, money("-1.00"), "the gateway records usage");
-    let r = with("int-0123456789abcdef")
+    let r = with("int-0123456789abcdef0123456789abcdef")
         .ledger()
         .add_credits(&grant)
         .await
         .unwrap();
     assert_eq!(r.balance, money("999.00"), "internal may add credits");
     assert_eq!(
-        with("bill-0123456789abcdef")
+        with("bill-0123456789abcdef0123456789abcdef")
             .ledger()
             .set_balance_threshold(&acct("acme"), money("10"), None)
             .await
@@ -994,6 +1089,69 @@ async fn ledger_events_are_the_contract_type_with_v7_ids() {
         }
         assert_eq!(typed, sql, "{key}");
     }
+    ledger.stop().await;
+}
+
+/// R28: a `StreamUsage` call carries a bounded number of items for a bounded time. Past
+/// either, the server answers what it read and ends the stream `UNAVAILABLE`, saying so;
+/// the client sends what has no result on a new stream (keys make that safe). A stream the
+/// client ends within the bounds ends OK.
+#[tokio::test]
+async fn stream_usage_streams_are_bounded_in_items_and_lifetime_r28() {
+    use futures_util::StreamExt;
+    let ledger = Ledger::start_with(LedgerOptions {
+        stream_limits: Some(credits_ledger::grpc::StreamLimits {
+            max_items: 3,
+            max_lifetime: Duration::from_secs(2),
+        }),
+        ..Default::default()
+    })
+    .await;
+    let c = ledger.api();
+    c.create_account("acme", BillingMode::Contract).await;
+    let items: Vec<_> = (0..5)
+        .map(|i| usage("acme", "0.01", &format!("s{i}")))
+        .collect();
+    let results: Vec<_> = c
+        .ledger()
+        .stream_usage(futures_util::stream::iter(items.clone()))
+        .await
+        .unwrap()
+        .collect()
+        .await;
+    assert_eq!(results.len(), 4, "3 results, then the end: {results:?}");
+    assert!(results[..3].iter().all(Result::is_ok), "{results:?}");
+    let end = results[3].as_ref().unwrap_err();
+    assert_eq!(end.code(), Code::Unavailable, "{end}");
+    assert!(end.message().contains("open a new stream"), "{end}");
+    assert_eq!(c.account("acme").await.balance.as_decimal(), dec("-0.03"));
+    // The rest on a new stream: the client's part of the contract.
+    let rest: Vec<_> = c
+        .ledger()
+        .stream_usage(futures_util::stream::iter(items[3..].to_vec()))
+        .await
+        .unwrap()
+        .collect()
+        .await;
+    assert_eq!(rest.len(), 2, "{rest:?}");
+    assert!(rest.iter().all(Result::is_ok), "{rest:?}");
+    assert_eq!(c.account("acme").await.balance.as_decimal(), dec("-0.05"));
+    // A stream kept open past its lifetime is ended by the server.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(usage("acme", "0.01", "t0")).await.unwrap();
+    let mut answers = c
+        .ledger()
+        .stream_usage(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap();
+    assert!(answers.next().await.unwrap().is_ok());
+    let ended = tokio::time::timeout(Duration::from_secs(10), answers.next())
+        .await
+        .expect("the server ends a stream past its lifetime")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(ended.code(), Code::Unavailable, "{ended}");
+    drop(tx);
     ledger.stop().await;
 }
 

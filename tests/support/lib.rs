@@ -208,6 +208,8 @@ pub struct LedgerOptions {
     pub addr: Option<std::net::SocketAddr>,
     /// A `CREDITS_AUTH_TOKENS_FILE` (scoped tokens).
     pub auth_tokens_file: Option<std::path::PathBuf>,
+    /// R28: `StreamUsage` bounds (the default's when `None`).
+    pub stream_limits: Option<credits_ledger::grpc::StreamLimits>,
 }
 
 impl Ledger {
@@ -227,6 +229,9 @@ impl Ledger {
         test_daemon(&mut cfg.daemon, &exchange, &connection_name);
         cfg.daemon.auth_token = opts.auth_token.map(credits_common::config::Secret::new);
         cfg.daemon.auth_tokens_file = opts.auth_tokens_file;
+        if let Some(l) = opts.stream_limits {
+            cfg.stream_limits = l;
+        }
         let served = Served::launch::<credits_ledger::App>(cfg, opts.addr, database_url).await;
         Ledger {
             served,
@@ -293,6 +298,7 @@ impl Ledger {
             exchange: Some(self.exchange.clone()),
             addr: Some(self.served.addr),
             auth_tokens_file: None,
+            stream_limits: None,
         }
     }
 }

@@ -140,7 +140,8 @@ impl Daemons {
     pub async fn start() -> Daemons {
         let exchange = unique("credits.events.e2e");
         let queue = unique("credits.recharge.e2e");
-        let token = unique("tok");
+        // R28: at least 32 characters.
+        let token = unique("tok-0123456789abcdef0123");
         let (lp, pp, rp, mp) = (free_port(), free_port(), free_port(), free_port());
         let common = |db: &str| {
             vec![

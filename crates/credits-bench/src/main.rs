@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
-#[derive(Parser, Debug, Clone)]
+#[derive(Parser, Clone)]
 #[command(name = "credits-bench", about = "Benchmark a running credits system")]
 pub struct Args {
     #[arg(long, default_value = "http://127.0.0.1:50051")]

@@ -9,7 +9,7 @@ mod up;
 use clap::{Parser, Subcommand};
 use credits_client::{ClientError, Code};
 
-#[derive(Parser, Debug)]
+#[derive(Parser)]
 #[command(
     name = "credits",
     version,
@@ -22,7 +22,7 @@ struct Cli {
     cmd: Cmd,
 }
 
-#[derive(Subcommand, Debug)]
+#[derive(Subcommand)]
 enum Cmd {
     /// Run ledger, payments, recharge and the billing portal in one process on their
     /// default ports.

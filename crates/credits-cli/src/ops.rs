@@ -13,7 +13,7 @@ use credits_client::{
 
 use crate::output::{self, Out};
 
-#[derive(clap::Args, Debug, Clone)]
+#[derive(clap::Args, Clone)]
 pub struct Conn {
     #[arg(
         long,
@@ -71,7 +71,7 @@ impl Conn {
 }
 
 /// `credits dlq list|replay`: the recharge dead-letter queue (docs/operations.md).
-#[derive(Subcommand, Debug)]
+#[derive(Subcommand)]
 pub enum DlqCmd {
     /// Show what is in the dead-letter queue (nothing is taken).
     List {
@@ -90,7 +90,7 @@ pub enum DlqCmd {
     },
 }
 
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args)]
 pub struct DlqAt {
     #[arg(long, env = "AMQP_URL", default_value = credits_common::config::DEFAULT_AMQP_URL)]
     pub amqp_url: String,
@@ -185,7 +185,7 @@ fn page_size(limit: i32) -> Result<u32, ClientError> {
     Ok(u32::try_from(limit).unwrap_or_default())
 }
 
-#[derive(Subcommand, Debug)]
+#[derive(Subcommand)]
 pub enum AccountCmd {
     /// Create an account (prepaid unless --contract).
     Create {
@@ -205,7 +205,7 @@ pub enum AccountCmd {
     },
 }
 
-#[derive(Subcommand, Debug)]
+#[derive(Subcommand)]
 pub enum UsageCmd {
     /// Record usage that was served.
     Record {
@@ -221,7 +221,7 @@ pub enum UsageCmd {
     },
 }
 
-#[derive(Subcommand, Debug)]
+#[derive(Subcommand)]
 pub enum AlertCmd {
     /// Replace the balance alerts (R18): up to 5 thresholds on the available balance;
     /// none clears them.
@@ -234,7 +234,7 @@ pub enum AlertCmd {
     },
 }
 
-#[derive(Subcommand, Debug)]
+#[derive(Subcommand)]
 pub enum HoldCmd {
     /// Reserve part of the available balance for work priced when it ends (R15).
     Create {
@@ -276,7 +276,7 @@ pub enum HoldCmd {
     },
 }
 
-#[derive(Subcommand, Debug)]
+#[derive(Subcommand)]
 pub enum MethodCmd {
     /// Add a card (tokenised by the processor; the number is never stored).
     AddCard {
@@ -311,7 +311,7 @@ pub enum MethodCmd {
     },
 }
 
-#[derive(Subcommand, Debug)]
+#[derive(Subcommand)]
 pub enum RechargeCmd {
     Show {
         account_id: String,

@@ -7,7 +7,8 @@ use credits_common::Money;
 use credits_common::config::Secret;
 use tokio_util::sync::CancellationToken;
 
-#[derive(clap::Args, Debug)]
+/// No `Debug`: it holds tokens, keys and URLs with passwords (R28).
+#[derive(clap::Args)]
 pub struct UpArgs {
     /// PostgreSQL server URL without a database; each daemon uses (and creates)
     /// credits_ledger, credits_payments and credits_recharge on it.
@@ -22,11 +23,11 @@ pub struct UpArgs {
     pub exchange: String,
     #[arg(long, env = "RECHARGE_QUEUE", default_value = credits_recharge::DEFAULT_QUEUE)]
     pub queue: String,
-    #[arg(long, default_value = "0.0.0.0:50051")]
+    #[arg(long, default_value = "127.0.0.1:50051")]
     pub ledger_addr: SocketAddr,
-    #[arg(long, default_value = "0.0.0.0:50052")]
+    #[arg(long, default_value = "127.0.0.1:50052")]
     pub payments_addr: SocketAddr,
-    #[arg(long, default_value = "0.0.0.0:50053")]
+    #[arg(long, default_value = "127.0.0.1:50053")]
     pub recharge_addr: SocketAddr,
     #[arg(long, default_value = credits_portal::DEFAULT_LISTEN)]
     pub portal_addr: SocketAddr,
@@ -39,12 +40,12 @@ pub struct UpArgs {
     /// Signs portal sessions; unset, a random key for this run.
     #[arg(long, env = "PORTAL_SIGNING_KEY", hide_env_values = true)]
     pub portal_signing_key: Option<String>,
-    /// The portal's token for calling the services (a billing-role token); defaults to
-    /// CREDITS_AUTH_TOKEN.
+    /// The portal's token for calling the services: a billing-role token (R28). With only
+    /// CREDITS_AUTH_TOKEN set, `credits up` makes one for this run.
     #[arg(long, env = "PORTAL_CLIENT_TOKEN", hide_env_values = true)]
     pub portal_client_token: Option<String>,
     /// One Prometheus endpoint for the whole process; "off" disables it.
-    #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9150")]
+    #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:9150")]
     pub metrics_addr: String,
     #[arg(long, env = "CREDITS_AUTH_TOKEN", hide_env_values = true)]
     pub auth_token: Option<String>,
@@ -119,8 +120,16 @@ fn processor(a: &UpArgs) -> anyhow::Result<(credits_payments::ProcessorChoice, O
     ))
 }
 
+/// The service's database on the server `base` (its parameters, if any, kept after it).
 fn db(base: &str, prefix: &str, service: &str) -> String {
-    format!("{}/{prefix}_{service}", base.trim_end_matches('/'))
+    let (server, params) = match base.split_once('?') {
+        Some((s, p)) => (s, format!("?{p}")),
+        None => (base, String::new()),
+    };
+    format!(
+        "{}/{prefix}_{service}{params}",
+        server.trim_end_matches('/')
+    )
 }
 
 /// A local URL peers can dial for an address that may be the wildcard.
@@ -145,8 +154,33 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
         "info",
         "credits",
     );
-    if a.metrics_addr != "off" {
-        credits_common::config::install_metrics(a.metrics_addr.parse()?)?;
+    // R28, before anything listens: no authentication means loopback only.
+    let policy =
+        credits_common::auth::Policy::load(a.auth_token.as_deref(), a.auth_tokens_file.as_deref())?;
+    let metrics: Option<SocketAddr> = match a.metrics_addr.as_str() {
+        "off" | "" => None,
+        m => Some(
+            m.parse()
+                .map_err(|e| anyhow::anyhow!("METRICS_ADDR {m:?}: {e}"))?,
+        ),
+    };
+    let mut listeners = vec![
+        ("--ledger-addr", a.ledger_addr),
+        ("--payments-addr", a.payments_addr),
+        ("--recharge-addr", a.recharge_addr),
+        ("--portal-addr", a.portal_addr),
+        ("PORTAL_HTTP_ADDR", a.portal_http_addr),
+    ];
+    if a.processor == "stripe" {
+        listeners.push(("PAYMENTS_HTTP_ADDR", a.payments_http_addr));
+    }
+    if let Some(m) = metrics {
+        listeners.push(("METRICS_ADDR", m));
+    }
+    credits_common::config::require_auth_off_loopback(!policy.is_open(), &listeners)?;
+    let portal_auth = portal_token(&a, &policy)?;
+    if let Some(m) = metrics {
+        credits_common::config::install_metrics(m)?;
     }
     let min_purchase = Money::parse_positive("MIN_PURCHASE", &a.min_purchase)?;
     let shutdown = credits_common::shutdown::on_signal();
@@ -155,7 +189,7 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
     let shared = |d: &mut credits_common::config::DaemonConfig| {
         d.exchange = a.exchange.clone();
         d.auth_token = Secret::setting(a.auth_token.as_deref());
-        d.auth_tokens_file = a.auth_tokens_file.clone();
+        d.auth_tokens_file = portal_auth.tokens_file.clone();
     };
     let mut ledger =
         credits_ledger::Config::new(&db(&a.pg_url, &a.db_prefix, "ledger"), &a.amqp_url);
@@ -190,11 +224,7 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
             ledger_url: dial(a.ledger_addr),
             payments_url: dial(a.payments_addr),
             recharge_url: dial(a.recharge_addr),
-            token: a
-                .portal_client_token
-                .clone()
-                .or_else(|| a.auth_token.clone())
-                .filter(|t| !t.is_empty()),
+            token: portal_auth.token.clone(),
             ..credits_client::ClientConfig::local()
         },
         &portal_public,
@@ -202,7 +232,7 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
     );
     portal.min_purchase = min_purchase;
     portal.auth_token = Secret::setting(a.auth_token.as_deref());
-    portal.auth_tokens_file = a.auth_tokens_file.clone();
+    portal.auth_tokens_file = portal_auth.tokens_file.clone();
     portal.stripe_js_url = stripe_js;
     let o = credits_portal::App::build(portal)?;
 
@@ -220,7 +250,7 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
         bind("portal", a.portal_addr).await?,
         bind("portal page", a.portal_http_addr).await?,
     );
-    banner(&a, &ll, &pl, &rl)?;
+    banner(&a, &ll, &pl, &rl, &portal_auth)?;
     portal_banner(&ol, &portal_public)?;
     let stop = |token: &CancellationToken| {
         let t = token.clone();
@@ -254,6 +284,7 @@ fn banner(
     l: &tokio::net::TcpListener,
     p: &tokio::net::TcpListener,
     r: &tokio::net::TcpListener,
+    auth: &PortalAuth,
 ) -> anyhow::Result<()> {
     println!("credits is up (Ctrl-C stops all four)");
     if a.processor == "sandbox" {
@@ -301,13 +332,85 @@ fn banner(
     if a.metrics_addr != "off" {
         println!("  metrics   http://{}/metrics", a.metrics_addr);
     }
-    println!(
-        "  auth      {}",
-        if a.auth_token.is_some() {
-            "bearer token required"
-        } else {
-            "off"
-        }
-    );
+    println!("  auth      {}", auth.describe);
     Ok(())
+}
+
+/// Who the portal is to the services (R28: a billing-role token, never the internal one).
+struct PortalAuth {
+    token: Option<String>,
+    /// The token file every daemon checks: the operator's, or one made for this run that
+    /// lists the portal's billing token.
+    tokens_file: Option<std::path::PathBuf>,
+    describe: String,
+}
+
+fn portal_token(a: &UpArgs, policy: &credits_common::auth::Policy) -> anyhow::Result<PortalAuth> {
+    let given = a.portal_client_token.clone().filter(|t| !t.is_empty());
+    if policy.is_open() {
+        return Ok(PortalAuth {
+            token: given,
+            tokens_file: None,
+            describe: "off (every address is loopback; set CREDITS_AUTH_TOKEN to listen elsewhere)"
+                .to_owned(),
+        });
+    }
+    let file_policy = a.auth_tokens_file.is_some().then_some(policy);
+    if given.is_some() || a.auth_tokens_file.is_some() {
+        credits_portal::check_client_token(given.as_deref(), a.auth_token.as_deref(), file_policy)?;
+        return Ok(PortalAuth {
+            token: given,
+            tokens_file: a.auth_tokens_file.clone(),
+            describe: "bearer tokens required (the portal's own is billing-role)".to_owned(),
+        });
+    }
+    // Only the internal token: a billing one for the portal, for this run, in a file
+    // only this user can read.
+    let token =
+        uuid::Uuid::new_v4().simple().to_string() + &uuid::Uuid::new_v4().simple().to_string();
+    let dir = std::env::temp_dir().join(format!("credits-up-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("tokens");
+    write_private(
+        &path,
+        &format!("# made by `credits up` for this run\nbilling {token}\n"),
+    )?;
+    Ok(PortalAuth {
+        token: Some(token),
+        tokens_file: Some(path.clone()),
+        describe: format!(
+            "bearer token required; the portal calls with a billing-role token made for this run ({})",
+            path.display()
+        ),
+    })
+}
+
+/// Writes a file readable by its owner only.
+fn write_private(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    #[cfg(unix)]
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut o = std::fs::OpenOptions::new();
+    o.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    o.mode(0o600);
+    o.open(path)
+        .and_then(|mut f| f.write_all(text.as_bytes()))
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    #[test]
+    fn database_names_go_before_the_servers_parameters() {
+        assert_eq!(
+            super::db("postgres://h/?sslmode=require", "credits", "ledger"),
+            "postgres://h/credits_ledger?sslmode=require"
+        );
+        assert_eq!(
+            super::db("postgres://h", "c", "payments"),
+            "postgres://h/c_payments"
+        );
+    }
 }

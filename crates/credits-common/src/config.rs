@@ -10,7 +10,7 @@ pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 pub const DEFAULT_EXCHANGE: &str = "credits.events";
 pub const DEFAULT_OUTBOX_PARK_AFTER_SECS: u64 = 600;
 
-#[derive(Clone, Debug, clap::Args)]
+#[derive(Clone, clap::Args)]
 pub struct CommonArgs {
     /// RabbitMQ URL.
     #[arg(long, env = "AMQP_URL", default_value = DEFAULT_AMQP_URL)]
@@ -121,12 +121,51 @@ pub async fn run_daemon<A, R>(
 where
     R: Future<Output = anyhow::Result<()>>,
 {
+    // R28, before anything listens: no authentication means loopback only.
+    let policy = crate::auth::Policy::load(
+        common.auth_token.as_deref(),
+        common.auth_tokens_file.as_deref(),
+    )?;
+    let mut listeners = vec![(listen_setting(service), listen)];
+    if let Some(m) = common.metrics_addr_or(default_metrics.parse()?)? {
+        listeners.push(("METRICS_ADDR".to_owned(), m));
+    }
+    let listeners: Vec<(&str, SocketAddr)> =
+        listeners.iter().map(|(k, a)| (k.as_str(), *a)).collect();
+    require_auth_off_loopback(!policy.is_open(), &listeners)?;
     let shutdown = start_daemon(common, default_metrics, service)?;
     let app = build(&shutdown).await?;
     let listener = bind(listen).await?;
     let result = run(app, listener, shutdown).await;
     crate::telemetry::flush().await;
     result
+}
+
+/// The setting of a daemon's gRPC address: `credits-ledger` → `LEDGER_LISTEN_ADDR`.
+fn listen_setting(service: &str) -> String {
+    format!(
+        "{}_LISTEN_ADDR",
+        service.trim_start_matches("credits-").to_uppercase()
+    )
+}
+
+/// R28: a daemon without authentication listens on loopback addresses only. `listeners`
+/// are (setting, address); the first that is not loopback refuses start-up, naming it.
+pub fn require_auth_off_loopback(
+    auth_on: bool,
+    listeners: &[(&str, SocketAddr)],
+) -> anyhow::Result<()> {
+    if auth_on {
+        return Ok(());
+    }
+    match listeners.iter().find(|(_, a)| !a.ip().is_loopback()) {
+        Some((setting, addr)) => anyhow::bail!(
+            "{setting}={addr} is not a loopback address and no authentication is configured: \
+             anyone who can reach it could call every RPC. Set CREDITS_AUTH_TOKEN or \
+             CREDITS_AUTH_TOKENS_FILE (docs/security.md), or listen on 127.0.0.1"
+        ),
+        None => Ok(()),
+    }
 }
 
 /// The `main` of the binary of daemon crate `$daemon`: parses the binary's clap `Args`
@@ -175,6 +214,32 @@ mod tests {
         for secret in ["db-secret", "mq-secret", "token-secret"] {
             assert!(!shown.contains(secret), "{secret} in {shown}");
         }
+    }
+
+    #[test]
+    fn without_auth_only_loopback_addresses_may_listen_r28() {
+        use super::require_auth_off_loopback as check;
+        let lo: std::net::SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let lo6: std::net::SocketAddr = "[::1]:1".parse().unwrap();
+        let any: std::net::SocketAddr = "0.0.0.0:9151".parse().unwrap();
+        let lan: std::net::SocketAddr = "10.0.0.5:50051".parse().unwrap();
+        assert!(check(false, &[("LEDGER_LISTEN_ADDR", lo), ("METRICS_ADDR", lo6)]).is_ok());
+        let e = check(false, &[("LEDGER_LISTEN_ADDR", lo), ("METRICS_ADDR", any)]).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("METRICS_ADDR=0.0.0.0:9151 is not a loopback"),
+            "{e}"
+        );
+        let e = check(false, &[("LEDGER_LISTEN_ADDR", lan)]).unwrap_err();
+        assert!(
+            e.to_string().contains("LEDGER_LISTEN_ADDR=10.0.0.5:50051"),
+            "{e}"
+        );
+        assert!(check(true, &[("LEDGER_LISTEN_ADDR", any), ("METRICS_ADDR", lan)]).is_ok());
+        assert_eq!(
+            super::listen_setting("credits-ledger"),
+            "LEDGER_LISTEN_ADDR"
+        );
     }
 
     #[test]

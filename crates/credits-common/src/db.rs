@@ -9,18 +9,51 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgPool};
 use tokio_util::sync::CancellationToken;
 
-/// The URL with any password replaced, for logs.
+/// The URL with any password replaced, for logs: the one in `user:password@`, and the
+/// value of every query parameter that carries one (`?password=`, `sslpassword=`,
+/// `token=`, `secret=`, `key=`, …).
 pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
     };
-    match rest.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
-            None => url.to_owned(),
+    let base = match base.split_once("://") {
+        Some((scheme, rest)) => match rest.rsplit_once('@') {
+            Some((userinfo, host)) => match userinfo.split_once(':') {
+                Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+                None => base.to_owned(),
+            },
+            None => base.to_owned(),
         },
-        None => url.to_owned(),
-    }
+        None => base.to_owned(),
+    };
+    let Some(query) = query else {
+        return base;
+    };
+    let query: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((k, _)) if secret_parameter(k) => format!("{k}=***"),
+            _ => pair.to_owned(),
+        })
+        .collect();
+    format!("{base}?{}", query.join("&"))
+}
+
+/// Whether a URL query parameter holds a secret (by its name, any case).
+fn secret_parameter(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    [
+        "pass",
+        "pwd",
+        "secret",
+        "token",
+        "key",
+        "credential",
+        "auth",
+    ]
+    .iter()
+    .any(|s| n.contains(s))
 }
 
 /// Connects to `url`, creating its database first if needed. Retries until it succeeds or
@@ -204,5 +237,22 @@ mod tests {
             redact_url("postgres://localhost/db"),
             "postgres://localhost/db"
         );
+    }
+
+    #[test]
+    fn passwords_in_query_parameters_never_reach_logs_either() {
+        assert_eq!(
+            redact_url("postgres://app@db/credits?password=s3cret&sslmode=require"),
+            "postgres://app@db/credits?password=***&sslmode=require"
+        );
+        assert_eq!(
+            redact_url("postgres://app:a@db/c?sslpassword=x1&PASSWORD=x2&application_name=l"),
+            "postgres://app:***@db/c?sslpassword=***&PASSWORD=***&application_name=l"
+        );
+        assert_eq!(
+            redact_url("amqp://h/%2f?auth_token=zz"),
+            "amqp://h/%2f?auth_token=***"
+        );
+        assert!(!redact_url("postgres://h/db?password=hunter2").contains("hunter2"));
     }
 }

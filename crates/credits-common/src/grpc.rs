@@ -45,6 +45,14 @@ pub type AuthRouter = Router<
     >,
 >;
 
+/// R28: the longest a call's handler may run (unary calls; a stream's answer starts well
+/// before). `DEADLINE_EXCEEDED` after it.
+pub const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// R28: calls one connection may have in its handlers at once; more wait their turn.
+pub const CONCURRENCY_PER_CONNECTION: usize = 256;
+/// R28: HTTP/2 streams one connection may hold open.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
+
 /// A router holding health and reflection behind `policy`; the daemon adds its own
 /// service(s).
 pub fn base_router(
@@ -66,7 +74,17 @@ pub fn base_router(
     }
     let router = server
         .tcp_nodelay(true)
-        .layer(crate::rpc_metrics::RpcMetricsLayer)
+        // R28: no call runs forever (a client's shorter `grpc-timeout` wins), and no one
+        // connection takes every worker.
+        .timeout(CALL_TIMEOUT)
+        .concurrency_limit_per_connection(CONCURRENCY_PER_CONNECTION)
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
+        .layer(crate::rpc_metrics::RpcMetricsLayer::new(&[
+            descriptor_set,
+            tonic_health::pb::FILE_DESCRIPTOR_SET,
+        ])?)
         .layer(AuthLayer::new(policy))
         .add_service(health)
         .add_service(reflection().build_v1()?)

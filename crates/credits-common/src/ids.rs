@@ -64,14 +64,29 @@ pub fn description_text(field: &str, s: &str, max: usize) -> Result<String, Serv
     checked_text(field, s, max, true)
 }
 
+/// Characters that change how text around them reads without showing themselves (R28):
+/// bidirectional overrides, embeddings, isolates and marks (`"\u{202e}emca"` shows as
+/// "acme"), and zero-width spaces, joiners and the byte-order mark.
+pub fn is_invisible_format(c: char) -> bool {
+    matches!(c,
+        '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}'
+        | '\u{180E}' | '\u{200B}'..='\u{200D}' | '\u{2060}'..='\u{2064}' | '\u{FEFF}')
+}
+
 fn checked_text(field: &str, s: &str, max: usize, multiline: bool) -> Result<String, ServiceError> {
     let allowed = |c: char| multiline && matches!(c, '\t' | '\n' | '\r');
     if let Some((at, c)) = s
         .chars()
         .enumerate()
-        .find(|&(_, c)| c.is_control() && !allowed(c))
+        .find(|&(_, c)| (c.is_control() && !allowed(c)) || is_invisible_format(c))
     {
-        let what = if c == '\0' { "NUL" } else { "control" };
+        let what = if c == '\0' {
+            "NUL"
+        } else if is_invisible_format(c) {
+            "bidirectional-control or zero-width"
+        } else {
+            "control"
+        };
         return Err(ServiceError::invalid(format!(
             "{field}: must not contain {what} characters (U+{:04X} at character {at})",
             c as u32
@@ -195,6 +210,33 @@ mod tests {
         assert!(bounded_text("display_name", &"é".repeat(200), 200).is_ok());
         assert!(bounded_text("display_name", &"é".repeat(201), 200).is_err());
         assert!(IdempotencyKey::parse("k\0").is_err());
+    }
+
+    #[test]
+    fn text_fields_refuse_bidi_overrides_and_zero_width_characters_r28() {
+        for bad in [
+            "\u{202e}emca",
+            "Acme\u{2066}Corp\u{2069}",
+            "pay\u{200b}pal",
+            "a\u{200d}b",
+            "\u{feff}bom",
+            "rtl\u{200f}",
+            "arabic mark \u{061c}",
+        ] {
+            for e in [
+                bounded_text("display_name", bad, 200).unwrap_err(),
+                description_text("description", bad, 1024).unwrap_err(),
+            ] {
+                assert!(
+                    e.to_string()
+                        .contains("bidirectional-control or zero-width"),
+                    "{bad:?}: {e}"
+                );
+            }
+        }
+        // Right-to-left text itself is fine: only the invisible controls are refused.
+        assert!(bounded_text("display_name", "شركة أكمي", 200).is_ok());
+        assert!(bounded_text("display_name", "עברית", 200).is_ok());
     }
 
     #[test]

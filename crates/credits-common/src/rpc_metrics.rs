@@ -11,12 +11,18 @@
 //! The code is read from the response head: an error is sent there ("trailers-only"),
 //! a success's `OK` in the trailers, which a layer cannot wait for without holding the
 //! body, so a call whose head carries no status counts as `OK` (a stream that fails after
-//! it started counts as `OK` here; its items carry their own errors). Unknown services
-//! and methods are counted under `method="unknown"`, so a scanner cannot grow the label
-//! set without bound.
+//! it started counts as `OK` here; its items carry their own errors).
+//!
+//! Labels come only from the server's own methods (R28): a path that is not one of them
+//! is counted under `service="unknown", method="unknown"`, and a call refused for its
+//! credentials (`UNAUTHENTICATED`, `PERMISSION_DENIED`) under `service="refused",
+//! method="refused"`, whatever path it named — so neither a scanner nor a caller without
+//! a token can add a series.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -25,19 +31,61 @@ use tracing::Instrument;
 use crate::trace;
 
 /// The layer; add it to a `tonic::transport::Server` builder.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct RpcMetricsLayer;
+#[derive(Clone, Debug, Default)]
+pub struct RpcMetricsLayer {
+    /// Every `/package.Service/Method` the server has.
+    known: Arc<HashSet<String>>,
+}
+
+impl RpcMetricsLayer {
+    /// The methods of every service in the encoded descriptor sets (the daemon's own,
+    /// health's, reflection's): the only label values.
+    pub fn new(descriptor_sets: &[&[u8]]) -> anyhow::Result<Self> {
+        use prost::Message;
+        let mut known = HashSet::new();
+        for set in descriptor_sets {
+            let set = prost_types::FileDescriptorSet::decode(*set)
+                .map_err(|e| anyhow::anyhow!("descriptor set: {e}"))?;
+            for file in set.file {
+                let package = file.package.unwrap_or_default();
+                for service in file.service {
+                    let name = service.name.unwrap_or_default();
+                    let full = if package.is_empty() {
+                        name
+                    } else {
+                        format!("{package}.{name}")
+                    };
+                    for m in service.method {
+                        known.insert(format!("/{full}/{}", m.name.unwrap_or_default()));
+                    }
+                }
+            }
+        }
+        for v in ["v1", "v1alpha"] {
+            known.insert(format!(
+                "/grpc.reflection.{v}.ServerReflection/ServerReflectionInfo"
+            ));
+        }
+        Ok(Self {
+            known: Arc::new(known),
+        })
+    }
+}
 
 impl<S> tower_layer::Layer<S> for RpcMetricsLayer {
     type Service = RpcMetrics<S>;
     fn layer(&self, inner: S) -> RpcMetrics<S> {
-        RpcMetrics { inner }
+        RpcMetrics {
+            inner,
+            known: self.known.clone(),
+        }
     }
 }
 
 #[derive(Clone, Debug)]
 pub struct RpcMetrics<S> {
     inner: S,
+    known: Arc<HashSet<String>>,
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -58,7 +106,11 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let (service, method) = split_path(req.uri().path());
+        let (service, method) = if self.known.contains(req.uri().path()) {
+            split_path(req.uri().path())
+        } else {
+            ("unknown".to_owned(), "unknown".to_owned())
+        };
         let started = Instant::now();
         // Health checks (probes, every few seconds) are not traced.
         let answer: BoxFuture<_> = if service == "grpc.health.v1.Health" {
@@ -76,11 +128,14 @@ where
                 Ok(r) => status_name(r.headers().get("grpc-status").map(|v| v.as_bytes())),
                 Err(_) => "UNKNOWN",
             };
-            // A method the server does not have is not a label value.
-            let (service, method) = if code == "UNIMPLEMENTED" {
-                ("unknown".to_owned(), "unknown".to_owned())
-            } else {
-                (service, method)
+            // A method the server does not have is not a label value; a caller refused
+            // for its credentials names no method of ours either.
+            let (service, method) = match code {
+                "UNIMPLEMENTED" => ("unknown".to_owned(), "unknown".to_owned()),
+                "UNAUTHENTICATED" | "PERMISSION_DENIED" => {
+                    ("refused".to_owned(), "refused".to_owned())
+                }
+                _ => (service, method),
             };
             metrics::histogram!(
                 "credits_grpc_request_duration_seconds",
@@ -144,6 +199,7 @@ fn status_name(v: Option<&[u8]>) -> &'static str {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -163,6 +219,20 @@ mod tests {
                 "{junk:?}"
             );
         }
+    }
+
+    #[test]
+    fn only_the_servers_own_methods_are_known() {
+        let layer = RpcMetricsLayer::new(&[tonic_health::pb::FILE_DESCRIPTOR_SET]).unwrap();
+        assert!(layer.known.contains("/grpc.health.v1.Health/Check"));
+        assert!(layer.known.contains("/grpc.health.v1.Health/Watch"));
+        assert!(
+            layer
+                .known
+                .contains("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo")
+        );
+        assert!(!layer.known.contains("/grpc.health.v1.Health/Made_Up"));
+        assert!(RpcMetricsLayer::new(&[b"\xff not a descriptor"]).is_err());
     }
 
     #[test]

@@ -2,6 +2,8 @@
 //! field, docs/api.md "Errors"), calls the store, and converts results back. The only module that knows
 //! prost types.
 
+use std::sync::Arc;
+
 use credits_common::Money;
 use credits_common::ids::paging::{next_token, page_size, page_token};
 use credits_common::ids::timestamp;
@@ -24,6 +26,25 @@ pub struct LedgerGrpc {
     coalescer: Coalescer,
     /// `CheckAccess` from memory; every write here drops its account before answering.
     views: AccessViews,
+    stream_limits: StreamLimits,
+}
+
+/// R28: how much one `StreamUsage` call may carry before the server ends it (the client
+/// opens a new one for the items that have no result): no stream holds a connection, a
+/// task and its buffers forever.
+#[derive(Clone, Copy, Debug)]
+pub struct StreamLimits {
+    pub max_items: usize,
+    pub max_lifetime: std::time::Duration,
+}
+
+impl Default for StreamLimits {
+    fn default() -> Self {
+        Self {
+            max_items: 1_000_000,
+            max_lifetime: std::time::Duration::from_secs(3600),
+        }
+    }
 }
 
 impl LedgerGrpc {
@@ -32,7 +53,13 @@ impl LedgerGrpc {
             store,
             coalescer,
             views,
+            stream_limits: StreamLimits::default(),
         }
+    }
+
+    pub fn with_stream_limits(mut self, limits: StreamLimits) -> Self {
+        self.stream_limits = limits;
+        self
     }
 }
 
@@ -332,12 +359,22 @@ impl pb::ledger_service_server::LedgerService for LedgerGrpc {
         &self,
         req: Request<pb::CreateAccountRequest>,
     ) -> Result<Response<pb::Account>, Status> {
+        let role = credits_common::auth::caller_role(&req);
         let r = req.into_inner();
         let new = NewAccount {
             account_id: AccountId::parse(&r.account_id)?,
             billing_mode: billing_mode_from_wire(r.billing_mode)?,
             display_name: bounded_text("display_name", &r.display_name, 200)?,
         };
+        // R28: a CONTRACT account may go below zero without limit: only the platform
+        // itself (an internal token) opens one, never the billing side.
+        if new.billing_mode == BillingMode::CONTRACT && role != credits_common::auth::Role::Internal
+        {
+            return Err(Status::permission_denied(format!(
+                "billing_mode: CONTRACT accounts are opened with an internal token only (this caller's role is {})",
+                role.as_str()
+            )));
+        }
         let account = self.store.create_account(&new).await?;
         tracing::info!(account_id = %account.account_id.as_str(), billing_mode = account.billing_mode.as_str(), "account created");
         Ok(Response::new(account_to_wire(account)))
@@ -636,16 +673,24 @@ impl pb::ledger_service_server::LedgerService for LedgerGrpc {
         req: Request<tonic::Streaming<pb::RecordUsageRequest>>,
     ) -> Result<Response<Self::StreamUsageStream>, Status> {
         use futures_util::StreamExt;
+        use std::sync::atomic::{AtomicUsize, Ordering};
         let coalescer = self.coalescer.clone();
         let views = self.views.clone();
         // Items are read after this handler returned, outside the call's trace scope.
         let traceparent = credits_common::trace::current_header();
+        let limits = self.stream_limits;
+        let deadline = tokio::time::Instant::now() + limits.max_lifetime;
+        let read = Arc::new(AtomicUsize::new(0));
+        let counter = read.clone();
         let results = req
             .into_inner()
+            .take(limits.max_items)
+            .take_until(tokio::time::sleep_until(deadline))
             .enumerate()
             .map(move |(i, item)| {
                 let (coalescer, views) = (coalescer.clone(), views.clone());
                 let traceparent = traceparent.clone();
+                counter.fetch_add(1, Ordering::Relaxed);
                 async move {
                     // A broken stream (transport, undecodable message) ends it; a bad item
                     // is that item's result.
@@ -664,6 +709,19 @@ impl pb::ledger_service_server::LedgerService for LedgerGrpc {
                 }
             })
             .buffered(STREAM_WINDOW);
-        Ok(Response::new(Box::pin(results)))
+        // Cut by a limit (not ended by the client): said after the last result, so the
+        // client knows to send what has no result on a new stream.
+        let cut = futures_util::stream::once(async move {
+            let n = read.load(Ordering::Relaxed);
+            (n >= limits.max_items || tokio::time::Instant::now() >= deadline).then(|| {
+                Err(Status::unavailable(format!(
+                    "StreamUsage: this stream reached its limit ({} items or {} s) after {n} items; open a new stream and send the items that have no result",
+                    limits.max_items,
+                    limits.max_lifetime.as_secs()
+                )))
+            })
+        })
+        .filter_map(|x| async move { x });
+        Ok(Response::new(Box::pin(results.chain(cut))))
     }
 }

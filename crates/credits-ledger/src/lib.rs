@@ -29,8 +29,8 @@ pub static FUNCTIONS: &str = include_str!("../sql/functions.sql");
 pub const FUNCTIONS_VERSION: i32 = 11;
 
 pub const DEFAULT_DATABASE_URL: &str = "postgres://localhost/credits_ledger";
-pub const DEFAULT_LISTEN: &str = "0.0.0.0:50051";
-pub const DEFAULT_METRICS: &str = "0.0.0.0:9151";
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
+pub const DEFAULT_METRICS: &str = "127.0.0.1:9151";
 
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -41,6 +41,8 @@ pub struct Config {
     pub group_commit_max: usize,
     /// R15: how often this replica looks for holds past `expires_at`.
     pub hold_sweep_every: std::time::Duration,
+    /// R28: the most one `StreamUsage` call carries.
+    pub stream_limits: grpc::StreamLimits,
 }
 
 /// R15: expiry within about a second of `expires_at`.
@@ -59,6 +61,7 @@ impl Config {
             group_commit_workers: 4,
             group_commit_max: 128,
             hold_sweep_every: DEFAULT_HOLD_SWEEP,
+            stream_limits: grpc::StreamLimits::default(),
         }
     }
 }
@@ -105,7 +108,10 @@ impl App {
             self.cfg.group_commit_workers,
             self.cfg.group_commit_max,
         );
-        let svc = LedgerServiceServer::new(grpc::LedgerGrpc::new(store, coalescer, views));
+        let svc = LedgerServiceServer::new(
+            grpc::LedgerGrpc::new(store, coalescer, views)
+                .with_stream_limits(self.cfg.stream_limits),
+        );
         let router = self
             .cfg
             .daemon

@@ -32,8 +32,8 @@ use crate::stripe::{Stripe, StripeConfig};
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 pub const DEFAULT_DATABASE_URL: &str = "postgres://localhost/credits_payments";
-pub const DEFAULT_LISTEN: &str = "0.0.0.0:50052";
-pub const DEFAULT_METRICS: &str = "0.0.0.0:9152";
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:50052";
+pub const DEFAULT_METRICS: &str = "127.0.0.1:9152";
 pub const DEFAULT_LEDGER_URL: &str = "http://127.0.0.1:50051";
 /// R26: where processor webhooks are received.
 pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:8081";
@@ -60,6 +60,9 @@ pub struct Config {
     /// counts as unfinished.
     pub recovery_every: Duration,
     pub recovery_stale_after: Duration,
+    /// How long a refund being carried out is left to its caller before recovery may
+    /// resume it (at least as long as its processor calls may take).
+    pub refund_lease: Duration,
 }
 
 impl Config {
@@ -76,6 +79,7 @@ impl Config {
             http_listen: std::net::SocketAddr::from(([127, 0, 0, 1], 8081)),
             recovery_every: Duration::from_secs(1),
             recovery_stale_after: Duration::from_secs(10),
+            refund_lease: Duration::from_secs_f64(refunds::REFUND_LEASE_SECS),
         }
     }
 }
@@ -98,6 +102,11 @@ impl App {
     pub async fn build(cfg: Config, shutdown: &CancellationToken) -> anyhow::Result<App> {
         let http = match &cfg.processor {
             ProcessorChoice::Stripe(_) => {
+                // R28: the webhook endpoint is checked like the gRPC and metrics ones.
+                credits_common::config::require_auth_off_loopback(
+                    !cfg.daemon.policy()?.is_open(),
+                    &[("PAYMENTS_HTTP_ADDR", cfg.http_listen)],
+                )?;
                 Some(TcpListener::bind(cfg.http_listen).await.map_err(|e| {
                     anyhow::anyhow!("PAYMENTS_HTTP_ADDR {}: cannot listen: {e}", cfg.http_listen)
                 })?)
@@ -140,7 +149,7 @@ impl App {
                 )
             }
         };
-        let svc = Arc::new(svc);
+        let svc = Arc::new(svc.with_refund_lease(self.cfg.refund_lease));
         let webhooks = match (self.http, stripe) {
             (Some(listener), Some(stripe)) => {
                 let app = webhook::router(Arc::new(webhook::Webhooks {

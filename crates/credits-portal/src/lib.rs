@@ -43,9 +43,9 @@ pub struct Config {
 }
 
 /// Where the portal listens and what links it hands out, unless configured.
-pub const DEFAULT_LISTEN: &str = "0.0.0.0:50054";
-pub const DEFAULT_HTTP_LISTEN: &str = "0.0.0.0:8080";
-pub const DEFAULT_METRICS: &str = "0.0.0.0:9154";
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:50054";
+pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:8080";
+pub const DEFAULT_METRICS: &str = "127.0.0.1:9154";
 pub const DEFAULT_PUBLIC_URL: &str = "http://127.0.0.1:8080";
 
 impl Config {
@@ -127,6 +127,41 @@ impl Sessions {
     }
 }
 
+/// R28: the portal calls the services with a `billing`-role token, never an `internal`
+/// one — a portal compromised through its page could otherwise mint credits. `client` is
+/// `PORTAL_CLIENT_TOKEN`; `all_powerful` is `CREDITS_AUTH_TOKEN`; `policy` is the token
+/// file's table, when one is given, which must list `client` as `billing`.
+pub fn check_client_token(
+    client: Option<&str>,
+    all_powerful: Option<&str>,
+    policy: Option<&credits_common::auth::Policy>,
+) -> anyhow::Result<()> {
+    let client = client.filter(|t| !t.is_empty());
+    let all_powerful = all_powerful.filter(|t| !t.is_empty());
+    match (client, policy) {
+        (Some(t), _) if Some(t) == all_powerful => anyhow::bail!(
+            "PORTAL_CLIENT_TOKEN is CREDITS_AUTH_TOKEN, which may do everything (mint credits): give the portal a billing-role token (docs/security.md)"
+        ),
+        (Some(t), Some(p)) => match p.role_of(t) {
+            Some(credits_common::auth::Role::Billing) => Ok(()),
+            Some(r) => anyhow::bail!(
+                "PORTAL_CLIENT_TOKEN has the {} role in CREDITS_AUTH_TOKENS_FILE: the portal needs a billing-role token (docs/security.md)",
+                r.as_str()
+            ),
+            None => anyhow::bail!(
+                "PORTAL_CLIENT_TOKEN is not in CREDITS_AUTH_TOKENS_FILE: list it there as `billing <token>` (docs/security.md)"
+            ),
+        },
+        (Some(t), None) => credits_common::auth::check_token(t)
+            .map_err(|e| anyhow::anyhow!("PORTAL_CLIENT_TOKEN: {e}")),
+        // The services need a token, and the portal would have none.
+        (None, _) if all_powerful.is_some() || policy.is_some() => anyhow::bail!(
+            "PORTAL_CLIENT_TOKEN is not set: with authentication on, the portal needs its own billing-role token to call the services (docs/security.md)"
+        ),
+        (None, _) => Ok(()),
+    }
+}
+
 pub struct App {
     cfg: Config,
     client: Client,
@@ -162,6 +197,13 @@ impl App {
         let policy = credits_common::auth::Policy::load(
             self.cfg.auth_token.as_ref().map(Secret::expose),
             self.cfg.auth_tokens_file.as_deref(),
+        )?;
+        credits_common::config::require_auth_off_loopback(
+            !policy.is_open(),
+            &[
+                ("PORTAL_LISTEN_ADDR", grpc.local_addr()?),
+                ("PORTAL_HTTP_ADDR", http.local_addr()?),
+            ],
         )?;
         let router = credits_common::grpc::service_router(
             credits_proto::FILE_DESCRIPTOR_SET,

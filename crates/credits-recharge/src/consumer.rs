@@ -37,13 +37,26 @@ pub const BINDINGS: [&str; 4] = [
     "payments.charge.disputed",
 ];
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ConsumerConfig {
     pub amqp_url: String,
     pub exchange: String,
     pub queue: String,
     pub prefetch: u16,
     pub connection_name: String,
+}
+
+/// The broker URL redacted: its password never shows.
+impl std::fmt::Debug for ConsumerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsumerConfig")
+            .field("amqp_url", &credits_common::db::redact_url(&self.amqp_url))
+            .field("exchange", &self.exchange)
+            .field("queue", &self.queue)
+            .field("prefetch", &self.prefetch)
+            .field("connection_name", &self.connection_name)
+            .finish()
+    }
 }
 
 /// Backoff of an event that cannot be applied yet: first pause, and the longest.

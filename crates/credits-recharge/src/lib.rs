@@ -29,8 +29,8 @@ use crate::worker::{Faults, Recharge, WorkerConfig};
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 pub const DEFAULT_DATABASE_URL: &str = "postgres://localhost/credits_recharge";
-pub const DEFAULT_LISTEN: &str = "0.0.0.0:50053";
-pub const DEFAULT_METRICS: &str = "0.0.0.0:9153";
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:50053";
+pub const DEFAULT_METRICS: &str = "127.0.0.1:9153";
 pub const DEFAULT_PAYMENTS_URL: &str = "http://127.0.0.1:50052";
 pub const DEFAULT_QUEUE: &str = "credits.recharge.events";
 

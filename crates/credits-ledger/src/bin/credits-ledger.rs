@@ -6,7 +6,7 @@ use clap::Parser;
 use credits_common::config::{CommonArgs, ranged};
 use credits_ledger::Config;
 
-#[derive(Parser, Debug)]
+#[derive(Parser)]
 #[command(version, about = "The credits ledger daemon")]
 struct Args {
     /// PostgreSQL URL of the ledger's own database (created if missing).
@@ -21,6 +21,13 @@ struct Args {
     /// Group commit: most postings one commit carries.
     #[arg(long, env = "GROUP_COMMIT_MAX", default_value_t = 128, value_parser = ranged::<1, 1000>)]
     group_commit_max: u64,
+    /// R28: the most usage items one `StreamUsage` call carries before the server ends it
+    /// (the client sends the rest on a new stream).
+    #[arg(long, env = "STREAM_USAGE_MAX_ITEMS", default_value_t = 1_000_000, value_parser = ranged::<1, 100_000_000>)]
+    stream_usage_max_items: u64,
+    /// R28: the longest one `StreamUsage` call stays open, in seconds.
+    #[arg(long, env = "STREAM_USAGE_MAX_SECS", default_value_t = 3600, value_parser = ranged::<1, 86_400>)]
+    stream_usage_max_secs: u64,
     #[command(flatten)]
     common: CommonArgs,
 }
@@ -32,6 +39,10 @@ impl Args {
         cfg.daemon.apply(&self.common);
         cfg.group_commit_workers = self.group_commit_workers as usize;
         cfg.group_commit_max = self.group_commit_max as usize;
+        cfg.stream_limits = credits_ledger::grpc::StreamLimits {
+            max_items: self.stream_usage_max_items as usize,
+            max_lifetime: std::time::Duration::from_secs(self.stream_usage_max_secs),
+        };
         Ok(cfg)
     }
 }

@@ -19,7 +19,7 @@ enum Processor {
     Stripe,
 }
 
-#[derive(Parser, Debug)]
+#[derive(Parser)]
 #[command(version, about = "The credits payments daemon")]
 struct Args {
     /// PostgreSQL URL of the payments database (created if missing).
@@ -59,6 +59,10 @@ struct Args {
     /// How long sandbox ACH debits stay pending, in milliseconds.
     #[arg(long, env = "SANDBOX_ACH_SETTLE_MS", default_value_t = 5000, value_parser = ranged::<0, 604_800_000>)]
     sandbox_ach_settle_ms: u64,
+    /// Seconds a refund being carried out is left to its caller before recovery resumes
+    /// it: longer than the processor's calls may take (4 tries of 30 s).
+    #[arg(long, env = "REFUND_LEASE_SECS", default_value_t = 180, value_parser = ranged::<5, 3600>)]
+    refund_lease_secs: u64,
     #[command(flatten)]
     common: CommonArgs,
 }
@@ -70,6 +74,7 @@ impl Args {
         cfg.daemon.apply(&self.common);
         cfg.min_purchase = Money::parse_positive("MIN_PURCHASE", &self.min_purchase)?;
         cfg.http_listen = self.http_addr;
+        cfg.refund_lease = Duration::from_secs(self.refund_lease_secs);
         let processor = self.processor.ok_or_else(|| {
             anyhow::anyhow!(
                 "PAYMENTS_PROCESSOR is required: `stripe` to charge for real, or `sandbox` (test cards; no money moves)"

@@ -33,8 +33,9 @@ struct Args {
     payments_url: String,
     #[arg(long, env = "RECHARGE_URL", default_value = credits_client::DEFAULT_RECHARGE_URL)]
     recharge_url: String,
-    /// The portal's own token for calling the services (a `billing`-role token);
-    /// defaults to `CREDITS_AUTH_TOKEN`.
+    /// The portal's own token for calling the services: a `billing`-role token (R28),
+    /// never the all-powerful `CREDITS_AUTH_TOKEN`. Checked against
+    /// `CREDITS_AUTH_TOKENS_FILE` when one is given.
     #[arg(long, env = "PORTAL_CLIENT_TOKEN", hide_env_values = true)]
     client_token: Option<String>,
     /// When set, `PortalService` needs `authorization: Bearer <token>`.
@@ -64,18 +65,41 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     credits_common::telemetry::init(args.log_format, "info", "credits-portal");
-    if args.metrics_addr != "off" {
-        credits_common::config::install_metrics(args.metrics_addr.parse()?)?;
+    // R28, before anything listens: no authentication means loopback only; the portal's
+    // own token is a billing one.
+    let policy = credits_common::auth::Policy::load(
+        args.auth_token.as_deref(),
+        args.auth_tokens_file.as_deref(),
+    )?;
+    let mut listeners = vec![
+        ("PORTAL_LISTEN_ADDR", args.listen),
+        ("PORTAL_HTTP_ADDR", args.http_listen),
+    ];
+    let metrics: Option<SocketAddr> = match args.metrics_addr.as_str() {
+        "off" | "" => None,
+        m => Some(
+            m.parse()
+                .map_err(|e| anyhow::anyhow!("METRICS_ADDR {m:?}: {e}"))?,
+        ),
+    };
+    if let Some(m) = metrics {
+        listeners.push(("METRICS_ADDR", m));
+    }
+    credits_common::config::require_auth_off_loopback(!policy.is_open(), &listeners)?;
+    credits_portal::check_client_token(
+        args.client_token.as_deref(),
+        args.auth_token.as_deref(),
+        args.auth_tokens_file.is_some().then_some(&policy),
+    )?;
+    if let Some(m) = metrics {
+        credits_common::config::install_metrics(m)?;
     }
     let shutdown = credits_common::shutdown::on_signal();
     let client = ClientConfig {
         ledger_url: args.ledger_url.clone(),
         payments_url: args.payments_url.clone(),
         recharge_url: args.recharge_url.clone(),
-        token: args
-            .client_token
-            .clone()
-            .or_else(|| args.auth_token.clone()),
+        token: args.client_token.clone().filter(|t| !t.is_empty()),
         timeout: std::time::Duration::from_secs(args.client_timeout_secs),
         ..ClientConfig::local()
     };

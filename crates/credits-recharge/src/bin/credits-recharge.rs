@@ -8,7 +8,7 @@ use credits_common::Money;
 use credits_common::config::{CommonArgs, ranged};
 use credits_recharge::Config;
 
-#[derive(Parser, Debug)]
+#[derive(Parser)]
 #[command(version, about = "The credits auto-recharge worker")]
 struct Args {
     /// PostgreSQL URL of the recharge database (created if missing).
