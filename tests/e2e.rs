@@ -495,6 +495,19 @@ async fn credits_up_runs_all_four_and_the_demo_tells_the_story() {
         "the demo's balance is on the page"
     );
     assert_eq!(cli(&["portal-session", "nobody"]).status.code(), Some(4));
+    // R28: `credits portal-revoke` ends that session.
+    let revoke = cli(&["portal-revoke", "demo-e2e"]);
+    assert!(revoke.status.success());
+    assert!(
+        String::from_utf8_lossy(&revoke.stdout).starts_with("1 billing-page session"),
+        "{}",
+        String::from_utf8_lossy(&revoke.stdout)
+    );
+    let after = http_get(&page, "/billing", Some(&cookie)).await;
+    assert!(
+        after.lines().next().unwrap_or_default().contains(" 403 "),
+        "{after}"
+    );
     let status = up.stop().await;
     assert!(status.success(), "credits up exits 0 on SIGTERM");
     credits_tests::delete_queues(&queue).await;

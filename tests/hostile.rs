@@ -284,6 +284,8 @@ struct TextSpec {
     /// Tab, newline and carriage return are allowed (in `description` only).
     ws_ok: bool,
     required: bool,
+    /// Display text (R28): no bidirectional control or zero-width character.
+    display: bool,
 }
 
 const DESCRIPTION: TextSpec = TextSpec {
@@ -291,32 +293,37 @@ const DESCRIPTION: TextSpec = TextSpec {
     max: 1024,
     ws_ok: true,
     required: false,
+    display: true,
 };
 const DISPLAY_NAME: TextSpec = TextSpec {
     name: "display_name",
     max: 200,
     ws_ok: false,
     required: false,
+    display: true,
 };
 const REFERENCE: TextSpec = TextSpec {
     name: "reference",
     max: 255,
     ws_ok: false,
     required: false,
+    display: false,
 };
 const HOLDER_NAME: TextSpec = TextSpec {
     name: "holder_name",
     max: 200,
     ws_ok: false,
     required: true,
+    display: true,
 };
 const KEY_MAX: usize = 255;
 
-/// R21 as a function.
+/// R21 (and R28 for display text) as a function.
 fn text_class(spec: &TextSpec, s: &str) -> Class {
-    let control = s
-        .chars()
-        .any(|c| c.is_control() && !(spec.ws_ok && matches!(c, '\t' | '\n' | '\r')));
+    let control = s.chars().any(|c| {
+        (c.is_control() && !(spec.ws_ok && matches!(c, '\t' | '\n' | '\r')))
+            || (spec.display && credits_common::ids::is_invisible_format(c))
+    });
     if control || s.chars().count() > spec.max || (spec.required && s.trim().is_empty()) {
         Class::Bad
     } else {

@@ -47,8 +47,10 @@ impl PortalUnderTest {
         let mut cfg =
             credits_portal::Config::new(client, &http_url, credits_portal::session::Keys::random());
         cfg.stripe_js_url = stripe_js;
-        let app = credits_portal::App::build(cfg).unwrap();
+        cfg.database_url =
+            credits_common::config::DatabaseUrl::new(credits_tests::fresh_database_url("portal"));
         let shutdown = tokio_util::sync::CancellationToken::new();
+        let app = credits_portal::App::build(cfg, &shutdown).await.unwrap();
         let task = tokio::spawn(app.run(grpc, http, shutdown.clone()));
         PortalUnderTest {
             http: http_url,
@@ -689,5 +691,208 @@ async fn cards_go_to_stripe_js_and_a_payment_is_confirmed_on_the_page_r24_r25() 
     assert_eq!(added.len(), 1, "{ours:?}");
     assert!(added[0].2.contains("processor_token=pm_"), "{}", added[0].2);
     b.close().await;
+    stop(portal, system).await;
+}
+
+/// One raw HTTP/1.0 form POST: the status code, headers and body.
+async fn http_post(
+    addr: &str,
+    path: &str,
+    cookie: Option<&str>,
+    form: &[(&str, &str)],
+) -> (u16, Vec<(String, String)>, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = addr.trim_start_matches("http://");
+    let body: String = form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(form)
+        .finish();
+    let cookie = cookie
+        .map(|c| format!("Cookie: {c}\r\n"))
+        .unwrap_or_default();
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        format!(
+            "POST {path} HTTP/1.0\r\nHost: {addr}\r\n{cookie}Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    let mut lines = head.lines();
+    let code = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let headers = lines
+        .filter_map(|l| l.split_once(": "))
+        .map(|(k, v)| (k.to_lowercase(), v.to_owned()))
+        .collect();
+    (code, headers, body.to_owned())
+}
+
+/// Opens `url` (a session link) over raw HTTP: its status, and the cookie it set, if any.
+async fn open_link(
+    portal: &PortalUnderTest,
+    url: &str,
+    cookie: Option<&str>,
+) -> (u16, Option<String>, String) {
+    let path = url.strip_prefix(&portal.http).unwrap();
+    let (code, headers, body) = http(&portal.http, path, cookie).await;
+    let set = headers
+        .iter()
+        .find(|(k, _)| k == "set-cookie")
+        .map(|(_, v)| v.split(';').next().unwrap().to_owned());
+    (code, set, body)
+}
+
+/// The CSRF token of the page a cookie opens.
+async fn csrf_of(portal: &PortalUnderTest, cookie: &str) -> String {
+    let (code, _, body) = http(&portal.http, "/billing", Some(cookie)).await;
+    assert_eq!(code, 200, "{body}");
+    body.split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .expect("a csrf field")
+        .to_owned()
+}
+
+/// R28: a link works once and for at most 15 minutes; a page session can be signed out
+/// and revoked (`RevokePortalSessions`), on every replica alike; a link for another
+/// account opened while a session is open asks first — a cross-site page cannot make the
+/// switch (login CSRF: the victim adding a card to the attacker's account).
+#[tokio::test]
+async fn links_are_single_use_sessions_end_and_switching_accounts_asks_first_r28() {
+    let (system, portal) = acme_and_portal().await;
+    system
+        .api()
+        .create_account("evil", BillingMode::Prepaid)
+        .await;
+
+    // Single use, and a link lives at most 15 minutes whatever the session's ttl.
+    let s = portal
+        .sessions()
+        .create_portal_session(&acct("acme"), Some(Duration::from_secs(86_400)))
+        .await
+        .unwrap();
+    let exp: i64 = s
+        .url
+        .rsplit("token=")
+        .next()
+        .unwrap()
+        .split('.')
+        .nth(2)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        exp <= chrono::Utc::now().timestamp() + 900,
+        "the link lives past 15 minutes"
+    );
+    assert!(
+        s.expires_at.timestamp() > chrono::Utc::now().timestamp() + 86_000,
+        "the session keeps its ttl"
+    );
+    let (code, acme_cookie, _) = open_link(&portal, &s.url, None).await;
+    assert_eq!(code, 200);
+    let acme_cookie = acme_cookie.expect("a cookie");
+    let (code, again, body) = open_link(&portal, &s.url, None).await;
+    assert_eq!(code, 403, "{body}");
+    assert!(again.is_none());
+    assert!(body.contains("already used"), "{body}");
+
+    // Another account's link while acme's session is open: asked, not switched.
+    let evil_link = portal.session_url("evil", None).await;
+    let (code, set, body) = open_link(&portal, &evil_link, Some(&acme_cookie)).await;
+    assert_eq!(code, 200);
+    assert!(set.is_none(), "switched without asking");
+    assert!(
+        body.contains("Switch account?") && body.contains("acme") && body.contains("evil"),
+        "{body}"
+    );
+    let (_, _, page) = http(&portal.http, "/billing", Some(&acme_cookie)).await;
+    assert!(page.contains("(acme)"), "still acme's page");
+    // The switch form posted without the session's CSRF token (another site's auto-post):
+    // refused, nothing switched.
+    let token = evil_link.rsplit("token=").next().unwrap();
+    let (code, headers, _) = http_post(
+        &portal.http,
+        "/session",
+        Some(&acme_cookie),
+        &[("token", token)],
+    )
+    .await;
+    assert_eq!(code, 403);
+    assert!(!headers.iter().any(|(k, _)| k == "set-cookie"));
+    let (code, _, page) = http(&portal.http, "/billing", Some(&acme_cookie)).await;
+    assert_eq!(code, 200);
+    assert!(page.contains("(acme)"));
+    // Confirmed by the customer (with the session's token): switched, acme's session over.
+    let csrf = csrf_of(&portal, &acme_cookie).await;
+    let (code, headers, _) = http_post(
+        &portal.http,
+        "/session",
+        Some(&acme_cookie),
+        &[("token", token), ("csrf", &csrf)],
+    )
+    .await;
+    assert_eq!(code, 200);
+    let evil_cookie = header(&headers, "set-cookie")
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    let (_, _, page) = http(&portal.http, "/billing", Some(&evil_cookie)).await;
+    assert!(page.contains("(evil)"));
+    let (code, _, body) = http(&portal.http, "/billing", Some(&acme_cookie)).await;
+    assert_eq!(code, 403, "the replaced session ended");
+    assert!(body.contains("ended"), "{body}");
+
+    // Sign out: the cookie is cleared, and replaying it is refused.
+    let csrf = csrf_of(&portal, &evil_cookie).await;
+    let (code, headers, body) = http_post(
+        &portal.http,
+        "/billing/sign-out",
+        Some(&evil_cookie),
+        &[("csrf", &csrf)],
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    assert!(header(&headers, "set-cookie").contains("Max-Age=0"));
+    let (code, _, _) = http(&portal.http, "/billing", Some(&evil_cookie)).await;
+    assert_eq!(code, 403);
+    // Signing out needs the CSRF token like every form.
+    let (_, fresh, _) = open_link(&portal, &portal.session_url("evil", None).await, None).await;
+    let fresh = fresh.unwrap();
+    let (code, _, _) = http_post(&portal.http, "/billing/sign-out", Some(&fresh), &[]).await;
+    assert_eq!(code, 403);
+    assert_eq!(http(&portal.http, "/billing", Some(&fresh)).await.0, 200);
+
+    // Revocation: every live session of the account ends, and its unused links too.
+    let unused = portal.session_url("evil", None).await;
+    let revoked = portal
+        .sessions()
+        .revoke_portal_sessions(&acct("evil"))
+        .await
+        .unwrap();
+    assert_eq!(revoked, 1);
+    assert_eq!(http(&portal.http, "/billing", Some(&fresh)).await.0, 403);
+    let (code, _, _) = open_link(&portal, &unused, None).await;
+    assert_eq!(code, 403, "an unused link of a revoked account");
+    assert_eq!(
+        portal
+            .sessions()
+            .revoke_portal_sessions(&acct("evil"))
+            .await
+            .unwrap(),
+        0
+    );
     stop(portal, system).await;
 }

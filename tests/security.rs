@@ -18,6 +18,7 @@ fn run(binary: &str, env: &[(&str, String)]) -> (bool, String) {
     cmd.env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("DATABASE_URL", "postgres://127.0.0.1:9/none")
+        .env("PORTAL_DATABASE_URL", "postgres://127.0.0.1:9/none")
         .env("AMQP_URL", "amqp://127.0.0.1:9/%2f")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped());

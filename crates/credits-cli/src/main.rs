@@ -81,6 +81,8 @@ enum Cmd {
         #[arg(long)]
         ttl: Option<u64>,
     },
+    /// End every billing-page session of an account and void its unused links (R28).
+    PortalRevoke { account_id: String },
     /// Walk the product's story against a running system.
     Demo {
         /// Account id to use (a fresh demo-… id by default).
@@ -169,6 +171,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Cmd::Dlq(cmd) => Ok(ops::dlq(&out, cmd).await?),
         Cmd::PortalSession { account_id, ttl } => {
             Ok(ops::portal_session(&cli.conn, &out, account_id, ttl).await?)
+        }
+        Cmd::PortalRevoke { account_id } => {
+            Ok(ops::portal_revoke(&cli.conn, &out, account_id).await?)
         }
         Cmd::Demo { account } => Ok(demo::run(&c, account).await?),
     }

@@ -133,6 +133,32 @@ pub async fn dlq(out: &Out, cmd: DlqCmd) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn portal_client(conn: &Conn) -> Result<credits_client::Portal, ClientError> {
+    credits_client::Portal::connect(
+        &conn.portal,
+        conn.token.as_deref(),
+        credits_client::DEFAULT_TIMEOUT,
+    )
+    .map_err(|e| ClientError::InvalidArgument {
+        message: format!("--portal: {e}"),
+    })
+}
+
+/// `credits portal-revoke`: ends the account's billing-page sessions (R28).
+pub async fn portal_revoke(conn: &Conn, out: &Out, account: String) -> Result<(), ClientError> {
+    let n = portal_client(conn)?
+        .revoke_portal_sessions(&account_id(&account)?)
+        .await?;
+    if out.json {
+        out.one(&serde_json::json!({ "account_id": account, "revoked": n }));
+    } else {
+        out.say(&format!(
+            "{n} billing-page session(s) of {account} ended; its unused links no longer work"
+        ));
+    }
+    Ok(())
+}
+
 /// `credits portal-session`: a billing-page URL for the account's customer (R20).
 pub async fn portal_session(
     conn: &Conn,
@@ -140,15 +166,7 @@ pub async fn portal_session(
     account: String,
     ttl_secs: Option<u64>,
 ) -> Result<(), ClientError> {
-    let portal = credits_client::Portal::connect(
-        &conn.portal,
-        conn.token.as_deref(),
-        credits_client::DEFAULT_TIMEOUT,
-    )
-    .map_err(|e| ClientError::InvalidArgument {
-        message: format!("--portal: {e}"),
-    })?;
-    let s = portal
+    let s = portal_client(conn)?
         .create_portal_session(
             &account_id(&account)?,
             ttl_secs.map(std::time::Duration::from_secs),

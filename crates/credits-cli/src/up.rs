@@ -14,7 +14,8 @@ pub struct UpArgs {
     /// credits_ledger, credits_payments and credits_recharge on it.
     #[arg(long, env = "CREDITS_PG_URL", default_value = "postgres://localhost")]
     pub pg_url: String,
-    /// Database names are <prefix>_ledger, <prefix>_payments, <prefix>_recharge.
+    /// Database names are <prefix>_ledger, <prefix>_payments, <prefix>_recharge and
+    /// <prefix>_portal.
     #[arg(long, env = "CREDITS_DB_PREFIX", default_value = "credits")]
     pub db_prefix: String,
     #[arg(long, env = "AMQP_URL", default_value = credits_common::config::DEFAULT_AMQP_URL)]
@@ -234,12 +235,14 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
     portal.auth_token = Secret::setting(a.auth_token.as_deref());
     portal.auth_tokens_file = portal_auth.tokens_file.clone();
     portal.stripe_js_url = stripe_js;
-    let o = credits_portal::App::build(portal)?;
+    portal.database_url =
+        credits_common::config::DatabaseUrl::new(db(&a.pg_url, &a.db_prefix, "portal"));
 
-    let (l, p, r) = tokio::try_join!(
+    let (l, p, r, o) = tokio::try_join!(
         credits_ledger::App::build(ledger, &shutdown),
         credits_payments::App::build(payments, &shutdown),
         credits_recharge::App::build(recharge, &shutdown),
+        credits_portal::App::build(portal, &shutdown),
     )?;
     let (ll, pl, rl) = (
         bind("ledger", a.ledger_addr).await?,

@@ -64,6 +64,19 @@ impl Portal {
     }
 }
 
+impl Portal {
+    /// R28: ends every page session of `account` and voids its unused links; how many
+    /// sessions were live. Safe to repeat.
+    pub async fn revoke_portal_sessions(&self, account: &AccountId) -> Result<u32, ClientError> {
+        let req = opb::RevokePortalSessionsRequest {
+            account_id: account.to_string(),
+        };
+        Ok(rpc!(self, Repeat::Safe, req, revoke_portal_sessions)
+            .await?
+            .revoked)
+    }
+}
+
 fn request(account: &AccountId, ttl: Option<Duration>) -> opb::CreatePortalSessionRequest {
     // Rounded up to whole seconds (and at least one): 0 would mean the default hour.
     let ttl_seconds = ttl.map_or(0, |t| {

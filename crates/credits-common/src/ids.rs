@@ -55,13 +55,20 @@ impl IdempotencyKey {
 /// at most `max` characters, no NUL nor any other control character. Prost has already
 /// refused invalid UTF-8, so this is the rest of the rule.
 pub fn bounded_text(field: &str, s: &str, max: usize) -> Result<String, ServiceError> {
-    checked_text(field, s, max, false)
+    checked_text(field, s, max, false, false)
+}
+
+/// R28 (R21 extended) for text shown to people (`display_name`, `holder_name`, a refund's
+/// `reason`): like [`bounded_text`], and no bidirectional control or zero-width character
+/// ([`is_invisible_format`]). Identifiers (`reference`, keys) stay [`bounded_text`].
+pub fn display_text(field: &str, s: &str, max: usize) -> Result<String, ServiceError> {
+    checked_text(field, s, max, false, true)
 }
 
 /// R21 for `description`: like [`bounded_text`], but tab, newline and carriage return are
 /// allowed.
 pub fn description_text(field: &str, s: &str, max: usize) -> Result<String, ServiceError> {
-    checked_text(field, s, max, true)
+    checked_text(field, s, max, true, true)
 }
 
 /// Characters that change how text around them reads without showing themselves (R28):
@@ -73,12 +80,18 @@ pub fn is_invisible_format(c: char) -> bool {
         | '\u{180E}' | '\u{200B}'..='\u{200D}' | '\u{2060}'..='\u{2064}' | '\u{FEFF}')
 }
 
-fn checked_text(field: &str, s: &str, max: usize, multiline: bool) -> Result<String, ServiceError> {
+fn checked_text(
+    field: &str,
+    s: &str,
+    max: usize,
+    multiline: bool,
+    display: bool,
+) -> Result<String, ServiceError> {
     let allowed = |c: char| multiline && matches!(c, '\t' | '\n' | '\r');
     if let Some((at, c)) = s
         .chars()
         .enumerate()
-        .find(|&(_, c)| (c.is_control() && !allowed(c)) || is_invisible_format(c))
+        .find(|&(_, c)| (c.is_control() && !allowed(c)) || (display && is_invisible_format(c)))
     {
         let what = if c == '\0' {
             "NUL"
@@ -224,7 +237,7 @@ mod tests {
             "arabic mark \u{061c}",
         ] {
             for e in [
-                bounded_text("display_name", bad, 200).unwrap_err(),
+                display_text("display_name", bad, 200).unwrap_err(),
                 description_text("description", bad, 1024).unwrap_err(),
             ] {
                 assert!(
@@ -235,8 +248,10 @@ mod tests {
             }
         }
         // Right-to-left text itself is fine: only the invisible controls are refused.
-        assert!(bounded_text("display_name", "شركة أكمي", 200).is_ok());
-        assert!(bounded_text("display_name", "עברית", 200).is_ok());
+        assert!(display_text("display_name", "شركة أكمي", 200).is_ok());
+        assert!(display_text("display_name", "עברית", 200).is_ok());
+        // Identifiers are not display text: R21 alone.
+        assert!(bounded_text("reference", "a\u{200d}b", 255).is_ok());
     }
 
     #[test]

@@ -364,7 +364,7 @@ impl pb::ledger_service_server::LedgerService for LedgerGrpc {
         let new = NewAccount {
             account_id: AccountId::parse(&r.account_id)?,
             billing_mode: billing_mode_from_wire(r.billing_mode)?,
-            display_name: bounded_text("display_name", &r.display_name, 200)?,
+            display_name: credits_common::ids::display_text("display_name", &r.display_name, 200)?,
         };
         // R28: a CONTRACT account may go below zero without limit: only the platform
         // itself (an internal token) opens one, never the billing side.

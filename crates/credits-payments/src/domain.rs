@@ -173,9 +173,10 @@ impl BankAccountDetails {
             ));
         }
         // R21 on what was sent, before trimming: "Jane\r\n" is refused, not cleaned up.
-        let holder_name = bounded_text("us_bank_account.holder_name", holder, 200)?
-            .trim()
-            .to_owned();
+        let holder_name =
+            credits_common::ids::display_text("us_bank_account.holder_name", holder, 200)?
+                .trim()
+                .to_owned();
         if holder_name.is_empty() {
             return Err(PaymentsError::invalid(
                 "us_bank_account.holder_name: is required",

@@ -274,7 +274,7 @@ impl pb::payments_service_server::PaymentsService for PaymentsGrpc {
             charge_id: method_id("charge_id", &r.charge_id)?,
             amount: parse_cents("amount", &r.amount)?,
             idempotency_key: IdempotencyKey::parse(&r.idempotency_key)?,
-            reason: bounded_text("reason", &r.reason, 500)?,
+            reason: credits_common::ids::display_text("reason", &r.reason, 500)?,
         };
         Ok(Response::new(refund_to_wire(
             self.svc.refund_charge(&req).await?,

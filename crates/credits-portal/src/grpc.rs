@@ -32,4 +32,15 @@ impl PortalService for PortalGrpc {
             account_id: s.account.to_string(),
         }))
     }
+
+    async fn revoke_portal_sessions(
+        &self,
+        req: Request<opb::RevokePortalSessionsRequest>,
+    ) -> Result<Response<opb::RevokePortalSessionsResponse>, Status> {
+        let r = req.into_inner();
+        let n = self.sessions.revoke(&r.account_id).await?;
+        Ok(Response::new(opb::RevokePortalSessionsResponse {
+            revoked: u32::try_from(n).unwrap_or(u32::MAX),
+        }))
+    }
 }

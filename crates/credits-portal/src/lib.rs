@@ -1,14 +1,17 @@
 //! The portal daemon: the customer's billing settings page (R20).
 //!
-//! It owns no money and no database. It calls the ledger, payments and recharge over
-//! gRPC through `credits-client`, with a `billing`-role token, like any other client.
-//! Layout: [`session`] (signed link tokens, cookies, CSRF — pure) → [`Sessions`]
-//! (`CreatePortalSession`'s use case) ← [`grpc`] (`PortalService`); [`web`] (the HTTP
-//! routes) → [`page`] (the HTML).
+//! It owns no money. It calls the ledger, payments and recharge over gRPC through
+//! `credits-client`, with a `billing`-role token, like any other client. Its small
+//! database (`PORTAL_DATABASE_URL`) records which links were used and which page sessions
+//! are live (R28: single-use links, sign-out, revocation, on every replica).
+//! Layout: [`session`] (signed link tokens, cookies, CSRF — pure) → [`store`] (the
+//! records) → [`Sessions`] (`CreatePortalSession`, `RevokePortalSessions`) ← [`grpc`]
+//! (`PortalService`); [`web`] (the HTTP routes) → [`page`] (the HTML).
 
 pub mod grpc;
 pub mod page;
 pub mod session;
+pub mod store;
 pub mod web;
 
 use std::sync::Arc;
@@ -22,6 +25,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::session::{Keys, Kind};
+use crate::store::SessionStore;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -40,7 +46,13 @@ pub struct Config {
     /// Stripe.js and posts only the resulting payment method id; the page's CSP admits
     /// this script's origin. Unset: the card form posts card details (sandbox only).
     pub stripe_js_url: Option<String>,
+    /// R28: the portal's own database (used links, live sessions); created if missing.
+    pub database_url: credits_common::config::DatabaseUrl,
 }
+
+pub const DEFAULT_DATABASE_URL: &str = "postgres://localhost/credits_portal";
+/// R28: a link opens a session within this long of being made, once.
+pub const LINK_TTL_SECS: u32 = 900;
 
 /// Where the portal listens and what links it hands out, unless configured.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50054";
@@ -58,6 +70,7 @@ impl Config {
             auth_token: None,
             auth_tokens_file: None,
             stripe_js_url: None,
+            database_url: credits_common::config::DatabaseUrl::new(DEFAULT_DATABASE_URL),
         }
     }
 }
@@ -76,6 +89,7 @@ pub struct Sessions {
     client: Client,
     keys: Keys,
     public_url: String,
+    store: SessionStore,
 }
 
 /// A session's life when the request says 0, and the longest one may ask for.
@@ -117,7 +131,16 @@ impl Sessions {
         let expires_at = Utc::now() + chrono::Duration::seconds(i64::from(ttl));
         // Whole seconds: the token carries a unix time, and the answer must match it.
         let expires_at = DateTime::from_timestamp(expires_at.timestamp(), 0).unwrap_or(expires_at);
-        let token = self.keys.sign(Kind::Link, &account, expires_at);
+        // R28: the link itself is good once, for at most 15 minutes; the session it opens
+        // lasts the ttl.
+        let link_expires_at = expires_at.min(
+            DateTime::from_timestamp(Utc::now().timestamp() + i64::from(LINK_TTL_SECS), 0)
+                .unwrap_or(expires_at),
+        );
+        let (token, link_id) = self.keys.sign_id(Kind::Link, &account, link_expires_at);
+        self.store
+            .new_link(&link_id, account.as_str(), link_expires_at, expires_at)
+            .await?;
         tracing::info!(account = %account, ttl, "portal session created");
         Ok(NewSession {
             url: format!("{}/session?token={token}", self.public_url),
@@ -162,15 +185,35 @@ pub fn check_client_token(
     }
 }
 
+impl Sessions {
+    /// `RevokePortalSessions`: every live page session of the account ends at its next
+    /// request, and its unused links are void. How many sessions were live.
+    pub async fn revoke(&self, account_id: &str) -> Result<u64, ServiceError> {
+        let account = AccountId::parse(account_id)?;
+        let n = self.store.revoke_account(account.as_str()).await?;
+        tracing::info!(account = %account, sessions = n, "portal sessions revoked");
+        Ok(n)
+    }
+}
+
 pub struct App {
     cfg: Config,
     client: Client,
+    store: SessionStore,
 }
 
 impl App {
-    pub fn build(cfg: Config) -> anyhow::Result<App> {
+    /// Connects the services' client and the portal's database (created if missing,
+    /// migrated; retried while PostgreSQL is down, until `shutdown`).
+    pub async fn build(cfg: Config, shutdown: &CancellationToken) -> anyhow::Result<App> {
         let client = Client::connect(cfg.client.clone())?;
-        Ok(App { cfg, client })
+        let pool = credits_common::db::connect(cfg.database_url.expose(), 8, shutdown).await?;
+        credits_common::db::migrate(&MIGRATOR, &pool, shutdown).await?;
+        Ok(App {
+            cfg,
+            client,
+            store: SessionStore::new(pool),
+        })
     }
 
     /// Serves gRPC on `grpc` and the page on `http` until `shutdown`.
@@ -184,7 +227,23 @@ impl App {
             client: self.client.clone(),
             keys: self.cfg.keys.clone(),
             public_url: self.cfg.public_url.clone(),
+            store: self.store.clone(),
         });
+        // Used links and ended sessions are forgotten a day after their end.
+        let sweeper = {
+            let (store, stop) = (self.store.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        () = stop.cancelled() => break,
+                        () = tokio::time::sleep(std::time::Duration::from_secs(600)) => {}
+                    }
+                    if let Err(e) = store.sweep().await {
+                        tracing::warn!(error = %e, "portal sweep failed; will retry");
+                    }
+                }
+            })
+        };
         if self.cfg.public_url.starts_with("https://")
             && self.cfg.auth_token.is_none()
             && self.cfg.auth_tokens_file.is_none()
@@ -225,6 +284,7 @@ impl App {
             min_purchase: self.cfg.min_purchase,
             secure_cookie: self.cfg.public_url.starts_with("https://"),
             stripe_js,
+            store: self.store.clone(),
         });
         tracing::info!(grpc = %grpc.local_addr()?, http = %http.local_addr()?, public_url = %self.cfg.public_url, "portal listening");
         let page = {
@@ -241,6 +301,8 @@ impl App {
             page
         );
         shutdown.cancel();
+        let _ = sweeper.await;
+        self.store.pool().close().await;
         tracing::info!("portal stopped");
         served.map(|_| ())
     }

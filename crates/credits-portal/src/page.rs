@@ -98,6 +98,28 @@ pub fn message_page(title: &str, text: &str) -> String {
     h
 }
 
+/// R28: a link for another account opened while a session is open asks before switching.
+/// The form carries the link and the open session's CSRF token, so another site cannot
+/// make the switch for the customer.
+pub fn switch_page(current: &str, next: &str, token: &str, csrf: &str) -> String {
+    let mut h = head("Switch account?");
+    let _ = write!(
+        h,
+        "<main><h1>Switch account?</h1><p role=\"alert\">You are signed in to the billing settings of \
+         <strong>{cur}</strong>. This link opens the billing settings of <strong>{next}</strong>, \
+         and signs you out of {cur}.</p>\
+         <form method=\"post\" action=\"/session\"><input type=\"hidden\" name=\"token\" value=\"{token}\">\
+         <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
+         <button type=\"submit\" id=\"switch\">Open {next}</button></form>\
+         <p><a id=\"stay\" href=\"/billing\">Stay on {cur}</a></p></main></body></html>",
+        cur = esc(current),
+        next = esc(next),
+        token = esc(token),
+        csrf = esc(csrf),
+    );
+    h
+}
+
 /// The page a session link answers: it sets the cookie and moves on to `to` by itself
 /// (a meta refresh, no script) or by its link.
 pub fn continue_page(to: &str) -> String {
@@ -137,10 +159,13 @@ pub fn render(v: &View) -> String {
     let _ = write!(
         h,
         "<header><h1>Billing settings</h1><p class=\"who\"><span id=\"display-name\">{}</span> \
-         <span class=\"muted\">({})</span></p></header><main>",
+         <span class=\"muted\">({})</span></p>\
+         <form method=\"post\" action=\"/billing/sign-out\" class=\"sign-out\">",
         esc(name),
         esc(a.account_id.as_str())
     );
+    hidden_csrf(&mut h, v);
+    h.push_str("<button type=\"submit\" id=\"sign-out\">Sign out</button></form></header><main>");
     if let Some(n) = v.notice {
         let _ = write!(h, "<p class=\"notice\" role=\"status\">{}</p>", esc(n));
     }

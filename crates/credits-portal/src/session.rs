@@ -1,4 +1,5 @@
-//! Portal sessions without a database: everything a session is travels signed.
+//! Portal session tokens: who and until when travels signed; the portal's records
+//! ([`crate::store`]) only add "not any more" (a link used, a session signed out).
 //!
 //! - The **link token** (in the URL `CreatePortalSession` returns) says "account A until
 //!   T": `v1.<account>.<expires unix>.<nonce>.<mac>`, the MAC an HMAC-SHA256 under the
@@ -46,6 +47,8 @@ impl Kind {
 pub struct Session {
     pub account: AccountId,
     pub expires_at: DateTime<Utc>,
+    /// The token's nonce: the link's or the session's id in the portal's records (R28).
+    pub id: String,
     /// The token's MAC, from which the CSRF token is derived.
     mac: Vec<u8>,
 }
@@ -58,6 +61,12 @@ pub enum Refused {
     Invalid,
     #[error("this billing session has expired; ask for a new link")]
     Expired,
+    /// R28: links are single-use.
+    #[error("this billing link was already used; ask for a new link")]
+    Used,
+    /// R28: the session was signed out or revoked.
+    #[error("this billing session has ended; ask for a new link")]
+    Ended,
 }
 
 /// The signing keys: the current one signs; it or the previous one verifies.
@@ -118,17 +127,28 @@ impl Keys {
 
     /// Signs a token of `kind` for `account` until `expires_at`.
     pub fn sign(&self, kind: Kind, account: &AccountId, expires_at: DateTime<Utc>) -> String {
+        self.sign_id(kind, account, expires_at).0
+    }
+
+    /// [`Keys::sign`], and the token's id (its nonce).
+    pub fn sign_id(
+        &self,
+        kind: Kind,
+        account: &AccountId,
+        expires_at: DateTime<Utc>,
+    ) -> (String, String) {
         let nonce = URL_SAFE_NO_PAD.encode(uuid::Uuid::new_v4().as_bytes());
         let exp = expires_at.timestamp().to_string();
         let mac = Self::mac(
             &self.current,
             &[kind.as_str(), account.as_str(), &exp, &nonce],
         );
-        format!(
+        let token = format!(
             "v1.{}.{exp}.{nonce}.{}",
             account.as_str(),
             URL_SAFE_NO_PAD.encode(mac)
-        )
+        );
+        (token, nonce)
     }
 
     /// Checks a token of `kind` at `now`: signed by one of the keys, not expired.
@@ -161,6 +181,7 @@ impl Keys {
         Ok(Session {
             account,
             expires_at,
+            id: nonce.to_owned(),
             mac: given,
         })
     }

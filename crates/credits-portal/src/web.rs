@@ -3,6 +3,9 @@
 //! - `GET /session?token=…` trades a link token for the session cookie (`HttpOnly`,
 //!   `SameSite=Strict`, `Secure` behind https) and redirects to `/billing`, so the token
 //!   leaves the address bar (and, with `Referrer-Policy: no-referrer`, every referrer).
+//!   R28: a link works once; opened while a session of another account is open, it asks
+//!   first (`POST /session` with that session's CSRF token switches). `POST
+//!   /billing/sign-out` ends the session; every request checks it is still live.
 //! - `GET /billing` renders the account of the cookie; nothing in a URL or a form names
 //!   the account, so a session cannot reach another one.
 //! - Each `POST /billing/…` checks the session, then the CSRF token, before it calls a
@@ -109,6 +112,8 @@ pub struct Web {
     pub stripe_js: Option<StripeJs>,
     /// The Content-Security-Policy of every response ([`csp`]).
     pub csp: String,
+    /// R28: used links, live sessions.
+    pub store: crate::store::SessionStore,
 }
 
 impl Web {
@@ -125,7 +130,8 @@ impl Web {
 
 pub fn router(web: Arc<Web>) -> Router {
     Router::new()
-        .route("/session", get(open_session))
+        .route("/session", get(open_session).post(switch_session))
+        .route("/billing/sign-out", post(sign_out))
         .route("/billing", get(show))
         .route("/billing/credits", post(add_credits))
         .route("/billing/methods/card", post(add_card))
@@ -210,22 +216,82 @@ fn refused(r: Refused) -> Response {
 
 async fn open_session(
     State(web): State<Arc<Web>>,
+    headers: HeaderMap,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
     let token = q.get("token").map(String::as_str).unwrap_or_default();
-    let s = match web.keys.verify(Kind::Link, token, Utc::now()) {
+    let link = match web.keys.verify(Kind::Link, token, Utc::now()) {
         Ok(s) => s,
         Err(r) => return refused(r),
     };
-    let cookie = web.keys.sign(Kind::Cookie, &s.account, s.expires_at);
-    // Rounded up: a link used in its last second still gets a cookie for that second.
-    let max_age = ((s.expires_at - Utc::now()).num_milliseconds().max(0) + 999) / 1000;
+    // R28: another account's session is open in this browser: ask, do not replace it (a
+    // link of the attacker's account must not quietly take the customer's place).
+    if let Ok(current) = session(&web, &headers).await
+        && current.account != link.account
+    {
+        return html(
+            StatusCode::OK,
+            page::switch_page(
+                current.account.as_str(),
+                link.account.as_str(),
+                token,
+                &web.keys.csrf(&current),
+            ),
+        );
+    }
+    open_link(&web, &link).await
+}
+
+/// `POST /session`: the switch the customer confirmed — only with the open session's CSRF
+/// token, so another site cannot post it.
+async fn switch_session(State(web): State<Arc<Web>>, headers: HeaderMap, body: Bytes) -> Response {
+    let sub = match submitted(&web, &headers, &body).await {
+        Ok(s) => s,
+        Err(d) => return d.into_response(),
+    };
+    let link = match web.keys.verify(Kind::Link, sub.get("token"), Utc::now()) {
+        Ok(s) => s,
+        Err(r) => return refused(r),
+    };
+    let opened = open_link(&web, &link).await;
+    // The session it replaces ends only once the new one is open.
+    if opened.headers().contains_key(header::SET_COOKIE)
+        && let Err(e) = web.store.sign_out(&sub.session.id).await
+    {
+        tracing::warn!(error = %e, "the replaced portal session could not be signed out");
+    }
+    opened
+}
+
+/// Uses the link (once) and opens its session: the cookie, and a page that moves on.
+async fn open_link(web: &Web, link: &Session) -> Response {
+    let used = match web.store.use_link(&link.id).await {
+        Ok(u) => u,
+        Err(e) => return store_unavailable(&e),
+    };
+    let Some((account, expires_at)) = used else {
+        tracing::warn!(account = %link.account, "portal link refused: already used, revoked or expired");
+        return refused(Refused::Used);
+    };
+    if account != link.account.as_str() {
+        return refused(Refused::Invalid);
+    }
+    let (cookie, session_id) = web.keys.sign_id(Kind::Cookie, &link.account, expires_at);
+    if let Err(e) = web
+        .store
+        .open_session(&session_id, link.account.as_str(), expires_at)
+        .await
+    {
+        return store_unavailable(&e);
+    }
+    // Rounded up: a session in its last second still gets a cookie for that second.
+    let max_age = ((expires_at - Utc::now()).num_milliseconds().max(0) + 999) / 1000;
     let set = format!(
         "{}={cookie}; Path=/; Max-Age={max_age}; HttpOnly; SameSite=Strict{}",
         web.cookie_name(),
         if web.secure_cookie { "; Secure" } else { "" }
     );
-    tracing::info!(account = %s.account, "portal session opened");
+    tracing::info!(account = %link.account, "portal session opened");
     // Not a redirect: a customer arriving from the platform's own site is a cross-site
     // navigation, and a redirect keeps it one, so the SameSite=Strict cookie would not be
     // sent to /billing. This page (no script: a meta refresh and a link) makes the next
@@ -237,9 +303,49 @@ async fn open_session(
     r
 }
 
-/// The session of the request's cookie. Two cookies of that name (one planted by a
-/// sibling domain beside ours) are refused, not guessed between.
-fn session(web: &Web, headers: &HeaderMap) -> Result<Session, Denied> {
+/// `POST /billing/sign-out`: the session ends here and on every replica; the cookie goes.
+async fn sign_out(State(web): State<Arc<Web>>, headers: HeaderMap, body: Bytes) -> Response {
+    let sub = match submitted(&web, &headers, &body).await {
+        Ok(s) => s,
+        Err(d) => return d.into_response(),
+    };
+    if let Err(e) = web.store.sign_out(&sub.session.id).await {
+        return store_unavailable(&e);
+    }
+    tracing::info!(account = %sub.session.account, "portal session signed out");
+    let mut r = html(
+        StatusCode::OK,
+        page::message_page(
+            "Signed out",
+            "You are signed out of your billing settings. Open a new link to come back.",
+        ),
+    );
+    let clear = format!(
+        "{}=; Path=/; Max-Age=0; HttpOnly; SameSite=Strict{}",
+        web.cookie_name(),
+        if web.secure_cookie { "; Secure" } else { "" }
+    );
+    if let Ok(v) = HeaderValue::from_str(&clear) {
+        r.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    r
+}
+
+fn store_unavailable(e: &credits_common::error::ServiceError) -> Response {
+    tracing::warn!(error = %e, "portal records unavailable");
+    html(
+        StatusCode::SERVICE_UNAVAILABLE,
+        page::message_page(
+            "Billing settings",
+            "Billing settings are unavailable for a moment. Nothing was changed; try again shortly.",
+        ),
+    )
+}
+
+/// The session of the request's cookie, still live in the portal's records (R28: not
+/// signed out, not revoked). Two cookies of that name (one planted by a sibling domain
+/// beside ours) are refused, not guessed between.
+async fn session(web: &Web, headers: &HeaderMap) -> Result<Session, Denied> {
     let name = web.cookie_name();
     let found: Vec<String> = headers
         .get_all(header::COOKIE)
@@ -253,21 +359,32 @@ fn session(web: &Web, headers: &HeaderMap) -> Result<Session, Denied> {
     let [token] = &found[..] else {
         return Err(Denied::Session(Refused::Invalid));
     };
-    web.keys
+    let s = web
+        .keys
         .verify(Kind::Cookie, token, Utc::now())
-        .map_err(Denied::Session)
+        .map_err(Denied::Session)?;
+    match web.store.session_live(&s.id).await {
+        Ok(true) => Ok(s),
+        Ok(false) => Err(Denied::Session(Refused::Ended)),
+        Err(e) => Err(Denied::Unavailable(e.to_string())),
+    }
 }
 
 /// Why a request was turned away before anything was looked at.
 enum Denied {
     Session(Refused),
     Csrf,
+    /// The portal's records cannot be read: nothing is allowed.
+    Unavailable(String),
 }
 
 impl IntoResponse for Denied {
     fn into_response(self) -> Response {
         match self {
             Denied::Session(r) => refused(r),
+            Denied::Unavailable(e) => {
+                store_unavailable(&credits_common::error::ServiceError::Unavailable(e))
+            }
             Denied::Csrf => html(
                 StatusCode::FORBIDDEN,
                 page::message_page(
@@ -299,8 +416,8 @@ impl Submitted {
 }
 
 /// The session, then the CSRF token: nothing else is looked at before both pass.
-fn submitted(web: &Web, headers: &HeaderMap, body: &Bytes) -> Result<Submitted, Denied> {
-    let session = session(web, headers)?;
+async fn submitted(web: &Web, headers: &HeaderMap, body: &Bytes) -> Result<Submitted, Denied> {
+    let session = session(web, headers).await?;
     let mut fields = HashMap::new();
     for (k, v) in form_urlencoded::parse(body) {
         fields
@@ -340,7 +457,7 @@ async fn show(
     headers: HeaderMap,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
-    let s = match session(&web, &headers) {
+    let s = match session(&web, &headers).await {
         Ok(s) => s,
         Err(d) => return d.into_response(),
     };
@@ -571,7 +688,7 @@ fn money(field: &'static str, s: &str) -> Result<Money, Refusal> {
 macro_rules! form_handler {
     ($name:ident, $form:expr, fields = $fields:expr, keep = $keep:expr, $act:expr) => {
         async fn $name(State(web): State<Arc<Web>>, headers: HeaderMap, body: Bytes) -> Response {
-            let sub = match submitted(&web, &headers, &body) {
+            let sub = match submitted(&web, &headers, &body).await {
                 Ok(s) => s,
                 Err(d) => return d.into_response(),
             };

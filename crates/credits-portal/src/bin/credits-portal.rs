@@ -11,6 +11,9 @@ use credits_common::telemetry::LogFormat;
 #[derive(Parser)]
 #[command(name = "credits-portal", version, about = "The credits billing portal")]
 struct Args {
+    /// R28: the portal's own database (used links, live sessions); created if missing.
+    #[arg(long, env = "PORTAL_DATABASE_URL", default_value = credits_portal::DEFAULT_DATABASE_URL)]
+    database_url: String,
     /// gRPC listen address (`PortalService`).
     #[arg(long, env = "PORTAL_LISTEN_ADDR", default_value = credits_portal::DEFAULT_LISTEN)]
     listen: SocketAddr,
@@ -112,7 +115,8 @@ async fn main() -> anyhow::Result<()> {
     cfg.auth_token = args.auth_token.filter(|t| !t.is_empty()).map(Secret::new);
     cfg.auth_tokens_file = args.auth_tokens_file.clone();
     cfg.stripe_js_url = args.stripe_js_url.clone().filter(|u| !u.is_empty());
-    let app = credits_portal::App::build(cfg)?;
+    cfg.database_url = credits_common::config::DatabaseUrl::new(&args.database_url);
+    let app = credits_portal::App::build(cfg, &shutdown).await?;
     let grpc = credits_common::config::bind(args.listen).await?;
     let http = credits_common::config::bind(args.http_listen).await?;
     let result = app.run(grpc, http, shutdown).await;
