@@ -32,6 +32,14 @@ impl PortalUnderTest {
 
     /// With `stripe_js`: cards through Stripe.js (R24).
     async fn start_with(system: &System, stripe_js: Option<String>) -> PortalUnderTest {
+        Self::start_configured(system, |cfg| cfg.stripe_js_url = stripe_js).await
+    }
+
+    /// With its configuration changed by `configure`.
+    async fn start_configured(
+        system: &System,
+        configure: impl FnOnce(&mut credits_portal::Config),
+    ) -> PortalUnderTest {
         let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let http_url = format!("http://127.0.0.1:{}", http.local_addr().unwrap().port());
@@ -46,7 +54,7 @@ impl PortalUnderTest {
         };
         let mut cfg =
             credits_portal::Config::new(client, &http_url, credits_portal::session::Keys::random());
-        cfg.stripe_js_url = stripe_js;
+        configure(&mut cfg);
         cfg.database_url =
             credits_common::config::DatabaseUrl::new(credits_tests::fresh_database_url("portal"));
         let shutdown = tokio_util::sync::CancellationToken::new();
@@ -895,4 +903,131 @@ async fn links_are_single_use_sessions_end_and_switching_accounts_asks_first_r28
         0
     );
     stop(portal, system).await;
+}
+
+/// Reads from `s` until the server closes it (or `within` passes): what it sent.
+async fn read_until_closed(s: &mut tokio::net::TcpStream, within: Duration) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(String::from_utf8_lossy(&out).into_owned()),
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+            Err(_) => return None,
+        }
+    }
+}
+
+/// R28: the page does not wait on slow clients forever — a request head dribbled in
+/// (slowloris), a connection left idle, a body that never comes — and serves a bounded
+/// number of connections; each page session and each address has a request budget.
+#[tokio::test]
+async fn the_page_times_out_slow_clients_bounds_connections_and_rate_limits_r28() {
+    use tokio::io::AsyncWriteExt;
+    let (system, _) = {
+        let system = System::start(1).await;
+        system
+            .api()
+            .create_account("acme", BillingMode::Prepaid)
+            .await;
+        (system, ())
+    };
+    let limits = credits_common::http::HttpLimits {
+        header_read: Duration::from_secs(1),
+        request: Duration::from_secs(2),
+        max_connections: 64,
+    };
+    let portal = PortalUnderTest::start_configured(&system, |cfg| {
+        cfg.http_limits = limits;
+        cfg.rate_per_minute = 5;
+    })
+    .await;
+    let addr = portal.http.trim_start_matches("http://").to_owned();
+    // A head that never ends: closed.
+    let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        .await
+        .unwrap();
+    assert!(
+        read_until_closed(&mut slow, Duration::from_secs(10))
+            .await
+            .is_some(),
+        "a half-sent request head held its connection"
+    );
+    // A kept-alive connection left idle after its answer: closed.
+    let mut idle = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let answered = read_until_closed(&mut idle, Duration::from_secs(10))
+        .await
+        .expect("an idle kept-alive connection stayed open");
+    assert!(answered.starts_with("HTTP/1.1 200"), "{answered}");
+    // A body that never comes: 408.
+    let mut body = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    body.write_all(
+        b"POST /billing/credits HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 100\r\n\r\namount=5",
+    )
+    .await
+    .unwrap();
+    let answer = read_until_closed(&mut body, Duration::from_secs(10))
+        .await
+        .expect("a request whose body never came held its connection");
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+
+    // A page session's budget (5 a minute here): then 429, and nothing else is done.
+    let link = portal.session_url("acme", None).await;
+    let (_, cookie, _) = open_link(&portal, &link, None).await;
+    let cookie = cookie.unwrap();
+    for _ in 0..5 {
+        assert_eq!(http(&portal.http, "/billing", Some(&cookie)).await.0, 200);
+    }
+    let (code, headers, _) = http(&portal.http, "/billing", Some(&cookie)).await;
+    assert_eq!(code, 429);
+    assert_eq!(header(&headers, "retry-after"), "60");
+    // Link opens from one address: one used above, four more, then 429.
+    for _ in 0..4 {
+        let (code, _, _) = http(&portal.http, "/session?token=junk", None).await;
+        assert_eq!(code, 403);
+    }
+    assert_eq!(http(&portal.http, "/session?token=junk", None).await.0, 429);
+    portal.stop().await;
+
+    // At most `max_connections` at once: a third waits until one of two ends.
+    let portal = PortalUnderTest::start_configured(&system, |cfg| {
+        cfg.http_limits = credits_common::http::HttpLimits {
+            header_read: Duration::from_secs(30),
+            request: Duration::from_secs(30),
+            max_connections: 2,
+        };
+    })
+    .await;
+    let addr = portal.http.trim_start_matches("http://").to_owned();
+    let first = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let second = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut third = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    third
+        .write_all(b"GET /healthz HTTP/1.0\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(
+        read_until_closed(&mut third, Duration::from_secs(1))
+            .await
+            .is_none(),
+        "a third connection was served beside two"
+    );
+    drop(first);
+    drop(second);
+    let answer = read_until_closed(&mut third, Duration::from_secs(10))
+        .await
+        .expect("served once a connection ended");
+    assert!(
+        answer.starts_with("HTTP/1.0 200") || answer.starts_with("HTTP/1.1 200"),
+        "{answer}"
+    );
+    portal.stop().await;
+    system.stop().await;
 }

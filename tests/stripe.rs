@@ -966,3 +966,37 @@ async fn the_sandbox_refuses_a_processor_token_as_invalid_r24() {
     payments.stop().await;
     ledger.stop().await;
 }
+
+/// R28: the webhook endpoint does not wait on a slow client forever: a request head that
+/// never ends is dropped after the header-read timeout (10 s), like the billing page's.
+#[tokio::test]
+async fn the_webhook_endpoint_drops_a_request_head_that_never_ends_r28() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let w = World::start().await;
+    let addr = w
+        .webhook_url
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    slow.write_all(b"POST /webhooks/stripe HTTP/1.1\r\nHost: x\r\nStripe-Signature: ")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    let closed = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match slow.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "a half-sent request held the webhook endpoint"
+    );
+    w.stop().await;
+}

@@ -332,3 +332,136 @@ async fn the_ledger_publishes_over_amqps_verified_by_a_private_ca() {
     );
     ledger.stop().await;
 }
+
+/// R28: the portal over TLS end to end — its page served over TLS (`PORTAL_TLS_CERT`/
+/// `KEY`), `PortalService` over mutual TLS, and its own calls to the services (here the
+/// ledger, which `CreatePortalSession` asks) over mutual TLS with the same files.
+#[tokio::test]
+async fn the_portal_serves_its_page_over_tls_and_calls_the_services_over_mutual_tls_r28() {
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    let dir = std::env::temp_dir().join(credits_tests::unique("tls-portal"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pki = pki(&dir);
+    let daemon_tls = Tls {
+        cert: Some(pki.server_cert.clone()),
+        key: Some(pki.server_key.clone()),
+        ca: Some(pki.ca.clone()),
+    };
+    let shutdown = CancellationToken::new();
+    let mut lcfg = credits_ledger::Config::new(
+        &credits_tests::fresh_database_url("ledger"),
+        credits_tests::AMQP_URL,
+    );
+    lcfg.daemon.exchange = credits_tests::unique("credits.events.tls");
+    lcfg.daemon.tls = daemon_tls.clone();
+    let ledger = credits_ledger::App::build(lcfg, &shutdown).await.unwrap();
+    let (ll, ledger_url) = listener().await;
+    let ledger_task = tokio::spawn(ledger.run(ll, shutdown.clone()));
+    let client_tls = Tls {
+        cert: Some(pki.client_cert.clone()),
+        key: Some(pki.client_key.clone()),
+        ca: Some(pki.ca.clone()),
+    };
+    client(&ledger_url, &ledger_url, &client_tls)
+        .ledger()
+        .create_account(&acct("acme"), BillingMode::Prepaid, "")
+        .await
+        .unwrap();
+
+    let (gl, portal_url) = listener().await;
+    let page = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let page_port = page.local_addr().unwrap().port();
+    let mut cfg = credits_portal::Config::new(
+        ClientConfig {
+            ledger_url: ledger_url.clone(),
+            payments_url: ledger_url.clone(),
+            recharge_url: ledger_url.clone(),
+            retry: RetryPolicy::none(),
+            ..ClientConfig::local()
+        },
+        &format!("https://localhost:{page_port}"),
+        credits_portal::session::Keys::random(),
+    );
+    cfg.tls = daemon_tls.clone();
+    // An https page is not local development: PortalService needs a token.
+    const TOKEN: &str = "portal-tls-test-token-0123456789abcdef";
+    cfg.auth_token = Some(credits_common::config::Secret::new(TOKEN));
+    cfg.page_tls = Some((pki.server_cert.clone(), pki.server_key.clone()));
+    cfg.database_url =
+        credits_common::config::DatabaseUrl::new(credits_tests::fresh_database_url("portal"));
+    let portal = credits_portal::App::build(cfg, &shutdown).await.unwrap();
+    let portal_task = tokio::spawn(portal.run(gl, page, shutdown.clone()));
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!portal_task.is_finished(), "the portal stopped");
+
+    // PortalService over mutual TLS; the portal asks the ledger over mutual TLS.
+    let sessions = credits_client::Portal::connect_with_tls(
+        &portal_url,
+        Some(TOKEN),
+        std::time::Duration::from_secs(10),
+        &client_tls,
+    )
+    .unwrap();
+    let s = sessions
+        .create_portal_session(&acct("acme"), None)
+        .await
+        .expect("a session, the ledger asked over mutual TLS");
+    assert!(
+        s.url
+            .starts_with(&format!("https://localhost:{page_port}/session?token="))
+    );
+    let plain = credits_client::Portal::connect(
+        &portal_url.replace("https://", "http://"),
+        Some(TOKEN),
+        std::time::Duration::from_secs(5),
+    )
+    .unwrap();
+    assert!(
+        plain
+            .create_portal_session(&acct("acme"), None)
+            .await
+            .is_err()
+    );
+
+    // The page over TLS, verified against the CA.
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(&pki.ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", page_port))
+        .await
+        .unwrap();
+    let mut tls = connector
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .expect("the page's TLS handshake");
+    tls.write_all(b"GET /healthz HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = tls.read_to_end(&mut out).await;
+    let out = String::from_utf8_lossy(&out);
+    assert!(
+        out.starts_with("HTTP/1.0 200") || out.starts_with("HTTP/1.1 200"),
+        "{out}"
+    );
+    // Plain HTTP to the TLS page gets no page.
+    let plain_page =
+        credits_tests::http_get(&format!("127.0.0.1:{page_port}"), "/healthz", None).await;
+    assert!(!plain_page.contains("200 OK"), "{plain_page}");
+
+    shutdown.cancel();
+    let _ = portal_task.await;
+    let _ = ledger_task.await;
+}

@@ -42,6 +42,23 @@ impl Portal {
         })
     }
 
+    /// [`Portal::connect`] over TLS: the portal verified against `tls`'s CA, and `tls`'s
+    /// certificate presented to a portal that requires mutual TLS.
+    pub fn connect_with_tls(
+        url: &str,
+        token: Option<&str>,
+        timeout: Duration,
+        tls: &credits_common::tls::Tls,
+    ) -> Result<Portal, ConnectError> {
+        let tls = tls
+            .client()
+            .map_err(|e| ConnectError::Tls(format!("{e:#}")))?;
+        Ok(Portal {
+            inner: PortalServiceClient::new(crate::channel(url, token, timeout, tls.as_ref())?),
+            retry: RetryPolicy::default(),
+        })
+    }
+
     /// Opens a session for `account` lasting `ttl` (`None`: an hour; at most a day).
     /// Retried when transient: each call makes a new, equally valid session.
     pub async fn create_portal_session(

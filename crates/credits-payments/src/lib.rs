@@ -155,13 +155,20 @@ impl App {
                 let app = webhook::router(Arc::new(webhook::Webhooks {
                     payments: svc.clone(),
                     stripe,
+                    rate: credits_common::http::RateLimiter::new(webhook::WEBHOOK_RATE_PER_MINUTE),
                 }));
                 tracing::info!(addr = %listener.local_addr()?, "webhooks listening on /webhooks/stripe");
                 let stop = shutdown.clone();
                 Some(tokio::spawn(async move {
-                    let served = axum::serve(listener, app)
-                        .with_graceful_shutdown(async move { stop.cancelled().await })
-                        .await;
+                    // R28: header-read and request timeouts, a connection limit.
+                    let served = credits_common::http::serve(
+                        listener,
+                        app,
+                        credits_common::http::HttpLimits::default(),
+                        None,
+                        stop,
+                    )
+                    .await;
                     if let Err(e) = served {
                         tracing::error!(error = %e, "webhook endpoint failed");
                     }

@@ -48,7 +48,12 @@ const ACT_INLINE: Duration = Duration::from_secs(10);
 pub struct Webhooks {
     pub payments: Arc<Payments>,
     pub stripe: Arc<Stripe>,
+    /// R28: requests per minute from one address (Stripe retries a 429).
+    pub rate: credits_common::http::RateLimiter,
 }
+
+/// R28: webhook requests per minute one address may send.
+pub const WEBHOOK_RATE_PER_MINUTE: u32 = 1200;
 
 pub fn router(w: Arc<Webhooks>) -> Router {
     Router::new()
@@ -60,9 +65,19 @@ pub fn router(w: Arc<Webhooks>) -> Router {
 
 async fn receive(
     State(w): State<Arc<Webhooks>>,
+    peer: Option<axum::Extension<credits_common::http::PeerAddr>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> (StatusCode, String) {
+    let from = peer.map_or_else(|| "unknown".to_owned(), |p| p.0.0.ip().to_string());
+    if !w.rate.allow(&from) {
+        metrics::counter!("credits_payments_webhooks_total", "outcome" => "rate_limited")
+            .increment(1);
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many requests; send it again later\n".into(),
+        );
+    }
     let header = headers
         .get("stripe-signature")
         .and_then(|v| v.to_str().ok())

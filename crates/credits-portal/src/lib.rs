@@ -48,11 +48,23 @@ pub struct Config {
     pub stripe_js_url: Option<String>,
     /// R28: the portal's own database (used links, live sessions); created if missing.
     pub database_url: credits_common::config::DatabaseUrl,
+    /// R28: the page's timeouts and connection limit.
+    pub http_limits: credits_common::http::HttpLimits,
+    /// R28: requests per minute a page session may make (forms, pages), and link opens
+    /// per minute from one address.
+    pub rate_per_minute: u32,
+    /// R28: TLS for the page (`PORTAL_TLS_CERT`, `PORTAL_TLS_KEY`); plain HTTP without.
+    pub page_tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    /// gRPC TLS (`CREDITS_TLS_*`): `PortalService` served with it, and the portal's own
+    /// calls to the services made with it.
+    pub tls: credits_common::tls::Tls,
 }
 
 pub const DEFAULT_DATABASE_URL: &str = "postgres://localhost/credits_portal";
 /// R28: a link opens a session within this long of being made, once.
 pub const LINK_TTL_SECS: u32 = 900;
+/// R28: requests per minute per page session (and link opens per address).
+pub const DEFAULT_RATE_PER_MINUTE: u32 = 120;
 
 /// Where the portal listens and what links it hands out, unless configured.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50054";
@@ -71,6 +83,10 @@ impl Config {
             auth_tokens_file: None,
             stripe_js_url: None,
             database_url: credits_common::config::DatabaseUrl::new(DEFAULT_DATABASE_URL),
+            http_limits: credits_common::http::HttpLimits::default(),
+            rate_per_minute: DEFAULT_RATE_PER_MINUTE,
+            page_tls: None,
+            tls: credits_common::tls::Tls::default(),
         }
     }
 }
@@ -206,7 +222,11 @@ impl App {
     /// Connects the services' client and the portal's database (created if missing,
     /// migrated; retried while PostgreSQL is down, until `shutdown`).
     pub async fn build(cfg: Config, shutdown: &CancellationToken) -> anyhow::Result<App> {
-        let client = Client::connect(cfg.client.clone())?;
+        let client = if cfg.tls.is_off() {
+            Client::connect(cfg.client.clone())?
+        } else {
+            Client::connect_with_tls(cfg.client.clone(), &cfg.tls)?
+        };
         let pool = credits_common::db::connect(cfg.database_url.expose(), 8, shutdown).await?;
         credits_common::db::migrate(&MIGRATOR, &pool, shutdown).await?;
         Ok(App {
@@ -267,7 +287,7 @@ impl App {
         let router = credits_common::grpc::service_router(
             credits_proto::FILE_DESCRIPTOR_SET,
             policy,
-            &credits_common::tls::Tls::default(),
+            &self.cfg.tls,
             PortalServiceServer::new(grpc::PortalGrpc::new(sessions)),
         )
         .await?;
@@ -285,17 +305,26 @@ impl App {
             secure_cookie: self.cfg.public_url.starts_with("https://"),
             stripe_js,
             store: self.store.clone(),
+            session_rate: credits_common::http::RateLimiter::new(self.cfg.rate_per_minute),
+            link_rate: credits_common::http::RateLimiter::new(self.cfg.rate_per_minute),
         });
-        tracing::info!(grpc = %grpc.local_addr()?, http = %http.local_addr()?, public_url = %self.cfg.public_url, "portal listening");
-        let page = {
-            let shutdown = shutdown.clone();
-            async move {
-                axum::serve(http, web::router(web))
-                    .with_graceful_shutdown(shutdown.cancelled_owned())
-                    .await
-                    .map_err(anyhow::Error::from)
-            }
+        let page_tls = match &self.cfg.page_tls {
+            Some((cert, key)) => Some(credits_common::http::tls_acceptor(
+                "PORTAL_TLS_CERT",
+                cert,
+                "PORTAL_TLS_KEY",
+                key,
+            )?),
+            None => None,
         };
+        tracing::info!(grpc = %grpc.local_addr()?, http = %http.local_addr()?, public_url = %self.cfg.public_url, "portal listening");
+        let page = credits_common::http::serve(
+            http,
+            web::router(web),
+            self.cfg.http_limits,
+            page_tls,
+            shutdown.clone(),
+        );
         let served = tokio::try_join!(
             credits_common::grpc::serve(router, grpc, shutdown.clone()),
             page

@@ -114,6 +114,9 @@ pub struct Web {
     pub csp: String,
     /// R28: used links, live sessions.
     pub store: crate::store::SessionStore,
+    /// R28: requests per page session, and link opens per address.
+    pub session_rate: credits_common::http::RateLimiter,
+    pub link_rate: credits_common::http::RateLimiter,
 }
 
 impl Web {
@@ -216,9 +219,14 @@ fn refused(r: Refused) -> Response {
 
 async fn open_session(
     State(web): State<Arc<Web>>,
+    peer: Option<axum::Extension<credits_common::http::PeerAddr>>,
     headers: HeaderMap,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
+    let from = peer.map_or_else(|| "unknown".to_owned(), |p| p.0.0.ip().to_string());
+    if !web.link_rate.allow(&from) {
+        return too_many();
+    }
     let token = q.get("token").map(String::as_str).unwrap_or_default();
     let link = match web.keys.verify(Kind::Link, token, Utc::now()) {
         Ok(s) => s,
@@ -331,6 +339,19 @@ async fn sign_out(State(web): State<Arc<Web>>, headers: HeaderMap, body: Bytes) 
     r
 }
 
+fn too_many() -> Response {
+    let mut r = html(
+        StatusCode::TOO_MANY_REQUESTS,
+        page::message_page(
+            "Billing settings",
+            "Too many requests in a short time. Nothing was changed; wait a minute and try again.",
+        ),
+    );
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("60"));
+    r
+}
+
 fn store_unavailable(e: &credits_common::error::ServiceError) -> Response {
     tracing::warn!(error = %e, "portal records unavailable");
     html(
@@ -363,6 +384,10 @@ async fn session(web: &Web, headers: &HeaderMap) -> Result<Session, Denied> {
         .keys
         .verify(Kind::Cookie, token, Utc::now())
         .map_err(Denied::Session)?;
+    if !web.session_rate.allow(&s.id) {
+        tracing::warn!(account = %s.account, "portal session over its request budget");
+        return Err(Denied::TooMany);
+    }
     match web.store.session_live(&s.id).await {
         Ok(true) => Ok(s),
         Ok(false) => Err(Denied::Session(Refused::Ended)),
@@ -374,6 +399,8 @@ async fn session(web: &Web, headers: &HeaderMap) -> Result<Session, Denied> {
 enum Denied {
     Session(Refused),
     Csrf,
+    /// R28: over the session's request budget.
+    TooMany,
     /// The portal's records cannot be read: nothing is allowed.
     Unavailable(String),
 }
@@ -382,6 +409,7 @@ impl IntoResponse for Denied {
     fn into_response(self) -> Response {
         match self {
             Denied::Session(r) => refused(r),
+            Denied::TooMany => too_many(),
             Denied::Unavailable(e) => {
                 store_unavailable(&credits_common::error::ServiceError::Unavailable(e))
             }

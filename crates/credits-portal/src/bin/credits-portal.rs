@@ -59,6 +59,19 @@ struct Args {
     client_timeout_secs: u64,
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// R28: PEM certificate (chain) the billing page is served with over TLS.
+    #[arg(long, env = "PORTAL_TLS_CERT", value_name = "PEM")]
+    page_tls_cert: Option<std::path::PathBuf>,
+    /// R28: PEM private key of `PORTAL_TLS_CERT`.
+    #[arg(long, env = "PORTAL_TLS_KEY", value_name = "PEM")]
+    page_tls_key: Option<std::path::PathBuf>,
+    /// R28: requests per minute one page session may make (and link opens per address).
+    #[arg(long, env = "PORTAL_RATE_PER_MINUTE", default_value_t = credits_portal::DEFAULT_RATE_PER_MINUTE as u64, value_parser = ranged::<1, 100_000>)]
+    rate_per_minute: u64,
+    /// gRPC TLS: `PortalService` served with it, the portal's calls to the services made
+    /// with it (`CREDITS_TLS_CERT`, `CREDITS_TLS_KEY`, `CREDITS_TLS_CA`).
+    #[command(flatten)]
+    tls: credits_common::tls::TlsArgs,
     /// Address of the Prometheus metrics endpoint (`/metrics`); "off" disables it.
     #[arg(long, env = "METRICS_ADDR", default_value = credits_portal::DEFAULT_METRICS)]
     metrics_addr: String,
@@ -116,6 +129,13 @@ async fn main() -> anyhow::Result<()> {
     cfg.auth_tokens_file = args.auth_tokens_file.clone();
     cfg.stripe_js_url = args.stripe_js_url.clone().filter(|u| !u.is_empty());
     cfg.database_url = credits_common::config::DatabaseUrl::new(&args.database_url);
+    cfg.rate_per_minute = args.rate_per_minute as u32;
+    cfg.tls = credits_common::tls::Tls::from(&args.tls);
+    cfg.page_tls = match (args.page_tls_cert.clone(), args.page_tls_key.clone()) {
+        (Some(c), Some(k)) => Some((c, k)),
+        (None, None) => None,
+        _ => anyhow::bail!("PORTAL_TLS_CERT and PORTAL_TLS_KEY go together: set both or neither"),
+    };
     let app = credits_portal::App::build(cfg, &shutdown).await?;
     let grpc = credits_common::config::bind(args.listen).await?;
     let http = credits_common::config::bind(args.http_listen).await?;
