@@ -1182,7 +1182,10 @@ impl World {
                 let a = self.account(w[0], false);
                 let f = fields![a];
                 let req = if kind == 10 {
-                    Req::ListPaymentMethods(ppb::ListPaymentMethodsRequest { account_id: a.v })
+                    Req::ListPaymentMethods(ppb::ListPaymentMethodsRequest {
+                        account_id: a.v,
+                        ..Default::default()
+                    })
                 } else {
                     Req::GetAutoRecharge(rpb::GetAutoRechargeRequest { account_id: a.v })
                 };

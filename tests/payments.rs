@@ -716,3 +716,68 @@ async fn a_charge_the_processor_made_is_never_recorded_as_failed() {
     assert_eq!(made, 1);
     e.ledger.stop().await;
 }
+
+/// R28: an account holds at most 25 payment methods — the 26th is refused in words and
+/// nothing is added — and the list is paged, in the order the methods were added.
+#[tokio::test]
+async fn payment_methods_are_bounded_per_account_and_listed_in_pages_r28() {
+    let e = env().await;
+    let mut added = Vec::new();
+    for _ in 0..25 {
+        added.push(
+            e.c.add_card("acme", "4242424242424242", false)
+                .await
+                .payment_method_id,
+        );
+    }
+    let refused =
+        e.c.payments()
+            .add_payment_method(
+                &acct("acme"),
+                &credits_tests::api::card("4242424242424242"),
+                false,
+            )
+            .await
+            .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused}");
+    assert!(
+        refused
+            .message()
+            .starts_with("payment methods: an account has at most 25"),
+        "{refused}"
+    );
+    assert_eq!(e.c.methods("acme").await.len(), 25, "nothing added");
+
+    // Pages of 10: 10, 10, 5, in the order added, each token leading to the next.
+    let p = e.c.payments();
+    let mut seen = Vec::new();
+    let mut token: Option<String> = None;
+    let mut sizes = Vec::new();
+    loop {
+        let page = p
+            .list_payment_methods_page(&acct("acme"), 10, token.as_deref())
+            .await
+            .unwrap();
+        sizes.push(page.items.len());
+        seen.extend(page.items.into_iter().map(|m| m.payment_method_id));
+        match page.next_page_token {
+            Some(t) => token = Some(t),
+            None => break,
+        }
+    }
+    assert_eq!(sizes, [10, 10, 5]);
+    assert_eq!(seen, added);
+    // A bad page token is INVALID_ARGUMENT naming it.
+    let bad = p
+        .list_payment_methods_page(&acct("acme"), 10, Some("not-a-token"))
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    assert!(bad.message().starts_with("page_token"), "{bad}");
+
+    // Removing one makes room for one.
+    e.c.remove_method("acme", &added[3]).await;
+    e.c.add_card("acme", "4242424242424242", false).await;
+    assert_eq!(e.c.methods("acme").await.len(), 25);
+    e.stop().await;
+}

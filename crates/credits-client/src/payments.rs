@@ -46,19 +46,40 @@ impl Payments {
             .try_into()
     }
 
+    /// Every method of the account (at most 25, R28), in the order they were added: the
+    /// pages of [`Payments::list_payment_methods_page`], all of them.
     pub async fn list_payment_methods(
         &self,
         account: &AccountId,
     ) -> Result<Vec<PaymentMethod>, ClientError> {
+        let mut all = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let page = self
+                .list_payment_methods_page(account, 0, token.as_deref())
+                .await?;
+            all.extend(page.items);
+            match page.next_page_token {
+                Some(t) => token = Some(t),
+                None => return Ok(all),
+            }
+        }
+    }
+
+    /// One page of the account's methods (R28): `page_size` 0 = 50.
+    pub async fn list_payment_methods_page(
+        &self,
+        account: &AccountId,
+        page_size_: u32,
+        page_token: Option<&str>,
+    ) -> Result<Page<PaymentMethod>, ClientError> {
         let req = ppb::ListPaymentMethodsRequest {
             account_id: account.to_string(),
+            page_size: page_size(page_size_),
+            page_token: page_token.unwrap_or_default().to_owned(),
         };
-        rpc!(self, Repeat::Safe, req, list_payment_methods)
-            .await?
-            .payment_methods
-            .into_iter()
-            .map(PaymentMethod::try_from)
-            .collect()
+        let r = rpc!(self, Repeat::Safe, req, list_payment_methods).await?;
+        Page::from_wire(r.payment_methods, r.next_page_token)
     }
 
     /// Makes a method the default (R10: a bank account as default turns auto-recharge

@@ -165,10 +165,14 @@ impl pb::payments_service_server::PaymentsService for PaymentsGrpc {
         &self,
         req: Request<pb::ListPaymentMethodsRequest>,
     ) -> Result<Response<pb::ListPaymentMethodsResponse>, Status> {
-        let account = AccountId::parse(&req.into_inner().account_id)?;
-        let methods = self.svc.list_methods(&account).await?;
+        let r = req.into_inner();
+        let account = AccountId::parse(&r.account_id)?;
+        let limit = credits_common::ids::paging::page_size(r.page_size)?;
+        let after = credits_common::ids::paging::page_token(&r.page_token)?;
+        let (methods, next_page_token) = self.svc.list_methods(&account, after, limit).await?;
         Ok(Response::new(pb::ListPaymentMethodsResponse {
             payment_methods: methods.into_iter().map(method_to_wire).collect(),
+            next_page_token,
         }))
     }
 

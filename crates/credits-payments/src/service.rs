@@ -45,6 +45,9 @@ pub struct Payments {
     pub(crate) refund_lease: Duration,
 }
 
+/// R28: the most payment methods one account holds.
+pub const MAX_METHODS: i64 = 25;
+
 /// The result of a purchase: the charge and, once credited, the ledger entry and balance.
 pub struct Purchase {
     pub charge: Charge,
@@ -115,6 +118,11 @@ impl Payments {
         make_default: bool,
     ) -> Result<PaymentMethod, PaymentsError> {
         self.ensure_account(account).await?;
+        // R28: refused before the processor sees anything; checked again under the lock.
+        {
+            let mut conn = self.store.pool().acquire().await?;
+            Self::check_room(&mut conn, account).await?;
+        }
         if !matches!(method, NewMethod::Token(_)) && !self.processor.takes_raw_details() {
             // R24: card data never reaches a real processor through us.
             return Err(PaymentsError::invalid(format!(
@@ -177,6 +185,7 @@ impl Payments {
         }
         let mut tx = self.store.pool().begin().await?;
         Store::lock_account(&mut tx, account.as_str()).await?;
+        Self::check_room(&mut tx, account).await?;
         let had_default = Store::default_method(&mut tx, account.as_str())
             .await?
             .is_some();
@@ -251,15 +260,41 @@ impl Payments {
             .map_err(processor_error)
     }
 
+    /// A page of the account's methods (R28), in the order they were added: at most
+    /// `limit` after the one numbered `after`; the next page's token when there may be one.
     pub async fn list_methods(
         &self,
         account: &AccountId,
-    ) -> Result<Vec<PaymentMethod>, PaymentsError> {
-        let methods = self.store.list_methods(account.as_str()).await?;
-        if methods.is_empty() {
+        after: Option<i64>,
+        limit: i64,
+    ) -> Result<(Vec<PaymentMethod>, String), PaymentsError> {
+        let rows = self
+            .store
+            .list_methods(account.as_str(), after, limit)
+            .await?;
+        if rows.is_empty() && after.is_none() {
             self.ensure_account(account).await?;
         }
-        Ok(methods)
+        let next = match rows.last() {
+            Some((seq, _)) if rows.len() as i64 == limit => seq.to_string(),
+            _ => String::new(),
+        };
+        Ok((rows.into_iter().map(|(_, m)| m).collect(), next))
+    }
+
+    /// R28: refuses a method past [`MAX_METHODS`] (the caller holds the account's lock
+    /// when it must be exact).
+    async fn check_room(
+        conn: &mut sqlx::PgConnection,
+        account: &AccountId,
+    ) -> Result<(), PaymentsError> {
+        let n = Store::count_methods(conn, account.as_str()).await?;
+        if n >= MAX_METHODS {
+            return Err(PaymentsError::Refused(format!(
+                "payment methods: an account has at most {MAX_METHODS}; remove one to add another"
+            )));
+        }
+        Ok(())
     }
 
     pub async fn set_default(

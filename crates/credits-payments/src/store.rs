@@ -217,20 +217,56 @@ impl Store {
         .transpose()
     }
 
-    pub async fn list_methods(&self, account: &str) -> Result<Vec<PaymentMethod>, PaymentsError> {
-        sqlx::query_as!(
-            MethodRow,
-            r#"SELECT payment_method_id, account_id, type, processor_token, brand, last4, exp_month,
-                      exp_year, is_default, created_at
-               FROM payment_methods WHERE account_id = $1 AND removed_at IS NULL
-               ORDER BY created_at"#,
-            account
+    /// R28: a page of the account's methods in the order they were added, after the one
+    /// numbered `after` (the page token), with each one's number.
+    pub async fn list_methods(
+        &self,
+        account: &str,
+        after: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<(i64, PaymentMethod)>, PaymentsError> {
+        let rows = sqlx::query!(
+            r#"SELECT seq, payment_method_id, account_id, type, processor_token, brand, last4,
+                      exp_month, exp_year, is_default, created_at
+               FROM payment_methods
+               WHERE account_id = $1 AND removed_at IS NULL AND seq > $2
+               ORDER BY seq LIMIT $3"#,
+            account,
+            after.unwrap_or(0),
+            limit
         )
         .fetch_all(&self.pool)
-        .await?
-        .into_iter()
-        .map(PaymentMethod::try_from)
-        .collect()
+        .await?;
+        rows.into_iter()
+            .map(|r| {
+                let pm = PaymentMethod::try_from(MethodRow {
+                    payment_method_id: r.payment_method_id,
+                    account_id: r.account_id,
+                    r#type: r.r#type,
+                    processor_token: r.processor_token,
+                    brand: r.brand,
+                    last4: r.last4,
+                    exp_month: r.exp_month,
+                    exp_year: r.exp_year,
+                    is_default: r.is_default,
+                    created_at: r.created_at,
+                })?;
+                Ok((r.seq, pm))
+            })
+            .collect()
+    }
+
+    /// R28: how many methods the account has (not removed).
+    pub async fn count_methods(
+        conn: &mut PgConnection,
+        account: &str,
+    ) -> Result<i64, PaymentsError> {
+        Ok(sqlx::query_scalar!(
+            r#"SELECT count(*) AS "n!" FROM payment_methods WHERE account_id = $1 AND removed_at IS NULL"#,
+            account
+        )
+        .fetch_one(&mut *conn)
+        .await?)
     }
 
     pub async fn insert_method(

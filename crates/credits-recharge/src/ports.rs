@@ -229,23 +229,32 @@ pub struct GrpcPayments(pub PaymentsServiceClient<AuthChannel>);
 #[tonic::async_trait]
 impl PaymentsPort for GrpcPayments {
     async fn default_method(&self, account: &str) -> Result<DefaultMethod, RechargeError> {
-        let methods = self
-            .0
-            .clone()
-            .list_payment_methods(ppb::ListPaymentMethodsRequest {
-                account_id: account.to_owned(),
-            })
-            .await
-            .map_err(|s| peer_error("payments", s))?
-            .into_inner()
-            .payment_methods;
-        Ok(match methods.into_iter().find(|m| m.is_default) {
-            Some(m) if m.r#type == ppb::PaymentMethodType::Card as i32 => {
-                DefaultMethod::Card(m.payment_method_id)
+        // Page by page until the default (an account holds at most 25: one page).
+        let mut page_token = String::new();
+        loop {
+            let page = self
+                .0
+                .clone()
+                .list_payment_methods(ppb::ListPaymentMethodsRequest {
+                    account_id: account.to_owned(),
+                    page_size: 100,
+                    page_token,
+                })
+                .await
+                .map_err(|s| peer_error("payments", s))?
+                .into_inner();
+            if let Some(m) = page.payment_methods.into_iter().find(|m| m.is_default) {
+                return Ok(if m.r#type == ppb::PaymentMethodType::Card as i32 {
+                    DefaultMethod::Card(m.payment_method_id)
+                } else {
+                    DefaultMethod::NotCard
+                });
             }
-            Some(_) => DefaultMethod::NotCard,
-            None => DefaultMethod::None,
-        })
+            if page.next_page_token.is_empty() {
+                return Ok(DefaultMethod::None);
+            }
+            page_token = page.next_page_token;
+        }
     }
 
     async fn charge(&self, charge: &TopUpCharge) -> Result<ChargeAnswer, RechargeError> {
