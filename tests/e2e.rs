@@ -472,7 +472,22 @@ async fn credits_up_runs_all_four_and_the_demo_tells_the_story() {
     let path = link
         .strip_prefix(&format!("http://{page}"))
         .unwrap_or_else(|| panic!("{link}"));
-    let opened = http_get(&page, path, None).await;
+    // Two hops, as a browser takes them: the first sets a hop cookie and moves on by
+    // itself; the second (from the page) opens the session.
+    let first = http_get(&page, path, None).await;
+    let hop = first
+        .lines()
+        .find_map(|l| l.strip_prefix("set-cookie: "))
+        .and_then(|c| c.split(';').next())
+        .unwrap_or_else(|| panic!("no hop cookie: {first}"))
+        .to_owned();
+    let next = first
+        .split("url=")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .unwrap_or_else(|| panic!("no next hop: {first}"))
+        .replace("&amp;", "&");
+    let opened = http_get(&page, &next, Some(&hop)).await;
     assert!(
         opened.lines().next().unwrap_or_default().contains(" 200 ")
             && opened.contains("url=/billing"),
@@ -480,7 +495,8 @@ async fn credits_up_runs_all_four_and_the_demo_tells_the_story() {
     );
     let cookie = opened
         .lines()
-        .find_map(|l| l.strip_prefix("set-cookie: "))
+        .filter_map(|l| l.strip_prefix("set-cookie: "))
+        .find(|c| c.starts_with("credits_portal="))
         .and_then(|c| c.split(';').next())
         .unwrap_or_else(|| panic!("no cookie: {opened}"))
         .to_owned();

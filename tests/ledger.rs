@@ -1136,6 +1136,19 @@ async fn stream_usage_streams_are_bounded_in_items_and_lifetime_r28() {
     assert_eq!(rest.len(), 2, "{rest:?}");
     assert!(rest.iter().all(Result::is_ok), "{rest:?}");
     assert_eq!(c.account("acme").await.balance.as_decimal(), dec("-0.05"));
+    // Exactly the limit, then the client ends the stream: all answered, no false "cut".
+    let exact: Vec<_> = (0..3)
+        .map(|i| usage("acme", "0.01", &format!("x{i}")))
+        .collect();
+    let answered: Vec<_> = c
+        .ledger()
+        .stream_usage(futures_util::stream::iter(exact))
+        .await
+        .unwrap()
+        .collect()
+        .await;
+    assert_eq!(answered.len(), 3, "{answered:?}");
+    assert!(answered.iter().all(Result::is_ok), "{answered:?}");
     // A stream kept open past its lifetime is ended by the server.
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tx.send(usage("acme", "0.01", "t0")).await.unwrap();

@@ -510,11 +510,11 @@ async fn responses_carry_strict_headers_and_the_cookie_ends_with_the_session_r20
         .create_portal_session(&acct("acme"), Some(Duration::from_secs(2)))
         .await
         .unwrap();
-    let path = session.url.strip_prefix(&portal.http).unwrap();
-    let (code, headers, body) = http(&portal.http, path, None).await;
+    let (code, set, body) = open_link_full(&portal, &session.url, None).await;
     assert_eq!(code, 200, "{body}");
     assert!(body.contains("url=/billing"), "{body}");
-    let set = header(&headers, "set-cookie");
+    let set = set.expect("a session cookie");
+    let set = set.as_str();
     for part in ["HttpOnly", "SameSite=Strict", "Path=/", "Max-Age="] {
         assert!(set.contains(part), "{set}");
     }
@@ -746,18 +746,60 @@ async fn http_post(
     (code, headers, body.to_owned())
 }
 
-/// Opens `url` (a session link) over raw HTTP: its status, and the cookie it set, if any.
+/// Opens `url` (a session link) over raw HTTP as a browser does: the first hop arrives
+/// from elsewhere (no session cookie: it is `SameSite=Strict`), the second from the page
+/// itself, with the hop cookie and `cookie` (the browser's session cookie, if any). The
+/// final status, the session cookie it set (`name=value`), and the body.
 async fn open_link(
     portal: &PortalUnderTest,
     url: &str,
     cookie: Option<&str>,
 ) -> (u16, Option<String>, String) {
+    let (code, set, body) = open_link_full(portal, url, cookie).await;
+    (
+        code,
+        set.map(|s| s.split(';').next().unwrap().to_owned()),
+        body,
+    )
+}
+
+/// [`open_link`], with the session cookie's whole `Set-Cookie` value.
+async fn open_link_full(
+    portal: &PortalUnderTest,
+    url: &str,
+    cookie: Option<&str>,
+) -> (u16, Option<String>, String) {
     let path = url.strip_prefix(&portal.http).unwrap();
-    let (code, headers, body) = http(&portal.http, path, cookie).await;
+    let (code, headers, body) = http(&portal.http, path, None).await;
+    if code != 200 {
+        return (code, None, body);
+    }
+    assert!(
+        !headers
+            .iter()
+            .any(|(k, v)| k == "set-cookie" && v.starts_with("credits_portal=")),
+        "the first hop opened a session"
+    );
+    let hop = header(&headers, "set-cookie")
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    let next = body
+        .split("url=")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .unwrap()
+        .replace("&amp;", "&");
+    let cookies = match cookie {
+        Some(c) => format!("{hop}; {c}"),
+        None => hop,
+    };
+    let (code, headers, body) = http(&portal.http, &next, Some(&cookies)).await;
     let set = headers
         .iter()
-        .find(|(k, _)| k == "set-cookie")
-        .map(|(_, v)| v.split(';').next().unwrap().to_owned());
+        .find(|(k, v)| k == "set-cookie" && v.starts_with("credits_portal="))
+        .map(|(_, v)| v.clone());
     (code, set, body)
 }
 
@@ -816,7 +858,27 @@ async fn links_are_single_use_sessions_end_and_switching_accounts_asks_first_r28
     assert!(again.is_none());
     assert!(body.contains("already used"), "{body}");
 
-    // Another account's link while acme's session is open: asked, not switched.
+    // A link made to skip the first hop (pointing at /session/continue from elsewhere)
+    // has no hop cookie: refused, nothing opened.
+    let direct =
+        portal
+            .session_url("evil", None)
+            .await
+            .replacen("/session?", "/session/continue?", 1);
+    let (code, headers, _) = http(
+        &portal.http,
+        direct.strip_prefix(&portal.http).unwrap(),
+        Some(&acme_cookie),
+    )
+    .await;
+    assert_eq!(code, 403);
+    assert!(
+        !headers
+            .iter()
+            .any(|(k, v)| k == "set-cookie" && v.starts_with("credits_portal="))
+    );
+    // Another account's link while acme's session is open — arriving from another site,
+    // where the session cookie is not sent — is asked about on the second hop, not switched.
     let evil_link = portal.session_url("evil", None).await;
     let (code, set, body) = open_link(&portal, &evil_link, Some(&acme_cookie)).await;
     assert_eq!(code, 200);

@@ -371,8 +371,14 @@ fn portal_token(a: &UpArgs, policy: &credits_common::auth::Policy) -> anyhow::Re
     // only this user can read.
     let token =
         uuid::Uuid::new_v4().simple().to_string() + &uuid::Uuid::new_v4().simple().to_string();
-    let dir = std::env::temp_dir().join(format!("credits-up-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
+    // A directory of our own (a fresh random name, made here, owner-only): nobody else
+    // can have prepared it or the file in it.
+    let dir = std::env::temp_dir().join(format!("credits-up-{}", uuid::Uuid::new_v4().simple()));
+    let mut d = std::fs::DirBuilder::new();
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut d, 0o700);
+    d.create(&dir)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
     let path = dir.join("tokens");
     write_private(
         &path,
@@ -394,7 +400,7 @@ fn write_private(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
     #[cfg(unix)]
     use std::os::unix::fs::OpenOptionsExt;
     let mut o = std::fs::OpenOptions::new();
-    o.write(true).create(true).truncate(true);
+    o.write(true).create_new(true);
     #[cfg(unix)]
     o.mode(0o600);
     o.open(path)

@@ -150,12 +150,12 @@ impl std::fmt::Debug for Policy {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CallerRole(pub Role);
 
-/// The caller's role of a request that came through [`AuthService`]; `internal` when none
-/// was recorded (a service called in-process, as tests do).
+/// The caller's role of a request that came through [`AuthService`]; the least one
+/// (`gateway`) when none was recorded — a request that bypassed the layer gets nothing.
 pub fn caller_role<T>(req: &Request<T>) -> Role {
     req.extensions()
         .get::<CallerRole>()
-        .map_or(Role::Internal, |r| r.0)
+        .map_or(Role::Gateway, |r| r.0)
 }
 
 impl Policy {

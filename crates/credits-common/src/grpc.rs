@@ -45,9 +45,10 @@ pub type AuthRouter = Router<
     >,
 >;
 
-/// R28: the longest a call's handler may run (unary calls; a stream's answer starts well
-/// before). `DEADLINE_EXCEEDED` after it.
-pub const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// R28: the longest a call's handler may run (until its answer starts: a whole unary
+/// call, the opening of a stream): past it the call ends `CANCELLED` ("Timeout expired").
+/// Longer than a payments call may take with its processor retries (4 tries of 30 s).
+pub const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(180);
 /// R28: calls one connection may have in its handlers at once; more wait their turn.
 pub const CONCURRENCY_PER_CONNECTION: usize = 256;
 /// R28: HTTP/2 streams one connection may hold open.

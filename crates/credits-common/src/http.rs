@@ -44,6 +44,20 @@ impl Default for HttpLimits {
 #[derive(Clone, Copy, Debug)]
 pub struct PeerAddr(pub SocketAddr);
 
+impl PeerAddr {
+    /// The rate-limit key of the address: the IPv4 address, or the IPv6 /64 (one host
+    /// has a whole /64 to rotate through).
+    pub fn key(&self) -> String {
+        match self.0.ip() {
+            std::net::IpAddr::V4(v4) => v4.to_string(),
+            std::net::IpAddr::V6(v6) => {
+                let s = v6.segments();
+                format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+            }
+        }
+    }
+}
+
 /// A TLS acceptor from a PEM certificate chain and key; errors name the settings.
 pub fn tls_acceptor(
     cert_setting: &str,
@@ -190,7 +204,7 @@ pub struct RateLimiter {
     buckets: Mutex<HashMap<String, (f64, Instant)>>,
 }
 
-/// Keys kept before idle ones are dropped.
+/// Keys kept before the table starts over.
 const MAX_KEYS: usize = 100_000;
 
 impl RateLimiter {
@@ -206,7 +220,9 @@ impl RateLimiter {
         let now = Instant::now();
         let mut b = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
         if b.len() >= MAX_KEYS && !b.contains_key(key) {
-            b.retain(|_, (_, at)| now.duration_since(*at) < Duration::from_secs(60));
+            // Full (many addresses at once): start over rather than scan — each key then
+            // gets a fresh budget once, never an unbounded table.
+            b.clear();
         }
         let (tokens, at) = b.entry(key.to_owned()).or_insert((self.per_minute, now));
         let refill = now.duration_since(*at).as_secs_f64() * self.per_minute / 60.0;

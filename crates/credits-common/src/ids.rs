@@ -73,11 +73,17 @@ pub fn description_text(field: &str, s: &str, max: usize) -> Result<String, Serv
 
 /// Characters that change how text around them reads without showing themselves (R28):
 /// bidirectional overrides, embeddings, isolates and marks (`"\u{202e}emca"` shows as
-/// "acme"), and zero-width spaces, joiners and the byte-order mark.
+/// "acme"), zero-width spaces, the word joiner and byte-order mark, invisible operators,
+/// soft hyphens, line/paragraph separators, tag characters, interlinear annotations and
+/// blank fillers. The zero-width (non-)joiners U+200C/U+200D are not among them: Persian,
+/// the Indic scripts and emoji sequences need them.
 pub fn is_invisible_format(c: char) -> bool {
     matches!(c,
         '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}'
-        | '\u{180E}' | '\u{200B}'..='\u{200D}' | '\u{2060}'..='\u{2064}' | '\u{FEFF}')
+        | '\u{00AD}' | '\u{034F}' | '\u{115F}' | '\u{1160}' | '\u{17B4}' | '\u{17B5}'
+        | '\u{180E}' | '\u{200B}' | '\u{2028}' | '\u{2029}' | '\u{2060}'..='\u{2064}'
+        | '\u{3164}' | '\u{FEFF}' | '\u{FFA0}' | '\u{FFF9}'..='\u{FFFB}'
+        | '\u{E0000}'..='\u{E007F}')
 }
 
 fn checked_text(
@@ -231,7 +237,9 @@ mod tests {
             "\u{202e}emca",
             "Acme\u{2066}Corp\u{2069}",
             "pay\u{200b}pal",
-            "a\u{200d}b",
+            "soft\u{00ad}hyphen",
+            "line\u{2028}separator",
+            "tag\u{e0041}",
             "\u{feff}bom",
             "rtl\u{200f}",
             "arabic mark \u{061c}",
@@ -250,6 +258,9 @@ mod tests {
         // Right-to-left text itself is fine: only the invisible controls are refused.
         assert!(display_text("display_name", "شركة أكمي", 200).is_ok());
         assert!(display_text("display_name", "עברית", 200).is_ok());
+        // Joiners are letters' business: Persian, Indic scripts, emoji sequences.
+        assert!(display_text("display_name", "می\u{200c}خواهم", 200).is_ok());
+        assert!(description_text("description", "👩\u{200d}💻 job", 1024).is_ok());
         // Identifiers are not display text: R21 alone.
         assert!(bounded_text("reference", "a\u{200d}b", 255).is_ok());
     }

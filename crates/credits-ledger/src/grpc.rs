@@ -682,8 +682,19 @@ impl pb::ledger_service_server::LedgerService for LedgerGrpc {
         let deadline = tokio::time::Instant::now() + limits.max_lifetime;
         let read = Arc::new(AtomicUsize::new(0));
         let counter = read.clone();
+        // Whether the client ended the stream itself (then no limit cut it).
+        let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let ended_by_client = ended.clone();
         let results = req
             .into_inner()
+            .map(Some)
+            .chain(futures_util::stream::once(async { None }))
+            .filter_map(move |x| {
+                if x.is_none() {
+                    ended_by_client.store(true, Ordering::Relaxed);
+                }
+                async move { x }
+            })
             .take(limits.max_items)
             .take_until(tokio::time::sleep_until(deadline))
             .enumerate()
@@ -713,7 +724,7 @@ impl pb::ledger_service_server::LedgerService for LedgerGrpc {
         // client knows to send what has no result on a new stream.
         let cut = futures_util::stream::once(async move {
             let n = read.load(Ordering::Relaxed);
-            (n >= limits.max_items || tokio::time::Instant::now() >= deadline).then(|| {
+            (!ended.load(Ordering::Relaxed)).then(|| {
                 Err(Status::unavailable(format!(
                     "StreamUsage: this stream reached its limit ({} items or {} s) after {n} items; open a new stream and send the items that have no result",
                     limits.max_items,

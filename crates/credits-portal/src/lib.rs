@@ -191,6 +191,11 @@ pub fn check_client_token(
                 "PORTAL_CLIENT_TOKEN is not in CREDITS_AUTH_TOKENS_FILE: list it there as `billing <token>` (docs/security.md)"
             ),
         },
+        // The services need to know the portal's token as billing: only a token file can
+        // say so, and the portal must read the same one to check it.
+        (Some(_), None) if all_powerful.is_some() => anyhow::bail!(
+            "PORTAL_CLIENT_TOKEN needs CREDITS_AUTH_TOKENS_FILE (the file the services read, listing it as `billing <token>`), so that its role can be checked (docs/security.md)"
+        ),
         (Some(t), None) => credits_common::auth::check_token(t)
             .map_err(|e| anyhow::anyhow!("PORTAL_CLIENT_TOKEN: {e}")),
         // The services need a token, and the portal would have none.

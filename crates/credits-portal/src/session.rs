@@ -42,8 +42,9 @@ impl Kind {
     }
 }
 
-/// A verified session: whose it is and until when.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A verified session: whose it is and until when. Its `Debug` shows neither the id nor
+/// the MAC (together they are the token).
+#[derive(Clone, PartialEq, Eq)]
 pub struct Session {
     pub account: AccountId,
     pub expires_at: DateTime<Utc>,
@@ -51,6 +52,15 @@ pub struct Session {
     pub id: String,
     /// The token's MAC, from which the CSRF token is derived.
     mac: Vec<u8>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("account", &self.account)
+            .field("expires_at", &self.expires_at)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Why a token was refused. Kept coarse on purpose: the page says "expired" or "not
@@ -138,17 +148,27 @@ impl Keys {
         expires_at: DateTime<Utc>,
     ) -> (String, String) {
         let nonce = URL_SAFE_NO_PAD.encode(uuid::Uuid::new_v4().as_bytes());
+        (self.sign_with_id(kind, account, expires_at, &nonce), nonce)
+    }
+
+    /// [`Keys::sign`] with a given id (`[A-Za-z0-9_-]`, as a nonce is).
+    pub fn sign_with_id(
+        &self,
+        kind: Kind,
+        account: &AccountId,
+        expires_at: DateTime<Utc>,
+        nonce: &str,
+    ) -> String {
         let exp = expires_at.timestamp().to_string();
         let mac = Self::mac(
             &self.current,
-            &[kind.as_str(), account.as_str(), &exp, &nonce],
+            &[kind.as_str(), account.as_str(), &exp, nonce],
         );
-        let token = format!(
+        format!(
             "v1.{}.{exp}.{nonce}.{}",
             account.as_str(),
             URL_SAFE_NO_PAD.encode(mac)
-        );
-        (token, nonce)
+        )
     }
 
     /// Checks a token of `kind` at `now`: signed by one of the keys, not expired.
@@ -184,6 +204,21 @@ impl Keys {
             id: nonce.to_owned(),
             mac: given,
         })
+    }
+
+    /// A proof of `value` for `purpose` (the hop cookie of a link being opened): an HMAC a
+    /// page of ours can carry and another site cannot compute.
+    pub fn tag(&self, purpose: &str, value: &str) -> String {
+        URL_SAFE_NO_PAD.encode(Self::mac(&self.current, &[purpose, value]))
+    }
+
+    /// Whether `given` is [`Keys::tag`] of `value` for `purpose` (current or previous key).
+    pub fn tag_ok(&self, purpose: &str, value: &str, given: &str) -> bool {
+        let Ok(given) = URL_SAFE_NO_PAD.decode(given) else {
+            return false;
+        };
+        let ok = |key: &[u8]| bool::from(Self::mac(key, &[purpose, value]).ct_eq(&given));
+        ok(&self.current) || self.previous.as_deref().is_some_and(ok)
     }
 
     /// The CSRF token of a session (verified from its cookie).

@@ -51,39 +51,38 @@ impl SessionStore {
         Ok(())
     }
 
-    /// Uses a link, once: its account and the session's expiry; `None` when it was used,
-    /// revoked, has expired or is unknown.
-    pub async fn use_link(
+    /// Uses a link (once) and opens its session, in one transaction: a revocation cannot
+    /// fall between the two. The session's account and expiry; `None` when the link was
+    /// used, revoked, has expired or is unknown.
+    pub async fn use_link_and_open(
         &self,
         link_id: &str,
+        session_id: &str,
     ) -> Result<Option<(String, DateTime<Utc>)>, ServiceError> {
-        sqlx::query_as(
+        let mut tx = self.pool.begin().await.map_err(db_error)?;
+        let used: Option<(String, DateTime<Utc>)> = sqlx::query_as(
             "UPDATE links SET used_at = now()
               WHERE link_id = $1 AND used_at IS NULL AND link_expires_at > now()
               RETURNING account_id, session_expires_at",
         )
         .bind(link_id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *tx)
         .await
-        .map_err(db_error)
-    }
-
-    pub async fn open_session(
-        &self,
-        session_id: &str,
-        account: &str,
-        expires_at: DateTime<Utc>,
-    ) -> Result<(), ServiceError> {
+        .map_err(db_error)?;
+        let Some((account, expires_at)) = used else {
+            return Ok(None);
+        };
         sqlx::query(
             "INSERT INTO sessions (session_id, account_id, expires_at) VALUES ($1, $2, $3)",
         )
         .bind(session_id)
-        .bind(account)
+        .bind(&account)
         .bind(expires_at)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
         .map_err(db_error)?;
-        Ok(())
+        tx.commit().await.map_err(db_error)?;
+        Ok(Some((account, expires_at)))
     }
 
     /// Whether the session is still live: opened here, not signed out, not revoked.

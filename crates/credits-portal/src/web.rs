@@ -129,11 +129,21 @@ impl Web {
             COOKIE
         }
     }
+
+    /// The cookie of a link being opened (between its two hops).
+    fn hop_cookie_name(&self) -> &'static str {
+        if self.secure_cookie {
+            "__Host-credits_portal_hop"
+        } else {
+            "credits_portal_hop"
+        }
+    }
 }
 
 pub fn router(web: Arc<Web>) -> Router {
     Router::new()
         .route("/session", get(open_session).post(switch_session))
+        .route("/session/continue", get(continue_session))
         .route("/billing/sign-out", post(sign_out))
         .route("/billing", get(show))
         .route("/billing/credits", post(add_credits))
@@ -217,27 +227,74 @@ fn refused(r: Refused) -> Response {
 
 // ---- sessions ---------------------------------------------------------------------------
 
+/// `GET /session?token=…`: the first hop. A customer arrives here from another site (the
+/// platform's, a mail), so the session cookie (`SameSite=Strict`) is not sent and this
+/// request cannot see whether a session is open. It checks the link's signature, sets a
+/// short-lived hop cookie and moves on by itself to `/session/continue` — a request from
+/// this site, which sees the session cookie and can ask before switching (R28). The link
+/// is not used here.
 async fn open_session(
     State(web): State<Arc<Web>>,
     peer: Option<axum::Extension<credits_common::http::PeerAddr>>,
-    headers: HeaderMap,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
-    let from = peer.map_or_else(|| "unknown".to_owned(), |p| p.0.0.ip().to_string());
+    let from = peer.map_or_else(|| "unknown".to_owned(), |p| p.0.key());
     if !web.link_rate.allow(&from) {
         return too_many();
     }
     let token = q.get("token").map(String::as_str).unwrap_or_default();
+    if let Err(r) = web.keys.verify(Kind::Link, token, Utc::now()) {
+        return refused(r);
+    }
+    let hop = uuid::Uuid::new_v4().simple().to_string();
+    let next = format!(
+        "/session/continue?token={}&hop={}",
+        form_urlencoded::byte_serialize(token.as_bytes()).collect::<String>(),
+        web.keys.tag("hop", &hop)
+    );
+    let mut r = html(StatusCode::OK, page::continue_page(&next));
+    let set = format!(
+        "{}={hop}; Path=/; Max-Age=120; HttpOnly; SameSite=Strict{}",
+        web.hop_cookie_name(),
+        if web.secure_cookie { "; Secure" } else { "" }
+    );
+    if let Ok(v) = HeaderValue::from_str(&set) {
+        r.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    r
+}
+
+/// `GET /session/continue`: the second hop, from this site (its hop cookie proves it: a
+/// link made to point here directly from elsewhere has none). Another account's session
+/// open → ask; the same account's → the page; none → the link is used and the session
+/// opens.
+async fn continue_session(
+    State(web): State<Arc<Web>>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let token = q.get("token").map(String::as_str).unwrap_or_default();
+    let proof = q.get("hop").map(String::as_str).unwrap_or_default();
+    let hop = cookies(&headers, web.hop_cookie_name());
+    let from_here = matches!(&hop[..], [h] if web.keys.tag_ok("hop", h, proof));
+    if !from_here {
+        tracing::warn!("portal link continued without its hop (not from this site); refused");
+        return html(
+            StatusCode::FORBIDDEN,
+            page::message_page(
+                "Billing settings",
+                "This billing link could not be opened here. Open it again from where you received it.",
+            ),
+        );
+    }
     let link = match web.keys.verify(Kind::Link, token, Utc::now()) {
         Ok(s) => s,
         Err(r) => return refused(r),
     };
-    // R28: another account's session is open in this browser: ask, do not replace it (a
-    // link of the attacker's account must not quietly take the customer's place).
-    if let Ok(current) = session(&web, &headers).await
-        && current.account != link.account
-    {
-        return html(
+    let mut r = match session(&web, &headers).await {
+        // R28: another account's session is open in this browser: ask, do not replace
+        // it (a link of an attacker's account must not quietly take the customer's place).
+        Ok(current) if current.account != link.account => html(
             StatusCode::OK,
             page::switch_page(
                 current.account.as_str(),
@@ -245,9 +302,33 @@ async fn open_session(
                 token,
                 &web.keys.csrf(&current),
             ),
-        );
+        ),
+        // Already open for this account (a reload, Back): the page, the link kept.
+        Ok(_) => see_other("/billing"),
+        Err(_) => open_link(&web, &link).await,
+    };
+    let clear = format!(
+        "{}=; Path=/; Max-Age=0; HttpOnly; SameSite=Strict{}",
+        web.hop_cookie_name(),
+        if web.secure_cookie { "; Secure" } else { "" }
+    );
+    if let Ok(v) = HeaderValue::from_str(&clear) {
+        r.headers_mut().append(header::SET_COOKIE, v);
     }
-    open_link(&web, &link).await
+    r
+}
+
+/// The values of the request's cookies called `name`.
+fn cookies(headers: &HeaderMap, name: &str) -> Vec<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|c| c.trim().split_once('='))
+        .filter(|(k, _)| *k == name)
+        .map(|(_, v)| v.to_owned())
+        .collect()
 }
 
 /// `POST /session`: the switch the customer confirmed — only with the open session's CSRF
@@ -273,7 +354,9 @@ async fn switch_session(State(web): State<Arc<Web>>, headers: HeaderMap, body: B
 
 /// Uses the link (once) and opens its session: the cookie, and a page that moves on.
 async fn open_link(web: &Web, link: &Session) -> Response {
-    let used = match web.store.use_link(&link.id).await {
+    // The cookie's id first: the link is used and the session opened in one transaction.
+    let session_id = uuid::Uuid::new_v4().simple().to_string();
+    let used = match web.store.use_link_and_open(&link.id, &session_id).await {
         Ok(u) => u,
         Err(e) => return store_unavailable(&e),
     };
@@ -284,14 +367,9 @@ async fn open_link(web: &Web, link: &Session) -> Response {
     if account != link.account.as_str() {
         return refused(Refused::Invalid);
     }
-    let (cookie, session_id) = web.keys.sign_id(Kind::Cookie, &link.account, expires_at);
-    if let Err(e) = web
-        .store
-        .open_session(&session_id, link.account.as_str(), expires_at)
-        .await
-    {
-        return store_unavailable(&e);
-    }
+    let cookie = web
+        .keys
+        .sign_with_id(Kind::Cookie, &link.account, expires_at, &session_id);
     // Rounded up: a session in its last second still gets a cookie for that second.
     let max_age = ((expires_at - Utc::now()).num_milliseconds().max(0) + 999) / 1000;
     let set = format!(
@@ -367,16 +445,7 @@ fn store_unavailable(e: &credits_common::error::ServiceError) -> Response {
 /// signed out, not revoked). Two cookies of that name (one planted by a sibling domain
 /// beside ours) are refused, not guessed between.
 async fn session(web: &Web, headers: &HeaderMap) -> Result<Session, Denied> {
-    let name = web.cookie_name();
-    let found: Vec<String> = headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|c| c.trim().split_once('='))
-        .filter(|(k, _)| *k == name)
-        .map(|(_, v)| v.to_owned())
-        .collect();
+    let found = cookies(headers, web.cookie_name());
     let [token] = &found[..] else {
         return Err(Denied::Session(Refused::Invalid));
     };
