@@ -689,14 +689,23 @@ impl pb::ledger_service_server::LedgerService for LedgerGrpc {
             .into_inner()
             .map(Some)
             .chain(futures_util::stream::once(async { None }))
-            .filter_map(move |x| {
-                if x.is_none() {
-                    ended_by_client.store(true, Ordering::Relaxed);
-                }
-                async move { x }
-            })
-            .take(limits.max_items)
             .take_until(tokio::time::sleep_until(deadline))
+            // Up to the limit; the client's own end (the `None` after its last item) is
+            // noted, so a stream ended at exactly the limit is not reported cut.
+            .scan(0usize, move |n, x| {
+                let next = match x {
+                    None => {
+                        ended_by_client.store(true, Ordering::Relaxed);
+                        None
+                    }
+                    Some(_) if *n >= limits.max_items => None,
+                    Some(item) => {
+                        *n += 1;
+                        Some(item)
+                    }
+                };
+                futures_util::future::ready(next)
+            })
             .enumerate()
             .map(move |(i, item)| {
                 let (coalescer, views) = (coalescer.clone(), views.clone());
