@@ -327,6 +327,7 @@ async fn purchase_interrupted_after_the_charge_completes_on_restart() {
         auth_token: None,
         sandbox_latency: Duration::ZERO,
         stripe: None,
+        call_timeout: None,
     })
     .await;
     let c = Api::connect(&ledger.url(), &payments.url(), NOBODY, None);
@@ -780,4 +781,43 @@ async fn payment_methods_are_bounded_per_account_and_listed_in_pages_r28() {
     e.c.add_card("acme", "4242424242424242", false).await;
     assert_eq!(e.c.methods("acme").await.len(), 25);
     e.stop().await;
+}
+
+/// R28: no call runs forever. A purchase whose processor is slower than the daemon's call
+/// deadline ends `CANCELLED` ("Timeout expired") at the deadline — and, the outcome being
+/// unknown to the caller, nothing is lost: the charge completes, is credited once, and
+/// the caller's repeat with the same key answers it.
+#[tokio::test]
+async fn a_call_past_the_deadline_is_cut_and_its_purchase_still_completes_once_r28() {
+    // The card goes on file through a quick processor; then payments restarts on the same
+    // database with a processor slower than its call deadline.
+    let e = env_with_visa().await;
+    let database_url = e.payments.database_url.clone();
+    e.payments.stop().await;
+    let payments = Payments::start(PaymentsOptions {
+        database_url: Some(database_url),
+        sandbox_latency: Duration::from_millis(2500),
+        call_timeout: Some(Duration::from_secs(1)),
+        ..PaymentsOptions::for_ledger(&e.ledger)
+    })
+    .await;
+    let c = Api::connect(&e.ledger.url(), &payments.url(), NOBODY, None);
+    let cut = c.try_buy("acme", "25.00", "slow").await.unwrap_err();
+    assert_eq!(cut.code(), Code::Cancelled, "{cut}");
+    assert!(cut.message().contains("Timeout expired"), "{cut}");
+    let balance = eventually(WAIT, "the purchase to be credited", || async {
+        let b = c.ledger().get_account(&acct("acme")).await.ok()?.balance;
+        (b != money("0.00")).then_some(b)
+    })
+    .await;
+    assert_eq!(balance, money("25.00"));
+    let mut db = payments.db().await;
+    let charged: i64 = sqlx::query_scalar("SELECT count(*) FROM sandbox_charges")
+        .fetch_one(&mut db)
+        .await
+        .unwrap();
+    assert_eq!(charged, 1, "charged once");
+    assert_eq!(c.entries("acme").await.len(), 1, "credited once");
+    payments.stop().await;
+    e.ledger.stop().await;
 }

@@ -354,6 +354,8 @@ pub struct PaymentsOptions {
     pub sandbox_latency: Duration,
     /// Charge through Stripe (the emulator's URL and keys) instead of the sandbox.
     pub stripe: Option<credits_payments::stripe::StripeConfig>,
+    /// R28: the gRPC call deadline (the default's when `None`).
+    pub call_timeout: Option<Duration>,
 }
 
 impl PaymentsOptions {
@@ -366,6 +368,7 @@ impl PaymentsOptions {
             auth_token: None,
             sandbox_latency: Duration::ZERO,
             stripe: None,
+            call_timeout: None,
         }
     }
 }
@@ -392,6 +395,9 @@ impl Payments {
             ),
         };
         cfg.http_listen = "127.0.0.1:0".parse().expect("addr");
+        if let Some(t) = opts.call_timeout {
+            cfg.daemon.call_timeout = t;
+        }
         let served = Served::launch::<credits_payments::App>(cfg, None, database_url).await;
         Payments { served }
     }

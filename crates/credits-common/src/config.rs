@@ -38,6 +38,10 @@ pub struct CommonArgs {
     /// Address of the Prometheus metrics endpoint (`/metrics`); "off" disables it.
     #[arg(long, env = "METRICS_ADDR")]
     pub metrics_addr: Option<String>,
+    /// R28: seconds a call's handler may run before it ends `CANCELLED` (longer than a
+    /// payments call with its processor retries).
+    #[arg(long, env = "GRPC_CALL_TIMEOUT_SECS", default_value_t = 180, value_parser = ranged::<1, 3600>)]
+    pub grpc_call_timeout_secs: u64,
     #[command(flatten)]
     pub tls: crate::tls::TlsArgs,
 }
@@ -326,6 +330,8 @@ pub struct DaemonConfig {
     pub amqp_connection_name: String,
     /// TLS of the gRPC server and of the clients to peers (off by default).
     pub tls: crate::tls::Tls,
+    /// R28: the longest a call's handler may run (`GRPC_CALL_TIMEOUT_SECS`).
+    pub call_timeout: Duration,
 }
 
 /// Passwords stay out of logs: the database URL and the token mask themselves, and the
@@ -343,6 +349,7 @@ impl std::fmt::Debug for DaemonConfig {
             .field("outbox_park_after", &self.outbox_park_after)
             .field("amqp_connection_name", &self.amqp_connection_name)
             .field("tls", &self.tls)
+            .field("call_timeout", &self.call_timeout)
             .finish()
     }
 }
@@ -360,6 +367,7 @@ impl DaemonConfig {
             outbox_park_after: Duration::from_secs(DEFAULT_OUTBOX_PARK_AFTER_SECS),
             amqp_connection_name: connection_name.to_owned(),
             tls: crate::tls::Tls::default(),
+            call_timeout: crate::grpc::CALL_TIMEOUT,
         }
     }
 
@@ -372,6 +380,7 @@ impl DaemonConfig {
         self.db_max_connections = common.db_max_connections as u32;
         self.outbox_park_after = Duration::from_secs(common.outbox_park_after_secs);
         self.tls = crate::tls::Tls::from(&common.tls);
+        self.call_timeout = Duration::from_secs(common.grpc_call_timeout_secs);
     }
 
     /// The daemon's router for `service`: its token policy and TLS, health and reflection.
@@ -380,7 +389,14 @@ impl DaemonConfig {
         descriptor_set: &'static [u8],
         service: S,
     ) -> anyhow::Result<crate::grpc::AuthRouter> {
-        crate::grpc::service_router(descriptor_set, self.policy()?, &self.tls, service).await
+        crate::grpc::service_router(
+            descriptor_set,
+            self.policy()?,
+            &self.tls,
+            service,
+            self.call_timeout,
+        )
+        .await
     }
 
     /// A lazy channel to a peer daemon, with this daemon's token and TLS settings.

@@ -45,7 +45,7 @@ pub type AuthRouter = Router<
     >,
 >;
 
-/// R28: the longest a call's handler may run (until its answer starts: a whole unary
+/// R28: the default of the longest a call's handler may run (`GRPC_CALL_TIMEOUT_SECS`) (until its answer starts: a whole unary
 /// call, the opening of a stream): past it the call ends `CANCELLED` ("Timeout expired").
 /// Longer than a payments call may take with its processor retries (4 tries of 30 s).
 pub const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(180);
@@ -60,6 +60,7 @@ pub fn base_router(
     descriptor_set: &'static [u8],
     policy: Policy,
     tls: &crate::tls::Tls,
+    call_timeout: std::time::Duration,
 ) -> anyhow::Result<(AuthRouter, HealthReporter)> {
     let (reporter, health) = tonic_health::server::health_reporter();
     let reflection = || {
@@ -77,7 +78,7 @@ pub fn base_router(
         .tcp_nodelay(true)
         // R28: no call runs forever (a client's shorter `grpc-timeout` wins), and no one
         // connection takes every worker.
-        .timeout(CALL_TIMEOUT)
+        .timeout(call_timeout)
         .concurrency_limit_per_connection(CONCURRENCY_PER_CONNECTION)
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
@@ -129,8 +130,9 @@ pub async fn service_router<S: GrpcService>(
     policy: Policy,
     tls: &crate::tls::Tls,
     service: S,
+    call_timeout: std::time::Duration,
 ) -> anyhow::Result<AuthRouter> {
-    let (router, health) = base_router(descriptor_set, policy, tls)?;
+    let (router, health) = base_router(descriptor_set, policy, tls, call_timeout)?;
     health.set_serving::<S>().await;
     Ok(router.add_service(service))
 }

@@ -118,6 +118,13 @@ impl Payments {
         make_default: bool,
     ) -> Result<PaymentMethod, PaymentsError> {
         self.ensure_account(account).await?;
+        // A token added before is that method (a retried form) — even on a full account.
+        if let NewMethod::Token(token) = &method
+            && !self.processor.takes_raw_details()
+            && let Some(pm) = self.store.method_by_token(account.as_str(), token).await?
+        {
+            return Ok(pm);
+        }
         // R28: refused before the processor sees anything; checked again under the lock.
         {
             let mut conn = self.store.pool().acquire().await?;

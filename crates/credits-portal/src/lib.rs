@@ -294,6 +294,7 @@ impl App {
             policy,
             &self.cfg.tls,
             PortalServiceServer::new(grpc::PortalGrpc::new(sessions)),
+            credits_common::grpc::CALL_TIMEOUT,
         )
         .await?;
         let stripe_js = self
