@@ -100,7 +100,12 @@ async fn http(
     cookie: Option<&str>,
 ) -> (u16, Vec<(String, String)>, String) {
     let out = credits_tests::http_get(addr, path, cookie).await;
-    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    parse_response(&out)
+}
+
+/// A raw HTTP response: the status line's code, the headers (lower-case names), the body.
+fn parse_response(out: &str) -> (u16, Vec<(String, String)>, String) {
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((out, ""));
     let mut lines = head.lines();
     let code = lines
         .next()
@@ -729,21 +734,7 @@ async fn http_post(
     .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).await.unwrap();
-    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
-    let mut lines = head.lines();
-    let code = lines
-        .next()
-        .unwrap()
-        .split(' ')
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap();
-    let headers = lines
-        .filter_map(|l| l.split_once(": "))
-        .map(|(k, v)| (k.to_lowercase(), v.to_owned()))
-        .collect();
-    (code, headers, body.to_owned())
+    parse_response(&out)
 }
 
 /// Opens `url` (a session link) over raw HTTP as a browser does: the first hop arrives

@@ -23,6 +23,26 @@ struct Pki {
     client_key: PathBuf,
 }
 
+impl Pki {
+    /// What a daemon uses both ways: the server certificate, served and shown to peers.
+    fn daemon(&self) -> Tls {
+        Tls {
+            cert: Some(self.server_cert.clone()),
+            key: Some(self.server_key.clone()),
+            ca: Some(self.ca.clone()),
+        }
+    }
+
+    /// A client with its own certificate and the CA.
+    fn client(&self) -> Tls {
+        Tls {
+            cert: Some(self.client_cert.clone()),
+            key: Some(self.client_key.clone()),
+            ca: Some(self.ca.clone()),
+        }
+    }
+}
+
 fn pki(dir: &Path) -> Pki {
     use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
     let ca_key = KeyPair::generate().unwrap();
@@ -74,28 +94,32 @@ fn client(url_ledger: &str, url_payments: &str, tls: &Tls) -> Client {
     .unwrap()
 }
 
+/// A ledger serving gRPC with `tls` on a free port: its https URL and its task.
+async fn tls_ledger(
+    tls: &Tls,
+    shutdown: &CancellationToken,
+) -> (String, tokio::task::JoinHandle<anyhow::Result<()>>) {
+    let mut cfg = credits_ledger::Config::new(
+        &credits_tests::fresh_database_url("ledger"),
+        credits_tests::AMQP_URL,
+    );
+    cfg.daemon.exchange = credits_tests::unique("credits.events.tls");
+    cfg.daemon.tls = tls.clone();
+    let ledger = credits_ledger::App::build(cfg, shutdown).await.unwrap();
+    let (l, url) = listener().await;
+    (url, tokio::spawn(ledger.run(l, shutdown.clone())))
+}
+
 #[tokio::test]
 async fn daemons_serve_and_call_each_other_over_mutual_tls() {
     let dir = std::env::temp_dir().join(credits_tests::unique("tls"));
     std::fs::create_dir_all(&dir).unwrap();
     let pki = pki(&dir);
     // The daemons use the server certificate both ways (served, and shown to peers).
-    let daemon_tls = Tls {
-        cert: Some(pki.server_cert.clone()),
-        key: Some(pki.server_key.clone()),
-        ca: Some(pki.ca.clone()),
-    };
+    let daemon_tls = pki.daemon();
     let shutdown = CancellationToken::new();
 
-    let mut lcfg = credits_ledger::Config::new(
-        &credits_tests::fresh_database_url("ledger"),
-        credits_tests::AMQP_URL,
-    );
-    lcfg.daemon.exchange = credits_tests::unique("credits.events.tls");
-    lcfg.daemon.tls = daemon_tls.clone();
-    let ledger = credits_ledger::App::build(lcfg, &shutdown).await.unwrap();
-    let (ll, ledger_url) = listener().await;
-    let ledger_task = tokio::spawn(ledger.run(ll, shutdown.clone()));
+    let (ledger_url, ledger_task) = tls_ledger(&daemon_tls, &shutdown).await;
 
     let mut pcfg = credits_payments::Config::new(
         &credits_tests::fresh_database_url("payments"),
@@ -110,15 +134,7 @@ async fn daemons_serve_and_call_each_other_over_mutual_tls() {
 
     // A client with the CA and its own certificate: every call works, and payments
     // credits the ledger over mutual TLS.
-    let good = client(
-        &ledger_url,
-        &payments_url,
-        &Tls {
-            cert: Some(pki.client_cert.clone()),
-            key: Some(pki.client_key.clone()),
-            ca: Some(pki.ca.clone()),
-        },
-    );
+    let good = client(&ledger_url, &payments_url, &pki.client());
     let a = acct("acme");
     good.ledger()
         .create_account(&a, BillingMode::Prepaid, "Acme")
@@ -345,26 +361,10 @@ async fn the_portal_serves_its_page_over_tls_and_calls_the_services_over_mutual_
     let dir = std::env::temp_dir().join(credits_tests::unique("tls-portal"));
     std::fs::create_dir_all(&dir).unwrap();
     let pki = pki(&dir);
-    let daemon_tls = Tls {
-        cert: Some(pki.server_cert.clone()),
-        key: Some(pki.server_key.clone()),
-        ca: Some(pki.ca.clone()),
-    };
+    let daemon_tls = pki.daemon();
     let shutdown = CancellationToken::new();
-    let mut lcfg = credits_ledger::Config::new(
-        &credits_tests::fresh_database_url("ledger"),
-        credits_tests::AMQP_URL,
-    );
-    lcfg.daemon.exchange = credits_tests::unique("credits.events.tls");
-    lcfg.daemon.tls = daemon_tls.clone();
-    let ledger = credits_ledger::App::build(lcfg, &shutdown).await.unwrap();
-    let (ll, ledger_url) = listener().await;
-    let ledger_task = tokio::spawn(ledger.run(ll, shutdown.clone()));
-    let client_tls = Tls {
-        cert: Some(pki.client_cert.clone()),
-        key: Some(pki.client_key.clone()),
-        ca: Some(pki.ca.clone()),
-    };
+    let (ledger_url, ledger_task) = tls_ledger(&daemon_tls, &shutdown).await;
+    let client_tls = pki.client();
     client(&ledger_url, &ledger_url, &client_tls)
         .ledger()
         .create_account(&acct("acme"), BillingMode::Prepaid, "")
