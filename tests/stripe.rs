@@ -1000,3 +1000,34 @@ async fn the_webhook_endpoint_drops_a_request_head_that_never_ends_r28() {
     );
     w.stop().await;
 }
+
+/// R28: only requests that fail their signature spend an address's budget (60 a minute):
+/// past it they get 429, while correctly signed events from the same address are still
+/// taken — Stripe's deliveries are never the ones refused, even behind a shared proxy.
+#[tokio::test]
+async fn only_failed_signatures_are_rate_limited_at_the_webhook_endpoint_r28() {
+    let w = World::start().await;
+    let forged = event(
+        "evt_forged",
+        "payment_intent.succeeded",
+        json!({"id": "pi_x"}),
+    );
+    let body = serde_json::to_vec(&forged).unwrap();
+    // The budget refills at one a second: well past 60 requests, refusals come.
+    let mut codes = Vec::new();
+    for _ in 0..100 {
+        codes.push(post_raw(&w.webhook_url, &body, Some("t=1,v1=00")).await);
+    }
+    assert!(codes[..60].iter().all(|c| *c == 400), "{codes:?}");
+    assert!(codes.contains(&429), "{codes:?}");
+    assert!(codes.iter().all(|c| *c == 400 || *c == 429), "{codes:?}");
+    let now = chrono::Utc::now().timestamp();
+    let signed = event("evt_signed", "customer.created", json!({"id": "cus_x"}));
+    assert_eq!(w.stripe.deliver(&w.webhook_url, &signed, now).await, 200);
+    assert_eq!(
+        w.processor_events().await,
+        1,
+        "only the signed event was recorded"
+    );
+    w.stop().await;
+}

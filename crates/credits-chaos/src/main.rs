@@ -10,7 +10,7 @@
 //! `--processor stripe` runs the same soak against `localstripe` (the Stripe emulator):
 //! cards added as Stripe tokens, charges through a proxy that replays idempotency keys as
 //! Stripe does and loses answers, webhooks delivered late, twice and out of order,
-//! refunds and disputes made at the processor — and two more invariants (11, 12) that tie
+//! refunds and disputes made at the processor — and two more invariants (12, 13) that tie
 //! the processor's records to the ledger ([`stripe`]).
 
 #![allow(clippy::print_stdout)] // the report is this tool's output

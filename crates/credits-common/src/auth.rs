@@ -226,7 +226,13 @@ impl Policy {
 
     /// The role of a token (`<token>`, without `Bearer`), if it is one of ours.
     pub fn role_of(&self, token: &str) -> Option<Role> {
-        let header = format!("Bearer {token}");
+        self.role_of_header(&format!("Bearer {token}"))
+    }
+
+    /// The role of an `authorization` header value. Every known token is compared in full
+    /// (constant time each), so neither which token matched nor how much of it did shows
+    /// in the timing.
+    fn role_of_header(&self, header: &str) -> Option<Role> {
         let mut role = None;
         for (expected, r) in &self.tokens {
             if constant_time_eq(header.as_bytes(), expected.as_bytes()) {
@@ -251,15 +257,7 @@ impl Policy {
                 "missing authorization: Bearer <token>",
             ));
         };
-        // Every known token is compared in full (constant time each), so neither which
-        // token matched nor how much of it did shows in the timing.
-        let mut role = None;
-        for (expected, r) in &self.tokens {
-            if constant_time_eq(got.as_bytes(), expected.as_bytes()) {
-                role = Some(*r);
-            }
-        }
-        match role {
+        match self.role_of_header(got) {
             None => Err(Status::unauthenticated("invalid bearer token")),
             Some(r) if r.allows(path) => Ok(r),
             Some(r) => Err(Status::permission_denied(format!(

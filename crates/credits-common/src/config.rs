@@ -40,7 +40,7 @@ pub struct CommonArgs {
     pub metrics_addr: Option<String>,
     /// R28: seconds a call's handler may run before it ends `CANCELLED` (longer than a
     /// payments call with its processor retries).
-    #[arg(long, env = "GRPC_CALL_TIMEOUT_SECS", default_value_t = 180, value_parser = ranged::<1, 3600>)]
+    #[arg(long, env = "GRPC_CALL_TIMEOUT_SECS", default_value_t = crate::grpc::CALL_TIMEOUT.as_secs(), value_parser = ranged::<1, 3600>)]
     pub grpc_call_timeout_secs: u64,
     #[command(flatten)]
     pub tls: crate::tls::TlsArgs,

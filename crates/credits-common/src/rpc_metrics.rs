@@ -31,7 +31,7 @@ use tracing::Instrument;
 use crate::trace;
 
 /// The layer; add it to a `tonic::transport::Server` builder.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct RpcMetricsLayer {
     /// Every `/package.Service/Method` the server has.
     known: Arc<HashSet<String>>,

@@ -38,11 +38,15 @@ pub struct StreamLimits {
     pub max_lifetime: std::time::Duration,
 }
 
+/// The defaults of `STREAM_USAGE_MAX_ITEMS` and `STREAM_USAGE_MAX_SECS`.
+pub const STREAM_MAX_ITEMS: u64 = 1_000_000;
+pub const STREAM_MAX_SECS: u64 = 3600;
+
 impl Default for StreamLimits {
     fn default() -> Self {
         Self {
-            max_items: 1_000_000,
-            max_lifetime: std::time::Duration::from_secs(3600),
+            max_items: STREAM_MAX_ITEMS as usize,
+            max_lifetime: std::time::Duration::from_secs(STREAM_MAX_SECS),
         }
     }
 }

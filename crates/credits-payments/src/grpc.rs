@@ -167,8 +167,8 @@ impl pb::payments_service_server::PaymentsService for PaymentsGrpc {
     ) -> Result<Response<pb::ListPaymentMethodsResponse>, Status> {
         let r = req.into_inner();
         let account = AccountId::parse(&r.account_id)?;
-        let limit = credits_common::ids::paging::page_size(r.page_size)?;
-        let after = credits_common::ids::paging::page_token(&r.page_token)?;
+        let limit = page_size(r.page_size)?;
+        let after = page_token(&r.page_token)?;
         let (methods, next_page_token) = self.svc.list_methods(&account, after, limit).await?;
         Ok(Response::new(pb::ListPaymentMethodsResponse {
             payment_methods: methods.into_iter().map(method_to_wire).collect(),

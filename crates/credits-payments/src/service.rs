@@ -125,11 +125,6 @@ impl Payments {
         {
             return Ok(pm);
         }
-        // R28: refused before the processor sees anything; checked again under the lock.
-        {
-            let mut conn = self.store.pool().acquire().await?;
-            Self::check_room(&mut conn, account).await?;
-        }
         if !matches!(method, NewMethod::Token(_)) && !self.processor.takes_raw_details() {
             // R24: card data never reaches a real processor through us.
             return Err(PaymentsError::invalid(format!(
@@ -137,6 +132,11 @@ impl Payments {
                  method with processor_token (Stripe.js and a SetupIntent, see CreateSetupIntent)",
                 self.processor.name()
             )));
+        }
+        // R28: refused before the processor sees anything; checked again under the lock.
+        {
+            let mut conn = self.store.pool().acquire().await?;
+            Self::check_room(&mut conn, account).await?;
         }
         let (tok, method_type, exp) = match &method {
             NewMethod::Card(c) => (
@@ -156,10 +156,6 @@ impl Payments {
                 )));
             }
             NewMethod::Token(token) => {
-                if let Some(pm) = self.store.method_by_token(account.as_str(), token).await? {
-                    // The same card added twice is the same method (a retried form).
-                    return Ok(pm);
-                }
                 let customer = self.ensure_customer(account).await?;
                 let attached = self
                     .processor

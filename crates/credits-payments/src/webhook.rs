@@ -64,14 +64,29 @@ pub fn router(w: Arc<Webhooks>) -> Router {
 }
 
 async fn receive(
+    state: State<Arc<Webhooks>>,
+    peer: Option<axum::Extension<credits_common::http::PeerAddr>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let (status, text) = answer(state, peer, headers, body).await;
+    let mut r = (status, text).into_response();
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        r.headers_mut().insert(
+            axum::http::header::RETRY_AFTER,
+            axum::http::HeaderValue::from_static("60"),
+        );
+    }
+    r
+}
+
+async fn answer(
     State(w): State<Arc<Webhooks>>,
     peer: Option<axum::Extension<credits_common::http::PeerAddr>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> (StatusCode, String) {
-    // Only failed signatures spend an address's budget: behind a proxy every sender
-    // shares one address, and Stripe's own deliveries must never be the ones refused.
-    let from = peer.map_or_else(|| "unknown".to_owned(), |p| p.0.key());
     let header = headers
         .get("stripe-signature")
         .and_then(|v| v.to_str().ok())
@@ -85,6 +100,9 @@ async fn receive(
     ) {
         metrics::counter!("credits_payments_webhooks_total", "outcome" => "bad_signature")
             .increment(1);
+        // Only failed signatures spend an address's budget: behind a proxy every sender
+        // shares one address, and Stripe's own deliveries must never be the ones refused.
+        let from = peer.map_or_else(|| "unknown".to_owned(), |p| p.0.key());
         if !w.rate.allow(&from) {
             return (
                 StatusCode::TOO_MANY_REQUESTS,

@@ -12,14 +12,6 @@ pub struct SessionStore {
     pool: PgPool,
 }
 
-fn db_error(e: sqlx::Error) -> ServiceError {
-    if credits_common::db::is_connection_error(&e) {
-        ServiceError::Unavailable(format!("portal database: {e}"))
-    } else {
-        ServiceError::internal(format!("portal database: {e}"))
-    }
-}
-
 impl SessionStore {
     pub fn new(pool: PgPool) -> Self {
         Self { pool }
@@ -47,7 +39,7 @@ impl SessionStore {
         .bind(session_expires_at)
         .execute(&self.pool)
         .await
-        .map_err(db_error)?;
+        ?;
         Ok(())
     }
 
@@ -59,7 +51,7 @@ impl SessionStore {
         link_id: &str,
         session_id: &str,
     ) -> Result<Option<(String, DateTime<Utc>)>, ServiceError> {
-        let mut tx = self.pool.begin().await.map_err(db_error)?;
+        let mut tx = self.pool.begin().await?;
         let used: Option<(String, DateTime<Utc>)> = sqlx::query_as(
             "UPDATE links SET used_at = now()
               WHERE link_id = $1 AND used_at IS NULL AND link_expires_at > now()
@@ -67,8 +59,7 @@ impl SessionStore {
         )
         .bind(link_id)
         .fetch_optional(&mut *tx)
-        .await
-        .map_err(db_error)?;
+        .await?;
         let Some((account, expires_at)) = used else {
             return Ok(None);
         };
@@ -79,9 +70,8 @@ impl SessionStore {
         .bind(&account)
         .bind(expires_at)
         .execute(&mut *tx)
-        .await
-        .map_err(db_error)?;
-        tx.commit().await.map_err(db_error)?;
+        .await?;
+        tx.commit().await?;
         Ok(Some((account, expires_at)))
     }
 
@@ -93,7 +83,7 @@ impl SessionStore {
         .bind(session_id)
         .fetch_optional(&self.pool)
         .await
-        .map_err(db_error)?;
+        ?;
         Ok(live.is_some())
     }
 
@@ -104,29 +94,27 @@ impl SessionStore {
         )
         .bind(session_id)
         .execute(&self.pool)
-        .await
-        .map_err(db_error)?;
+        .await?;
         Ok(())
     }
 
     /// Ends every live session of an account and voids its unused links: how many
     /// sessions were live.
     pub async fn revoke_account(&self, account: &str) -> Result<u64, ServiceError> {
-        let mut tx = self.pool.begin().await.map_err(db_error)?;
+        let mut tx = self.pool.begin().await?;
         sqlx::query("UPDATE links SET used_at = now() WHERE account_id = $1 AND used_at IS NULL")
             .bind(account)
             .execute(&mut *tx)
-            .await
-            .map_err(db_error)?;
+            .await?;
         let n = sqlx::query(
             "UPDATE sessions SET revoked_at = now() WHERE account_id = $1 AND revoked_at IS NULL AND expires_at > now()",
         )
         .bind(account)
         .execute(&mut *tx)
         .await
-        .map_err(db_error)?
+        ?
         .rows_affected();
-        tx.commit().await.map_err(db_error)?;
+        tx.commit().await?;
         Ok(n)
     }
 
@@ -136,14 +124,12 @@ impl SessionStore {
         let links =
             sqlx::query("DELETE FROM links WHERE link_expires_at < now() - interval '1 day'")
                 .execute(&self.pool)
-                .await
-                .map_err(db_error)?
+                .await?
                 .rows_affected();
         let sessions =
             sqlx::query("DELETE FROM sessions WHERE expires_at < now() - interval '1 day'")
                 .execute(&self.pool)
-                .await
-                .map_err(db_error)?
+                .await?
                 .rows_affected();
         Ok(links + sessions)
     }

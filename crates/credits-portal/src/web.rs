@@ -130,6 +130,15 @@ impl Web {
         }
     }
 
+    /// A `Set-Cookie` value of ours: `HttpOnly`, `SameSite=Strict`, the whole site,
+    /// `Secure` behind https; `max_age` 0 clears it.
+    fn set_cookie(&self, name: &str, value: &str, max_age: i64) -> String {
+        format!(
+            "{name}={value}; Path=/; Max-Age={max_age}; HttpOnly; SameSite=Strict{}",
+            if self.secure_cookie { "; Secure" } else { "" }
+        )
+    }
+
     /// The cookie of a link being opened (between its two hops).
     fn hop_cookie_name(&self) -> &'static str {
         if self.secure_cookie {
@@ -253,11 +262,7 @@ async fn open_session(
         web.keys.tag("hop", &hop)
     );
     let mut r = html(StatusCode::OK, page::continue_page(&next));
-    let set = format!(
-        "{}={hop}; Path=/; Max-Age=120; HttpOnly; SameSite=Strict{}",
-        web.hop_cookie_name(),
-        if web.secure_cookie { "; Secure" } else { "" }
-    );
+    let set = web.set_cookie(web.hop_cookie_name(), &hop, 120);
     if let Ok(v) = HeaderValue::from_str(&set) {
         r.headers_mut().insert(header::SET_COOKIE, v);
     }
@@ -307,11 +312,7 @@ async fn continue_session(
         Ok(_) => see_other("/billing"),
         Err(_) => open_link(&web, &link).await,
     };
-    let clear = format!(
-        "{}=; Path=/; Max-Age=0; HttpOnly; SameSite=Strict{}",
-        web.hop_cookie_name(),
-        if web.secure_cookie { "; Secure" } else { "" }
-    );
+    let clear = web.set_cookie(web.hop_cookie_name(), "", 0);
     if let Ok(v) = HeaderValue::from_str(&clear) {
         r.headers_mut().append(header::SET_COOKIE, v);
     }
@@ -372,11 +373,7 @@ async fn open_link(web: &Web, link: &Session) -> Response {
         .sign_with_id(Kind::Cookie, &link.account, expires_at, &session_id);
     // Rounded up: a session in its last second still gets a cookie for that second.
     let max_age = ((expires_at - Utc::now()).num_milliseconds().max(0) + 999) / 1000;
-    let set = format!(
-        "{}={cookie}; Path=/; Max-Age={max_age}; HttpOnly; SameSite=Strict{}",
-        web.cookie_name(),
-        if web.secure_cookie { "; Secure" } else { "" }
-    );
+    let set = web.set_cookie(web.cookie_name(), &cookie, max_age);
     tracing::info!(account = %link.account, "portal session opened");
     // Not a redirect: a customer arriving from the platform's own site is a cross-site
     // navigation, and a redirect keeps it one, so the SameSite=Strict cookie would not be
@@ -406,11 +403,7 @@ async fn sign_out(State(web): State<Arc<Web>>, headers: HeaderMap, body: Bytes) 
             "You are signed out of your billing settings. Open a new link to come back.",
         ),
     );
-    let clear = format!(
-        "{}=; Path=/; Max-Age=0; HttpOnly; SameSite=Strict{}",
-        web.cookie_name(),
-        if web.secure_cookie { "; Secure" } else { "" }
-    );
+    let clear = web.set_cookie(web.cookie_name(), "", 0);
     if let Ok(v) = HeaderValue::from_str(&clear) {
         r.headers_mut().insert(header::SET_COOKIE, v);
     }

@@ -23,10 +23,10 @@ struct Args {
     group_commit_max: u64,
     /// R28: the most usage items one `StreamUsage` call carries before the server ends it
     /// (the client sends the rest on a new stream).
-    #[arg(long, env = "STREAM_USAGE_MAX_ITEMS", default_value_t = 1_000_000, value_parser = ranged::<1, 100_000_000>)]
+    #[arg(long, env = "STREAM_USAGE_MAX_ITEMS", default_value_t = credits_ledger::grpc::STREAM_MAX_ITEMS, value_parser = ranged::<1, 100_000_000>)]
     stream_usage_max_items: u64,
     /// R28: the longest one `StreamUsage` call stays open, in seconds.
-    #[arg(long, env = "STREAM_USAGE_MAX_SECS", default_value_t = 3600, value_parser = ranged::<1, 86_400>)]
+    #[arg(long, env = "STREAM_USAGE_MAX_SECS", default_value_t = credits_ledger::grpc::STREAM_MAX_SECS, value_parser = ranged::<1, 86_400>)]
     stream_usage_max_secs: u64,
     #[command(flatten)]
     common: CommonArgs,

@@ -61,7 +61,7 @@ struct Args {
     sandbox_ach_settle_ms: u64,
     /// Seconds a refund being carried out is left to its caller before recovery resumes
     /// it: longer than the processor's calls may take (4 tries of 30 s).
-    #[arg(long, env = "REFUND_LEASE_SECS", default_value_t = 180, value_parser = ranged::<5, 3600>)]
+    #[arg(long, env = "REFUND_LEASE_SECS", default_value_t = credits_payments::refunds::REFUND_LEASE_SECS as u64, value_parser = ranged::<5, 3600>)]
     refund_lease_secs: u64,
     #[command(flatten)]
     common: CommonArgs,
