@@ -351,33 +351,8 @@ async fn inject_one(
             counts.pg_terminate += 1;
         }
         Fault::SlowProcessor if c.stripe.is_some() => {
-            let Some(proxy) = c.stripe.as_ref().map(|s| s.proxy.clone()) else {
-                return;
-            };
-            match rng.below(3) {
-                0 => {
-                    let slow = proxy.toggle_slow();
-                    println!(
-                        "[{at:6.1}s] fault: processor latency {}",
-                        if slow { "400 ms" } else { "off" }
-                    );
-                }
-                1 => {
-                    let d = Duration::from_millis(2000 + rng.below(4000));
-                    println!(
-                        "[{at:6.1}s] fault: processor loses a third of its answers for {:.1} s (the work done)",
-                        d.as_secs_f32()
-                    );
-                    proxy.lose_answers_for(d);
-                }
-                _ => {
-                    let d = Duration::from_millis(1000 + rng.below(4000));
-                    println!(
-                        "[{at:6.1}s] fault: processor down (503) for {:.1} s",
-                        d.as_secs_f32()
-                    );
-                    proxy.down_for(d);
-                }
+            if let Some(s) = &c.stripe {
+                processor_fault(&s.proxy, rng, at);
             }
             counts.slow_processor += 1;
         }
@@ -585,4 +560,33 @@ pub async fn exists(amqp_url: &str, queue: &str) -> bool {
     };
     let _ = conn.close(0, "done".into()).await;
     found
+}
+
+/// Stripe runs: one of the processor's own faults, through the harness's proxy.
+fn processor_fault(proxy: &crate::stripe::Proxy, rng: &mut Rng, at: f32) {
+    match rng.below(3) {
+        0 => {
+            let slow = proxy.toggle_slow();
+            println!(
+                "[{at:6.1}s] fault: processor latency {}",
+                if slow { "400 ms" } else { "off" }
+            );
+        }
+        1 => {
+            let d = Duration::from_millis(2000 + rng.below(4000));
+            println!(
+                "[{at:6.1}s] fault: processor loses a third of its answers for {:.1} s (the work done)",
+                d.as_secs_f32()
+            );
+            proxy.lose_answers_for(d);
+        }
+        _ => {
+            let d = Duration::from_millis(1000 + rng.below(4000));
+            println!(
+                "[{at:6.1}s] fault: processor down (503) for {:.1} s",
+                d.as_secs_f32()
+            );
+            proxy.down_for(d);
+        }
+    }
 }

@@ -116,26 +116,27 @@ fn free_port() -> u16 {
 
 /// The processor settings of a payments replica: the sandbox, or Stripe through the
 /// harness's proxy with webhooks received on `http_port`.
-fn processor_env(a: &Args, proxy: Option<&str>, http_port: u16) -> Vec<(&'static str, String)> {
-    match proxy {
-        Some(base) if a.stripe() => vec![
-            ("PAYMENTS_PROCESSOR", "stripe".into()),
-            ("STRIPE_SECRET_KEY", stripe::SECRET_KEY.into()),
-            ("STRIPE_PUBLISHABLE_KEY", stripe::PUBLISHABLE_KEY.into()),
-            ("STRIPE_WEBHOOK_SECRET", stripe::WEBHOOK_SECRET.into()),
+fn processor_env(proxy: Option<&str>, http_port: u16) -> Vec<(&'static str, String)> {
+    // Both processors answer in well under a second here: a refund left by a killed
+    // replica is resumed within the settle window.
+    let mut env = vec![
+        ("REFUND_LEASE_SECS", "20".to_owned()),
+        ("PAYMENTS_HTTP_ADDR", format!("127.0.0.1:{http_port}")),
+    ];
+    env.extend(match proxy {
+        Some(base) => vec![
+            ("PAYMENTS_PROCESSOR", "stripe".to_owned()),
+            ("STRIPE_SECRET_KEY", stripe::SECRET_KEY.to_owned()),
+            ("STRIPE_PUBLISHABLE_KEY", stripe::PUBLISHABLE_KEY.to_owned()),
+            ("STRIPE_WEBHOOK_SECRET", stripe::WEBHOOK_SECRET.to_owned()),
             ("STRIPE_API_BASE", base.to_owned()),
-            // The processor answers in well under a second here: a refund left by a
-            // killed replica is resumed within the settle window.
-            ("REFUND_LEASE_SECS", "20".into()),
-            ("PAYMENTS_HTTP_ADDR", format!("127.0.0.1:{http_port}")),
         ],
-        _ => vec![
-            ("REFUND_LEASE_SECS", "20".into()),
-            ("SANDBOX_ACH_SETTLE_MS", "1000".into()),
-            ("PAYMENTS_PROCESSOR", "sandbox".into()),
-            ("PAYMENTS_HTTP_ADDR", format!("127.0.0.1:{http_port}")),
+        None => vec![
+            ("SANDBOX_ACH_SETTLE_MS", "1000".to_owned()),
+            ("PAYMENTS_PROCESSOR", "sandbox".to_owned()),
         ],
-    }
+    });
+    env
 }
 
 fn cluster(a: &Args, run: &str, logdir: &std::path::Path, proxy: Option<&str>) -> Cluster {
@@ -198,7 +199,7 @@ fn cluster(a: &Args, run: &str, logdir: &std::path::Path, proxy: Option<&str>) -
             let http_port = free_port();
             webhook_urls.push(format!("http://127.0.0.1:{http_port}/webhooks/stripe"));
             let mut env = vec![("LEDGER_URL", ledger.url())];
-            env.extend(processor_env(a, proxy, http_port));
+            env.extend(processor_env(proxy, http_port));
             daemon(
                 name,
                 "credits-payments",

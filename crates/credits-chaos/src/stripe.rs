@@ -36,13 +36,6 @@ pub const SECRET_KEY: &str = "sk_test_credits_chaos";
 pub const PUBLISHABLE_KEY: &str = "pk_test_credits_chaos";
 pub const WEBHOOK_SECRET: &str = "whsec_credits_chaos";
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(0)
-}
-
 async fn serve(router: Router) -> anyhow::Result<String> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", listener.local_addr()?);
@@ -67,7 +60,7 @@ pub struct Api {
 
 impl Emulator {
     pub async fn start(logdir: &std::path::Path) -> anyhow::Result<Emulator> {
-        let port = free_port();
+        let port = crate::free_port();
         let log = std::fs::File::create(logdir.join("localstripe.log"))?;
         let child = Command::new("localstripe")
             .args(["--port", &port.to_string(), "--from-scratch"])

@@ -685,7 +685,7 @@ impl pb::ledger_service_server::LedgerService for LedgerGrpc {
         let limits = self.stream_limits;
         let deadline = tokio::time::Instant::now() + limits.max_lifetime;
         let read = Arc::new(AtomicUsize::new(0));
-        let counter = read.clone();
+        let taken = read.clone();
         // Whether the client ended the stream itself (then no limit cut it).
         let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let ended_by_client = ended.clone();
@@ -696,15 +696,15 @@ impl pb::ledger_service_server::LedgerService for LedgerGrpc {
             .take_until(tokio::time::sleep_until(deadline))
             // Up to the limit; the client's own end (the `None` after its last item) is
             // noted, so a stream ended at exactly the limit is not reported cut.
-            .scan(0usize, move |n, x| {
+            .scan((), move |(), x| {
                 let next = match x {
                     None => {
                         ended_by_client.store(true, Ordering::Relaxed);
                         None
                     }
-                    Some(_) if *n >= limits.max_items => None,
+                    Some(_) if taken.load(Ordering::Relaxed) >= limits.max_items => None,
                     Some(item) => {
-                        *n += 1;
+                        taken.fetch_add(1, Ordering::Relaxed);
                         Some(item)
                     }
                 };
@@ -714,7 +714,6 @@ impl pb::ledger_service_server::LedgerService for LedgerGrpc {
             .map(move |(i, item)| {
                 let (coalescer, views) = (coalescer.clone(), views.clone());
                 let traceparent = traceparent.clone();
-                counter.fetch_add(1, Ordering::Relaxed);
                 async move {
                     // A broken stream (transport, undecodable message) ends it; a bad item
                     // is that item's result.

@@ -280,6 +280,11 @@ fn card_form(h: &mut String, v: &View) {
         "",
         "inputmode=\"numeric\" autocomplete=\"cc-csc\" required",
     );
+    card_form_end(h, v);
+}
+
+/// The end of either card form: the default checkbox and the button.
+fn card_form_end(h: &mut String, v: &View) {
     checkbox(
         h,
         "card-default",
@@ -310,14 +315,7 @@ fn stripe_card_form(h: &mut String, v: &View, s: &StripeCard) {
          <div class=\"field\"><span class=\"label\">Card</span><div id=\"card-element\"></div>\
          <p class=\"error\" id=\"card-error\" role=\"alert\"></p></div>",
     );
-    checkbox(
-        h,
-        "card-default",
-        "make_default",
-        "Make this card the default payment method",
-        v.methods.is_empty(),
-    );
-    h.push_str("<p><button type=\"submit\">Add card</button></p></form></details>");
+    card_form_end(h, v);
 }
 
 /// R25: payments the bank wants the customer to confirm, each with its button.
