@@ -849,6 +849,8 @@ async fn group_commit_isolates_an_item_the_database_refuses_r21() {
             },
             idempotency_key: IdempotencyKey::parse(&format!("k{i}")).unwrap(),
             traceparent: None,
+            expires_at: None,
+            priority: 0,
         })
         .collect();
     let results = store.post_batch_isolated(&reqs).await;
@@ -1337,6 +1339,8 @@ fn hot_queries_are_keyed_by_account() {
         "accounts",
         "entries",
         "holds",
+        "lots",
+        "usage_rollups",
         "payment_methods",
         "charges",
         "settings",
@@ -1355,6 +1359,10 @@ fn hot_queries_are_keyed_by_account() {
         (
             "expires_at <= now()",
             "sweep: holds past their expiry (R15)",
+        ),
+        (
+            "next_expiry <= now()",
+            "sweep: accounts with credits past their expiry (R29)",
         ),
         (
             "where charge_id in ( select charge_id from charges where ((status in",

@@ -210,6 +210,8 @@ pub struct LedgerOptions {
     pub auth_tokens_file: Option<std::path::PathBuf>,
     /// R28: `StreamUsage` bounds (the default's when `None`).
     pub stream_limits: Option<credits_ledger::grpc::StreamLimits>,
+    /// R29: `PURCHASED_CREDITS_EXPIRE_DAYS`.
+    pub purchased_credits_expire_days: Option<u64>,
 }
 
 impl Ledger {
@@ -232,6 +234,7 @@ impl Ledger {
         if let Some(l) = opts.stream_limits {
             cfg.stream_limits = l;
         }
+        cfg.purchased_credits_expire_days = opts.purchased_credits_expire_days;
         let served = Served::launch::<credits_ledger::App>(cfg, opts.addr, database_url).await;
         Ledger {
             served,
@@ -299,6 +302,7 @@ impl Ledger {
             addr: Some(self.served.addr),
             auth_tokens_file: None,
             stream_limits: None,
+            purchased_credits_expire_days: None,
         }
     }
 }

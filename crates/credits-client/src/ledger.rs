@@ -8,10 +8,12 @@ use credits_proto::ledger::v1::ledger_service_client::LedgerServiceClient;
 
 use crate::retry::{Repeat, RetryPolicy, rpc};
 use crate::types::{
-    AccessCheck, Account, BalanceThreshold, BillingMode, CreditsAdded, CreditsToAdd, Entry, Hold,
-    HoldCaptured, HoldRequest, Page, UsageRecord, UsageRecorded, page_size,
+    AccessCheck, Account, BalanceThreshold, BillingMode, CreditsAdded, CreditsToAdd,
+    CreditsToGrant, Entry, Granularity, Hold, HoldCaptured, HoldRequest, Page, UsagePeriod,
+    UsageRecord, UsageRecorded, page_size,
 };
 use crate::{AuthChannel, ClientError};
+use chrono::{DateTime, Utc};
 
 /// The ledger service (default port 50051). Cheap to clone; clones share the connection.
 #[derive(Clone, Debug)]
@@ -112,6 +114,37 @@ impl Ledger {
         rpc!(self, Repeat::Safe, credits.to_wire(), add_credits)
             .await?
             .try_into()
+    }
+
+    /// R29: grants promotional or contractual credits (drawn before purchased ones).
+    /// Idempotent per key: retried when transient.
+    pub async fn grant_credits(&self, grant: &CreditsToGrant) -> Result<CreditsAdded, ClientError> {
+        rpc!(self, Repeat::Safe, grant.to_wire(), grant_credits)
+            .await?
+            .try_into()
+    }
+
+    /// R30: usage per period and category over [from, to) (whole UTC hours), from the
+    /// ledger's rollups; periods without usage are left out.
+    pub async fn usage_summary(
+        &self,
+        account: &AccountId,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        granularity: Granularity,
+    ) -> Result<Vec<UsagePeriod>, ClientError> {
+        let req = lpb::GetUsageSummaryRequest {
+            account_id: account.to_string(),
+            from: Some(credits_common::ids::timestamp(from)),
+            to: Some(credits_common::ids::timestamp(to)),
+            granularity: granularity.to_wire(),
+        };
+        rpc!(self, Repeat::Safe, req, get_usage_summary)
+            .await?
+            .periods
+            .into_iter()
+            .map(UsagePeriod::try_from)
+            .collect()
     }
 
     /// Journal entries, newest first (R13). `page_size` 0 is the server's default (50);

@@ -60,6 +60,7 @@ use std::time::Duration;
 use credits_common::auth::AttachToken;
 use tonic::service::interceptor::InterceptedService;
 
+pub mod csv;
 pub use credits_common::Money;
 pub use credits_common::ids::{AccountId, IdempotencyKey};
 pub use error::ClientError;
@@ -73,10 +74,10 @@ pub use tonic::Code;
 pub use types::{
     Access, AccessCheck, Account, AttemptStatus, AutoRecharge, AutoRechargeChange,
     BalanceThreshold, BankAccountDetails, BillingMode, CardDetails, CardExpiry, Charge,
-    ChargeStatus, CreditSource, CreditsAdded, CreditsToAdd, DisabledReason, Entry, EntryKind, Hold,
-    HoldCaptured, HoldRequest, HoldStatus, NewPaymentMethod, Page, PaymentMethod,
-    PaymentMethodType, Purchase, RechargeAttempt, UnknownName, UsageCategory, UsageRecord,
-    UsageRecorded,
+    ChargeStatus, CreditSource, CreditsAdded, CreditsToAdd, CreditsToGrant, DisabledReason, Entry,
+    EntryKind, Grant, Granularity, Hold, HoldCaptured, HoldRequest, HoldStatus, NewPaymentMethod,
+    Page, PaymentMethod, PaymentMethodType, Purchase, RechargeAttempt, UnknownName, UsageCategory,
+    UsagePeriod, UsageRecord, UsageRecorded,
 };
 
 /// How long a call may take before it fails with [`ClientError::DeadlineExceeded`],

@@ -58,6 +58,7 @@ macro_rules! wire_enum {
                 }
             }
 
+            #[allow(dead_code)] // not every enum is received
             pub(crate) fn from_wire(field: &str, v: i32) -> Result<Self, ClientError> {
                 match $pbm::$pbe::try_from(v) {
                     $(Ok($pbm::$pbe::$variant) => Ok($name::$variant),)+
@@ -125,6 +126,15 @@ wire_enum! {
         AutoRecharge = "AUTO_RECHARGE",
         Grant = "GRANT",
         Adjustment = "ADJUSTMENT",
+    }
+}
+
+wire_enum! {
+    /// R30: how finely a usage summary groups usage.
+    Granularity: lpb::Granularity {
+        /// 24-hour periods from the summary's start.
+        Day = "DAY",
+        Hour = "HOUR",
     }
 }
 
@@ -311,6 +321,92 @@ pub struct Account {
     pub available_balance: Money,
     /// R18: alert thresholds on the available balance, highest first.
     pub alert_thresholds: Vec<Money>,
+    /// R29: grants that still hold credits, in the order usage draws them.
+    pub grants: Vec<Grant>,
+    /// R29: purchased credits that will expire, soonest first.
+    pub expiring_purchases: Vec<Grant>,
+}
+
+/// R29: a lot of credits — a grant, or what one purchase added — and what is left of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Grant {
+    pub grant_id: String,
+    pub source: CreditSource,
+    pub amount: Money,
+    pub remaining: Money,
+    /// `None`: never expires.
+    pub expires_at: Option<DateTime<Utc>>,
+    pub priority: i32,
+    pub reason: String,
+    pub created_at: DateTime<Utc>,
+    /// The CREDIT entry that added it (empty for a balance held before lots existed).
+    pub entry_id: String,
+}
+
+impl TryFrom<lpb::Grant> for Grant {
+    type Error = ClientError;
+    fn try_from(g: lpb::Grant) -> Result<Self, ClientError> {
+        Ok(Grant {
+            source: CreditSource::from_wire("grant.source", g.source)?,
+            amount: amount("grant.amount", &g.amount)?,
+            remaining: signed("grant.remaining", &g.remaining)?,
+            expires_at: timestamp("grant.expires_at", g.expires_at.as_ref())?,
+            created_at: required_timestamp("grant.created_at", g.created_at.as_ref())?,
+            priority: g.priority,
+            grant_id: g.grant_id,
+            reason: g.reason,
+            entry_id: g.entry_id,
+        })
+    }
+}
+
+/// R29: promotional or contractual credits to grant.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CreditsToGrant {
+    pub account_id: AccountId,
+    /// Greater than zero.
+    pub amount: Money,
+    pub idempotency_key: IdempotencyKey,
+    /// Required: what the customer sees beside the grant.
+    pub reason: String,
+    /// In the future; `None`: never expires.
+    pub expires_at: Option<DateTime<Utc>>,
+    /// 0 ..= 1,000,000, lower first among grants that expire together.
+    pub priority: i32,
+}
+
+impl CreditsToGrant {
+    pub(crate) fn to_wire(&self) -> lpb::GrantCreditsRequest {
+        lpb::GrantCreditsRequest {
+            account_id: self.account_id.to_string(),
+            amount: self.amount.to_wire(),
+            idempotency_key: self.idempotency_key.as_str().to_owned(),
+            reason: self.reason.clone(),
+            expires_at: self.expires_at.map(credits_common::ids::timestamp),
+            priority: self.priority,
+        }
+    }
+}
+
+/// R30: usage in one period and category.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UsagePeriod {
+    pub start: DateTime<Utc>,
+    pub category: UsageCategory,
+    pub amount: Money,
+    pub count: i64,
+}
+
+impl TryFrom<lpb::UsagePeriod> for UsagePeriod {
+    type Error = ClientError;
+    fn try_from(p: lpb::UsagePeriod) -> Result<Self, ClientError> {
+        Ok(UsagePeriod {
+            start: required_timestamp("period.start", p.start.as_ref())?,
+            category: UsageCategory::from_wire("period.category", p.category)?,
+            amount: amount("period.amount", &p.amount)?,
+            count: p.count,
+        })
+    }
 }
 
 /// `held` and `available_balance` as a server sends them; a server from before holds sends
@@ -352,6 +448,16 @@ impl TryFrom<lpb::Account> for Account {
             balance_threshold: optional_amount("account.balance_threshold", &a.balance_threshold)?,
             balance_threshold_version: a.balance_threshold_version,
             display_name: a.display_name,
+            grants: a
+                .grants
+                .into_iter()
+                .map(Grant::try_from)
+                .collect::<Result<_, _>>()?,
+            expiring_purchases: a
+                .expiring_purchases
+                .into_iter()
+                .map(Grant::try_from)
+                .collect::<Result<_, _>>()?,
         })
     }
 }

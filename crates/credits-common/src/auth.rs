@@ -8,7 +8,8 @@
 //!   `#` is a comment), each token limited to its role:
 //!   - `gateway` — `CheckAccess`, usage (`RecordUsage`, `RecordUsageBatch`, `StreamUsage`)
 //!     and holds: what an API gateway needs, and nothing that creates money;
-//!   - `billing` — reads (`GetAccount`, `ListEntries`, holds), accounts and alerts, every
+//!   - `billing` — reads (`GetAccount`, `ListEntries`, holds, `GetUsageSummary`), accounts,
+//!     alerts and grants (`GrantCredits`, R29), every
 //!     payments RPC, recharge settings and attempts, portal sessions;
 //!   - `internal` — everything, including `AddCredits` and balance thresholds: what the
 //!     daemons use between themselves.
@@ -94,6 +95,8 @@ impl Role {
                         | "GetHold"
                         | "ListHolds"
                         | "SetBalanceAlerts"
+                        | "GrantCredits"
+                        | "GetUsageSummary"
                 ),
                 "credits.payments.v1.PaymentsService"
                 | "credits.recharge.v1.AutoRechargeService"

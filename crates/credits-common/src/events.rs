@@ -82,6 +82,9 @@ contract! {
     HoldExpired(HoldEnded) = "ledger.hold.expired",
     /// R18: the available balance fell below one of the account's alert thresholds.
     BalanceAlert(BalanceAlert) = "ledger.balance.alert",
+    /// R29: what was left of a grant or of purchased credits at their expiry was debited
+    /// (one `EXPIRY` entry, once per lot).
+    CreditsExpired(CreditsExpired) = "ledger.credits.expired",
     PaymentMethodDefaultChanged(DefaultChanged) = "payments.payment_method.default_changed",
     PaymentMethodRemoved(MethodRemoved) = "payments.payment_method.removed",
     ChargeSucceeded(ChargeFinished) = "payments.charge.succeeded",
@@ -165,6 +168,23 @@ pub struct BalanceAlert {
     pub entry_id: Option<Uuid>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hold_id: Option<String>,
+}
+
+/// R29. The lot (a grant, or the credits of one purchase) that expired, what it still held
+/// (debited by the `EXPIRY` entry `entry_id`), and the account's balances after it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CreditsExpired {
+    pub lot_id: Uuid,
+    /// `GRANT`, `PURCHASE`, `AUTO_RECHARGE` or `ADJUSTMENT`.
+    pub source: String,
+    pub amount: Money,
+    pub expires_at: DateTime<Utc>,
+    /// A grant's reason (a purchase's description).
+    #[serde(default)]
+    pub reason: String,
+    pub entry_id: Uuid,
+    pub balance: Money,
+    pub available_balance: Money,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -588,6 +608,16 @@ mod tests {
                 entry_id: None,
                 hold_id: Some("hold_01".into()),
             }),
+            Event::CreditsExpired(CreditsExpired {
+                lot_id: uuid("0193a5b0-0000-7000-8000-000000000004"),
+                source: "GRANT".into(),
+                amount: money("4.25"),
+                expires_at: "2026-12-31T00:00:00Z".parse().unwrap(),
+                reason: "Launch promotion".into(),
+                entry_id: uuid("0193a5b0-0000-7000-8000-000000000005"),
+                balance: money("20.00"),
+                available_balance: money("20.00"),
+            }),
             Event::PaymentMethodDefaultChanged(DefaultChanged {
                 payment_method_id: "pm_01".into(),
                 method_type: PaymentMethodType::UsBankAccount,
@@ -663,6 +693,7 @@ mod tests {
                 | Event::HoldReleased(_)
                 | Event::HoldExpired(_)
                 | Event::BalanceAlert(_)
+                | Event::CreditsExpired(_)
                 | Event::PaymentMethodDefaultChanged(_)
                 | Event::PaymentMethodRemoved(_)
                 | Event::ChargeSucceeded(_)

@@ -188,6 +188,26 @@ pub mod paging {
     }
 }
 
+/// A timestamp a caller sent, checked: `google.protobuf.Timestamp`'s own range (years 1 to
+/// 9999) and `nanos` in 0 ..= 999,999,999, else INVALID_ARGUMENT naming the field; kept to
+/// the microsecond (what PostgreSQL stores, so a repeated request compares equal).
+pub fn timestamp_from_wire(
+    field: &str,
+    t: Option<&prost_types::Timestamp>,
+) -> Result<Option<chrono::DateTime<chrono::Utc>>, ServiceError> {
+    const MIN_SECONDS: i64 = -62_135_596_800; // 0001-01-01T00:00:00Z
+    const MAX_SECONDS: i64 = 253_402_300_799; // 9999-12-31T23:59:59Z
+    let Some(t) = t else { return Ok(None) };
+    if !(MIN_SECONDS..=MAX_SECONDS).contains(&t.seconds) || !(0..1_000_000_000).contains(&t.nanos) {
+        return Err(ServiceError::invalid(format!(
+            "{field}: not a valid timestamp (years 1 to 9999, nanos 0 to 999999999)"
+        )));
+    }
+    chrono::DateTime::from_timestamp(t.seconds, (t.nanos as u32 / 1_000) * 1_000)
+        .map(Some)
+        .ok_or_else(|| ServiceError::invalid(format!("{field}: not a valid timestamp")))
+}
+
 pub fn timestamp(t: chrono::DateTime<chrono::Utc>) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: t.timestamp(),

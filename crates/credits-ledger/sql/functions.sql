@@ -106,6 +106,118 @@ BEGIN
     RETURN new_access;
 END $$;
 
+-- R29: a CREDIT entry makes a lot of credits. What it holds is what the credit left above
+-- zero: a credit that arrives while the balance is negative first pays that debt, so every
+-- account keeps sum(remaining) = greatest(balance, 0). `p_expires_at` (a grant's, or a
+-- purchase's under PURCHASED_CREDITS_EXPIRE_DAYS) enters the account's next_expiry.
+CREATE OR REPLACE FUNCTION ledger_lot_add(e entries, p_expires_at timestamptz, p_priority integer)
+RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    held_by_lot numeric := greatest(0, least(e.amount, e.balance_after));
+BEGIN
+    INSERT INTO lots (lot_id, account_id, entry_seq, source, amount, remaining, priority,
+                      expires_at, reason, created_at)
+    VALUES (uuid_v7(), e.account_id, e.seq, e.source, e.amount, held_by_lot,
+            coalesce(p_priority, 0), p_expires_at, e.description, e.created_at);
+    IF p_expires_at IS NOT NULL AND held_by_lot > 0 THEN
+        UPDATE accounts a SET next_expiry = least(a.next_expiry, p_expires_at)
+        WHERE a.account_id = e.account_id;
+    END IF;
+END $$;
+
+-- R29: a debit of `p_amount` drawn from the account's lots in burn order: usage and
+-- captures (`p_grants_first`) take grants first, then purchased credits; money going back
+-- to the customer (a refund, a dispute) takes purchased credits first, then grants. Within
+-- each class: the earliest to expire first (no expiry last), then the lower priority, then
+-- the oldest. What the lots cannot cover is debt (the balance below zero). The caller holds
+-- the account's lock. ledger_post_batch() draws usage with the same order, inline.
+CREATE OR REPLACE FUNCTION ledger_lots_draw(p_account_id text, p_amount numeric, p_grants_first boolean)
+RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE lots l SET remaining = l.remaining - d.take
+    FROM (SELECT x.lot_id,
+                 least(x.remaining, greatest(0, p_amount - (sum(x.remaining) OVER w - x.remaining))) AS take
+          FROM lots x WHERE x.account_id = p_account_id AND x.remaining > 0
+          WINDOW w AS (ORDER BY (x.source = 'GRANT') = p_grants_first DESC, x.expires_at NULLS LAST,
+                                x.priority, x.seq
+                       ROWS UNBOUNDED PRECEDING)) d
+    WHERE l.lot_id = d.lot_id AND d.take > 0;
+END $$;
+
+-- R29: expires the account's lots whose expires_at has passed: one EXPIRY entry of what
+-- each still holds (reference = the lot id; the unique index makes it once per lot), the
+-- lot emptied with it, `ledger.credits.expired`, and the move of the balance as for any
+-- debit (access, R7/R17 crossings, R18 alerts: an expiry can start a top-up). Then
+-- next_expiry is recomputed. The caller holds the account's lock (so two replicas cannot
+-- both expire one lot); returns the account row as it now is.
+CREATE OR REPLACE FUNCTION ledger_expire_due(acc accounts) RETURNS accounts
+LANGUAGE plpgsql AS $$
+DECLARE
+    l lots%ROWTYPE;
+    e entries%ROWTYPE;
+BEGIN
+    FOR l IN SELECT * FROM lots x
+             WHERE x.account_id = acc.account_id AND x.remaining > 0 AND x.expires_at <= now()
+             ORDER BY x.expires_at, x.seq LOOP
+        INSERT INTO entries (account_id, kind, category, source, amount, balance_after,
+                             reference, description, idempotency_key)
+        VALUES (acc.account_id, 'EXPIRY', NULL, NULL, l.remaining, acc.balance - l.remaining,
+                l.lot_id::text,
+                CASE WHEN l.source = 'GRANT' THEN 'Grant expired' ELSE 'Purchased credits expired' END
+                || CASE WHEN l.reason <> '' THEN ': ' || l.reason ELSE '' END,
+                NULL)
+        RETURNING * INTO e;
+        UPDATE lots x SET remaining = 0, expired_at = now(), expiry_entry_seq = e.seq
+        WHERE x.lot_id = l.lot_id;
+        PERFORM ledger_event('ledger.credits.expired', acc.account_id, jsonb_build_object(
+            'lot_id', l.lot_id, 'source', l.source, 'amount', money_text(l.remaining),
+            'expires_at', l.expires_at, 'reason', l.reason, 'entry_id', e.entry_id,
+            'balance', money_text(e.balance_after),
+            'available_balance', money_text(e.balance_after - acc.held)));
+        PERFORM ledger_move(acc, e.balance_after, acc.held, false,
+                            jsonb_build_object('entry_id', e.entry_id));
+        SELECT * INTO acc FROM accounts a WHERE a.account_id = acc.account_id;
+    END LOOP;
+    UPDATE accounts a SET next_expiry = (SELECT min(x.expires_at) FROM lots x
+                                         WHERE x.account_id = acc.account_id AND x.remaining > 0)
+    WHERE a.account_id = acc.account_id
+    RETURNING * INTO acc;
+    RETURN acc;
+END $$;
+
+-- R29, the sweeper's call: expires what is due on one account under its lock (any number
+-- of replicas may sweep at once: each lot expires once). Returns how many lots expired.
+CREATE OR REPLACE FUNCTION ledger_expire_account(p_account_id text) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    acc accounts%ROWTYPE;
+    n integer;
+BEGIN
+    SELECT * INTO acc FROM accounts a WHERE a.account_id = p_account_id FOR UPDATE;
+    IF NOT FOUND OR acc.next_expiry IS NULL OR acc.next_expiry > now() THEN
+        RETURN 0;
+    END IF;
+    SELECT count(*) INTO n FROM lots x
+    WHERE x.account_id = p_account_id AND x.remaining > 0 AND x.expires_at <= now();
+    PERFORM ledger_expire_due(acc);
+    RETURN n;
+END $$;
+
+-- R30: usage per (account, UTC hour, category), added to by every statement that appends
+-- USAGE entries, in its transaction (the trigger below): the rollups move with the journal
+-- or not at all, whatever path posted the usage (a posting, a batch, a capture).
+CREATE OR REPLACE FUNCTION usage_rollup() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO usage_rollups AS r (account_id, hour, category, amount, count)
+    SELECT n.account_id, date_trunc('hour', n.created_at, 'UTC'), n.category, sum(n.amount), count(*)
+    FROM new_entries n
+    WHERE n.kind = 'USAGE'
+    GROUP BY 1, 2, 3
+    ON CONFLICT (account_id, hour, category) DO UPDATE
+    SET amount = r.amount + EXCLUDED.amount, count = r.count + EXCLUDED.count;
+    RETURN NULL;
+END $$;
+
 -- Posts one entry: the whole money movement in one statement, one round trip.
 --
 -- Locks the account row first, so every posting on one account is serialised on that row
@@ -118,10 +230,15 @@ END $$;
 -- `p_traceparent`: the W3C trace context of the call, kept with the events it publishes.
 -- (Functions version 8 replaced the signatures without it: a caller that does not pass it,
 -- such as a replica still on the version before, gets null.)
+-- `p_expires_at`, `p_priority` (R29): the lot a CREDIT makes; compared on a replay of a
+-- grant (a purchase's expiry is the ledger's own setting, computed anew by every call).
+-- (Functions version 12 added them: the signature before is dropped.)
 DROP FUNCTION IF EXISTS ledger_post(text, text, text, text, numeric, text, text, text);
+DROP FUNCTION IF EXISTS ledger_post(text, text, text, text, numeric, text, text, text, text);
 CREATE OR REPLACE FUNCTION ledger_post(
     p_account_id text, p_kind text, p_category text, p_source text, p_amount numeric,
-    p_reference text, p_description text, p_key text, p_traceparent text DEFAULT NULL)
+    p_reference text, p_description text, p_key text, p_traceparent text DEFAULT NULL,
+    p_expires_at timestamptz DEFAULT NULL, p_priority integer DEFAULT 0)
 RETURNS TABLE (
     outcome text, seq bigint, entry_id uuid, kind text, category text, source text,
     amount numeric, balance_after numeric, reference text, description text,
@@ -142,12 +259,20 @@ BEGIN
         RETURN NEXT;
         RETURN;
     END IF;
+    -- R29: credits past their expiry are gone before anything else looks at the balance.
+    IF acc.next_expiry <= now() THEN
+        acc := ledger_expire_due(acc);
+    END IF;
 
     SELECT * INTO e FROM entries x WHERE x.account_id = p_account_id AND x.idempotency_key = p_key;
     IF FOUND THEN
         IF e.kind = p_kind AND e.amount = p_amount
            AND e.category IS NOT DISTINCT FROM p_category AND e.source IS NOT DISTINCT FROM p_source
-           AND e.reference = p_reference AND e.description = p_description THEN
+           AND e.reference = p_reference AND e.description = p_description
+           AND (e.source IS DISTINCT FROM 'GRANT'
+                OR EXISTS (SELECT 1 FROM lots l WHERE l.entry_seq = e.seq
+                           AND l.expires_at IS NOT DISTINCT FROM p_expires_at
+                           AND l.priority = p_priority)) THEN
             outcome := 'replayed';
         ELSE
             outcome := 'conflict';
@@ -172,6 +297,13 @@ BEGIN
     VALUES (p_account_id, p_kind, p_category, p_source, p_amount, new_balance,
             p_reference, p_description, p_key)
     RETURNING * INTO e;
+    -- R29: a credit is a lot; a debit draws lots in burn order (none hold anything while
+    -- the balance is not positive).
+    IF p_kind = 'CREDIT' THEN
+        PERFORM ledger_lot_add(e, p_expires_at, p_priority);
+    ELSIF acc.balance > 0 THEN
+        PERFORM ledger_lots_draw(p_account_id, p_amount, p_kind = 'USAGE');
+    END IF;
 
     -- The hot path: what ledger_move() decides, inlined (a call per posting costs ~10 % of
     -- a group-commit batch); ledger_move() itself only when something is published.
@@ -235,8 +367,16 @@ DECLARE
     acc accounts%ROWTYPE;
 BEGIN
     SELECT * INTO acc FROM accounts a WHERE a.account_id = p_account_id FOR UPDATE;
-    IF FOUND
-       AND NOT EXISTS (SELECT 1 FROM entries x
+    IF NOT FOUND THEN
+        RETURN QUERY SELECT * FROM ledger_post(p_account_id, p_kind, NULL, NULL, p_amount,
+                                               p_reference, p_description, p_key, p_traceparent);
+        RETURN;
+    END IF;
+    -- R29: the look at the available balance comes after what is due has expired.
+    IF acc.next_expiry <= now() THEN
+        acc := ledger_expire_due(acc);
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM entries x
                        WHERE x.account_id = p_account_id AND x.idempotency_key = p_key)
        AND acc.balance - acc.held < p_amount THEN
         outcome := 'insufficient';
@@ -261,8 +401,10 @@ END $$;
 -- events are published (R7, R17, R18, access changes), in that order, each with the trace
 -- context of the item that caused it (`p_traceparents`, null outside a trace).
 --
--- A batch with two items on one (account, key) is posted by ledger_post() per item instead:
--- an item must see the entry its twin appends, which a set-based statement cannot.
+-- A batch with two items on one (account, key), or with anything but usage (group commit
+-- sends only usage), is posted by ledger_post() per item instead: an item must see the
+-- entry its twin appends, which a set-based statement cannot, and only usage is drawn from
+-- lots here (R29).
 CREATE OR REPLACE FUNCTION ledger_post_batch(
     p_account_ids text[], p_kinds text[], p_categories text[], p_sources text[],
     p_amounts numeric[], p_references text[], p_descriptions text[], p_keys text[],
@@ -282,9 +424,12 @@ DECLARE
     r record;
     outbox_notified boolean := false;
     locked text[];
+    due text[];
+    acc accounts%ROWTYPE;
 BEGIN
     IF EXISTS (SELECT 1 FROM unnest(p_account_ids, p_keys) AS t(account_id, key)
-               GROUP BY t.account_id, t.key HAVING count(*) > 1) THEN
+               GROUP BY t.account_id, t.key HAVING count(*) > 1)
+       OR EXISTS (SELECT 1 FROM unnest(p_kinds) AS k WHERE k IS DISTINCT FROM 'USAGE') THEN
         -- Row by row: accounts in byte order (the lock order of every batch), request
         -- order within one account; answered in request order.
         RETURN QUERY
@@ -304,9 +449,17 @@ BEGIN
     -- in the same order. Only the accounts locked here are
     -- posted to: one created while this waited for a lock answers not_found (the batch
     -- comes first), never posted to unlocked.
-    SELECT coalesce(array_agg(l.account_id), '{}') INTO locked
-    FROM (SELECT a.account_id FROM accounts a WHERE a.account_id = ANY (p_account_ids)
+    SELECT coalesce(array_agg(l.account_id), '{}'),
+           coalesce(array_agg(l.account_id) FILTER (WHERE l.next_expiry <= now()), '{}')
+    INTO locked, due
+    FROM (SELECT a.account_id, a.next_expiry FROM accounts a WHERE a.account_id = ANY (p_account_ids)
           ORDER BY a.account_id COLLATE "C" FOR UPDATE) l;
+    -- R29: what is due expires before this batch's usage is drawn (as ledger_post() does).
+    IF cardinality(due) > 0 THEN
+        FOR acc IN SELECT * FROM accounts a WHERE a.account_id = ANY (due) LOOP
+            PERFORM ledger_expire_due(acc);
+        END LOOP;
+    END IF;
 
     -- A new statement, so a new snapshot: everything committed before the locks were
     -- granted is seen (READ COMMITTED), as in ledger_post().
@@ -375,6 +528,21 @@ BEGIN
         posted AS (
             SELECT s.*, n.seq AS n_seq, n.entry_id AS n_entry_id, n.created_at AS n_created_at
             FROM step s JOIN ins n ON n.account_id = s.account_id AND n.idempotency_key = s.key
+        ),
+        -- R29: each account's usage in this batch drawn from its lots in burn order, as
+        -- ledger_lots_draw() does (only usage reaches this statement).
+        drawn AS (
+            UPDATE lots l SET remaining = l.remaining - d.take
+            FROM (SELECT x.lot_id,
+                         least(x.remaining,
+                               greatest(0, u.total - (sum(x.remaining) OVER w - x.remaining))) AS take
+                  FROM (SELECT s.account_id, sum(s.amount) AS total FROM step s
+                        WHERE s.posts AND s.start_balance > 0 GROUP BY s.account_id) u
+                  JOIN lots x ON x.account_id = u.account_id AND x.remaining > 0
+                  WINDOW w AS (PARTITION BY x.account_id
+                               ORDER BY x.source <> 'GRANT', x.expires_at NULLS LAST, x.priority, x.seq
+                               ROWS UNBOUNDED PRECEDING)) d
+            WHERE l.lot_id = d.lot_id AND d.take > 0
         ),
         upd AS (
             UPDATE accounts a SET balance = f.bal, access = f.acc_after, updated_at = now()
@@ -496,6 +664,9 @@ BEGIN
         RETURN NEXT;
         RETURN;
     END IF;
+    IF acc.next_expiry <= now() THEN
+        acc := ledger_expire_due(acc);
+    END IF;
     SELECT * INTO h FROM holds x WHERE x.account_id = p_account_id AND x.idempotency_key = p_key;
     IF FOUND THEN
         outcome := CASE
@@ -560,6 +731,9 @@ BEGIN
         RETURN NEXT;
         RETURN;
     END IF;
+    IF acc.next_expiry <= now() THEN
+        acc := ledger_expire_due(acc);
+    END IF;
     SELECT * INTO h FROM holds x WHERE x.hold_id = p_hold_id AND x.account_id = p_account_id
     FOR UPDATE;
     IF NOT FOUND THEN
@@ -598,6 +772,10 @@ BEGIN
         VALUES (p_account_id, 'USAGE', h.category, NULL, p_amount, new_balance,
                 h.hold_id::text, p_description, NULL)
         RETURNING * INTO e;
+        -- R29: a capture draws lots in the order usage does.
+        IF acc.balance > 0 THEN
+            PERFORM ledger_lots_draw(p_account_id, p_amount, true);
+        END IF;
     END IF;
     UPDATE holds x SET status = ending, ended_at = now(),
                        captured_amount = CASE WHEN ending = 'CAPTURED' THEN p_amount END,
@@ -618,3 +796,24 @@ BEGIN
     status := ending;
     RETURN NEXT;
 END $$;
+
+-- R29/R30 for a journal written before credit lots and rollups (release 3), and the trigger
+-- that keeps the rollups, applied with the functions above in one transaction. The locks
+-- wait for every posting in flight (each locks its account's row before it writes) and
+-- hold new ones until the functions that keep lots and rollups are in place: no posting
+-- falls between. Each fill happens once (the first time its table is found empty).
+LOCK TABLE accounts, entries IN EXCLUSIVE MODE;
+CREATE OR REPLACE TRIGGER entries_usage_rollup AFTER INSERT ON entries
+    REFERENCING NEW TABLE AS new_entries
+    FOR EACH STATEMENT EXECUTE FUNCTION usage_rollup();
+-- The balance an account held before lots existed is one opening lot of purchased credits
+-- without expiry (so sum(remaining) = greatest(balance, 0) from here on).
+INSERT INTO lots (lot_id, account_id, entry_seq, source, amount, remaining, reason)
+SELECT uuid_v7(), a.account_id, NULL, 'PURCHASE', a.balance, a.balance, 'Balance before credit lots'
+FROM accounts a
+WHERE a.balance > 0 AND NOT EXISTS (SELECT 1 FROM lots);
+INSERT INTO usage_rollups (account_id, hour, category, amount, count)
+SELECT e.account_id, date_trunc('hour', e.created_at, 'UTC'), e.category, sum(e.amount), count(*)
+FROM entries e
+WHERE e.kind = 'USAGE' AND NOT EXISTS (SELECT 1 FROM usage_rollups)
+GROUP BY 1, 2, 3;

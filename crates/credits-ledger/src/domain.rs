@@ -133,6 +133,9 @@ pub struct Account {
     /// R18: highest first.
     pub alert_thresholds: Vec<Money>,
     pub created_at: DateTime<Utc>,
+    /// R29: the lots that still hold credits, in burn order (empty where not loaded: a
+    /// newly created account has none).
+    pub lots: Vec<Lot>,
 }
 
 /// R18: at most this many alert thresholds per account.
@@ -239,6 +242,101 @@ pub struct PostingRequest {
     /// The W3C trace context of the call that asked for it (`credits_common::trace`): the
     /// events this posting causes carry it on.
     pub traceparent: Option<String>,
+    /// R29, credits only: when the lot this credit makes expires (`None`: never), and its
+    /// priority among grants that expire together (lower first).
+    pub expires_at: Option<DateTime<Utc>>,
+    pub priority: i32,
+}
+
+/// R29: a lot of credits — a grant, or what one purchase added — with what is left of it.
+#[derive(Clone, Debug)]
+pub struct Lot {
+    pub lot_id: Uuid,
+    pub source: CreditSource,
+    pub amount: Money,
+    pub remaining: Money,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub priority: i32,
+    pub reason: String,
+    pub created_at: DateTime<Utc>,
+    /// The CREDIT entry that made it (none for the balance an account held before lots).
+    pub entry_id: Option<Uuid>,
+}
+
+/// R29: a grant's priority, lower first among grants that expire together.
+pub const MAX_GRANT_PRIORITY: i32 = 1_000_000;
+
+/// R30: how finely `GetUsageSummary` groups usage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Granularity {
+    Day,
+    Hour,
+}
+
+impl Granularity {
+    pub fn seconds(self) -> i64 {
+        match self {
+            Granularity::Day => 86_400,
+            Granularity::Hour => 3_600,
+        }
+    }
+
+    /// The longest range one summary covers: 400 days, or 31 days by the hour.
+    pub fn max_range(self) -> chrono::Duration {
+        match self {
+            Granularity::Day => chrono::Duration::days(400),
+            Granularity::Hour => chrono::Duration::days(31),
+        }
+    }
+}
+
+/// R30: one period's usage in one category.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UsagePeriod {
+    pub start: DateTime<Utc>,
+    pub category: UsageCategory,
+    pub amount: Money,
+    pub count: i64,
+}
+
+/// R30: a validated `GetUsageSummary`: [from, to) on whole hours, at most
+/// [`Granularity::max_range`] long.
+#[derive(Clone, Debug)]
+pub struct SummaryRange {
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+    pub granularity: Granularity,
+}
+
+impl SummaryRange {
+    pub fn new(
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        granularity: Granularity,
+    ) -> Result<Self, LedgerError> {
+        for (name, t) in [("from", from), ("to", to)] {
+            if t.timestamp().rem_euclid(3600) != 0 || t.timestamp_subsec_nanos() != 0 {
+                return Err(LedgerError::invalid(format!(
+                    "{name}: must be on a whole UTC hour (usage is kept by the hour); got {}",
+                    t.to_rfc3339()
+                )));
+            }
+        }
+        if from >= to {
+            return Err(LedgerError::invalid("from: must be before to"));
+        }
+        if to - from > granularity.max_range() {
+            return Err(LedgerError::invalid(format!(
+                "to: at most {} days after from at this granularity",
+                granularity.max_range().num_days()
+            )));
+        }
+        Ok(Self {
+            from,
+            to,
+            granularity,
+        })
+    }
 }
 
 #[derive(Clone, Debug)]

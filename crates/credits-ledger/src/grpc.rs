@@ -27,6 +27,8 @@ pub struct LedgerGrpc {
     /// `CheckAccess` from memory; every write here drops its account before answering.
     views: AccessViews,
     stream_limits: StreamLimits,
+    /// R29: how long purchased credits last (`PURCHASED_CREDITS_EXPIRE_DAYS`).
+    purchase_expiry: Option<chrono::Duration>,
 }
 
 /// R28: how much one `StreamUsage` call may carry before the server ends it (the client
@@ -58,7 +60,13 @@ impl LedgerGrpc {
             coalescer,
             views,
             stream_limits: StreamLimits::default(),
+            purchase_expiry: None,
         }
+    }
+
+    pub fn with_purchase_expiry(mut self, days: Option<u64>) -> Self {
+        self.purchase_expiry = days.map(|d| chrono::Duration::days(d as i64));
+        self
     }
 
     pub fn with_stream_limits(mut self, limits: StreamLimits) -> Self {
@@ -152,7 +160,65 @@ fn account_to_wire(a: Account) -> pb::Account {
         held: a.held.to_wire(),
         available_balance: available.to_wire(),
         alert_thresholds: a.alert_thresholds.iter().map(|t| t.to_wire()).collect(),
+        grants: a
+            .lots
+            .iter()
+            .filter(|l| l.source == CreditSource::GRANT)
+            .map(lot_to_wire)
+            .collect(),
+        expiring_purchases: a
+            .lots
+            .iter()
+            .filter(|l| l.source != CreditSource::GRANT && l.expires_at.is_some())
+            .map(lot_to_wire)
+            .collect(),
     }
+}
+
+fn lot_to_wire(l: &Lot) -> pb::Grant {
+    pb::Grant {
+        grant_id: l.lot_id.to_string(),
+        source: source_to_wire(l.source) as i32,
+        amount: l.amount.to_wire(),
+        remaining: l.remaining.to_wire(),
+        expires_at: l.expires_at.map(timestamp),
+        priority: l.priority,
+        reason: l.reason.clone(),
+        created_at: Some(timestamp(l.created_at)),
+        entry_id: l.entry_id.map(|e| e.to_string()).unwrap_or_default(),
+    }
+}
+
+fn granularity_from_wire(v: i32) -> Result<Granularity, LedgerError> {
+    match pb::Granularity::try_from(v) {
+        Ok(pb::Granularity::Unspecified | pb::Granularity::Day) => Ok(Granularity::Day),
+        Ok(pb::Granularity::Hour) => Ok(Granularity::Hour),
+        Err(_) => Err(LedgerError::invalid(format!(
+            "granularity: unknown value {v} (DAY or HOUR)"
+        ))),
+    }
+}
+
+/// R29: a grant's expiry: unset, or in the future and within a century.
+fn grant_expiry(
+    t: Option<&prost_types::Timestamp>,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<Option<chrono::DateTime<chrono::Utc>>, LedgerError> {
+    let Some(at) = credits_common::ids::timestamp_from_wire("expires_at", t)? else {
+        return Ok(None);
+    };
+    if at <= now {
+        return Err(LedgerError::invalid(format!(
+            "expires_at: must be in the future (got {}); leave it unset for a grant that never expires",
+            at.to_rfc3339()
+        )));
+    }
+    if at > now + chrono::Duration::days(36_500) {
+        return Err(LedgerError::invalid(
+            "expires_at: at most 100 years from now; leave it unset for a grant that never expires",
+        ));
+    }
+    Ok(Some(at))
 }
 
 fn hold_status_to_wire(s: HoldStatus) -> pb::HoldStatus {
@@ -245,6 +311,8 @@ fn usage_request(r: &pb::RecordUsageRequest) -> Result<PostingRequest, LedgerErr
         description: description_text("description", &r.description, 1024)?,
         idempotency_key: IdempotencyKey::parse(&r.idempotency_key)?,
         traceparent: credits_common::trace::current_header(),
+        expires_at: None,
+        priority: 0,
     })
 }
 
@@ -326,6 +394,8 @@ fn money_request(
         description: description_text("description", description, 1024)?,
         idempotency_key: IdempotencyKey::parse(key)?,
         traceparent: credits_common::trace::current_header(),
+        expires_at: None,
+        priority: 0,
     })
 }
 
@@ -470,17 +540,98 @@ impl pb::ledger_service_server::LedgerService for LedgerGrpc {
         req: Request<pb::AddCreditsRequest>,
     ) -> Result<Response<pb::AddCreditsResponse>, Status> {
         let r = req.into_inner();
-        let posting = Posting::Credit(source_from_wire(r.source)?);
-        let p = money_request(
+        let source = source_from_wire(r.source)?;
+        let mut p = money_request(
             &r.account_id,
-            posting,
+            Posting::Credit(source),
             &r.amount,
             &r.reference,
             &r.description,
             &r.idempotency_key,
         )?;
+        // R29: purchased credits last PURCHASED_CREDITS_EXPIRE_DAYS when it is set.
+        if matches!(source, CreditSource::PURCHASE | CreditSource::AUTO_RECHARGE) {
+            p.expires_at = self.purchase_expiry.map(|d| chrono::Utc::now() + d);
+        }
         let posted = self.store.post(&p).await;
         Ok(Response::new(self.answer_money(&p, posted)?))
+    }
+
+    async fn grant_credits(
+        &self,
+        req: Request<pb::GrantCreditsRequest>,
+    ) -> Result<Response<pb::AddCreditsResponse>, Status> {
+        let r = req.into_inner();
+        if r.reason.trim().is_empty() {
+            return Err(LedgerError::invalid(
+                "reason: is required (what the customer sees beside the grant)",
+            )
+            .into());
+        }
+        let reason = credits_common::ids::display_text("reason", &r.reason, 200)?;
+        if !(0..=MAX_GRANT_PRIORITY).contains(&r.priority) {
+            return Err(LedgerError::invalid(format!(
+                "priority: must be between 0 and {MAX_GRANT_PRIORITY} (lower is drawn first); got {}",
+                r.priority
+            ))
+            .into());
+        }
+        let mut p = money_request(
+            &r.account_id,
+            Posting::Credit(CreditSource::GRANT),
+            &r.amount,
+            "",
+            &reason,
+            &r.idempotency_key,
+        )?;
+        p.expires_at = match grant_expiry(r.expires_at.as_ref(), chrono::Utc::now()) {
+            Ok(at) => at,
+            // A repeat of a grant whose expiry has passed since is answered as the first
+            // (or refused as a conflict) like any repeat: only a new grant must expire in
+            // the future.
+            Err(e)
+                if self
+                    .store
+                    .key_used(&p.account_id, &p.idempotency_key)
+                    .await? =>
+            {
+                tracing::debug!(error = %e, "repeated grant past its expiry");
+                credits_common::ids::timestamp_from_wire("expires_at", r.expires_at.as_ref())?
+            }
+            Err(e) => return Err(e.into()),
+        };
+        p.priority = r.priority;
+        let posted = self.store.post(&p).await;
+        Ok(Response::new(self.answer_money(&p, posted)?))
+    }
+
+    async fn get_usage_summary(
+        &self,
+        req: Request<pb::GetUsageSummaryRequest>,
+    ) -> Result<Response<pb::GetUsageSummaryResponse>, Status> {
+        let r = req.into_inner();
+        let id = AccountId::parse(&r.account_id)?;
+        let required = |name: &str, t: Option<&prost_types::Timestamp>| {
+            credits_common::ids::timestamp_from_wire(name, t)?
+                .ok_or_else(|| LedgerError::invalid(format!("{name}: is required")))
+        };
+        let range = SummaryRange::new(
+            required("from", r.from.as_ref())?,
+            required("to", r.to.as_ref())?,
+            granularity_from_wire(r.granularity)?,
+        )?;
+        let periods = self.store.usage_summary(&id, &range).await?;
+        Ok(Response::new(pb::GetUsageSummaryResponse {
+            periods: periods
+                .into_iter()
+                .map(|p| pb::UsagePeriod {
+                    start: Some(timestamp(p.start)),
+                    category: category_to_wire(p.category) as i32,
+                    amount: p.amount.to_wire(),
+                    count: p.count,
+                })
+                .collect(),
+        }))
     }
 
     async fn debit_credits(

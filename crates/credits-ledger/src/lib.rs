@@ -26,7 +26,7 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 pub static FUNCTIONS: &str = include_str!("../sql/functions.sql");
 /// The version of `sql/functions.sql`: raise it with every change of the file, or the
 /// databases that already hold this version keep their function bodies.
-pub const FUNCTIONS_VERSION: i32 = 11;
+pub const FUNCTIONS_VERSION: i32 = 12;
 
 pub const DEFAULT_DATABASE_URL: &str = "postgres://localhost/credits_ledger";
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
@@ -43,6 +43,9 @@ pub struct Config {
     pub hold_sweep_every: std::time::Duration,
     /// R28: the most one `StreamUsage` call carries.
     pub stream_limits: grpc::StreamLimits,
+    /// R29: days after which purchased credits expire (`PURCHASED_CREDITS_EXPIRE_DAYS`);
+    /// `None`: never.
+    pub purchased_credits_expire_days: Option<u64>,
 }
 
 /// R15: expiry within about a second of `expires_at`.
@@ -62,6 +65,7 @@ impl Config {
             group_commit_max: 128,
             hold_sweep_every: DEFAULT_HOLD_SWEEP,
             stream_limits: grpc::StreamLimits::default(),
+            purchased_credits_expire_days: None,
         }
     }
 }
@@ -101,6 +105,11 @@ impl App {
             self.cfg.hold_sweep_every,
             shutdown.clone(),
         ));
+        let expirer = tokio::spawn(sweep_expiries(
+            store.clone(),
+            self.cfg.hold_sweep_every,
+            shutdown.clone(),
+        ));
         let views = access::AccessViews::default();
         let listening = tokio::spawn(views.clone().listen(self.pool.clone(), shutdown.clone()));
         let coalescer = coalesce::Coalescer::start(
@@ -110,7 +119,8 @@ impl App {
         );
         let svc = LedgerServiceServer::new(
             grpc::LedgerGrpc::new(store, coalescer, views)
-                .with_stream_limits(self.cfg.stream_limits),
+                .with_stream_limits(self.cfg.stream_limits)
+                .with_purchase_expiry(self.cfg.purchased_credits_expire_days),
         );
         let router = self
             .cfg
@@ -122,6 +132,7 @@ impl App {
         shutdown.cancel();
         let _ = relay.await;
         let _ = sweeper.await;
+        let _ = expirer.await;
         let _ = listening.await;
         self.pool.close().await;
         tracing::info!("ledger stopped");
@@ -167,6 +178,40 @@ async fn sweep_holds(store: store::Store, every: std::time::Duration, shutdown: 
                     .await
             {
                 metrics::gauge!("credits_ledger_holds_active").set(n as f64);
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+}
+
+/// R29: expires credits past their `expires_at` on accounts no posting touched since (a
+/// posting expires what is due on its account first), on every replica: each account is
+/// locked by `ledger_expire_account`, and a lot expires once. Database time decides; runs
+/// as often as the hold sweep.
+async fn sweep_expiries(
+    store: store::Store,
+    every: std::time::Duration,
+    shutdown: CancellationToken,
+) {
+    loop {
+        loop {
+            match store.expire_credits(HOLD_SWEEP_BATCH).await {
+                Ok((n, full)) => {
+                    if n > 0 {
+                        metrics::counter!("credits_ledger_lots_expired_total").increment(n as u64);
+                        tracing::info!(expired = n, "credits expired");
+                    }
+                    if !full {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "credit expiry sweep failed; retrying");
+                    break;
+                }
             }
         }
         tokio::select! {

@@ -42,9 +42,43 @@ impl TryFrom<AccountRow> for Account {
             threshold_version: r.threshold_version,
             alert_thresholds: r.alert_thresholds.into_iter().map(Money::new).collect(),
             created_at: r.created_at,
+            lots: Vec::new(),
         })
     }
 }
+
+struct LotRow {
+    lot_id: Uuid,
+    source: String,
+    amount: Decimal,
+    remaining: Decimal,
+    expires_at: Option<DateTime<Utc>>,
+    priority: i32,
+    reason: String,
+    created_at: DateTime<Utc>,
+    entry_id: Option<Uuid>,
+}
+
+impl TryFrom<LotRow> for Lot {
+    type Error = LedgerError;
+    fn try_from(r: LotRow) -> Result<Self, Self::Error> {
+        Ok(Lot {
+            lot_id: r.lot_id,
+            source: CreditSource::from_db(&r.source)?,
+            amount: Money::new(r.amount),
+            remaining: Money::new(r.remaining),
+            expires_at: r.expires_at,
+            priority: r.priority,
+            reason: r.reason,
+            created_at: r.created_at,
+            entry_id: r.entry_id,
+        })
+    }
+}
+
+/// R29: the most lots `GetAccount` lists (an account with more shows the first ones to be
+/// drawn).
+pub const MAX_LISTED_LOTS: i64 = 500;
 
 /// One row of `ledger_post`; entry columns are null only for `not_found`.
 struct PostRow {
@@ -276,17 +310,130 @@ impl Store {
         }
     }
 
+    /// The account with its lots (R29), read in one snapshot so that what the lots hold
+    /// adds up to the balance shown.
     pub async fn get_account(&self, id: &AccountId) -> Result<Account, LedgerError> {
-        sqlx::query_as!(
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .execute(&mut *tx)
+            .await?;
+        let mut account: Account = sqlx::query_as!(
             AccountRow,
             r#"SELECT account_id, billing_mode, display_name, balance, held, access, threshold, threshold_version, alert_thresholds, created_at
                FROM accounts WHERE account_id = $1"#,
             id.as_str()
         )
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *tx)
         .await?
         .ok_or_else(|| LedgerError::AccountNotFound(id.clone()))?
-        .try_into()
+        .try_into()?;
+        // Burn order, as ledger_lots_draw() spells it for usage.
+        account.lots = sqlx::query_as!(
+            LotRow,
+            r#"SELECT l.lot_id, l.source, l.amount, l.remaining, l.expires_at, l.priority,
+                      l.reason, l.created_at, e.entry_id AS "entry_id?"
+               FROM lots l LEFT JOIN entries e ON e.seq = l.entry_seq
+               WHERE l.account_id = $1 AND l.remaining > 0
+               ORDER BY l.source <> 'GRANT', l.expires_at NULLS LAST, l.priority, l.seq
+               LIMIT $2"#,
+            id.as_str(),
+            MAX_LISTED_LOTS,
+        )
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .map(Lot::try_from)
+        .collect::<Result<_, _>>()?;
+        tx.commit().await?;
+        Ok(account)
+    }
+
+    /// R30: usage per period and category from the rollups (never the journal), periods
+    /// of the range's granularity counted from `from`, empty ones left out; ordered by
+    /// start, then category.
+    pub async fn usage_summary(
+        &self,
+        id: &AccountId,
+        range: &SummaryRange,
+    ) -> Result<Vec<UsagePeriod>, LedgerError> {
+        let rows = sqlx::query!(
+            r#"SELECT $2::timestamptz
+                      + (extract(epoch FROM r.hour - $2::timestamptz)::bigint / $4::bigint * $4::bigint)
+                        * interval '1 second' AS "start!",
+                      r.category, sum(r.amount) AS "amount!", sum(r.count)::bigint AS "count!"
+               FROM usage_rollups r
+               WHERE r.account_id = $1 AND r.hour >= $2 AND r.hour < $3
+               GROUP BY 1, 2
+               ORDER BY 1, 2"#,
+            id.as_str(),
+            range.from,
+            range.to,
+            range.granularity.seconds(),
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        if rows.is_empty() && !self.account_exists(id).await? {
+            return Err(LedgerError::AccountNotFound(id.clone()));
+        }
+        rows.into_iter()
+            .map(|r| {
+                Ok(UsagePeriod {
+                    start: r.start,
+                    category: UsageCategory::from_db(&r.category)?,
+                    amount: Money::new(r.amount),
+                    count: r.count,
+                })
+            })
+            .collect()
+    }
+
+    /// Whether the account's journal has an entry under this idempotency key.
+    pub async fn key_used(
+        &self,
+        id: &AccountId,
+        key: &IdempotencyKey,
+    ) -> Result<bool, LedgerError> {
+        Ok(sqlx::query_scalar!(
+            r#"SELECT EXISTS (SELECT 1 FROM entries WHERE account_id = $1 AND idempotency_key = $2) AS "e!""#,
+            id.as_str(),
+            key.as_str()
+        )
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    async fn account_exists(&self, id: &AccountId) -> Result<bool, LedgerError> {
+        Ok(sqlx::query_scalar!(
+            r#"SELECT EXISTS (SELECT 1 FROM accounts WHERE account_id = $1) AS "e!""#,
+            id.as_str()
+        )
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    /// R29: expires what is due on up to `limit` accounts whose earliest expiry has passed
+    /// (database time), each account in a transaction of its own (`ledger_expire_account`
+    /// locks its row: any number of replicas may sweep at once, and each lot expires once).
+    /// Returns how many lots this call expired and whether it saw a full page.
+    pub async fn expire_credits(&self, limit: i64) -> Result<(usize, bool), LedgerError> {
+        let due = sqlx::query_scalar!(
+            r#"SELECT account_id FROM accounts
+               WHERE next_expiry <= now()
+               ORDER BY next_expiry
+               LIMIT $1"#,
+            limit,
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let full = due.len() as i64 == limit;
+        let mut expired = 0;
+        for account in due {
+            let n = sqlx::query_scalar!(r#"SELECT ledger_expire_account($1) AS "n!""#, account)
+                .fetch_one(&self.pool)
+                .await?;
+            expired += n as usize;
+        }
+        Ok((expired, full))
     }
 
     /// The gateway's hot path: one primary-key read.
@@ -573,7 +720,7 @@ impl Store {
             PostRow,
             r#"SELECT outcome AS "outcome!", seq, entry_id, kind, category, source, amount,
                       balance_after, reference, description, created_at, balance, access
-               FROM ledger_post($1, $2, $3, $4, $5, $6, $7, $8, $9)"#,
+               FROM ledger_post($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"#,
             req.account_id.as_str(),
             req.posting.kind().as_str(),
             category,
@@ -583,6 +730,8 @@ impl Store {
             req.description,
             req.idempotency_key.as_str(),
             req.traceparent.as_deref(),
+            req.expires_at,
+            req.priority,
         )
         .fetch_one(&self.pool)
         .await?;

@@ -351,6 +351,8 @@ async fn handle(worker: &Arc<Recharge>, body: &[u8]) -> Outcome {
         | Event::HoldReleased(_)
         | Event::HoldExpired(_)
         | Event::BalanceAlert(_)
+        // An expiry that needs a top-up publishes its own threshold crossing (R29).
+        | Event::CreditsExpired(_)
         | Event::ChargeSucceeded(_)
         | Event::ChargeFailed(_)
         | Event::ChargeActionRequired(_)

@@ -28,6 +28,10 @@ struct Args {
     /// R28: the longest one `StreamUsage` call stays open, in seconds.
     #[arg(long, env = "STREAM_USAGE_MAX_SECS", default_value_t = credits_ledger::grpc::STREAM_MAX_SECS, value_parser = ranged::<1, 86_400>)]
     stream_usage_max_secs: u64,
+    /// R29: purchased credits (purchases and top-ups) expire this many days after they were
+    /// bought; unset (the default): never.
+    #[arg(long, env = "PURCHASED_CREDITS_EXPIRE_DAYS", value_parser = ranged::<1, 36_500>)]
+    purchased_credits_expire_days: Option<u64>,
     #[command(flatten)]
     common: CommonArgs,
 }
@@ -43,6 +47,7 @@ impl Args {
             max_items: self.stream_usage_max_items as usize,
             max_lifetime: std::time::Duration::from_secs(self.stream_usage_max_secs),
         };
+        cfg.purchased_credits_expire_days = self.purchased_credits_expire_days;
         Ok(cfg)
     }
 }
