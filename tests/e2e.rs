@@ -464,6 +464,79 @@ async fn credits_up_runs_all_four_and_the_demo_tells_the_story() {
         cli(&["purchase", "demo-e2e", "1.00"]).status.code(),
         Some(5)
     );
+    // R29/R30 from the CLI: a grant (drawn before the purchased credits), the usage
+    // summary, and the whole journal as CSV that sums to the balance.
+    let granted = cli(&[
+        "grants",
+        "add",
+        "demo-e2e",
+        "2.50",
+        "--reason",
+        "Support credit",
+        "--expires-in-days",
+        "30",
+        "--key",
+        "cli-grant",
+        "--json",
+    ]);
+    assert!(
+        granted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&granted.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&granted.stdout).unwrap();
+    assert_eq!(v["category_or_source"], "GRANT");
+    assert_eq!(v["balance"], "54.30");
+    assert!(
+        cli(&["usage", "record", "demo-e2e", "1", "--key", "after-grant"])
+            .status
+            .success()
+    );
+    let listed = cli(&["grants", "list", "demo-e2e", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(v[0]["reason"], "Support credit");
+    assert_eq!(v[0]["remaining"], "1.50", "usage drew the grant first: {v}");
+    assert_eq!(
+        cli(&[
+            "grants",
+            "add",
+            "demo-e2e",
+            "1",
+            "--reason",
+            "x",
+            "--expires",
+            "yesterday"
+        ])
+        .status
+        .code(),
+        Some(3),
+        "a bad expiry is INVALID_ARGUMENT"
+    );
+    let summary = cli(&["usage", "summary", "demo-e2e", "--last", "2", "--csv"]);
+    let text = String::from_utf8_lossy(&summary.stdout);
+    assert!(summary.status.success(), "{text}");
+    assert!(text.starts_with("start,category,amount,count\n"), "{text}");
+    assert!(text.contains(",API_REQUESTS,"), "{text}");
+    let export = cli(&["accounts", "export", "demo-e2e"]);
+    let csv = String::from_utf8_lossy(&export.stdout);
+    assert!(export.status.success());
+    let sum: rust_decimal::Decimal = csv
+        .lines()
+        .skip(1)
+        .map(|l| {
+            l.split(',')
+                .nth(4)
+                .unwrap()
+                .parse::<rust_decimal::Decimal>()
+                .unwrap()
+        })
+        .sum();
+    assert_eq!(
+        sum,
+        "53.30".parse::<rust_decimal::Decimal>().unwrap(),
+        "{csv}"
+    );
+
     // R20: `credits portal-session` prints a link that opens the account's billing page.
     let session = cli(&["portal-session", "demo-e2e"]);
     assert!(session.status.success());

@@ -34,15 +34,15 @@ async fn lots(c: &Api, id: &str) -> Vec<(String, Decimal)> {
         .collect()
 }
 
-/// Balance = journal, and what the lots hold = the balance where it is positive (the
-/// chaos invariant of R29, read from the database).
+/// Balance = journal, and what the lots hold (with the usage pending on them drawn) = the
+/// balance where it is positive (the chaos invariant of R29, read from the database).
 async fn assert_books_balance(ledger: &Ledger) {
     let mut db = ledger.db().await;
     let bad: Vec<(String, Decimal, Decimal, Decimal)> = sqlx::query_as(
         "SELECT a.account_id, a.balance,
                 coalesce((SELECT sum(CASE WHEN e.kind = 'CREDIT' THEN e.amount ELSE -e.amount END)
                           FROM entries e WHERE e.account_id = a.account_id), 0),
-                coalesce((SELECT sum(l.remaining) FROM lots l WHERE l.account_id = a.account_id), 0)
+                coalesce((SELECT sum(n.remaining) FROM ledger_lots_now(a.account_id) n), 0)
          FROM accounts a",
     )
     .fetch_all(&mut db)
@@ -607,6 +607,24 @@ async fn the_usage_summary_equals_the_journal_for_random_postings_replays_and_cr
     };
     let mut ledger = Some(ledger);
     for round in 0..6 {
+        if round > 0 {
+            // An hour passes: everything posted so far moves an hour back, as if posted an
+            // hour earlier, so the next posting on each account finds its running hour
+            // ended and moves it to usage_rollups (the journal's append-only guard is lifted
+            // for this alone).
+            let mut db = ledger.as_ref().unwrap().db().await;
+            for sql in [
+                "ALTER TABLE entries DISABLE TRIGGER entries_no_update",
+                "UPDATE entries SET created_at = created_at - interval '1 hour'",
+                "ALTER TABLE entries ENABLE TRIGGER entries_no_update",
+                "UPDATE accounts SET roll_hour = roll_hour - interval '1 hour' WHERE roll_hour IS NOT NULL",
+                // (in two moves: an hour's key may still be taken when one move is done)
+                "UPDATE usage_rollups SET hour = hour - interval '1000 hours'",
+                "UPDATE usage_rollups SET hour = hour + interval '999 hours'",
+            ] {
+                sqlx::query(sql).execute(&mut db).await.unwrap();
+            }
+        }
         let c = ledger.as_ref().unwrap().api();
         for _ in 0..20 {
             let r = item(&mut rng, &mut keys);
@@ -716,15 +734,22 @@ async fn the_usage_summary_equals_the_journal_for_random_postings_replays_and_cr
             );
         }
     }
-    // The summary is read from rollups alone: they hold exactly the journal's sums.
+    // The summary is read from rollups (and each running hour) alone: they hold exactly the
+    // journal's sums.
     let (rolled, journaled): (Decimal, Decimal) = sqlx::query_as(
-        "SELECT (SELECT coalesce(sum(amount), 0) FROM usage_rollups),
+        "SELECT (SELECT coalesce(sum(h.amount), 0) FROM accounts a, ledger_usage_hours(a.account_id) h),
                 (SELECT coalesce(sum(amount), 0) FROM entries WHERE kind = 'USAGE')",
     )
     .fetch_one(&mut db)
     .await
     .unwrap();
     assert_eq!(rolled, journaled, "seed {seed}");
+    // The hours that ended were moved to usage_rollups by the postings that found them ended.
+    let hours: i64 = sqlx::query_scalar("SELECT count(DISTINCT hour) FROM usage_rollups")
+        .fetch_one(&mut db)
+        .await
+        .unwrap();
+    assert_eq!(hours, 5, "seed {seed}: five ended hours in usage_rollups");
     // Nothing was counted for the conflicting requests or the rolled-back postings.
     let rolled_back: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM entries WHERE idempotency_key LIKE 'rolled-back-%'",
@@ -916,7 +941,7 @@ async fn adjustments_are_purchased_class_lots_drawn_after_grants_r29() {
     c.use_credits("acme", "2", "u").await;
     let mut db = ledger.db().await;
     let rows: Vec<(String, Decimal)> =
-        sqlx::query_as("SELECT source, remaining FROM lots WHERE account_id = 'acme' ORDER BY seq")
+        sqlx::query_as("SELECT source, remaining FROM ledger_lots_now('acme') ORDER BY ord")
             .fetch_all(&mut db)
             .await
             .unwrap();
@@ -925,7 +950,6 @@ async fn adjustments_are_purchased_class_lots_drawn_after_grants_r29() {
         [
             ("PURCHASE".to_owned(), dec("4")),
             ("ADJUSTMENT".to_owned(), dec("3")),
-            ("GRANT".to_owned(), dec("0")),
         ]
     );
     assert_books_balance(&ledger).await;

@@ -202,9 +202,11 @@ enum Req {
     ListRechargeAttempts(rpb::ListRechargeAttemptsRequest),
     CreateHold(lpb::CreateHoldRequest),
     CaptureHold(lpb::CaptureHoldRequest),
+    GrantCredits(lpb::GrantCreditsRequest),
+    GetUsageSummary(lpb::GetUsageSummaryRequest),
 }
 
-const KINDS: usize = 22;
+const KINDS: usize = 24;
 
 impl Req {
     fn rpc(&self) -> &'static str {
@@ -231,6 +233,8 @@ impl Req {
             Req::ListRechargeAttempts(_) => "recharge.ListRechargeAttempts",
             Req::CreateHold(_) => "ledger.CreateHold",
             Req::CaptureHold(_) => "ledger.CaptureHold",
+            Req::GrantCredits(_) => "ledger.GrantCredits",
+            Req::GetUsageSummary(_) => "ledger.GetUsageSummary",
         }
     }
 }
@@ -293,6 +297,14 @@ const DESCRIPTION: TextSpec = TextSpec {
     max: 1024,
     ws_ok: true,
     required: false,
+    display: true,
+};
+/// R29: a grant's reason (required display text).
+const REASON: TextSpec = TextSpec {
+    name: "reason",
+    max: 200,
+    ws_ok: false,
+    required: true,
     display: true,
 };
 const DISPLAY_NAME: TextSpec = TextSpec {
@@ -662,6 +674,75 @@ impl World {
             Want::Odd => odd(0),
             Want::Bad => {
                 let v = *self.rng.pick(&[99, -1, 6, 1000, i32::MAX, i32::MIN]);
+                bad(v, invalid(field))
+            }
+        }
+    }
+
+    /// R29: a grant's expiry: none or in the coming year; bad ones in the past, out of
+    /// the Timestamp's range, with impossible nanos, or two centuries away.
+    fn grant_expiry(&mut self, want: Want) -> F<Option<prost_types::Timestamp>> {
+        let now = chrono::Utc::now().timestamp();
+        let ts = |seconds: i64, nanos: i32| Some(prost_types::Timestamp { seconds, nanos });
+        match want {
+            Want::Valid if self.rng.percent(40) => ok(None),
+            Want::Valid | Want::Odd => ok(ts(
+                now + 3600 + self.rng.below(365 * 86_400) as i64,
+                self.rng.below(1_000_000_000) as i32,
+            )),
+            Want::Bad => {
+                let v = *self.rng.pick(&[
+                    ts(now - 3600, 0),
+                    ts(0, 0),
+                    ts(now + 86_400, -1),
+                    ts(now + 86_400, 1_000_000_000),
+                    ts(253_402_300_800, 0),
+                    ts(i64::MIN, 0),
+                    ts(now + 200 * 366 * 86_400, 0),
+                ]);
+                bad(v, invalid("expires_at"))
+            }
+        }
+    }
+
+    /// R30: a usage summary's range: whole hours, `from` < `to`, within the granularity's
+    /// longest range; bad ones name the field at fault.
+    #[allow(clippy::type_complexity)]
+    fn summary_range(
+        &mut self,
+        want: Want,
+    ) -> F<(
+        Option<prost_types::Timestamp>,
+        Option<prost_types::Timestamp>,
+        i32,
+    )> {
+        let hour = chrono::Utc::now().timestamp() / 3600 * 3600;
+        let ts = |seconds: i64, nanos: i32| Some(prost_types::Timestamp { seconds, nanos });
+        match want {
+            Want::Valid | Want::Odd => {
+                let g = *self.rng.pick(&[0, 1, 2]);
+                let hours = if g == 2 {
+                    1 + self.rng.below(744)
+                } else {
+                    24 * (1 + self.rng.below(400))
+                };
+                let from = hour - 3600 * self.rng.below(2000) as i64;
+                ok((ts(from, 0), ts(from + 3600 * hours as i64, 0), g))
+            }
+            Want::Bad => {
+                let (v, field) = *self.rng.pick(&[
+                    ((None, ts(hour, 0), 2), "from"),
+                    ((ts(hour, 0), None, 2), "to"),
+                    ((ts(hour + 1, 0), ts(hour + 7200, 0), 2), "from"),
+                    ((ts(hour, 0), ts(hour + 7200, 5_000), 2), "to"),
+                    ((ts(hour, 0), ts(hour, 0), 1), "from"),
+                    ((ts(hour, 0), ts(hour - 3600, 0), 1), "from"),
+                    ((ts(hour, 0), ts(hour + 32 * 86_400, 0), 2), "to"),
+                    ((ts(hour, 0), ts(hour + 401 * 86_400, 0), 1), "to"),
+                    ((ts(hour, 0), ts(hour + 3600, 0), 7), "granularity"),
+                    ((ts(hour, 0), ts(hour + 3600, 0), -1), "granularity"),
+                    ((ts(i64::MIN, 0), ts(hour, 0), 1), "from"),
+                ]);
                 bad(v, invalid(field))
             }
         }
@@ -1280,6 +1361,43 @@ impl World {
                     f,
                 )
             }
+            22 => {
+                let w = self.wants(mode, 6, &[0, 1, 2, 3, 4]);
+                let a = self.account(w[0], false);
+                let amount = self.amount(w[1], AmountKind::Ledger, "amount");
+                let k = self.key(w[2], &a.v);
+                let reason = self.text(w[3], &REASON);
+                let exp = self.grant_expiry(w[4]);
+                let priority = ok(*self.rng.pick(&[0, 1, 7, 1_000_000]));
+                let f = fields![a, amount, k, reason, exp, priority];
+                (
+                    Req::GrantCredits(lpb::GrantCreditsRequest {
+                        account_id: a.v,
+                        amount: amount.v,
+                        idempotency_key: k.v,
+                        reason: reason.v,
+                        expires_at: exp.v,
+                        priority: priority.v,
+                    }),
+                    f,
+                )
+            }
+            23 => {
+                let w = self.wants(mode, 2, &[0, 1]);
+                let a = self.account(w[0], false);
+                let r = self.summary_range(w[1]);
+                let f = fields![a, r];
+                let (from, to, granularity) = r.v;
+                (
+                    Req::GetUsageSummary(lpb::GetUsageSummaryRequest {
+                        account_id: a.v,
+                        from,
+                        to,
+                        granularity,
+                    }),
+                    f,
+                )
+            }
             21 => {
                 let w = self.wants(mode, 4, &[0, 1, 2, 3]);
                 let a = self.account(w[0], false);
@@ -1424,6 +1542,12 @@ async fn send(c: &mut Clients, req: &Req) -> Result<Reply, tonic::Status> {
         }
         Req::CaptureHold(r) => {
             c.ledger.capture_hold(r).await?;
+        }
+        Req::GrantCredits(r) => {
+            c.ledger.grant_credits(r).await?;
+        }
+        Req::GetUsageSummary(r) => {
+            c.ledger.get_usage_summary(r).await?;
         }
         Req::RecordUsage(r) => {
             c.ledger.record_usage(r).await?;

@@ -1084,3 +1084,167 @@ async fn the_page_times_out_slow_clients_bounds_connections_and_rate_limits_r28(
     portal.stop().await;
     system.stop().await;
 }
+
+/// R29/R30 on the page, as the customer meets it: the last 30 days as a chart by category,
+/// the forecast in words (the same arithmetic as the unit tests' fixed clock, at the
+/// page's own clock), the grants in the order usage draws them with what is left, a
+/// printable receipt for a paid charge (and none for another account's), and the whole
+/// history as a CSV that sums to the balance and never hands a spreadsheet a formula.
+#[tokio::test]
+async fn the_page_shows_usage_a_forecast_grants_receipts_and_a_csv_r29_r30() {
+    use credits_client::{CreditsToGrant, UsageCategory, UsageRecord};
+    let (system, portal) = acme_and_portal().await;
+    let api = system.api();
+    api.add_card("acme", "4242424242424242", true).await;
+    let bought = api.buy("acme", "40", "buy-1").await;
+    api.ledger()
+        .grant_credits(&CreditsToGrant {
+            account_id: acct("acme"),
+            amount: money("5"),
+            idempotency_key: credits_tests::api::key("welcome"),
+            reason: "Welcome credit".into(),
+            expires_at: Some(chrono::Utc::now() + chrono::Duration::days(10)),
+            priority: 0,
+        })
+        .await
+        .unwrap();
+    for (i, (category, amount, description)) in [
+        (UsageCategory::ApiRequests, "2.10", "=cmd|' /C calc'!A0"),
+        (
+            UsageCategory::FineTuning,
+            "1.40",
+            "job \"ft-1\", <b>bold</b>",
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        api.ledger()
+            .record_usage(&UsageRecord {
+                account_id: acct("acme"),
+                category,
+                amount: money(amount),
+                idempotency_key: credits_tests::api::key(&format!("u{i}")),
+                description: description.into(),
+            })
+            .await
+            .unwrap();
+    }
+    api.enable_recharge("acme", "10", "50").await.unwrap();
+    // Another account's paid charge, for the receipt that must not show.
+    api.create_account("other", BillingMode::Prepaid).await;
+    api.add_card("other", "4242424242424242", true).await;
+    let theirs = api.buy("other", "7", "buy-other").await;
+
+    let dir = screenshots("usage");
+    let mut b = Browser::launch(&dir).await;
+    b.open_session(&portal.session_url("acme", None).await)
+        .await;
+    // $3.50 in the last 7 days = $0.50/day; $41.50 available, $10.00 threshold: 63 days.
+    let expected = credits_portal::usage::forecast_text(
+        &credits_portal::usage::forecast(
+            chrono::Utc::now(),
+            money("41.50"),
+            credits_portal::usage::Level::Threshold(money("10")),
+            money("3.50"),
+        ),
+        chrono::Utc::now(),
+    );
+    assert!(expected.contains("$0.50/day"), "{expected}");
+    assert_eq!(b.text_of("forecast").await.unwrap(), expected);
+    // Today's bar: two categories stacked; the legend totals each.
+    assert_eq!(
+        b.eval("document.querySelectorAll('#usage-chart rect').length")
+            .await,
+        2
+    );
+    let legend = b.text_of("usage-legend").await.unwrap();
+    assert!(legend.contains("API requests $2.10"), "{legend}");
+    assert!(legend.contains("Fine-tuning $1.40"), "{legend}");
+    assert!(legend.contains("Evaluations $0.00"), "{legend}");
+    // Usage drew the grant first: $1.50 of $5.00 left, expiring in 10 days.
+    let grants = b.text_of("grants").await.unwrap();
+    assert!(
+        grants.contains("Grant: Welcome credit$1.50$5.00"),
+        "{grants:?}"
+    );
+    // Markup in a description is text.
+    assert!(b.text().await.contains("job \"ft-1\", <b>bold</b>"));
+    b.screenshot("usage-forecast-grants").await;
+    if let Ok(to) = std::env::var("CREDITS_README_SCREENSHOTS") {
+        std::fs::copy(
+            dir.join("usage-forecast-grants.png"),
+            format!("{to}/billing-usage.png"),
+        )
+        .unwrap();
+    }
+
+    // The receipt of the purchase, from the charges table.
+    b.submit("Receipt").await;
+    b.wait_for_path(&format!("/billing/receipts/{}", bought.charge.charge_id))
+        .await;
+    assert_eq!(
+        b.text_of("receipt-number").await.unwrap(),
+        bought.charge.charge_id
+    );
+    assert_eq!(b.text_of("receipt-amount").await.unwrap(), "$40.00 USD");
+    assert!(
+        b.text_of("receipt-method")
+            .await
+            .unwrap()
+            .contains("ending 4242"),
+    );
+    b.screenshot("receipt").await;
+    // Another account's charge, or a made-up id: no receipt.
+    for id in [
+        theirs.charge.charge_id.as_str(),
+        "ch_nope",
+        "..%2F..%2Fbilling",
+    ] {
+        b.goto(&format!("{}/billing/receipts/{id}", portal.http))
+            .await;
+        assert!(
+            b.text()
+                .await
+                .contains("There is no receipt for this payment"),
+            "{id}"
+        );
+    }
+    b.close().await;
+
+    // The CSV, as the download link fetches it with the session's cookie.
+    let session = portal
+        .sessions()
+        .create_portal_session(&acct("acme"), None)
+        .await
+        .unwrap();
+    let (_, set, _) = open_link_full(&portal, &session.url, None).await;
+    let cookie = set.unwrap().split(';').next().unwrap().to_owned();
+    let (code, headers, body) = http(&portal.http, "/billing/history.csv", Some(&cookie)).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(header(&headers, "content-type"), "text/csv; charset=utf-8");
+    assert!(
+        header(&headers, "content-disposition").contains("credits-history-acme.csv"),
+        "{headers:?}"
+    );
+    let lines: Vec<&str> = body.lines().collect();
+    assert_eq!(lines[0], credits_client::csv::ENTRIES_HEADER);
+    assert_eq!(lines.len(), 1 + 4, "{body}");
+    let sum: rust_decimal::Decimal = lines[1..]
+        .iter()
+        .map(|l| {
+            l.split(',')
+                .nth(4)
+                .unwrap()
+                .parse::<rust_decimal::Decimal>()
+                .unwrap()
+        })
+        .sum();
+    assert_eq!(sum, api.balance("acme").await.as_decimal(), "{body}");
+    assert!(body.contains("\"'=cmd|' /C calc'!A0\""), "{body}");
+    assert!(body.contains("\"job \"\"ft-1\"\", <b>bold</b>\""), "{body}");
+    // Without a session: nothing.
+    let (code, _, body) = http(&portal.http, "/billing/history.csv", None).await;
+    assert_eq!(code, 403, "{body}");
+    stop(portal, system).await;
+}

@@ -504,6 +504,45 @@ pub async fn settle_and_check(
         ),
     );
 
+    // 14. R29: what every grant and purchase still holds (the usage pending on them drawn)
+    // adds up to the balance (where it is positive: debt is held by no lot), and every
+    // expired lot has exactly one EXPIRY entry (none spent twice, none expired twice).
+    let lots_off: i64 = scalar(
+        &mut l,
+        "SELECT count(*) FROM accounts a WHERE greatest(a.balance, 0) <> COALESCE((SELECT sum(n.remaining) FROM ledger_lots_now(a.account_id) n), 0)",
+    )
+    .await;
+    let (expired, expiry_entries, expired_badly): (i64, i64, i64) = (
+        scalar(&mut l, "SELECT count(*) FROM lots WHERE expiry_entry_seq IS NOT NULL").await,
+        scalar(&mut l, "SELECT count(*) FROM entries WHERE kind = 'EXPIRY'").await,
+        scalar(
+            &mut l,
+            "SELECT count(*) FROM lots x WHERE (x.expiry_entry_seq IS NOT NULL AND x.remaining <> 0)              OR (SELECT count(*) FROM entries e WHERE e.kind = 'EXPIRY' AND e.reference = x.lot_id::text) > 1              OR (x.expires_at <= now() - interval '5 seconds' AND x.remaining > 0)",
+        )
+        .await,
+    );
+    let grants: i64 = scalar(&mut l, "SELECT count(*) FROM lots WHERE source = 'GRANT'").await;
+    ck.report(
+        lots_off == 0 && expired == expiry_entries && expired_badly == 0,
+        "14. lots hold the balance; each expired lot expired once",
+        format!(
+            "{grants} grants, {expired} lots expired with {expiry_entries} EXPIRY entries; accounts whose lots ≠ balance {lots_off}, lots expired wrongly or left past their expiry {expired_badly}"
+        ),
+    );
+
+    // 15. R30: the usage rollups (with each account's running hour) are the journal's usage,
+    // per account, hour and category.
+    let rollups_off: i64 = scalar(
+        &mut l,
+        "SELECT count(*) FROM (SELECT account_id, date_trunc('hour', created_at, 'UTC') AS hour, category, sum(amount) AS amount, count(*) AS n          FROM entries WHERE kind = 'USAGE' GROUP BY 1, 2, 3) j          FULL JOIN (SELECT a.account_id, h.hour, h.category, sum(h.amount) AS amount, sum(h.count) AS count FROM accounts a CROSS JOIN LATERAL ledger_usage_hours(a.account_id) h GROUP BY 1, 2, 3) r USING (account_id, hour, category)          WHERE j.amount IS DISTINCT FROM r.amount OR j.n IS DISTINCT FROM r.count",
+    )
+    .await;
+    ck.report(
+        rollups_off == 0,
+        "15. usage rollups = the journal's usage",
+        format!("(account, hour, category) rows that differ: {rollups_off}"),
+    );
+
     // 5. Auto-recharge on ⇒ at or above threshold, or a recorded failed attempt says why not.
     let settings: Vec<(String, Decimal)> =
         sqlx::query_as("SELECT account_id, threshold FROM settings WHERE enabled")

@@ -270,6 +270,8 @@ pub struct Report {
     pub refunds_refused: usize,
     /// Payments that waited for 3-D Secure, confirmed by the customer (R25).
     pub confirmed: usize,
+    /// R29: grants answered (most expiring within seconds, racing usage and faults).
+    pub grants_ok: usize,
     pub errors: HashMap<String, usize>,
     /// (account, idempotency key) of every RecordUsage acknowledged.
     pub acked: Vec<(String, String)>,
@@ -279,7 +281,7 @@ impl std::fmt::Display for Report {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} usage acknowledged, {} usage replays answered, {} purchases answered, {} accounts switched to ACH, {} threshold changes answered, holds {} created / {} refused / {} captured / {} released (the rest left to expire), refunds {} made / {} refused, {} payments confirmed after 3-D Secure, errors {:?}",
+            "{} usage acknowledged, {} usage replays answered, {} purchases answered, {} accounts switched to ACH, {} threshold changes answered, holds {} created / {} refused / {} captured / {} released (the rest left to expire), refunds {} made / {} refused, {} payments confirmed after 3-D Secure, {} grants, errors {:?}",
             self.usage_acked,
             self.usage_replays_ok,
             self.purchases_ok,
@@ -292,6 +294,7 @@ impl std::fmt::Display for Report {
             self.refunds_ok,
             self.refunds_refused,
             self.confirmed,
+            self.grants_ok,
             self.errors
         )
     }
@@ -382,6 +385,8 @@ pub async fn drive(
                             }),
                         (Err(e), _) | (_, Err(e)) => Err(e),
                     }
+                } else if roll == 92 && acct.kind != Kind::AchSwitcher {
+                    grant_step(ledger, acct, &mut rng, w, n).await
                 } else if roll < 94 && acct.kind == Kind::AchSwitcher {
                     let first = switched
                         .lock()
@@ -450,6 +455,7 @@ pub async fn drive(
                         Ok("refund") => rep.refunds_ok += 1,
                         Ok("refund_refused") => rep.refunds_refused += 1,
                         Ok("confirmed") => rep.confirmed += 1,
+                        Ok("grant") => rep.grants_ok += 1,
                         Ok(_) => {}
                         Err(e) => *rep.errors.entry(error_name(&e)).or_default() += 1,
                     }
@@ -464,6 +470,35 @@ pub async fn drive(
     let mut rep = std::mem::take(&mut *report.lock().unwrap_or_else(|e| e.into_inner()));
     rep.switched_to_ach = switched.lock().map(|s| s.len()).unwrap_or(0);
     rep
+}
+
+/// R29: a grant of $1–$3 through either replica, three in four expiring 1–8 s from now
+/// (so expiries race usage, holds and the faults), the rest never; a lost answer is
+/// retried with its key and terms, which must answer the first grant.
+async fn grant_step(
+    ledger: &credits_client::Ledger,
+    acct: &Account,
+    rng: &mut Rng,
+    w: usize,
+    n: u64,
+) -> Result<&'static str, ClientError> {
+    let expires_at = (rng.below(4) != 0).then(|| {
+        chrono::Utc::now() + chrono::Duration::milliseconds(1000 + rng.below(7000) as i64)
+    });
+    let grant = credits_client::CreditsToGrant {
+        account_id: acct.id.clone(),
+        amount: money(
+            "amount",
+            &format!("{}.{:02}", 1 + rng.below(3), rng.below(100)),
+        )?,
+        idempotency_key: key(&format!("g-{w}-{n}"))?,
+        reason: "Chaos grant".into(),
+        expires_at,
+        priority: rng.below(3) as i32,
+    };
+    retry(|| ledger.grant_credits(&grant))
+        .await
+        .map(|_| "grant")
 }
 
 /// R27: part of a purchase refunded (a key of its own; a repeat after a lost answer is

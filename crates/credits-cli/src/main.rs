@@ -30,9 +30,12 @@ enum Cmd {
     /// Accounts: create, show, entries.
     #[command(subcommand, alias = "account")]
     Accounts(ops::AccountCmd),
-    /// Record usage.
+    /// Usage: record, summary (R30).
     #[command(subcommand)]
     Usage(ops::UsageCmd),
+    /// Grants (R29): add, list.
+    #[command(subcommand, alias = "grant")]
+    Grants(ops::GrantCmd),
     /// Balance alerts (R18): set, show.
     #[command(subcommand, alias = "alert")]
     Alerts(ops::AlertCmd),
@@ -150,6 +153,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Cmd::Up(_) => Ok(()),
         Cmd::Accounts(cmd) => Ok(ops::accounts(&c, &out, cmd).await?),
         Cmd::Usage(cmd) => Ok(ops::usage(&c, &out, cmd).await?),
+        Cmd::Grants(cmd) => Ok(ops::grants(&c, &out, cmd).await?),
         Cmd::Holds(cmd) => Ok(ops::holds(&c, &out, cmd).await?),
         Cmd::Alerts(cmd) => Ok(ops::alerts(&c, &out, cmd).await?),
         Cmd::Purchase {

@@ -7,8 +7,8 @@
 use clap::Subcommand;
 use credits_client::{
     AccountId, AutoRechargeChange, BankAccountDetails, BillingMode, CardDetails, Client,
-    ClientConfig, ClientError, Code, HoldRequest, IdempotencyKey, Money, NewPaymentMethod,
-    RetryPolicy, UsageCategory, UsageRecord,
+    ClientConfig, ClientError, Code, CreditsToGrant, Granularity, HoldRequest, IdempotencyKey,
+    Money, NewPaymentMethod, RetryPolicy, UsageCategory, UsageRecord,
 };
 
 use crate::output::{self, Out};
@@ -221,10 +221,54 @@ pub enum AccountCmd {
         #[arg(long, default_value_t = 20)]
         limit: i32,
     },
+    /// The whole journal of an account as CSV on stdout, newest first (the billing page's
+    /// download): signed amounts, text quoted and never a spreadsheet formula.
+    Export { account_id: String },
+}
+
+#[derive(Subcommand)]
+pub enum GrantCmd {
+    /// Grant promotional or contractual credits (R29): drawn before purchased credits,
+    /// earliest expiry first. A grant does not end PENDING_FIRST_PURCHASE (R3).
+    Add {
+        account_id: String,
+        amount: String,
+        /// What the customer sees beside the grant (required).
+        #[arg(long)]
+        reason: String,
+        /// When what is left expires (RFC 3339, e.g. 2027-01-31T00:00:00Z).
+        #[arg(long, conflicts_with = "expires_in_days")]
+        expires: Option<String>,
+        /// Expires this many days from now.
+        #[arg(long)]
+        expires_in_days: Option<u32>,
+        /// Lower is drawn first among grants that expire together (0 ..= 1000000).
+        #[arg(long, default_value_t = 0)]
+        priority: i32,
+        /// Idempotency key (a fresh one when omitted; give one to retry safely).
+        #[arg(long)]
+        key: Option<String>,
+    },
+    /// The grants that still hold credits, in the order usage draws them, and purchased
+    /// credits that will expire.
+    List { account_id: String },
 }
 
 #[derive(Subcommand)]
 pub enum UsageCmd {
+    /// Usage per day (or hour) and category, from the ledger's rollups (R30).
+    Summary {
+        account_id: String,
+        /// How many periods back from now (default 30 days, or 24 hours with --hourly).
+        #[arg(long)]
+        last: Option<u32>,
+        /// By the hour instead of by the day (UTC days).
+        #[arg(long)]
+        hourly: bool,
+        /// CSV on stdout instead of a table.
+        #[arg(long)]
+        csv: bool,
+    },
     /// Record usage that was served.
     Record {
         account_id: String,
@@ -392,18 +436,106 @@ pub async fn accounts(c: &Client, out: &Out, cmd: AccountCmd) -> Result<(), Clie
                 "created_at kind category_or_source amount balance_after reference",
             );
         }
+        AccountCmd::Export { account_id: id } => {
+            let id = account_id(&id)?;
+            let mut token: Option<String> = None;
+            out.print_line(credits_client::csv::ENTRIES_HEADER);
+            loop {
+                let page = c.ledger().list_entries(&id, 500, token.as_deref()).await?;
+                for e in &page.items {
+                    out.print_line(&credits_client::csv::entry_row(e));
+                }
+                match page.next_page_token {
+                    Some(t) => token = Some(t),
+                    None => break,
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `--expires` as RFC 3339, or `--expires-in-days` from now.
+fn grant_expiry(
+    expires: Option<String>,
+    in_days: Option<u32>,
+) -> Result<Option<chrono::DateTime<chrono::Utc>>, ClientError> {
+    if let Some(days) = in_days {
+        if days == 0 {
+            return Err(ClientError::InvalidArgument {
+                message: "expires_in_days: must be at least 1".into(),
+            });
+        }
+        return Ok(Some(
+            chrono::Utc::now() + chrono::Duration::days(days.into()),
+        ));
+    }
+    expires
+        .map(|s| {
+            chrono::DateTime::parse_from_rfc3339(&s)
+                .map(|t| t.with_timezone(&chrono::Utc))
+                .map_err(|e| ClientError::InvalidArgument {
+                    message: format!(
+                        "expires_at: not an RFC 3339 time (e.g. 2027-01-31T00:00:00Z): {e}"
+                    ),
+                })
+        })
+        .transpose()
+}
+
+pub async fn grants(c: &Client, out: &Out, cmd: GrantCmd) -> Result<(), ClientError> {
+    match cmd {
+        GrantCmd::Add {
+            account_id: id,
+            amount,
+            reason,
+            expires,
+            expires_in_days,
+            priority,
+            key: k,
+        } => {
+            let grant = CreditsToGrant {
+                account_id: account_id(&id)?,
+                amount: Money::parse_positive("amount", &amount)?,
+                idempotency_key: key(k)?,
+                reason,
+                expires_at: grant_expiry(expires, expires_in_days)?,
+                priority,
+            };
+            let r = c.ledger().grant_credits(&grant).await?;
+            let mut v = output::entry(&r.entry);
+            v["balance"] = r.balance.to_wire().into();
+            out.one(&v);
+        }
+        GrantCmd::List { account_id: id } => {
+            let a = c.ledger().get_account(&account_id(&id)?).await?;
+            let lots: Vec<_> = a.grants.iter().chain(&a.expiring_purchases).collect();
+            out.table(
+                &lots,
+                |g| output::grant(g),
+                "grant_id source remaining amount expires_at priority reason",
+            );
+        }
     }
     Ok(())
 }
 
 pub async fn usage(c: &Client, out: &Out, cmd: UsageCmd) -> Result<(), ClientError> {
-    let UsageCmd::Record {
-        account_id: id,
-        amount,
-        category,
-        key: k,
-        description,
-    } = cmd;
+    let (id, amount, category, k, description) = match cmd {
+        UsageCmd::Summary {
+            account_id: id,
+            last,
+            hourly,
+            csv,
+        } => return usage_summary(c, out, &id, last, hourly, csv).await,
+        UsageCmd::Record {
+            account_id: id,
+            amount,
+            category,
+            key: k,
+            description,
+        } => (id, amount, category, k, description),
+    };
     // In the order the ledger checks them, so the first bad field is the one it would name.
     let account_id = account_id(&id)?;
     let category: UsageCategory = category.parse().map_err(|e| ClientError::InvalidArgument {
@@ -424,6 +556,45 @@ pub async fn usage(c: &Client, out: &Out, cmd: UsageCmd) -> Result<(), ClientErr
     v["balance"] = r.balance.to_wire().into();
     v["allowed"] = r.allowed.into();
     out.one(&v);
+    Ok(())
+}
+
+/// R30: the last `last` days (UTC) or hours up to now, by period and category.
+async fn usage_summary(
+    c: &Client,
+    out: &Out,
+    id: &str,
+    last: Option<u32>,
+    hourly: bool,
+    csv: bool,
+) -> Result<(), ClientError> {
+    let id = account_id(id)?;
+    let (granularity, step, default, max) = if hourly {
+        (Granularity::Hour, chrono::Duration::hours(1), 24, 744)
+    } else {
+        (Granularity::Day, chrono::Duration::days(1), 30, 400)
+    };
+    let n = last.unwrap_or(default);
+    if !(1..=max).contains(&n) {
+        return Err(ClientError::InvalidArgument {
+            message: format!("last: must be between 1 and {max}"),
+        });
+    }
+    let now = chrono::Utc::now();
+    // The end of the current period (an hour, or a UTC day), so it is included.
+    let step_secs = step.num_seconds();
+    let to = chrono::DateTime::from_timestamp((now.timestamp() / step_secs + 1) * step_secs, 0)
+        .unwrap_or(now);
+    let from = to - step * n as i32;
+    let periods = c.ledger().usage_summary(&id, from, to, granularity).await?;
+    if csv {
+        out.print_line(credits_client::csv::PERIODS_HEADER);
+        for p in &periods {
+            out.print_line(&credits_client::csv::period_row(p));
+        }
+    } else {
+        out.table(&periods, output::period, "start category amount count");
+    }
     Ok(())
 }
 

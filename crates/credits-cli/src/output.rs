@@ -5,7 +5,8 @@
 
 use chrono::{DateTime, Utc};
 use credits_client::{
-    Account, AutoRecharge, Charge, Entry, Hold, Money, PaymentMethod, RechargeAttempt,
+    Account, AutoRecharge, Charge, Entry, Grant, Hold, Money, PaymentMethod, RechargeAttempt,
+    UsagePeriod,
 };
 use serde_json::{Value, json};
 
@@ -78,6 +79,11 @@ impl Out {
         }
     }
 
+    /// A line of a file written to stdout (CSV), whatever the output mode.
+    pub fn print_line(&self, line: &str) {
+        println!("{line}");
+    }
+
     pub fn say(&self, msg: &str) {
         if !self.json {
             println!("{msg}");
@@ -122,6 +128,29 @@ pub fn entry(e: &Entry) -> Value {
         "balance_after": e.balance_after.to_wire(),
         "reference": e.reference,
         "created_at": ts(Some(e.created_at)),
+    })
+}
+
+pub fn grant(g: &Grant) -> Value {
+    json!({
+        "grant_id": g.grant_id,
+        "source": g.source.as_str(),
+        "amount": g.amount.to_wire(),
+        "remaining": g.remaining.to_wire(),
+        "expires_at": ts(g.expires_at),
+        "priority": g.priority,
+        "reason": g.reason,
+        "created_at": ts(Some(g.created_at)),
+        "entry_id": g.entry_id,
+    })
+}
+
+pub fn period(p: &UsagePeriod) -> Value {
+    json!({
+        "start": ts(Some(p.start)),
+        "category": p.category.as_str(),
+        "amount": p.amount.to_wire(),
+        "count": p.count,
     })
 }
 

@@ -1,16 +1,21 @@
 -- R29 credit lots and R30 usage rollups.
 --
 -- Tables only: what fills them for a journal written before this release (an opening lot
--- per account with a positive balance, rollups of the usage already posted) and the trigger
--- that keeps the rollups runs with the functions (sql/functions.sql, under a lock of
--- `entries` and `accounts`), so that no posting falls between them during a rolling upgrade.
+-- per account with a positive balance, rollups of the usage already posted) is
+-- ledger_after_upgrade() (sql/functions.sql), which the ledger runs once the functions that
+-- keep lots and rollups are in place, under a lock of `accounts` and `entries`, so that no
+-- posting falls between (a rolling upgrade's replicas still on release 2 included).
 --
 -- Invariants enforced here and by sql/functions.sql:
 -- * every CREDIT entry makes one lot (`entry_seq`); only postings change `remaining`, under
 --   the account's lock, in the same statement as their entry;
--- * for every account, sum(remaining) = greatest(balance, 0): debits draw lots in burn order
---   (grants first, then purchased credits; earliest expiry first within each), and a credit
---   that arrives while the balance is negative first pays that debt;
+-- * for every account, greatest(sum(remaining) - pending_draw, 0) = greatest(balance, 0):
+--   usage adds to the account's pending_draw (in the row it updates anyway); the lots are
+--   drawn by it in burn order (grants first, then purchased credits; earliest expiry first
+--   within each) before anything changes the set of lots or looks at one lot (a credit, an
+--   expiry, a refund or dispute), which is the same as drawing at every posting, since the
+--   lots and their order do not change in between. A credit that arrives while the balance
+--   is negative first pays that debt;
 -- * a lot expires once: `expired_at` is set with its EXPIRY entry, after which `remaining`
 --   is 0 and never grows again; one EXPIRY entry per lot (unique index on its reference).
 
@@ -31,15 +36,18 @@ CREATE TABLE lots (
     expired_at       timestamptz,
     expiry_entry_seq bigint,
     CHECK (expired_at IS NULL OR (remaining = 0 AND expires_at IS NOT NULL))
-);
+) WITH (fillfactor = 90);
 
--- What a posting draws from (few rows per account), the listing, and the expiry sweep.
+-- The lots that still hold credits, per account (few rows each).
 CREATE INDEX lots_account_live ON lots (account_id) WHERE remaining > 0;
-CREATE INDEX lots_account_seq ON lots (account_id, seq DESC);
 
 -- The earliest expiry among the account's lots that still hold credits: a posting checks
 -- this one column of the row it locks anyway, and expires what is due first.
 ALTER TABLE accounts ADD COLUMN next_expiry timestamptz;
+-- Usage not yet drawn from the lots (see above). NOT VALID: existing rows hold the default.
+ALTER TABLE accounts ADD COLUMN pending_draw numeric NOT NULL DEFAULT 0;
+ALTER TABLE accounts ADD CONSTRAINT accounts_pending_draw_valid
+    CHECK (pending_draw >= 0 AND scale(pending_draw) <= 9) NOT VALID;
 CREATE INDEX accounts_next_expiry ON accounts (next_expiry) WHERE next_expiry IS NOT NULL;
 
 -- An EXPIRY entry has no caller's key: its reference is the lot id, once per lot.
@@ -48,8 +56,16 @@ ALTER TABLE entries ADD CONSTRAINT entries_key_or_ledger_made
     CHECK (idempotency_key IS NOT NULL OR (kind IN ('USAGE', 'EXPIRY') AND reference <> '')) NOT VALID;
 CREATE UNIQUE INDEX entries_one_expiry_per_lot ON entries (reference) WHERE kind = 'EXPIRY';
 
--- R30: usage per (account, UTC hour, category), kept by a trigger on `entries` in the same
--- transaction as every USAGE entry (sql/functions.sql: usage_rollup).
+-- R30: usage per (account, UTC hour, category). The account's current hour is kept in its
+-- own row (roll_*: the row every posting updates anyway, so the group commit writes no
+-- other row for it) and moved here when a posting on the account sees the hour has
+-- changed; both in the posting's transaction. Usage of an hour = its row here + the
+-- account's running hour when it is that hour (ledger_usage_hours()).
+ALTER TABLE accounts ADD COLUMN roll_hour timestamptz;
+-- Per category, in the order of ledger_categories(): API_REQUESTS, DEDICATED_ENDPOINTS,
+-- FINE_TUNING, EVALUATIONS, OTHER.
+ALTER TABLE accounts ADD COLUMN roll_amounts numeric[];
+ALTER TABLE accounts ADD COLUMN roll_counts bigint[];
 CREATE TABLE usage_rollups (
     account_id text NOT NULL,
     hour       timestamptz NOT NULL,
@@ -58,3 +74,11 @@ CREATE TABLE usage_rollups (
     count      bigint NOT NULL,
     PRIMARY KEY (account_id, hour, category)
 );
+
+-- What ledger_after_upgrade() still has to do: set by every application of the functions.
+CREATE TABLE ledger_upgrade (
+    singleton  boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    filled     boolean NOT NULL DEFAULT false,
+    repair_due boolean NOT NULL DEFAULT true
+);
+INSERT INTO ledger_upgrade DEFAULT VALUES;

@@ -106,15 +106,19 @@ BEGIN
     RETURN new_access;
 END $$;
 
--- R29: a CREDIT entry makes a lot of credits. What it holds is what the credit left above
--- zero: a credit that arrives while the balance is negative first pays that debt, so every
--- account keeps sum(remaining) = greatest(balance, 0). `p_expires_at` (a grant's, or a
--- purchase's under PURCHASED_CREDITS_EXPIRE_DAYS) enters the account's next_expiry.
-CREATE OR REPLACE FUNCTION ledger_lot_add(e entries, p_expires_at timestamptz, p_priority integer)
+-- R29: a CREDIT entry makes a lot of credits, after the usage pending is drawn from the
+-- lots there were before it. What it holds is what the credit left above zero: a credit
+-- that arrives while the balance is negative first pays that debt. `p_expires_at` (a
+-- grant's, or a purchase's under PURCHASED_CREDITS_EXPIRE_DAYS) enters next_expiry.
+-- (Functions version 13 drew the pending usage first.)
+DROP FUNCTION IF EXISTS ledger_lot_add(entries, timestamptz, integer);
+CREATE OR REPLACE FUNCTION ledger_lot_add(e entries, p_expires_at timestamptz, p_priority integer,
+                                          p_pending numeric)
 RETURNS void LANGUAGE plpgsql AS $$
 DECLARE
     held_by_lot numeric := greatest(0, least(e.amount, e.balance_after));
 BEGIN
+    PERFORM ledger_lots_settle(e.account_id, p_pending);
     INSERT INTO lots (lot_id, account_id, entry_seq, source, amount, remaining, priority,
                       expires_at, reason, created_at)
     VALUES (uuid_v7(), e.account_id, e.seq, e.source, e.amount, held_by_lot,
@@ -130,7 +134,7 @@ END $$;
 -- to the customer (a refund, a dispute) takes purchased credits first, then grants. Within
 -- each class: the earliest to expire first (no expiry last), then the lower priority, then
 -- the oldest. What the lots cannot cover is debt (the balance below zero). The caller holds
--- the account's lock. ledger_post_batch() draws usage with the same order, inline.
+-- the account's lock. Usage is drawn lazily: ledger_lots_settle().
 CREATE OR REPLACE FUNCTION ledger_lots_draw(p_account_id text, p_amount numeric, p_grants_first boolean)
 RETURNS void LANGUAGE plpgsql AS $$
 BEGIN
@@ -144,6 +148,41 @@ BEGIN
     WHERE l.lot_id = d.lot_id AND d.take > 0;
 END $$;
 
+-- R29: draws the account's pending usage (`p_pending`, its accounts.pending_draw) from its
+-- lots in burn order and clears it. Usage only adds to pending_draw, in the account row
+-- every posting updates anyway (the group commit's hot path touches no lot); this runs
+-- before anything adds a lot, expires one or draws in another order, so the lots end as
+-- if every posting had drawn them itself. The caller holds the account's lock.
+CREATE OR REPLACE FUNCTION ledger_lots_settle(p_account_id text, p_pending numeric)
+RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_pending > 0 THEN
+        PERFORM ledger_lots_draw(p_account_id, p_pending, true);
+        UPDATE accounts a SET pending_draw = 0 WHERE a.account_id = p_account_id;
+    END IF;
+END $$;
+
+-- R29: the account's lots as they stand with its pending usage drawn (what
+-- ledger_lots_settle() would leave), in burn order (`ord`), only those that still hold
+-- credits; for reads (GetAccount, the checks), which change nothing.
+CREATE OR REPLACE FUNCTION ledger_lots_now(p_account_id text)
+RETURNS TABLE (ord bigint, lot_id uuid, source text, amount numeric, remaining numeric,
+               priority integer, expires_at timestamptz, reason text, created_at timestamptz,
+               entry_seq bigint)
+LANGUAGE sql STABLE AS $$
+    SELECT n.* FROM (
+        SELECT row_number() OVER w AS ord, x.lot_id, x.source, x.amount,
+               x.remaining - least(x.remaining,
+                                   greatest(0, a.pending_draw - (sum(x.remaining) OVER w - x.remaining))) AS remaining,
+               x.priority, x.expires_at, x.reason, x.created_at, x.entry_seq
+        FROM lots x JOIN accounts a ON a.account_id = x.account_id
+        WHERE x.account_id = p_account_id AND x.remaining > 0
+        WINDOW w AS (ORDER BY x.source <> 'GRANT', x.expires_at NULLS LAST, x.priority, x.seq
+                     ROWS UNBOUNDED PRECEDING)) n
+    WHERE n.remaining > 0
+    ORDER BY n.ord
+$$;
+
 -- R29: expires the account's lots whose expires_at has passed: one EXPIRY entry of what
 -- each still holds (reference = the lot id; the unique index makes it once per lot), the
 -- lot emptied with it, `ledger.credits.expired`, and the move of the balance as for any
@@ -156,6 +195,9 @@ DECLARE
     l lots%ROWTYPE;
     e entries%ROWTYPE;
 BEGIN
+    -- Usage posted before now drew from these lots, the ones about to expire included.
+    PERFORM ledger_lots_settle(acc.account_id, acc.pending_draw);
+    acc.pending_draw := 0;
     FOR l IN SELECT * FROM lots x
              WHERE x.account_id = acc.account_id AND x.remaining > 0 AND x.expires_at <= now()
              ORDER BY x.expires_at, x.seq LOOP
@@ -186,14 +228,16 @@ BEGIN
 END $$;
 
 -- R29, the sweeper's call: expires what is due on one account under its lock (any number
--- of replicas may sweep at once: each lot expires once). Returns how many lots expired.
+-- of replicas may sweep at once: each lot expires once). An account whose row is locked is
+-- skipped (its holder — a posting — expires what is due itself, or the next sweep does), so
+-- one busy account never stalls a sweep. Returns how many lots expired.
 CREATE OR REPLACE FUNCTION ledger_expire_account(p_account_id text) RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
     acc accounts%ROWTYPE;
     n integer;
 BEGIN
-    SELECT * INTO acc FROM accounts a WHERE a.account_id = p_account_id FOR UPDATE;
+    SELECT * INTO acc FROM accounts a WHERE a.account_id = p_account_id FOR UPDATE SKIP LOCKED;
     IF NOT FOUND OR acc.next_expiry IS NULL OR acc.next_expiry > now() THEN
         RETURN 0;
     END IF;
@@ -203,20 +247,77 @@ BEGIN
     RETURN n;
 END $$;
 
--- R30: usage per (account, UTC hour, category), added to by every statement that appends
--- USAGE entries, in its transaction (the trigger below): the rollups move with the journal
--- or not at all, whatever path posted the usage (a posting, a batch, a capture).
-CREATE OR REPLACE FUNCTION usage_rollup() RETURNS trigger LANGUAGE plpgsql AS $$
+-- R30: the usage categories, in the order of accounts.roll_amounts / roll_counts.
+CREATE OR REPLACE FUNCTION ledger_categories() RETURNS text[] LANGUAGE sql IMMUTABLE AS $$
+    SELECT ARRAY['API_REQUESTS', 'DEDICATED_ENDPOINTS', 'FINE_TUNING', 'EVALUATIONS', 'OTHER']
+$$;
+
+CREATE OR REPLACE FUNCTION vec_add(a numeric[], b numeric[]) RETURNS numeric[]
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT ARRAY[a[1] + b[1], a[2] + b[2], a[3] + b[3], a[4] + b[4], a[5] + b[5]]
+$$;
+
+CREATE OR REPLACE FUNCTION vec_add(a bigint[], b bigint[]) RETURNS bigint[]
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT ARRAY[a[1] + b[1], a[2] + b[2], a[3] + b[3], a[4] + b[4], a[5] + b[5]]
+$$;
+
+-- R30: moves an account's finished running hour into usage_rollups (added to what may be
+-- there already: a posting whose transaction began in an earlier hour than one before it
+-- can reopen that hour, and nothing is lost or counted twice either way).
+CREATE OR REPLACE FUNCTION ledger_roll_flush(p_account_id text, p_hour timestamptz,
+                                             p_amounts numeric[], p_counts bigint[])
+RETURNS void LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO usage_rollups AS r (account_id, hour, category, amount, count)
-    SELECT n.account_id, date_trunc('hour', n.created_at, 'UTC'), n.category, sum(n.amount), count(*)
-    FROM new_entries n
-    WHERE n.kind = 'USAGE'
-    GROUP BY 1, 2, 3
+    SELECT p_account_id, p_hour, k.category, p_amounts[k.i], p_counts[k.i]
+    FROM unnest(ledger_categories()) WITH ORDINALITY AS k(category, i)
+    WHERE p_hour IS NOT NULL AND p_counts[k.i] > 0
     ON CONFLICT (account_id, hour, category) DO UPDATE
     SET amount = r.amount + EXCLUDED.amount, count = r.count + EXCLUDED.count;
-    RETURN NULL;
 END $$;
+
+-- R30: one usage posting (a posting outside the group commit's set-based batch, or a
+-- capture) added to the account's running hour, the hour before moved to usage_rollups
+-- first when this posting's hour (its transaction's, as entries.created_at) is another.
+-- The caller holds the account's lock.
+CREATE OR REPLACE FUNCTION ledger_roll_usage(p_account_id text, p_category text, p_amount numeric)
+RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    h timestamptz := date_trunc('hour', now(), 'UTC');
+    i integer := array_position(ledger_categories(), p_category);
+    r record;
+    amounts numeric[];
+    counts bigint[];
+BEGIN
+    SELECT a.roll_hour, a.roll_amounts, a.roll_counts INTO r
+    FROM accounts a WHERE a.account_id = p_account_id;
+    IF r.roll_hour IS NOT DISTINCT FROM h THEN
+        amounts := r.roll_amounts;
+        counts := r.roll_counts;
+    ELSE
+        PERFORM ledger_roll_flush(p_account_id, r.roll_hour, r.roll_amounts, r.roll_counts);
+        amounts := '{0,0,0,0,0}';
+        counts := '{0,0,0,0,0}';
+    END IF;
+    amounts[i] := amounts[i] + p_amount;
+    counts[i] := counts[i] + 1;
+    UPDATE accounts a SET roll_hour = h, roll_amounts = amounts, roll_counts = counts
+    WHERE a.account_id = p_account_id;
+END $$;
+
+-- R30: an account's usage per UTC hour and category: its rows in usage_rollups and its
+-- running hour (an hour may be in both; a reader sums). Never the journal.
+CREATE OR REPLACE FUNCTION ledger_usage_hours(p_account_id text)
+RETURNS TABLE (hour timestamptz, category text, amount numeric, count bigint)
+LANGUAGE sql STABLE AS $$
+    SELECT r.hour, r.category, r.amount, r.count
+    FROM usage_rollups r WHERE r.account_id = p_account_id
+    UNION ALL
+    SELECT a.roll_hour, k.category, a.roll_amounts[k.i], a.roll_counts[k.i]
+    FROM accounts a CROSS JOIN unnest(ledger_categories()) WITH ORDINALITY AS k(category, i)
+    WHERE a.account_id = p_account_id AND a.roll_hour IS NOT NULL AND a.roll_counts[k.i] > 0
+$$;
 
 -- Posts one entry: the whole money movement in one statement, one round trip.
 --
@@ -272,7 +373,10 @@ BEGIN
            AND (e.source IS DISTINCT FROM 'GRANT'
                 OR EXISTS (SELECT 1 FROM lots l WHERE l.entry_seq = e.seq
                            AND l.expires_at IS NOT DISTINCT FROM p_expires_at
-                           AND l.priority = p_priority)) THEN
+                           AND l.priority = p_priority)
+                -- a grant made before lots existed: it had no expiry and no priority
+                OR (p_expires_at IS NULL AND coalesce(p_priority, 0) = 0
+                    AND NOT EXISTS (SELECT 1 FROM lots l WHERE l.entry_seq = e.seq))) THEN
             outcome := 'replayed';
         ELSE
             outcome := 'conflict';
@@ -297,12 +401,18 @@ BEGIN
     VALUES (p_account_id, p_kind, p_category, p_source, p_amount, new_balance,
             p_reference, p_description, p_key)
     RETURNING * INTO e;
-    -- R29: a credit is a lot; a debit draws lots in burn order (none hold anything while
-    -- the balance is not positive).
+    -- R29: a credit is a lot; usage adds to pending_draw (below, with the balance); a
+    -- refund or dispute draws purchased credits first, once the pending usage is drawn.
+    -- (No lot holds anything while the balance is not positive.)
     IF p_kind = 'CREDIT' THEN
-        PERFORM ledger_lot_add(e, p_expires_at, p_priority);
-    ELSIF acc.balance > 0 THEN
-        PERFORM ledger_lots_draw(p_account_id, p_amount, p_kind = 'USAGE');
+        PERFORM ledger_lot_add(e, p_expires_at, p_priority, acc.pending_draw);
+    ELSIF p_kind = 'USAGE' THEN
+        PERFORM ledger_roll_usage(p_account_id, p_category, p_amount);
+    ELSE
+        PERFORM ledger_lots_settle(p_account_id, acc.pending_draw);
+        IF acc.balance > 0 THEN
+            PERFORM ledger_lots_draw(p_account_id, p_amount, false);
+        END IF;
     END IF;
 
     -- The hot path: what ledger_move() decides, inlined (a call per posting costs ~10 % of
@@ -334,8 +444,15 @@ BEGIN
         PERFORM ledger_move(acc, new_balance, acc.held,
                             p_kind = 'CREDIT' AND p_source IN ('PURCHASE', 'AUTO_RECHARGE'),
                             jsonb_build_object('entry_id', e.entry_id));
+        IF p_kind = 'USAGE' AND acc.balance > 0 THEN
+            UPDATE accounts a SET pending_draw = a.pending_draw + p_amount
+            WHERE a.account_id = p_account_id;
+        END IF;
     ELSE
-        UPDATE accounts a SET balance = new_balance, updated_at = now()
+        UPDATE accounts a
+        SET balance = new_balance, updated_at = now(),
+            pending_draw = a.pending_draw
+                           + CASE WHEN p_kind = 'USAGE' AND acc.balance > 0 THEN p_amount ELSE 0 END
         WHERE a.account_id = p_account_id;
         -- No notification here: a transaction that notifies takes a database-wide lock
         -- through its commit, which would serialise the group commit's batches. A
@@ -365,6 +482,7 @@ RETURNS TABLE (
 LANGUAGE plpgsql AS $$
 DECLARE
     acc accounts%ROWTYPE;
+    covered numeric;
 BEGIN
     SELECT * INTO acc FROM accounts a WHERE a.account_id = p_account_id FOR UPDATE;
     IF NOT FOUND THEN
@@ -372,15 +490,23 @@ BEGIN
                                                p_reference, p_description, p_key, p_traceparent);
         RETURN;
     END IF;
-    -- R29: the look at the available balance comes after what is due has expired.
+    -- R29: the look at the available balance comes after what is due has expired, and a
+    -- refund is covered only by purchased credits (never paid out of a grant), with the
+    -- pending usage drawn first.
     IF acc.next_expiry <= now() THEN
         acc := ledger_expire_due(acc);
     END IF;
+    SELECT least(acc.balance - acc.held,
+                 CASE WHEN p_kind = 'REFUND'
+                      THEN coalesce(sum(n.remaining) FILTER (WHERE n.source <> 'GRANT'), 0)
+                      ELSE acc.balance - acc.held END)
+    INTO covered
+    FROM ledger_lots_now(p_account_id) n;
     IF NOT EXISTS (SELECT 1 FROM entries x
                        WHERE x.account_id = p_account_id AND x.idempotency_key = p_key)
-       AND acc.balance - acc.held < p_amount THEN
+       AND covered < p_amount THEN
         outcome := 'insufficient';
-        amount := acc.balance - acc.held;
+        amount := covered;
         balance := acc.balance;
         access := acc.access;
         RETURN NEXT;
@@ -426,6 +552,8 @@ DECLARE
     locked text[];
     due text[];
     acc accounts%ROWTYPE;
+    -- R30: the hour this transaction's entries are in (created_at = now()).
+    hour_now timestamptz := date_trunc('hour', now(), 'UTC');
 BEGIN
     IF EXISTS (SELECT 1 FROM unnest(p_account_ids, p_keys) AS t(account_id, key)
                GROUP BY t.account_id, t.key HAVING count(*) > 1)
@@ -470,6 +598,7 @@ BEGIN
                    a.account_id IS NOT NULL AS known,
                    a.balance AS start_balance, a.held, a.access AS start_access,
                    a.billing_mode, a.threshold, a.alert_thresholds,
+                   a.roll_hour, a.roll_amounts, a.roll_counts,
                    e.seq AS e_seq, e.entry_id AS e_entry_id, e.kind AS e_kind,
                    e.category AS e_category, e.source AS e_source, e.amount AS e_amount,
                    e.balance_after AS e_balance_after, e.reference AS e_reference,
@@ -529,26 +658,53 @@ BEGIN
             SELECT s.*, n.seq AS n_seq, n.entry_id AS n_entry_id, n.created_at AS n_created_at
             FROM step s JOIN ins n ON n.account_id = s.account_id AND n.idempotency_key = s.key
         ),
-        -- R29: each account's usage in this batch drawn from its lots in burn order, as
-        -- ledger_lots_draw() does (only usage reaches this statement).
-        drawn AS (
-            UPDATE lots l SET remaining = l.remaining - d.take
-            FROM (SELECT x.lot_id,
-                         least(x.remaining,
-                               greatest(0, u.total - (sum(x.remaining) OVER w - x.remaining))) AS take
-                  FROM (SELECT s.account_id, sum(s.amount) AS total FROM step s
-                        WHERE s.posts AND s.start_balance > 0 GROUP BY s.account_id) u
-                  JOIN lots x ON x.account_id = u.account_id AND x.remaining > 0
-                  WINDOW w AS (PARTITION BY x.account_id
-                               ORDER BY x.source <> 'GRANT', x.expires_at NULLS LAST, x.priority, x.seq
-                               ROWS UNBOUNDED PRECEDING)) d
-            WHERE l.lot_id = d.lot_id AND d.take > 0
+        -- Per account: its state after its last item, and (R30) this batch's usage per
+        -- category, in the order of ledger_categories().
+        fin AS (
+            SELECT s.account_id,
+                   (array_agg(s.bal ORDER BY s.ord DESC))[1] AS bal,
+                   (array_agg(s.acc_after ORDER BY s.ord DESC))[1] AS acc_after,
+                   max(s.postings) AS postings, min(s.start_balance) AS start_balance,
+                   min(s.roll_hour) AS old_hour,
+                   ARRAY[coalesce(sum(s.amount) FILTER (WHERE s.posts AND s.category = 'API_REQUESTS'), 0),
+                         coalesce(sum(s.amount) FILTER (WHERE s.posts AND s.category = 'DEDICATED_ENDPOINTS'), 0),
+                         coalesce(sum(s.amount) FILTER (WHERE s.posts AND s.category = 'FINE_TUNING'), 0),
+                         coalesce(sum(s.amount) FILTER (WHERE s.posts AND s.category = 'EVALUATIONS'), 0),
+                         coalesce(sum(s.amount) FILTER (WHERE s.posts AND s.category = 'OTHER'), 0)] AS amounts,
+                   ARRAY[count(*) FILTER (WHERE s.posts AND s.category = 'API_REQUESTS'),
+                         count(*) FILTER (WHERE s.posts AND s.category = 'DEDICATED_ENDPOINTS'),
+                         count(*) FILTER (WHERE s.posts AND s.category = 'FINE_TUNING'),
+                         count(*) FILTER (WHERE s.posts AND s.category = 'EVALUATIONS'),
+                         count(*) FILTER (WHERE s.posts AND s.category = 'OTHER')] AS counts
+            FROM step s WHERE s.known
+            GROUP BY s.account_id
         ),
+        -- R30: a running hour that has ended is moved to usage_rollups (as
+        -- ledger_roll_usage() does for one posting); `upd` starts the new one.
+        flushed AS (
+            INSERT INTO usage_rollups AS r (account_id, hour, category, amount, count)
+            SELECT a.account_id, a.roll_hour, k.category, a.roll_amounts[k.i], a.roll_counts[k.i]
+            FROM fin f JOIN accounts a ON a.account_id = f.account_id
+            CROSS JOIN unnest(ledger_categories()) WITH ORDINALITY AS k(category, i)
+            WHERE f.postings > 0 AND f.old_hour IS DISTINCT FROM hour_now AND f.old_hour IS NOT NULL
+              AND a.roll_counts[k.i] > 0
+            ON CONFLICT (account_id, hour, category) DO UPDATE
+            SET amount = r.amount + EXCLUDED.amount, count = r.count + EXCLUDED.count
+        ),
+        -- R29: the usage is added to pending_draw (drawn from the lots later, in burn order,
+        -- by ledger_lots_settle()): no lot is written here. R30: and to the running hour.
         upd AS (
-            UPDATE accounts a SET balance = f.bal, access = f.acc_after, updated_at = now()
-            FROM (SELECT DISTINCT ON (s.account_id) s.account_id, s.bal, s.acc_after, s.postings
-                  FROM step s WHERE s.known
-                  ORDER BY s.account_id, s.ord DESC) f
+            UPDATE accounts a SET balance = f.bal, access = f.acc_after, updated_at = now(),
+                                  pending_draw = a.pending_draw
+                                      + CASE WHEN f.start_balance > 0 THEN f.start_balance - f.bal ELSE 0 END,
+                                  roll_hour = hour_now,
+                                  roll_amounts = CASE WHEN a.roll_hour = hour_now
+                                                      THEN vec_add(a.roll_amounts, f.amounts)
+                                                      ELSE f.amounts END,
+                                  roll_counts = CASE WHEN a.roll_hour = hour_now
+                                                     THEN vec_add(a.roll_counts, f.counts)
+                                                     ELSE f.counts END
+            FROM fin f
             WHERE a.account_id = f.account_id AND f.postings > 0
         ),
         -- Per posted item, what ledger_move() publishes: the crossing, the alerts highest
@@ -772,9 +928,11 @@ BEGIN
         VALUES (p_account_id, 'USAGE', h.category, NULL, p_amount, new_balance,
                 h.hold_id::text, p_description, NULL)
         RETURNING * INTO e;
-        -- R29: a capture draws lots in the order usage does.
+        PERFORM ledger_roll_usage(p_account_id, h.category, p_amount);
+        -- R29: a capture draws lots as usage does (through pending_draw).
         IF acc.balance > 0 THEN
-            PERFORM ledger_lots_draw(p_account_id, p_amount, true);
+            UPDATE accounts a SET pending_draw = a.pending_draw + p_amount
+            WHERE a.account_id = p_account_id;
         END IF;
     END IF;
     UPDATE holds x SET status = ending, ended_at = now(),
@@ -797,23 +955,71 @@ BEGIN
     RETURN NEXT;
 END $$;
 
--- R29/R30 for a journal written before credit lots and rollups (release 3), and the trigger
--- that keeps the rollups, applied with the functions above in one transaction. The locks
--- wait for every posting in flight (each locks its account's row before it writes) and
--- hold new ones until the functions that keep lots and rollups are in place: no posting
--- falls between. Each fill happens once (the first time its table is found empty).
-LOCK TABLE accounts, entries IN EXCLUSIVE MODE;
-CREATE OR REPLACE TRIGGER entries_usage_rollup AFTER INSERT ON entries
-    REFERENCING NEW TABLE AS new_entries
-    FOR EACH STATEMENT EXECUTE FUNCTION usage_rollup();
--- The balance an account held before lots existed is one opening lot of purchased credits
--- without expiry (so sum(remaining) = greatest(balance, 0) from here on).
-INSERT INTO lots (lot_id, account_id, entry_seq, source, amount, remaining, reason)
-SELECT uuid_v7(), a.account_id, NULL, 'PURCHASE', a.balance, a.balance, 'Balance before credit lots'
-FROM accounts a
-WHERE a.balance > 0 AND NOT EXISTS (SELECT 1 FROM lots);
-INSERT INTO usage_rollups (account_id, hour, category, amount, count)
-SELECT e.account_id, date_trunc('hour', e.created_at, 'UTC'), e.category, sum(e.amount), count(*)
-FROM entries e
-WHERE e.kind = 'USAGE' AND NOT EXISTS (SELECT 1 FROM usage_rollups)
-GROUP BY 1, 2, 3;
+-- R29/R30 after an upgrade, run by every ledger at start-up (cheap when nothing is due):
+-- once the functions above are in place, and only then, it (1) waits out every posting
+-- that began before them (the lock: each posting locks its account's row before it writes),
+-- whose text is the one it started with — for a posting queued behind the application of a
+-- new version, the previous text, which may know nothing of lots or rollups; (2) the first
+-- time, fills what a journal written before lots and rollups needs: the rollups, from the
+-- whole journal (the running hours cleared: rebuilt, never added twice); (3) repairs any
+-- account whose lots do not add up to its balance — the first time, the balance held
+-- before lots existed becomes one opening lot (purchased class, no expiry); after that,
+-- what such a posting left (a credit without its lot, usage not drawn) becomes a lot or
+-- pending usage. Amounts are exact; the class of repaired credits is the one approximation.
+-- Returns how many accounts it repaired. On a large journal the first fill holds postings
+-- for as long as it reads (docs/operations.md).
+CREATE OR REPLACE FUNCTION ledger_after_upgrade() RETURNS integer LANGUAGE plpgsql AS $$
+DECLARE
+    u ledger_upgrade%ROWTYPE;
+    r record;
+    now_held numeric;
+    n integer := 0;
+BEGIN
+    SELECT * INTO u FROM ledger_upgrade;
+    IF NOT u.repair_due THEN
+        RETURN 0;
+    END IF;
+    LOCK TABLE accounts, entries IN EXCLUSIVE MODE;
+    SELECT * INTO u FROM ledger_upgrade FOR UPDATE;
+    IF NOT u.repair_due THEN
+        RETURN 0;  -- another replica did it while this one waited for the lock
+    END IF;
+    IF NOT u.filled THEN
+        DELETE FROM usage_rollups;
+        UPDATE accounts a SET roll_hour = NULL, roll_amounts = NULL, roll_counts = NULL
+        WHERE a.roll_hour IS NOT NULL;
+        INSERT INTO usage_rollups (account_id, hour, category, amount, count)
+        SELECT e.account_id, date_trunc('hour', e.created_at, 'UTC'), e.category, sum(e.amount), count(*)
+        FROM entries e
+        WHERE e.kind = 'USAGE'
+        GROUP BY 1, 2, 3;
+    END IF;
+    FOR r IN SELECT a.account_id, greatest(a.balance, 0) AS want, a.pending_draw,
+                    coalesce((SELECT sum(x.remaining) FROM lots x
+                              WHERE x.account_id = a.account_id AND x.remaining > 0), 0) AS lots_sum
+             FROM accounts a LOOP
+        now_held := greatest(r.lots_sum - r.pending_draw, 0);
+        CONTINUE WHEN now_held = r.want;
+        n := n + 1;
+        IF r.want > now_held THEN
+            PERFORM ledger_lots_settle(r.account_id, r.pending_draw);
+            INSERT INTO lots (lot_id, account_id, entry_seq, source, amount, remaining, reason)
+            VALUES (uuid_v7(), r.account_id, NULL, 'PURCHASE', r.want - now_held, r.want - now_held,
+                    CASE WHEN u.filled THEN 'Credits posted during an upgrade'
+                         ELSE 'Balance before credit lots' END);
+        ELSE
+            UPDATE accounts a SET pending_draw = a.pending_draw + (now_held - r.want)
+            WHERE a.account_id = r.account_id;
+        END IF;
+    END LOOP;
+    UPDATE ledger_upgrade SET filled = true, repair_due = false;
+    RETURN n;
+END $$;
+
+-- Development databases of this release had the rollups kept by a trigger.
+DROP TRIGGER IF EXISTS entries_usage_rollup ON entries;
+DROP FUNCTION IF EXISTS usage_rollup();
+
+-- Every application of this file asks for ledger_after_upgrade() (it runs in the same
+-- transaction as the new functions).
+UPDATE ledger_upgrade SET repair_due = true;

@@ -81,6 +81,18 @@ impl App {
     pub async fn build(cfg: Config, shutdown: &CancellationToken) -> anyhow::Result<App> {
         let pool = cfg.daemon.connect_database(&MIGRATOR, shutdown).await?;
         credits_common::db::apply_functions(&pool, FUNCTIONS, FUNCTIONS_VERSION, shutdown).await?;
+        // R29/R30: what an upgrade leaves to do once the new functions are in place (see
+        // ledger_after_upgrade in sql/functions.sql); nothing, but for the first start of a
+        // new version.
+        let repaired: i32 = sqlx::query_scalar("SELECT ledger_after_upgrade()")
+            .fetch_one(&pool)
+            .await?;
+        if repaired > 0 {
+            tracing::warn!(
+                accounts = repaired,
+                "credit lots made for balances from before them, or repaired after postings that ran the previous functions"
+            );
+        }
         Ok(App { cfg, pool })
     }
 

@@ -310,41 +310,81 @@ impl Store {
         }
     }
 
-    /// The account with its lots (R29), read in one snapshot so that what the lots hold
-    /// adds up to the balance shown.
+    /// The account with its lots (R29) in burn order: one statement (one snapshot, one
+    /// round trip), so what the lots hold adds up to the balance shown.
     pub async fn get_account(&self, id: &AccountId) -> Result<Account, LedgerError> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            .execute(&mut *tx)
-            .await?;
-        let mut account: Account = sqlx::query_as!(
-            AccountRow,
-            r#"SELECT account_id, billing_mode, display_name, balance, held, access, threshold, threshold_version, alert_thresholds, created_at
-               FROM accounts WHERE account_id = $1"#,
-            id.as_str()
-        )
-        .fetch_optional(&mut *tx)
-        .await?
-        .ok_or_else(|| LedgerError::AccountNotFound(id.clone()))?
-        .try_into()?;
-        // Burn order, as ledger_lots_draw() spells it for usage.
-        account.lots = sqlx::query_as!(
-            LotRow,
-            r#"SELECT l.lot_id, l.source, l.amount, l.remaining, l.expires_at, l.priority,
-                      l.reason, l.created_at, e.entry_id AS "entry_id?"
-               FROM lots l LEFT JOIN entries e ON e.seq = l.entry_seq
-               WHERE l.account_id = $1 AND l.remaining > 0
-               ORDER BY l.source <> 'GRANT', l.expires_at NULLS LAST, l.priority, l.seq
-               LIMIT $2"#,
+        let rows = sqlx::query!(
+            r#"SELECT a.account_id, a.billing_mode, a.display_name, a.balance, a.held, a.access,
+                      a.threshold, a.threshold_version, a.alert_thresholds, a.created_at,
+                      l.lot_id AS "lot_id?", l.source AS "source?", l.amount AS "amount?",
+                      l.remaining AS "remaining?", l.expires_at AS "expires_at?",
+                      l.priority AS "priority?", l.reason AS "reason?",
+                      l.created_at AS "lot_created_at?", l.entry_id AS "entry_id?"
+               FROM accounts a
+               LEFT JOIN LATERAL (
+                   -- In burn order, with the pending usage drawn (ledger_lots_now()).
+                   SELECT n.ord, n.lot_id, n.source, n.amount, n.remaining, n.expires_at,
+                          n.priority, n.reason, n.created_at, e.entry_id
+                   FROM ledger_lots_now(a.account_id) n
+                   LEFT JOIN entries e ON e.seq = n.entry_seq
+                   ORDER BY n.ord
+                   LIMIT $2) l ON true
+               WHERE a.account_id = $1
+               ORDER BY l.ord"#,
             id.as_str(),
             MAX_LISTED_LOTS,
         )
-        .fetch_all(&mut *tx)
-        .await?
-        .into_iter()
-        .map(Lot::try_from)
-        .collect::<Result<_, _>>()?;
-        tx.commit().await?;
+        .fetch_all(&self.pool)
+        .await?;
+        let Some(first) = rows.first() else {
+            return Err(LedgerError::AccountNotFound(id.clone()));
+        };
+        let mut account: Account = AccountRow {
+            account_id: first.account_id.clone(),
+            billing_mode: first.billing_mode.clone(),
+            display_name: first.display_name.clone(),
+            balance: first.balance,
+            held: first.held,
+            access: first.access.clone(),
+            threshold: first.threshold,
+            threshold_version: first.threshold_version,
+            alert_thresholds: first.alert_thresholds.clone(),
+            created_at: first.created_at,
+        }
+        .try_into()?;
+        for r in rows {
+            let (
+                Some(lot_id),
+                Some(source),
+                Some(amount),
+                Some(remaining),
+                Some(priority),
+                Some(reason),
+                Some(created_at),
+            ) = (
+                r.lot_id,
+                r.source,
+                r.amount,
+                r.remaining,
+                r.priority,
+                r.reason,
+                r.lot_created_at,
+            )
+            else {
+                continue; // the account's row alone: it has no lot holding credits
+            };
+            account.lots.push(Lot::try_from(LotRow {
+                lot_id,
+                source,
+                amount,
+                remaining,
+                expires_at: r.expires_at,
+                priority,
+                reason,
+                created_at,
+                entry_id: r.entry_id,
+            })?);
+        }
         Ok(account)
     }
 
@@ -360,9 +400,9 @@ impl Store {
             r#"SELECT $2::timestamptz
                       + (extract(epoch FROM r.hour - $2::timestamptz)::bigint / $4::bigint * $4::bigint)
                         * interval '1 second' AS "start!",
-                      r.category, sum(r.amount) AS "amount!", sum(r.count)::bigint AS "count!"
-               FROM usage_rollups r
-               WHERE r.account_id = $1 AND r.hour >= $2 AND r.hour < $3
+                      r.category AS "category!", sum(r.amount) AS "amount!", sum(r.count)::bigint AS "count!"
+               FROM ledger_usage_hours($1) r
+               WHERE r.hour >= $2 AND r.hour < $3
                GROUP BY 1, 2
                ORDER BY 1, 2"#,
             id.as_str(),

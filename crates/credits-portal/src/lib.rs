@@ -12,6 +12,7 @@ pub mod grpc;
 pub mod page;
 pub mod session;
 pub mod store;
+pub mod usage;
 pub mod web;
 
 use std::sync::Arc;

@@ -9,9 +9,12 @@ use std::collections::HashMap;
 use std::fmt::Write;
 
 use credits_client::{
-    Access, Account, AttemptStatus, AutoRecharge, Charge, DisabledReason, Entry, EntryKind, Money,
-    Page, PaymentMethod, PaymentMethodType, RechargeAttempt,
+    Access, Account, AttemptStatus, AutoRecharge, Charge, ChargeStatus, CreditSource,
+    DisabledReason, Entry, EntryKind, Grant, Money, Page, PaymentMethod, PaymentMethodType,
+    RechargeAttempt, UsagePeriod,
 };
+
+use crate::usage;
 
 /// HTML-escapes text for element content and quoted attribute values.
 pub fn esc(s: &str) -> String {
@@ -60,6 +63,13 @@ pub struct Problem {
 
 /// Everything the page shows.
 pub struct View {
+    /// The clock the page was rendered at (the forecast counts from it).
+    pub now: chrono::DateTime<chrono::Utc>,
+    /// R30: the chart's days, from `usage_from`, by category.
+    pub usage: Vec<UsagePeriod>,
+    pub usage_from: chrono::DateTime<chrono::Utc>,
+    /// R30: usage in the last 7 × 24 hours (the forecast's average × 7).
+    pub last_7_days: Money,
     pub account: Account,
     pub methods: Vec<PaymentMethod>,
     pub recharge: AutoRecharge,
@@ -170,6 +180,8 @@ pub fn render(v: &View) -> String {
         let _ = write!(h, "<p class=\"notice\" role=\"status\">{}</p>", esc(n));
     }
     balance(&mut h, v);
+    grants(&mut h, v);
+    usage_section(&mut h, v);
     payments_to_confirm(&mut h, v);
     add_credits(&mut h, v);
     methods(&mut h, v);
@@ -202,6 +214,111 @@ fn balance(h: &mut String, v: &View) {
         esc(&dollars(&a.available_balance)),
         esc(access),
     );
+}
+
+/// R29: the grants and expiring purchased credits that make up the balance, in the order
+/// usage draws them.
+fn grants(h: &mut String, v: &View) {
+    let a = &v.account;
+    if a.grants.is_empty() && a.expiring_purchases.is_empty() {
+        return;
+    }
+    h.push_str(
+        "<section aria-labelledby=\"grants-h\"><h2 id=\"grants-h\">Credit grants and expiring credits</h2>\
+         <p class=\"hint\">Usage is drawn from grants first, then from purchased credits; within each, \
+         from what expires soonest. What is left when credits expire is removed from your balance.</p>\
+         <table id=\"grants\"><thead><tr><th>Credits</th><th>Left</th><th>Of</th><th>Expires</th></tr></thead><tbody>",
+    );
+    for g in a.grants.iter().chain(&a.expiring_purchases) {
+        let what = match g.source {
+            CreditSource::Grant if !g.reason.is_empty() => format!("Grant: {}", g.reason),
+            CreditSource::Grant => "Grant".to_owned(),
+            CreditSource::AutoRecharge => "Auto-recharge top-up".to_owned(),
+            _ => "Purchased credits".to_owned(),
+        };
+        let _ = write!(
+            h,
+            "<tr><td>{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td>{}</td></tr>",
+            esc(&what),
+            esc(&dollars(&g.remaining)),
+            esc(&dollars(&g.amount)),
+            esc(&expiry(g)),
+        );
+    }
+    h.push_str("</tbody></table></section>");
+}
+
+fn expiry(g: &Grant) -> String {
+    g.expires_at
+        .as_ref()
+        .map(when)
+        .unwrap_or_else(|| "never".to_owned())
+}
+
+/// R30: the last 30 days by category and the forecast.
+fn usage_section(h: &mut String, v: &View) {
+    let level = match (v.recharge.enabled, v.recharge.threshold) {
+        (true, Some(t)) => usage::Level::Threshold(t),
+        _ => usage::Level::Zero,
+    };
+    let f = usage::forecast(v.now, v.account.available_balance, level, v.last_7_days);
+    let _ = write!(
+        h,
+        "<section aria-labelledby=\"usage-h\"><h2 id=\"usage-h\">Usage, last 30 days</h2>\
+         <p id=\"forecast\">{}</p><figure class=\"chart\">{}\
+         <figcaption>Usage per day (UTC) by category; the totals are for the 30 days shown.</figcaption></figure></section>",
+        esc(&usage::forecast_text(&f, v.now)),
+        usage::chart(&v.usage, v.usage_from),
+    );
+}
+
+/// A receipt for one paid charge, printable (the stylesheet drops everything else when
+/// printed).
+pub fn receipt_page(account: &Account, c: &Charge, method: Option<&PaymentMethod>) -> String {
+    let mut h = head(&format!("Receipt {}", c.charge_id));
+    let paid_with = match (c.payment_method_type, method) {
+        (_, Some(m)) => method_name(m),
+        (PaymentMethodType::Card, None) => "Card".to_owned(),
+        (PaymentMethodType::UsBankAccount, None) => "US bank account".to_owned(),
+    };
+    let name = if account.display_name.is_empty() {
+        account.account_id.as_str().to_owned()
+    } else {
+        format!("{} ({})", account.display_name, account.account_id.as_str())
+    };
+    let what = if c.description.is_empty() {
+        "Credits".to_owned()
+    } else {
+        c.description.clone()
+    };
+    let _ = write!(
+        h,
+        "<main class=\"receipt\"><h1>Receipt</h1><dl class=\"figures\" id=\"receipt\">\
+         <dt>Receipt number</dt><dd id=\"receipt-number\">{}</dd>\
+         <dt>Date</dt><dd id=\"receipt-date\">{}</dd>\
+         <dt>Billed to</dt><dd>{}</dd>\
+         <dt>For</dt><dd>{}</dd>\
+         <dt>Amount paid</dt><dd id=\"receipt-amount\">{} USD</dd>\
+         <dt>Paid with</dt><dd id=\"receipt-method\">{}</dd>",
+        esc(&c.charge_id),
+        esc(&when(&c.created_at)),
+        esc(&name),
+        esc(&what),
+        esc(&dollars(&c.amount)),
+        esc(&paid_with),
+    );
+    if c.refunded_amount.as_decimal() > rust_decimal::Decimal::ZERO {
+        let _ = write!(
+            h,
+            "<dt>Refunded</dt><dd id=\"receipt-refunded\">{}</dd>",
+            esc(&dollars(&c.refunded_amount))
+        );
+    }
+    h.push_str(
+        "</dl><p class=\"no-print\">Print this page, or save it as a PDF, with your browser's Print command.</p>\
+         <p class=\"no-print\"><a href=\"/billing#charges-h\">Back to billing settings</a></p></main></body></html>",
+    );
+    h
 }
 
 /// The problem of `form`, at `field` (`None`: the form's own).
@@ -730,10 +847,11 @@ fn when(t: &chrono::DateTime<chrono::Utc>) -> String {
     t.format("%Y-%m-%d %H:%M UTC").to_string()
 }
 
-/// A cell of a history table: text, or a right-aligned amount.
+/// A cell of a history table: text, a right-aligned amount, or a link (text, href).
 enum Cell {
     Text(String),
     Num(String),
+    Link(String, String),
 }
 
 /// One history table: its id, its heading, its column heads (`|`-separated).
@@ -744,7 +862,7 @@ const ENTRIES: Table = Table(
     "Credits and usage",
     "Date|What|Amount|Balance after|Description",
 );
-const CHARGES: Table = Table("charges", "Charges", "Date|Amount|Method|Status");
+const CHARGES: Table = Table("charges", "Charges", "Date|Amount|Method|Status|Receipt");
 const ATTEMPTS: Table = Table("attempts", "Auto-recharge top-ups", "Date|Amount|Status");
 
 /// Writes a history table (rows escaped here) and the link to its next page.
@@ -769,6 +887,9 @@ fn table(
                 let _ = match cell {
                     Cell::Text(s) => write!(h, "<td>{}</td>", esc(&s)),
                     Cell::Num(s) => write!(h, "<td class=\"num\">{}</td>", esc(&s)),
+                    Cell::Link(text, href) => {
+                        write!(h, "<td><a href=\"{}\">{}</a></td>", esc(&href), esc(&text))
+                    }
                 };
             }
             h.push_str("</tr>");
@@ -822,6 +943,14 @@ fn charge_row(c: &Charge) -> Vec<Cell> {
         } else {
             status(c.status.as_str(), &c.failure_code)
         }),
+        if c.status == ChargeStatus::Succeeded {
+            Cell::Link(
+                "Receipt".to_owned(),
+                format!("/billing/receipts/{}", percent_encode(&c.charge_id)),
+            )
+        } else {
+            Cell::Text(String::new())
+        },
     ]
 }
 
@@ -841,7 +970,10 @@ fn history(h: &mut String, v: &View) {
     fn rows<T>(page: &Page<T>, row: fn(&T) -> Vec<Cell>) -> Vec<Vec<Cell>> {
         page.items.iter().map(row).collect()
     }
-    h.push_str("<section aria-labelledby=\"history-h\"><h2 id=\"history-h\">History</h2>");
+    h.push_str(
+        "<section aria-labelledby=\"history-h\"><h2 id=\"history-h\">History</h2>\
+         <p><a id=\"download-csv\" href=\"/billing/history.csv\" download>Download the whole history (CSV)</a></p>",
+    );
     table(
         h,
         ENTRIES,

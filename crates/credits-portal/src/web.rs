@@ -12,6 +12,9 @@
 //!   service; refused, it changes nothing. Success redirects (POST/redirect/GET) with a
 //!   fixed notice; a service's refusal re-renders the page with the error in words next
 //!   to the field it names.
+//! - `GET /billing/history.csv` streams the account's whole journal as CSV (R30);
+//!   `GET /billing/receipts/{charge_id}` is a printable receipt of one paid charge of the
+//!   session's account.
 //! - Every response carries a strict Content-Security-Policy (no script at all, styles
 //!   and forms from this origin only, no framing) and `Cache-Control: no-store`.
 
@@ -20,15 +23,17 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Query, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use chrono::Utc;
 use credits_client::{
     AutoRechargeChange, BankAccountDetails, CardDetails, ChargeStatus, Client, ClientError,
-    IdempotencyKey, Money, NewPaymentMethod, PaymentMethodType,
+    Granularity, IdempotencyKey, Money, NewPaymentMethod, PaymentMethodType,
 };
+
+use crate::usage;
 
 use crate::page::StripeCard;
 
@@ -155,6 +160,8 @@ pub fn router(web: Arc<Web>) -> Router {
         .route("/session/continue", get(continue_session))
         .route("/billing/sign-out", post(sign_out))
         .route("/billing", get(show))
+        .route("/billing/history.csv", get(history_csv))
+        .route("/billing/receipts/{charge_id}", get(receipt))
         .route("/billing/credits", post(add_credits))
         .route("/billing/methods/card", post(add_card))
         .route("/billing/methods/card-token", post(add_card_token))
@@ -584,6 +591,19 @@ async fn render(
 ) -> Response {
     let c = &web.client;
     let acct = &s.account;
+    let now = Utc::now();
+    let (chart_from, chart_to) = usage::chart_range(now);
+    let (avg_from, avg_to) = usage::average_range(now);
+    let usage_loaded = tokio::try_join!(
+        c.ledger()
+            .usage_summary(acct, chart_from, chart_to, Granularity::Day),
+        c.ledger()
+            .usage_summary(acct, avg_from, avg_to, Granularity::Day),
+    );
+    let (usage, recent) = match usage_loaded {
+        Ok(v) => v,
+        Err(e) => return unavailable(&e),
+    };
     let loaded = tokio::try_join!(
         c.ledger().get_account(acct),
         c.payments().list_payment_methods(acct),
@@ -625,6 +645,12 @@ async fn render(
         }),
     };
     let view = View {
+        now,
+        usage,
+        usage_from: chart_from,
+        last_7_days: recent
+            .iter()
+            .fold(Money::default(), |sum, p| sum + p.amount),
         account,
         methods,
         recharge,
@@ -640,6 +666,134 @@ async fn render(
         stripe,
     };
     html(status, page::render(&view))
+}
+
+/// R30: the whole journal of the session's account as CSV, newest first, streamed a page
+/// at a time (any length, bounded memory). A page that cannot be read ends the file early
+/// with a last line saying so, rather than passing for the whole history.
+async fn history_csv(State(web): State<Arc<Web>>, headers: HeaderMap) -> Response {
+    let s = match session(&web, &headers).await {
+        Ok(s) => s,
+        Err(d) => return d.into_response(),
+    };
+    const PAGE: u32 = 500;
+    let client = web.client.clone();
+    let account = s.account.clone();
+    let first = format!("{}\n", credits_client::csv::ENTRIES_HEADER);
+    // State: the next page's token, or None once done (`Some("")` is the first page).
+    let pages = futures_util::stream::unfold(Some(String::new()), move |token| {
+        let (client, account) = (client.clone(), account.clone());
+        async move {
+            let token = token?;
+            let page = client
+                .ledger()
+                .list_entries(
+                    &account,
+                    PAGE,
+                    (!token.is_empty()).then_some(token.as_str()),
+                )
+                .await;
+            Some(match page {
+                Ok(p) => {
+                    let mut chunk = String::new();
+                    for e in &p.items {
+                        chunk.push_str(&credits_client::csv::entry_row(e));
+                        chunk.push('\n');
+                    }
+                    (
+                        Ok::<_, std::convert::Infallible>(Bytes::from(chunk)),
+                        p.next_page_token,
+                    )
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "history download cut short");
+                    (
+                        Ok(Bytes::from(
+                            "# incomplete: the history could not be read to the end; download it again\n",
+                        )),
+                        None,
+                    )
+                }
+            })
+        }
+    });
+    let body = futures_util::StreamExt::chain(
+        futures_util::stream::once(async move { Ok(Bytes::from(first)) }),
+        pages,
+    );
+    (
+        [
+            (header::CONTENT_TYPE, "text/csv; charset=utf-8".to_owned()),
+            (
+                header::CONTENT_DISPOSITION,
+                format!(
+                    "attachment; filename=\"credits-history-{}.csv\"",
+                    s.account.as_str()
+                ),
+            ),
+        ],
+        axum::body::Body::from_stream(body),
+    )
+        .into_response()
+}
+
+/// A printable receipt for one paid (SUCCEEDED) charge of the session's account: payments
+/// answers only the session's own charges, so another account's id is "no receipt".
+async fn receipt(
+    State(web): State<Arc<Web>>,
+    headers: HeaderMap,
+    Path(charge_id): Path<String>,
+) -> Response {
+    let s = match session(&web, &headers).await {
+        Ok(s) => s,
+        Err(d) => return d.into_response(),
+    };
+    let no_receipt = || {
+        html(
+            StatusCode::NOT_FOUND,
+            page::message_page(
+                "Receipt",
+                "There is no receipt for this payment: it is not one of this account's paid charges.",
+            ),
+        )
+    };
+    if charge_id.is_empty()
+        || charge_id.len() > 64
+        || !charge_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        return no_receipt();
+    }
+    let c = &web.client;
+    let loaded = tokio::try_join!(
+        c.payments().get_charge(&s.account, &charge_id),
+        c.ledger().get_account(&s.account),
+    );
+    let (charge, account) = match loaded {
+        Ok(v) => v,
+        Err(ClientError::NotFound { .. } | ClientError::InvalidArgument { .. }) => {
+            return no_receipt();
+        }
+        Err(e) => return unavailable(&e),
+    };
+    if charge.status != ChargeStatus::Succeeded {
+        return no_receipt();
+    }
+    // The method's brand and last digits, when it is still on file.
+    let method = c
+        .payments()
+        .list_payment_methods(&s.account)
+        .await
+        .ok()
+        .and_then(|ms| {
+            ms.into_iter()
+                .find(|m| m.payment_method_id == charge.payment_method_id)
+        });
+    html(
+        StatusCode::OK,
+        page::receipt_page(&account, &charge, method.as_ref()),
+    )
 }
 
 fn unavailable(e: &ClientError) -> Response {
