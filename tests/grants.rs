@@ -1,6 +1,8 @@
 //! R29 grants, burn order and expiry; R30 usage summaries from rollups. Real PostgreSQL,
 //! real RabbitMQ, the ledger over gRPC (two replicas where it matters).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};

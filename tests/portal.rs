@@ -1096,6 +1096,43 @@ async fn the_page_shows_usage_a_forecast_grants_receipts_and_a_csv_r29_r30() {
     let (system, portal) = acme_and_portal().await;
     let api = system.api();
     api.add_card("acme", "4242424242424242", true).await;
+    // Three weeks of history: each day's usage is posted, then everything moves a day back
+    // in the ledger's database (the journal's append-only guard lifted for this alone), as
+    // if it had been posted a day earlier.
+    api.buy("acme", "100", "history").await;
+    let mut db = system.ledger.db().await;
+    for day in 0..21u32 {
+        for (category, base) in [
+            (UsageCategory::ApiRequests, 1.2),
+            (UsageCategory::FineTuning, 0.6),
+            (UsageCategory::Evaluations, 0.3),
+        ] {
+            let amount = base * (1.0 + f64::from((day * 7) % 5) / 4.0);
+            api.ledger()
+                .record_usage(&UsageRecord {
+                    account_id: acct("acme"),
+                    category,
+                    amount: money(&format!("{amount:.2}")),
+                    idempotency_key: credits_tests::api::key(&format!(
+                        "d{day}-{}",
+                        category.as_str()
+                    )),
+                    description: String::new(),
+                })
+                .await
+                .unwrap();
+        }
+        for sql in [
+            "ALTER TABLE entries DISABLE TRIGGER entries_no_update",
+            "UPDATE entries SET created_at = created_at - interval '1 day'",
+            "ALTER TABLE entries ENABLE TRIGGER entries_no_update",
+            "UPDATE accounts SET roll_hour = roll_hour - interval '1 day' WHERE roll_hour IS NOT NULL",
+            "UPDATE usage_rollups SET hour = hour - interval '1000 days'",
+            "UPDATE usage_rollups SET hour = hour + interval '999 days'",
+        ] {
+            sqlx::query(sql).execute(&mut db).await.unwrap();
+        }
+    }
     let bought = api.buy("acme", "40", "buy-1").await;
     api.ledger()
         .grant_credits(&CreditsToGrant {
@@ -1140,28 +1177,69 @@ async fn the_page_shows_usage_a_forecast_grants_receipts_and_a_csv_r29_r30() {
     let mut b = Browser::launch(&dir).await;
     b.open_session(&portal.session_url("acme", None).await)
         .await;
-    // $3.50 in the last 7 days = $0.50/day; $41.50 available, $10.00 threshold: 63 days.
+    // The forecast: the last 7 × 24 hours' usage (from the ledger's summary) over 7 days,
+    // from the available balance to the $10.00 threshold — the arithmetic the unit tests
+    // check on a fixed clock, here at the page's clock.
+    let now = chrono::Utc::now();
+    let (from, to) = credits_portal::usage::average_range(now);
+    let last_7: rust_decimal::Decimal = api
+        .ledger()
+        .usage_summary(&acct("acme"), from, to, credits_client::Granularity::Day)
+        .await
+        .unwrap()
+        .iter()
+        .map(|p| p.amount.as_decimal())
+        .sum();
+    let available = api.account("acme").await.available_balance;
     let expected = credits_portal::usage::forecast_text(
         &credits_portal::usage::forecast(
-            chrono::Utc::now(),
-            money("41.50"),
+            now,
+            available,
             credits_portal::usage::Level::Threshold(money("10")),
-            money("3.50"),
+            credits_client::Money::new(last_7),
         ),
-        chrono::Utc::now(),
+        now,
     );
-    assert!(expected.contains("$0.50/day"), "{expected}");
+    assert!(
+        expected.contains("/day, your balance reaches your $10.00 auto-recharge threshold around"),
+        "{expected}"
+    );
     assert_eq!(b.text_of("forecast").await.unwrap(), expected);
-    // Today's bar: two categories stacked; the legend totals each.
-    assert_eq!(
-        b.eval("document.querySelectorAll('#usage-chart rect').length")
-            .await,
-        2
-    );
+    // 22 days with usage (three weeks back and today), stacked by category; the legend
+    // totals each category over the 30 days.
+    let bars = b
+        .eval("new Set([...document.querySelectorAll('#usage-chart rect')].map(r => r.getAttribute('x'))).size")
+        .await;
+    assert_eq!(bars, 22, "days with a bar");
+    let (chart_from, chart_to) = credits_portal::usage::chart_range(now);
+    let month = api
+        .ledger()
+        .usage_summary(
+            &acct("acme"),
+            chart_from,
+            chart_to,
+            credits_client::Granularity::Day,
+        )
+        .await
+        .unwrap();
     let legend = b.text_of("usage-legend").await.unwrap();
-    assert!(legend.contains("API requests $2.10"), "{legend}");
-    assert!(legend.contains("Fine-tuning $1.40"), "{legend}");
-    assert!(legend.contains("Evaluations $0.00"), "{legend}");
+    for (category, label) in [
+        (UsageCategory::ApiRequests, "API requests"),
+        (UsageCategory::FineTuning, "Fine-tuning"),
+        (UsageCategory::Evaluations, "Evaluations"),
+        (UsageCategory::Other, "Other"),
+    ] {
+        let total: rust_decimal::Decimal = month
+            .iter()
+            .filter(|p| p.category == category)
+            .map(|p| p.amount.as_decimal())
+            .sum();
+        let shown = credits_portal::page::dollars(&credits_client::Money::new(total));
+        assert!(
+            legend.contains(&format!("{label} {shown}")),
+            "{legend} lacks {label} {shown}"
+        );
+    }
     // Usage drew the grant first: $1.50 of $5.00 left, expiring in 10 days.
     let grants = b.text_of("grants").await.unwrap();
     assert!(
@@ -1229,7 +1307,7 @@ async fn the_page_shows_usage_a_forecast_grants_receipts_and_a_csv_r29_r30() {
     );
     let lines: Vec<&str> = body.lines().collect();
     assert_eq!(lines[0], credits_client::csv::ENTRIES_HEADER);
-    assert_eq!(lines.len(), 1 + 4, "{body}");
+    assert_eq!(lines.len(), 1 + 1 + 63 + 4, "{body}");
     let sum: rust_decimal::Decimal = lines[1..]
         .iter()
         .map(|l| {

@@ -522,11 +522,16 @@ pub async fn settle_and_check(
         .await,
     );
     let grants: i64 = scalar(&mut l, "SELECT count(*) FROM lots WHERE source = 'GRANT'").await;
+    let reached: i64 = scalar(
+        &mut l,
+        "SELECT count(*) FROM lots WHERE expires_at <= now()",
+    )
+    .await;
     ck.report(
         lots_off == 0 && expired == expiry_entries && expired_badly == 0,
         "14. lots hold the balance; each expired lot expired once",
         format!(
-            "{grants} grants, {expired} lots expired with {expiry_entries} EXPIRY entries; accounts whose lots ≠ balance {lots_off}, lots expired wrongly or left past their expiry {expired_badly}"
+            "{grants} grants, {reached} lots past their expiry, {expired} of them expired with credits left ({expiry_entries} EXPIRY entries); accounts whose lots ≠ balance {lots_off}, lots expired wrongly or left past their expiry {expired_badly}"
         ),
     );
 

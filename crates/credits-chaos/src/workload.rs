@@ -472,7 +472,7 @@ pub async fn drive(
     rep
 }
 
-/// R29: a grant of $1–$3 through either replica, three in four expiring 1–8 s from now
+/// R29: a grant of $5–$24 through either replica, three in four expiring 1–8 s from now
 /// (so expiries race usage, holds and the faults), the rest never; a lost answer is
 /// retried with its key and terms, which must answer the first grant.
 async fn grant_step(
@@ -489,7 +489,7 @@ async fn grant_step(
         account_id: acct.id.clone(),
         amount: money(
             "amount",
-            &format!("{}.{:02}", 1 + rng.below(3), rng.below(100)),
+            &format!("{}.{:02}", 5 + rng.below(20), rng.below(100)),
         )?,
         idempotency_key: key(&format!("g-{w}-{n}"))?,
         reason: "Chaos grant".into(),
