@@ -956,3 +956,128 @@ async fn adjustments_are_purchased_class_lots_drawn_after_grants_r29() {
     );
     assert_books_balance(&ledger).await;
 }
+
+/// The upgrade to release 3 on a journal release 2 wrote: the migration replays each
+/// account's journal into lots of two classes — grants and purchased credits, usage taking
+/// grants first, refunds purchased credits first, a credit after debt holding only what it
+/// left above zero — so a grant made before the upgrade is still never refunded as cash;
+/// ledger_after_upgrade() then fills the rollups from the journal, once.
+#[tokio::test]
+async fn the_upgrade_replays_a_release_2_journal_into_lots_of_both_classes_r29_r30() {
+    use sqlx::Connection;
+    let url = credits_tests::fresh_database_url("upgrade");
+    let (base, name) = url.rsplit_once('/').unwrap();
+    let mut admin = sqlx::PgConnection::connect(&format!("{base}/postgres"))
+        .await
+        .unwrap();
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let mut db = sqlx::PgConnection::connect(&url).await.unwrap();
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../crates/credits-ledger/migrations");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    let (last, before) = files.split_last().unwrap();
+    assert!(
+        last.to_string_lossy().contains("credit_lots_rollups"),
+        "{last:?}"
+    );
+    for f in before {
+        sqlx::raw_sql(&std::fs::read_to_string(f).unwrap())
+            .execute(&mut db)
+            .await
+            .unwrap();
+    }
+    // What release 2 wrote: accounts and their journals (balance_after chained).
+    sqlx::raw_sql(
+        "INSERT INTO accounts (account_id, billing_mode, access, balance) VALUES
+           ('u1', 'PREPAID', 'ACTIVE', 95), ('u2', 'PREPAID', 'ACTIVE', 3), ('u3', 'PREPAID', 'ACTIVE', 40);
+         INSERT INTO entries (account_id, kind, category, source, amount, balance_after, idempotency_key) VALUES
+           ('u1', 'CREDIT', NULL, 'PURCHASE', 80, 80, 'a'), ('u1', 'CREDIT', NULL, 'GRANT', 20, 100, 'b'),
+           ('u1', 'USAGE', 'API_REQUESTS', NULL, 5, 95, 'c'),
+           ('u2', 'CREDIT', NULL, 'PURCHASE', 10, 10, 'a'), ('u2', 'USAGE', 'FINE_TUNING', NULL, 15, -5, 'b'),
+           ('u2', 'CREDIT', NULL, 'GRANT', 8, 3, 'c'),
+           ('u3', 'CREDIT', NULL, 'PURCHASE', 50, 50, 'a'), ('u3', 'REFUND', NULL, NULL, 10, 40, 'b');",
+    )
+    .execute(&mut db)
+    .await
+    .unwrap();
+    // The migration, then the functions and what the ledger runs at start-up.
+    let mut tx = db.begin().await.unwrap();
+    sqlx::raw_sql(&std::fs::read_to_string(last).unwrap())
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::raw_sql(credits_ledger::FUNCTIONS)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let repaired: i32 = sqlx::query_scalar("SELECT ledger_after_upgrade()")
+        .fetch_one(&mut db)
+        .await
+        .unwrap();
+    assert_eq!(
+        repaired, 0,
+        "the migration's lots add up: nothing to repair"
+    );
+    let lots: Vec<(String, String, Decimal)> = sqlx::query_as(
+        "SELECT account_id, source, remaining FROM lots ORDER BY account_id, source",
+    )
+    .fetch_all(&mut db)
+    .await
+    .unwrap();
+    assert_eq!(
+        lots,
+        [
+            ("u1".to_owned(), "GRANT".to_owned(), dec("15")),
+            ("u1".to_owned(), "PURCHASE".to_owned(), dec("80")),
+            ("u2".to_owned(), "GRANT".to_owned(), dec("3")),
+            ("u3".to_owned(), "PURCHASE".to_owned(), dec("40")),
+        ]
+    );
+    // A refund of everything is refused: $80 of u1's $95 is purchased credits.
+    let (outcome, covered): (String, Decimal) = sqlx::query_as(
+        "SELECT outcome, amount FROM ledger_debit_covered('u1', 'REFUND', 95, 'r', 'refund', 'r1')",
+    )
+    .fetch_one(&mut db)
+    .await
+    .unwrap();
+    assert_eq!((outcome.as_str(), covered), ("insufficient", dec("80")));
+    // The rollups hold release 2's usage, once.
+    let usage: Vec<(String, String, Decimal, i64)> = sqlx::query_as(
+        "SELECT a.account_id, h.category, sum(h.amount), sum(h.count)::bigint
+         FROM accounts a, ledger_usage_hours(a.account_id) h GROUP BY 1, 2 ORDER BY 1, 2",
+    )
+    .fetch_all(&mut db)
+    .await
+    .unwrap();
+    assert_eq!(
+        usage,
+        [
+            ("u1".to_owned(), "API_REQUESTS".to_owned(), dec("5"), 1),
+            ("u2".to_owned(), "FINE_TUNING".to_owned(), dec("15"), 1),
+        ]
+    );
+    // Running it again does nothing.
+    let again: i32 = sqlx::query_scalar("SELECT ledger_after_upgrade()")
+        .fetch_one(&mut db)
+        .await
+        .unwrap();
+    assert_eq!(again, 0);
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM usage_rollups")
+        .fetch_one(&mut db)
+        .await
+        .unwrap();
+    assert_eq!(rows, 2);
+    drop(db);
+    sqlx::query(&format!("DROP DATABASE {name} WITH (FORCE)"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+}

@@ -1201,7 +1201,9 @@ async fn the_page_shows_usage_a_forecast_grants_receipts_and_a_csv_r29_r30() {
         now,
     );
     assert!(
-        expected.contains("/day, your balance reaches your $10.00 auto-recharge threshold around"),
+        expected.contains(
+            "/day, your available balance reaches your $10.00 auto-recharge threshold around"
+        ),
         "{expected}"
     );
     assert_eq!(b.text_of("forecast").await.unwrap(), expected);

@@ -239,7 +239,8 @@ pub enum GrantCmd {
         /// When what is left expires (RFC 3339, e.g. 2027-01-31T00:00:00Z).
         #[arg(long, conflicts_with = "expires_in_days")]
         expires: Option<String>,
-        /// Expires this many days from now.
+        /// Expires at the start (00:00 UTC) of the day this many days from today: the
+        /// same instant all day, so a retry with the same --key is the same grant.
         #[arg(long)]
         expires_in_days: Option<u32>,
         /// Lower is drawn first among grants that expire together (0 ..= 1000000).
@@ -466,9 +467,8 @@ fn grant_expiry(
                 message: "expires_in_days: must be at least 1".into(),
             });
         }
-        return Ok(Some(
-            chrono::Utc::now() + chrono::Duration::days(days.into()),
-        ));
+        let day = chrono::Utc::now().date_naive() + chrono::Duration::days(days.into());
+        return Ok(day.and_hms_opt(0, 0, 0).map(|t| t.and_utc()));
     }
     expires
         .map(|s| {

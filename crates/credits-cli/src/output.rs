@@ -79,9 +79,21 @@ impl Out {
         }
     }
 
-    /// A line of a file written to stdout (CSV), whatever the output mode.
+    /// A line of a file written to stdout (CSV), whatever the output mode. A reader that
+    /// went away (`| head`) ends the command quietly, as it does for any Unix tool.
     pub fn print_line(&self, line: &str) {
-        println!("{line}");
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        if let Err(e) = writeln!(out, "{line}") {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+            #[allow(clippy::print_stderr)]
+            {
+                eprintln!("error: writing to stdout: {e}");
+            }
+            std::process::exit(1);
+        }
     }
 
     pub fn say(&self, msg: &str) {

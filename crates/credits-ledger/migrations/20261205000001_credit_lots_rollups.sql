@@ -1,10 +1,9 @@
 -- R29 credit lots and R30 usage rollups.
 --
--- Tables only: what fills them for a journal written before this release (an opening lot
--- per account with a positive balance, rollups of the usage already posted) is
--- ledger_after_upgrade() (sql/functions.sql), which the ledger runs once the functions that
--- keep lots and rollups are in place, under a lock of `accounts` and `entries`, so that no
--- posting falls between (a rolling upgrade's replicas still on release 2 included).
+-- The lots of a journal written before this release are made here, at the end, while this
+-- migration holds `accounts` exclusively; the rollups of its usage, and a repair of what a
+-- release-2 replica posts between this migration and the new functions, are
+-- ledger_after_upgrade()'s (sql/functions.sql), run once those functions are in place.
 --
 -- Invariants enforced here and by sql/functions.sql:
 -- * every CREDIT entry makes one lot (`entry_seq`); only postings change `remaining`, under
@@ -82,3 +81,56 @@ CREATE TABLE ledger_upgrade (
     repair_due boolean NOT NULL DEFAULT true
 );
 INSERT INTO ledger_upgrade DEFAULT VALUES;
+
+-- The balance an account holds now, as lots: its journal replayed in order with two pools,
+-- grants and purchased credits (credits before this release had no expiry and no
+-- priority, so their class is all that orders them): a credit adds what it left above
+-- zero to its class; usage (and captures) take grants first, then purchased credits;
+-- refunds and disputes take purchased credits first. What each pool holds at the end is
+-- one lot of its class. Read once, in journal order; on a large journal the upgrade waits
+-- for it (docs/operations.md).
+DO $$
+DECLARE
+    r record;
+    cur text := NULL;
+    g numeric := 0;
+    p numeric := 0;
+    t numeric;
+BEGIN
+    FOR r IN SELECT e.account_id, e.kind, e.source, e.amount, e.balance_after
+             FROM entries e ORDER BY e.account_id, e.seq LOOP
+        IF cur IS DISTINCT FROM r.account_id THEN
+            IF g > 0 THEN
+                INSERT INTO lots (lot_id, account_id, source, amount, remaining, reason)
+                VALUES (gen_random_uuid(), cur, 'GRANT', g, g, 'Grants before credit lots');
+            END IF;
+            IF p > 0 THEN
+                INSERT INTO lots (lot_id, account_id, source, amount, remaining, reason)
+                VALUES (gen_random_uuid(), cur, 'PURCHASE', p, p, 'Balance before credit lots');
+            END IF;
+            cur := r.account_id;
+            g := 0;
+            p := 0;
+        END IF;
+        IF r.kind = 'CREDIT' THEN
+            t := greatest(0, least(r.amount, r.balance_after));
+            IF r.source = 'GRANT' THEN g := g + t; ELSE p := p + t; END IF;
+        ELSIF r.kind = 'USAGE' THEN
+            t := least(g, r.amount);
+            g := g - t;
+            p := p - least(p, r.amount - t);
+        ELSE
+            t := least(p, r.amount);
+            p := p - t;
+            g := g - least(g, r.amount - t);
+        END IF;
+    END LOOP;
+    IF g > 0 THEN
+        INSERT INTO lots (lot_id, account_id, source, amount, remaining, reason)
+        VALUES (gen_random_uuid(), cur, 'GRANT', g, g, 'Grants before credit lots');
+    END IF;
+    IF p > 0 THEN
+        INSERT INTO lots (lot_id, account_id, source, amount, remaining, reason)
+        VALUES (gen_random_uuid(), cur, 'PURCHASE', p, p, 'Balance before credit lots');
+    END IF;
+END $$;

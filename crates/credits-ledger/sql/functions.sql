@@ -110,8 +110,6 @@ END $$;
 -- lots there were before it. What it holds is what the credit left above zero: a credit
 -- that arrives while the balance is negative first pays that debt. `p_expires_at` (a
 -- grant's, or a purchase's under PURCHASED_CREDITS_EXPIRE_DAYS) enters next_expiry.
--- (Functions version 13 drew the pending usage first.)
-DROP FUNCTION IF EXISTS ledger_lot_add(entries, timestamptz, integer);
 CREATE OR REPLACE FUNCTION ledger_lot_add(e entries, p_expires_at timestamptz, p_priority integer,
                                           p_pending numeric)
 RETURNS void LANGUAGE plpgsql AS $$
@@ -241,6 +239,9 @@ BEGIN
     IF NOT FOUND OR acc.next_expiry IS NULL OR acc.next_expiry > now() THEN
         RETURN 0;
     END IF;
+    -- Counted once the pending usage is drawn: a lot it empties expires with nothing left.
+    PERFORM ledger_lots_settle(acc.account_id, acc.pending_draw);
+    acc.pending_draw := 0;
     SELECT count(*) INTO n FROM lots x
     WHERE x.account_id = p_account_id AND x.remaining > 0 AND x.expires_at <= now();
     PERFORM ledger_expire_due(acc);
@@ -959,13 +960,12 @@ END $$;
 -- once the functions above are in place, and only then, it (1) waits out every posting
 -- that began before them (the lock: each posting locks its account's row before it writes),
 -- whose text is the one it started with — for a posting queued behind the application of a
--- new version, the previous text, which may know nothing of lots or rollups; (2) the first
--- time, fills what a journal written before lots and rollups needs: the rollups, from the
--- whole journal (the running hours cleared: rebuilt, never added twice); (3) repairs any
--- account whose lots do not add up to its balance — the first time, the balance held
--- before lots existed becomes one opening lot (purchased class, no expiry); after that,
--- what such a posting left (a credit without its lot, usage not drawn) becomes a lot or
--- pending usage. Amounts are exact; the class of repaired credits is the one approximation.
+-- new version, or made by a release-2 replica after the migration made the opening lots,
+-- the previous text, which may know nothing of lots or rollups; (2) the first time, fills
+-- the rollups from the whole journal (the running hours cleared: rebuilt, never added
+-- twice); (3) repairs any account whose lots do not add up to its balance: what such a
+-- posting left (a credit without its lot, usage not drawn) becomes a lot or pending
+-- usage. Amounts are exact; the class of repaired credits is the one approximation.
 -- Returns how many accounts it repaired. On a large journal the first fill holds postings
 -- for as long as it reads (docs/operations.md).
 CREATE OR REPLACE FUNCTION ledger_after_upgrade() RETURNS integer LANGUAGE plpgsql AS $$
@@ -1005,8 +1005,7 @@ BEGIN
             PERFORM ledger_lots_settle(r.account_id, r.pending_draw);
             INSERT INTO lots (lot_id, account_id, entry_seq, source, amount, remaining, reason)
             VALUES (uuid_v7(), r.account_id, NULL, 'PURCHASE', r.want - now_held, r.want - now_held,
-                    CASE WHEN u.filled THEN 'Credits posted during an upgrade'
-                         ELSE 'Balance before credit lots' END);
+                    'Credits posted during an upgrade');
         ELSE
             UPDATE accounts a SET pending_draw = a.pending_draw + (now_held - r.want)
             WHERE a.account_id = r.account_id;
@@ -1015,10 +1014,6 @@ BEGIN
     UPDATE ledger_upgrade SET filled = true, repair_due = false;
     RETURN n;
 END $$;
-
--- Development databases of this release had the rollups kept by a trigger.
-DROP TRIGGER IF EXISTS entries_usage_rollup ON entries;
-DROP FUNCTION IF EXISTS usage_rollup();
 
 -- Every application of this file asks for ledger_after_upgrade() (it runs in the same
 -- transaction as the new functions).

@@ -216,7 +216,9 @@ async fn sweep_expiries(
                         metrics::counter!("credits_ledger_lots_expired_total").increment(n as u64);
                         tracing::info!(expired = n, "credits expired");
                     }
-                    if !full {
+                    // A full page that expired nothing was all accounts busy with postings
+                    // (skipped, locked): they expire their own; wait for the next pass.
+                    if !full || n == 0 {
                         break;
                     }
                 }

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::fmt::Write;
 
 use credits_client::{
-    Access, Account, AttemptStatus, AutoRecharge, Charge, ChargeStatus, CreditSource,
+    Access, Account, AttemptStatus, AutoRecharge, BillingMode, Charge, ChargeStatus, CreditSource,
     DisabledReason, Entry, EntryKind, Grant, Money, Page, PaymentMethod, PaymentMethodType,
     RechargeAttempt, UsagePeriod,
 };
@@ -65,11 +65,8 @@ pub struct Problem {
 pub struct View {
     /// The clock the page was rendered at (the forecast counts from it).
     pub now: chrono::DateTime<chrono::Utc>,
-    /// R30: the chart's days, from `usage_from`, by category.
-    pub usage: Vec<UsagePeriod>,
-    pub usage_from: chrono::DateTime<chrono::Utc>,
-    /// R30: usage in the last 7 × 24 hours (the forecast's average × 7).
-    pub last_7_days: Money,
+    /// R30: the chart and the forecast (`None`: the ledger could not answer them now).
+    pub usage: Option<Usage>,
     pub account: Account,
     pub methods: Vec<PaymentMethod>,
     pub recharge: AutoRecharge,
@@ -86,6 +83,15 @@ pub struct View {
     pub kept: HashMap<&'static str, String>,
     /// R24: with Stripe, what the card form needs (`Err`: it could not be had now).
     pub stripe: Option<Result<StripeCard, ()>>,
+}
+
+/// R30: what the chart and the forecast are drawn from.
+pub struct Usage {
+    /// The chart's days, from `from`, by category.
+    pub days: Vec<UsagePeriod>,
+    pub from: chrono::DateTime<chrono::Utc>,
+    /// Usage in the last 7 × 24 hours (the forecast's average × 7).
+    pub last_7_days: Money,
 }
 
 /// What the page's Stripe.js card form needs.
@@ -257,18 +263,31 @@ fn expiry(g: &Grant) -> String {
 
 /// R30: the last 30 days by category and the forecast.
 fn usage_section(h: &mut String, v: &View) {
-    let level = match (v.recharge.enabled, v.recharge.threshold) {
-        (true, Some(t)) => usage::Level::Threshold(t),
-        _ => usage::Level::Zero,
+    h.push_str("<section aria-labelledby=\"usage-h\"><h2 id=\"usage-h\">Usage, last 30 days</h2>");
+    let Some(u) = &v.usage else {
+        h.push_str(
+            "<p id=\"forecast\">Usage cannot be shown right now; reload the page in a moment.</p></section>",
+        );
+        return;
     };
-    let f = usage::forecast(v.now, v.account.available_balance, level, v.last_7_days);
+    let forecast = if v.account.billing_mode == BillingMode::Contract {
+        // R5: a contract account is invoiced; its access never stops for its balance.
+        "Your usage is invoiced under your contract; API access does not stop at a zero balance."
+            .to_owned()
+    } else {
+        let level = match (v.recharge.enabled, v.recharge.threshold) {
+            (true, Some(t)) => usage::Level::Threshold(t),
+            _ => usage::Level::Zero,
+        };
+        let f = usage::forecast(v.now, v.account.available_balance, level, u.last_7_days);
+        usage::forecast_text(&f, v.now)
+    };
     let _ = write!(
         h,
-        "<section aria-labelledby=\"usage-h\"><h2 id=\"usage-h\">Usage, last 30 days</h2>\
-         <p id=\"forecast\">{}</p><figure class=\"chart\">{}\
+        "<p id=\"forecast\">{}</p><figure class=\"chart\">{}\
          <figcaption>Usage per day (UTC) by category; the totals are for the 30 days shown.</figcaption></figure></section>",
-        esc(&usage::forecast_text(&f, v.now)),
-        usage::chart(&v.usage, v.usage_from),
+        esc(&forecast),
+        usage::chart(&u.days, u.from),
     );
 }
 

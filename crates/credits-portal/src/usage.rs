@@ -80,7 +80,8 @@ pub fn forecast(
         return Forecast::NoUsage;
     }
     let headroom = available.as_decimal() - level.amount();
-    if headroom < Decimal::ZERO {
+    // Below the threshold, or at zero without one (access has stopped already).
+    if headroom < Decimal::ZERO || (level == Level::Zero && headroom.is_zero()) {
         return Forecast::Below { level };
     }
     let per_day = used / Decimal::from(AVERAGE_DAYS);
@@ -146,13 +147,13 @@ pub fn forecast_text(f: &Forecast, now: DateTime<Utc>) -> String {
             level,
             date,
         } => format!(
-            "At your average usage of the last 7 days, {}/day, your balance reaches {} around {}.",
+            "At your average usage of the last 7 days, {}/day, your available balance reaches {} around {}.",
             rate(*per_day),
             level_text(*level),
             day(*date, now)
         ),
         Forecast::Beyond { per_day, level } => format!(
-            "At your average usage of the last 7 days, {}/day, your balance stays above {} for more than a year.",
+            "At your average usage of the last 7 days, {}/day, your available balance stays above {} for more than a year.",
             rate(*per_day),
             level_text(*level)
         ),
@@ -332,7 +333,7 @@ mod tests {
         );
         assert_eq!(
             forecast_text(&f, now),
-            "At your average usage of the last 7 days, $3.00/day, your balance reaches your $10.00 auto-recharge threshold around Dec 14."
+            "At your average usage of the last 7 days, $3.00/day, your available balance reaches your $10.00 auto-recharge threshold around Dec 14."
         );
     }
 
@@ -353,7 +354,7 @@ mod tests {
         let f = forecast(now, m("40"), Level::Zero, m("7"));
         assert_eq!(
             forecast_text(&f, now),
-            "At your average usage of the last 7 days, $1.00/day, your balance reaches $0.00, when API access stops around Jan 13, 2027."
+            "At your average usage of the last 7 days, $1.00/day, your available balance reaches $0.00, when API access stops around Jan 13, 2027."
         );
     }
 
@@ -375,6 +376,11 @@ mod tests {
             forecast(now, m("10"), Level::Threshold(m("10")), m("7")),
             Forecast::Reaches { date, .. } if date == now.date_naive()
         ));
+        // At zero without auto-recharge, access has stopped: below, not "reached today".
+        assert_eq!(
+            forecast(now, m("0"), Level::Zero, m("7")),
+            Forecast::Below { level: Level::Zero }
+        );
         let f = forecast(now, m("1000"), Level::Zero, m("0.07"));
         assert!(matches!(f, Forecast::Beyond { .. }), "{f:?}");
         assert!(forecast_text(&f, now).contains("$0.01/day"));

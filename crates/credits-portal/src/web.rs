@@ -594,27 +594,42 @@ async fn render(
     let now = Utc::now();
     let (chart_from, chart_to) = usage::chart_range(now);
     let (avg_from, avg_to) = usage::average_range(now);
-    let usage_loaded = tokio::try_join!(
-        c.ledger()
-            .usage_summary(acct, chart_from, chart_to, Granularity::Day),
-        c.ledger()
-            .usage_summary(acct, avg_from, avg_to, Granularity::Day),
-    );
-    let (usage, recent) = match usage_loaded {
-        Ok(v) => v,
-        Err(e) => return unavailable(&e),
+    // R30: the chart and the forecast are read beside the rest; without them (a ledger that
+    // cannot answer them now) the page is shown with a note in their place.
+    let usage_loaded = async {
+        tokio::try_join!(
+            c.ledger()
+                .usage_summary(acct, chart_from, chart_to, Granularity::Day),
+            c.ledger()
+                .usage_summary(acct, avg_from, avg_to, Granularity::Day),
+        )
     };
-    let loaded = tokio::try_join!(
-        c.ledger().get_account(acct),
-        c.payments().list_payment_methods(acct),
-        c.recharge().get_auto_recharge(acct),
-        c.ledger()
-            .list_entries(acct, HISTORY_PAGE, paging.entries.as_deref()),
-        c.payments()
-            .list_charges(acct, HISTORY_PAGE, paging.charges.as_deref()),
-        c.recharge()
-            .list_recharge_attempts(acct, HISTORY_PAGE, paging.attempts.as_deref()),
-    );
+    let (usage_loaded, loaded) = tokio::join!(usage_loaded, async {
+        tokio::try_join!(
+            c.ledger().get_account(acct),
+            c.payments().list_payment_methods(acct),
+            c.recharge().get_auto_recharge(acct),
+            c.ledger()
+                .list_entries(acct, HISTORY_PAGE, paging.entries.as_deref()),
+            c.payments()
+                .list_charges(acct, HISTORY_PAGE, paging.charges.as_deref()),
+            c.recharge()
+                .list_recharge_attempts(acct, HISTORY_PAGE, paging.attempts.as_deref()),
+        )
+    });
+    let usage = match usage_loaded {
+        Ok((days, recent)) => Some(page::Usage {
+            days,
+            from: chart_from,
+            last_7_days: recent
+                .iter()
+                .fold(Money::default(), |sum, p| sum + p.amount),
+        }),
+        Err(e) => {
+            tracing::warn!(error = %e, "usage summary unavailable; page shown without it");
+            None
+        }
+    };
     let (account, methods, recharge, entries, charges, attempts) = match loaded {
         Ok(v) => v,
         Err(e) => return unavailable(&e),
@@ -647,10 +662,6 @@ async fn render(
     let view = View {
         now,
         usage,
-        usage_from: chart_from,
-        last_7_days: recent
-            .iter()
-            .fold(Money::default(), |sum, p| sum + p.amount),
         account,
         methods,
         recharge,
@@ -679,46 +690,48 @@ async fn history_csv(State(web): State<Arc<Web>>, headers: HeaderMap) -> Respons
     const PAGE: u32 = 500;
     let client = web.client.clone();
     let account = s.account.clone();
-    let first = format!("{}\n", credits_client::csv::ENTRIES_HEADER);
-    // State: the next page's token, or None once done (`Some("")` is the first page).
-    let pages = futures_util::stream::unfold(Some(String::new()), move |token| {
+    let rows = |p: &credits_client::Page<credits_client::Entry>| {
+        let mut chunk = String::new();
+        for e in &p.items {
+            chunk.push_str(&credits_client::csv::entry_row(e));
+            chunk.push('\n');
+        }
+        chunk
+    };
+    // The first page before answering: a history that cannot be read is an error page,
+    // not a file.
+    let first = match client.ledger().list_entries(&account, PAGE, None).await {
+        Ok(p) => p,
+        Err(e) => return unavailable(&e),
+    };
+    let head = Bytes::from(format!(
+        "{}\n{}",
+        credits_client::csv::ENTRIES_HEADER,
+        rows(&first)
+    ));
+    // The rest a page at a time; a page that cannot be read aborts the body, so the
+    // browser reports the download failed rather than keeping part of it as the whole.
+    let pages = futures_util::stream::unfold(first.next_page_token, move |token| {
         let (client, account) = (client.clone(), account.clone());
         async move {
             let token = token?;
-            let page = client
-                .ledger()
-                .list_entries(
-                    &account,
-                    PAGE,
-                    (!token.is_empty()).then_some(token.as_str()),
-                )
-                .await;
-            Some(match page {
-                Ok(p) => {
-                    let mut chunk = String::new();
-                    for e in &p.items {
-                        chunk.push_str(&credits_client::csv::entry_row(e));
-                        chunk.push('\n');
+            Some(
+                match client
+                    .ledger()
+                    .list_entries(&account, PAGE, Some(&token))
+                    .await
+                {
+                    Ok(p) => (Ok(Bytes::from(rows(&p))), p.next_page_token),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "history download cut short");
+                        (Err(std::io::Error::other(e.to_string())), None)
                     }
-                    (
-                        Ok::<_, std::convert::Infallible>(Bytes::from(chunk)),
-                        p.next_page_token,
-                    )
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "history download cut short");
-                    (
-                        Ok(Bytes::from(
-                            "# incomplete: the history could not be read to the end; download it again\n",
-                        )),
-                        None,
-                    )
-                }
-            })
+                },
+            )
         }
     });
     let body = futures_util::StreamExt::chain(
-        futures_util::stream::once(async move { Ok(Bytes::from(first)) }),
+        futures_util::stream::once(async move { Ok::<_, std::io::Error>(head) }),
         pages,
     );
     (
