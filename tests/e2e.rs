@@ -520,19 +520,8 @@ async fn credits_up_runs_all_four_and_the_demo_tells_the_story() {
     let export = cli(&["accounts", "export", "demo-e2e"]);
     let csv = String::from_utf8_lossy(&export.stdout);
     assert!(export.status.success());
-    let sum: rust_decimal::Decimal = csv
-        .lines()
-        .skip(1)
-        .map(|l| {
-            l.split(',')
-                .nth(4)
-                .unwrap()
-                .parse::<rust_decimal::Decimal>()
-                .unwrap()
-        })
-        .sum();
     assert_eq!(
-        sum,
+        credits_tests::api::csv_amount_sum(&csv),
         "53.30".parse::<rust_decimal::Decimal>().unwrap(),
         "{csv}"
     );

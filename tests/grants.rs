@@ -258,11 +258,7 @@ async fn a_grant_expires_once_with_an_entry_an_event_and_a_crossing_r29() {
 #[tokio::test]
 async fn expiry_happens_exactly_once_under_two_replicas_and_racing_usage_r29() {
     let a = Ledger::start().await;
-    let b = Ledger::start_with(LedgerOptions {
-        addr: None,
-        ..a.restart_options()
-    })
-    .await;
+    let b = a.another_replica().await;
     let (ca, cb) = (a.api(), b.api());
     const N: usize = 30;
     let at = Utc::now() + chrono::Duration::seconds(3);

@@ -1260,11 +1260,7 @@ async fn stream_usage_answers_every_item_in_order_through_group_commit() {
 #[tokio::test]
 async fn check_access_on_one_replica_sees_another_replicas_change_r16() {
     let a = Ledger::start().await;
-    let b = Ledger::start_with(LedgerOptions {
-        addr: None,
-        ..a.restart_options()
-    })
-    .await;
+    let b = a.another_replica().await;
     let (ca, cb) = (a.api(), b.api());
     ca.prepaid("acme", "10").await;
     let mut worst = Duration::ZERO;

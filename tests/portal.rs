@@ -1310,17 +1310,11 @@ async fn the_page_shows_usage_a_forecast_grants_receipts_and_a_csv_r29_r30() {
     let lines: Vec<&str> = body.lines().collect();
     assert_eq!(lines[0], credits_client::csv::ENTRIES_HEADER);
     assert_eq!(lines.len(), 1 + 1 + 63 + 4, "{body}");
-    let sum: rust_decimal::Decimal = lines[1..]
-        .iter()
-        .map(|l| {
-            l.split(',')
-                .nth(4)
-                .unwrap()
-                .parse::<rust_decimal::Decimal>()
-                .unwrap()
-        })
-        .sum();
-    assert_eq!(sum, api.balance("acme").await.as_decimal(), "{body}");
+    assert_eq!(
+        credits_tests::api::csv_amount_sum(&body),
+        api.balance("acme").await.as_decimal(),
+        "{body}"
+    );
     assert!(body.contains("\"'=cmd|' /C calc'!A0\""), "{body}");
     assert!(body.contains("\"job \"\"ft-1\"\", <b>bold</b>\""), "{body}");
     // Without a session: nothing.

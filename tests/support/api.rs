@@ -42,6 +42,21 @@ pub fn dec(s: &str) -> Decimal {
         .unwrap_or_else(|e| panic!("test decimal {s:?}: {e}"))
 }
 
+/// The sum of the signed `amount` column of a history CSV (`credits_client::csv`, header
+/// first): what the entries moved the balance by.
+pub fn csv_amount_sum(csv: &str) -> Decimal {
+    csv.lines()
+        .skip(1)
+        .map(|l| {
+            l.split(',')
+                .nth(4)
+                .unwrap_or_else(|| panic!("no amount in {l:?}"))
+                .parse::<Decimal>()
+                .unwrap_or_else(|e| panic!("amount of {l:?}: {e}"))
+        })
+        .sum()
+}
+
 pub fn acct(id: &str) -> AccountId {
     AccountId::parse(id).unwrap_or_else(|e| panic!("test account id {id:?}: {e}"))
 }

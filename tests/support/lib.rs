@@ -293,6 +293,15 @@ impl Ledger {
             .expect("count the outbox")
     }
 
+    /// A second replica on this ledger's database and exchange, on a port of its own.
+    pub async fn another_replica(&self) -> Ledger {
+        Ledger::start_with(LedgerOptions {
+            addr: None,
+            ..self.restart_options()
+        })
+        .await
+    }
+
     /// Options that bring this ledger back on the same address, database and exchange.
     pub fn restart_options(&self) -> LedgerOptions {
         LedgerOptions {

@@ -97,8 +97,11 @@ DECLARE
     p numeric := 0;
     t numeric;
 BEGIN
-    FOR r IN SELECT e.account_id, e.kind, e.source, e.amount, e.balance_after
-             FROM entries e ORDER BY e.account_id, e.seq LOOP
+    -- A last row of nulls closes the last account.
+    FOR r IN SELECT x.* FROM (SELECT e.account_id, e.kind, e.source, e.amount, e.balance_after, e.seq
+                              FROM entries e
+                              UNION ALL SELECT NULL, NULL, NULL, NULL, NULL, NULL) x
+             ORDER BY x.account_id NULLS LAST, x.seq LOOP
         IF cur IS DISTINCT FROM r.account_id THEN
             IF g > 0 THEN
                 INSERT INTO lots (lot_id, account_id, source, amount, remaining, reason)
@@ -108,6 +111,7 @@ BEGIN
                 INSERT INTO lots (lot_id, account_id, source, amount, remaining, reason)
                 VALUES (gen_random_uuid(), cur, 'PURCHASE', p, p, 'Balance before credit lots');
             END IF;
+            EXIT WHEN r.account_id IS NULL;
             cur := r.account_id;
             g := 0;
             p := 0;
@@ -125,12 +129,4 @@ BEGIN
             g := g - least(g, r.amount - t);
         END IF;
     END LOOP;
-    IF g > 0 THEN
-        INSERT INTO lots (lot_id, account_id, source, amount, remaining, reason)
-        VALUES (gen_random_uuid(), cur, 'GRANT', g, g, 'Grants before credit lots');
-    END IF;
-    IF p > 0 THEN
-        INSERT INTO lots (lot_id, account_id, source, amount, remaining, reason)
-        VALUES (gen_random_uuid(), cur, 'PURCHASE', p, p, 'Balance before credit lots');
-    END IF;
 END $$;
