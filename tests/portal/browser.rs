@@ -100,6 +100,18 @@ impl Browser {
     }
 
     async fn send(&mut self, session: Option<String>, method: &str, params: Value) -> Value {
+        self.try_send(session, method, params)
+            .await
+            .unwrap_or_else(|e| panic!("{method}: {e}"))
+    }
+
+    /// A DevTools call's result, or the error DevTools answered.
+    async fn try_send(
+        &mut self,
+        session: Option<String>,
+        method: &str,
+        params: Value,
+    ) -> Result<Value, Value> {
         self.next_id += 1;
         let id = self.next_id;
         let mut msg = json!({ "id": id, "method": method, "params": params });
@@ -125,10 +137,10 @@ impl Browser {
                 continue;
             }
             if v["id"] == id {
-                if let Some(e) = v.get("error") {
-                    panic!("{method}: {e}");
-                }
-                return v["result"].clone();
+                return match v.get("error") {
+                    Some(e) => Err(e.clone()),
+                    None => Ok(v["result"].clone()),
+                };
             }
         }
     }
@@ -211,10 +223,18 @@ impl Browser {
     async fn wait_new_document(&mut self) {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            let done = self
-                .eval("window.__old_document === undefined && document.readyState === 'complete'")
+            // A page that navigates while it is asked ("Inspected target navigated or
+            // closed": the session link's page moving on by itself) is asked again.
+            let session = Some(self.session.clone());
+            let asked = self
+                .try_send(
+                    session,
+                    "Runtime.evaluate",
+                    json!({ "expression": "window.__old_document === undefined && document.readyState === 'complete'",
+                            "returnByValue": true }),
+                )
                 .await;
-            if done == Value::Bool(true) {
+            if asked.is_ok_and(|r| r["result"]["value"] == Value::Bool(true)) {
                 return;
             }
             assert!(
