@@ -412,8 +412,9 @@ impl Store {
         )
         .fetch_all(&self.pool)
         .await?;
-        if rows.is_empty() && !self.account_exists(id).await? {
-            return Err(LedgerError::AccountNotFound(id.clone()));
+        if rows.is_empty() {
+            // No usage, or no account: the access read tells them apart (AccountNotFound).
+            self.access(id).await?;
         }
         rows.into_iter()
             .map(|r| {
@@ -437,15 +438,6 @@ impl Store {
             r#"SELECT EXISTS (SELECT 1 FROM entries WHERE account_id = $1 AND idempotency_key = $2) AS "e!""#,
             id.as_str(),
             key.as_str()
-        )
-        .fetch_one(&self.pool)
-        .await?)
-    }
-
-    async fn account_exists(&self, id: &AccountId) -> Result<bool, LedgerError> {
-        Ok(sqlx::query_scalar!(
-            r#"SELECT EXISTS (SELECT 1 FROM accounts WHERE account_id = $1) AS "e!""#,
-            id.as_str()
         )
         .fetch_one(&self.pool)
         .await?)
