@@ -212,6 +212,8 @@ pub struct LedgerOptions {
     pub stream_limits: Option<credits_ledger::grpc::StreamLimits>,
     /// R29: `PURCHASED_CREDITS_EXPIRE_DAYS`.
     pub purchased_credits_expire_days: Option<u64>,
+    /// R31: the access feed's settings (the defaults when `None`).
+    pub feed: Option<credits_ledger::watch::FeedConfig>,
 }
 
 impl Ledger {
@@ -235,6 +237,9 @@ impl Ledger {
             cfg.stream_limits = l;
         }
         cfg.purchased_credits_expire_days = opts.purchased_credits_expire_days;
+        if let Some(f) = opts.feed {
+            cfg.feed = f;
+        }
         let served = Served::launch::<credits_ledger::App>(cfg, opts.addr, database_url).await;
         Ledger {
             served,
@@ -312,6 +317,7 @@ impl Ledger {
             auth_tokens_file: None,
             stream_limits: None,
             purchased_credits_expire_days: None,
+            feed: None,
         }
     }
 }

@@ -10,7 +10,7 @@ use crate::retry::{Repeat, RetryPolicy, rpc};
 use crate::types::{
     AccessCheck, Account, BalanceThreshold, BillingMode, CreditsAdded, CreditsToAdd,
     CreditsToGrant, Entry, Granularity, Hold, HoldCaptured, HoldRequest, Page, UsagePeriod,
-    UsageRecord, UsageRecorded, page_size,
+    UsageRecord, UsageRecorded, WatchEvent, page_size,
 };
 use crate::{AuthChannel, ClientError};
 use chrono::{DateTime, Utc};
@@ -314,6 +314,27 @@ impl Ledger {
         S: futures_util::Stream<Item = UsageRecord> + Send + 'static,
     {
         use futures_util::StreamExt;
+        Ok(self
+            .stream_usage_items(items)
+            .await?
+            .map(|r| r.and_then(|item| item)))
+    }
+
+    /// `StreamUsage` with the stream's end (outer `Err`) told apart from an item's own
+    /// error (inner `Err`).
+    pub(crate) async fn stream_usage_items<S>(
+        &self,
+        items: S,
+    ) -> Result<
+        impl futures_util::Stream<Item = Result<Result<UsageRecorded, ClientError>, ClientError>>
+        + Send
+        + 'static,
+        ClientError,
+    >
+    where
+        S: futures_util::Stream<Item = UsageRecord> + Send + 'static,
+    {
+        use futures_util::StreamExt;
         let outbound = items.map(|u| u.to_wire());
         let inbound = self
             .inner
@@ -323,7 +344,38 @@ impl Ledger {
             .map_err(ClientError::from)?
             .into_inner();
         Ok(inbound.map(|r| match r {
-            Ok(result) => batch_result(result),
+            Ok(result) => Ok(batch_result(result)),
+            Err(s) => Err(ClientError::from(s)),
+        }))
+    }
+}
+
+impl Ledger {
+    /// R31 `WatchAccess`: the accounts' states (all of them when `accounts` is empty), then
+    /// every change, with sync points; `resume_cursor` (the last sync point's) starts with
+    /// what changed since. Not retried: [`crate::AccessCache`] is the reconnecting,
+    /// resuming consumer most callers want.
+    pub async fn watch_access(
+        &self,
+        accounts: &[AccountId],
+        resume_cursor: Option<&str>,
+    ) -> Result<
+        impl futures_util::Stream<Item = Result<WatchEvent, ClientError>> + Send + 'static,
+        ClientError,
+    > {
+        use futures_util::StreamExt;
+        let inbound = self
+            .inner
+            .clone()
+            .watch_access(lpb::WatchAccessRequest {
+                account_ids: accounts.iter().map(|a| a.as_str().to_owned()).collect(),
+                resume_cursor: resume_cursor.unwrap_or_default().to_owned(),
+            })
+            .await
+            .map_err(ClientError::from)?
+            .into_inner();
+        Ok(inbound.map(|r| match r {
+            Ok(u) => WatchEvent::try_from(u),
             Err(s) => Err(ClientError::from(s)),
         }))
     }

@@ -46,11 +46,13 @@
 //! See `examples/usage.rs` for the whole story: connect, create an account, add a card,
 //! buy credits, record usage, check access.
 
+mod cache;
 mod error;
 mod ledger;
 mod payments;
 mod portal;
 mod recharge;
+mod recorder;
 pub mod retry;
 pub mod types;
 
@@ -61,6 +63,9 @@ use credits_common::auth::AttachToken;
 use tonic::service::interceptor::InterceptedService;
 
 pub mod csv;
+pub use cache::{
+    AccessCache, AccessCacheConfig, CacheStatus, CachedAccess, DisconnectedPolicy, OnUpdate,
+};
 pub use credits_common::Money;
 pub use credits_common::ids::{AccountId, IdempotencyKey};
 pub use error::ClientError;
@@ -68,16 +73,17 @@ pub use ledger::Ledger;
 pub use payments::Payments;
 pub use portal::{DEFAULT_PORTAL_URL, Portal, PortalSession};
 pub use recharge::Recharge;
+pub use recorder::{RecorderConfig, UsageRecorder};
 pub use retry::RetryPolicy;
 /// The gRPC status code of a [`ClientError`], re-exported so callers need no tonic.
 pub use tonic::Code;
 pub use types::{
-    Access, AccessCheck, Account, AttemptStatus, AutoRecharge, AutoRechargeChange,
+    Access, AccessCheck, AccessUpdate, Account, AttemptStatus, AutoRecharge, AutoRechargeChange,
     BalanceThreshold, BankAccountDetails, BillingMode, CardDetails, CardExpiry, Charge,
     ChargeStatus, CreditSource, CreditsAdded, CreditsToAdd, CreditsToGrant, DisabledReason, Entry,
     EntryKind, Grant, Granularity, Hold, HoldCaptured, HoldRequest, HoldStatus, NewPaymentMethod,
     Page, PaymentMethod, PaymentMethodType, Purchase, RechargeAttempt, UnknownName, UsageCategory,
-    UsagePeriod, UsageRecord, UsageRecorded,
+    UsagePeriod, UsageRecord, UsageRecorded, WatchEvent,
 };
 
 /// How long a call may take before it fails with [`ClientError::DeadlineExceeded`],

@@ -489,6 +489,73 @@ impl TryFrom<lpb::CheckAccessResponse> for AccessCheck {
     }
 }
 
+/// R31: one account's state as `WatchAccess` streams it: after a change, or as the
+/// stream's first part read it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AccessUpdate {
+    pub account_id: AccountId,
+    pub billing_mode: BillingMode,
+    pub access: Access,
+    pub balance: Money,
+    pub held: Money,
+    pub available_balance: Money,
+    /// The account's change number: one more per committed change; the highest is the
+    /// newest.
+    pub seq: u64,
+    /// When the change was written (just before its commit).
+    pub changed_at: Option<DateTime<Utc>>,
+}
+
+impl AccessUpdate {
+    /// R16: may the account start work of this cost now? Access allowed and, on a prepaid
+    /// account, the available balance covers it.
+    pub fn allows(&self, cost: Money) -> bool {
+        self.access == Access::Active
+            && (self.billing_mode == BillingMode::Contract || self.available_balance >= cost)
+    }
+}
+
+/// One item of a `WatchAccess` stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WatchEvent {
+    Update(AccessUpdate),
+    /// Every change up to here was sent: resume a later stream with `cursor`.
+    Sync {
+        cursor: String,
+    },
+}
+
+impl TryFrom<lpb::AccessUpdate> for WatchEvent {
+    type Error = ClientError;
+    fn try_from(u: lpb::AccessUpdate) -> Result<Self, ClientError> {
+        if u.account_id.is_empty() {
+            if u.cursor.is_empty() {
+                return Err(ClientError::bad_response(
+                    "access update: neither an account nor a cursor",
+                ));
+            }
+            return Ok(WatchEvent::Sync { cursor: u.cursor });
+        }
+        let balance = signed("update.balance", &u.balance)?;
+        let (held, available_balance) =
+            held_and_available("update", balance, &u.held, &u.available_balance)?;
+        let billing_mode = match u.billing_mode {
+            0 => BillingMode::Prepaid,
+            m => BillingMode::from_wire("update.billing_mode", m)?,
+        };
+        Ok(WatchEvent::Update(AccessUpdate {
+            account_id: account_id("update.account_id", &u.account_id)?,
+            billing_mode,
+            access: Access::from_wire("update.access", u.access)?,
+            balance,
+            held,
+            available_balance,
+            seq: u.seq,
+            changed_at: timestamp("update.changed_at", u.changed_at.as_ref())?,
+        }))
+    }
+}
+
 /// A journal entry (append-only, R13).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Entry {

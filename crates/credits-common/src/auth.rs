@@ -75,6 +75,7 @@ impl Role {
                     && matches!(
                         method,
                         "CheckAccess"
+                            | "WatchAccess"
                             | "RecordUsage"
                             | "RecordUsageBatch"
                             | "StreamUsage"

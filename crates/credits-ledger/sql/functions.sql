@@ -35,6 +35,17 @@ BEGIN
     PERFORM pg_notify('credits_outbox', '');
 END $$;
 
+-- R31: one account's new state into the access feed (migration 20261206000001): what
+-- WatchAccess streams and every replica's CheckAccess view follows. Called by every
+-- statement that changes a balance, a held amount or access, after it raised the version.
+CREATE OR REPLACE FUNCTION ledger_feed_one(p_account_id text, p_version bigint, p_mode text,
+                                           p_access text, p_balance numeric, p_held numeric)
+RETURNS void LANGUAGE sql AS $$
+    INSERT INTO access_changes (account_ids, versions, modes, access, balances, helds)
+    VALUES (ARRAY[p_account_id], ARRAY[p_version], ARRAY[p_mode], ARRAY[p_access],
+            ARRAY[p_balance], ARRAY[p_held])
+$$;
+
 CREATE OR REPLACE FUNCTION entries_are_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     RAISE EXCEPTION 'journal entries are append-only (% refused)', TG_OP
@@ -54,6 +65,7 @@ DECLARE
     avail_after numeric := p_balance - p_held;
     new_access text := acc.access;
     t numeric;
+    v bigint;
 BEGIN
     IF acc.billing_mode = 'PREPAID' THEN
         IF acc.access = 'PENDING_FIRST_PURCHASE' THEN
@@ -67,11 +79,12 @@ BEGIN
         END IF;
     END IF;
 
-    UPDATE accounts a SET balance = p_balance, held = p_held, access = new_access, updated_at = now()
-    WHERE a.account_id = acc.account_id;
-    -- Every replica's in-memory access view drops the account on commit (src/access.rs):
-    -- access changes, crossings and holds are rare next to usage and must be seen at once.
-    PERFORM pg_notify('credits_access', acc.account_id);
+    UPDATE accounts a SET balance = p_balance, held = p_held, access = new_access, updated_at = now(),
+                          version = a.version + 1
+    WHERE a.account_id = acc.account_id
+    RETURNING a.version INTO v;
+    -- R31: watchers and every replica's access view see it once this commits.
+    PERFORM ledger_feed_one(acc.account_id, v, acc.billing_mode, new_access, p_balance, p_held);
 
     -- R7/R17: a crossing is a move of the available balance from at-or-above the threshold
     -- to below it.
@@ -353,6 +366,7 @@ DECLARE
     avail_after numeric;
     new_access text;
     crosses_alert boolean;
+    ver bigint;
 BEGIN
     PERFORM set_config('credits.traceparent', coalesce(p_traceparent, ''), true);
     SELECT * INTO acc FROM accounts a WHERE a.account_id = p_account_id FOR UPDATE;
@@ -451,13 +465,14 @@ BEGIN
         END IF;
     ELSE
         UPDATE accounts a
-        SET balance = new_balance, updated_at = now(),
+        SET balance = new_balance, updated_at = now(), version = a.version + 1,
             pending_draw = a.pending_draw
                            + CASE WHEN p_kind = 'USAGE' AND acc.balance > 0 THEN p_amount ELSE 0 END
-        WHERE a.account_id = p_account_id;
-        -- No notification here: a transaction that notifies takes a database-wide lock
-        -- through its commit, which would serialise the group commit's batches. A
-        -- balance-only change reaches other replicas' access views by their MAX_AGE.
+        WHERE a.account_id = p_account_id
+        RETURNING a.version INTO ver;
+        -- R31: a row in the feed, not a notification (a transaction that notifies takes a
+        -- database-wide lock through its commit, which would serialise the group commit).
+        PERFORM ledger_feed_one(p_account_id, ver, acc.billing_mode, new_access, new_balance, acc.held);
     END IF;
 
     outcome := 'posted';
@@ -696,6 +711,7 @@ BEGIN
         -- by ledger_lots_settle()): no lot is written here. R30: and to the running hour.
         upd AS (
             UPDATE accounts a SET balance = f.bal, access = f.acc_after, updated_at = now(),
+                                  version = a.version + 1,
                                   pending_draw = a.pending_draw
                                       + CASE WHEN f.start_balance > 0 THEN f.start_balance - f.bal ELSE 0 END,
                                   roll_hour = hour_now,
@@ -707,6 +723,14 @@ BEGIN
                                                      ELSE f.counts END
             FROM fin f
             WHERE a.account_id = f.account_id AND f.postings > 0
+            RETURNING a.account_id, a.version, a.billing_mode, a.access, a.balance, a.held
+        ),
+        -- R31: the batch's new states, one feed row for all its accounts.
+        feed AS (
+            INSERT INTO access_changes (account_ids, versions, modes, access, balances, helds)
+            SELECT array_agg(u.account_id), array_agg(u.version), array_agg(u.billing_mode),
+                   array_agg(u.access), array_agg(u.balance), array_agg(u.held)
+            FROM upd u HAVING count(*) > 0
         ),
         -- Per posted item, what ledger_move() publishes: the crossing, the alerts highest
         -- first, the access change.
@@ -773,7 +797,7 @@ BEGIN
                CASE WHEN s.posts THEN s.description ELSE s.e_description END AS description,
                CASE WHEN s.posts THEN p.n_created_at ELSE s.e_created_at END AS created_at,
                s.bal AS balance, s.acc_after AS access,
-               -- the first item of an account that published: its replicas' views drop it
+               -- the first item of an account that published an event
                (tc.account_id IS NOT NULL
                 AND s.ord = min(s.ord) OVER (PARTITION BY s.account_id)) AS notify
         FROM step s
@@ -781,13 +805,9 @@ BEGIN
         LEFT JOIN touched tc ON tc.account_id = s.account_id
         ORDER BY s.ord
     LOOP
-        IF r.notify THEN
-            -- As ledger_move(): every replica's access view drops the account on commit.
-            PERFORM pg_notify('credits_access', r.account_id);
-            IF NOT outbox_notified THEN
-                PERFORM pg_notify('credits_outbox', '');
-                outbox_notified := true;
-            END IF;
+        IF r.notify AND NOT outbox_notified THEN
+            PERFORM pg_notify('credits_outbox', '');
+            outbox_notified := true;
         END IF;
         ord := r.ord; outcome := r.outcome; seq := r.seq; entry_id := r.entry_id;
         kind := r.kind; category := r.category; source := r.source; amount := r.amount;

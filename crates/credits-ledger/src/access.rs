@@ -1,67 +1,126 @@
 //! `CheckAccess` from memory (the gateway's hot path): an in-process view of each account's
-//! access and available balance, filled from the database on a miss and dropped whenever
-//! the account changes — by this replica or by any other on the same database.
+//! access and available balance, filled from the database on a miss and then kept current
+//! by the access feed (`watch::Feed`, R31) — by this replica's writes and every other's —
+//! instead of expiring.
 //!
 //! How it stays correct with several ledger replicas:
-//! - every change of access, every threshold crossing and every hold (all of them go
-//!   through `ledger_move`) calls `pg_notify('credits_access', account_id)` in its
-//!   transaction: PostgreSQL delivers it on commit, once per account per transaction, to
-//!   every replica listening. A plain debit or credit that changes neither access nor a
-//!   threshold does not notify: a notifying transaction holds a database-wide lock through
-//!   its commit, which would serialise the group commit (measured: usage-spread −40 %);
-//! - each replica listens and drops those accounts; this replica also drops an account as
-//!   soon as its own write returns, before it answers;
-//! - a read that raced a change must not re-install the old state: a global epoch is bumped
-//!   by every drop, and a value read from the database is kept only if no drop happened
-//!   while it was read;
-//! - if the listening connection is lost, notifications may have been missed: the whole
-//!   view is dropped, and until the listener is back every `CheckAccess` reads the database.
+//! - every committed change of an account's balance, held amount or access is in the feed
+//!   with the account's new `version`; this replica's poller reads what committed since its
+//!   previous read (every `ACCESS_FEED_POLL_MS`) and replaces each entry held here by a
+//!   newer version — never by an older one, so a late poll or a slow read cannot roll an
+//!   entry back;
+//! - accounts changed anywhere enter the view with their change (up to
+//!   `ACCESS_VIEW_MAX_ACCOUNTS`), so the view is the working set;
+//! - this replica also drops an account as soon as its own write returns, before it
+//!   answers: the caller reads its own write. The drop leaves a mark naming the polls begun
+//!   by then: their changes may be older than the write and do not re-install the account;
+//!   a later poll's (which began after the write committed) or a database read does;
+//! - a database read that raced a drop does not re-install the old state: a global epoch
+//!   is bumped by every drop, and a value read is kept only if no drop happened meanwhile;
+//! - entries are trusted only while the poller is current (a successful poll within
+//!   `TRUST`): while it cannot read the feed, every `CheckAccess` reads the database. When
+//!   it is back, its first poll brings everything committed since its last one (the feed is
+//!   a table, not a notification that can be missed); if the feed was pruned past it, the
+//!   view is emptied.
 //!
-//! Staleness bound, on a replica other than the writer: access (`allowed`), holds and the
-//! available balance after a hold are seen once the notification arrives (LISTEN/NOTIFY's
-//! commit-to-delivery latency, milliseconds); the balance after a plain debit or credit
-//! within `MAX_AGE` (1 s). On the writing replica, exact. Both measured by
-//! `check_access_on_one_replica_sees_another_replicas_change_r16`.
+//! Staleness bound, on a replica other than the writer: the poll interval plus the poll
+//! (milliseconds; measured by `check_access_on_one_replica_sees_another_replicas_change_r16`
+//! and the bench's staleness figures). On the writing replica, exact.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use sqlx::PgPool;
-use sqlx::postgres::PgListener;
-use tokio_util::sync::CancellationToken;
-
-use crate::domain::{AccessView, AccountId, LedgerError};
+use crate::domain::{AccessChange, AccessView, AccountId, LedgerError};
 use crate::store::Store;
 
-/// The notification channel every account change is announced on.
-pub const CHANNEL: &str = "credits_access";
-/// The longest an entry is trusted: the bound on how stale another replica's plain
-/// debits and credits (which do not notify) can leave the balance here.
-pub const MAX_AGE: Duration = Duration::from_secs(1);
+/// How long after the poller's last successful read the entries are trusted.
+pub const TRUST: Duration = Duration::from_millis(500);
+/// The default most accounts one replica's view holds (`ACCESS_VIEW_MAX_ACCOUNTS`); past
+/// it, misses are answered from the database without being kept.
+pub const DEFAULT_MAX_ACCOUNTS: usize = 200_000;
 
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct AccessViews {
     inner: Arc<Inner>,
 }
 
-#[derive(Default)]
+#[derive(Clone, Copy)]
+enum Slot {
+    View(AccessView),
+    /// Written here while this many polls had begun; only a later poll or a database read
+    /// fills it again.
+    Dropped(u64),
+}
+
 struct Inner {
-    map: RwLock<HashMap<String, (AccessView, Instant)>>,
+    map: RwLock<HashMap<String, Slot>>,
     epoch: AtomicU64,
-    /// False until the listener is connected, and again whenever it is lost.
-    listening: AtomicBool,
+    /// Polls of the feed begun (the poller's count; `begin_poll`).
+    polls: AtomicU64,
+    /// Milliseconds after `base` until which entries are trusted (0: not yet).
+    trusted_until: AtomicU64,
+    base: Instant,
+    max_accounts: usize,
+}
+
+impl Default for AccessViews {
+    fn default() -> Self {
+        Self::with_capacity(DEFAULT_MAX_ACCOUNTS)
+    }
 }
 
 impl AccessViews {
-    /// The account's view: from memory when fresh, else from the database (and kept if
-    /// nothing changed meanwhile).
+    pub fn with_capacity(max_accounts: usize) -> Self {
+        AccessViews {
+            inner: Arc::new(Inner {
+                map: RwLock::new(HashMap::new()),
+                epoch: AtomicU64::new(0),
+                polls: AtomicU64::new(0),
+                trusted_until: AtomicU64::new(0),
+                base: Instant::now(),
+                max_accounts,
+            }),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.inner.base.elapsed().as_millis() as u64
+    }
+
+    fn trusted(&self) -> bool {
+        self.now_ms() < self.inner.trusted_until.load(Ordering::Acquire)
+    }
+
+    /// The poller is about to read the feed: its number (from 1).
+    pub fn begin_poll(&self) -> u64 {
+        self.inner.polls.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    /// Polls begun so far.
+    pub fn polls_begun(&self) -> u64 {
+        self.inner.polls.load(Ordering::Acquire)
+    }
+
+    /// The poller read the feed: entries are current for another `TRUST`.
+    pub fn current(&self) {
+        let until = self.now_ms() + TRUST.as_millis() as u64;
+        self.inner.trusted_until.store(until, Ordering::Release);
+    }
+
+    /// The poller cannot read the feed: from now on every `CheckAccess` reads the
+    /// database until it can.
+    pub fn distrust(&self) {
+        self.inner.trusted_until.store(0, Ordering::Release);
+    }
+
+    /// The account's view: from memory while the feed keeps it current, else from the
+    /// database (and kept if nothing changed meanwhile).
     pub async fn get(&self, store: &Store, id: &AccountId) -> Result<AccessView, LedgerError> {
-        if self.inner.listening.load(Ordering::Acquire)
+        if self.trusted()
             && let Ok(map) = self.inner.map.read()
-            && let Some((view, at)) = map.get(id.as_str())
-            && at.elapsed() < MAX_AGE
+            && let Some(Slot::View(view)) = map.get(id.as_str())
         {
             metrics::counter!("credits_ledger_access_view_total", "result" => "hit").increment(1);
             return Ok(*view);
@@ -69,79 +128,143 @@ impl AccessViews {
         metrics::counter!("credits_ledger_access_view_total", "result" => "miss").increment(1);
         let epoch = self.inner.epoch.load(Ordering::Acquire);
         let view = store.access(id).await?;
-        if self.inner.listening.load(Ordering::Acquire)
-            && let Ok(mut map) = self.inner.map.write()
+        if let Ok(mut map) = self.inner.map.write()
             && self.inner.epoch.load(Ordering::Acquire) == epoch
         {
-            map.insert(id.as_str().to_owned(), (view, Instant::now()));
+            let full = map.len() >= self.inner.max_accounts;
+            match map.get_mut(id.as_str()) {
+                Some(Slot::View(held)) if held.version >= view.version => {}
+                Some(slot) => *slot = Slot::View(view),
+                None if !full => {
+                    map.insert(id.as_str().to_owned(), Slot::View(view));
+                }
+                None => {}
+            }
         }
         Ok(view)
     }
 
-    /// The account changed: forget it.
-    pub fn drop_account(&self, id: &str) {
-        self.inner.epoch.fetch_add(1, Ordering::AcqRel);
+    /// Changes read by poll number `poll`: every account moves to its newer version.
+    pub fn apply(&self, poll: u64, changes: &[AccessChange]) {
+        if changes.is_empty() {
+            return;
+        }
         if let Ok(mut map) = self.inner.map.write() {
-            map.remove(id);
+            for c in changes {
+                let full = map.len() >= self.inner.max_accounts;
+                match map.get_mut(c.account_id.as_str()) {
+                    Some(Slot::View(held)) if held.version < c.view.version => {
+                        *held = c.view;
+                    }
+                    Some(Slot::View(_)) => {}
+                    Some(slot) => {
+                        if let Slot::Dropped(at) = *slot
+                            && poll > at
+                        {
+                            *slot = Slot::View(c.view);
+                        }
+                    }
+                    None if !full => {
+                        map.insert(c.account_id.clone(), Slot::View(c.view));
+                    }
+                    None => {}
+                }
+            }
         }
     }
 
-    fn drop_all(&self) {
+    /// The account changed here: forget it until a poll begun after now, or a database
+    /// read, brings it back.
+    pub fn drop_account(&self, id: &str) {
+        self.inner.epoch.fetch_add(1, Ordering::AcqRel);
+        let mark = Slot::Dropped(self.polls_begun());
+        if let Ok(mut map) = self.inner.map.write() {
+            if let Some(slot) = map.get_mut(id) {
+                *slot = mark;
+            } else if map.len() < self.inner.max_accounts {
+                map.insert(id.to_owned(), mark);
+            }
+        }
+    }
+
+    /// What the feed said since is unknown (it was pruned past the poller): start empty.
+    pub fn drop_all(&self) {
         self.inner.epoch.fetch_add(1, Ordering::AcqRel);
         if let Ok(mut map) = self.inner.map.write() {
             map.clear();
         }
     }
 
-    /// Listens for account changes until `shutdown`; reconnects (dropping everything) when
-    /// the connection is lost.
-    pub async fn listen(self, pool: PgPool, shutdown: CancellationToken) {
-        loop {
-            let mut listener = match PgListener::connect_with(&pool).await {
-                Ok(mut l) => match l.listen(CHANNEL).await {
-                    Ok(()) => l,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "access view: cannot listen; reading the database");
-                        if wait(&shutdown).await {
-                            return;
-                        }
-                        continue;
-                    }
-                },
-                Err(e) => {
-                    tracing::warn!(error = %e, "access view: cannot connect the listener; reading the database");
-                    if wait(&shutdown).await {
-                        return;
-                    }
-                    continue;
-                }
-            };
-            // Whatever changed while nobody listened is unknown: start empty.
-            self.drop_all();
-            self.inner.listening.store(true, Ordering::Release);
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    n = listener.try_recv() => match n {
-                        Ok(Some(n)) => self.drop_account(n.payload()),
-                        // The connection was lost (and may have missed notifications).
-                        Ok(None) | Err(_) => {
-                            self.inner.listening.store(false, Ordering::Release);
-                            self.drop_all();
-                            tracing::warn!("access view: listener lost; reading the database until it is back");
-                            break;
-                        }
-                    },
-                }
-            }
-        }
+    /// Accounts held (for the gauge).
+    pub fn len(&self) -> usize {
+        self.inner.map.read().map(|m| m.len()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
-/// Waits a moment before trying again; true when shutting down.
-async fn wait(shutdown: &CancellationToken) -> bool {
-    tokio::select! {
-        _ = shutdown.cancelled() => true,
-        _ = tokio::time::sleep(Duration::from_millis(500)) => false,
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::domain::{Access, BillingMode};
+    use credits_common::Money;
+
+    fn change(id: &str, version: i64, balance: i64) -> AccessChange {
+        AccessChange {
+            account_id: id.into(),
+            view: AccessView {
+                access: Access::ACTIVE,
+                billing_mode: BillingMode::PREPAID,
+                balance: Money::new(balance.into()),
+                held: Money::ZERO,
+                version,
+            },
+            at: chrono::Utc::now(),
+        }
+    }
+
+    fn held(v: &AccessViews, id: &str) -> Option<(i64, bool)> {
+        v.inner.map.read().unwrap().get(id).map(|s| match s {
+            Slot::View(x) => (x.version, true),
+            Slot::Dropped(p) => (*p as i64, false),
+        })
+    }
+
+    #[test]
+    fn a_change_never_rolls_an_entry_back_and_a_drop_refuses_polls_begun_before_it() {
+        let v = AccessViews::with_capacity(10);
+        let p1 = v.begin_poll();
+        v.apply(p1, &[change("a", 5, 10)]);
+        assert_eq!(held(&v, "a"), Some((5, true)));
+        // An older version (a late poll) is ignored.
+        v.apply(p1, &[change("a", 4, 11)]);
+        assert_eq!(held(&v, "a"), Some((5, true)));
+        v.apply(p1, &[change("a", 6, 9)]);
+        assert_eq!(held(&v, "a"), Some((6, true)));
+        // Written here while poll 2 was running: poll 2's changes may predate the write.
+        let p2 = v.begin_poll();
+        v.drop_account("a");
+        v.apply(p2, &[change("a", 7, 8)]);
+        assert_eq!(held(&v, "a"), Some((p2 as i64, false)));
+        let p3 = v.begin_poll();
+        v.apply(p3, &[change("a", 8, 7)]);
+        assert_eq!(held(&v, "a"), Some((8, true)));
+    }
+
+    #[test]
+    fn the_view_holds_at_most_its_capacity() {
+        let v = AccessViews::with_capacity(2);
+        let p = v.begin_poll();
+        v.apply(
+            p,
+            &[change("a", 1, 1), change("b", 1, 1), change("c", 1, 1)],
+        );
+        assert_eq!(v.len(), 2);
+        assert_eq!(held(&v, "c"), None);
+        v.drop_account("c");
+        assert_eq!(v.len(), 2);
     }
 }

@@ -178,6 +178,20 @@ pub struct AccessView {
     pub billing_mode: BillingMode,
     pub balance: Money,
     pub held: Money,
+    /// R31: the account's change number (`accounts.version`): one more with every
+    /// committed change of balance, held amount or access.
+    pub version: i64,
+}
+
+/// R31: one account's state after a committed change (or as a snapshot read it), as the
+/// access feed carries it.
+#[derive(Clone, Debug)]
+pub struct AccessChange {
+    pub account_id: String,
+    pub view: AccessView,
+    /// When the change was written (just before its commit); for a snapshot, the
+    /// account's last change.
+    pub at: DateTime<Utc>,
 }
 
 impl AccessView {
@@ -438,6 +452,80 @@ impl From<LedgerError> for ServiceError {
 
 credits_common::domain_error!(LedgerError);
 
+/// R31: where a `WatchAccess` stream was: the access feed it came from and the database
+/// snapshot up to which it had sent every change. A client resumes with it after a
+/// disconnection; opaque to clients (`v1.<feed id>.<xmin>:<xmax>:<running xids>`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FeedCursor {
+    pub feed_id: String,
+    /// A PostgreSQL `pg_snapshot` in its text form.
+    pub snapshot: String,
+}
+
+/// The longest cursor accepted (a snapshot lists the transactions running when it was
+/// taken: a few hundred at most on a real server).
+pub const MAX_CURSOR_LEN: usize = 16 * 1024;
+
+impl FeedCursor {
+    /// Parses a cursor as `WatchAccess` issued it; anything else is `INVALID_ARGUMENT`
+    /// naming `resume_cursor`.
+    pub fn parse(s: &str) -> Result<FeedCursor, LedgerError> {
+        let bad = || LedgerError::invalid("resume_cursor: not a cursor this ledger issued");
+        if s.len() > MAX_CURSOR_LEN {
+            return Err(bad());
+        }
+        let rest = s.strip_prefix("v1.").ok_or_else(bad)?;
+        let (feed_id, snapshot) = rest.split_once('.').ok_or_else(bad)?;
+        if feed_id.len() != 32
+            || !feed_id
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        {
+            return Err(bad());
+        }
+        let mut parts = snapshot.split(':');
+        let (Some(xmin), Some(xmax), Some(xip), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(bad());
+        };
+        let number = |t: &str| {
+            (!t.is_empty() && t.len() <= 20 && t.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| t.parse::<u64>().ok())
+                .flatten()
+        };
+        let (Some(lo), Some(hi)) = (number(xmin), number(xmax)) else {
+            return Err(bad());
+        };
+        // PostgreSQL's own rules: xmin <= xmax, neither an invalid (0 mod 2^32) id.
+        let valid = |x: u64| x <= i64::MAX as u64 && x as u32 != 0;
+        if lo > hi || !valid(lo) || !valid(hi) {
+            return Err(bad());
+        }
+        if !xip.is_empty() {
+            let mut last = None;
+            for x in xip.split(',') {
+                // PostgreSQL's own form: ascending, each in [xmin, xmax).
+                let x = number(x).ok_or_else(bad)?;
+                if x < lo || x >= hi || last.is_some_and(|l| x <= l) {
+                    return Err(bad());
+                }
+                last = Some(x);
+            }
+        }
+        Ok(FeedCursor {
+            feed_id: feed_id.to_owned(),
+            snapshot: snapshot.to_owned(),
+        })
+    }
+}
+
+impl std::fmt::Display for FeedCursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "v1.{}.{}", self.feed_id, self.snapshot)
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod error_tests {
@@ -463,5 +551,45 @@ mod error_tests {
         assert!(!LedgerError::invalid("amount: x").is_transient());
         // A database outage read through shared code stays transient.
         assert!(LedgerError::from(ServiceError::Unavailable("x".into())).is_transient());
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod cursor_tests {
+    use super::FeedCursor;
+
+    const ID: &str = "0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn a_cursor_round_trips_and_anything_else_is_refused_naming_the_field() {
+        for snap in ["10:10:", "10:20:12,15", "3:4294967297:"] {
+            let text = format!("v1.{ID}.{snap}");
+            let c = FeedCursor::parse(&text).unwrap();
+            assert_eq!(c.snapshot, snap);
+            assert_eq!(c.to_string(), text);
+        }
+        for bad in [
+            String::new(),
+            "v2.x.1:2:".into(),
+            format!("v1.{ID}"),
+            format!("v1.{}.10:10:", &ID[1..]),
+            format!("v1.{}.10:10:", ID.to_uppercase()),
+            format!("v1.{ID}.20:10:"),
+            format!("v1.{ID}.10:20:25"),
+            format!("v1.{ID}.10:20:15,12"),
+            format!("v1.{ID}.10:20:12,12"),
+            format!("v1.{ID}.10:20:9"),
+            format!("v1.{ID}.10:20:x"),
+            format!("v1.{ID}.-1:20:"),
+            format!("v1.{ID}.10:99999999999999999999999:"),
+            format!("v1.{ID}.10:20:12:"),
+            format!("v1.{ID}.0:0:"),
+            format!("v1.{ID}.10:4294967296:"),
+            format!("v1.{ID}.10:20:1{}", "2".repeat(20_000)),
+        ] {
+            let e = FeedCursor::parse(&bad).unwrap_err();
+            assert!(e.to_string().contains("resume_cursor"), "{bad}: {e}");
+        }
     }
 }

@@ -15,6 +15,7 @@ use crate::access::AccessViews;
 use crate::coalesce::Coalescer;
 use crate::domain::*;
 use crate::store::Store;
+use crate::watch::{Feed, WatchEnd, WatchFailure, WatchItem};
 
 pub const MAX_BATCH: usize = 1000;
 /// `StreamUsage`: how many of one stream's items may be in the group commit at once (results
@@ -26,6 +27,8 @@ pub struct LedgerGrpc {
     coalescer: Coalescer,
     /// `CheckAccess` from memory; every write here drops its account before answering.
     views: AccessViews,
+    /// R31: `WatchAccess` streams.
+    feed: Feed,
     stream_limits: StreamLimits,
     /// R29: how long purchased credits last (`PURCHASED_CREDITS_EXPIRE_DAYS`).
     purchase_expiry: Option<chrono::Duration>,
@@ -54,11 +57,12 @@ impl Default for StreamLimits {
 }
 
 impl LedgerGrpc {
-    pub fn new(store: Store, coalescer: Coalescer, views: AccessViews) -> Self {
+    pub fn new(store: Store, coalescer: Coalescer, views: AccessViews, feed: Feed) -> Self {
         Self {
             store,
             coalescer,
             views,
+            feed,
             stream_limits: StreamLimits::default(),
             purchase_expiry: None,
         }
@@ -897,5 +901,95 @@ impl pb::ledger_service_server::LedgerService for LedgerGrpc {
         })
         .filter_map(|x| async move { x });
         Ok(Response::new(Box::pin(results.chain(cut))))
+    }
+
+    type WatchAccessStream = std::pin::Pin<
+        Box<dyn futures_util::Stream<Item = Result<pb::AccessUpdate, Status>> + Send + 'static>,
+    >;
+
+    async fn watch_access(
+        &self,
+        req: Request<pb::WatchAccessRequest>,
+    ) -> Result<Response<Self::WatchAccessStream>, Status> {
+        use futures_util::StreamExt;
+        let r = req.into_inner();
+        let accounts = watched_accounts(&r.account_ids)?;
+        let since = match r.resume_cursor.as_str() {
+            "" => None,
+            c => Some(FeedCursor::parse(c)?),
+        };
+        let rx = self.feed.watch(accounts, since).map_err(watch_status)?;
+        let updates = tokio_stream::wrappers::ReceiverStream::new(rx).map(|item| match item {
+            Ok(WatchItem::Change(c)) => Ok(access_update(&c)),
+            Ok(WatchItem::Sync(cursor)) => Ok(pb::AccessUpdate {
+                cursor,
+                ..Default::default()
+            }),
+            Err(f) => Err(watch_status(f)),
+        });
+        Ok(Response::new(Box::pin(updates)))
+    }
+}
+
+/// R31: at most this many ids in one `WatchAccess` request.
+pub const MAX_WATCHED: usize = 10_000;
+
+/// `WatchAccess`'s `account_ids`: empty for all; else each a valid id, at most
+/// `MAX_WATCHED` (repeats are one).
+fn watched_accounts(
+    ids: &[String],
+) -> Result<Option<std::collections::HashSet<String>>, LedgerError> {
+    if ids.is_empty() {
+        return Ok(None);
+    }
+    if ids.len() > MAX_WATCHED {
+        return Err(LedgerError::invalid(format!(
+            "account_ids: at most {MAX_WATCHED} (empty watches every account); got {}",
+            ids.len()
+        )));
+    }
+    let mut set = std::collections::HashSet::with_capacity(ids.len());
+    for (i, id) in ids.iter().enumerate() {
+        let id = AccountId::parse(id)
+            .map_err(|e| LedgerError::invalid(format!("account_ids[{i}]: {e}")))?;
+        set.insert(id.as_str().to_owned());
+    }
+    Ok(Some(set))
+}
+
+fn access_update(c: &AccessChange) -> pb::AccessUpdate {
+    pb::AccessUpdate {
+        account_id: c.account_id.clone(),
+        access: access_to_wire(c.view.access) as i32,
+        balance: c.view.balance.to_wire(),
+        available_balance: c.view.available().to_wire(),
+        seq: c.view.version.max(0) as u64,
+        held: c.view.held.to_wire(),
+        billing_mode: billing_mode_to_wire(c.view.billing_mode) as i32,
+        changed_at: Some(timestamp(c.at)),
+        cursor: String::new(),
+    }
+}
+
+fn watch_status(f: WatchFailure) -> Status {
+    match f {
+        WatchFailure::TooMany(n) => Status::resource_exhausted(format!(
+            "WatchAccess: this ledger replica already serves {n} streams (WATCH_ACCESS_MAX_STREAMS); share one stream per process, or try another replica"
+        )),
+        WatchFailure::Ledger(e) => e.into(),
+        WatchFailure::Ended(end) => Status::unavailable(match end {
+            WatchEnd::Lagged => {
+                "WatchAccess: this stream fell too far behind the changes; resume with the last cursor"
+            }
+            WatchEnd::Reset => {
+                "WatchAccess: the ledger lost its access feed for longer than its retention; resume (a fresh snapshot follows)"
+            }
+            WatchEnd::Lifetime => {
+                "WatchAccess: this stream reached its lifetime (WATCH_ACCESS_MAX_SECS); resume with the last cursor"
+            }
+            WatchEnd::Stopping => {
+                "WatchAccess: the ledger is stopping; resume with the last cursor on another replica"
+            }
+        }),
     }
 }

@@ -12,6 +12,7 @@ pub mod coalesce;
 pub mod domain;
 pub mod grpc;
 pub mod store;
+pub mod watch;
 
 use credits_common::outbox::run_relay;
 use credits_proto::ledger::v1::ledger_service_server::LedgerServiceServer;
@@ -26,7 +27,7 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 pub static FUNCTIONS: &str = include_str!("../sql/functions.sql");
 /// The version of `sql/functions.sql`: raise it with every change of the file, or the
 /// databases that already hold this version keep their function bodies.
-pub const FUNCTIONS_VERSION: i32 = 12;
+pub const FUNCTIONS_VERSION: i32 = 13;
 
 pub const DEFAULT_DATABASE_URL: &str = "postgres://localhost/credits_ledger";
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
@@ -46,6 +47,10 @@ pub struct Config {
     /// R29: days after which purchased credits expire (`PURCHASED_CREDITS_EXPIRE_DAYS`);
     /// `None`: never.
     pub purchased_credits_expire_days: Option<u64>,
+    /// R31: the access feed (poll interval, retention, `WatchAccess` limits).
+    pub feed: watch::FeedConfig,
+    /// The most accounts the `CheckAccess` view holds.
+    pub access_view_max_accounts: usize,
 }
 
 /// R15: expiry within about a second of `expires_at`.
@@ -66,6 +71,8 @@ impl Config {
             hold_sweep_every: DEFAULT_HOLD_SWEEP,
             stream_limits: grpc::StreamLimits::default(),
             purchased_credits_expire_days: None,
+            feed: watch::FeedConfig::default(),
+            access_view_max_accounts: access::DEFAULT_MAX_ACCOUNTS,
         }
     }
 }
@@ -122,15 +129,21 @@ impl App {
             self.cfg.hold_sweep_every,
             shutdown.clone(),
         ));
-        let views = access::AccessViews::default();
-        let listening = tokio::spawn(views.clone().listen(self.pool.clone(), shutdown.clone()));
+        let views = access::AccessViews::with_capacity(self.cfg.access_view_max_accounts);
+        let (feed, polling) = watch::Feed::start(
+            store.clone(),
+            views.clone(),
+            self.cfg.feed,
+            shutdown.clone(),
+        )
+        .await?;
         let coalescer = coalesce::Coalescer::start(
             store.clone(),
             self.cfg.group_commit_workers,
             self.cfg.group_commit_max,
         );
         let svc = LedgerServiceServer::new(
-            grpc::LedgerGrpc::new(store, coalescer, views)
+            grpc::LedgerGrpc::new(store, coalescer, views, feed)
                 .with_stream_limits(self.cfg.stream_limits)
                 .with_purchase_expiry(self.cfg.purchased_credits_expire_days),
         );
@@ -145,7 +158,7 @@ impl App {
         let _ = relay.await;
         let _ = sweeper.await;
         let _ = expirer.await;
-        let _ = listening.await;
+        let _ = polling.await;
         self.pool.close().await;
         tracing::info!("ledger stopped");
         served

@@ -10,6 +10,9 @@ use uuid::Uuid;
 
 use crate::domain::*;
 
+mod feed;
+pub use feed::{Polled, WatchStart};
+
 #[derive(Clone)]
 pub struct Store {
     pool: PgPool,
@@ -286,12 +289,23 @@ impl Store {
             BillingMode::PREPAID => Access::PENDING_FIRST_PURCHASE,
             BillingMode::CONTRACT => Access::ACTIVE,
         };
+        // R31: a new account is a change too (version 1): watchers learn of it.
         let inserted = sqlx::query_as!(
             AccountRow,
-            r#"INSERT INTO accounts (account_id, billing_mode, display_name, access)
-               VALUES ($1, $2, $3, $4)
-               ON CONFLICT (account_id) DO NOTHING
-               RETURNING account_id, billing_mode, display_name, balance, held, access, threshold, threshold_version, alert_thresholds, created_at"#,
+            r#"WITH a AS (
+                   INSERT INTO accounts (account_id, billing_mode, display_name, access)
+                   VALUES ($1, $2, $3, $4)
+                   ON CONFLICT (account_id) DO NOTHING
+                   RETURNING account_id, billing_mode, display_name, balance, held, access, threshold,
+                             threshold_version, alert_thresholds, created_at, version),
+               f AS (INSERT INTO access_changes (account_ids, versions, modes, access, balances, helds)
+                     SELECT ARRAY[a.account_id], ARRAY[a.version], ARRAY[a.billing_mode],
+                            ARRAY[a.access], ARRAY[a.balance], ARRAY[a.held] FROM a)
+               SELECT a.account_id AS "account_id!", a.billing_mode AS "billing_mode!",
+                      a.display_name AS "display_name!", a.balance AS "balance!", a.held AS "held!",
+                      a.access AS "access!", a.threshold, a.threshold_version AS "threshold_version!",
+                      a.alert_thresholds AS "alert_thresholds!", a.created_at AS "created_at!"
+               FROM a"#,
             new.account_id.as_str(),
             new.billing_mode.as_str(),
             new.display_name,
@@ -620,7 +634,7 @@ impl Store {
         id: &AccountId,
     ) -> Result<AccessView, LedgerError> {
         let row = sqlx::query!(
-            "SELECT access, billing_mode, balance, held FROM accounts WHERE account_id = $1",
+            "SELECT access, billing_mode, balance, held, version FROM accounts WHERE account_id = $1",
             id.as_str()
         )
         .fetch_optional(&mut *conn)
@@ -631,6 +645,7 @@ impl Store {
             billing_mode: BillingMode::from_db(&row.billing_mode)?,
             balance: Money::new(row.balance),
             held: Money::new(row.held),
+            version: row.version,
         })
     }
 

@@ -32,6 +32,24 @@ struct Args {
     /// bought; unset (the default): never.
     #[arg(long, env = "PURCHASED_CREDITS_EXPIRE_DAYS", value_parser = ranged::<1, 36_500>)]
     purchased_credits_expire_days: Option<u64>,
+    /// R31: how often each replica reads the access feed (what committed on any replica),
+    /// in milliseconds: the bound on how stale `CheckAccess` and `WatchAccess` are.
+    #[arg(long, env = "ACCESS_FEED_POLL_MS", default_value_t = credits_ledger::watch::DEFAULT_POLL_MS, value_parser = ranged::<1, 1000>)]
+    access_feed_poll_ms: u64,
+    /// R31: how long the access feed keeps changes, in seconds: a `WatchAccess` client
+    /// away for longer resumes from a snapshot.
+    #[arg(long, env = "ACCESS_FEED_RETENTION_SECS", default_value_t = credits_ledger::watch::DEFAULT_RETENTION_SECS, value_parser = ranged::<10, 86_400>)]
+    access_feed_retention_secs: u64,
+    /// R31: the most `WatchAccess` streams one replica serves at once.
+    #[arg(long, env = "WATCH_ACCESS_MAX_STREAMS", default_value_t = credits_ledger::watch::DEFAULT_MAX_STREAMS as u64, value_parser = ranged::<1, 100_000>)]
+    watch_access_max_streams: u64,
+    /// R28/R31: the longest one `WatchAccess` stream stays open, in seconds (the client
+    /// resumes on a new one).
+    #[arg(long, env = "WATCH_ACCESS_MAX_SECS", default_value_t = credits_ledger::watch::DEFAULT_WATCH_MAX_SECS, value_parser = ranged::<1, 86_400>)]
+    watch_access_max_secs: u64,
+    /// The most accounts one replica's `CheckAccess` view holds in memory.
+    #[arg(long, env = "ACCESS_VIEW_MAX_ACCOUNTS", default_value_t = credits_ledger::access::DEFAULT_MAX_ACCOUNTS as u64, value_parser = ranged::<0, 100_000_000>)]
+    access_view_max_accounts: u64,
     #[command(flatten)]
     common: CommonArgs,
 }
@@ -48,6 +66,14 @@ impl Args {
             max_lifetime: std::time::Duration::from_secs(self.stream_usage_max_secs),
         };
         cfg.purchased_credits_expire_days = self.purchased_credits_expire_days;
+        cfg.feed = credits_ledger::watch::FeedConfig {
+            poll_every: std::time::Duration::from_millis(self.access_feed_poll_ms),
+            retention: std::time::Duration::from_secs(self.access_feed_retention_secs),
+            max_streams: self.watch_access_max_streams as usize,
+            max_lifetime: std::time::Duration::from_secs(self.watch_access_max_secs),
+            ..credits_ledger::watch::FeedConfig::default()
+        };
+        cfg.access_view_max_accounts = self.access_view_max_accounts as usize;
         Ok(cfg)
     }
 }

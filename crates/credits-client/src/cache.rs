@@ -1,0 +1,470 @@
+//! [`AccessCache`] (R31): the gateway's answer to "may this request run" from memory, kept
+//! current by one `WatchAccess` stream per process.
+//!
+//! - [`AccessCache::start`] opens the stream in the background; the first part fills the
+//!   cache, then every change moves it. An account's update replaces what the cache holds
+//!   only when its `seq` is higher, so a repeat after a resume never rolls it back.
+//! - The cache is *current* while sync points keep arriving (the ledger sends one at least
+//!   every second while it reads its feed): [`AccessCacheConfig::max_silence`] without one
+//!   — the stream broke and could not be resumed by then, or the ledger cannot read its
+//!   feed — and the cache counts as disconnected. (A stream the ledger ends to be resumed
+//!   — its lifetime, a restart — is back within milliseconds and never reaches that.)
+//! - Disconnected — before the first sync point, or silent for longer — the
+//!   cache answers by [`DisconnectedPolicy`]: deny everything, or let each account that
+//!   had access when last seen run work worth up to a grace amount until the stream is
+//!   current again.
+//! - A broken stream is reopened with backoff, resuming after the last sync point's cursor
+//!   (the ledger sends only what changed since, or a fresh snapshot when it no longer
+//!   holds that). A cursor of another ledger database (the feed was replaced) empties the
+//!   cache and starts again from a snapshot.
+//!
+//! [`AccessCache::allowed`] is a hash lookup under a read lock of one of 64 shards: no
+//! allocation, no await, no network.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, BuildHasherDefault};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use credits_common::Money;
+use credits_common::ids::AccountId;
+use futures_util::StreamExt;
+use rustc_hash::FxHasher;
+
+use crate::ledger::Ledger;
+use crate::types::{Access, AccessUpdate, BillingMode, WatchEvent};
+
+type Hasher = BuildHasherDefault<FxHasher>;
+const SHARDS: usize = 64;
+
+/// What the cache answers while it is not current.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DisconnectedPolicy {
+    /// Nothing is allowed.
+    Deny,
+    /// An account that had access when last seen may run work worth up to this much in
+    /// total (the sum of the costs asked) until the stream is current again; accounts
+    /// never seen, or last seen without access, are denied. The amount is the most the
+    /// platform risks per account during an outage of the ledger.
+    Grace(Money),
+}
+
+/// Called with every update the cache applies, and when it was received (for metrics:
+/// `received - changed_at` is how stale the cache was).
+pub type OnUpdate = Arc<dyn Fn(&AccessUpdate, chrono::DateTime<chrono::Utc>) + Send + Sync>;
+
+/// How an [`AccessCache`] watches.
+#[derive(Clone)]
+pub struct AccessCacheConfig {
+    /// The accounts to watch; empty: every account (new ones included).
+    pub accounts: Vec<AccountId>,
+    pub disconnected: DisconnectedPolicy,
+    /// The longest time without a sync point before the cache counts as disconnected.
+    pub max_silence: Duration,
+    /// Backoff between reconnection attempts: from `min`, doubling, up to `max`.
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+    pub on_update: Option<OnUpdate>,
+}
+
+impl Default for AccessCacheConfig {
+    fn default() -> Self {
+        AccessCacheConfig {
+            accounts: Vec::new(),
+            disconnected: DisconnectedPolicy::Deny,
+            max_silence: Duration::from_secs(3),
+            reconnect_min: Duration::from_millis(50),
+            reconnect_max: Duration::from_secs(2),
+            on_update: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for AccessCacheConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccessCacheConfig")
+            .field("accounts", &self.accounts.len())
+            .field("disconnected", &self.disconnected)
+            .field("max_silence", &self.max_silence)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One account as the cache holds it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CachedAccess {
+    pub access: Access,
+    pub billing_mode: BillingMode,
+    pub balance: Money,
+    pub available_balance: Money,
+    pub seq: u64,
+}
+
+impl CachedAccess {
+    fn allows(&self, cost: Money) -> bool {
+        self.access == Access::Active
+            && (self.billing_mode == BillingMode::Contract || self.available_balance >= cost)
+    }
+}
+
+/// What [`AccessCache::status`] reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CacheStatus {
+    /// A sync point arrived within `max_silence`.
+    pub current: bool,
+    /// Accounts held.
+    pub accounts: usize,
+    /// Streams opened after the first.
+    pub reconnects: u64,
+    /// The last reason a stream could not be opened or ended.
+    pub last_error: Option<String>,
+}
+
+/// The in-process access cache. Cheap to clone; clones share the cache; the stream stops
+/// when the last clone is dropped.
+#[derive(Clone)]
+pub struct AccessCache {
+    shared: Arc<Shared>,
+    _task: Arc<AbortOnDrop>,
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+struct Shared {
+    shards: Vec<RwLock<HashMap<Box<str>, CachedAccess, Hasher>>>,
+    hasher: Hasher,
+    /// Milliseconds after `base` of the last sync point (0: none yet).
+    synced_at: AtomicU64,
+    base: Instant,
+    max_silence: Duration,
+    policy: DisconnectedPolicy,
+    /// What each account was allowed while disconnected (Grace only).
+    spent: Mutex<HashMap<Box<str>, Money, Hasher>>,
+    reconnects: AtomicU64,
+    last_error: Mutex<Option<String>>,
+    synced: tokio::sync::Notify,
+}
+
+impl Shared {
+    fn shard(&self, account: &str) -> &RwLock<HashMap<Box<str>, CachedAccess, Hasher>> {
+        let h = self.hasher.hash_one(account) as usize;
+        &self.shards[h % SHARDS]
+    }
+
+    fn current(&self) -> bool {
+        let at = self.synced_at.load(Ordering::Acquire);
+        at > 0
+            && (self.base.elapsed().as_millis() as u64).saturating_sub(at)
+                <= self.max_silence.as_millis() as u64
+    }
+
+    fn apply(&self, u: &AccessUpdate) -> bool {
+        let Ok(mut shard) = self.shard(u.account_id.as_str()).write() else {
+            return false;
+        };
+        let new = CachedAccess {
+            access: u.access,
+            billing_mode: u.billing_mode,
+            balance: u.balance,
+            available_balance: u.available_balance,
+            seq: u.seq,
+        };
+        match shard.get_mut(u.account_id.as_str()) {
+            Some(held) if held.seq >= u.seq => false,
+            Some(held) => {
+                *held = new;
+                true
+            }
+            None => {
+                shard.insert(u.account_id.as_str().into(), new);
+                true
+            }
+        }
+    }
+
+    fn clear(&self) {
+        for s in &self.shards {
+            if let Ok(mut s) = s.write() {
+                s.clear();
+            }
+        }
+    }
+
+    fn mark_synced(&self) {
+        let now = (self.base.elapsed().as_millis() as u64).max(1);
+        self.synced_at.store(now, Ordering::Release);
+        if let Ok(mut spent) = self.spent.lock()
+            && !spent.is_empty()
+        {
+            spent.clear();
+        }
+        self.synced.notify_waiters();
+    }
+
+    fn note_error(&self, e: String) {
+        if let Ok(mut last) = self.last_error.lock() {
+            *last = Some(e);
+        }
+    }
+}
+
+impl AccessCache {
+    /// Starts watching through `ledger` (a clone of [`crate::Client::ledger`]); returns at
+    /// once: until the first sync point the cache is disconnected (see
+    /// [`AccessCache::wait_current`]). Needs a Tokio runtime.
+    pub fn start(ledger: Ledger, cfg: AccessCacheConfig) -> AccessCache {
+        let shared = Arc::new(Shared {
+            shards: (0..SHARDS)
+                .map(|_| RwLock::new(HashMap::default()))
+                .collect(),
+            hasher: Hasher::default(),
+            synced_at: AtomicU64::new(0),
+            base: Instant::now(),
+            max_silence: cfg.max_silence,
+            policy: cfg.disconnected,
+            spent: Mutex::new(HashMap::default()),
+            reconnects: AtomicU64::new(0),
+            last_error: Mutex::new(None),
+            synced: tokio::sync::Notify::new(),
+        });
+        let task = tokio::spawn(run(ledger, cfg, shared.clone()));
+        AccessCache {
+            shared,
+            _task: Arc::new(AbortOnDrop(task)),
+        }
+    }
+
+    /// May `account` start work costing `cost` now (R16: access allowed and, prepaid, the
+    /// available balance covers it)? From memory. While the cache is not current, by its
+    /// [`DisconnectedPolicy`]. An account the cache does not hold is denied.
+    pub fn allowed(&self, account: &str, cost: Money) -> bool {
+        let s = &self.shared;
+        let held = s
+            .shard(account)
+            .read()
+            .ok()
+            .and_then(|m| m.get(account).copied());
+        if s.current() {
+            return held.is_some_and(|a| a.allows(cost));
+        }
+        match (s.policy, held) {
+            (DisconnectedPolicy::Grace(grace), Some(a)) if a.access == Access::Active => {
+                let Ok(mut spent) = s.spent.lock() else {
+                    return false;
+                };
+                let used = spent.get(account).copied().unwrap_or_default();
+                if used + cost <= grace {
+                    spent.insert(account.into(), used + cost);
+                    true
+                } else {
+                    false
+                }
+            }
+            _ => false,
+        }
+    }
+
+    /// The account as the cache holds it (possibly stale: see [`AccessCache::is_current`]).
+    pub fn get(&self, account: &str) -> Option<CachedAccess> {
+        self.shared
+            .shard(account)
+            .read()
+            .ok()
+            .and_then(|m| m.get(account).copied())
+    }
+
+    /// Whether the stream is current (a sync point within `max_silence`).
+    pub fn is_current(&self) -> bool {
+        self.shared.current()
+    }
+
+    /// Waits until the cache is current, up to `timeout`; false if it is not by then.
+    pub async fn wait_current(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.shared.synced.notified();
+            if self.is_current() {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.is_current();
+            }
+        }
+    }
+
+    pub fn status(&self) -> CacheStatus {
+        let s = &self.shared;
+        CacheStatus {
+            current: s.current(),
+            accounts: s
+                .shards
+                .iter()
+                .map(|m| m.read().map(|m| m.len()).unwrap_or(0))
+                .sum(),
+            reconnects: s.reconnects.load(Ordering::Relaxed),
+            last_error: s.last_error.lock().ok().and_then(|e| e.clone()),
+        }
+    }
+}
+
+/// The feed id inside a cursor (`v1.<feed id>.<snapshot>`): a different one means another
+/// ledger database.
+fn feed_of(cursor: &str) -> Option<&str> {
+    cursor.strip_prefix("v1.")?.split('.').next()
+}
+
+async fn run(ledger: Ledger, cfg: AccessCacheConfig, s: Arc<Shared>) {
+    let mut cursor: Option<String> = None;
+    let mut backoff = cfg.reconnect_min;
+    let mut opened = 0u64;
+    loop {
+        if opened > 0 {
+            s.reconnects.fetch_add(1, Ordering::Relaxed);
+        }
+        opened += 1;
+        let feed_before = cursor.as_deref().and_then(feed_of).map(str::to_owned);
+        let ended = match ledger.watch_access(&cfg.accounts, cursor.as_deref()).await {
+            Err(e) => e.to_string(),
+            Ok(stream) => {
+                let mut stream = std::pin::pin!(stream);
+                let mut first_sync = true;
+                loop {
+                    match stream.next().await {
+                        Some(Ok(WatchEvent::Update(u))) => {
+                            if s.apply(&u)
+                                && let Some(f) = &cfg.on_update
+                            {
+                                f(&u, chrono::Utc::now());
+                            }
+                        }
+                        Some(Ok(WatchEvent::Sync { cursor: c })) => {
+                            if first_sync {
+                                first_sync = false;
+                                // The first sync point names the feed this stream read:
+                                // another database's versions mean nothing to what is
+                                // held, so start again from a snapshot of it.
+                                if let Some(before) = &feed_before
+                                    && feed_of(&c) != Some(before.as_str())
+                                {
+                                    s.clear();
+                                    cursor = None;
+                                    break "the ledger's access feed changed (another database); starting again from a snapshot".to_owned();
+                                }
+                                backoff = cfg.reconnect_min;
+                            }
+                            cursor = Some(c);
+                            s.mark_synced();
+                        }
+                        Some(Err(e)) => break e.to_string(),
+                        None => break "the ledger ended the stream".to_owned(),
+                    }
+                }
+            }
+        };
+        s.note_error(ended);
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(cfg.reconnect_max);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn shared(policy: DisconnectedPolicy) -> AccessCache {
+        let shared = Arc::new(Shared {
+            shards: (0..SHARDS)
+                .map(|_| RwLock::new(HashMap::default()))
+                .collect(),
+            hasher: Hasher::default(),
+            synced_at: AtomicU64::new(0),
+            base: Instant::now(),
+            max_silence: Duration::from_secs(3),
+            policy,
+            spent: Mutex::new(HashMap::default()),
+            reconnects: AtomicU64::new(0),
+            last_error: Mutex::new(None),
+            synced: tokio::sync::Notify::new(),
+        });
+        AccessCache {
+            shared,
+            _task: Arc::new(AbortOnDrop(tokio::spawn(async {}))),
+        }
+    }
+
+    fn update(id: &str, seq: u64, access: Access, available: &str) -> AccessUpdate {
+        let m = Money::parse_signed("x", available).unwrap();
+        AccessUpdate {
+            account_id: AccountId::parse(id).unwrap(),
+            billing_mode: BillingMode::Prepaid,
+            access,
+            balance: m,
+            held: Money::ZERO,
+            available_balance: m,
+            seq,
+            changed_at: None,
+        }
+    }
+
+    fn money(s: &str) -> Money {
+        Money::parse_signed("x", s).unwrap()
+    }
+
+    #[tokio::test]
+    async fn connected_answers_follow_the_newest_update_and_r16() {
+        let c = shared(DisconnectedPolicy::Deny);
+        c.shared.apply(&update("a", 2, Access::Active, "5"));
+        // Before the first sync point: disconnected, Deny.
+        assert!(!c.allowed("a", money("1")));
+        c.shared.mark_synced();
+        assert!(c.allowed("a", money("5")));
+        assert!(!c.allowed("a", money("5.01")));
+        assert!(!c.allowed("unknown", Money::ZERO));
+        // An older update (a repeat after a resume) does not roll it back.
+        assert!(!c.shared.apply(&update("a", 1, Access::Suspended, "0")));
+        assert!(c.allowed("a", money("1")));
+        c.shared.apply(&update("a", 3, Access::Suspended, "0"));
+        assert!(!c.allowed("a", Money::ZERO));
+        let mut contract = update("k", 1, Access::Active, "-50");
+        contract.billing_mode = BillingMode::Contract;
+        c.shared.apply(&contract);
+        assert!(c.allowed("k", money("1000")));
+    }
+
+    #[tokio::test]
+    async fn disconnected_grace_lets_each_account_run_up_to_the_grace_then_denies() {
+        let c = shared(DisconnectedPolicy::Grace(money("1.00")));
+        c.shared.apply(&update("a", 1, Access::Active, "100"));
+        c.shared.apply(&update("b", 1, Access::Active, "100"));
+        c.shared.apply(&update("s", 1, Access::Suspended, "0"));
+        // Never synced: disconnected.
+        assert!(c.allowed("a", money("0.60")));
+        assert!(c.allowed("a", money("0.40")));
+        assert!(!c.allowed("a", money("0.01")), "past the grace");
+        assert!(c.allowed("b", money("1.00")), "per account");
+        assert!(!c.allowed("s", Money::ZERO), "last seen without access");
+        assert!(!c.allowed("never-seen", Money::ZERO));
+        // Current again: the grace spent is forgotten, answers are the cache's.
+        c.shared.mark_synced();
+        assert!(c.allowed("a", money("50")));
+        c.shared.synced_at.store(0, Ordering::Release);
+        assert!(
+            c.allowed("a", money("1.00")),
+            "a new outage has a new grace"
+        );
+    }
+
+    #[test]
+    fn a_cursor_names_its_feed() {
+        assert_eq!(feed_of("v1.abc.1:2:"), Some("abc"));
+        assert_eq!(feed_of("nonsense"), None);
+    }
+}

@@ -1,0 +1,227 @@
+//! R31: the access feed (migration `20261206000001_access_feed.sql`) — what committed
+//! since a snapshot, a watcher's first part, pruning.
+//!
+//! Every statement that changes an account's balance, held amount or access writes the new
+//! states into `access_changes`, keyed by its transaction id (`ledger_feed_one()` and the
+//! group commit's `feed` step in `sql/functions.sql`). A reader remembers the snapshot it
+//! last read at; the rows whose transaction was not visible in it — `xid >= xmax`, or
+//! `xid` among the transactions it saw running — are exactly those committed since, on any
+//! replica. Nothing is notified, so no commit waits on another.
+
+use std::future::Future;
+
+use chrono::{DateTime, Utc};
+use credits_common::Money;
+use futures_util::TryStreamExt;
+use rust_decimal::Decimal;
+
+use super::Store;
+use crate::domain::*;
+
+/// One poll: the snapshot it read at, whether the previous snapshot could still be caught
+/// up from (nothing it needed was pruned), and what committed in between (per account in
+/// version order).
+#[derive(Debug)]
+pub struct Polled {
+    pub snapshot: String,
+    pub resumable: bool,
+    pub changes: Vec<AccessChange>,
+}
+
+/// How a watcher's stream began: the snapshot its first part was read at, and whether that
+/// part was caught up from the watcher's cursor (else it is every watched account's state).
+#[derive(Debug)]
+pub struct WatchStart {
+    pub snapshot: String,
+    pub resumed: bool,
+}
+
+type ChangeRow = (String, i64, String, String, Decimal, Decimal, DateTime<Utc>);
+
+fn change(row: ChangeRow) -> Result<AccessChange, LedgerError> {
+    let (account_id, version, mode, access, balance, held, at) = row;
+    Ok(AccessChange {
+        account_id,
+        view: AccessView {
+            access: Access::from_db(&access)?,
+            billing_mode: BillingMode::from_db(&mode)?,
+            balance: Money::new(balance),
+            held: Money::new(held),
+            version,
+        },
+        at,
+    })
+}
+
+/// The changes committed after snapshot `$1`, one row per account change: two index range
+/// reads (the transactions begun after it, and those it saw running), never a scan of
+/// what the feed retains.
+const CHANGES_SINCE: &str = "
+    SELECT u.account_id, u.version, u.mode, u.access, u.balance, u.held, c.at
+    FROM (SELECT * FROM access_changes WHERE xid >= pg_snapshot_xmax($1::pg_snapshot)
+          UNION ALL
+          SELECT * FROM access_changes
+          WHERE xid = ANY (ARRAY(SELECT pg_snapshot_xip($1::pg_snapshot)))
+            AND xid < pg_snapshot_xmax($1::pg_snapshot)) c
+    CROSS JOIN LATERAL unnest(c.account_ids, c.versions, c.modes, c.access, c.balances, c.helds)
+         AS u(account_id, version, mode, access, balance, held)
+    WHERE true";
+
+/// A cursor PostgreSQL itself refuses as a snapshot (the parser in `FeedCursor` should
+/// have refused it first).
+fn cursor_refused(e: sqlx::Error) -> LedgerError {
+    match &e {
+        sqlx::Error::Database(d) if d.code().as_deref() == Some("22P02") => {
+            LedgerError::invalid("resume_cursor: not a cursor this ledger issued")
+        }
+        _ => e.into(),
+    }
+}
+
+impl Store {
+    /// The feed's id (in every cursor), 32 hex digits.
+    pub async fn feed_id(&self) -> Result<String, LedgerError> {
+        Ok(
+            sqlx::query_scalar("SELECT replace(feed_id::text, '-', '') FROM access_feed")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    /// The database's current snapshot: where a reader with nothing to catch up starts.
+    pub async fn feed_now(&self) -> Result<String, LedgerError> {
+        Ok(sqlx::query_scalar("SELECT pg_current_snapshot()::text")
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    /// What committed since snapshot `prev`, and the snapshot read at — one statement, so
+    /// one snapshot for both.
+    pub async fn feed_poll(&self, prev: &str) -> Result<Polled, LedgerError> {
+        type Row = (
+            String,
+            bool,
+            Option<String>,
+            Option<i64>,
+            Option<String>,
+            Option<String>,
+            Option<Decimal>,
+            Option<Decimal>,
+            Option<DateTime<Utc>>,
+        );
+        let rows: Vec<Row> = sqlx::query_as(&format!(
+            "SELECT s.snap, s.resumable, x.* FROM (
+                 SELECT pg_current_snapshot()::text AS snap,
+                        (SELECT f.pruned_below FROM access_feed f)
+                            <= pg_snapshot_xmin($1::pg_snapshot) AS resumable) s
+             LEFT JOIN LATERAL ({CHANGES_SINCE}) x ON s.resumable"
+        ))
+        .bind(prev)
+        .fetch_all(&self.pool)
+        .await?;
+        let (snapshot, resumable) = rows
+            .first()
+            .map(|r| (r.0.clone(), r.1))
+            .ok_or_else(|| LedgerError::Internal("feed poll: no snapshot".into()))?;
+        let mut changes = Vec::with_capacity(rows.len());
+        for r in rows {
+            if let (Some(id), Some(v), Some(m), Some(a), Some(b), Some(h), Some(at)) =
+                (r.2, r.3, r.4, r.5, r.6, r.7, r.8)
+            {
+                changes.push(change((id, v, m, a, b, h, at))?);
+            }
+        }
+        // Per account in the order the changes were made (transactions are not in xid
+        // order); across accounts the order means nothing.
+        changes.sort_by(|a, b| {
+            (a.account_id.as_str(), a.view.version).cmp(&(b.account_id.as_str(), b.view.version))
+        });
+        Ok(Polled {
+            snapshot,
+            resumable,
+            changes,
+        })
+    }
+
+    /// A watcher's first part, read at one snapshot: with a usable `since` (this feed's,
+    /// not pruned past), every change committed after it; otherwise every watched
+    /// account's current state (`accounts`: `None` = all, by id). Each is handed to `send`
+    /// as read (a snapshot of a million accounts is never held in memory); `send`
+    /// answering false (the watcher left) stops it.
+    pub async fn watch_start<F, Fut>(
+        &self,
+        feed_id: &str,
+        accounts: Option<&[String]>,
+        since: Option<&FeedCursor>,
+        mut send: F,
+    ) -> Result<WatchStart, LedgerError>
+    where
+        F: FnMut(AccessChange) -> Fut,
+        Fut: Future<Output = bool>,
+    {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .execute(&mut *tx)
+            .await?;
+        let usable = since.filter(|c| c.feed_id == feed_id);
+        let (snapshot, resumable): (String, Option<bool>) = sqlx::query_as(
+            "SELECT pg_current_snapshot()::text,
+                    (SELECT f.pruned_below FROM access_feed f) <= pg_snapshot_xmin($1::pg_snapshot)",
+        )
+        .bind(usable.map(|c| c.snapshot.as_str()))
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(cursor_refused)?;
+        let resumed = resumable == Some(true);
+        let ids: Vec<String> = accounts.map(<[String]>::to_vec).unwrap_or_default();
+        let filtered = accounts.is_some();
+        let query = match (resumed, filtered) {
+            (true, false) => format!("{CHANGES_SINCE} ORDER BY u.account_id, u.version"),
+            (true, true) => {
+                format!(
+                    "{CHANGES_SINCE} AND u.account_id = ANY ($2) ORDER BY u.account_id, u.version"
+                )
+            }
+            (false, filtered) => format!(
+                "SELECT account_id, version, billing_mode, access, balance, held, updated_at
+                 FROM accounts {} ORDER BY account_id",
+                if filtered {
+                    "WHERE account_id = ANY ($1)"
+                } else {
+                    ""
+                }
+            ),
+        };
+        let mut q = sqlx::query_as::<_, ChangeRow>(&query);
+        if resumed {
+            q = q.bind(usable.map(|c| c.snapshot.clone()));
+        }
+        if filtered {
+            q = q.bind(ids);
+        }
+        let mut rows = q.fetch(&mut *tx);
+        while let Some(row) = rows.try_next().await.map_err(cursor_refused)? {
+            if !send(change(row)?).await {
+                break;
+            }
+        }
+        drop(rows);
+        tx.rollback().await?;
+        Ok(WatchStart { snapshot, resumed })
+    }
+
+    /// Deletes the feed's rows of transactions below `below` (an xid: the xmin of a
+    /// snapshot older than the retention) and records that cursors older than it cannot be
+    /// caught up. Returns the rows deleted.
+    pub async fn feed_prune(&self, below: u64) -> Result<u64, LedgerError> {
+        let done = sqlx::query(
+            "WITH p AS (UPDATE access_feed SET pruned_below = greatest(pruned_below, $1::text::xid8)
+                        RETURNING pruned_below)
+             DELETE FROM access_changes c USING p WHERE c.xid < p.pruned_below",
+        )
+        .bind(below.to_string())
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+}
