@@ -7,6 +7,7 @@
 
 #![allow(clippy::print_stdout)] // the report is this tool's output
 
+mod gateway;
 mod load;
 mod pgbench;
 mod report;
@@ -58,6 +59,9 @@ pub struct Args {
     /// Write a Markdown report here (machine, commands, table).
     #[arg(long)]
     pub report: Option<std::path::PathBuf>,
+    /// The ledger's own database (cache-1m writes a million accounts into it).
+    #[arg(long)]
+    pub ledger_database_url: Option<String>,
     /// A label for this run in the report ("before", "after", …).
     #[arg(long, default_value = "")]
     pub label: String,

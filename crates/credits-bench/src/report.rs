@@ -11,7 +11,7 @@ fn find<'a>(r: &'a [Stats], name: &str) -> Option<&'a Stats> {
 
 /// Throughput ratios of two scenarios, reported in this order: (numerator, denominator,
 /// label, the least the ratio must be; `None` for information).
-const RATIOS: [(&str, &str, &str, Option<f64>); 6] = [
+const RATIOS: [(&str, &str, &str, Option<f64>); 9] = [
     (
         "usage-spread",
         "pgbench-spread",
@@ -21,7 +21,25 @@ const RATIOS: [(&str, &str, &str, Option<f64>); 6] = [
     (
         "usage-spread",
         "ceiling-ledger-batch",
-        "usage-spread / ceiling (the ledger's batch SQL in pgbench)",
+        "usage-spread (unary, 64 callers) / ceiling (the ledger's batch SQL in pgbench)",
+        Some(0.5),
+    ),
+    (
+        "usage-spread-512",
+        "ceiling-ledger-batch",
+        "usage-spread-512 (unary, 512 callers) / ceiling",
+        None,
+    ),
+    (
+        "recorder-512",
+        "ceiling-ledger-batch",
+        "recorder-512 (UsageRecorder, 512 callers) / ceiling",
+        Some(0.7),
+    ),
+    (
+        "recorder-64",
+        "ceiling-ledger-batch",
+        "recorder-64 (UsageRecorder, 64 callers) / ceiling",
         None,
     ),
     (
@@ -89,6 +107,14 @@ pub fn ratios(r: &[Stats]) -> Vec<(String, String, String, bool)> {
         Some(0.8),
     );
     out.extend(ratio(r, health));
+    if let Some(w) = find(r, "watch-staleness") {
+        out.push((
+            "AccessCache staleness under usage-spread, p50 / p99".into(),
+            format!("{:.1} / {:.1} ms", w.p50_ms, w.p99_ms),
+            "p99 ≤ 100 ms".into(),
+            w.p99_ms <= 100.0,
+        ));
+    }
     out.extend(recharge_rows(r));
     let max_rss = r.iter().flat_map(|s| s.rss_mib.iter()).fold(
         std::collections::BTreeMap::<String, f64>::new(),

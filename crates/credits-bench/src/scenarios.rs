@@ -11,16 +11,17 @@ use credits_client::{
 use futures_util::StreamExt;
 
 use crate::Args;
+use crate::gateway;
 use crate::load::{self, Stats};
 use crate::pgbench;
 
 /// A few channels shared round-robin: one HTTP/2 connection caps throughput on its own.
-struct Pool<T: Clone> {
+pub(crate) struct Pool<T: Clone> {
     clients: Vec<T>,
 }
 
 impl<T: Clone> Pool<T> {
-    fn get(&self, i: usize) -> T {
+    pub(crate) fn get(&self, i: usize) -> T {
         self.clients[i % self.clients.len()].clone()
     }
 }
@@ -108,7 +109,7 @@ fn ours<T, E: std::fmt::Display>(what: &str, r: Result<T, E>) -> Result<T, Strin
     r.map_err(|e| format!("bench {what}: {e}"))
 }
 
-fn usage(account: AccountId, amount: Money, key: &str) -> Result<UsageRecord, String> {
+pub(crate) fn usage(account: AccountId, amount: Money, key: &str) -> Result<UsageRecord, String> {
     Ok(UsageRecord {
         account_id: account,
         category: UsageCategory::ApiRequests,
@@ -119,7 +120,7 @@ fn usage(account: AccountId, amount: Money, key: &str) -> Result<UsageRecord, St
 }
 
 /// The amount of one usage debit in the load scenarios.
-fn tiny() -> Money {
+pub(crate) fn tiny() -> Money {
     Money::new(rust_decimal::Decimal::new(125, 6))
 }
 
@@ -195,6 +196,10 @@ pub async fn run_all(a: &Args) -> anyhow::Result<Vec<Stats>> {
     let _sink = sink_every_event().await?;
     let mut out = Vec::new();
     let spread_accounts = if a.wants("usage-spread")
+        || a.wants("usage-spread-512")
+        || a.wants("recorder-64")
+        || a.wants("recorder-512")
+        || a.wants("watch-staleness")
         || a.wants("check-access")
         || a.wants("usage-batch")
         || a.wants("stream-usage")
@@ -221,6 +226,40 @@ pub async fn run_all(a: &Args) -> anyhow::Result<Vec<Stats>> {
         })
         .await;
         out.push(s);
+    }
+    if a.wants("usage-spread-512") {
+        eprintln!("usage-spread-512…");
+        let s = gateway::unary(
+            a,
+            "usage-spread-512",
+            512,
+            pool.clone(),
+            spread_accounts.clone(),
+            &run,
+        )
+        .await;
+        out.push(with_rss(a, s));
+    }
+    for callers in [64, 512] {
+        let name = format!("recorder-{callers}");
+        if a.wants(&name) {
+            eprintln!("{name}…");
+            let s = gateway::recorder(
+                a,
+                &name,
+                callers,
+                pool.get(callers),
+                spread_accounts.clone(),
+                &run,
+            )
+            .await;
+            out.push(with_rss(a, s));
+        }
+    }
+    if a.wants("watch-staleness") {
+        eprintln!("watch-staleness…");
+        let s = gateway::staleness(a, pool.clone(), spread_accounts.clone(), &run).await?;
+        out.push(with_rss(a, s));
     }
     if a.wants("stream-usage") {
         eprintln!("stream-usage…");
@@ -299,6 +338,10 @@ pub async fn run_all(a: &Args) -> anyhow::Result<Vec<Stats>> {
         })
         .await;
         out.push(s);
+    }
+    if a.wants("cache-1m") {
+        eprintln!("cache-1m (a million accounts, then an AccessCache of all)…");
+        out.push(with_rss(a, gateway::cache_million(a, pool.get(1)).await?));
     }
     if a.wants("recharge-latency") {
         eprintln!("recharge-latency ({} accounts)…", a.recharge_accounts);

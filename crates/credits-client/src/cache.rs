@@ -19,23 +19,48 @@
 //!   cache and starts again from a snapshot.
 //!
 //! [`AccessCache::allowed`] is a hash lookup under a read lock of one of 64 shards: no
-//! allocation, no await, no network.
+//! allocation, no await, no network, no clock read (a watchdog task turns the cache
+//! disconnected when sync points stop). Accounts are held by a 128-bit hash of their id
+//! (two independently seeded foldhash hashes, seeds random per process), not by the id itself: a
+//! lookup touches no string on the heap, and an entry is 64 bytes. Two ids colliding on
+//! all 128 bits is a chance of about 10⁻²⁷ with a million accounts; the seeds are secret
+//! to the process, so no id can be chosen to collide.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, BuildHasherDefault};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use credits_common::Money;
 use credits_common::ids::AccountId;
+use foldhash::quality::RandomState;
 use futures_util::StreamExt;
-use rustc_hash::FxHasher;
 
 use crate::ledger::Ledger;
 use crate::types::{Access, AccessUpdate, BillingMode, WatchEvent};
 
-type Hasher = BuildHasherDefault<FxHasher>;
+/// An account as the cache keys it: a 128-bit hash of its id.
+type Key = u128;
+/// The map's hasher: the key already is a random hash; its low 64 bits are used as is.
+#[derive(Default)]
+struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u128(&mut self, k: u128) {
+        self.0 = k as u64;
+    }
+}
+
+type Map<V> = HashMap<Key, V, BuildHasherDefault<KeyHasher>>;
 const SHARDS: usize = 64;
 
 /// What the cache answers while it is not current.
@@ -129,44 +154,73 @@ pub struct AccessCache {
     _task: Arc<AbortOnDrop>,
 }
 
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
-        self.0.abort();
+        for t in &self.0 {
+            t.abort();
+        }
     }
 }
 
 struct Shared {
-    shards: Vec<RwLock<HashMap<Box<str>, CachedAccess, Hasher>>>,
-    hasher: Hasher,
+    shards: Vec<RwLock<Map<CachedAccess>>>,
+    /// The two halves of a key.
+    seeds: (RandomState, RandomState),
     /// Milliseconds after `base` of the last sync point (0: none yet).
     synced_at: AtomicU64,
+    /// A sync point within `max_silence` (kept by `mark_synced` and the watchdog).
+    fresh: AtomicBool,
     base: Instant,
     max_silence: Duration,
     policy: DisconnectedPolicy,
     /// What each account was allowed while disconnected (Grace only).
-    spent: Mutex<HashMap<Box<str>, Money, Hasher>>,
+    spent: Mutex<Map<Money>>,
     reconnects: AtomicU64,
     last_error: Mutex<Option<String>>,
     synced: tokio::sync::Notify,
 }
 
 impl Shared {
-    fn shard(&self, account: &str) -> &RwLock<HashMap<Box<str>, CachedAccess, Hasher>> {
-        let h = self.hasher.hash_one(account) as usize;
-        &self.shards[h % SHARDS]
+    fn key(&self, account: &str) -> Key {
+        (u128::from(self.seeds.0.hash_one(account)) << 64)
+            | u128::from(self.seeds.1.hash_one(account))
+    }
+
+    fn shard(&self, key: Key) -> &RwLock<Map<CachedAccess>> {
+        &self.shards[((key >> 64) as usize) % SHARDS]
+    }
+
+    fn lookup(&self, account: &str) -> (Key, Option<CachedAccess>) {
+        let key = self.key(account);
+        let held = self
+            .shard(key)
+            .read()
+            .ok()
+            .and_then(|m| m.get(&key).copied());
+        (key, held)
     }
 
     fn current(&self) -> bool {
+        self.fresh.load(Ordering::Acquire)
+    }
+
+    /// The watchdog's look: silent for longer than `max_silence`, the cache is no longer
+    /// current.
+    fn check_silence(&self) {
         let at = self.synced_at.load(Ordering::Acquire);
-        at > 0
-            && (self.base.elapsed().as_millis() as u64).saturating_sub(at)
-                <= self.max_silence.as_millis() as u64
+        if at == 0
+            || (self.base.elapsed().as_millis() as u64).saturating_sub(at)
+                > self.max_silence.as_millis() as u64
+        {
+            self.fresh.store(false, Ordering::Release);
+        }
     }
 
     fn apply(&self, u: &AccessUpdate) -> bool {
-        let Ok(mut shard) = self.shard(u.account_id.as_str()).write() else {
+        let key = self.key(u.account_id.as_str());
+        let Ok(mut shard) = self.shard(key).write() else {
             return false;
         };
         let new = CachedAccess {
@@ -176,14 +230,14 @@ impl Shared {
             available_balance: u.available_balance,
             seq: u.seq,
         };
-        match shard.get_mut(u.account_id.as_str()) {
+        match shard.get_mut(&key) {
             Some(held) if held.seq >= u.seq => false,
             Some(held) => {
                 *held = new;
                 true
             }
             None => {
-                shard.insert(u.account_id.as_str().into(), new);
+                shard.insert(key, new);
                 true
             }
         }
@@ -200,6 +254,7 @@ impl Shared {
     fn mark_synced(&self) {
         let now = (self.base.elapsed().as_millis() as u64).max(1);
         self.synced_at.store(now, Ordering::Release);
+        self.fresh.store(true, Ordering::Release);
         if let Ok(mut spent) = self.spent.lock()
             && !spent.is_empty()
         {
@@ -224,20 +279,31 @@ impl AccessCache {
             shards: (0..SHARDS)
                 .map(|_| RwLock::new(HashMap::default()))
                 .collect(),
-            hasher: Hasher::default(),
+            seeds: (RandomState::default(), RandomState::default()),
             synced_at: AtomicU64::new(0),
+            fresh: AtomicBool::new(false),
             base: Instant::now(),
             max_silence: cfg.max_silence,
             policy: cfg.disconnected,
-            spent: Mutex::new(HashMap::default()),
+            spent: Mutex::new(Map::default()),
             reconnects: AtomicU64::new(0),
             last_error: Mutex::new(None),
             synced: tokio::sync::Notify::new(),
         });
+        let tick =
+            (cfg.max_silence / 10).clamp(Duration::from_millis(5), Duration::from_millis(100));
+        let watched = shared.clone();
+        let watchdog = tokio::spawn(async move {
+            let mut every = tokio::time::interval(tick);
+            loop {
+                every.tick().await;
+                watched.check_silence();
+            }
+        });
         let task = tokio::spawn(run(ledger, cfg, shared.clone()));
         AccessCache {
             shared,
-            _task: Arc::new(AbortOnDrop(task)),
+            _task: Arc::new(AbortOnDrop(vec![task, watchdog])),
         }
     }
 
@@ -246,11 +312,7 @@ impl AccessCache {
     /// [`DisconnectedPolicy`]. An account the cache does not hold is denied.
     pub fn allowed(&self, account: &str, cost: Money) -> bool {
         let s = &self.shared;
-        let held = s
-            .shard(account)
-            .read()
-            .ok()
-            .and_then(|m| m.get(account).copied());
+        let (key, held) = s.lookup(account);
         if s.current() {
             return held.is_some_and(|a| a.allows(cost));
         }
@@ -259,9 +321,9 @@ impl AccessCache {
                 let Ok(mut spent) = s.spent.lock() else {
                     return false;
                 };
-                let used = spent.get(account).copied().unwrap_or_default();
+                let used = spent.get(&key).copied().unwrap_or_default();
                 if used + cost <= grace {
-                    spent.insert(account.into(), used + cost);
+                    spent.insert(key, used + cost);
                     true
                 } else {
                     false
@@ -273,14 +335,11 @@ impl AccessCache {
 
     /// The account as the cache holds it (possibly stale: see [`AccessCache::is_current`]).
     pub fn get(&self, account: &str) -> Option<CachedAccess> {
-        self.shared
-            .shard(account)
-            .read()
-            .ok()
-            .and_then(|m| m.get(account).copied())
+        self.shared.lookup(account).1
     }
 
-    /// Whether the stream is current (a sync point within `max_silence`).
+    /// Whether the cache is current (a sync point within `max_silence`, as the watchdog
+    /// last looked: it looks ten times per `max_silence`, at most every 100 ms).
     pub fn is_current(&self) -> bool {
         self.shared.current()
     }
@@ -384,19 +443,20 @@ mod tests {
             shards: (0..SHARDS)
                 .map(|_| RwLock::new(HashMap::default()))
                 .collect(),
-            hasher: Hasher::default(),
+            seeds: (RandomState::default(), RandomState::default()),
             synced_at: AtomicU64::new(0),
+            fresh: AtomicBool::new(false),
             base: Instant::now(),
             max_silence: Duration::from_secs(3),
             policy,
-            spent: Mutex::new(HashMap::default()),
+            spent: Mutex::new(Map::default()),
             reconnects: AtomicU64::new(0),
             last_error: Mutex::new(None),
             synced: tokio::sync::Notify::new(),
         });
         AccessCache {
             shared,
-            _task: Arc::new(AbortOnDrop(tokio::spawn(async {}))),
+            _task: Arc::new(AbortOnDrop(Vec::new())),
         }
     }
 
@@ -456,6 +516,7 @@ mod tests {
         c.shared.mark_synced();
         assert!(c.allowed("a", money("50")));
         c.shared.synced_at.store(0, Ordering::Release);
+        c.shared.check_silence();
         assert!(
             c.allowed("a", money("1.00")),
             "a new outage has a new grace"

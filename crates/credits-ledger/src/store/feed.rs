@@ -53,19 +53,12 @@ fn change(row: ChangeRow) -> Result<AccessChange, LedgerError> {
     })
 }
 
-/// The changes committed after snapshot `$1`, one row per account change: two index range
-/// reads (the transactions begun after it, and those it saw running), never a scan of
-/// what the feed retains.
-const CHANGES_SINCE: &str = "
-    SELECT u.account_id, u.version, u.mode, u.access, u.balance, u.held, c.at
-    FROM (SELECT * FROM access_changes WHERE xid >= pg_snapshot_xmax($1::pg_snapshot)
-          UNION ALL
-          SELECT * FROM access_changes
-          WHERE xid = ANY (ARRAY(SELECT pg_snapshot_xip($1::pg_snapshot)))
-            AND xid < pg_snapshot_xmax($1::pg_snapshot)) c
-    CROSS JOIN LATERAL unnest(c.account_ids, c.versions, c.modes, c.access, c.balances, c.helds)
-         AS u(account_id, version, mode, access, balance, held)
-    WHERE true";
+/// The changes committed after snapshot `$1`, one row per account change
+/// (`ledger_feed_since()`: two index range reads — the transactions begun after it, and
+/// those it saw running — never a scan of what the feed retains).
+const CHANGES_SINCE: &str =
+    "SELECT u.account_id, u.version, u.mode, u.access, u.balance, u.held, u.at
+     FROM ledger_feed_since($1::pg_snapshot) u WHERE true";
 
 /// A cursor PostgreSQL itself refuses as a snapshot (the parser in `FeedCursor` should
 /// have refused it first).
