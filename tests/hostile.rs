@@ -204,9 +204,10 @@ enum Req {
     CaptureHold(lpb::CaptureHoldRequest),
     GrantCredits(lpb::GrantCreditsRequest),
     GetUsageSummary(lpb::GetUsageSummaryRequest),
+    WatchAccess(lpb::WatchAccessRequest),
 }
 
-const KINDS: usize = 24;
+const KINDS: usize = 25;
 
 impl Req {
     fn rpc(&self) -> &'static str {
@@ -235,6 +236,7 @@ impl Req {
             Req::CaptureHold(_) => "ledger.CaptureHold",
             Req::GrantCredits(_) => "ledger.GrantCredits",
             Req::GetUsageSummary(_) => "ledger.GetUsageSummary",
+            Req::WatchAccess(_) => "ledger.WatchAccess",
         }
     }
 }
@@ -1382,6 +1384,41 @@ impl World {
                     f,
                 )
             }
+            24 => {
+                let w = self.wants(mode, 2, &[0, 1]);
+                // An id that names no account is valid here (it is absent from the first
+                // part): only malformed ids are bad.
+                let a = self.account(w[0], true);
+                let cursor = match w[1] {
+                    Want::Valid => ok(String::new()),
+                    // Well-formed, of a feed this ledger never had: a snapshot instead.
+                    Want::Odd => odd(format!("v1.{:032x}.10:20:12", self.unique())),
+                    Want::Bad => {
+                        let c = *self.rng.pick(&[
+                            "v1",
+                            "v1..",
+                            "v2.0123456789abcdef0123456789abcdef.10:20:",
+                            "v1.0123456789abcdef0123456789abcdef.20:10:",
+                            "v1.0123456789abcdef0123456789abcdef.10:20:30",
+                            "v1.0123456789abcdef0123456789abcdef.0:0:",
+                            "v1.0123456789ABCDEF0123456789ABCDEF.10:20:",
+                            "v1.0123456789abcdef0123456789abcdef.10:20:15,12",
+                            "'; DROP TABLE access_changes; --",
+                            "v1.0123456789abcdef0123456789abcdef.10:99999999999999999999999:",
+                            "\0",
+                        ]);
+                        bad(c.to_owned(), invalid("resume_cursor"))
+                    }
+                };
+                let f = fields![a, cursor];
+                (
+                    Req::WatchAccess(lpb::WatchAccessRequest {
+                        account_ids: vec![a.v],
+                        resume_cursor: cursor.v,
+                    }),
+                    f,
+                )
+            }
             23 => {
                 let w = self.wants(mode, 2, &[0, 1]);
                 let a = self.account(w[0], false);
@@ -1548,6 +1585,17 @@ async fn send(c: &mut Clients, req: &Req) -> Result<Reply, tonic::Status> {
         }
         Req::GetUsageSummary(r) => {
             c.ledger.get_usage_summary(r).await?;
+        }
+        Req::WatchAccess(r) => {
+            // Accepted: the stream's first part ends with a sync point.
+            let mut s = c.ledger.watch_access(r).await?.into_inner();
+            loop {
+                match s.message().await? {
+                    Some(u) if u.account_id.is_empty() => break,
+                    Some(_) => {}
+                    None => return Err(tonic::Status::internal("stream ended before a sync point")),
+                }
+            }
         }
         Req::RecordUsage(r) => {
             c.ledger.record_usage(r).await?;

@@ -460,6 +460,7 @@ mod tests {
     fn the_gateway_token_cannot_mint_credits() {
         assert_eq!(refusal(GW, LEDGER, "RecordUsage"), None);
         assert_eq!(refusal(GW, LEDGER, "CheckAccess"), None);
+        assert_eq!(refusal(GW, LEDGER, "WatchAccess"), None);
         let denied = Some(tonic::Code::PermissionDenied);
         assert_eq!(refusal(GW, LEDGER, "AddCredits"), denied);
         assert_eq!(refusal(GW, PAYMENTS, "Charge"), denied);
@@ -470,7 +471,8 @@ mod tests {
         assert_eq!(refusal(BILL, PAYMENTS, "PurchaseCredits"), None);
         assert_eq!(refusal(BILL, RECHARGE, "SetAutoRecharge"), None);
         assert_eq!(refusal(BILL, LEDGER, "GetAccount"), None);
-        for denied in ["AddCredits", "SetBalanceThreshold", "RecordUsage"] {
+        // Every account's balance, streamed, is the gateway's (R31), not a billing page's.
+        for denied in ["AddCredits", "SetBalanceThreshold", "RecordUsage", "WatchAccess"] {
             assert_eq!(
                 refusal(BILL, LEDGER, denied),
                 Some(tonic::Code::PermissionDenied)
