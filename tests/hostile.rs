@@ -1593,7 +1593,9 @@ async fn send(c: &mut Clients, req: &Req) -> Result<Reply, tonic::Status> {
                 match s.message().await? {
                     Some(u) if u.account_id.is_empty() => break,
                     Some(_) => {}
-                    None => return Err(tonic::Status::internal("stream ended before a sync point")),
+                    None => {
+                        return Err(tonic::Status::internal("stream ended before a sync point"));
+                    }
                 }
             }
         }

@@ -954,3 +954,64 @@ async fn stripe_checks(
     );
     Ok(())
 }
+
+/// What an `AccessCache` applied, per account: the seqs, in the order applied.
+pub type Applied = std::sync::Arc<std::sync::Mutex<HashMap<String, Vec<u64>>>>;
+
+/// Invariant 16 (R31): an `AccessCache` that watched every account through the whole soak
+/// (on ledger `a`, through its outages and restarts) ends equal to the database — every
+/// account at its last version and balance — and applied each account's changes in order
+/// with none missing after the first it saw.
+pub async fn check_cache(
+    a: &Args,
+    c: &Cluster,
+    cache: &credits_client::AccessCache,
+    applied: &Applied,
+) -> anyhow::Result<bool> {
+    let current = cache.wait_current(Duration::from_secs(30)).await;
+    let mut l = db(&a.pg_url, &c.dbs[0]).await?;
+    let rows: Vec<(String, i64, Decimal, Decimal)> =
+        sqlx::query_as("SELECT account_id, version, balance, held FROM accounts")
+            .fetch_all(&mut l)
+            .await?;
+    // The last changes may still be on their way (a poll, the stream): a few seconds.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut behind;
+    loop {
+        behind = rows
+            .iter()
+            .filter(|(id, version, balance, held)| {
+                cache.get(id).is_none_or(|x| {
+                    x.seq as i64 != *version
+                        || x.balance.as_decimal() != *balance
+                        || x.available_balance.as_decimal() != *balance - *held
+                })
+            })
+            .count();
+        if behind == 0 || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (gaps, changes) = {
+        let seen = applied.lock().map(|m| m.clone()).unwrap_or_default();
+        let gaps = seen
+            .values()
+            .filter(|s| s.windows(2).any(|w| w[1] != w[0] + 1))
+            .count();
+        (gaps, seen.values().map(Vec::len).sum::<usize>())
+    };
+    let status = cache.status();
+    let mut ck = Check { failed: false };
+    ck.report(
+        current && behind == 0 && gaps == 0,
+        "16. the gateway's access cache = the ledger, every change once and in order",
+        format!(
+            "{} accounts, {changes} updates applied over {} reconnects; accounts behind or different {behind}, accounts with a change missing or out of order {gaps}{}",
+            rows.len(),
+            status.reconnects,
+            if current { "" } else { "; NOT current at the end" }
+        ),
+    );
+    Ok(!ck.failed)
+}

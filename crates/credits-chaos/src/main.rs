@@ -367,6 +367,24 @@ async fn run(a: &Args, seed: u64) -> anyhow::Result<bool> {
 
     let t0 = Instant::now();
     let clients = workload::Clients::new(&c)?;
+    // Invariant 16 (R31): a gateway's cache of every account on ledger A, through its faults.
+    let applied: check::Applied = Default::default();
+    let cache = {
+        let applied = applied.clone();
+        credits_client::AccessCache::start(
+            clients.ledger[0].clone(),
+            credits_client::AccessCacheConfig {
+                on_update: Some(std::sync::Arc::new(move |u, _| {
+                    if let Ok(mut m) = applied.lock() {
+                        m.entry(u.account_id.as_str().to_owned())
+                            .or_default()
+                            .push(u.seq);
+                    }
+                })),
+                ..Default::default()
+            },
+        )
+    };
     check::bind_alerts(&a.amqp_url, &c.exchange, &c.queue).await?;
     let api = c.stripe.as_ref().map(|s| s.emulator.api.clone());
     let accounts = workload::setup(&clients, a.accounts, &mut rng, api.as_ref()).await?;
@@ -504,6 +522,8 @@ async fn run(a: &Args, seed: u64) -> anyhow::Result<bool> {
         dashboard.as_ref(),
     )
     .await?;
+    let ok = check::check_cache(a, &c, &cache, &applied).await? && ok;
+    drop(cache);
 
     let mut clean = true;
     for d in c.all() {

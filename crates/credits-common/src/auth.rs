@@ -472,7 +472,12 @@ mod tests {
         assert_eq!(refusal(BILL, RECHARGE, "SetAutoRecharge"), None);
         assert_eq!(refusal(BILL, LEDGER, "GetAccount"), None);
         // Every account's balance, streamed, is the gateway's (R31), not a billing page's.
-        for denied in ["AddCredits", "SetBalanceThreshold", "RecordUsage", "WatchAccess"] {
+        for denied in [
+            "AddCredits",
+            "SetBalanceThreshold",
+            "RecordUsage",
+            "WatchAccess",
+        ] {
             assert_eq!(
                 refusal(BILL, LEDGER, denied),
                 Some(tonic::Code::PermissionDenied)
