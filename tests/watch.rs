@@ -106,6 +106,13 @@ async fn a_watch_starts_with_the_states_then_streams_every_change_from_either_re
     ca.use_credits("acme", "12", "u3").await;
     cb.add_credits("acme", "1.5", CreditSource::Purchase, "p1")
         .await;
+    // One group-commit statement, two postings: two changes.
+    let batch = ca
+        .ledger()
+        .record_usage_batch(&[usage("acme", "0.1", "b1"), usage("acme", "0.2", "b2")])
+        .await
+        .expect("batch");
+    assert!(batch.iter().all(Result::is_ok), "{batch:?}");
     ca.use_credits("other", "1", "not-watched").await;
     // (balance, held, access) after each change, in order.
     let want = [
@@ -116,6 +123,8 @@ async fn a_watch_starts_with_the_states_then_streams_every_change_from_either_re
         ("11", "0", Access::Active),
         ("-1", "0", Access::Suspended),
         ("0.5", "0", Access::Active),
+        ("0.4", "0", Access::Active),
+        ("0.2", "0", Access::Active),
     ];
     let got = updates_until(&mut events, "acme's changes", |g| g.len() >= want.len()).await;
     for (i, (u, (bal, held, access))) in got.iter().zip(want).enumerate() {

@@ -244,6 +244,9 @@ impl Shared {
     }
 
     fn clear(&self) {
+        // Not current until the new first part is in.
+        self.fresh.store(false, Ordering::Release);
+        self.synced_at.store(0, Ordering::Release);
         for s in &self.shards {
             if let Ok(mut s) = s.write() {
                 s.clear();
@@ -390,12 +393,23 @@ async fn run(ledger: Ledger, cfg: AccessCacheConfig, s: Arc<Shared>) {
         opened += 1;
         let feed_before = cursor.as_deref().and_then(feed_of).map(str::to_owned);
         let ended = match ledger.watch_access(&cfg.accounts, cursor.as_deref()).await {
-            Err(e) => e.to_string(),
+            Err(e) => {
+                if e.code() == tonic::Code::InvalidArgument {
+                    cursor = None;
+                }
+                e.to_string()
+            }
             Ok(stream) => {
                 let mut stream = std::pin::pin!(stream);
                 let mut first_sync = true;
                 loop {
-                    match stream.next().await {
+                    // A half-open connection sends nothing, not even an end: after twice the
+                    // silence the ledger never keeps, start again.
+                    let next = tokio::time::timeout(cfg.max_silence * 2, stream.next()).await;
+                    let Ok(next) = next else {
+                        break "no sync point from the ledger; reconnecting".to_owned();
+                    };
+                    match next {
                         Some(Ok(WatchEvent::Update(u))) => {
                             if s.apply(&u)
                                 && let Some(f) = &cfg.on_update
@@ -421,7 +435,14 @@ async fn run(ledger: Ledger, cfg: AccessCacheConfig, s: Arc<Shared>) {
                             cursor = Some(c);
                             s.mark_synced();
                         }
-                        Some(Err(e)) => break e.to_string(),
+                        Some(Err(e)) => {
+                            // A cursor the ledger refuses (it cannot read it) is dropped:
+                            // the next stream starts from a snapshot.
+                            if e.code() == tonic::Code::InvalidArgument {
+                                cursor = None;
+                            }
+                            break e.to_string();
+                        }
                         None => break "the ledger ended the stream".to_owned(),
                     }
                 }

@@ -238,7 +238,13 @@ fn channel(
     let mut endpoint = tonic::transport::Endpoint::from_shared(url.to_owned())?
         .connect_timeout(CONNECT_TIMEOUT)
         .timeout(timeout)
-        .tcp_nodelay(true);
+        .tcp_nodelay(true)
+        // A connection whose peer vanished (a machine lost, a partition) is found within
+        // seconds, not when the kernel gives up: what long streams (WatchAccess,
+        // StreamUsage) need.
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true);
     if let Some(tls) = tls {
         endpoint = endpoint.tls_config(tls.clone())?;
     }

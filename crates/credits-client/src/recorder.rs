@@ -9,10 +9,12 @@
 //! - When the stream ends or breaks — the ledger's stream limits, a restart, the network —
 //!   the items sent and not answered are sent again, in order, on a new stream: their
 //!   idempotency keys make the repeat safe (R12), and an item that was posted is answered
-//!   as the first posting. An error that is not transient (a refused token) fails the
-//!   unanswered items with it instead.
-//! - An item unanswered for `give_up_after` (the ledger down that long) fails with
-//!   `Unavailable`; sending it again with the same key is safe.
+//!   as the first posting. Only a refusal of the stream as a whole (`UNAUTHENTICATED`,
+//!   `PERMISSION_DENIED`, `INVALID_ARGUMENT`, `UNIMPLEMENTED`) fails the unanswered items
+//!   with it instead.
+//! - An item unanswered for `give_up_after` (the ledger down or silent that long) fails
+//!   with `Unavailable`; sending it again with the same key is safe. A stream that answers
+//!   nothing for that long is abandoned for a new one.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -95,6 +97,17 @@ impl UsageRecorder {
     }
 }
 
+/// A stream's end that sending the same items again cannot change.
+fn refused_as_a_whole(e: &ClientError) -> bool {
+    matches!(
+        e.code(),
+        tonic::Code::Unauthenticated
+            | tonic::Code::PermissionDenied
+            | tonic::Code::InvalidArgument
+            | tonic::Code::Unimplemented
+    )
+}
+
 fn unavailable(message: impl Into<String>) -> ClientError {
     ClientError::Unavailable {
         message: message.into(),
@@ -116,6 +129,13 @@ async fn run(ledger: Ledger, cfg: RecorderConfig, mut rx: mpsc::Receiver<Item>) 
                 None => return,
             }
         }
+        // Whatever queued meanwhile (an outage) goes on the new stream at once.
+        while unanswered.len() < window {
+            match rx.try_recv() {
+                Ok(item) => unanswered.push_back(item),
+                Err(_) => break,
+            }
+        }
         let (out, outbound) = mpsc::channel::<UsageRecord>(window);
         let stream = ledger
             .stream_usage_items(tokio_stream::wrappers::ReceiverStream::new(outbound))
@@ -132,8 +152,17 @@ async fn run(ledger: Ledger, cfg: RecorderConfig, mut rx: mpsc::Receiver<Item>) 
                     if !open && unanswered.is_empty() {
                         return;
                     }
+                    // The oldest item's patience bounds a stream that answers nothing (a
+                    // half-open connection): past it, start again.
+                    let patience = unanswered
+                        .front()
+                        .map(|i| i.since + cfg.give_up_after)
+                        .unwrap_or_else(|| Instant::now() + cfg.give_up_after);
                     tokio::select! {
                         biased;
+                        _ = tokio::time::sleep_until(patience.into()) => {
+                            break unavailable("the ledger answered nothing in time");
+                        }
                         r = results.next() => match r {
                             Some(Ok(answer)) => {
                                 backoff = cfg.reconnect_min;
@@ -169,9 +198,10 @@ async fn run(ledger: Ledger, cfg: RecorderConfig, mut rx: mpsc::Receiver<Item>) 
                 }
             }
         };
-        if !ended.is_retryable() {
-            // Refused as a whole (a token, a permission): every unanswered item fails
-            // with it.
+        if refused_as_a_whole(&ended) {
+            // Refused as a whole (a token, a permission, a request the ledger cannot
+            // read): every unanswered item fails with it. Anything else (a reset
+            // connection, a proxy's error) is sent again: the keys make that safe.
             for item in unanswered.drain(..) {
                 let _ = item.reply.send(Err(ended.clone()));
             }

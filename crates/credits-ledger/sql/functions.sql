@@ -49,16 +49,18 @@ $$;
 -- R31: the access feed's changes committed after snapshot `p_since` (what was not visible
 -- in it), one row per account change. STABLE: read at the calling statement's snapshot, so
 -- a poll's rows and the pg_current_snapshot() it returns beside them are one snapshot.
+DROP FUNCTION IF EXISTS ledger_feed_since(pg_snapshot);
 CREATE OR REPLACE FUNCTION ledger_feed_since(p_since pg_snapshot)
 RETURNS TABLE (account_id text, version bigint, mode text, access text, balance numeric,
-               held numeric, at timestamptz)
+               held numeric, at timestamptz, xid bigint)
 LANGUAGE sql STABLE
 -- xid8 has no statistics the planner can range over: `xid >= …` is estimated at a third of
 -- the table and a sequential scan of minutes of changes chosen (profiled under usage-spread:
 -- 1.7 M rows read in 10 s). Two index range reads, always.
 SET enable_seqscan = off
 AS $$
-    SELECT u.account_id, u.version, u.mode, u.access, u.balance, u.held, c.at
+    SELECT u.account_id, u.version, u.mode, u.access, u.balance, u.held, c.at,
+           c.xid::text::bigint
     FROM (SELECT * FROM access_changes x WHERE x.xid >= pg_snapshot_xmax(p_since)
           UNION ALL
           SELECT * FROM access_changes x
@@ -635,7 +637,7 @@ BEGIN
                    i.description, i.key, i.traceparent,
                    a.account_id IS NOT NULL AS known,
                    a.balance AS start_balance, a.held, a.access AS start_access,
-                   a.billing_mode, a.threshold, a.alert_thresholds,
+                   a.billing_mode, a.threshold, a.alert_thresholds, a.version AS start_version,
                    a.roll_hour, a.roll_amounts, a.roll_counts,
                    e.seq AS e_seq, e.entry_id AS e_entry_id, e.kind AS e_kind,
                    e.category AS e_category, e.source AS e_source, e.amount AS e_amount,
@@ -733,7 +735,7 @@ BEGIN
         -- by ledger_lots_settle()): no lot is written here. R30: and to the running hour.
         upd AS (
             UPDATE accounts a SET balance = f.bal, access = f.acc_after, updated_at = now(),
-                                  version = a.version + 1,
+                                  version = a.version + f.postings,
                                   pending_draw = a.pending_draw
                                       + CASE WHEN f.start_balance > 0 THEN f.start_balance - f.bal ELSE 0 END,
                                   roll_hour = hour_now,
@@ -745,14 +747,16 @@ BEGIN
                                                      ELSE f.counts END
             FROM fin f
             WHERE a.account_id = f.account_id AND f.postings > 0
-            RETURNING a.account_id, a.version, a.billing_mode, a.access, a.balance, a.held
         ),
-        -- R31: the batch's new states, one feed row for all its accounts.
+        -- R31: every posting is a change of its account (version + 1 each, as posting one
+        -- by one would make): the state after each, in one feed row for the batch.
         feed AS (
             INSERT INTO access_changes (account_ids, versions, modes, access, balances, helds)
-            SELECT array_agg(u.account_id), array_agg(u.version), array_agg(u.billing_mode),
-                   array_agg(u.access), array_agg(u.balance), array_agg(u.held)
-            FROM upd u HAVING count(*) > 0
+            SELECT array_agg(s.account_id ORDER BY s.ord),
+                   array_agg(s.start_version + s.postings ORDER BY s.ord),
+                   array_agg(s.billing_mode ORDER BY s.ord), array_agg(s.acc_after ORDER BY s.ord),
+                   array_agg(s.bal ORDER BY s.ord), array_agg(s.held ORDER BY s.ord)
+            FROM step s WHERE s.posts HAVING count(*) > 0
         ),
         -- Per posted item, what ledger_move() publishes: the crossing, the alerts highest
         -- first, the access change.

@@ -223,6 +223,7 @@ mod tests {
                 version,
             },
             at: chrono::Utc::now(),
+            xid: 0,
         }
     }
 

@@ -192,6 +192,8 @@ pub struct AccessChange {
     /// When the change was written (just before its commit); for a snapshot, the
     /// account's last change.
     pub at: DateTime<Utc>,
+    /// The writing transaction (0 when read from `accounts`, not the feed).
+    pub xid: u64,
 }
 
 impl AccessView {

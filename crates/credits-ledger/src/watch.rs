@@ -50,7 +50,8 @@ impl Default for FeedConfig {
             poll_every: Duration::from_millis(DEFAULT_POLL_MS),
             retention: Duration::from_secs(DEFAULT_RETENTION_SECS),
             max_streams: DEFAULT_MAX_STREAMS,
-            heartbeat: Duration::from_secs(1),
+            // Sync points at least every second: the poller's beat, at most one poll late.
+            heartbeat: Duration::from_millis(500),
             max_lifetime: Duration::from_secs(DEFAULT_WATCH_MAX_SECS),
         }
     }
@@ -99,6 +100,11 @@ struct Inner {
     views: AccessViews,
     batches: broadcast::Sender<Arc<Batch>>,
     streams: Arc<Semaphore>,
+    /// First parts read at once: each holds a database connection and a snapshot while
+    /// its client takes it.
+    first_parts: Arc<Semaphore>,
+    /// A prune is running on this replica.
+    pruning: Arc<std::sync::atomic::AtomicBool>,
     cfg: FeedConfig,
     /// Streams end (UNAVAILABLE, resume elsewhere) when the ledger stops.
     shutdown: CancellationToken,
@@ -107,6 +113,16 @@ struct Inner {
 /// Batches a stream may be behind before it is ended as lagging: at the default poll
 /// interval, about ten seconds.
 const LAG_BATCHES: usize = 1024;
+/// First parts read at once on one replica (the others wait their turn).
+const FIRST_PARTS: usize = 4;
+/// The longest a first part may take (its client reading it); then the stream ends to be
+/// resumed.
+const FIRST_PART_DEADLINE: Duration = Duration::from_secs(120);
+/// The longest one update may wait for a client that does not read; then the stream ends
+/// as lagging.
+const SEND_DEADLINE: Duration = Duration::from_secs(10);
+/// The least time between two sync points of a busy stream.
+const SYNC_EVERY: Duration = Duration::from_millis(100);
 
 impl Feed {
     /// Reads the feed's id and starts the poller (until `shutdown`).
@@ -126,6 +142,8 @@ impl Feed {
                 views,
                 batches,
                 streams: Arc::new(Semaphore::new(cfg.max_streams)),
+                first_parts: Arc::new(Semaphore::new(FIRST_PARTS)),
+                pruning: Arc::default(),
                 cfg,
                 shutdown: shutdown.clone(),
             }),
@@ -221,14 +239,23 @@ impl Feed {
                 {
                     below = samples.pop_front().map(|(_, x)| x);
                 }
-                if let Some(below) = below {
-                    match inner.store.feed_prune(below).await {
-                        Ok(n) if n > 0 => tracing::debug!(rows = n, "access feed pruned"),
-                        Ok(_) => {}
-                        Err(e) => {
-                            tracing::warn!(error = %e, "access feed: pruning failed; retrying")
+                // Beside the poller, never in its way; one at a time.
+                if let Some(below) = below
+                    && !inner
+                        .pruning
+                        .swap(true, std::sync::atomic::Ordering::AcqRel)
+                {
+                    let (store, pruning) = (inner.store.clone(), inner.pruning.clone());
+                    tokio::spawn(async move {
+                        match store.feed_prune(below).await {
+                            Ok(n) if n > 0 => tracing::debug!(rows = n, "access feed pruned"),
+                            Ok(_) => {}
+                            Err(e) => {
+                                tracing::warn!(error = %e, "access feed: pruning failed; retrying")
+                            }
                         }
-                    }
+                        pruning.store(false, std::sync::atomic::Ordering::Release);
+                    });
                 }
                 metrics::gauge!("credits_ledger_access_view_accounts")
                     .set(inner.views.len() as f64);
@@ -260,7 +287,8 @@ impl Feed {
             let inner = &feed.inner;
             let deadline = tokio::time::Instant::now() + inner.cfg.max_lifetime;
             let ids: Option<Vec<String>> = accounts.as_ref().map(|s| s.iter().cloned().collect());
-            let started = {
+            let first = async {
+                let _turn = inner.first_parts.acquire().await;
                 let out = out.clone();
                 inner
                     .store
@@ -270,13 +298,25 @@ impl Feed {
                     })
                     .await
             };
+            let started = tokio::select! {
+                _ = inner.shutdown.cancelled() => Err(WatchFailure::Ended(WatchEnd::Stopping)),
+                r = tokio::time::timeout(FIRST_PART_DEADLINE, first) => match r {
+                    Ok(Ok(s)) => Ok(s),
+                    Ok(Err(e)) => Err(WatchFailure::Ledger(e)),
+                    Err(_) => Err(WatchFailure::Ended(WatchEnd::Lagged)),
+                },
+            };
             let started = match started {
                 Ok(s) => s,
                 Err(e) => {
-                    let _ = out.send(Err(WatchFailure::Ledger(e))).await;
+                    let _ = tokio::time::timeout(SEND_DEADLINE, out.send(Err(e))).await;
                     return;
                 }
             };
+            // What the first part already holds: changes of transactions visible in its
+            // snapshot (polls that read before it, fanned out after the subscription) are
+            // not sent again.
+            let seen = Visible::parse(&started.snapshot);
             metrics::counter!("credits_ledger_watch_streams_total",
                 "start" => if started.resumed { "resumed" } else { "snapshot" })
             .increment(1);
@@ -307,31 +347,45 @@ impl Feed {
                     break WatchEnd::Reset;
                 }
                 let mut sent = false;
+                let mut stuck = false;
                 for c in &batch.changes {
-                    if accounts.as_ref().is_none_or(|a| a.contains(&c.account_id)) {
+                    if accounts.as_ref().is_none_or(|a| a.contains(&c.account_id))
+                        && !seen.includes(c.xid)
+                    {
                         sent = true;
-                        if out.send(Ok(WatchItem::Change(c.clone()))).await.is_err() {
-                            return;
+                        let send = out.send(Ok(WatchItem::Change(c.clone())));
+                        match tokio::time::timeout(SEND_DEADLINE, send).await {
+                            Ok(Ok(())) => {}
+                            Ok(Err(_)) => return,
+                            Err(_) => {
+                                stuck = true;
+                                break;
+                            }
                         }
                     }
+                }
+                if stuck {
+                    break WatchEnd::Lagged;
                 }
                 if batch.poll > after {
                     cursor = batch.cursor.clone();
                 }
-                if sent || synced.elapsed() >= inner.cfg.heartbeat / 2 {
+                if (sent && synced.elapsed() >= SYNC_EVERY)
+                    || synced.elapsed() >= inner.cfg.heartbeat / 2
+                {
                     synced = Instant::now();
-                    if out
-                        .send(Ok(WatchItem::Sync(cursor.to_string())))
-                        .await
-                        .is_err()
-                    {
-                        return;
+                    let send = out.send(Ok(WatchItem::Sync(cursor.to_string())));
+                    match tokio::time::timeout(SEND_DEADLINE, send).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => return,
+                        Err(_) => break WatchEnd::Lagged,
                     }
                 }
             };
             metrics::counter!("credits_ledger_watch_ends_total", "why" => end.as_str())
                 .increment(1);
-            let _ = out.send(Err(WatchFailure::Ended(end))).await;
+            let end = out.send(Err(WatchFailure::Ended(end)));
+            let _ = tokio::time::timeout(SEND_DEADLINE, end).await;
         });
         Ok(rx)
     }
@@ -360,6 +414,38 @@ impl WatchEnd {
     }
 }
 
+/// Which transactions a snapshot (text form `xmin:xmax:xip,…`) saw committed.
+struct Visible {
+    xmin: u64,
+    xmax: u64,
+    running: HashSet<u64>,
+}
+
+impl Visible {
+    fn parse(snapshot: &str) -> Visible {
+        let mut parts = snapshot.split(':');
+        let mut num = || parts.next().and_then(|p| p.parse::<u64>().ok());
+        let (xmin, xmax) = (num().unwrap_or(0), num().unwrap_or(0));
+        let running = snapshot
+            .rsplit(':')
+            .next()
+            .unwrap_or("")
+            .split(',')
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        Visible {
+            xmin,
+            xmax,
+            running,
+        }
+    }
+
+    /// Whether transaction `xid` (0: not from the feed) was visible in the snapshot.
+    fn includes(&self, xid: u64) -> bool {
+        xid != 0 && (xid < self.xmin || (xid < self.xmax && !self.running.contains(&xid)))
+    }
+}
+
 /// The xmin of a snapshot in its text form (`xmin:xmax:xip`).
 fn snapshot_xmin(snapshot: &str) -> Option<u64> {
     snapshot.split(':').next()?.parse().ok()
@@ -367,6 +453,19 @@ fn snapshot_xmin(snapshot: &str) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_change_visible_in_the_first_parts_snapshot_is_not_sent_again() {
+        let v = super::Visible::parse("100:110:103,107");
+        assert!(v.includes(99));
+        assert!(v.includes(104));
+        assert!(!v.includes(103), "running then");
+        assert!(!v.includes(107));
+        assert!(!v.includes(110), "began after");
+        assert!(!v.includes(0), "not from the feed");
+        let none = super::Visible::parse("100:100:");
+        assert!(none.includes(99) && !none.includes(100));
+    }
+
     #[test]
     fn a_snapshots_xmin_is_its_first_number() {
         assert_eq!(super::snapshot_xmin("734:740:735,736"), Some(734));

@@ -36,10 +36,19 @@ pub struct WatchStart {
     pub resumed: bool,
 }
 
-type ChangeRow = (String, i64, String, String, Decimal, Decimal, DateTime<Utc>);
+type ChangeRow = (
+    String,
+    i64,
+    String,
+    String,
+    Decimal,
+    Decimal,
+    DateTime<Utc>,
+    i64,
+);
 
 fn change(row: ChangeRow) -> Result<AccessChange, LedgerError> {
-    let (account_id, version, mode, access, balance, held, at) = row;
+    let (account_id, version, mode, access, balance, held, at, xid) = row;
     Ok(AccessChange {
         account_id,
         view: AccessView {
@@ -50,6 +59,7 @@ fn change(row: ChangeRow) -> Result<AccessChange, LedgerError> {
             version,
         },
         at,
+        xid: xid.max(0) as u64,
     })
 }
 
@@ -57,7 +67,7 @@ fn change(row: ChangeRow) -> Result<AccessChange, LedgerError> {
 /// (`ledger_feed_since()`: two index range reads — the transactions begun after it, and
 /// those it saw running — never a scan of what the feed retains).
 const CHANGES_SINCE: &str =
-    "SELECT u.account_id, u.version, u.mode, u.access, u.balance, u.held, u.at
+    "SELECT u.account_id, u.version, u.mode, u.access, u.balance, u.held, u.at, u.xid
      FROM ledger_feed_since($1::pg_snapshot) u WHERE true";
 
 /// A cursor PostgreSQL itself refuses as a snapshot (the parser in `FeedCursor` should
@@ -101,6 +111,7 @@ impl Store {
             Option<Decimal>,
             Option<Decimal>,
             Option<DateTime<Utc>>,
+            Option<i64>,
         );
         let rows: Vec<Row> = sqlx::query_as(&format!(
             "SELECT s.snap, s.resumable, x.* FROM (
@@ -118,10 +129,10 @@ impl Store {
             .ok_or_else(|| LedgerError::Internal("feed poll: no snapshot".into()))?;
         let mut changes = Vec::with_capacity(rows.len());
         for r in rows {
-            if let (Some(id), Some(v), Some(m), Some(a), Some(b), Some(h), Some(at)) =
-                (r.2, r.3, r.4, r.5, r.6, r.7, r.8)
+            if let (Some(id), Some(v), Some(m), Some(a), Some(b), Some(h), Some(at), Some(x)) =
+                (r.2, r.3, r.4, r.5, r.6, r.7, r.8, r.9)
             {
-                changes.push(change((id, v, m, a, b, h, at))?);
+                changes.push(change((id, v, m, a, b, h, at, x))?);
             }
         }
         // Per account in the order the changes were made (transactions are not in xid
@@ -159,7 +170,9 @@ impl Store {
         let usable = since.filter(|c| c.feed_id == feed_id);
         let (snapshot, resumable): (String, Option<bool>) = sqlx::query_as(
             "SELECT pg_current_snapshot()::text,
-                    (SELECT f.pruned_below FROM access_feed f) <= pg_snapshot_xmin($1::pg_snapshot)",
+                    (SELECT f.pruned_below FROM access_feed f) <= pg_snapshot_xmin($1::pg_snapshot)
+                    -- one from beyond this database's present (another timeline, a forgery)
+                    AND pg_snapshot_xmax($1::pg_snapshot) <= pg_snapshot_xmax(pg_current_snapshot())",
         )
         .bind(usable.map(|c| c.snapshot.as_str()))
         .fetch_one(&mut *tx)
@@ -176,7 +189,8 @@ impl Store {
                 )
             }
             (false, filtered) => format!(
-                "SELECT account_id, version, billing_mode, access, balance, held, updated_at
+                "SELECT account_id, version, billing_mode, access, balance, held, updated_at,
+                        0::bigint
                  FROM accounts {} ORDER BY account_id",
                 if filtered {
                     "WHERE account_id = ANY ($1)"
@@ -204,17 +218,49 @@ impl Store {
     }
 
     /// Deletes the feed's rows of transactions below `below` (an xid: the xmin of a
-    /// snapshot older than the retention) and records that cursors older than it cannot be
-    /// caught up. Returns the rows deleted.
+    /// snapshot older than the retention), after recording that cursors older than it
+    /// cannot be caught up. One replica at a time (the others skip the round), in chunks,
+    /// so no statement holds much for long. Returns the rows deleted.
     pub async fn feed_prune(&self, below: u64) -> Result<u64, LedgerError> {
-        let done = sqlx::query(
-            "WITH p AS (UPDATE access_feed SET pruned_below = greatest(pruned_below, $1::text::xid8)
-                        RETURNING pruned_below)
-             DELETE FROM access_changes c USING p WHERE c.xid < p.pruned_below",
-        )
-        .bind(below.to_string())
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected())
+        const LOCK: &str = "hashtext('credits.access_feed.prune')";
+        const CHUNK: u64 = 5000;
+        let mut conn = self.pool.acquire().await?;
+        let mine: bool = sqlx::query_scalar(&format!("SELECT pg_try_advisory_lock({LOCK})"))
+            .fetch_one(&mut *conn)
+            .await?;
+        if !mine {
+            return Ok(0);
+        }
+        let below = below.to_string();
+        let pruned = async {
+            // The mark first, in its own transaction: a resume that reads it (at the same
+            // snapshot as the rows) refuses what may be deleted after.
+            sqlx::query(
+                "UPDATE access_feed SET pruned_below = greatest(pruned_below, $1::text::xid8)",
+            )
+            .bind(&below)
+            .execute(&mut *conn)
+            .await?;
+            let mut total = 0;
+            loop {
+                let n = sqlx::query(&format!(
+                    "DELETE FROM access_changes WHERE ctid = ANY (ARRAY(
+                         SELECT ctid FROM access_changes WHERE xid < $1::text::xid8 LIMIT {CHUNK}))"
+                ))
+                .bind(&below)
+                .execute(&mut *conn)
+                .await?
+                .rows_affected();
+                total += n;
+                if n < CHUNK {
+                    return Ok::<_, sqlx::Error>(total);
+                }
+            }
+        }
+        .await;
+        let _ = sqlx::query(&format!("SELECT pg_advisory_unlock({LOCK})"))
+            .execute(&mut *conn)
+            .await;
+        Ok(pruned?)
     }
 }
