@@ -183,6 +183,22 @@ struct Shared {
 }
 
 impl Shared {
+    fn new(max_silence: Duration, policy: DisconnectedPolicy) -> Shared {
+        Shared {
+            shards: (0..SHARDS).map(|_| RwLock::new(Map::default())).collect(),
+            seeds: (RandomState::default(), RandomState::default()),
+            synced_at: AtomicU64::new(0),
+            fresh: AtomicBool::new(false),
+            base: Instant::now(),
+            max_silence,
+            policy,
+            spent: Mutex::new(Map::default()),
+            reconnects: AtomicU64::new(0),
+            last_error: Mutex::new(None),
+            synced: tokio::sync::Notify::new(),
+        }
+    }
+
     fn key(&self, account: &str) -> Key {
         (u128::from(self.seeds.0.hash_one(account)) << 64)
             | u128::from(self.seeds.1.hash_one(account))
@@ -278,21 +294,7 @@ impl AccessCache {
     /// once: until the first sync point the cache is disconnected (see
     /// [`AccessCache::wait_current`]). Needs a Tokio runtime.
     pub fn start(ledger: Ledger, cfg: AccessCacheConfig) -> AccessCache {
-        let shared = Arc::new(Shared {
-            shards: (0..SHARDS)
-                .map(|_| RwLock::new(HashMap::default()))
-                .collect(),
-            seeds: (RandomState::default(), RandomState::default()),
-            synced_at: AtomicU64::new(0),
-            fresh: AtomicBool::new(false),
-            base: Instant::now(),
-            max_silence: cfg.max_silence,
-            policy: cfg.disconnected,
-            spent: Mutex::new(Map::default()),
-            reconnects: AtomicU64::new(0),
-            last_error: Mutex::new(None),
-            synced: tokio::sync::Notify::new(),
-        });
+        let shared = Arc::new(Shared::new(cfg.max_silence, cfg.disconnected));
         let tick =
             (cfg.max_silence / 10).clamp(Duration::from_millis(5), Duration::from_millis(100));
         let watched = shared.clone();
@@ -460,21 +462,7 @@ mod tests {
     use super::*;
 
     fn shared(policy: DisconnectedPolicy) -> AccessCache {
-        let shared = Arc::new(Shared {
-            shards: (0..SHARDS)
-                .map(|_| RwLock::new(HashMap::default()))
-                .collect(),
-            seeds: (RandomState::default(), RandomState::default()),
-            synced_at: AtomicU64::new(0),
-            fresh: AtomicBool::new(false),
-            base: Instant::now(),
-            max_silence: Duration::from_secs(3),
-            policy,
-            spent: Mutex::new(Map::default()),
-            reconnects: AtomicU64::new(0),
-            last_error: Mutex::new(None),
-            synced: tokio::sync::Notify::new(),
-        });
+        let shared = Arc::new(Shared::new(Duration::from_secs(3), policy));
         AccessCache {
             shared,
             _task: Arc::new(AbortOnDrop(Vec::new())),
