@@ -9,8 +9,10 @@
 //!   previous read (every `ACCESS_FEED_POLL_MS`) and replaces each entry held here by a
 //!   newer version — never by an older one, so a late poll or a slow read cannot roll an
 //!   entry back;
-//! - accounts changed anywhere enter the view with their change (up to
-//!   `ACCESS_VIEW_MAX_ACCOUNTS`), so the view is the working set;
+//! - an account enters the view only by a database read (a `CheckAccess` miss), kept only
+//!   if no poll was applied while it was read (that poll may have carried a newer change
+//!   of this account, which an absent entry could not take); so an account this replica
+//!   was never asked about is read from the database, exactly;
 //! - this replica also drops an account as soon as its own write returns, before it
 //!   answers: the caller reads its own write. The drop leaves a mark naming the polls begun
 //!   by then: their changes may be older than the write and do not re-install the account;
@@ -57,6 +59,8 @@ enum Slot {
 struct Inner {
     map: RwLock<HashMap<String, Slot>>,
     epoch: AtomicU64,
+    /// Polls applied (a database read that raced one is not kept).
+    applied: AtomicU64,
     /// Polls of the feed begun (the poller's count; `begin_poll`).
     polls: AtomicU64,
     /// Milliseconds after `base` until which entries are trusted (0: not yet).
@@ -77,6 +81,7 @@ impl AccessViews {
             inner: Arc::new(Inner {
                 map: RwLock::new(HashMap::new()),
                 epoch: AtomicU64::new(0),
+                applied: AtomicU64::new(0),
                 polls: AtomicU64::new(0),
                 trusted_until: AtomicU64::new(0),
                 base: Instant::now(),
@@ -127,9 +132,11 @@ impl AccessViews {
         }
         metrics::counter!("credits_ledger_access_view_total", "result" => "miss").increment(1);
         let epoch = self.inner.epoch.load(Ordering::Acquire);
+        let applied = self.inner.applied.load(Ordering::Acquire);
         let view = store.access(id).await?;
         if let Ok(mut map) = self.inner.map.write()
             && self.inner.epoch.load(Ordering::Acquire) == epoch
+            && self.inner.applied.load(Ordering::Acquire) == applied
         {
             let full = map.len() >= self.inner.max_accounts;
             match map.get_mut(id.as_str()) {
@@ -144,14 +151,14 @@ impl AccessViews {
         Ok(view)
     }
 
-    /// Changes read by poll number `poll`: every account moves to its newer version.
+    /// Changes read by poll number `poll`: every account held moves to its newer version.
     pub fn apply(&self, poll: u64, changes: &[AccessChange]) {
         if changes.is_empty() {
             return;
         }
         if let Ok(mut map) = self.inner.map.write() {
+            self.inner.applied.fetch_add(1, Ordering::AcqRel);
             for c in changes {
-                let full = map.len() >= self.inner.max_accounts;
                 match map.get_mut(c.account_id.as_str()) {
                     Some(Slot::View(held)) if held.version < c.view.version => {
                         *held = c.view;
@@ -163,9 +170,6 @@ impl AccessViews {
                         {
                             *slot = Slot::View(c.view);
                         }
-                    }
-                    None if !full => {
-                        map.insert(c.account_id.clone(), Slot::View(c.view));
                     }
                     None => {}
                 }
@@ -234,10 +238,23 @@ mod tests {
         })
     }
 
+    /// What a database read installs.
+    fn read(v: &AccessViews, c: &AccessChange) {
+        v.inner
+            .map
+            .write()
+            .unwrap()
+            .insert(c.account_id.clone(), Slot::View(c.view));
+    }
+
     #[test]
     fn a_change_never_rolls_an_entry_back_and_a_drop_refuses_polls_begun_before_it() {
         let v = AccessViews::with_capacity(10);
         let p1 = v.begin_poll();
+        // Accounts never read here are not taken from the feed.
+        v.apply(p1, &[change("a", 5, 10)]);
+        assert_eq!(held(&v, "a"), None);
+        read(&v, &change("a", 4, 11));
         v.apply(p1, &[change("a", 5, 10)]);
         assert_eq!(held(&v, "a"), Some((5, true)));
         // An older version (a late poll) is ignored.
@@ -256,16 +273,12 @@ mod tests {
     }
 
     #[test]
-    fn the_view_holds_at_most_its_capacity() {
+    fn a_drop_leaves_no_mark_past_the_capacity() {
         let v = AccessViews::with_capacity(2);
-        let p = v.begin_poll();
-        v.apply(
-            p,
-            &[change("a", 1, 1), change("b", 1, 1), change("c", 1, 1)],
-        );
-        assert_eq!(v.len(), 2);
-        assert_eq!(held(&v, "c"), None);
+        read(&v, &change("a", 1, 1));
+        read(&v, &change("b", 1, 1));
         v.drop_account("c");
         assert_eq!(v.len(), 2);
+        assert_eq!(held(&v, "c"), None);
     }
 }
