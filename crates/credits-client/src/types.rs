@@ -506,15 +506,6 @@ pub struct AccessUpdate {
     pub changed_at: Option<DateTime<Utc>>,
 }
 
-impl AccessUpdate {
-    /// R16: may the account start work of this cost now? Access allowed and, on a prepaid
-    /// account, the available balance covers it.
-    pub fn allows(&self, cost: Money) -> bool {
-        self.access == Access::Active
-            && (self.billing_mode == BillingMode::Contract || self.available_balance >= cost)
-    }
-}
-
 /// One item of a `WatchAccess` stream.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum WatchEvent {

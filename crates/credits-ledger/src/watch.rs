@@ -223,7 +223,7 @@ impl Feed {
                     reset: false,
                 }));
             }
-            if let Some(xmin) = snapshot_xmin(&prev)
+            if let xmin @ 1.. = Visible::parse(&prev).xmin
                 && samples
                     .back()
                     .is_none_or(|(t, _)| t.elapsed() >= Duration::from_secs(1))
@@ -389,10 +389,6 @@ impl Feed {
         });
         Ok(rx)
     }
-
-    pub fn config(&self) -> &FeedConfig {
-        &self.inner.cfg
-    }
 }
 
 /// Why a stream could not start or went on no longer.
@@ -446,11 +442,6 @@ impl Visible {
     }
 }
 
-/// The xmin of a snapshot in its text form (`xmin:xmax:xip`).
-fn snapshot_xmin(snapshot: &str) -> Option<u64> {
-    snapshot.split(':').next()?.parse().ok()
-}
-
 #[cfg(test)]
 mod tests {
     #[test]
@@ -468,7 +459,7 @@ mod tests {
 
     #[test]
     fn a_snapshots_xmin_is_its_first_number() {
-        assert_eq!(super::snapshot_xmin("734:740:735,736"), Some(734));
-        assert_eq!(super::snapshot_xmin("nonsense"), None);
+        assert_eq!(super::Visible::parse("734:740:735,736").xmin, 734);
+        assert_eq!(super::Visible::parse("nonsense").xmin, 0);
     }
 }
