@@ -353,6 +353,56 @@ async fn purchase_interrupted_after_the_charge_completes_on_restart() {
     ledger.stop().await;
 }
 
+/// R10: a top-up sent on the default (empty `payment_method_id`, `top_up`) charges it only
+/// when it is a card. A bank default is refused before anything is charged, and the same
+/// key later, with a card as the default, charges that card once.
+#[tokio::test]
+async fn a_top_up_on_the_default_charges_only_a_card_r10() {
+    let e = env().await;
+    let mut raw = e.payments.client().await;
+    let top_up = |key: &str| pb::ChargeRequest {
+        top_up: true,
+        ..raw_charge("20.00", "", key)
+    };
+    let bank = e.c.add_bank("acme", true).await;
+    assert!(bank.is_default);
+    let err = raw.charge(top_up("recharge:att_1")).await.unwrap_err();
+    assert_says(&err, Code::FailedPrecondition, "cards only");
+    assert_eq!(e.sandbox_charges().await, 0, "nothing charged");
+    let mut db = e.payments.db().await;
+    let charges: i64 = sqlx::query_scalar("SELECT count(*) FROM charges")
+        .fetch_one(&mut db)
+        .await
+        .unwrap();
+    assert_eq!(charges, 0, "nothing recorded");
+    // A plain charge on the same default is not a top-up: R10 does not apply to it.
+    let plain = raw
+        .charge(raw_charge("20.00", "", "plain"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(plain.payment_method_id, bank.payment_method_id);
+
+    let visa = e.c.add_card("acme", "4242424242424242", true).await;
+    let first = raw
+        .charge(top_up("recharge:att_1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.payment_method_id, visa.payment_method_id);
+    assert_eq!(first.status, pb::ChargeStatus::Succeeded as i32);
+    // A resend under the key is answered with that charge, even once the default moved.
+    e.c.set_default("acme", &bank.payment_method_id).await;
+    let again = raw
+        .charge(top_up("recharge:att_1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.charge_id, first.charge_id);
+    assert_eq!(again.payment_method_id, visa.payment_method_id);
+    e.stop().await;
+}
+
 #[tokio::test]
 async fn ach_purchase_credits_only_after_settling() {
     let e = env().await;

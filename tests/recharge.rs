@@ -745,8 +745,6 @@ async fn a_worker_that_lost_its_lease_cannot_move_the_attempt_on() {
         .unwrap()
         .expect("the lease ran out: another worker takes it");
     // The first worker wakes up (it was paused past its lease): every write is refused.
-    assert!(!store.start_charging(&first, "pm_1").await.unwrap());
-    assert!(!store.set_charge(&first, "ch_1").await.unwrap());
     assert!(!store.defer(&first, Duration::from_secs(1)).await.unwrap());
     let mut tx = pool.begin().await.unwrap();
     assert!(
@@ -757,7 +755,7 @@ async fn a_worker_that_lost_its_lease_cannot_move_the_attempt_on() {
     );
     tx.rollback().await.unwrap();
     // The current owner's writes go through.
-    assert!(store.start_charging(&second, "pm_1").await.unwrap());
+    assert!(store.defer(&second, Duration::ZERO).await.unwrap());
     let mut tx = pool.begin().await.unwrap();
     assert!(
         Store::finish(

@@ -98,7 +98,12 @@ pub async fn run_relay(pool: PgPool, cfg: RelayConfig, shutdown: CancellationTok
             Ok(n) if n > 0 => {
                 backoff = Duration::from_millis(100);
                 metrics::counter!("credits_outbox_published_total").increment(n as u64);
-                continue; // there may be more
+                // A full batch: there may be more at once. Otherwise what committed since is
+                // announced to the listener (kept between waits), so an empty claim is not
+                // spent to find out.
+                if n >= BATCH as usize || listener.is_none() {
+                    continue;
+                }
             }
             Ok(_) => backoff = Duration::from_millis(100),
             Err(e) => {
@@ -136,6 +141,18 @@ pub async fn run_relay(pool: PgPool, cfg: RelayConfig, shutdown: CancellationTok
             r = wait => if r.is_err() { listener = None; },
             _ = tokio::time::sleep(cfg.poll_interval) => {},
             _ = shutdown.cancelled() => break,
+        }
+        // Commits announced together are claimed together: one claim, not one per
+        // notification already waiting.
+        if let Some(l) = listener.as_mut() {
+            for _ in 0..BATCH {
+                if !matches!(
+                    tokio::time::timeout(Duration::ZERO, l.recv()).await,
+                    Ok(Ok(_))
+                ) {
+                    break;
+                }
+            }
         }
     }
     tracing::info!("outbox relay stopped");

@@ -421,6 +421,14 @@ impl Payments {
         let mut conn = self.store.pool().acquire().await?;
         if req.payment_method_id.is_empty() {
             if let Some(pm) = Store::default_method(&mut conn, req.account_id.as_str()).await? {
+                // R10: a top-up on the default charges it only when it is a card.
+                if req.purpose == Purpose::TOPUP && pm.method_type != MethodType::CARD {
+                    return Err(PaymentsError::Refused(format!(
+                        "account {:?}: auto-recharge charges cards only (R10), and the default \
+                         payment method is not a card",
+                        req.account_id.as_str()
+                    )));
+                }
                 return Ok(pm);
             }
             drop(conn);
@@ -434,11 +442,10 @@ impl Payments {
 
     /// Calls the processor for a PROCESSING charge and records the outcome.
     pub async fn drive(&self, charge: Charge) -> Result<Charge, PaymentsError> {
-        let token = self
+        let (token, customer) = self
             .store
-            .method_token(&charge.account_id, &charge.payment_method_id)
+            .charge_target(&charge.account_id, &charge.payment_method_id)
             .await?;
-        let customer = self.store.customer(&charge.account_id).await?;
         let input = ChargeInput {
             account_id: &charge.account_id,
             customer: customer.as_deref(),

@@ -407,18 +407,23 @@ impl Store {
         .transpose()
     }
 
-    pub async fn method_token(
+    /// What the processor needs to charge a method: its token and the account's customer
+    /// (if one was created), in one read.
+    pub async fn charge_target(
         &self,
         account: &str,
         payment_method_id: &str,
-    ) -> Result<String, PaymentsError> {
-        Ok(sqlx::query_scalar!(
-            "SELECT processor_token FROM payment_methods WHERE account_id = $1 AND payment_method_id = $2",
+    ) -> Result<(String, Option<String>), PaymentsError> {
+        let r = sqlx::query!(
+            r#"SELECT m.processor_token,
+                      (SELECT c.customer_id FROM processor_customers c WHERE c.account_id = m.account_id) AS customer
+               FROM payment_methods m WHERE m.account_id = $1 AND m.payment_method_id = $2"#,
             account,
             payment_method_id
         )
         .fetch_one(&self.pool)
-        .await?)
+        .await?;
+        Ok((r.processor_token, r.customer))
     }
 
     /// Moves an unfinished charge to `status`. Returns the charge only for the caller that

@@ -1,10 +1,11 @@
 //! The event consumer: a durable quorum queue bound to the events the worker acts on, with
 //! a dead-letter exchange for messages it cannot parse.
 //!
-//! A crossing is acknowledged only after a local transaction recorded it as a due balance
-//! check (`Recharge::record_crossing`); the check that needs the ledger runs from that
-//! record, so a crossing never depends on the ledger being up nor on the queue's delivery
-//! limit. A message that cannot be handled *yet* (our database or payments away, a peer
+//! A crossing is acknowledged only after a local transaction recorded it: decided at once
+//! when the ledger answers within 500 ms (`Recharge::on_crossing`), else (the ledger slow
+//! or away, auto-recharge off, settings changing) as a due balance check
+//! (`Recharge::record_crossing`) that any replica's sweeper carries out, so a crossing
+//! never depends on the ledger being up nor on the queue's delivery limit. A message that cannot be handled *yet* (our database or payments away, a peer
 //! refusing our token) is kept unacknowledged and retried here with backoff for as long as
 //! it takes, never requeued towards the delivery limit and never dead-lettered: only a
 //! message that cannot be parsed goes to the DLQ. The consumer re-declares its queue and
@@ -26,7 +27,7 @@ use tracing::Instrument;
 use credits_common::db::redact_url;
 use credits_common::events::{Envelope, Event, EventParseError, PaymentMethodType};
 
-use crate::domain::{RechargeError, Trigger};
+use crate::domain::RechargeError;
 use crate::worker::Recharge;
 
 pub const DEAD_LETTER_EXCHANGE: &str = "credits.dlx";
@@ -314,17 +315,7 @@ async fn handle(worker: &Arc<Recharge>, body: &[u8]) -> Outcome {
     let account = env.account_id.as_str();
     let event_id = env.id.to_string();
     let result = match &env.event {
-        Event::BalanceThresholdCrossed(_) => {
-            match worker.record_crossing(account, &event_id).await {
-                Ok(true) => {
-                    // Durable now; carrying it out at once only saves the sweeper's delay.
-                    worker.spawn_decide(account.to_owned(), Trigger::ThresholdCrossed);
-                    Ok(())
-                }
-                Ok(false) => Ok(()),
-                Err(e) => Err(e),
-            }
-        }
+        Event::BalanceThresholdCrossed(_) => worker.on_crossing(account, &event_id).await,
         Event::PaymentMethodDefaultChanged(changed) => match changed.method_type {
             PaymentMethodType::Card => Ok(()),
             _ => worker.apply_method_event(account, &event_id).await,

@@ -120,6 +120,43 @@ impl Store {
         .transpose()
     }
 
+    /// The settings and whether an attempt is in flight, in one read: what a decision
+    /// starts from.
+    pub async fn settings_for_decision(
+        &self,
+        account: &str,
+    ) -> Result<Option<(Settings, bool)>, RechargeError> {
+        let Some(r) = sqlx::query!(
+            r#"SELECT account_id, enabled, threshold, target, disabled_reason, consecutive_failures, updated_at,
+                      version, revision, due_trigger, due_event_id, monthly_limit, retry_at,
+                      EXISTS (SELECT 1 FROM attempts a WHERE a.account_id = s.account_id
+                                AND a.status IN ('PENDING', 'CHARGING')) AS "in_flight!"
+               FROM settings s WHERE account_id = $1"#,
+            account
+        )
+        .fetch_optional(&self.pool)
+        .await?
+        else {
+            return Ok(None);
+        };
+        let settings = Settings::try_from(SettingsRow {
+            account_id: r.account_id,
+            enabled: r.enabled,
+            threshold: r.threshold,
+            target: r.target,
+            disabled_reason: r.disabled_reason,
+            consecutive_failures: r.consecutive_failures,
+            updated_at: r.updated_at,
+            version: r.version,
+            revision: r.revision,
+            due_trigger: r.due_trigger,
+            due_event_id: r.due_event_id,
+            monthly_limit: r.monthly_limit,
+            retry_at: r.retry_at,
+        })?;
+        Ok(Some((settings, r.in_flight)))
+    }
+
     /// Locks the account's settings row for the rest of the transaction.
     pub async fn lock_settings(
         conn: &mut PgConnection,
@@ -393,7 +430,9 @@ impl Store {
         Ok(a)
     }
 
-    /// Inserts a PENDING attempt; `None` if one is already in flight for the account.
+    /// Inserts a CHARGING attempt already leased to `owner` for `lease`; `None` if one is
+    /// already in flight for the account.
+    #[allow(clippy::too_many_arguments)]
     pub async fn insert_attempt(
         conn: &mut PgConnection,
         account: &str,
@@ -401,11 +440,14 @@ impl Store {
         event_id: Option<&str>,
         balance: Money,
         amount: Money,
-    ) -> Result<Option<Attempt>, RechargeError> {
-        sqlx::query_as!(
+        lease: Duration,
+        owner: Uuid,
+    ) -> Result<Option<Lease>, RechargeError> {
+        let row = sqlx::query_as!(
             AttemptRow,
-            r#"INSERT INTO attempts (attempt_id, account_id, trigger, trigger_event_id, balance_at_trigger, amount, status)
-               VALUES ($1, $2, $3, $4, $5, $6, 'PENDING')
+            r#"INSERT INTO attempts (attempt_id, account_id, trigger, trigger_event_id, balance_at_trigger, amount,
+                                     status, lease_until, lease_owner)
+               VALUES ($1, $2, $3, $4, $5, $6, 'CHARGING', now() + make_interval(secs => $7), $8)
                ON CONFLICT (account_id) WHERE status IN ('PENDING', 'CHARGING') DO NOTHING
                RETURNING seq, attempt_id, account_id, trigger, balance_at_trigger, amount, status,
                          payment_method_id, charge_id, failure_code, retries, created_at, completed_at"#,
@@ -415,10 +457,17 @@ impl Store {
             event_id,
             balance.as_decimal(),
             amount.as_decimal(),
+            secs(lease),
+            owner,
         )
         .fetch_optional(conn)
-        .await?
-        .map(Attempt::try_from)
+        .await?;
+        row.map(|r| {
+            Ok(Lease {
+                attempt: Attempt::try_from(r)?,
+                owner,
+            })
+        })
         .transpose()
     }
 
@@ -462,41 +511,6 @@ impl Store {
         )
         .fetch_all(&self.pool)
         .await?)
-    }
-
-    /// PENDING → CHARGING with the method chosen; resumes keep that method. False when the
-    /// lease was lost.
-    pub async fn start_charging(
-        &self,
-        lease: &Lease,
-        payment_method_id: &str,
-    ) -> Result<bool, RechargeError> {
-        let r = sqlx::query!(
-            "UPDATE attempts SET status = 'CHARGING', payment_method_id = $2
-             WHERE attempt_id = $1 AND status = 'PENDING' AND lease_owner = $3 AND account_id = $4",
-            lease.attempt.attempt_id,
-            payment_method_id,
-            lease.owner,
-            lease.attempt.account_id,
-        )
-        .execute(&self.pool)
-        .await?;
-        Ok(r.rows_affected() == 1)
-    }
-
-    /// Records the charge of the attempt; false when the lease was lost.
-    pub async fn set_charge(&self, lease: &Lease, charge_id: &str) -> Result<bool, RechargeError> {
-        let r = sqlx::query!(
-            "UPDATE attempts SET charge_id = $2
-             WHERE attempt_id = $1 AND lease_owner = $3 AND account_id = $4",
-            lease.attempt.attempt_id,
-            charge_id,
-            lease.owner,
-            lease.attempt.account_id,
-        )
-        .execute(&self.pool)
-        .await?;
-        Ok(r.rows_affected() == 1)
     }
 
     /// Gives the attempt back for a later retry (transient failure), after `delay`; false

@@ -1,13 +1,15 @@
 //! The heart of auto-recharge: deciding a top-up and carrying it out, exactly once.
 //!
 //! *Deciding* (per crossing, on enabling below the threshold, after a top-up that left the
-//! balance still below it, after a failure's retry delay) runs in one transaction that
-//! locks the account's settings row, marks the triggering event processed, checks that no
-//! attempt is in flight, reads the balance, and inserts a PENDING attempt with the amount
-//! of R8. The partial unique index on in-flight attempts backs this with a constraint.
+//! balance still below it, after a failure's retry delay) reads the settings and the
+//! balance with no lock held, then runs one transaction that marks a crossing's event
+//! processed, locks the account's settings row, checks it did not change meanwhile, and
+//! inserts a CHARGING attempt with the amount of R8, leased to the deciding worker. The
+//! partial unique index on in-flight attempts backs this with a constraint.
 //!
-//! *Executing* an attempt takes its lease, fixes the card it charges, charges through
-//! payments and credits the ledger, both with the idempotency key `recharge:<attempt_id>`,
+//! *Executing* an attempt (leased at its insert, or taken over when its lease ran out)
+//! charges the default card through payments and credits the ledger, both with the
+//! idempotency key `recharge:<attempt_id>`,
 //! then records the outcome with its event. Any worker may resume an attempt whose lease
 //! ran out (a crash, a transient failure's backoff), repeating the same keyed calls, so a
 //! crossing is charged once and credited once however often it is retried.
@@ -38,6 +40,26 @@ const DECIDE_ROUNDS: usize = 3;
 /// An attempt whose key payments keeps refusing as a different request is failed after
 /// this many reloads.
 const MAX_KEY_CONFLICTS: i32 = 10;
+/// A charge refused on the default while the default reads as a card is tried again this
+/// many times before the refusal ends the attempt.
+const MAX_DEFAULT_RETRIES: i32 = 3;
+/// How long a crossing's decision waits for the ledger's balance before the crossing is
+/// recorded as a due check instead (the ledger slow or away).
+const CROSSING_LEDGER_DEADLINE: Duration = Duration::from_millis(500);
+/// After the ledger was slow or away for a crossing, crossings are recorded as due checks
+/// at once for this long, so the consumer keeps acknowledging at full speed.
+const CROSSING_FAST_PATH_PAUSE: Duration = Duration::from_secs(5);
+
+/// What a decision came to.
+pub enum Decision {
+    /// A top-up to carry out, leased to this worker.
+    TopUp(Box<Lease>),
+    /// Decided: nothing to charge, an attempt already in flight (it makes a check due when
+    /// it ends), no check due, or a duplicate crossing.
+    Done,
+    /// Nothing recorded: auto-recharge off, or the settings kept changing.
+    NotDone,
+}
 
 #[derive(Clone, Debug)]
 pub struct WorkerConfig {
@@ -89,6 +111,8 @@ pub struct Recharge {
     faults: Faults,
     /// Every attempt and check started in the background, drained on shutdown.
     tasks: TaskTracker,
+    /// Until when crossings skip the decision at once ([`CROSSING_FAST_PATH_PAUSE`]).
+    fast_path_paused_until: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 enum Step {
@@ -116,6 +140,7 @@ impl Recharge {
             cfg,
             faults,
             tasks: TaskTracker::new(),
+            fast_path_paused_until: std::sync::Mutex::new(None),
         }
     }
 
@@ -174,52 +199,154 @@ impl Recharge {
         Ok(due)
     }
 
+    /// A crossing, decided at once when it can be: one read, the ledger asked (waiting at
+    /// most [`CROSSING_LEDGER_DEADLINE`]), then one transaction that marks the event
+    /// processed, takes the decision and leases the new attempt to this worker. When the
+    /// decision cannot be taken now (the ledger slow or away, the settings changing under
+    /// it, auto-recharge off) the crossing is recorded as a due check instead
+    /// ([`Self::record_crossing`]), which needs no peer; after the ledger was slow or away,
+    /// for [`CROSSING_FAST_PATH_PAUSE`], every crossing is.
+    pub async fn on_crossing(
+        self: &Arc<Self>,
+        account: &str,
+        event_id: &str,
+    ) -> Result<(), RechargeError> {
+        if !self.fast_path_paused() {
+            match self
+                .decide_with(account, Trigger::ThresholdCrossed, Some(event_id))
+                .await
+            {
+                Ok(Decision::TopUp(lease)) => {
+                    self.spawn_run(*lease);
+                    return Ok(());
+                }
+                Ok(Decision::Done) => return Ok(()),
+                Ok(Decision::NotDone) => {}
+                Err(e) => {
+                    if matches!(e, RechargeError::Unavailable(_)) {
+                        self.pause_fast_path();
+                    }
+                    tracing::debug!(account_id = account, error = %e, "crossing not decided at once; recorded as a due check");
+                }
+            }
+        }
+        if self.record_crossing(account, event_id).await? {
+            // Durable now; carrying it out at once only saves the sweeper's delay.
+            self.spawn_decide(account.to_owned(), Trigger::ThresholdCrossed);
+        }
+        Ok(())
+    }
+
+    fn fast_path_paused(&self) -> bool {
+        let mut until = self
+            .fast_path_paused_until
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match *until {
+            Some(t) if t > std::time::Instant::now() => true,
+            Some(_) => {
+                *until = None;
+                false
+            }
+            None => false,
+        }
+    }
+
+    fn pause_fast_path(&self) {
+        *self
+            .fast_path_paused_until
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some(std::time::Instant::now() + CROSSING_FAST_PATH_PAUSE);
+    }
+
     /// Carries out the account's balance check: decides whether a top-up is due now and
-    /// records it. Returns the new attempt.
+    /// records it. Returns the new attempt, leased to this worker.
+    pub async fn decide(
+        &self,
+        account: &str,
+        fallback: Trigger,
+    ) -> Result<Option<Lease>, RechargeError> {
+        Ok(match self.decide_with(account, fallback, None).await? {
+            Decision::TopUp(lease) => Some(*lease),
+            Decision::Done | Decision::NotDone => None,
+        })
+    }
+
+    /// The decision behind [`Self::decide`] and [`Self::on_crossing`].
     ///
     /// The ledger is read with no lock and no connection held; the attempt is then inserted
     /// only if the settings row is still at the revision read before (a top-up landing, a
     /// change of settings or another replica's decision bumps it), so a stale balance never
     /// decides a charge. When the row keeps changing the check stays due for the sweeper.
-    pub async fn decide(
+    ///
+    /// With `crossing` (its event id), the crossing itself makes the check due: the event
+    /// is marked processed in the decision's transaction, and a redelivery is `Done`.
+    async fn decide_with(
         &self,
         account: &str,
         fallback: Trigger,
-    ) -> Result<Option<Attempt>, RechargeError> {
+        crossing: Option<&str>,
+    ) -> Result<Decision, RechargeError> {
         for _ in 0..DECIDE_ROUNDS {
-            let Some(seen) = self.store.settings(account).await? else {
-                return Ok(None);
+            let Some((seen, in_flight)) = self.store.settings_for_decision(account).await? else {
+                return Ok(Decision::NotDone);
             };
-            // Every path that asks for a check first records it as due (a crossing, enabling,
-            // a landed top-up, a failure's retry, the reconciler); a check another replica
-            // already carried out is not done twice on a newer balance.
-            if !seen.enabled || seen.due.is_none() {
-                return Ok(None);
+            if !seen.enabled {
+                return Ok(Decision::NotDone);
             }
-            // R19: after a skipped top-up the check waits for the month's turn; another
-            // path (a re-check racing the skip) must not skip again before then. A new
-            // crossing makes the check due now and is decided as usual.
-            if let Some(d) = &seen.due
-                && d.trigger == Trigger::MonthTurned.as_str()
-                && d.at.is_some_and(|at| {
-                    at > chrono::Utc::now()
-                        + chrono::Duration::seconds(self.cfg.clock.offset_secs() as i64)
-                })
-            {
-                return Ok(None);
-            }
-            {
-                let mut conn = self.store.pool().acquire().await?;
-                if Store::has_in_flight(&mut conn, account).await? {
-                    // That attempt makes a check due again when it ends (R9, R11).
-                    Store::clear_due(&mut conn, account, seen.revision).await?;
-                    return Ok(None);
+            if crossing.is_none() {
+                // Every path that asks for a check first records it as due (a crossing,
+                // enabling, a landed top-up, a failure's retry, the reconciler); a check
+                // another replica already carried out is not done twice on a newer balance.
+                if seen.due.is_none() {
+                    return Ok(Decision::Done);
+                }
+                // R19: after a skipped top-up the check waits for the month's turn; another
+                // path (a re-check racing the skip) must not skip again before then. A new
+                // crossing makes the check due now and is decided as usual.
+                if let Some(d) = &seen.due
+                    && d.trigger == Trigger::MonthTurned.as_str()
+                    && d.at.is_some_and(|at| {
+                        at > chrono::Utc::now()
+                            + chrono::Duration::seconds(self.cfg.clock.offset_secs() as i64)
+                    })
+                {
+                    return Ok(Decision::Done);
                 }
             }
-            let acct = self.account(account).await?;
+            if in_flight {
+                // That attempt makes a check due again when it ends (R9, R11).
+                let mut conn = self.store.pool().acquire().await?;
+                match crossing {
+                    Some(event_id) => {
+                        Store::mark_processed(&mut conn, event_id).await?;
+                    }
+                    None => Store::clear_due(&mut conn, account, seen.revision).await?,
+                }
+                return Ok(Decision::Done);
+            }
+            let acct = match crossing {
+                Some(_) => tokio::time::timeout(CROSSING_LEDGER_DEADLINE, self.account(account))
+                    .await
+                    .map_err(|_| {
+                        RechargeError::Unavailable(format!(
+                            "the ledger did not answer within {} ms",
+                            CROSSING_LEDGER_DEADLINE.as_millis()
+                        ))
+                    })??,
+                None => self.account(account).await?,
+            };
             let mut tx = self.store.pool().begin().await?;
+            if let Some(event_id) = crossing
+                && !Store::mark_processed(&mut tx, event_id).await?
+            {
+                tracing::debug!(event_id, account_id = account, "duplicate event ignored");
+                return Ok(Decision::Done);
+            }
             let Some(now) = Store::lock_settings(&mut tx, account).await? else {
-                return Ok(None);
+                tx.commit().await?;
+                return Ok(Decision::Done);
             };
             if now.revision != seen.revision {
                 tx.rollback().await?;
@@ -232,17 +359,21 @@ impl Recharge {
                 );
                 Store::clear_due(&mut tx, account, seen.revision).await?;
                 tx.commit().await?;
-                return Ok(None);
+                return Ok(Decision::Done);
             };
             let balance = acct.balance;
             Store::clear_due(&mut tx, account, seen.revision).await?;
             if balance >= now.threshold {
                 tx.commit().await?;
-                return Ok(None);
+                return Ok(Decision::Done);
             }
-            let (trigger, event_id) = match &now.due {
-                Some(d) => (d.trigger.clone(), d.event_id.clone()),
-                None => (fallback.as_str().to_owned(), None),
+            let (trigger, event_id) = match (crossing, &now.due) {
+                (Some(e), _) => (
+                    Trigger::ThresholdCrossed.as_str().to_owned(),
+                    Some(e.to_owned()),
+                ),
+                (None, Some(d)) => (d.trigger.clone(), d.event_id.clone()),
+                (None, None) => (fallback.as_str().to_owned(), None),
             };
             let due_amount = top_up_amount(now.target, balance);
             // R19: the month's allowance is read and spent under the settings row lock, so
@@ -275,31 +406,34 @@ impl Recharge {
                     tx.commit().await?;
                     metrics::counter!("credits_recharge_attempts_skipped_total").increment(1);
                     tracing::warn!(account_id = account, attempt_id = %skipped.attempt_id, %balance, %due_amount, %charged, "monthly auto-recharge limit reached; top-up skipped until the month turns");
-                    return Ok(None);
+                    return Ok(Decision::Done);
                 }
             };
-            let attempt = Store::insert_attempt(
+            let lease = Store::insert_attempt(
                 &mut tx,
                 account,
                 &trigger,
                 event_id.as_deref(),
                 balance,
                 amount,
+                self.cfg.lease,
+                uuid::Uuid::new_v4(),
             )
             .await?;
             tx.commit().await?;
-            if let Some(a) = &attempt {
-                metrics::counter!("credits_recharge_attempts_total", "trigger" => trigger.clone())
-                    .increment(1);
-                tracing::info!(account_id = account, attempt_id = %a.attempt_id, %balance, %amount, trigger, "top-up decided");
-            }
-            return Ok(attempt);
+            let Some(lease) = lease else {
+                return Ok(Decision::Done);
+            };
+            metrics::counter!("credits_recharge_attempts_total", "trigger" => trigger.clone())
+                .increment(1);
+            tracing::info!(account_id = account, attempt_id = %lease.attempt.attempt_id, %balance, %amount, trigger, "top-up decided");
+            return Ok(Decision::TopUp(Box::new(lease)));
         }
         tracing::debug!(
             account_id = account,
             "settings kept changing; the check stays due"
         );
-        Ok(None)
+        Ok(Decision::NotDone)
     }
 
     /// Decides, and if a top-up is due, starts it in the background.
@@ -308,8 +442,8 @@ impl Recharge {
         account: &str,
         fallback: Trigger,
     ) -> Result<(), RechargeError> {
-        if let Some(a) = self.decide(account, fallback).await? {
-            self.spawn_execute(a.attempt_id);
+        if let Some(lease) = self.decide(account, fallback).await? {
+            self.spawn_run(lease);
         }
         Ok(())
     }
@@ -324,10 +458,12 @@ impl Recharge {
         }));
     }
 
-    pub fn spawn_execute(self: &Arc<Self>, attempt_id: String) {
+    /// Carries an attempt this worker holds the lease of in the background.
+    fn spawn_run(self: &Arc<Self>, lease: Lease) {
         let me = self.clone();
         self.tasks.spawn(credits_common::trace::carried(async move {
-            if let Err(e) = me.execute(&attempt_id).await {
+            let attempt_id = lease.attempt.attempt_id.clone();
+            if let Err(e) = me.run_leased(&lease).await {
                 tracing::warn!(attempt_id, error = %e, "attempt interrupted; the sweeper resumes it");
             }
         }));
@@ -338,7 +474,13 @@ impl Recharge {
         let Some(lease) = self.store.claim(attempt_id, self.cfg.lease).await? else {
             return Ok(()); // finished, or another worker holds it
         };
-        match self.run_attempt(&lease).await {
+        self.run_leased(&lease).await
+    }
+
+    /// Carries an attempt whose lease this worker holds as far as it can go now.
+    async fn run_leased(self: &Arc<Self>, lease: &Lease) -> Result<(), RechargeError> {
+        let attempt_id = lease.attempt.attempt_id.as_str();
+        match self.run_attempt(lease).await {
             Ok(Step::Done) => Ok(()),
             Ok(Step::LeaseLost) => {
                 tracing::warn!(
@@ -349,7 +491,7 @@ impl Recharge {
             }
             Ok(Step::Retry(why)) | Err(RechargeError::Unavailable(why)) => {
                 let delay = self.backoff(lease.attempt.retries);
-                if self.store.defer(&lease, delay).await? {
+                if self.store.defer(lease, delay).await? {
                     tracing::warn!(attempt_id, retries = lease.attempt.retries + 1, delay_ms = delay.as_millis() as u64, reason = %why, "top-up deferred");
                 }
                 Ok(())
@@ -368,20 +510,11 @@ impl Recharge {
 
     async fn run_attempt(self: &Arc<Self>, lease: &Lease) -> Result<Step, RechargeError> {
         let a = &lease.attempt;
-        // A resumed attempt charges the card it fixed before, never a newer default: the
-        // same key with another method would be a different request.
-        let method_id = match &a.payment_method_id {
-            Some(id) => id.clone(),
-            None => match method_step(self.default_method(&a.account_id).await?) {
-                Ok(id) => {
-                    if !self.store.start_charging(lease, &id).await? {
-                        return Ok(Step::LeaseLost);
-                    }
-                    id
-                }
-                Err((code, reason)) => return self.fail(lease, None, code, Some(reason)).await,
-            },
-        };
+        // The card: the account's default card, which payments resolves (cards only, R10)
+        // when it first sees the attempt's key and keeps under it, so every resend is the
+        // identical request and is answered with that same charge, never charged to a newer
+        // default. An attempt from before this release may have fixed its card itself.
+        let method_id = a.payment_method_id.clone().unwrap_or_default();
         let request = TopUpCharge {
             account_id: a.account_id.clone(),
             amount: a.amount,
@@ -390,6 +523,26 @@ impl Recharge {
             description: format!("auto-recharge {}", a.attempt_id),
         };
         let answer = self.payments.charge(&request).await?;
+        // Refused on the default: R10 says why (no default, or not a card) and turns
+        // auto-recharge off; only this path asks payments for the default.
+        if request.payment_method_id.is_empty()
+            && matches!(
+                answer,
+                ChargeAnswer::Refused(_) | ChargeAnswer::MethodNotFound
+            )
+        {
+            match method_step(self.default_method(&a.account_id).await?) {
+                Err((code, reason)) => return self.fail(lease, None, code, Some(reason)).await,
+                // The default became a card since payments refused (nothing is recorded
+                // under the key): charge again, a few times, before the refusal stands.
+                Ok(_) if a.retries < MAX_DEFAULT_RETRIES => {
+                    return Ok(Step::Retry(
+                        "payments refused the default, which is now a card".into(),
+                    ));
+                }
+                Ok(_) => {}
+            }
+        }
         let charge_id = match charge_step(&a.attempt_id, answer, a.retries) {
             ChargeStep::Credit(charge_id) => charge_id,
             ChargeStep::Fail { charge_id, code } => {
@@ -401,9 +554,8 @@ impl Recharge {
             tracing::warn!(attempt_id = %a.attempt_id, "fault injected: worker stops after the charge");
             return Err(RechargeError::internal("fault injected after charge"));
         }
-        if !self.store.set_charge(lease, &charge_id).await? {
-            return Ok(Step::LeaseLost);
-        }
+        // The charge's id is recorded with the outcome: a worker resuming this attempt asks
+        // payments again under the same key and is answered with the same charge.
         self.ledger.credit_top_up(&request, &charge_id).await?;
         if !self.succeed(lease, &charge_id).await? {
             return Ok(Step::LeaseLost);
