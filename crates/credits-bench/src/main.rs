@@ -7,6 +7,7 @@
 
 #![allow(clippy::print_stdout)] // the report is this tool's output
 
+mod cost;
 mod gateway;
 mod load;
 mod pgbench;
@@ -62,6 +63,13 @@ pub struct Args {
     /// The ledger's own database (cache-1m writes a million accounts into it).
     #[arg(long)]
     pub ledger_database_url: Option<String>,
+    /// Count what each recharge-open top-up costs: transactions per daemon database and,
+    /// with `--metrics`, RPCs per method (waits for PostgreSQL's counters to settle).
+    #[arg(long)]
+    pub count_costs: bool,
+    /// A daemon's metrics address for `--count-costs`, as name=host:port (repeatable).
+    #[arg(long = "metrics")]
+    pub metrics: Vec<String>,
     /// A label for this run in the report ("before", "after", …).
     #[arg(long, default_value = "")]
     pub label: String,

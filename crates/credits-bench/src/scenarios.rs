@@ -591,6 +591,8 @@ async fn recharge_open(
     let ids = auto_recharge_accounts(a, pool, &format!("ro{rate}-{run}"), n).await?;
     // Let the set-up's own events (purchases, settings) drain before the clock starts.
     tokio::time::sleep(Duration::from_secs(1)).await;
+    let costs_idle = crate::cost::snapshot(a).await?;
+    let costs_before = crate::cost::snapshot(a).await?;
     eprintln!("{name}: {n} crossings at {rate}/s…");
 
     let period = Duration::from_secs_f64(1.0 / f64::from(rate));
@@ -646,7 +648,9 @@ async fn recharge_open(
     let mut h = load::histogram();
     let (mut top_ups, mut extra) = (0usize, 0usize);
     let mut pending = crossed;
+    let mut probes = 0u64;
     loop {
+        probes += pending.len() as u64;
         let seen: Vec<(usize, Result<Option<TopUp>, String>)> =
             futures_util::stream::iter(pending.iter().copied())
                 .map(|i| {
@@ -714,6 +718,15 @@ async fn recharge_open(
             String::new()
         },
     );
+    if let (Some(idle), Some(before)) = (costs_idle, costs_before)
+        && let Some(after) = crate::cost::snapshot(a).await?
+    {
+        let own = [("RecordUsage", n as u64), ("ListEntries", probes)];
+        s.note.push_str(&format!(
+            "; per top-up (the crossing and the probe's reads excluded): {}",
+            crate::cost::per_unit(&idle, &before, &after, top_ups, &own)
+        ));
+    }
     if let Some(e) = first_error {
         s.note.push_str(&format!("; first error: {e}"));
     }
