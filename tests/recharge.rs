@@ -705,6 +705,94 @@ async fn a_late_bank_default_event_does_not_undo_a_newer_choice_r10() {
     sys.stop().await;
 }
 
+/// R9 after a success: the check is due when the balance read after the credit is still
+/// below the current threshold, when the ledger sent none, or when a crossing was parked
+/// while the attempt ran; not otherwise. A crossing parks only while an attempt is in
+/// flight.
+#[tokio::test]
+async fn a_success_rechecks_only_when_usage_outran_it_or_a_crossing_waited_r9() {
+    use credits_common::Money;
+    use credits_recharge::store::Store;
+    let sys = System::start(0).await;
+    let opts = sys.recharge_opts.clone();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let cfg = credits_recharge::Config::new(
+        &opts.database_url,
+        credits_tests::AMQP_URL,
+        &opts.ledger_url,
+        &opts.payments_url,
+    );
+    drop(credits_recharge::App::build(cfg, &shutdown).await.unwrap());
+    let pool = sqlx::PgPool::connect(&opts.database_url).await.unwrap();
+    sqlx::query("INSERT INTO settings (account_id, enabled, threshold, target) VALUES ('acme', true, 10, 50)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let m = |s: &str| Money::new(s.parse::<Decimal>().unwrap());
+    let due = || async {
+        sqlx::query_as::<_, (Option<String>, bool)>(
+            "SELECT due_trigger, retry_at IS NOT NULL FROM settings WHERE account_id = 'acme'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+    for (available, want) in [
+        (Some(m("50.00")), false),
+        (Some(m("10.00")), false),
+        (Some(m("9.99")), true),
+        (None, true),
+    ] {
+        sqlx::query("UPDATE settings SET due_trigger = NULL, retry_at = NULL")
+            .execute(&pool)
+            .await
+            .unwrap();
+        let mut tx = pool.begin().await.unwrap();
+        let got = Store::after_success(&mut tx, "acme", available)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        assert_eq!(got, want, "{available:?}");
+        let (trigger, scheduled) = due().await;
+        assert_eq!(trigger.is_some(), want);
+        assert_eq!(scheduled, want);
+    }
+
+    // No attempt in flight: a crossing is not parked (it is decided as usual).
+    sqlx::query("UPDATE settings SET due_trigger = NULL, retry_at = NULL")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    assert!(!Store::park_due(&mut tx, "acme", "ev-1").await.unwrap());
+    tx.commit().await.unwrap();
+    assert_eq!(due().await, (None, false));
+    // In flight: parked, left alone by the sweeper, and due once the attempt succeeds even
+    // though the credit left the balance above the threshold.
+    sqlx::query("INSERT INTO attempts (attempt_id, account_id, trigger, balance_at_trigger, amount, status) VALUES ('att_1', 'acme', 'threshold_crossed', 9.99, 40.01, 'CHARGING')")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    assert!(Store::park_due(&mut tx, "acme", "ev-2").await.unwrap());
+    tx.commit().await.unwrap();
+    assert_eq!(due().await, (Some("threshold_crossed".into()), false));
+    let store = Store::new(pool.clone());
+    assert!(
+        store.due_checks(100, 0.0).await.unwrap().is_empty(),
+        "a parked check waits for the attempt"
+    );
+    let mut tx = pool.begin().await.unwrap();
+    assert!(
+        Store::after_success(&mut tx, "acme", Some(m("50.00")))
+            .await
+            .unwrap()
+    );
+    tx.commit().await.unwrap();
+    assert_eq!(due().await, (Some("still_below_threshold".into()), true));
+    sys.stop().await;
+}
+
 #[tokio::test]
 async fn a_worker_that_lost_its_lease_cannot_move_the_attempt_on() {
     use credits_recharge::domain::AttemptStatus;

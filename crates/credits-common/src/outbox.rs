@@ -86,6 +86,9 @@ pub async fn run_relay(pool: PgPool, cfg: RelayConfig, shutdown: CancellationTok
     let mut listener: Option<PgListener> = None;
     let mut backoff = Duration::from_millis(100);
     let mut gauges_at = tokio::time::Instant::now();
+    // Published, not yet deleted: deleted by the next claim, in its statement (one commit
+    // for both), which runs at the latest one poll interval later — well inside the claim.
+    let mut published: Vec<i64> = Vec::new();
     loop {
         if shutdown.is_cancelled() {
             break;
@@ -94,7 +97,7 @@ pub async fn run_relay(pool: PgPool, cfg: RelayConfig, shutdown: CancellationTok
             gauges_at = tokio::time::Instant::now();
             record_gauges(&pool, &cfg.connection_name).await;
         }
-        match relay_batch(&pool, &mut publisher, &cfg).await {
+        match relay_batch(&pool, &mut publisher, &cfg, &mut published).await {
             Ok(n) if n > 0 => {
                 backoff = Duration::from_millis(100);
                 metrics::counter!("credits_outbox_published_total").increment(n as u64);
@@ -155,6 +158,14 @@ pub async fn run_relay(pool: PgPool, cfg: RelayConfig, shutdown: CancellationTok
             }
         }
     }
+    if !published.is_empty()
+        && let Err(e) = sqlx::query("DELETE FROM outbox WHERE seq = ANY($1)")
+            .bind(&published)
+            .execute(&pool)
+            .await
+    {
+        tracing::warn!(error = %e, "could not delete published outbox rows; their claim expires and they are published again");
+    }
     tracing::info!("outbox relay stopped");
 }
 
@@ -210,28 +221,34 @@ fn message(r: &Row) -> OutgoingMessage {
     }
 }
 
-/// Relays one batch: claim (and commit), publish, delete what a queue received; returns
-/// how many rows it took on. No transaction is open while the broker is talked to.
+/// Relays one batch: claim (and commit, deleting what the batch before published), publish,
+/// and leave what a queue received in `published` for the next claim to delete; returns how
+/// many rows it took on. No transaction is open while the broker is talked to.
 async fn relay_batch(
     pool: &PgPool,
     publisher: &mut Publisher,
     cfg: &RelayConfig,
+    published: &mut Vec<i64>,
 ) -> Result<usize, RelayError> {
     // The shared relay queries the outbox at run time: every daemon owns its own copy of
     // the table, so there is no single schema to check them against at compile time.
     let mut rows: Vec<Row> = sqlx::query_as(
-        "UPDATE outbox SET claimed_until = now() + make_interval(secs => $2)
+        "WITH done AS (DELETE FROM outbox WHERE seq = ANY($3))
+         UPDATE outbox SET claimed_until = now() + make_interval(secs => $2)
          WHERE seq IN (SELECT seq FROM outbox
                        WHERE next_attempt_at <= now()
                          AND (claimed_until IS NULL OR claimed_until < now())
+                         AND seq <> ALL($3)
                        ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED)
          RETURNING seq, event_id, routing_key, payload, created_at, attempts, first_returned_at,
                    traceparent",
     )
     .bind(BATCH)
     .bind(CLAIM.as_secs_f64())
+    .bind(&*published)
     .fetch_all(pool)
     .await?;
+    published.clear();
     if rows.is_empty() {
         return Ok(0);
     }
@@ -280,11 +297,7 @@ async fn relay_batch(
             }
         }
     }
-    let seqs: Vec<i64> = routed.iter().map(|r| r.seq).collect();
-    sqlx::query("DELETE FROM outbox WHERE seq = ANY($1)")
-        .bind(&seqs)
-        .execute(pool)
-        .await?;
+    published.extend(routed.iter().map(|r| r.seq));
     for r in &routed {
         tracing::debug!(event_id = %r.event_id, routing_key = %r.routing_key, "event published");
     }

@@ -427,6 +427,7 @@ impl LedgerGrpc {
         Ok(pb::AddCreditsResponse {
             balance: posted.balance.to_wire(),
             entry: Some(entry_to_wire(posted.entry)),
+            available_balance: String::new(),
         })
     }
 }
@@ -558,7 +559,15 @@ impl pb::ledger_service_server::LedgerService for LedgerGrpc {
             p.expires_at = self.purchase_expiry.map(|d| chrono::Utc::now() + d);
         }
         let posted = self.store.post(&p).await;
-        Ok(Response::new(self.answer_money(&p, posted)?))
+        let mut answer = self.answer_money(&p, posted)?;
+        if source == CreditSource::AUTO_RECHARGE {
+            // Read after the credit, so usage after it counts too; a failed read leaves the
+            // field empty and recharge checks the balance itself.
+            if let Ok(view) = self.store.access(&p.account_id).await {
+                answer.available_balance = view.available().to_wire();
+            }
+        }
+        Ok(Response::new(answer))
     }
 
     async fn grant_credits(

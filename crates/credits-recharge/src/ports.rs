@@ -77,12 +77,13 @@ pub trait LedgerPort: Send + Sync + 'static {
         threshold: Option<Money>,
         version: i64,
     ) -> Result<i64, RechargeError>;
-    /// Credits a top-up (source `AUTO_RECHARGE`) under `key`.
+    /// Credits a top-up (source `AUTO_RECHARGE`) under `key`; the available balance read
+    /// right after it, when the ledger sends one.
     async fn credit_top_up(
         &self,
         charge: &TopUpCharge,
         charge_id: &str,
-    ) -> Result<(), RechargeError>;
+    ) -> Result<Option<Money>, RechargeError>;
 }
 
 #[tonic::async_trait]
@@ -200,8 +201,9 @@ impl LedgerPort for GrpcLedger {
         &self,
         charge: &TopUpCharge,
         charge_id: &str,
-    ) -> Result<(), RechargeError> {
-        self.0
+    ) -> Result<Option<Money>, RechargeError> {
+        let answer = self
+            .0
             .clone()
             .add_credits(lpb::AddCreditsRequest {
                 account_id: charge.account_id.clone(),
@@ -212,13 +214,18 @@ impl LedgerPort for GrpcLedger {
                 description: charge.description.clone(),
             })
             .await
-            .map(|_| ())
             .map_err(|s| match peer_error("ledger", s) {
                 RechargeError::Unavailable(m) => RechargeError::Unavailable(m),
                 other => {
                     RechargeError::internal(format!("ledger refused the top-up credit: {other}"))
                 }
-            })
+            })?
+            .into_inner();
+        // A ledger from before sends none: the balance is then checked again as before.
+        Ok(match answer.available_balance.as_str() {
+            "" => None,
+            a => Some(Money::parse_signed("available_balance", a)?),
+        })
     }
 }
 

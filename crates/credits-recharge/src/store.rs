@@ -563,24 +563,59 @@ impl Store {
         .transpose()
     }
 
-    /// After a success: the failure streak is over, and a balance check is due (R9).
-    /// Scheduling it in the success transaction makes it durable: the worker does it at
-    /// once; if the worker dies or the ledger is unreachable right after, the sweeper runs
-    /// it when the 2 s grace has passed.
+    /// After a success: the failure streak is over, and a balance check is due (R9) unless
+    /// the balance read after the credit (`available`) reaches the current threshold and
+    /// no check was parked while the attempt ran ([`Self::park_due`]); returns whether it
+    /// is. Scheduling it in the success transaction makes it durable: the worker does it
+    /// at once; if the worker dies or the ledger is unreachable right after, the sweeper
+    /// runs it when the 2 s grace has passed.
     pub async fn after_success(
         conn: &mut PgConnection,
         account: &str,
-    ) -> Result<(), RechargeError> {
-        sqlx::query!(
-            "UPDATE settings SET consecutive_failures = 0, retry_at = now() + interval '2 seconds',
-                                 due_trigger = $2, due_event_id = NULL
-             WHERE account_id = $1",
+        available: Option<Money>,
+    ) -> Result<bool, RechargeError> {
+        Ok(sqlx::query_scalar!(
+            r#"UPDATE settings SET consecutive_failures = 0,
+                      retry_at = CASE WHEN due_trigger IS NOT NULL OR $3::numeric IS NULL OR $3 < threshold
+                                      THEN now() + interval '2 seconds' END,
+                      due_trigger = CASE WHEN due_trigger IS NOT NULL OR $3::numeric IS NULL OR $3 < threshold
+                                         THEN $2 END,
+                      due_event_id = NULL
+               WHERE account_id = $1 RETURNING retry_at IS NOT NULL AS "due!""#,
             account,
             Trigger::StillBelowThreshold.as_str(),
+            available.map(|m| m.as_decimal()),
+        )
+        .fetch_optional(conn)
+        .await?
+        .unwrap_or(false))
+    }
+
+    /// A crossing that arrived while an attempt was in flight: a check is due when the
+    /// attempt ends (not before: the sweeper leaves it, `retry_at` is empty). The settings
+    /// row is locked before the attempt is looked at again, so an attempt that ended first
+    /// (its success updates this row in its transaction) is seen ended: then nothing is
+    /// parked and false is returned, and the caller decides as usual.
+    pub async fn park_due(
+        conn: &mut PgConnection,
+        account: &str,
+        event_id: &str,
+    ) -> Result<bool, RechargeError> {
+        if Self::lock_settings(&mut *conn, account).await?.is_none()
+            || !Self::has_in_flight(&mut *conn, account).await?
+        {
+            return Ok(false);
+        }
+        sqlx::query!(
+            "UPDATE settings SET retry_at = NULL, due_trigger = $2, due_event_id = $3
+             WHERE account_id = $1 AND enabled",
+            account,
+            Trigger::ThresholdCrossed.as_str(),
+            event_id,
         )
         .execute(conn)
         .await?;
-        Ok(())
+        Ok(true)
     }
 
     /// After a failure: one more in the streak, and when to look again; returns the streak.

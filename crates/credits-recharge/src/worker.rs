@@ -317,12 +317,25 @@ impl Recharge {
             }
             if in_flight {
                 // That attempt makes a check due again when it ends (R9, R11).
-                let mut conn = self.store.pool().acquire().await?;
                 match crossing {
+                    // Parked for the attempt's end: the credit may have brought the balance
+                    // back before this crossing, and the success re-checks only when it
+                    // leaves the balance below the threshold or a check was parked.
                     Some(event_id) => {
-                        Store::mark_processed(&mut conn, event_id).await?;
+                        let mut tx = self.store.pool().begin().await?;
+                        if Store::mark_processed(&mut tx, event_id).await?
+                            && !Store::park_due(&mut tx, account, event_id).await?
+                        {
+                            // The attempt ended meanwhile: decide on what it left.
+                            tx.rollback().await?;
+                            continue;
+                        }
+                        tx.commit().await?;
                     }
-                    None => Store::clear_due(&mut conn, account, seen.revision).await?,
+                    None => {
+                        let mut conn = self.store.pool().acquire().await?;
+                        Store::clear_due(&mut conn, account, seen.revision).await?;
+                    }
                 }
                 return Ok(Decision::Done);
             }
@@ -556,22 +569,30 @@ impl Recharge {
         }
         // The charge's id is recorded with the outcome: a worker resuming this attempt asks
         // payments again under the same key and is answered with the same charge.
-        self.ledger.credit_top_up(&request, &charge_id).await?;
-        if !self.succeed(lease, &charge_id).await? {
+        let available = self.ledger.credit_top_up(&request, &charge_id).await?;
+        let Some(recheck) = self.succeed(lease, &charge_id, available).await? else {
             return Ok(Step::LeaseLost);
-        }
+        };
         // R9: usage may have outrun the top-up. The success made this check due durably;
         // doing it now only saves the sweeper's delay.
-        if self.faults.skip_recheck_after_success {
-            tracing::warn!(attempt_id = %a.attempt_id, "fault injected: no immediate re-check after the top-up");
-        } else {
-            self.spawn_decide(a.account_id.clone(), Trigger::StillBelowThreshold);
+        if recheck {
+            if self.faults.skip_recheck_after_success {
+                tracing::warn!(attempt_id = %a.attempt_id, "fault injected: no immediate re-check after the top-up");
+            } else {
+                self.spawn_decide(a.account_id.clone(), Trigger::StillBelowThreshold);
+            }
         }
         Ok(Step::Done)
     }
 
-    /// Records the success with its event; false when the lease was lost first.
-    async fn succeed(&self, lease: &Lease, charge_id: &str) -> Result<bool, RechargeError> {
+    /// Records the success with its event, and whether a balance check is now due (R9);
+    /// `None` when the lease was lost first.
+    async fn succeed(
+        &self,
+        lease: &Lease,
+        charge_id: &str,
+        available: Option<Money>,
+    ) -> Result<Option<bool>, RechargeError> {
         let a = &lease.attempt;
         let mut tx = self.store.pool().begin().await?;
         let Some(done) = Store::finish(
@@ -584,9 +605,9 @@ impl Recharge {
         )
         .await?
         else {
-            return Ok(false);
+            return Ok(None);
         };
-        Store::after_success(&mut tx, &a.account_id).await?;
+        let recheck = Store::after_success(&mut tx, &a.account_id, available).await?;
         let event = Event::AttemptSucceeded(AttemptFinished {
             attempt_id: done.attempt_id.clone(),
             amount: done.amount,
@@ -600,7 +621,7 @@ impl Recharge {
         metrics::histogram!("credits_recharge_trigger_to_credit_seconds", "trigger" => a.trigger.clone())
             .record((chrono::Utc::now() - a.created_at).num_milliseconds().max(0) as f64 / 1000.0);
         tracing::info!(account_id = %a.account_id, attempt_id = %a.attempt_id, charge_id, amount = %a.amount, "top-up succeeded");
-        Ok(true)
+        Ok(Some(recheck))
     }
 
     /// Records a failed attempt (R11): its event, the failure streak, and turning
