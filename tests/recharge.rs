@@ -790,6 +790,48 @@ async fn a_success_rechecks_only_when_usage_outran_it_or_a_crossing_waited_r9() 
     );
     tx.commit().await.unwrap();
     assert_eq!(due().await, (Some("still_below_threshold".into()), true));
+
+    // A crossing recorded as a due check (the ledger was slow) and then found with the
+    // attempt in flight is parked the same way, and re-checked after the success.
+    sqlx::query("UPDATE settings SET due_trigger = NULL, retry_at = NULL")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    assert!(
+        Store::mark_due(
+            &mut tx,
+            "acme",
+            credits_recharge::domain::Trigger::ThresholdCrossed,
+            Some("ev-3")
+        )
+        .await
+        .unwrap()
+    );
+    tx.commit().await.unwrap();
+    let revision: i64 = sqlx::query_scalar("SELECT revision FROM settings")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let mut conn = pool.acquire().await.unwrap();
+    // A park from a read older than the row does nothing.
+    Store::park_due_at(&mut conn, "acme", revision - 1)
+        .await
+        .unwrap();
+    assert_eq!(due().await, (Some("threshold_crossed".into()), true));
+    Store::park_due_at(&mut conn, "acme", revision)
+        .await
+        .unwrap();
+    drop(conn);
+    assert_eq!(due().await, (Some("threshold_crossed".into()), false));
+    let mut tx = pool.begin().await.unwrap();
+    assert!(
+        Store::after_success(&mut tx, "acme", Some(m("50.00")))
+            .await
+            .unwrap()
+    );
+    tx.commit().await.unwrap();
+    assert_eq!(due().await, (Some("still_below_threshold".into()), true));
     sys.stop().await;
 }
 

@@ -5,7 +5,8 @@
 //! moves them to RabbitMQ: it claims a batch (`claimed_until`, chosen with `FOR UPDATE SKIP
 //! LOCKED` so replicas never take the same rows) and commits, publishes `mandatory` with
 //! confirms under a timeout, and deletes the rows only after the broker confirmed that a
-//! queue received them — no transaction is held open across broker I/O. An event returned
+//! queue received them, in its next claim's statement (one commit for both) — no
+//! transaction is held open across broker I/O. An event returned
 //! as unroutable (no queue bound, e.g. a consumer's queue was deleted) is kept and retried
 //! with backoff; after `park_after` it is parked in `<exchange>.unrouted` instead of being
 //! dropped. A crash between confirm and delete republishes: events are at-least-once and
@@ -87,7 +88,8 @@ pub async fn run_relay(pool: PgPool, cfg: RelayConfig, shutdown: CancellationTok
     let mut backoff = Duration::from_millis(100);
     let mut gauges_at = tokio::time::Instant::now();
     // Published, not yet deleted: deleted by the next claim, in its statement (one commit
-    // for both), which runs at the latest one poll interval later — well inside the claim.
+    // for both), which runs one poll interval later at the latest (or after a database
+    // error's backoff, at most 10 s) — well inside the 60 s claim.
     let mut published: Vec<i64> = Vec::new();
     loop {
         if shutdown.is_cancelled() {

@@ -591,6 +591,25 @@ impl Store {
         .unwrap_or(false))
     }
 
+    /// A due check found while an attempt was in flight, read at `revision`: it stays due,
+    /// parked for the attempt's end (`retry_at` emptied, so the sweeper leaves it). A newer
+    /// revision (the attempt's success, new settings) leaves the row as it is.
+    pub async fn park_due_at(
+        conn: &mut PgConnection,
+        account: &str,
+        revision: i64,
+    ) -> Result<(), RechargeError> {
+        sqlx::query!(
+            "UPDATE settings SET retry_at = NULL
+             WHERE account_id = $1 AND revision = $2 AND due_trigger IS NOT NULL",
+            account,
+            revision
+        )
+        .execute(conn)
+        .await?;
+        Ok(())
+    }
+
     /// A crossing that arrived while an attempt was in flight: a check is due when the
     /// attempt ends (not before: the sweeper leaves it, `retry_at` is empty). The settings
     /// row is locked before the attempt is looked at again, so an attempt that ended first

@@ -332,9 +332,12 @@ impl Recharge {
                         }
                         tx.commit().await?;
                     }
+                    // The check stays due, parked for the attempt's end (its success re-checks
+                    // when a check is parked); a success that committed first changed the
+                    // revision, and then nothing is parked: it scheduled the check itself.
                     None => {
                         let mut conn = self.store.pool().acquire().await?;
-                        Store::clear_due(&mut conn, account, seen.revision).await?;
+                        Store::park_due_at(&mut conn, account, seen.revision).await?;
                     }
                 }
                 return Ok(Decision::Done);
