@@ -79,6 +79,30 @@ async fn new_prepaid_account_has_no_access_until_first_purchase_r3() {
     ledger.stop().await;
 }
 
+/// Several broker nodes in `AMQP_URL` (a cluster's, comma-separated): the relay connects
+/// to one that answers, skipping a node that refuses, so events still go out; the logs name
+/// every node without its password.
+#[tokio::test]
+async fn events_go_out_through_a_live_node_when_the_url_names_several() {
+    let dead = "amqp://guest:guest@127.0.0.1:1/%2f";
+    let ledger = Ledger::start_with(LedgerOptions {
+        amqp_url: Some(format!("{dead}, {}", credits_tests::AMQP_URL)),
+        ..Default::default()
+    })
+    .await;
+    let mut tap = EventTap::bind(&ledger.exchange, "ledger.account.*").await;
+    let c = ledger.api();
+    // Each connection starts from the next node: whichever the relay met first, a few
+    // events make it try both.
+    for i in 0..3 {
+        c.prepaid(&format!("acme-{i}"), "5.00").await;
+        let ev = tap.expect("ledger.account.activated", EVENT_WAIT).await;
+        assert_eq!(ev["account_id"], format!("acme-{i}"));
+        kill_amqp_connections(&ledger.connection_name).await;
+    }
+    ledger.stop().await;
+}
+
 #[tokio::test]
 async fn usage_past_zero_is_recorded_suspends_and_credits_reactivate_r4() {
     let (ledger, mut tap, c) =

@@ -214,6 +214,8 @@ pub struct LedgerOptions {
     pub purchased_credits_expire_days: Option<u64>,
     /// R31: the access feed's settings (the defaults when `None`).
     pub feed: Option<credits_ledger::watch::FeedConfig>,
+    /// `AMQP_URL` (the local broker when `None`).
+    pub amqp_url: Option<String>,
 }
 
 impl Ledger {
@@ -229,7 +231,10 @@ impl Ledger {
             .exchange
             .unwrap_or_else(|| unique("credits.events.test"));
         let connection_name = unique("credits-ledger-test");
-        let mut cfg = credits_ledger::Config::new(&database_url, AMQP_URL);
+        let mut cfg = credits_ledger::Config::new(
+            &database_url,
+            opts.amqp_url.as_deref().unwrap_or(AMQP_URL),
+        );
         test_daemon(&mut cfg.daemon, &exchange, &connection_name);
         cfg.daemon.auth_token = opts.auth_token.map(credits_common::config::Secret::new);
         cfg.daemon.auth_tokens_file = opts.auth_tokens_file;
@@ -318,6 +323,7 @@ impl Ledger {
             stream_limits: None,
             purchased_credits_expire_days: None,
             feed: None,
+            amqp_url: None,
         }
     }
 }

@@ -4,6 +4,10 @@
 //! them; the next call reconnects (the caller, e.g. the outbox relay, backs off between
 //! attempts). Publishing succeeds only when the broker has confirmed every message, so a
 //! caller may delete what it published only after `publish_confirmed` returns `Ok`.
+//!
+//! `AMQP_URL` may name several nodes of a cluster, comma-separated: [`connect`] tries them
+//! in turn, each connection starting from the node after the one the previous connection
+//! started from, so a reconnect after a node's loss moves to a live node.
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
@@ -227,11 +231,56 @@ fn delivery_of(
     }
 }
 
-/// Opens a connection with a name visible in the broker's management tools.
-///
-/// `amqps://` speaks TLS and verifies the broker's certificate against the system's CAs, or
-/// against the PEM file named by `AMQP_TLS_CA_FILE` (a private CA).
-pub async fn connect(url: &str, connection_name: &str) -> Result<Connection, lapin::Error> {
+/// How long one broker node may take to accept a connection before the next is tried.
+const NODE_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Where the next connection starts in a list of nodes (spreads connections, and moves a
+/// reconnect on to the next node).
+static NEXT_NODE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// The broker nodes an `AMQP_URL` names: one URL, or several separated by commas.
+pub fn broker_urls(urls: &str) -> Vec<&str> {
+    urls.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .collect()
+}
+
+/// Opens a connection with a name visible in the broker's management tools, to the first
+/// node of `urls` ([`broker_urls`]) that accepts it within [`NODE_CONNECT_TIMEOUT`],
+/// starting from a different node each call; the last node's error when none does.
+pub async fn connect(urls: &str, connection_name: &str) -> Result<Connection, lapin::Error> {
+    let nodes = broker_urls(urls);
+    if nodes.len() <= 1 {
+        return connect_one(urls.trim(), connection_name).await;
+    }
+    let start = NEXT_NODE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut last = None;
+    for i in 0..nodes.len() {
+        let url = nodes[(start + i) % nodes.len()];
+        let attempt = tokio::time::timeout(NODE_CONNECT_TIMEOUT, connect_one(url, connection_name));
+        let e = match attempt.await {
+            Ok(Ok(conn)) => return Ok(conn),
+            Ok(Err(e)) => e,
+            Err(_) => lapin::Error::from(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer within {} s", NODE_CONNECT_TIMEOUT.as_secs()),
+            )),
+        };
+        tracing::warn!(node = %redact_url(url), error = %e, "AMQP node unreachable; trying the next");
+        last = Some(e);
+    }
+    Err(last.unwrap_or_else(|| {
+        lapin::Error::from(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "AMQP_URL names no broker",
+        ))
+    }))
+}
+
+/// One node. `amqps://` speaks TLS and verifies the broker's certificate against the
+/// system's CAs, or against the PEM file named by `AMQP_TLS_CA_FILE` (a private CA).
+async fn connect_one(url: &str, connection_name: &str) -> Result<Connection, lapin::Error> {
     let opts =
         ConnectionProperties::default().with_connection_name(LongString::from(connection_name));
     let ca_file = std::env::var("AMQP_TLS_CA_FILE")

@@ -13,6 +13,19 @@ use tokio_util::sync::CancellationToken;
 /// value of every query parameter that carries one (`?password=`, `sslpassword=`,
 /// `token=`, `secret=`, `key=`, …).
 pub fn redact_url(url: &str) -> String {
+    // Several URLs (a broker cluster's nodes, comma-separated): each on its own.
+    let parts: Vec<&str> = url.split(',').collect();
+    if parts.len() > 1 && parts.iter().all(|p| p.contains("://")) {
+        return parts
+            .iter()
+            .map(|p| redact_one_url(p.trim()))
+            .collect::<Vec<_>>()
+            .join(",");
+    }
+    redact_one_url(url)
+}
+
+fn redact_one_url(url: &str) -> String {
     let (base, query) = match url.split_once('?') {
         Some((b, q)) => (b, Some(q)),
         None => (url, None),
@@ -236,6 +249,10 @@ mod tests {
         assert_eq!(
             redact_url("postgres://localhost/db"),
             "postgres://localhost/db"
+        );
+        assert_eq!(
+            redact_url("amqp://u:one@a:5672/%2f, amqp://u:two@b:5673/%2f"),
+            "amqp://u:***@a:5672/%2f,amqp://u:***@b:5673/%2f"
         );
     }
 
