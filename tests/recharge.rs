@@ -705,15 +705,9 @@ async fn a_late_bank_default_event_does_not_undo_a_newer_choice_r10() {
     sys.stop().await;
 }
 
-/// R9 after a success: the check is due when the balance read after the credit is still
-/// below the current threshold, when the ledger sent none, or when a crossing was parked
-/// while the attempt ran; not otherwise. A crossing parks only while an attempt is in
-/// flight.
-#[tokio::test]
-async fn a_success_rechecks_only_when_usage_outran_it_or_a_crossing_waited_r9() {
-    use credits_common::Money;
-    use credits_recharge::store::Store;
-    let sys = System::start(0).await;
+/// The system's recharge database, migrated by a recharge that is not left running, with
+/// auto-recharge on for "acme" (threshold 10, target 50).
+async fn recharge_db_with_acme(sys: &System) -> sqlx::PgPool {
     let opts = sys.recharge_opts.clone();
     let shutdown = tokio_util::sync::CancellationToken::new();
     let cfg = credits_recharge::Config::new(
@@ -728,6 +722,19 @@ async fn a_success_rechecks_only_when_usage_outran_it_or_a_crossing_waited_r9() 
         .execute(&pool)
         .await
         .unwrap();
+    pool
+}
+
+/// R9 after a success: the check is due when the balance read after the credit is still
+/// below the current threshold, when the ledger sent none, or when a crossing was parked
+/// while the attempt ran; not otherwise. A crossing parks only while an attempt is in
+/// flight.
+#[tokio::test]
+async fn a_success_rechecks_only_when_usage_outran_it_or_a_crossing_waited_r9() {
+    use credits_common::Money;
+    use credits_recharge::store::Store;
+    let sys = System::start(0).await;
+    let pool = recharge_db_with_acme(&sys).await;
     let m = |s: &str| Money::new(s.parse::<Decimal>().unwrap());
     let due = || async {
         sqlx::query_as::<_, (Option<String>, bool)>(
@@ -736,6 +743,18 @@ async fn a_success_rechecks_only_when_usage_outran_it_or_a_crossing_waited_r9() 
         .fetch_one(&pool)
         .await
         .unwrap()
+    };
+    // A success's own transaction: whether it made the re-check due.
+    let succeed = |available: Option<Money>| {
+        let pool = pool.clone();
+        async move {
+            let mut tx = pool.begin().await.unwrap();
+            let due = Store::after_success(&mut tx, "acme", available)
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+            due
+        }
     };
     for (available, want) in [
         (Some(m("50.00")), false),
@@ -747,12 +766,7 @@ async fn a_success_rechecks_only_when_usage_outran_it_or_a_crossing_waited_r9() 
             .execute(&pool)
             .await
             .unwrap();
-        let mut tx = pool.begin().await.unwrap();
-        let got = Store::after_success(&mut tx, "acme", available)
-            .await
-            .unwrap();
-        tx.commit().await.unwrap();
-        assert_eq!(got, want, "{available:?}");
+        assert_eq!(succeed(available).await, want, "{available:?}");
         let (trigger, scheduled) = due().await;
         assert_eq!(trigger.is_some(), want);
         assert_eq!(scheduled, want);
@@ -782,13 +796,7 @@ async fn a_success_rechecks_only_when_usage_outran_it_or_a_crossing_waited_r9() 
         store.due_checks(100, 0.0).await.unwrap().is_empty(),
         "a parked check waits for the attempt"
     );
-    let mut tx = pool.begin().await.unwrap();
-    assert!(
-        Store::after_success(&mut tx, "acme", Some(m("50.00")))
-            .await
-            .unwrap()
-    );
-    tx.commit().await.unwrap();
+    assert!(succeed(Some(m("50.00"))).await);
     assert_eq!(due().await, (Some("still_below_threshold".into()), true));
 
     // A crossing recorded as a due check (the ledger was slow) and then found with the
@@ -824,13 +832,7 @@ async fn a_success_rechecks_only_when_usage_outran_it_or_a_crossing_waited_r9() 
         .unwrap();
     drop(conn);
     assert_eq!(due().await, (Some("threshold_crossed".into()), false));
-    let mut tx = pool.begin().await.unwrap();
-    assert!(
-        Store::after_success(&mut tx, "acme", Some(m("50.00")))
-            .await
-            .unwrap()
-    );
-    tx.commit().await.unwrap();
+    assert!(succeed(Some(m("50.00"))).await);
     assert_eq!(due().await, (Some("still_below_threshold".into()), true));
     sys.stop().await;
 }
@@ -843,21 +845,7 @@ async fn a_worker_that_lost_its_lease_cannot_move_the_attempt_on() {
     let c = sys.api(); // no recharge replica: only the ledger is called
     c.create_account("acme", BillingMode::Prepaid).await;
     // A recharge database with one in-flight attempt, and no worker to take it.
-    let opts = sys.recharge_opts.clone();
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let cfg = credits_recharge::Config::new(
-        &opts.database_url,
-        credits_tests::AMQP_URL,
-        &opts.ledger_url,
-        &opts.payments_url,
-    );
-    let app = credits_recharge::App::build(cfg, &shutdown).await.unwrap();
-    drop(app);
-    let pool = sqlx::PgPool::connect(&opts.database_url).await.unwrap();
-    sqlx::query("INSERT INTO settings (account_id, enabled, threshold, target) VALUES ('acme', true, 10, 50)")
-        .execute(&pool)
-        .await
-        .unwrap();
+    let pool = recharge_db_with_acme(&sys).await;
     sqlx::query("INSERT INTO attempts (attempt_id, account_id, trigger, balance_at_trigger, amount, status) VALUES ('att_1', 'acme', 'threshold_crossed', 9.99, 40.01, 'PENDING')")
         .execute(&pool)
         .await
