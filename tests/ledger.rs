@@ -104,6 +104,43 @@ async fn events_go_out_through_a_live_node_when_the_url_names_several() {
 }
 
 #[tokio::test]
+async fn unrouted_events_are_parked_in_a_quorum_queue_or_in_the_classic_one_already_there() {
+    // Nothing bound to a fresh exchange: the account's events are parked, in a queue
+    // replicated across a cluster's nodes.
+    let ledger = Ledger::start().await;
+    ledger.api().prepaid("acme", "5.00").await;
+    let parking = format!("{}.unrouted", ledger.exchange);
+    credits_tests::eventually(EVENT_WAIT, "an event parked", || async {
+        (credits_tests::try_queue_depth(&parking).await >= Some(1)).then_some(())
+    })
+    .await;
+    assert_eq!(credits_tests::queue_type(&parking).await, "quorum");
+    ledger.stop().await;
+    credits_tests::delete_queues(&parking).await;
+
+    // One an earlier release declared classic cannot change type in place: it is used as
+    // it is, and nothing is lost.
+    let exchange = credits_tests::unique("credits.events.test");
+    let parking = format!("{exchange}.unrouted");
+    credits_tests::declare_classic_queue(&parking).await;
+    let ledger = Ledger::start_with(LedgerOptions {
+        exchange: Some(exchange),
+        ..Default::default()
+    })
+    .await;
+    ledger.api().prepaid("acme", "5.00").await;
+    credits_tests::eventually(
+        EVENT_WAIT,
+        "an event parked in the classic queue",
+        || async { (credits_tests::try_queue_depth(&parking).await >= Some(1)).then_some(()) },
+    )
+    .await;
+    assert_eq!(credits_tests::queue_type(&parking).await, "classic");
+    ledger.stop().await;
+    credits_tests::delete_queues(&parking).await;
+}
+
+#[tokio::test]
 async fn usage_past_zero_is_recorded_suspends_and_credits_reactivate_r4() {
     let (ledger, mut tap, c) =
         Ledger::tapped_with_prepaid("ledger.account.*", "acme", "5.00").await;

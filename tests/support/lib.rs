@@ -16,7 +16,7 @@ use futures_util::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use serde_json::Value;
-use sqlx::{Connection, PgConnection};
+use sqlx::PgConnection;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -54,8 +54,9 @@ pub fn fresh_database_url(service: &str) -> String {
     format!("{}/{}", pg_base(), unique(&format!("credits_t_{service}")))
 }
 
+/// A connection to `url`'s database (on the writable host when it names several).
 pub async fn pg_connect(url: &str) -> PgConnection {
-    PgConnection::connect(url)
+    credits_common::db::connect_primary(url)
         .await
         .expect("connect to test database")
 }
@@ -651,15 +652,49 @@ pub async fn wait_queue_empty(queue: &str, wait: Duration, what: &str) {
 
 /// How many messages wait in a queue (declared passively: it must exist).
 pub async fn queue_depth(queue: &str) -> u32 {
+    try_queue_depth(queue).await.expect("queue exists")
+}
+
+/// How many messages wait in `queue`; `None` while it does not exist.
+pub async fn try_queue_depth(queue: &str) -> Option<u32> {
     let (conn, ch) = amqp_channel().await;
     let passive = QueueDeclareOptions {
         passive: true,
         ..Default::default()
     };
     let declared = ch.queue_declare(queue.into(), passive, FieldTable::default());
-    let n = declared.await.expect("queue exists").message_count();
+    let n = declared.await.ok().map(|q| q.message_count());
     let _ = conn.close(0, "done".into()).await;
     n
+}
+
+/// Declares a classic durable queue, as a release before quorum parking queues did.
+pub async fn declare_classic_queue(queue: &str) {
+    let (conn, ch) = amqp_channel().await;
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    ch.queue_declare(queue.into(), durable, FieldTable::default())
+        .await
+        .expect("declare a classic queue");
+    let _ = conn.close(0, "done".into()).await;
+}
+
+/// A queue's type (`classic`, `quorum`), as the broker lists it.
+pub async fn queue_type(queue: &str) -> String {
+    let out = tokio::process::Command::new("rabbitmqctl")
+        .args(["-q", "list_queues", "name", "type", "--no-table-headers"])
+        .output()
+        .await
+        .expect("rabbitmqctl list_queues");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| {
+            let mut f = l.split_whitespace();
+            (f.next() == Some(queue)).then(|| f.next().unwrap_or_default().to_owned())
+        })
+        .unwrap_or_else(|| panic!("queue {queue} not listed"))
 }
 
 /// One raw HTTP/1.0 GET of `path` (with a cookie, if any) from `addr` (host:port, or an

@@ -84,18 +84,25 @@ impl Publisher {
             self.state = None;
         }
         let conn = connect(&self.url, &self.connection_name).await?;
-        let ch = conn.create_channel().await?;
+        let mut ch = conn.create_channel().await?;
         ch.confirm_select(ConfirmSelectOptions::default()).await?;
         declare_exchange(&ch, &self.exchange).await?;
-        ch.queue_declare(
-            self.parking_queue().as_str().into(),
-            lapin::options::QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
+        if !declare_parking_queue(&ch, &self.parking_queue()).await? {
+            // A parking queue declared classic by an earlier release: used as it is (its
+            // type cannot change in place; docs/operations.md says how to move it).
+            ch = conn.create_channel().await?;
+            ch.confirm_select(ConfirmSelectOptions::default()).await?;
+            ch.queue_declare(
+                self.parking_queue().as_str().into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+            tracing::warn!(queue = %self.parking_queue(), "the parking queue is a classic queue, kept on one broker node; see docs/operations.md to make it a quorum queue");
+        }
         tracing::info!(url = %redact_url(&self.url), exchange = %self.exchange, "AMQP publisher connected");
         self.state = Some((conn, ch.clone()));
         Ok(ch)
@@ -303,6 +310,39 @@ async fn connect_one(url: &str, connection_name: &str) -> Result<Connection, lap
         }
         _ => Connection::connect(url, opts).await,
     }
+}
+
+/// Declares the durable parking queue `queue` as a quorum queue (replicated across a
+/// cluster's nodes, so a node's loss loses no parked event). False when it exists as
+/// another type (406 PRECONDITION_FAILED: the channel is closed by the broker).
+async fn declare_parking_queue(ch: &Channel, queue: &str) -> Result<bool, lapin::Error> {
+    let mut quorum = FieldTable::default();
+    quorum.insert(
+        "x-queue-type".into(),
+        lapin::types::AMQPValue::LongString("quorum".into()),
+    );
+    let declared = ch
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            quorum,
+        )
+        .await;
+    match declared {
+        Ok(_) => Ok(true),
+        Err(e) if is_precondition_failed(&e) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether the broker refused a declaration as inequivalent to what exists (406).
+fn is_precondition_failed(e: &lapin::Error) -> bool {
+    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(p)
+        if *p.kind() == AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED))
 }
 
 /// Declares a queue only this connection uses (deleted with it) and binds it to every event

@@ -71,27 +71,50 @@ fn secret_parameter(name: &str) -> bool {
 
 /// Connects to `url`, creating its database first if needed. Retries until it succeeds or
 /// `shutdown` is cancelled.
+///
+/// `url` may name several hosts, libpq's way (`postgres://u@h1:5432,h2:5432/db`): the
+/// servers of a failover pair or group. The pool then always writes to the one that
+/// accepts writes (libpq's `target_session_attrs=read-write`, implied): see [`Failover`].
 pub async fn connect(
     url: &str,
     max_connections: u32,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<PgPool> {
-    let opts = PgConnectOptions::from_str(url)
-        .map_err(|e| anyhow::anyhow!("invalid database URL {}: {e}", redact_url(url)))?
-        .application_name("credits")
-        .log_statements(tracing::log::LevelFilter::Trace);
+    let hosts = split_hosts(url)
+        .iter()
+        .map(|u| {
+            PgConnectOptions::from_str(u)
+                .map(|o| {
+                    o.application_name("credits")
+                        .log_statements(tracing::log::LevelFilter::Trace)
+                })
+                .map_err(|e| anyhow::anyhow!("invalid database URL {}: {e}", redact_url(url)))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let failover = (hosts.len() > 1).then(|| Failover::new(hosts.clone()));
     let mut delay = Duration::from_millis(200);
     loop {
         let attempt = async {
+            let opts = match &failover {
+                Some(f) => f.find_primary().await?,
+                None => hosts[0].clone(),
+            };
             ensure_database(&opts).await?;
-            PgPoolOptions::new()
+            let pool = PgPoolOptions::new()
                 .max_connections(max_connections)
-                .acquire_timeout(Duration::from_secs(10))
-                .connect_with(opts.clone())
-                .await
+                .acquire_timeout(Duration::from_secs(10));
+            match &failover {
+                Some(f) => f.pool_options(pool).connect_with(opts).await,
+                None => pool.connect_with(opts).await,
+            }
         };
         match attempt.await {
-            Ok(pool) => return Ok(pool),
+            Ok(pool) => {
+                if let Some(f) = failover {
+                    tokio::spawn(f.watch(pool.clone(), shutdown.clone()));
+                }
+                return Ok(pool);
+            }
             Err(e) => {
                 tracing::warn!(
                     "cannot reach PostgreSQL at {}: {e}; retrying in {:.1}s",
@@ -105,6 +128,229 @@ pub async fn connect(
             _ = shutdown.cancelled() => anyhow::bail!("shut down while waiting for PostgreSQL"),
         }
         delay = (delay * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// One URL per host of a multi-host `DATABASE_URL` (`postgres://u:p@h1:1,h2:2/db?o=v` →
+/// `postgres://u:p@h1:1/db?o=v`, `postgres://u:p@h2:2/db?o=v`), in order; libpq's
+/// `target_session_attrs` is taken out (a pool of several hosts always wants the writable
+/// one). A URL with one host comes back as it is.
+pub fn split_hosts(url: &str) -> Vec<String> {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return vec![url.to_owned()];
+    };
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let (userinfo, hosts) = match authority.rsplit_once('@') {
+        Some((u, h)) => (format!("{u}@"), h),
+        None => (String::new(), authority),
+    };
+    if !hosts.contains(',') {
+        return vec![url.to_owned()];
+    }
+    let tail = match tail.split_once('?') {
+        Some((path, query)) => {
+            let kept: Vec<&str> = query
+                .split('&')
+                .filter(|kv| !kv.is_empty() && !kv.starts_with("target_session_attrs="))
+                .collect();
+            if kept.is_empty() {
+                path.to_owned()
+            } else {
+                format!("{path}?{}", kept.join("&"))
+            }
+        }
+        None => tail.to_owned(),
+    };
+    hosts
+        .split(',')
+        .filter(|h| !h.trim().is_empty())
+        .map(|h| format!("{scheme}://{userinfo}{}{tail}", h.trim()))
+        .collect()
+}
+
+/// How long one host may take to say whether it takes writes.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often the pool's host is checked while all is well.
+const WATCH_EVERY: Duration = Duration::from_secs(1);
+
+/// A pool over several PostgreSQL hosts of which one at a time is the primary (the others
+/// standbys, promoted by the failover manager when the primary dies):
+/// - the pool opens connections to the host found writable; a connection that lands on a
+///   host no longer writable is refused (and the search started at once), so no statement
+///   runs on a standby or on a demoted primary;
+/// - a watcher checks that host every second and, when it stops taking writes or
+///   answering, finds the one that does and points the pool there;
+/// - connections opened before that move are closed when next taken from the pool, not
+///   reused: after a pause, an old primary's sockets may still look alive.
+///
+/// A commit whose answer is lost in the failover is an error of the connection class
+/// ([`is_connection_error`]): callers answer `UNAVAILABLE`, and a retry under the same
+/// idempotency key finds what committed (synchronous replication: an acknowledged commit
+/// is on the standby that is promoted).
+#[derive(Clone)]
+pub struct Failover {
+    inner: std::sync::Arc<FailoverInner>,
+}
+
+struct FailoverInner {
+    hosts: Vec<PgConnectOptions>,
+    current: std::sync::atomic::AtomicUsize,
+    /// When the pool last moved to another host.
+    moved_at: std::sync::Mutex<std::time::Instant>,
+    nudge: tokio::sync::Notify,
+}
+
+impl Failover {
+    pub fn new(hosts: Vec<PgConnectOptions>) -> Failover {
+        Failover {
+            inner: std::sync::Arc::new(FailoverInner {
+                hosts,
+                current: std::sync::atomic::AtomicUsize::new(0),
+                moved_at: std::sync::Mutex::new(std::time::Instant::now()),
+                nudge: tokio::sync::Notify::new(),
+            }),
+        }
+    }
+
+    fn host_name(&self, i: usize) -> String {
+        let o = &self.inner.hosts[i];
+        format!("{}:{}", o.get_host(), o.get_port())
+    }
+
+    /// The first host, starting at the current one, that takes writes.
+    pub async fn find_primary(&self) -> Result<PgConnectOptions, sqlx::Error> {
+        let n = self.inner.hosts.len();
+        let start = self
+            .inner
+            .current
+            .load(std::sync::atomic::Ordering::Acquire);
+        let mut last = None;
+        for k in 0..n {
+            let i = (start + k) % n;
+            match probe(&self.inner.hosts[i]).await {
+                Ok(true) => {
+                    self.inner
+                        .current
+                        .store(i, std::sync::atomic::Ordering::Release);
+                    return Ok(self.inner.hosts[i].clone());
+                }
+                Ok(false) => {
+                    last = Some(sqlx::Error::Protocol(format!(
+                        "{} is a standby",
+                        self.host_name(i)
+                    )))
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or(sqlx::Error::PoolClosed))
+    }
+
+    /// The pool's hooks: refuse a connection to a host that does not take writes; close,
+    /// instead of reusing, one opened before the last move or that does not answer a ping.
+    pub fn pool_options(&self, opts: PgPoolOptions) -> PgPoolOptions {
+        let (on_connect, on_acquire) = (self.clone(), self.clone());
+        opts.test_before_acquire(false)
+            .after_connect(move |conn, _| {
+                let f = on_connect.clone();
+                Box::pin(async move {
+                    if writable(conn).await? {
+                        return Ok(());
+                    }
+                    f.inner.nudge.notify_one();
+                    Err(sqlx::Error::Protocol(
+                        "connected to a standby; looking for the primary".into(),
+                    ))
+                })
+            })
+            .before_acquire(move |conn, meta| {
+                let f = on_acquire.clone();
+                Box::pin(async move {
+                    let moved_at = *f.inner.moved_at.lock().unwrap_or_else(|e| e.into_inner());
+                    let opened_at = std::time::Instant::now().checked_sub(meta.age);
+                    if opened_at.is_some_and(|t| t < moved_at) {
+                        return Ok(false);
+                    }
+                    match tokio::time::timeout(PROBE_TIMEOUT, conn.ping()).await {
+                        Ok(r) => r.map(|()| true),
+                        Err(_) => Err(sqlx::Error::PoolTimedOut),
+                    }
+                })
+            })
+    }
+
+    /// Keeps `pool` on the writable host until `shutdown`.
+    pub async fn watch(self, pool: PgPool, shutdown: CancellationToken) {
+        let inner = &self.inner;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(WATCH_EVERY) => {}
+                _ = inner.nudge.notified() => {}
+            }
+            let current = inner.current.load(std::sync::atomic::Ordering::Acquire);
+            if matches!(probe(&inner.hosts[current]).await, Ok(true)) {
+                continue;
+            }
+            let started = std::time::Instant::now();
+            let Ok(opts) = self.find_primary().await else {
+                continue;
+            };
+            let now = inner.current.load(std::sync::atomic::Ordering::Acquire);
+            if now != current {
+                *inner.moved_at.lock().unwrap_or_else(|e| e.into_inner()) =
+                    std::time::Instant::now();
+                pool.set_connect_options(opts);
+                metrics::counter!("credits_db_failovers_total").increment(1);
+                tracing::warn!(
+                    from = %self.host_name(current),
+                    to = %self.host_name(now),
+                    search_ms = started.elapsed().as_millis() as u64,
+                    "PostgreSQL primary moved; the pool follows it"
+                );
+            }
+        }
+    }
+}
+
+/// Whether the server behind `conn` takes writes (not a standby, not read-only).
+async fn writable(conn: &mut sqlx::PgConnection) -> Result<bool, sqlx::Error> {
+    let ro: String = sqlx::query_scalar("SHOW transaction_read_only")
+        .fetch_one(&mut *conn)
+        .await?;
+    Ok(ro == "off")
+}
+
+/// Connects to one host and asks whether it takes writes, within [`PROBE_TIMEOUT`].
+async fn probe(opts: &PgConnectOptions) -> Result<bool, sqlx::Error> {
+    let check = async {
+        let mut conn = match opts.connect().await {
+            // The database is created once the primary is found: ask the maintenance one.
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("3D000") => {
+                opts.clone().database("postgres").connect().await?
+            }
+            other => other?,
+        };
+        let w = writable(&mut conn).await;
+        let _ = conn.close().await;
+        w
+    };
+    tokio::time::timeout(PROBE_TIMEOUT, check)
+        .await
+        .unwrap_or(Err(sqlx::Error::PoolTimedOut))
+}
+
+/// Connects to the writable host of `url` (one host or several): for tools and checks
+/// that need one connection, not a pool.
+pub async fn connect_primary(url: &str) -> Result<sqlx::PgConnection, sqlx::Error> {
+    let hosts = split_hosts(url)
+        .iter()
+        .map(|u| PgConnectOptions::from_str(u))
+        .collect::<Result<Vec<_>, _>>()?;
+    match hosts.len() {
+        1 => hosts[0].connect().await,
+        _ => Failover::new(hosts).find_primary().await?.connect().await,
     }
 }
 
@@ -225,16 +471,44 @@ async fn ensure_database(opts: &PgConnectOptions) -> Result<(), sqlx::Error> {
 }
 
 /// True for errors that mean "the database went away", worth a retry rather than a 500.
+/// A commit that fails this way may or may not have committed: the caller's retry under
+/// the same idempotency key is what settles it.
 pub fn is_connection_error(e: &sqlx::Error) -> bool {
     matches!(
         e,
         sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed
-    ) || matches!(e, sqlx::Error::Database(d) if d.code().as_deref().is_some_and(|c| c.starts_with("57P") || c.starts_with("08")))
+    ) || matches!(e, sqlx::Error::Database(d) if d.code().as_deref().is_some_and(|c| {
+        // 57P: the server shutting down; 08: the connection lost; 25006: a write reached a
+        // server that no longer takes writes (a primary demoted in a failover).
+        c.starts_with("57P") || c.starts_with("08") || c == "25006"
+    }))
 }
 
 #[cfg(test)]
 mod tests {
-    use super::redact_url;
+    use super::{redact_url, split_hosts};
+
+    #[test]
+    fn a_url_of_several_hosts_is_one_url_per_host() {
+        assert_eq!(
+            split_hosts(
+                "postgres://u:p@a:6001,b:6002/credits?target_session_attrs=read-write&sslmode=disable"
+            ),
+            vec![
+                "postgres://u:p@a:6001/credits?sslmode=disable",
+                "postgres://u:p@b:6002/credits?sslmode=disable"
+            ]
+        );
+        assert_eq!(
+            split_hosts("postgresql://a,b:7/db?target_session_attrs=read-write"),
+            vec!["postgresql://a/db", "postgresql://b:7/db"]
+        );
+        assert_eq!(
+            split_hosts("postgres://u@h:1/db?target_session_attrs=read-write"),
+            vec!["postgres://u@h:1/db?target_session_attrs=read-write"]
+        );
+        assert_eq!(split_hosts("postgres://h/db"), vec!["postgres://h/db"]);
+    }
 
     #[test]
     fn passwords_never_reach_logs() {
