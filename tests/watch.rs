@@ -245,6 +245,97 @@ async fn a_stream_resumes_from_its_cursor_after_a_disconnect_and_a_ledger_restar
 }
 
 #[tokio::test]
+async fn after_a_failover_the_feed_starts_anew_and_no_cursor_from_before_is_resumed() {
+    let a = Ledger::start().await;
+    let b = a.another_replica().await;
+    let (ca, cb) = (a.api(), b.api());
+    for id in ["f1", "f2"] {
+        ca.prepaid(id, "10").await;
+    }
+    let mut events = watch(&ca, &["f1", "f2"], None).await;
+    let (first, before) = until_sync(&mut events).await;
+    assert_eq!(first.len(), 2);
+    assert!(ca.access("f1").await.allowed);
+    let feed_id = |c: &str| c.split('.').nth(1).expect("a cursor's feed id").to_owned();
+    // A gateway's cache watching across it.
+    let resets = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let cache = AccessCache::start(ca.ledger().clone(), {
+        let resets = resets.clone();
+        AccessCacheConfig {
+            on_reset: Some(Arc::new(move || {
+                resets.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            })),
+            ..Default::default()
+        }
+    });
+    assert!(cache.wait_current(WAIT).await, "{:?}", cache.status());
+    assert_eq!(resets.load(std::sync::atomic::Ordering::Relaxed), 0);
+
+    // A standby promoted: the server is on another timeline than the one the feed was
+    // recorded on (here the record is moved instead; the ledgers cannot tell the two apart).
+    let mut db = a.db().await;
+    sqlx::query("UPDATE access_feed SET timeline = 'ffffffff'")
+        .execute(&mut db)
+        .await
+        .expect("move the feed's timeline");
+    let renewed: String = eventually(WAIT, "a new feed id on the server's timeline", || {
+        let mut db = a.db();
+        async move {
+            let (id, same): (String, bool) = sqlx::query_as(
+                "SELECT replace(feed_id::text, '-', ''),
+                        timeline = substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)
+                 FROM access_feed",
+            )
+            .fetch_one(&mut db.await)
+            .await
+            .ok()?;
+            same.then_some(id)
+        }
+    })
+    .await;
+    assert_ne!(renewed, feed_id(&before));
+
+    // The stream open across it is told to start again (it ends, to be resumed).
+    let ended = tokio::time::timeout(WAIT, async {
+        while let Some(Ok(_)) = events.next().await {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the stream open across the failover ended");
+
+    // A change made meanwhile through the other replica is in every view...
+    cb.use_credits("f1", "10", "after-failover").await;
+    eventually(
+        WAIT,
+        "replica A's CheckAccess sees f1 suspended",
+        || async { (!ca.access("f1").await.allowed).then_some(()) },
+    )
+    .await;
+    // ...and a cursor from before is answered with the states, not caught up from.
+    let mut events = watch(&ca, &["f1", "f2"], Some(&before)).await;
+    let (states, after) = until_sync(&mut events).await;
+    assert_eq!(states.len(), 2, "a snapshot: {states:#?}");
+    assert_eq!(feed_id(&after), renewed);
+    let f1 = states
+        .iter()
+        .find(|u| u.account_id.as_str() == "f1")
+        .expect("f1");
+    assert_eq!(f1.balance, money("0"));
+    drop(events);
+    // The cache started again from a snapshot of the new feed, once, and is current.
+    eventually(WAIT, "the cache holds f1 at zero", || async {
+        cache
+            .get("f1")
+            .filter(|x| x.balance == money("0"))
+            .map(|_| ())
+    })
+    .await;
+    assert_eq!(resets.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert!(cache.is_current(), "{:?}", cache.status());
+    b.stop().await;
+    a.stop().await;
+}
+
+#[tokio::test]
 async fn bad_watch_requests_are_refused_naming_the_field_r31() {
     let ledger = Ledger::start().await;
     let mut raw = ledger.client().await;

@@ -500,7 +500,7 @@ async fn recover_due(c: &mut Cluster, st: &mut State, t0: Instant) {
 /// Deletes the queue (with whatever it holds, consumers or not); returns how many messages
 /// went with it.
 async fn delete_queue(amqp_url: &str, queue: &str) -> anyhow::Result<u32> {
-    let conn = lapin::Connection::connect(amqp_url, lapin::ConnectionProperties::default()).await?;
+    let conn = credits_common::amqp::connect(amqp_url, "credits-chaos").await?;
     let ch = conn.create_channel().await?;
     let dropped = ch
         .queue_delete(queue.into(), QueueDeleteOptions::default())
@@ -539,9 +539,7 @@ async fn watch_redeclare(
 
 /// Whether the queue exists; false too when the broker cannot be reached.
 pub async fn exists(amqp_url: &str, queue: &str) -> bool {
-    let Ok(conn) =
-        lapin::Connection::connect(amqp_url, lapin::ConnectionProperties::default()).await
-    else {
+    let Ok(conn) = credits_common::amqp::connect(amqp_url, "credits-chaos").await else {
         return false;
     };
     let found = match conn.create_channel().await {

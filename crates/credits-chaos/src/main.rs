@@ -17,6 +17,7 @@
 
 mod check;
 mod faults;
+mod ha;
 mod procs;
 mod rng;
 mod stripe;
@@ -64,6 +65,12 @@ pub struct Args {
     /// `localstripe` (started by the harness on a free port).
     #[arg(long, default_value = "sandbox", value_parser = ["sandbox", "stripe"])]
     pub processor: String,
+    /// Run over a PostgreSQL failover pair and a three-node RabbitMQ cluster (started with
+    /// `deploy/ha/postgres up` and `deploy/ha/rabbitmq up` when not running; `--pg-url`
+    /// and `--amqp-url` are theirs) and inject machine-loss faults instead: the primary
+    /// killed or paused past the failover timeout, a broker node killed ([`ha`]).
+    #[arg(long)]
+    pub ha: bool,
 }
 
 impl Args {
@@ -287,7 +294,27 @@ async fn all_healthy(c: &Cluster) -> bool {
 
 #[tokio::main]
 async fn main() {
-    let a = Args::parse();
+    let mut a = Args::parse();
+    if a.ha {
+        match ha::up().await {
+            Ok((pg, mq)) => {
+                println!(
+                    "ha topology: PostgreSQL {pg}, RabbitMQ {}",
+                    credits_common::db::redact_url(&mq)
+                );
+                if let Err(e) = ha::create_probe_table(&pg).await {
+                    println!("chaos: harness error: cannot write to the pair's primary: {e:#}");
+                    std::process::exit(2);
+                }
+                a.pg_url = pg;
+                a.amqp_url = mq;
+            }
+            Err(e) => {
+                println!("chaos: harness error: the ha topology did not start: {e:#}");
+                std::process::exit(2);
+            }
+        }
+    }
     let seed = a.seed.unwrap_or_else(|| {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -375,11 +402,15 @@ async fn run(a: &Args, seed: u64) -> anyhow::Result<bool> {
             clients.ledger[0].clone(),
             credits_client::AccessCacheConfig {
                 on_update: Some(std::sync::Arc::new(move |u, _| {
+                    let resets = check::CACHE_RESETS.load(std::sync::atomic::Ordering::Relaxed);
                     if let Ok(mut m) = applied.lock() {
                         m.entry(u.account_id.as_str().to_owned())
                             .or_default()
-                            .push(u.seq);
+                            .push((resets, u.seq));
                     }
+                })),
+                on_reset: Some(std::sync::Arc::new(|| {
+                    check::CACHE_RESETS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 })),
                 ..Default::default()
             },
@@ -407,14 +438,16 @@ async fn run(a: &Args, seed: u64) -> anyhow::Result<bool> {
     );
 
     let durations = Durations::for_run(a.duration);
-    println!(
-        "long faults: ledger outage {:.1} s, broker outage {:.1} s, wrong token {:.1} s, recharge replica paused {:.0} s (lease {} s); each forced once at the start",
-        durations.ledger_outage.as_secs_f32(),
-        durations.broker_outage.as_secs_f32(),
-        durations.token_mismatch.as_secs_f32(),
-        durations.recharge_pause.as_secs_f32(),
-        faults::RECHARGE_LEASE.as_secs()
-    );
+    if !a.ha {
+        println!(
+            "long faults: ledger outage {:.1} s, broker outage {:.1} s, wrong token {:.1} s, recharge replica paused {:.0} s (lease {} s); each forced once at the start",
+            durations.ledger_outage.as_secs_f32(),
+            durations.broker_outage.as_secs_f32(),
+            durations.token_mismatch.as_secs_f32(),
+            durations.recharge_pause.as_secs_f32(),
+            faults::RECHARGE_LEASE.as_secs()
+        );
+    }
     let mut faults = FaultCounts::default();
     for key in [
         "ledger.balance.threshold_crossed",
@@ -459,7 +492,16 @@ async fn run(a: &Args, seed: u64) -> anyhow::Result<bool> {
             until,
         ))
     });
-    faults::inject(&mut c, a, rng.fork(), until, &mut faults, t0, durations).await;
+    let ha_run = if a.ha {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let probe = ha::probe_access(&clients, &accounts, cache.clone(), stop.clone());
+        let r = ha::inject(&mut c, &a.pg_url, rng.fork(), until, t0).await;
+        stop.store(true, std::sync::atomic::Ordering::Release);
+        Some((r, probe.await?))
+    } else {
+        faults::inject(&mut c, a, rng.fork(), until, &mut faults, t0, durations).await;
+        None
+    };
     let report = load.await?;
     let dashboard = match dashboard {
         Some(d) => Some(d.await?),
@@ -483,6 +525,10 @@ async fn run(a: &Args, seed: u64) -> anyhow::Result<bool> {
         t0.elapsed().as_secs_f32()
     );
     println!("workload: {report}");
+    if let Some((r, av)) = &ha_run {
+        println!("{r}");
+        println!("ha {av}");
+    }
     if let (Some(s), Some(d)) = (&c.stripe, &dashboard) {
         use std::sync::atomic::Ordering::Relaxed;
         let (p, r) = (s.proxy.stats(), s.relay.stats());
@@ -523,6 +569,13 @@ async fn run(a: &Args, seed: u64) -> anyhow::Result<bool> {
     )
     .await?;
     let ok = check::check_cache(a, &c, &cache, &applied).await? && ok;
+    let ok = match &ha_run {
+        Some((r, _)) if !r.ok() => {
+            println!("ha: FAILED: split brain or a fault that did not recover");
+            false
+        }
+        _ => ok,
+    };
     drop(cache);
 
     let mut clean = true;

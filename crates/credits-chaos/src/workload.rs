@@ -18,6 +18,10 @@ use credits_client::{
 use lapin::options::BasicPublishOptions;
 
 use crate::Cluster;
+
+/// Every workload call that failed so far, for a fault to count those refused while it
+/// lasted (`--ha`'s failovers).
+pub static ERRORS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 use crate::rng::Rng;
 use crate::stripe::Api;
 
@@ -457,7 +461,10 @@ pub async fn drive(
                         Ok("confirmed") => rep.confirmed += 1,
                         Ok("grant") => rep.grants_ok += 1,
                         Ok(_) => {}
-                        Err(e) => *rep.errors.entry(error_name(&e)).or_default() += 1,
+                        Err(e) => {
+                            ERRORS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            *rep.errors.entry(error_name(&e)).or_default() += 1
+                        }
                     }
                 }
                 tokio::time::sleep(Duration::from_millis(5 + rng.below(20))).await;
@@ -642,7 +649,7 @@ async fn hold_step(
 
 /// A message no consumer can parse, published like any event.
 pub async fn publish_poison(amqp_url: &str, exchange: &str, key: &str) -> anyhow::Result<()> {
-    let conn = lapin::Connection::connect(amqp_url, lapin::ConnectionProperties::default()).await?;
+    let conn = credits_common::amqp::connect(amqp_url, "credits-chaos").await?;
     let ch = conn.create_channel().await?;
     credits_common::amqp::declare_exchange(&ch, exchange).await?;
     ch.confirm_select(lapin::options::ConfirmSelectOptions::default())

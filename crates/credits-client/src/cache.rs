@@ -78,6 +78,10 @@ pub enum DisconnectedPolicy {
 /// Called with every update the cache applies, and when it was received (for metrics:
 /// `received - changed_at` is how stale the cache was).
 pub type OnUpdate = Arc<dyn Fn(&AccessUpdate, chrono::DateTime<chrono::Utc>) + Send + Sync>;
+/// Called when the cache empties itself to start again from a snapshot (the ledger's feed
+/// changed: another database, or a new feed after a failover). The updates of that
+/// snapshot skip the changes made meanwhile: each account's `seq` may jump.
+pub type OnReset = Arc<dyn Fn() + Send + Sync>;
 
 /// How an [`AccessCache`] watches.
 #[derive(Clone)]
@@ -91,6 +95,7 @@ pub struct AccessCacheConfig {
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
     pub on_update: Option<OnUpdate>,
+    pub on_reset: Option<OnReset>,
 }
 
 impl Default for AccessCacheConfig {
@@ -102,6 +107,7 @@ impl Default for AccessCacheConfig {
             reconnect_min: Duration::from_millis(50),
             reconnect_max: Duration::from_secs(2),
             on_update: None,
+            on_reset: None,
         }
     }
 }
@@ -429,6 +435,9 @@ async fn run(ledger: Ledger, cfg: AccessCacheConfig, s: Arc<Shared>) {
                                     && feed_of(&c) != Some(before.as_str())
                                 {
                                     s.clear();
+                                    if let Some(f) = &cfg.on_reset {
+                                        f();
+                                    }
                                     cursor = None;
                                     break "the ledger's access feed changed (another database); starting again from a snapshot".to_owned();
                                 }

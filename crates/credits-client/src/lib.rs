@@ -64,7 +64,8 @@ use tonic::service::interceptor::InterceptedService;
 
 pub mod csv;
 pub use cache::{
-    AccessCache, AccessCacheConfig, CacheStatus, CachedAccess, DisconnectedPolicy, OnUpdate,
+    AccessCache, AccessCacheConfig, CacheStatus, CachedAccess, DisconnectedPolicy, OnReset,
+    OnUpdate,
 };
 pub use credits_common::Money;
 pub use credits_common::ids::{AccountId, IdempotencyKey};

@@ -96,7 +96,8 @@ pub struct Feed {
 
 struct Inner {
     store: Store,
-    feed_id: String,
+    /// The feed's id, in every cursor; a new one after a failover.
+    feed_id: std::sync::RwLock<String>,
     views: AccessViews,
     batches: broadcast::Sender<Arc<Batch>>,
     streams: Arc<Semaphore>,
@@ -138,7 +139,7 @@ impl Feed {
         let feed = Feed {
             inner: Arc::new(Inner {
                 store,
-                feed_id,
+                feed_id: std::sync::RwLock::new(feed_id),
                 views,
                 batches,
                 streams: Arc::new(Semaphore::new(cfg.max_streams)),
@@ -152,9 +153,17 @@ impl Feed {
         Ok((feed, poller))
     }
 
+    fn feed_id(&self) -> String {
+        self.inner
+            .feed_id
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     fn cursor(&self, snapshot: &str) -> String {
         FeedCursor {
-            feed_id: self.inner.feed_id.clone(),
+            feed_id: self.feed_id(),
             snapshot: snapshot.to_owned(),
         }
         .to_string()
@@ -173,7 +182,7 @@ impl Feed {
                 _ = tokio::time::sleep(inner.cfg.poll_every) => {}
             }
             let poll = inner.views.begin_poll();
-            let read = match inner.store.feed_poll(&prev).await {
+            let read = match inner.store.feed_poll(&prev, &self.feed_id()).await {
                 Ok(p) => p,
                 Err(e) => {
                     inner.views.distrust();
@@ -191,20 +200,39 @@ impl Feed {
                 );
             }
             prev = read.snapshot;
-            let cursor: Arc<str> = self.cursor(&prev).into();
             if !read.resumable {
-                tracing::warn!(
-                    "access feed: pruned past this replica's last read; views emptied, watchers start again"
-                );
+                // Pruned past this replica's last read, or the feed moved on after a
+                // failover (made new here, or by another replica).
+                let id = if read.moved {
+                    inner.store.feed_new_timeline().await
+                } else {
+                    inner.store.feed_id().await
+                };
+                let Ok(id) = id else {
+                    inner.views.distrust();
+                    continue;
+                };
+                let renewed = id != self.feed_id();
+                *inner.feed_id.write().unwrap_or_else(|e| e.into_inner()) = id;
+                if renewed {
+                    tracing::warn!(
+                        "access feed: a new feed after a failover (the server is on a new timeline); views emptied, watchers start again"
+                    );
+                } else {
+                    tracing::warn!(
+                        "access feed: pruned past this replica's last read; views emptied, watchers start again"
+                    );
+                }
                 inner.views.drop_all();
                 let _ = inner.batches.send(Arc::new(Batch {
                     poll,
-                    cursor,
+                    cursor: self.cursor(&prev).into(),
                     changes: Vec::new(),
                     reset: true,
                 }));
                 continue;
             }
+            let cursor: Arc<str> = self.cursor(&prev).into();
             inner.views.apply(poll, &read.changes);
             inner.views.current();
             let now = chrono::Utc::now();
@@ -292,7 +320,7 @@ impl Feed {
                 let out = out.clone();
                 inner
                     .store
-                    .watch_start(&inner.feed_id, ids.as_deref(), since.as_ref(), |c| {
+                    .watch_start(&feed.feed_id(), ids.as_deref(), since.as_ref(), |c| {
                         let out = out.clone();
                         async move { out.send(Ok(WatchItem::Change(c))).await.is_ok() }
                     })

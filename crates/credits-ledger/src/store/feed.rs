@@ -25,6 +25,9 @@ use crate::domain::*;
 pub struct Polled {
     pub snapshot: String,
     pub resumable: bool,
+    /// The server is on another timeline than the feed (a standby was promoted): the feed
+    /// must get a new id ([`Store::feed_new_timeline`]).
+    pub moved: bool,
     pub changes: Vec<AccessChange>,
 }
 
@@ -63,6 +66,10 @@ fn change(row: ChangeRow) -> Result<AccessChange, LedgerError> {
     })
 }
 
+/// The server's timeline (a promoted standby starts a new one), as the first eight hex
+/// digits of the current WAL file's name.
+const TIMELINE: &str = "substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)";
+
 /// The changes committed after snapshot `$1`, one row per account change
 /// (`ledger_feed_since()`: two index range reads — the transactions begun after it, and
 /// those it saw running — never a scan of what the feed retains).
@@ -98,11 +105,13 @@ impl Store {
             .await?)
     }
 
-    /// What committed since snapshot `prev`, and the snapshot read at — one statement, so
-    /// one snapshot for both.
-    pub async fn feed_poll(&self, prev: &str) -> Result<Polled, LedgerError> {
+    /// What committed since snapshot `prev` of feed `feed_id`, and the snapshot read at —
+    /// one statement, so one snapshot for both. Not resumable when the feed was pruned past
+    /// `prev`, has another id now, or is on another timeline than the server.
+    pub async fn feed_poll(&self, prev: &str, feed_id: &str) -> Result<Polled, LedgerError> {
         type Row = (
             String,
+            bool,
             bool,
             Option<String>,
             Option<i64>,
@@ -114,23 +123,27 @@ impl Store {
             Option<i64>,
         );
         let rows: Vec<Row> = sqlx::query_as(&format!(
-            "SELECT s.snap, s.resumable, x.* FROM (
+            "SELECT s.snap, s.resumable, s.moved, x.* FROM (
                  SELECT pg_current_snapshot()::text AS snap,
-                        (SELECT f.pruned_below FROM access_feed f)
-                            <= pg_snapshot_xmin($1::pg_snapshot) AS resumable) s
+                        f.pruned_below <= pg_snapshot_xmin($1::pg_snapshot)
+                            AND replace(f.feed_id::text, '-', '') = $2
+                            AND f.timeline IS NOT DISTINCT FROM {TIMELINE} AS resumable,
+                        f.timeline IS DISTINCT FROM {TIMELINE} AS moved
+                 FROM access_feed f) s
              LEFT JOIN LATERAL ({CHANGES_SINCE}) x ON s.resumable"
         ))
         .bind(prev)
+        .bind(feed_id)
         .fetch_all(&self.pool)
         .await?;
-        let (snapshot, resumable) = rows
+        let (snapshot, resumable, moved) = rows
             .first()
-            .map(|r| (r.0.clone(), r.1))
+            .map(|r| (r.0.clone(), r.1, r.2))
             .ok_or_else(|| LedgerError::Internal("feed poll: no snapshot".into()))?;
         let mut changes = Vec::with_capacity(rows.len());
         for r in rows {
             if let (Some(id), Some(v), Some(m), Some(a), Some(b), Some(h), Some(at), Some(x)) =
-                (r.2, r.3, r.4, r.5, r.6, r.7, r.8, r.9)
+                (r.3, r.4, r.5, r.6, r.7, r.8, r.9, r.10)
             {
                 changes.push(change((id, v, m, a, b, h, at, x))?);
             }
@@ -143,8 +156,22 @@ impl Store {
         Ok(Polled {
             snapshot,
             resumable,
+            moved,
             changes,
         })
+    }
+
+    /// After a failover (the server on another timeline than the feed): a new feed id on
+    /// this timeline, so that no cursor from before is resumed from. Idempotent across
+    /// replicas (the first one moves it); returns the feed's id.
+    pub async fn feed_new_timeline(&self) -> Result<String, LedgerError> {
+        sqlx::query(&format!(
+            "UPDATE access_feed SET feed_id = gen_random_uuid(), timeline = {TIMELINE}
+             WHERE timeline IS DISTINCT FROM {TIMELINE}"
+        ))
+        .execute(&self.pool)
+        .await?;
+        self.feed_id().await
     }
 
     /// A watcher's first part, read at one snapshot: with a usable `since` (this feed's,
@@ -168,13 +195,19 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         let usable = since.filter(|c| c.feed_id == feed_id);
-        let (snapshot, resumable): (String, Option<bool>) = sqlx::query_as(
+        let (snapshot, resumable): (String, Option<bool>) = sqlx::query_as(&format!(
             "SELECT pg_current_snapshot()::text,
-                    (SELECT f.pruned_below FROM access_feed f) <= pg_snapshot_xmin($1::pg_snapshot)
-                    -- one from beyond this database's present (another timeline, a forgery)
-                    AND pg_snapshot_xmax($1::pg_snapshot) <= pg_snapshot_xmax(pg_current_snapshot())",
-        )
+                    f.pruned_below <= pg_snapshot_xmin($1::pg_snapshot)
+                    -- one from beyond this database's present (a forgery, a restore)
+                    AND pg_snapshot_xmax($1::pg_snapshot) <= pg_snapshot_xmax(pg_current_snapshot())
+                    -- the feed as it is now, not as this replica last read it: after a
+                    -- failover, its id changes and cursors from before are not resumed
+                    AND replace(f.feed_id::text, '-', '') = $2
+                    AND f.timeline IS NOT DISTINCT FROM {TIMELINE}
+             FROM access_feed f"
+        ))
         .bind(usable.map(|c| c.snapshot.as_str()))
+        .bind(usable.map(|c| c.feed_id.as_str()))
         .fetch_one(&mut *tx)
         .await
         .map_err(cursor_refused)?;

@@ -1,0 +1,423 @@
+//! `--ha`: the soak over a PostgreSQL failover pair and a three-node RabbitMQ cluster
+//! (`deploy/ha/postgres`, `deploy/ha/rabbitmq`), with the faults of losing a machine: the
+//! primary killed (keeper and postgres at once), the primary paused past the failover
+//! timeout and resumed (it must come back as a standby: no split brain), a broker node
+//! killed. The money invariants are checked as in every soak; this module measures what
+//! the faults cost: failover times, requests refused while they lasted, and the longest
+//! time `CheckAccess` — and a gateway's cache — could not answer.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use sqlx::Connection;
+
+use crate::Cluster;
+use crate::rng::Rng;
+use crate::workload::{self, Account, Clients};
+
+const PG: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/ha/postgres");
+const MQ: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/ha/rabbitmq");
+/// The cluster node `rabbitmqctl` asks about queues once the faults are over (all three
+/// run again by then).
+pub const CTL_NODE: &str = "credits-ha1@localhost";
+/// The longest a failover or a rejoin may take before the run is called failed.
+const RECOVERY_LIMIT: Duration = Duration::from_secs(120);
+
+async fn script(path: &str, args: &[&str]) -> anyhow::Result<String> {
+    let out = tokio::process::Command::new(path)
+        .args(args)
+        .output()
+        .await?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{path} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+async fn succeeds(path: &str, args: &[&str]) -> bool {
+    tokio::process::Command::new(path)
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .await
+        .is_ok_and(|s| s.success())
+}
+
+/// The topology, started (or found running): the `DATABASE_URL` base of the pair (two
+/// hosts) and the `AMQP_URL` of the cluster (three nodes).
+pub async fn up() -> anyhow::Result<(String, String)> {
+    let pg = script(PG, &["up"]).await?;
+    let mq = script(MQ, &["up"]).await?;
+    Ok((pg, mq))
+}
+
+/// Node `n` (1-based) of the pair, as a URL of its own.
+fn node_url(pg: &str, n: usize) -> String {
+    credits_common::db::split_hosts(pg)
+        .get(n.saturating_sub(1))
+        .cloned()
+        .unwrap_or_default()
+}
+
+async fn primary() -> Option<usize> {
+    script(PG, &["primary"]).await.ok()?.parse().ok()
+}
+
+/// The table the harness writes to on a node to learn whether it acknowledges writes (in
+/// the `postgres` database, created on the primary at start and so on both nodes).
+const PROBE_TABLE: &str = "credits_ha_probe";
+
+/// Creates [`PROBE_TABLE`] through the pair's primary.
+pub async fn create_probe_table(pg: &str) -> anyhow::Result<()> {
+    let mut c = credits_common::db::connect_primary(&format!("{pg}/postgres")).await?;
+    sqlx::query(&format!(
+        "CREATE TABLE IF NOT EXISTS {PROBE_TABLE} (at timestamptz NOT NULL DEFAULT now())"
+    ))
+    .execute(&mut c)
+    .await?;
+    let _ = c.close().await;
+    Ok(())
+}
+
+/// Whether node `n` commits a row and acknowledges the commit within `wait`. The commit
+/// writes WAL, so with synchronous replication only a primary whose standby follows it (or
+/// that the monitor let go on alone) acknowledges it.
+async fn acknowledges_writes(pg: &str, n: usize, wait: Duration) -> bool {
+    let url = format!("{}/postgres", node_url(pg, n));
+    let write = async {
+        let mut c = sqlx::PgConnection::connect(&url).await.ok()?;
+        let mut tx = c.begin().await.ok()?;
+        sqlx::query(&format!("INSERT INTO {PROBE_TABLE} DEFAULT VALUES"))
+            .execute(&mut *tx)
+            .await
+            .ok()?;
+        tx.commit().await.ok()?;
+        let _ = c.close().await;
+        Some(())
+    };
+    matches!(tokio::time::timeout(wait, write).await, Ok(Some(())))
+}
+
+/// What the faults cost.
+#[derive(Default, Debug)]
+pub struct HaReport {
+    pub primary_kills: u32,
+    pub primary_pauses: u32,
+    pub broker_kills: u32,
+    pub daemon_kills: u32,
+    /// From the fault to another node's acknowledging a write.
+    pub failovers: Vec<Duration>,
+    /// From the old primary's return to its being the standby again.
+    pub rejoins: Vec<Duration>,
+    /// Workload calls refused during each failover.
+    pub refused: Vec<usize>,
+    /// From a broker node's kill to its being back in the cluster.
+    pub broker_rejoins: Vec<Duration>,
+    /// Writes a resumed old primary acknowledged while another node was primary: split
+    /// brain. Must be zero.
+    pub split_brain_writes: u32,
+    /// Faults whose recovery did not come within [`RECOVERY_LIMIT`].
+    pub stuck: Vec<String>,
+}
+
+fn stats(v: &[Duration]) -> String {
+    if v.is_empty() {
+        return "none".into();
+    }
+    let mut s = v.to_vec();
+    s.sort();
+    format!(
+        "p50 {:.1} s, max {:.1} s ({} of them)",
+        s[s.len() / 2].as_secs_f64(),
+        s[s.len() - 1].as_secs_f64(),
+        s.len()
+    )
+}
+
+impl std::fmt::Display for HaReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let refused: usize = self.refused.iter().sum();
+        writeln!(
+            f,
+            "ha faults: {} primary kills, {} primary pauses past the failover timeout, {} broker node kills, {} daemon kills",
+            self.primary_kills, self.primary_pauses, self.broker_kills, self.daemon_kills
+        )?;
+        writeln!(
+            f,
+            "ha failover (fault → a new primary acknowledges a write): {}",
+            stats(&self.failovers)
+        )?;
+        writeln!(
+            f,
+            "ha old primary back as the standby: {}",
+            stats(&self.rejoins)
+        )?;
+        writeln!(
+            f,
+            "ha workload calls refused during failovers: {refused} in all, at most {} in one",
+            self.refused.iter().max().copied().unwrap_or(0)
+        )?;
+        writeln!(
+            f,
+            "ha broker node back in the cluster: {}",
+            stats(&self.broker_rejoins)
+        )?;
+        write!(
+            f,
+            "ha split-brain writes acknowledged by a resumed old primary: {}; recoveries that did not come: {:?}",
+            self.split_brain_writes, self.stuck
+        )
+    }
+}
+
+impl HaReport {
+    /// No split brain, and every fault recovered.
+    pub fn ok(&self) -> bool {
+        self.split_brain_writes == 0 && self.stuck.is_empty()
+    }
+}
+
+/// Waits until `check` holds, up to [`RECOVERY_LIMIT`]; how long it took, or `None`.
+async fn until<F, Fut>(mut check: F) -> Option<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let t = Instant::now();
+    while t.elapsed() < RECOVERY_LIMIT {
+        if check().await {
+            return Some(t.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
+}
+
+/// Injects the machine-loss faults until `until`, one at a time, alternating between the
+/// database and the broker, with a daemon killed now and then; each fault is recovered
+/// (the old primary a standby again, the broker node back in the cluster) before the next.
+pub async fn inject(
+    c: &mut Cluster,
+    pg: &str,
+    mut rng: Rng,
+    until_t: Instant,
+    t0: Instant,
+) -> HaReport {
+    let mut r = HaReport::default();
+    let mut turn = 0u32;
+    while Instant::now() < until_t {
+        tokio::time::sleep(Duration::from_millis(1000 + rng.below(2000))).await;
+        if turn % 2 == 0 {
+            database_fault(pg, &mut rng, &mut r, t0).await;
+        } else {
+            broker_fault(&mut rng, &mut r, t0).await;
+        }
+        if rng.below(3) == 0 {
+            let n = c.all().len() as u64;
+            if let Some(d) = c.all().into_iter().nth(rng.below(n) as usize) {
+                println!(
+                    "[{:6.1}s] ha fault: kill -9 {} and restart",
+                    t0.elapsed().as_secs_f32(),
+                    d.spec.name
+                );
+                let _ = d.restart().await;
+                r.daemon_kills += 1;
+            }
+        }
+        turn += 1;
+    }
+    r
+}
+
+async fn database_fault(pg: &str, rng: &mut Rng, r: &mut HaReport, t0: Instant) {
+    // (`rng` only spaces the steps.)
+    let Some(old) = primary().await else {
+        r.stuck.push("no primary before a database fault".into());
+        return;
+    };
+    // Every third database fault is a pause, the second one first, so that a short run
+    // has both kinds.
+    let pause = (r.primary_kills + r.primary_pauses) % 3 == 1;
+    let n = old.to_string();
+    let errors = workload::ERRORS.load(Ordering::Relaxed);
+    let t = Instant::now();
+    if pause {
+        r.primary_pauses += 1;
+        let _ = script(PG, &["pause", &n]).await;
+    } else {
+        r.primary_kills += 1;
+        let _ = script(PG, &["kill", &n]).await;
+    }
+    println!(
+        "[{:6.1}s] ha fault: PostgreSQL primary (node {old}) {}",
+        t0.elapsed().as_secs_f32(),
+        if pause {
+            "paused (SIGSTOP)"
+        } else {
+            "killed (kill -9, keeper and postgres)"
+        }
+    );
+    let failover = until(|| async {
+        match primary().await {
+            Some(p) if p != old => acknowledges_writes(pg, p, Duration::from_secs(2)).await,
+            _ => false,
+        }
+    })
+    .await;
+    let refused = workload::ERRORS.load(Ordering::Relaxed) - errors;
+    match failover {
+        Some(d) => {
+            println!(
+                "[{:6.1}s] ha: failover in {:.1} s ({} workload calls refused meanwhile)",
+                t0.elapsed().as_secs_f32(),
+                d.as_secs_f64(),
+                refused
+            );
+            r.failovers.push(t.elapsed());
+            r.refused.push(refused);
+        }
+        None => r.stuck.push(format!("no failover from node {old}")),
+    }
+    tokio::time::sleep(Duration::from_millis(1000 + rng.below(3000))).await;
+    let back = Instant::now();
+    if pause {
+        let _ = script(PG, &["resume", &n]).await;
+        // While it learns it was demoted, a write it acknowledged would be split brain.
+        // (Its commits wait for a standby that now follows the new primary.)
+        let watch_until = Instant::now() + Duration::from_secs(8);
+        while Instant::now() < watch_until {
+            if acknowledges_writes(pg, old, Duration::from_millis(500)).await
+                && primary().await.is_some_and(|p| p != old)
+            {
+                r.split_brain_writes += 1;
+                println!(
+                    "[{:6.1}s] ha: SPLIT BRAIN: the resumed old primary acknowledged a write",
+                    t0.elapsed().as_secs_f32()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    } else {
+        let _ = script(PG, &["start", &n]).await;
+    }
+    match until(|| succeeds(PG, &["healthy"])).await {
+        Some(_) => {
+            r.rejoins.push(back.elapsed());
+            println!(
+                "[{:6.1}s] ha: node {old} is the standby again after {:.1} s",
+                t0.elapsed().as_secs_f32(),
+                back.elapsed().as_secs_f64()
+            );
+        }
+        None => r
+            .stuck
+            .push(format!("node {old} did not rejoin as the standby")),
+    }
+}
+
+async fn broker_fault(rng: &mut Rng, r: &mut HaReport, t0: Instant) {
+    let node = 1 + rng.below(3);
+    let n = node.to_string();
+    r.broker_kills += 1;
+    let t = Instant::now();
+    let _ = script(MQ, &["kill", &n]).await;
+    println!(
+        "[{:6.1}s] ha fault: RabbitMQ node {node} killed (kill -9)",
+        t0.elapsed().as_secs_f32()
+    );
+    tokio::time::sleep(Duration::from_millis(2000 + rng.below(4000))).await;
+    let _ = script(MQ, &["start", &n]).await;
+    match until(|| succeeds(MQ, &["clustered"])).await {
+        Some(_) => {
+            r.broker_rejoins.push(t.elapsed());
+            println!(
+                "[{:6.1}s] ha: RabbitMQ node {node} back in the cluster after {:.1} s",
+                t0.elapsed().as_secs_f32(),
+                t.elapsed().as_secs_f64()
+            );
+        }
+        None => r.stuck.push(format!("broker node {node} did not rejoin")),
+    }
+}
+
+/// How long `CheckAccess` (per ledger replica) and a gateway's cache could not answer.
+#[derive(Default, Debug, Clone)]
+pub struct Availability {
+    pub calls: u64,
+    pub refused: u64,
+    /// Per ledger replica: the longest time between two answered calls.
+    pub longest_gap: Vec<Duration>,
+    /// The cache answers from memory always; the longest time it was not current.
+    pub cache_answers: u64,
+    pub cache_longest_not_current: Duration,
+}
+
+impl std::fmt::Display for Availability {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "CheckAccess: {} calls, {} refused, longest window without an answer per ledger replica {:?}; the gateway's cache: {} lookups all answered from memory, longest time not current {:.1} s",
+            self.calls,
+            self.refused,
+            self.longest_gap
+                .iter()
+                .map(|d| format!("{:.1} s", d.as_secs_f64()))
+                .collect::<Vec<_>>(),
+            self.cache_answers,
+            self.cache_longest_not_current.as_secs_f64()
+        )
+    }
+}
+
+/// Probes `CheckAccess` on every ledger replica and the cache every 25 ms until `stop`.
+pub fn probe_access(
+    clients: &Clients,
+    accounts: &[Account],
+    cache: credits_client::AccessCache,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<Availability> {
+    let ledgers = clients.ledger.clone();
+    let ids: Vec<_> = accounts.iter().map(|a| a.id.clone()).collect();
+    tokio::spawn(async move {
+        let mut av = Availability {
+            longest_gap: vec![Duration::ZERO; ledgers.len()],
+            ..Default::default()
+        };
+        let mut last_ok = vec![Instant::now(); ledgers.len()];
+        let mut not_current_since: Option<Instant> = None;
+        let mut i = 0usize;
+        while !stop.load(Ordering::Acquire) {
+            i += 1;
+            let id = &ids[i % ids.len().max(1)];
+            for (k, l) in ledgers.iter().enumerate() {
+                av.calls += 1;
+                let answered = matches!(
+                    tokio::time::timeout(Duration::from_secs(1), l.check_access(id)).await,
+                    Ok(Ok(_))
+                );
+                if answered {
+                    last_ok[k] = Instant::now();
+                } else {
+                    av.refused += 1;
+                }
+                av.longest_gap[k] = av.longest_gap[k].max(last_ok[k].elapsed());
+            }
+            let _ = cache.allowed(id.as_str(), credits_client::Money::ZERO);
+            av.cache_answers += 1;
+            match (cache.is_current(), not_current_since) {
+                (false, None) => not_current_since = Some(Instant::now()),
+                (true, Some(t)) => {
+                    av.cache_longest_not_current = av.cache_longest_not_current.max(t.elapsed());
+                    not_current_since = None;
+                }
+                _ => {}
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        av
+    })
+}
