@@ -130,9 +130,10 @@ async fn what_was_acknowledged_survives_the_primary_s_death_and_nothing_is_charg
     tokio::time::sleep(Duration::from_secs(3)).await;
     let old = ha(&["primary"]).await;
     assert!(old == "1" || old == "2", "a primary: {old:?}");
-    killed.store(true, Ordering::Release);
     let t = Instant::now();
     ha(&["kill", &old]).await;
+    // Only what was asked after the primary was gone counts as "after the kill".
+    killed.store(true, Ordering::Release);
     // The standby takes over; the writers go on through it.
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {

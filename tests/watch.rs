@@ -248,6 +248,17 @@ async fn a_stream_resumes_from_its_cursor_after_a_disconnect_and_a_ledger_restar
 async fn after_a_failover_the_feed_starts_anew_and_no_cursor_from_before_is_resumed() {
     let a = Ledger::start().await;
     let b = a.another_replica().await;
+    // A replica that does not poll (in time for this test): it cannot have heard of the new
+    // feed, so only the database's own check refuses an old cursor there.
+    let slow = Ledger::start_with(LedgerOptions {
+        addr: None,
+        feed: Some(credits_ledger::watch::FeedConfig {
+            poll_every: Duration::from_secs(3600),
+            ..Default::default()
+        }),
+        ..a.restart_options()
+    })
+    .await;
     let (ca, cb) = (a.api(), b.api());
     for id in ["f1", "f2"] {
         ca.prepaid(id, "10").await;
@@ -321,6 +332,15 @@ async fn after_a_failover_the_feed_starts_anew_and_no_cursor_from_before_is_resu
         .expect("f1");
     assert_eq!(f1.balance, money("0"));
     drop(events);
+    // So is it on the replica that has not polled since.
+    let mut events = watch(&slow.api(), &["f1", "f2"], Some(&before)).await;
+    let (states, _) = until_sync(&mut events).await;
+    assert_eq!(
+        states.len(),
+        2,
+        "a snapshot on the replica that did not poll: {states:#?}"
+    );
+    drop(events);
     // The cache started again from a snapshot of the new feed, once, and is current.
     eventually(WAIT, "the cache holds f1 at zero", || async {
         cache
@@ -331,6 +351,7 @@ async fn after_a_failover_the_feed_starts_anew_and_no_cursor_from_before_is_resu
     .await;
     assert_eq!(resets.load(std::sync::atomic::Ordering::Relaxed), 1);
     assert!(cache.is_current(), "{:?}", cache.status());
+    slow.stop().await;
     b.stop().await;
     a.stop().await;
 }

@@ -1019,12 +1019,19 @@ pub async fn check_cache(
     }
     let (gaps, changes) = {
         let seen = applied.lock().map(|m| m.clone()).unwrap_or_default();
-        // In order, one by one, except across a reset (a snapshot follows it).
+        // In order, one by one, except across a reset: the stream that reveals a new feed
+        // begins with a snapshot (its updates come before the reset is known, so they are
+        // the last of their epoch), and the stream after the reset begins with another.
         let gaps = seen
             .values()
             .filter(|s| {
-                s.windows(2)
-                    .any(|w| w[1].0 == w[0].0 && w[1].1 != w[0].1 + 1)
+                s.windows(3)
+                    .map(|w| (w[0], w[1], Some(w[2])))
+                    .chain(s.len().checked_sub(2).map(|i| (s[i], s[i + 1], None)))
+                    .any(|(a, b, next)| {
+                        let last_of_epoch = next.is_some_and(|n| n.0 != b.0);
+                        a.0 == b.0 && b.1 != a.1 + 1 && !last_of_epoch
+                    })
             })
             .count();
         (gaps, seen.values().map(Vec::len).sum::<usize>())

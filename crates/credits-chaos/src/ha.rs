@@ -111,6 +111,9 @@ pub struct HaReport {
     pub daemon_kills: u32,
     /// From the fault to another node's acknowledging a write.
     pub failovers: Vec<Duration>,
+    /// From the fault to every ledger replica's answering from the database again (its
+    /// pool on the new primary).
+    pub daemons_back: Vec<Duration>,
     /// From the old primary's return to its being the standby again.
     pub rejoins: Vec<Duration>,
     /// Workload calls refused during each failover.
@@ -203,6 +206,8 @@ where
 pub async fn inject(
     c: &mut Cluster,
     pg: &str,
+    ledgers: &[credits_client::Ledger],
+    probe: &credits_client::AccountId,
     mut rng: Rng,
     until_t: Instant,
     t0: Instant,
@@ -212,7 +217,7 @@ pub async fn inject(
     while Instant::now() < until_t {
         tokio::time::sleep(Duration::from_millis(1000 + rng.below(2000))).await;
         if turn % 2 == 0 {
-            database_fault(pg, &mut rng, &mut r, t0).await;
+            database_fault(pg, ledgers, probe, &mut rng, &mut r, t0).await;
         } else {
             broker_fault(&mut rng, &mut r, t0).await;
         }
@@ -233,7 +238,14 @@ pub async fn inject(
     r
 }
 
-async fn database_fault(pg: &str, rng: &mut Rng, r: &mut HaReport, t0: Instant) {
+async fn database_fault(
+    pg: &str,
+    ledgers: &[credits_client::Ledger],
+    probe: &credits_client::AccountId,
+    rng: &mut Rng,
+    r: &mut HaReport,
+    t0: Instant,
+) {
     // (`rng` only spaces the steps.)
     let Some(old) = primary().await else {
         r.stuck.push("no primary before a database fault".into());
@@ -281,6 +293,29 @@ async fn database_fault(pg: &str, rng: &mut Rng, r: &mut HaReport, t0: Instant) 
             r.refused.push(refused);
         }
         None => r.stuck.push(format!("no failover from node {old}")),
+    }
+    let back = until(|| async {
+        for l in ledgers {
+            let answered = tokio::time::timeout(Duration::from_secs(1), l.get_account(probe)).await;
+            if !matches!(answered, Ok(Ok(_))) {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    match back {
+        Some(_) => {
+            println!(
+                "[{:6.1}s] ha: every ledger answers from the new primary, {:.1} s after the fault",
+                t0.elapsed().as_secs_f32(),
+                t.elapsed().as_secs_f64()
+            );
+            r.daemons_back.push(t.elapsed());
+        }
+        None => r
+            .stuck
+            .push("a ledger never answered from the new primary".into()),
     }
     tokio::time::sleep(Duration::from_millis(1000 + rng.below(3000))).await;
     let back = Instant::now();
@@ -417,6 +452,9 @@ pub fn probe_access(
                 _ => {}
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        if let Some(t) = not_current_since {
+            av.cache_longest_not_current = av.cache_longest_not_current.max(t.elapsed());
         }
         av
     })

@@ -495,7 +495,17 @@ async fn run(a: &Args, seed: u64) -> anyhow::Result<bool> {
     let ha_run = if a.ha {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let probe = ha::probe_access(&clients, &accounts, cache.clone(), stop.clone());
-        let r = ha::inject(&mut c, &a.pg_url, rng.fork(), until, t0).await;
+        let probe_account = accounts[0].id.clone();
+        let r = ha::inject(
+            &mut c,
+            &a.pg_url,
+            &clients.ledger,
+            &probe_account,
+            rng.fork(),
+            until,
+            t0,
+        )
+        .await;
         stop.store(true, std::sync::atomic::Ordering::Release);
         Some((r, probe.await?))
     } else {

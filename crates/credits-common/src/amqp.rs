@@ -101,7 +101,7 @@ impl Publisher {
                 FieldTable::default(),
             )
             .await?;
-            tracing::warn!(queue = %self.parking_queue(), "the parking queue is a classic queue, kept on one broker node; see docs/operations.md to make it a quorum queue");
+            tracing::warn!(queue = %self.parking_queue(), "the parking queue exists with other arguments than a quorum queue's (a classic queue from an earlier release, kept on one broker node): used as it is; see docs/operations.md to make it a quorum queue");
         }
         tracing::info!(url = %redact_url(&self.url), exchange = %self.exchange, "AMQP publisher connected");
         self.state = Some((conn, ch.clone()));

@@ -176,13 +176,14 @@ const WATCH_EVERY: Duration = Duration::from_secs(1);
 
 /// A pool over several PostgreSQL hosts of which one at a time is the primary (the others
 /// standbys, promoted by the failover manager when the primary dies):
-/// - the pool opens connections to the host found writable; a connection that lands on a
-///   host no longer writable is refused (and the search started at once), so no statement
-///   runs on a standby or on a demoted primary;
+/// - the pool opens connections to the host found writable (all asked at once; of two, the
+///   one on the newer timeline); a connection that lands on a standby, or on an old
+///   primary not yet demoted (an older timeline), is refused and the search started at
+///   once;
 /// - a watcher checks that host every second and, when it stops taking writes or
 ///   answering, finds the one that does and points the pool there;
-/// - connections opened before that move are closed when next taken from the pool, not
-///   reused: after a pause, an old primary's sockets may still look alive.
+/// - connections opened before that move are closed when next taken from the pool or
+///   given back, not reused: after a pause, an old primary's sockets may still look alive.
 ///
 /// A commit whose answer is lost in the failover is an error of the connection class
 /// ([`is_connection_error`]): callers answer `UNAVAILABLE`, and a retry under the same
@@ -196,6 +197,9 @@ pub struct Failover {
 struct FailoverInner {
     hosts: Vec<PgConnectOptions>,
     current: std::sync::atomic::AtomicUsize,
+    /// The timeline of the primary the pool writes to: a host on an older one is an old
+    /// primary not yet demoted (after a pause or a partition), never written to.
+    timeline: std::sync::atomic::AtomicU32,
     /// When the pool last moved to another host.
     moved_at: std::sync::Mutex<std::time::Instant>,
     nudge: tokio::sync::Notify,
@@ -207,6 +211,7 @@ impl Failover {
             inner: std::sync::Arc::new(FailoverInner {
                 hosts,
                 current: std::sync::atomic::AtomicUsize::new(0),
+                timeline: std::sync::atomic::AtomicU32::new(0),
                 moved_at: std::sync::Mutex::new(std::time::Instant::now()),
                 nudge: tokio::sync::Notify::new(),
             }),
@@ -218,58 +223,81 @@ impl Failover {
         format!("{}:{}", o.get_host(), o.get_port())
     }
 
-    /// The first host, starting at the current one, that takes writes.
+    /// The host that takes writes, all asked at once: of several (an old primary resumed
+    /// before its demotion), the one on the newest timeline; of equals, the current one.
     pub async fn find_primary(&self) -> Result<PgConnectOptions, sqlx::Error> {
         let n = self.inner.hosts.len();
         let start = self
             .inner
             .current
             .load(std::sync::atomic::Ordering::Acquire);
+        let answers = futures_util::future::join_all(self.inner.hosts.iter().map(probe)).await;
+        let mut best: Option<(usize, u32)> = None;
         let mut last = None;
         for k in 0..n {
             let i = (start + k) % n;
-            match probe(&self.inner.hosts[i]).await {
-                Ok(true) => {
-                    self.inner
-                        .current
-                        .store(i, std::sync::atomic::Ordering::Release);
-                    return Ok(self.inner.hosts[i].clone());
-                }
-                Ok(false) => {
+            match &answers[i] {
+                Ok(Some(t)) if best.is_none_or(|(_, b)| *t > b) => best = Some((i, *t)),
+                Ok(Some(_)) => {}
+                Ok(None) => {
                     last = Some(sqlx::Error::Protocol(format!(
                         "{} is a standby",
                         self.host_name(i)
                     )))
                 }
-                Err(e) => last = Some(e),
+                Err(e) => last = Some(sqlx::Error::Protocol(format!("{}: {e}", self.host_name(i)))),
             }
         }
-        Err(last.unwrap_or(sqlx::Error::PoolClosed))
+        match best {
+            Some((i, t)) => {
+                self.inner
+                    .timeline
+                    .fetch_max(t, std::sync::atomic::Ordering::AcqRel);
+                self.inner
+                    .current
+                    .store(i, std::sync::atomic::Ordering::Release);
+                Ok(self.inner.hosts[i].clone())
+            }
+            None => Err(last.unwrap_or(sqlx::Error::PoolClosed)),
+        }
     }
 
-    /// The pool's hooks: refuse a connection to a host that does not take writes; close,
-    /// instead of reusing, one opened before the last move or that does not answer a ping.
+    /// Whether a connection opened before the pool last moved (not to be used again).
+    fn stale(&self, meta: &sqlx::pool::PoolConnectionMetadata) -> bool {
+        let moved_at = *self
+            .inner
+            .moved_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        std::time::Instant::now()
+            .checked_sub(meta.age)
+            .is_some_and(|opened| opened < moved_at)
+    }
+
+    /// The pool's hooks: refuse a connection to a host that does not take writes or is on an
+    /// older timeline than the primary; close, instead of reusing or taking back, one
+    /// opened before the last move; ping one taken from the pool, within [`PROBE_TIMEOUT`].
     pub fn pool_options(&self, opts: PgPoolOptions) -> PgPoolOptions {
-        let (on_connect, on_acquire) = (self.clone(), self.clone());
+        let (on_connect, on_acquire, on_release) = (self.clone(), self.clone(), self.clone());
         opts.test_before_acquire(false)
             .after_connect(move |conn, _| {
                 let f = on_connect.clone();
                 Box::pin(async move {
-                    if writable(conn).await? {
+                    let known = f.inner.timeline.load(std::sync::atomic::Ordering::Acquire);
+                    if state(conn).await?.is_some_and(|t| t >= known) {
                         return Ok(());
                     }
                     f.inner.nudge.notify_one();
                     Err(sqlx::Error::Protocol(
-                        "connected to a standby; looking for the primary".into(),
+                        "connected to a standby or a demoted primary; looking for the primary"
+                            .into(),
                     ))
                 })
             })
             .before_acquire(move |conn, meta| {
                 let f = on_acquire.clone();
                 Box::pin(async move {
-                    let moved_at = *f.inner.moved_at.lock().unwrap_or_else(|e| e.into_inner());
-                    let opened_at = std::time::Instant::now().checked_sub(meta.age);
-                    if opened_at.is_some_and(|t| t < moved_at) {
+                    if f.stale(&meta) {
                         return Ok(false);
                     }
                     match tokio::time::timeout(PROBE_TIMEOUT, conn.ping()).await {
@@ -277,6 +305,12 @@ impl Failover {
                         Err(_) => Err(sqlx::Error::PoolTimedOut),
                     }
                 })
+            })
+            // Before sqlx's own ping on release (which has no deadline): a connection to
+            // the host the pool left is closed, not pinged.
+            .after_release(move |_, meta| {
+                let stale = on_release.stale(&meta);
+                Box::pin(async move { Ok(!stale) })
             })
     }
 
@@ -290,7 +324,8 @@ impl Failover {
                 _ = inner.nudge.notified() => {}
             }
             let current = inner.current.load(std::sync::atomic::Ordering::Acquire);
-            if matches!(probe(&inner.hosts[current]).await, Ok(true)) {
+            let known = inner.timeline.load(std::sync::atomic::Ordering::Acquire);
+            if matches!(probe(&inner.hosts[current]).await, Ok(Some(t)) if t >= known) {
                 continue;
             }
             let started = std::time::Instant::now();
@@ -299,9 +334,11 @@ impl Failover {
             };
             let now = inner.current.load(std::sync::atomic::Ordering::Acquire);
             if now != current {
+                // The pool's new target first, then the mark: a connection opened before
+                // the mark is closed when next taken or given back.
+                pool.set_connect_options(opts);
                 *inner.moved_at.lock().unwrap_or_else(|e| e.into_inner()) =
                     std::time::Instant::now();
-                pool.set_connect_options(opts);
                 metrics::counter!("credits_db_failovers_total").increment(1);
                 tracing::warn!(
                     from = %self.host_name(current),
@@ -314,16 +351,24 @@ impl Failover {
     }
 }
 
-/// Whether the server behind `conn` takes writes (not a standby, not read-only).
-async fn writable(conn: &mut sqlx::PgConnection) -> Result<bool, sqlx::Error> {
-    let ro: String = sqlx::query_scalar("SHOW transaction_read_only")
-        .fetch_one(&mut *conn)
-        .await?;
-    Ok(ro == "off")
+/// The timeline of the server behind `conn` when it takes writes; `None` for a standby
+/// or a read-only server.
+async fn state(conn: &mut sqlx::PgConnection) -> Result<Option<u32>, sqlx::Error> {
+    let (read_only, timeline): (String, Option<String>) = sqlx::query_as(
+        "SELECT current_setting('transaction_read_only'),
+                CASE WHEN pg_is_in_recovery() THEN NULL
+                     ELSE substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) END",
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(match (read_only.as_str(), timeline) {
+        ("off", Some(t)) => Some(u32::from_str_radix(&t, 16).unwrap_or(0)),
+        _ => None,
+    })
 }
 
-/// Connects to one host and asks whether it takes writes, within [`PROBE_TIMEOUT`].
-async fn probe(opts: &PgConnectOptions) -> Result<bool, sqlx::Error> {
+/// Connects to one host and asks for its [`state`], within [`PROBE_TIMEOUT`].
+async fn probe(opts: &PgConnectOptions) -> Result<Option<u32>, sqlx::Error> {
     let check = async {
         let mut conn = match opts.connect().await {
             // The database is created once the primary is found: ask the maintenance one.
@@ -332,7 +377,7 @@ async fn probe(opts: &PgConnectOptions) -> Result<bool, sqlx::Error> {
             }
             other => other?,
         };
-        let w = writable(&mut conn).await;
+        let w = state(&mut conn).await;
         let _ = conn.close().await;
         w
     };

@@ -350,7 +350,12 @@ impl Feed {
             .increment(1);
             // Polls begun from here on read at a snapshot newer than the first part's.
             let after = inner.views.polls_begun();
-            let mut cursor: Arc<str> = feed.cursor(&started.snapshot).into();
+            let mut cursor: Arc<str> = FeedCursor {
+                feed_id: started.feed_id.clone(),
+                snapshot: started.snapshot.clone(),
+            }
+            .to_string()
+            .into();
             if out
                 .send(Ok(WatchItem::Sync(cursor.to_string())))
                 .await

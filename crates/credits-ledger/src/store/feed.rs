@@ -37,6 +37,9 @@ pub struct Polled {
 pub struct WatchStart {
     pub snapshot: String,
     pub resumed: bool,
+    /// The feed's id as read at that snapshot: the first cursor's (not this replica's
+    /// last-known id, which may be older or newer across a failover).
+    pub feed_id: String,
 }
 
 type ChangeRow = (
@@ -195,22 +198,24 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         let usable = since.filter(|c| c.feed_id == feed_id);
-        let (snapshot, resumable): (String, Option<bool>) = sqlx::query_as(&format!(
-            "SELECT pg_current_snapshot()::text,
+        let (snapshot, resumable, read_feed_id): (String, Option<bool>, String) =
+            sqlx::query_as(&format!(
+                "SELECT pg_current_snapshot()::text,
                     f.pruned_below <= pg_snapshot_xmin($1::pg_snapshot)
                     -- one from beyond this database's present (a forgery, a restore)
                     AND pg_snapshot_xmax($1::pg_snapshot) <= pg_snapshot_xmax(pg_current_snapshot())
                     -- the feed as it is now, not as this replica last read it: after a
                     -- failover, its id changes and cursors from before are not resumed
                     AND replace(f.feed_id::text, '-', '') = $2
-                    AND f.timeline IS NOT DISTINCT FROM {TIMELINE}
+                    AND f.timeline IS NOT DISTINCT FROM {TIMELINE},
+                    replace(f.feed_id::text, '-', '')
              FROM access_feed f"
-        ))
-        .bind(usable.map(|c| c.snapshot.as_str()))
-        .bind(usable.map(|c| c.feed_id.as_str()))
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(cursor_refused)?;
+            ))
+            .bind(usable.map(|c| c.snapshot.as_str()))
+            .bind(usable.map(|c| c.feed_id.as_str()))
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(cursor_refused)?;
         let resumed = resumable == Some(true);
         let ids: Vec<String> = accounts.map(<[String]>::to_vec).unwrap_or_default();
         let filtered = accounts.is_some();
@@ -247,7 +252,11 @@ impl Store {
         }
         drop(rows);
         tx.rollback().await?;
-        Ok(WatchStart { snapshot, resumed })
+        Ok(WatchStart {
+            snapshot,
+            resumed,
+            feed_id: read_feed_id,
+        })
     }
 
     /// Deletes the feed's rows of transactions below `below` (an xid: the xmin of a
