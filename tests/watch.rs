@@ -290,7 +290,7 @@ async fn after_a_failover_the_feed_starts_anew_and_no_cursor_from_before_is_resu
         .await
         .expect("move the feed's timeline");
     let renewed: String = eventually(WAIT, "a new feed id on the server's timeline", || {
-        let mut db = a.db();
+        let db = a.db();
         async move {
             let (id, same): (String, bool) = sqlx::query_as(
                 "SELECT replace(feed_id::text, '-', ''),

@@ -156,6 +156,11 @@ impl std::fmt::Display for HaReport {
         )?;
         writeln!(
             f,
+            "ha ledgers answering from the new primary (fault → GetAccount answered by every replica): {}",
+            stats(&self.daemons_back)
+        )?;
+        writeln!(
+            f,
             "ha old primary back as the standby: {}",
             stats(&self.rejoins)
         )?;
@@ -216,7 +221,7 @@ pub async fn inject(
     let mut turn = 0u32;
     while Instant::now() < until_t {
         tokio::time::sleep(Duration::from_millis(1000 + rng.below(2000))).await;
-        if turn % 2 == 0 {
+        if turn.is_multiple_of(2) {
             database_fault(pg, ledgers, probe, &mut rng, &mut r, t0).await;
         } else {
             broker_fault(&mut rng, &mut r, t0).await;

@@ -193,6 +193,17 @@ impl Store {
         F: FnMut(AccessChange) -> Fut,
         Fut: Future<Output = bool>,
     {
+        // The feed is renewed first when the server moved to a new timeline and no poller
+        // has renewed it yet: a first part read now names the new feed, so the client
+        // knows it got a snapshot of it (not a catch-up of the feed it had).
+        let moved: bool = sqlx::query_scalar(&format!(
+            "SELECT f.timeline IS DISTINCT FROM {TIMELINE} FROM access_feed f"
+        ))
+        .fetch_one(&self.pool)
+        .await?;
+        if moved {
+            self.feed_new_timeline().await?;
+        }
         let mut tx = self.pool.begin().await?;
         sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             .execute(&mut *tx)
