@@ -309,19 +309,15 @@ async fn database_fault(
         true
     })
     .await;
-    match back {
-        Some(_) => {
-            println!(
-                "[{:6.1}s] ha: every ledger answers from the new primary, {:.1} s after the fault",
-                t0.elapsed().as_secs_f32(),
-                t.elapsed().as_secs_f64()
-            );
-            r.daemons_back.push(t.elapsed());
-        }
-        None => r
-            .stuck
-            .push("a ledger never answered from the new primary".into()),
-    }
+    let took = back.map(|_| t.elapsed());
+    recovery(
+        &mut r.daemons_back,
+        &mut r.stuck,
+        took,
+        t0,
+        "every ledger answers from the new primary, after the fault",
+        "a ledger never answered from the new primary".into(),
+    );
     tokio::time::sleep(Duration::from_millis(1000 + rng.below(3000))).await;
     let back = Instant::now();
     if pause {
@@ -344,18 +340,38 @@ async fn database_fault(
     } else {
         let _ = script(PG, &["start", &n]).await;
     }
-    match until(|| succeeds(PG, &["healthy"])).await {
-        Some(_) => {
-            r.rejoins.push(back.elapsed());
+    let took = until(|| succeeds(PG, &["healthy"]))
+        .await
+        .map(|_| back.elapsed());
+    recovery(
+        &mut r.rejoins,
+        &mut r.stuck,
+        took,
+        t0,
+        &format!("node {old} is the standby again, after"),
+        format!("node {old} did not rejoin as the standby"),
+    );
+}
+
+/// Records a recovery: how long it took (in `times`, and a line), or that it never came.
+fn recovery(
+    times: &mut Vec<Duration>,
+    stuck: &mut Vec<String>,
+    took: Option<Duration>,
+    t0: Instant,
+    done: &str,
+    never: String,
+) {
+    match took {
+        Some(d) => {
             println!(
-                "[{:6.1}s] ha: node {old} is the standby again after {:.1} s",
+                "[{:6.1}s] ha: {done} {:.1} s",
                 t0.elapsed().as_secs_f32(),
-                back.elapsed().as_secs_f64()
+                d.as_secs_f64()
             );
+            times.push(d);
         }
-        None => r
-            .stuck
-            .push(format!("node {old} did not rejoin as the standby")),
+        None => stuck.push(never),
     }
 }
 
@@ -371,17 +387,17 @@ async fn broker_fault(rng: &mut Rng, r: &mut HaReport, t0: Instant) {
     );
     tokio::time::sleep(Duration::from_millis(2000 + rng.below(4000))).await;
     let _ = script(MQ, &["start", &n]).await;
-    match until(|| succeeds(MQ, &["clustered"])).await {
-        Some(_) => {
-            r.broker_rejoins.push(t.elapsed());
-            println!(
-                "[{:6.1}s] ha: RabbitMQ node {node} back in the cluster after {:.1} s",
-                t0.elapsed().as_secs_f32(),
-                t.elapsed().as_secs_f64()
-            );
-        }
-        None => r.stuck.push(format!("broker node {node} did not rejoin")),
-    }
+    let took = until(|| succeeds(MQ, &["clustered"]))
+        .await
+        .map(|_| t.elapsed());
+    recovery(
+        &mut r.broker_rejoins,
+        &mut r.stuck,
+        took,
+        t0,
+        &format!("RabbitMQ node {node} back in the cluster, after"),
+        format!("broker node {node} did not rejoin"),
+    );
 }
 
 /// How long `CheckAccess` (per ledger replica) and a gateway's cache could not answer.
