@@ -355,6 +355,7 @@ async fn credits_up_runs_all_four_and_the_demo_tells_the_story() {
     let addr = |p: u16| format!("127.0.0.1:{p}");
     let prefix = unique("credits_t_up");
     let queue = unique("credits.recharge.up");
+    let exchange = unique("credits.events.up");
     let up = Proc::spawn(
         "credits-up",
         "credits",
@@ -365,7 +366,7 @@ async fn credits_up_runs_all_four_and_the_demo_tells_the_story() {
             "--db-prefix",
             &prefix,
             "--exchange",
-            &unique("credits.events.up"),
+            &exchange,
             "--queue",
             &queue,
             "--ledger-addr",
@@ -589,6 +590,7 @@ async fn credits_up_runs_all_four_and_the_demo_tells_the_story() {
     let status = up.stop().await;
     assert!(status.success(), "credits up exits 0 on SIGTERM");
     credits_tests::delete_queues(&queue).await;
+    credits_tests::delete_queues(&format!("{exchange}.unrouted")).await;
 }
 
 /// One raw gRPC call to any path (an empty message each way), with or without a token: its

@@ -414,6 +414,7 @@ async fn the_publisher_tells_returned_messages_from_routed_ones_by_id() {
     let unique: std::collections::BTreeSet<String> = received.iter().cloned().collect();
     assert_eq!(received.len(), unique.len(), "a message arrived twice");
     assert_eq!(unique, kept);
+    credits_tests::delete_queues(&publisher.parking_queue()).await;
 }
 
 #[tokio::test]
@@ -1517,9 +1518,10 @@ async fn set_based_batch_answers_and_publishes_what_posting_one_by_one_would() {
         c.prepaid("alone", "10").await;
         // The set-up's events are all published (and so in the tap's queue) once the
         // outbox is empty; they are not part of the comparison.
-        while l.outbox_len().await > 0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        credits_tests::eventually(EVENT_WAIT, "the set-up's events published", || async {
+            (l.outbox_len().await == 0).then_some(())
+        })
+        .await;
         tap.drain(Duration::from_millis(300)).await;
         taps.push(tap);
     }

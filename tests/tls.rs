@@ -94,16 +94,18 @@ fn client(url_ledger: &str, url_payments: &str, tls: &Tls) -> Client {
     .unwrap()
 }
 
-/// A ledger serving gRPC with `tls` on a free port: its https URL and its task.
+/// A ledger serving gRPC with `tls` on a free port, publishing to `exchange`: its https URL
+/// and its task.
 async fn tls_ledger(
     tls: &Tls,
+    exchange: &str,
     shutdown: &CancellationToken,
 ) -> (String, tokio::task::JoinHandle<anyhow::Result<()>>) {
     let mut cfg = credits_ledger::Config::new(
         &credits_tests::fresh_database_url("ledger"),
         credits_tests::AMQP_URL,
     );
-    cfg.daemon.exchange = credits_tests::unique("credits.events.tls");
+    cfg.daemon.exchange = exchange.to_owned();
     cfg.daemon.tls = tls.clone();
     let ledger = credits_ledger::App::build(cfg, shutdown).await.unwrap();
     let (l, url) = listener().await;
@@ -118,15 +120,16 @@ async fn daemons_serve_and_call_each_other_over_mutual_tls() {
     // The daemons use the server certificate both ways (served, and shown to peers).
     let daemon_tls = pki.daemon();
     let shutdown = CancellationToken::new();
+    let exchange = credits_tests::unique("credits.events.tls");
 
-    let (ledger_url, ledger_task) = tls_ledger(&daemon_tls, &shutdown).await;
+    let (ledger_url, ledger_task) = tls_ledger(&daemon_tls, &exchange, &shutdown).await;
 
     let mut pcfg = credits_payments::Config::new(
         &credits_tests::fresh_database_url("payments"),
         credits_tests::AMQP_URL,
         &ledger_url,
     );
-    pcfg.daemon.exchange = credits_tests::unique("credits.events.tls");
+    pcfg.daemon.exchange = exchange.clone();
     pcfg.daemon.tls = daemon_tls.clone();
     let payments = credits_payments::App::build(pcfg, &shutdown).await.unwrap();
     let (pl, payments_url) = listener().await;
@@ -204,6 +207,7 @@ async fn daemons_serve_and_call_each_other_over_mutual_tls() {
 
     shutdown.cancel();
     let _ = tokio::join!(ledger_task, payments_task);
+    credits_tests::delete_queues(&format!("{exchange}.unrouted")).await;
 }
 
 /// `sslmode` in `DATABASE_URL` is honoured: with `require` every connection the ledger
@@ -347,6 +351,7 @@ async fn the_ledger_publishes_over_amqps_verified_by_a_private_ca() {
         "through the TLS front"
     );
     ledger.stop().await;
+    credits_tests::delete_queues(&format!("{exchange}.unrouted")).await;
 }
 
 /// R28: the portal over TLS end to end — its page served over TLS (`PORTAL_TLS_CERT`/
@@ -363,7 +368,8 @@ async fn the_portal_serves_its_page_over_tls_and_calls_the_services_over_mutual_
     let pki = pki(&dir);
     let daemon_tls = pki.daemon();
     let shutdown = CancellationToken::new();
-    let (ledger_url, ledger_task) = tls_ledger(&daemon_tls, &shutdown).await;
+    let exchange = credits_tests::unique("credits.events.tls");
+    let (ledger_url, ledger_task) = tls_ledger(&daemon_tls, &exchange, &shutdown).await;
     let client_tls = pki.client();
     client(&ledger_url, &ledger_url, &client_tls)
         .ledger()
@@ -464,4 +470,5 @@ async fn the_portal_serves_its_page_over_tls_and_calls_the_services_over_mutual_
     shutdown.cancel();
     let _ = portal_task.await;
     let _ = ledger_task.await;
+    credits_tests::delete_queues(&format!("{exchange}.unrouted")).await;
 }

@@ -128,6 +128,8 @@ pub struct Served {
     pub task: JoinHandle<anyhow::Result<()>>,
     /// The daemon's HTTP listener (payments' webhooks), if it has one.
     pub http_addr: Option<std::net::SocketAddr>,
+    /// Its exchange's parking queue, deleted when it stops.
+    parking_queue: String,
 }
 
 impl Served {
@@ -136,6 +138,7 @@ impl Served {
         cfg: D::Config,
         addr: Option<std::net::SocketAddr>,
         database_url: String,
+        exchange: &str,
     ) -> Served {
         credits_common::telemetry::init_for_tests();
         let shutdown = CancellationToken::new();
@@ -150,6 +153,7 @@ impl Served {
             database_url,
             task: tokio::spawn(app.run(listener, shutdown.clone())),
             shutdown,
+            parking_queue: format!("{exchange}.unrouted"),
         }
     }
 
@@ -161,13 +165,17 @@ impl Served {
         pg_connect(&self.database_url).await
     }
 
-    /// Cancels the daemon; it must end cleanly.
+    /// Cancels the daemon; it must end cleanly. Its exchange's parking queue is deleted (a
+    /// daemon still running on the exchange declares it again): a quorum queue holds broker
+    /// file handles, and a test run leaving hundreds behind exhausts a default broker's, which
+    /// then stops accepting connections.
     async fn stop(self) {
         self.shutdown.cancel();
         self.task
             .await
             .expect("join")
             .unwrap_or_else(|e| panic!("{} did not run cleanly: {e:#}", self.name));
+        delete_queues(&self.parking_queue).await;
     }
 }
 
@@ -246,7 +254,8 @@ impl Ledger {
         if let Some(f) = opts.feed {
             cfg.feed = f;
         }
-        let served = Served::launch::<credits_ledger::App>(cfg, opts.addr, database_url).await;
+        let served =
+            Served::launch::<credits_ledger::App>(cfg, opts.addr, database_url, &exchange).await;
         Ledger {
             served,
             exchange,
@@ -424,7 +433,8 @@ impl Payments {
         if let Some(t) = opts.call_timeout {
             cfg.daemon.call_timeout = t;
         }
-        let served = Served::launch::<credits_payments::App>(cfg, None, database_url).await;
+        let served =
+            Served::launch::<credits_payments::App>(cfg, None, database_url, &opts.exchange).await;
         Payments { served }
     }
 
@@ -473,7 +483,9 @@ impl Recharge {
         cfg.worker.clock = opts.clock;
         cfg.faults.stop_after_charge = opts.stop_after_charge;
         cfg.faults.skip_recheck_after_success = opts.skip_recheck_after_success;
-        let served = Served::launch::<credits_recharge::App>(cfg, None, opts.database_url).await;
+        let served =
+            Served::launch::<credits_recharge::App>(cfg, None, opts.database_url, &opts.exchange)
+                .await;
         Recharge { served }
     }
 
@@ -595,9 +607,7 @@ impl System {
 
 /// Removes a test's durable queues (quorum queues outlive their consumers).
 pub async fn delete_queues(queue: &str) {
-    let Ok(conn) =
-        lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default()).await
-    else {
+    let Ok(conn) = amqp_connect().await else {
         return;
     };
     if let Ok(ch) = conn.create_channel().await {
@@ -613,11 +623,28 @@ pub async fn delete_queues(queue: &str) {
     let _ = conn.close(0, "test done".into()).await;
 }
 
+/// How long the test broker may take to open a connection. A broker out of file handles
+/// accepts the TCP connection and never answers the AMQP handshake: without a bound, every
+/// test touching it would hang instead of failing.
+const AMQP_CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A connection to the test broker, or why there is none within [`AMQP_CONNECT_TIMEOUT`].
+async fn amqp_connect() -> Result<lapin::Connection, String> {
+    let connect = lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default());
+    match tokio::time::timeout(AMQP_CONNECT_TIMEOUT, connect).await {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(e)) => Err(format!("RabbitMQ at {AMQP_URL}: {e}")),
+        Err(_) => Err(format!(
+            "RabbitMQ at {AMQP_URL} did not open a connection within {AMQP_CONNECT_TIMEOUT:?}; \
+             a broker out of file handles does this (`rabbitmqctl eval 'file_handle_cache:info().'`: \
+             total_used above total_limit), e.g. after many quorum queues were left behind"
+        )),
+    }
+}
+
 /// A connection to the test broker and a channel on it.
 async fn amqp_channel() -> (lapin::Connection, lapin::Channel) {
-    let conn = lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default())
-        .await
-        .expect("amqp");
+    let conn = amqp_connect().await.unwrap_or_else(|e| panic!("{e}"));
     let ch = conn.create_channel().await.expect("channel");
     (conn, ch)
 }

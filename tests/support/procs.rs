@@ -227,6 +227,7 @@ impl Daemons {
             );
         }
         crate::delete_queues(&self.queue).await;
+        crate::delete_queues(&format!("{}.unrouted", self.exchange)).await;
         logs
     }
 }

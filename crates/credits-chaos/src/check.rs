@@ -27,7 +27,10 @@ pub async fn terminate_backends(pg: &str, name: &str) {
     }
 }
 
-pub async fn drop_all(pg: &str, dbs: &[String; 3], amqp_url: &str, queue: &str) {
+/// Drops the run's databases and deletes its queues: the recharge queue, its dead letters,
+/// the alerts queue and the exchange's parking queue (quorum queues each hold broker file
+/// handles; left behind run after run they exhaust a default broker's).
+pub async fn drop_all(pg: &str, dbs: &[String; 3], amqp_url: &str, queue: &str, exchange: &str) {
     if let Ok(mut c) = db(pg, "postgres").await {
         for d in dbs {
             let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{d}\" WITH (FORCE)"))
@@ -42,6 +45,7 @@ pub async fn drop_all(pg: &str, dbs: &[String; 3], amqp_url: &str, queue: &str) 
             queue.to_owned(),
             format!("{queue}.dlq"),
             alerts_queue(queue),
+            format!("{exchange}.unrouted"),
         ] {
             let _ = ch
                 .queue_delete(

@@ -594,7 +594,7 @@ async fn run(a: &Args, seed: u64) -> anyhow::Result<bool> {
     }
     println!("daemons stopped cleanly on SIGTERM: {clean}");
     if !a.keep && ok {
-        check::drop_all(&a.pg_url, &c.dbs, &a.amqp_url, &c.queue).await;
+        check::drop_all(&a.pg_url, &c.dbs, &a.amqp_url, &c.queue, &c.exchange).await;
         let _ = std::fs::remove_dir_all(&logdir);
     } else {
         println!(
