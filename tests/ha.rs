@@ -4,8 +4,12 @@
 //! purchases are in flight. Every call is retried under its own idempotency key until it is
 //! answered, as a client of a payments system must when an answer is lost.
 //!
-//! The pair is shared by every run on the machine (its ports are fixed): this file holds
-//! one test, and each run has its own databases on it.
+//! A second test cuts the primary off the network instead (its namespace's link down): it
+//! runs on, and must acknowledge nothing once the standby took over, then come back as the
+//! standby.
+//!
+//! The pair is shared by every run on the machine (its ports are fixed): the tests of this
+//! file take turns ([`pair`]), and each has its own databases on it.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -19,6 +23,48 @@ use credits_tests::api::{Api, CreditSource, credits, dec, usage};
 use credits_tests::{Ledger, LedgerOptions, NOBODY, Payments, PaymentsOptions, unique};
 
 const HA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/ha/postgres");
+
+/// The pair, held by one test at a time.
+fn pair() -> &'static tokio::sync::Mutex<()> {
+    static PAIR: std::sync::OnceLock<tokio::sync::Mutex<()>> = std::sync::OnceLock::new();
+    PAIR.get_or_init(|| tokio::sync::Mutex::new(()))
+}
+
+/// Whether `deploy/ha/postgres <args>` succeeds.
+async fn ha_ok(args: &[&str]) -> bool {
+    tokio::process::Command::new(HA)
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .await
+        .is_ok_and(|s| s.success())
+}
+
+/// Waits until the monitor names a primary other than `old`.
+async fn failover_from(old: &str) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let now = ha(&["primary"]).await;
+        if !now.is_empty() && now != old {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no failover after 90 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Waits until node `old` is the standby again (one primary, one secondary).
+async fn rejoined(old: &str) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !ha_ok(&["healthy"]).await {
+        assert!(
+            Instant::now() < deadline,
+            "node {old} did not rejoin as the standby"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
 
 /// Runs `deploy/ha/postgres <args>`; its output, which must be a success.
 async fn ha(args: &[&str]) -> String {
@@ -65,6 +111,7 @@ struct Acked {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn what_was_acknowledged_survives_the_primary_s_death_and_nothing_is_charged_twice() {
+    let _pair = pair().lock().await;
     let base = ha(&["up"]).await;
     assert!(base.contains(','), "a URL of two hosts: {base}");
     let ledger = Ledger::start_with(LedgerOptions {
@@ -135,15 +182,7 @@ async fn what_was_acknowledged_survives_the_primary_s_death_and_nothing_is_charg
     // Only what was asked after the primary was gone counts as "after the kill".
     killed.store(true, Ordering::Release);
     // The standby takes over; the writers go on through it.
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let now = ha(&["primary"]).await;
-        if !now.is_empty() && now != old {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no failover after 90 s");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    failover_from(&old).await;
     eprintln!(
         "failover: node {old} killed, another primary after {:?}",
         t.elapsed()
@@ -210,20 +249,83 @@ async fn what_was_acknowledged_survives_the_primary_s_death_and_nothing_is_charg
 
     // The killed node comes back as the standby.
     ha(&["start", &old]).await;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while tokio::process::Command::new(HA)
-        .arg("healthy")
-        .status()
-        .await
-        .map(|s| !s.success())
-        .unwrap_or(true)
-    {
-        assert!(
-            Instant::now() < deadline,
-            "node {old} did not rejoin as the standby"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    rejoined(&old).await;
     payments.stop().await;
+    ledger.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_primary_cut_off_acknowledges_nothing_once_replaced_and_rejoins_as_the_standby() {
+    let _pair = pair().lock().await;
+    let base = ha(&["up"]).await;
+    // The table `deploy/ha/postgres write` commits a row to, from inside a node's namespace.
+    let mut admin = credits_common::db::connect_primary(&format!("{base}/postgres"))
+        .await
+        .unwrap();
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS credits_ha_probe (at timestamptz NOT NULL DEFAULT now())",
+    )
+    .execute(&mut admin)
+    .await
+    .unwrap();
+    drop(admin);
+    let ledger = Ledger::start_with(LedgerOptions {
+        database_url: Some(format!("{base}/{}", unique("credits_t_ha_cut"))),
+        ..Default::default()
+    })
+    .await;
+    let c = ledger.api();
+    c.prepaid("acme", "100.00").await;
+    let old = ha(&["primary"]).await;
+    assert!(
+        ha_ok(&["write", &old]).await,
+        "the probe's write is acknowledged by the primary before the cut"
+    );
+
+    ha(&["partition", &old]).await;
+    failover_from(&old).await;
+    // The ledger moves to the new primary; what it acknowledges from now on is kept.
+    let mut acked = Vec::new();
+    for i in 0..5 {
+        let k = format!("after-cut-{i}");
+        let e = answered(&k, || async {
+            c.ledger()
+                .add_credits(&credits("acme", "1.00", CreditSource::Purchase, &k))
+                .await
+        })
+        .await;
+        acked.push((k, e.entry.entry_id));
+    }
+    // Cut off, the old primary still runs, and acknowledges nothing: its commits wait for a
+    // standby that follows another primary now (and it demotes itself).
+    for _ in 0..5 {
+        assert!(
+            !ha_ok(&["write", &old]).await,
+            "split brain: node {old}, cut off, acknowledged a write while another node is primary"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    ha(&["heal", &old]).await;
+    rejoined(&old).await;
+    let new = ha(&["primary"]).await;
+    assert_ne!(new, old, "the old primary came back as the standby");
+    assert!(
+        !ha_ok(&["write", &old]).await,
+        "a standby acknowledges no write"
+    );
+    assert!(ha_ok(&["write", &new]).await, "the primary does");
+    // Everything acknowledged is there once, and a retry is answered with the first entry.
+    assert_eq!(c.balance("acme").await.as_decimal(), dec("105.00"));
+    for (k, id) in &acked {
+        let again = answered(k, || async {
+            c.ledger()
+                .add_credits(&credits("acme", "1.00", CreditSource::Purchase, k))
+                .await
+        })
+        .await;
+        assert_eq!(&again.entry.entry_id, id, "{k} replayed");
+    }
+    assert_eq!(c.balance("acme").await.as_decimal(), dec("105.00"));
     ledger.stop().await;
 }

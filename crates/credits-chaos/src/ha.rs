@@ -1,8 +1,9 @@
 //! `--ha`: the soak over a PostgreSQL failover pair and a three-node RabbitMQ cluster
 //! (`deploy/ha/postgres`, `deploy/ha/rabbitmq`), with the faults of losing a machine: the
 //! primary killed (keeper and postgres at once), the primary paused past the failover
-//! timeout and resumed (it must come back as a standby: no split brain), a broker node
-//! killed. The money invariants are checked as in every soak; this module measures what
+//! timeout and resumed, the primary cut off from the network (its namespace's link down)
+//! and reconnected — in both it must acknowledge no write once another node is primary,
+//! and come back as the standby: no split brain — and a broker node killed. The money invariants are checked as in every soak; this module measures what
 //! the faults cost: failover times, requests refused while they lasted, and the longest
 //! time `CheckAccess` — and a gateway's cache — could not answer.
 
@@ -107,6 +108,7 @@ async fn acknowledges_writes(pg: &str, n: usize, wait: Duration) -> bool {
 pub struct HaReport {
     pub primary_kills: u32,
     pub primary_pauses: u32,
+    pub primary_partitions: u32,
     pub broker_kills: u32,
     pub daemon_kills: u32,
     /// From the fault to another node's acknowledging a write.
@@ -120,8 +122,8 @@ pub struct HaReport {
     pub refused: Vec<usize>,
     /// From a broker node's kill to its being back in the cluster.
     pub broker_rejoins: Vec<Duration>,
-    /// Writes a resumed old primary acknowledged while another node was primary: split
-    /// brain. Must be zero.
+    /// Writes an old primary — paused then resumed, or cut off then reconnected —
+    /// acknowledged while another node was primary: split brain. Must be zero.
     pub split_brain_writes: u32,
     /// Faults whose recovery did not come within [`RECOVERY_LIMIT`].
     pub stuck: Vec<String>,
@@ -146,8 +148,12 @@ impl std::fmt::Display for HaReport {
         let refused: usize = self.refused.iter().sum();
         writeln!(
             f,
-            "ha faults: {} primary kills, {} primary pauses past the failover timeout, {} broker node kills, {} daemon kills",
-            self.primary_kills, self.primary_pauses, self.broker_kills, self.daemon_kills
+            "ha faults: {} primary kills, {} primary pauses past the failover timeout, {} primary partitions (its link cut), {} broker node kills, {} daemon kills",
+            self.primary_kills,
+            self.primary_pauses,
+            self.primary_partitions,
+            self.broker_kills,
+            self.daemon_kills
         )?;
         writeln!(
             f,
@@ -176,7 +182,7 @@ impl std::fmt::Display for HaReport {
         )?;
         write!(
             f,
-            "ha split-brain writes acknowledged by a resumed old primary: {}; recoveries that did not come: {:?}",
+            "ha split-brain writes acknowledged by an old primary (paused, or cut off) while another was primary: {}; recoveries that did not come: {:?}",
             self.split_brain_writes, self.stuck
         )
     }
@@ -256,27 +262,33 @@ async fn database_fault(
         r.stuck.push("no primary before a database fault".into());
         return;
     };
-    // Every third database fault is a pause, the second one first, so that a short run
-    // has both kinds.
-    let pause = (r.primary_kills + r.primary_pauses) % 3 == 1;
+    // Kill, pause, cut off, in turn, so that a short run has every kind.
+    let kind = match (r.primary_kills + r.primary_pauses + r.primary_partitions) % 3 {
+        0 => DbFault::Kill,
+        1 => DbFault::Pause,
+        _ => DbFault::Partition,
+    };
     let n = old.to_string();
     let errors = workload::ERRORS.load(Ordering::Relaxed);
     let t = Instant::now();
-    if pause {
-        r.primary_pauses += 1;
-        let _ = script(PG, &["pause", &n]).await;
-    } else {
-        r.primary_kills += 1;
-        let _ = script(PG, &["kill", &n]).await;
-    }
+    let (count, args, what) = match kind {
+        DbFault::Kill => (
+            &mut r.primary_kills,
+            "kill",
+            "killed (kill -9, keeper and postgres)",
+        ),
+        DbFault::Pause => (&mut r.primary_pauses, "pause", "paused (SIGSTOP)"),
+        DbFault::Partition => (
+            &mut r.primary_partitions,
+            "partition",
+            "cut off from the network (its link down; it runs on)",
+        ),
+    };
+    *count += 1;
+    let _ = script(PG, &[args, &n]).await;
     println!(
-        "[{:6.1}s] ha fault: PostgreSQL primary (node {old}) {}",
+        "[{:6.1}s] ha fault: PostgreSQL primary (node {old}) {what}",
         t0.elapsed().as_secs_f32(),
-        if pause {
-            "paused (SIGSTOP)"
-        } else {
-            "killed (kill -9, keeper and postgres)"
-        }
     );
     let failover = until(|| async {
         match primary().await {
@@ -318,27 +330,37 @@ async fn database_fault(
         "every ledger answers from the new primary, after the fault",
         "a ledger never answered from the new primary".into(),
     );
-    tokio::time::sleep(Duration::from_millis(1000 + rng.below(3000))).await;
-    let back = Instant::now();
-    if pause {
-        let _ = script(PG, &["resume", &n]).await;
-        // While it learns it was demoted, a write it acknowledged would be split brain.
-        // (Its commits wait for a standby that now follows the new primary.)
-        let watch_until = Instant::now() + Duration::from_secs(8);
-        while Instant::now() < watch_until {
-            if acknowledges_writes(pg, old, Duration::from_millis(500)).await
-                && primary().await.is_some_and(|p| p != old)
-            {
-                r.split_brain_writes += 1;
-                println!(
-                    "[{:6.1}s] ha: SPLIT BRAIN: the resumed old primary acknowledged a write",
-                    t0.elapsed().as_secs_f32()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+    // Cut off, the old primary runs on: a client on its side of the cut (a write from
+    // inside its namespace) must get no acknowledgement — its commits wait for a standby
+    // that now follows the new primary, and it demotes itself.
+    let watch_for = Duration::from_millis(1000 + rng.below(3000));
+    if kind == DbFault::Partition {
+        split_brain_watch(old, watch_for, r, t0, "the cut-off old primary").await;
     } else {
-        let _ = script(PG, &["start", &n]).await;
+        tokio::time::sleep(watch_for).await;
+    }
+    let back = Instant::now();
+    match kind {
+        DbFault::Kill => {
+            let _ = script(PG, &["start", &n]).await;
+        }
+        DbFault::Pause | DbFault::Partition => {
+            let args = if kind == DbFault::Pause {
+                "resume"
+            } else {
+                "heal"
+            };
+            let _ = script(PG, &[args, &n]).await;
+            // While it learns it was demoted, a write it acknowledged would be split brain.
+            split_brain_watch(
+                old,
+                Duration::from_secs(8),
+                r,
+                t0,
+                "the returning old primary",
+            )
+            .await;
+        }
     }
     let took = until(|| succeeds(PG, &["healthy"]))
         .await
@@ -351,6 +373,31 @@ async fn database_fault(
         &format!("node {old} is the standby again, after"),
         format!("node {old} did not rejoin as the standby"),
     );
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum DbFault {
+    Kill,
+    Pause,
+    Partition,
+}
+
+/// For `watch`, writes on node `old` from inside its namespace (`deploy/ha/postgres write`,
+/// which reaches it even cut off); each one it acknowledges while another node is primary
+/// counts as split brain.
+async fn split_brain_watch(old: usize, watch: Duration, r: &mut HaReport, t0: Instant, who: &str) {
+    let n = old.to_string();
+    let until_t = Instant::now() + watch;
+    while Instant::now() < until_t {
+        if succeeds(PG, &["write", &n]).await && primary().await.is_some_and(|p| p != old) {
+            r.split_brain_writes += 1;
+            println!(
+                "[{:6.1}s] ha: SPLIT BRAIN: {who} (node {old}) acknowledged a write",
+                t0.elapsed().as_secs_f32()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Records a recovery: how long it took (in `times`, and a line), or that it never came.

@@ -68,7 +68,8 @@ pub struct Args {
     /// Run over a PostgreSQL failover pair and a three-node RabbitMQ cluster (started with
     /// `deploy/ha/postgres up` and `deploy/ha/rabbitmq up` when not running; `--pg-url`
     /// and `--amqp-url` are theirs) and inject machine-loss faults instead: the primary
-    /// killed or paused past the failover timeout, a broker node killed ([`ha`]).
+    /// killed, paused past the failover timeout, or cut off from the network (its
+    /// namespace's link down), a broker node killed ([`ha`]).
     #[arg(long)]
     pub ha: bool,
 }
