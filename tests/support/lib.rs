@@ -165,10 +165,11 @@ impl Served {
         pg_connect(&self.database_url).await
     }
 
-    /// Cancels the daemon; it must end cleanly. Its exchange's parking queue is deleted (a
-    /// daemon still running on the exchange declares it again): a quorum queue holds broker
-    /// file handles, and a test run leaving hundreds behind exhausts a default broker's, which
-    /// then stops accepting connections.
+    /// Cancels the daemon; it must end cleanly. Its exchange's parking queue is deleted: a
+    /// quorum queue holds broker file handles, and a test run leaving hundreds behind
+    /// exhausts a default broker's, which then stops accepting connections. (A daemon still
+    /// running on the exchange that parks an event meanwhile has it returned, keeps it in
+    /// its outbox, reconnects and declares the queue again.)
     async fn stop(self) {
         self.shutdown.cancel();
         self.task
