@@ -320,7 +320,7 @@ impl Feed {
                 let out = out.clone();
                 inner
                     .store
-                    .watch_start(&feed.feed_id(), ids.as_deref(), since.as_ref(), |c| {
+                    .watch_start(ids.as_deref(), since.as_ref(), |c| {
                         let out = out.clone();
                         async move { out.send(Ok(WatchItem::Change(c))).await.is_ok() }
                     })

@@ -184,7 +184,6 @@ impl Store {
     /// answering false (the watcher left) stops it.
     pub async fn watch_start<F, Fut>(
         &self,
-        feed_id: &str,
         accounts: Option<&[String]>,
         since: Option<&FeedCursor>,
         mut send: F,
@@ -208,7 +207,12 @@ impl Store {
         sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             .execute(&mut *tx)
             .await?;
-        let usable = since.filter(|c| c.feed_id == feed_id);
+        // A cursor is judged against the feed in the database, never against the id this
+        // replica's poller last read: after a failover a poller still waiting on the old
+        // primary holds the old id, and a cursor of the new feed, refused for that, was
+        // answered with a snapshot its client took for a catch-up (versions skipped with no
+        // reset to explain them).
+        let usable = since;
         let (snapshot, resumable, read_feed_id): (String, Option<bool>, String) =
             sqlx::query_as(&format!(
                 "SELECT pg_current_snapshot()::text,
