@@ -1035,7 +1035,7 @@ pub async fn check_cache(
                     a.0 == b.0 && b.1 != a.1 + 1 && !last_of_epoch
                 })
         };
-        let mut gapped: Vec<(&String, &Vec<(u64, u64)>, usize)> = seen
+        let mut gapped: Vec<_> = seen
             .iter()
             .filter_map(|(id, s)| first_gap(s).map(|i| (id, s, i)))
             .collect();
