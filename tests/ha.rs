@@ -126,6 +126,18 @@ where
     }
 }
 
+/// A credit of 1.00 to `acme` under key `k`, asked until answered: its entry's id.
+async fn credit(c: &Api, k: &str) -> String {
+    answered(k, || async {
+        c.ledger()
+            .add_credits(&credits("acme", "1.00", CreditSource::Purchase, k))
+            .await
+    })
+    .await
+    .entry
+    .entry_id
+}
+
 /// What one writer had acknowledged: (key, entry or charge id), in order, and how many
 /// of them were acknowledged after the primary was killed.
 #[derive(Default)]
@@ -165,16 +177,7 @@ async fn what_was_acknowledged_survives_the_primary_s_death_and_nothing_is_charg
                 let k = format!("{kind}-{i}");
                 let after = killed.load(Ordering::Acquire);
                 let id = match kind {
-                    "credit" => {
-                        answered(&k, || async {
-                            c.ledger()
-                                .add_credits(&credits("acme", "1.00", CreditSource::Purchase, &k))
-                                .await
-                        })
-                        .await
-                        .entry
-                        .entry_id
-                    }
+                    "credit" => credit(&c, &k).await,
                     "usage" => {
                         answered(&k, || async {
                             c.ledger().record_usage(&usage("acme", "0.10", &k)).await
@@ -240,13 +243,7 @@ async fn what_was_acknowledged_survives_the_primary_s_death_and_nothing_is_charg
     );
     // Asked again, each is answered with what it did the first time, not done again.
     for (k, id) in &acked[0].done {
-        let again = answered(k, || async {
-            c.ledger()
-                .add_credits(&credits("acme", "1.00", CreditSource::Purchase, k))
-                .await
-        })
-        .await;
-        assert_eq!(&again.entry.entry_id, id, "{k} replayed");
+        assert_eq!(&credit(&c, k).await, id, "{k} replayed");
     }
     for (k, id) in &acked[1].done {
         let again = answered(k, || async {
@@ -349,13 +346,8 @@ async fn a_primary_cut_off_acknowledges_nothing_once_replaced_and_rejoins_as_the
     let mut acked = Vec::new();
     for i in 0..5 {
         let k = format!("after-cut-{i}");
-        let e = answered(&k, || async {
-            c.ledger()
-                .add_credits(&credits("acme", "1.00", CreditSource::Purchase, &k))
-                .await
-        })
-        .await;
-        acked.push((k, e.entry.entry_id));
+        let id = credit(&c, &k).await;
+        acked.push((k, id));
     }
 
     ha(&["heal", &old]).await;
@@ -370,13 +362,7 @@ async fn a_primary_cut_off_acknowledges_nothing_once_replaced_and_rejoins_as_the
     // Everything acknowledged is there once, and a retry is answered with the first entry.
     assert_eq!(c.balance("acme").await.as_decimal(), dec("105.00"));
     for (k, id) in &acked {
-        let again = answered(k, || async {
-            c.ledger()
-                .add_credits(&credits("acme", "1.00", CreditSource::Purchase, k))
-                .await
-        })
-        .await;
-        assert_eq!(&again.entry.entry_id, id, "{k} replayed");
+        assert_eq!(&credit(&c, k).await, id, "{k} replayed");
     }
     assert_eq!(c.balance("acme").await.as_decimal(), dec("105.00"));
     ledger.stop().await;
