@@ -2,10 +2,11 @@
 //! (`deploy/ha/postgres`, `deploy/ha/rabbitmq`), with the faults of losing a machine: the
 //! primary killed (keeper and postgres at once), the primary paused past the failover
 //! timeout and resumed, the primary cut off from the network (its namespace's link down)
-//! and reconnected — in both it must acknowledge no write once another node is primary,
-//! and come back as the standby: no split brain — and a broker node killed. The money invariants are checked as in every soak; this module measures what
-//! the faults cost: failover times, requests refused while they lasted, and the longest
-//! time `CheckAccess` — and a gateway's cache — could not answer.
+//! and reconnected — in both it must acknowledge no write once it was replaced, and come
+//! back as the standby: no split brain — and a broker node killed. The money invariants
+//! are checked as in every soak; this module measures what the faults cost: failover
+//! times, requests refused while they lasted, and the longest time `CheckAccess` — and a
+//! gateway's cache — could not answer.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -123,7 +124,8 @@ pub struct HaReport {
     /// From a broker node's kill to its being back in the cluster.
     pub broker_rejoins: Vec<Duration>,
     /// Writes an old primary — paused then resumed, or cut off then reconnected —
-    /// acknowledged while another node was primary: split brain. Must be zero.
+    /// acknowledged after it was replaced (and not made primary again): split brain. Must
+    /// be zero.
     pub split_brain_writes: u32,
     /// Faults whose recovery did not come within [`RECOVERY_LIMIT`].
     pub stuck: Vec<String>,
@@ -182,7 +184,7 @@ impl std::fmt::Display for HaReport {
         )?;
         write!(
             f,
-            "ha split-brain writes acknowledged by an old primary (paused, or cut off) while another was primary: {}; recoveries that did not come: {:?}",
+            "ha split-brain writes acknowledged by an old primary (paused, or cut off) after it was replaced: {}; recoveries that did not come: {:?}",
             self.split_brain_writes, self.stuck
         )
     }
