@@ -53,12 +53,20 @@ DROP FUNCTION IF EXISTS ledger_feed_since(pg_snapshot);
 CREATE OR REPLACE FUNCTION ledger_feed_since(p_since pg_snapshot)
 RETURNS TABLE (account_id text, version bigint, mode text, access text, balance numeric,
                held numeric, at timestamptz, xid bigint)
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 -- xid8 has no statistics the planner can range over: `xid >= …` is estimated at a third of
 -- the table and a sequential scan of minutes of changes chosen (profiled under usage-spread:
 -- 1.7 M rows read in 10 s). Two index range reads, always.
 SET enable_seqscan = off
+-- Planned once per connection, not per poll: as a SQL function (which PostgreSQL plans on
+-- every call) planning took 1.3 ms of a 1.6 ms poll, reading ~600 index pages for the
+-- planner's range estimate, and the 100 polls a second of one replica were a fifth of
+-- PostgreSQL's CPU under usage-spread (profiled; docs/benchmarks.md).
+SET plan_cache_mode = force_generic_plan
 AS $$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
     SELECT u.account_id, u.version, u.mode, u.access, u.balance, u.held, c.at,
            c.xid::text::bigint
     FROM (SELECT * FROM access_changes x WHERE x.xid >= pg_snapshot_xmax(p_since)
@@ -67,8 +75,8 @@ AS $$
           WHERE x.xid = ANY (ARRAY(SELECT pg_snapshot_xip(p_since)))
             AND x.xid < pg_snapshot_xmax(p_since)) c
     CROSS JOIN LATERAL unnest(c.account_ids, c.versions, c.modes, c.access, c.balances, c.helds)
-         AS u(account_id, version, mode, access, balance, held)
-$$;
+         AS u(account_id, version, mode, access, balance, held);
+END $$;
 
 CREATE OR REPLACE FUNCTION entries_are_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
@@ -584,6 +592,11 @@ LANGUAGE plpgsql
 -- a sequential scan of `accounts` cheaper for 100+ keys (and an UPDATE by hash join over
 -- the whole table), which a profile showed costing most of PostgreSQL's CPU.
 SET enable_seqscan = off
+-- One plan for every batch size. Left to itself, PL/pgSQL re-plans the big statement below
+-- for every call whose custom plan looks cheaper than the generic one, which a small batch's
+-- always does: planning was 28 % of PostgreSQL's CPU for one-item batches (profiled), and
+-- 4 clients posting one item each ran 2.6x faster with the generic plan (docs/benchmarks.md).
+SET plan_cache_mode = force_generic_plan
 AS $$
 #variable_conflict use_column
 DECLARE

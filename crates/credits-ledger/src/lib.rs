@@ -27,7 +27,7 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 pub static FUNCTIONS: &str = include_str!("../sql/functions.sql");
 /// The version of `sql/functions.sql`: raise it with every change of the file, or the
 /// databases that already hold this version keep their function bodies.
-pub const FUNCTIONS_VERSION: i32 = 15;
+pub const FUNCTIONS_VERSION: i32 = 16;
 
 pub const DEFAULT_DATABASE_URL: &str = "postgres://localhost/credits_ledger";
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
