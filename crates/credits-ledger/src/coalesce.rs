@@ -58,10 +58,13 @@ struct InFlight {
 /// A batch smaller than `max_batch / LINGER_BELOW` waits (at most `LINGER`) for more
 /// postings while another batch is being posted — not when nothing else is (an idle
 /// ledger posts a lone debit at once).
-const LINGER_BELOW: usize = 4;
-const LINGER: Duration = Duration::from_millis(3);
-/// Batches posted at once before another lingers: PostgreSQL runs each on one core.
-const LINGER_WHILE: usize = 2;
+const LINGER_BELOW: usize = 2;
+const LINGER: Duration = Duration::from_millis(5);
+/// Batches posted at once before another lingers. One: a batch's fixed cost (~0.8 ms of
+/// PostgreSQL's CPU, most of a small batch's) is paid once for everything that arrives
+/// while the one before is posted. With two, 64 unary callers made batches of 16 on
+/// average; with one, of 30, for 6-10 % more usage per second (docs/benchmarks.md).
+const LINGER_WHILE: usize = 1;
 
 async fn worker(
     store: Store,
