@@ -85,6 +85,10 @@ impl Args {
     }
 }
 
+/// As the daemons: a load generator on the same two cores should not spend them in malloc.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
