@@ -178,9 +178,6 @@ pub fn require_auth_off_loopback(
 #[macro_export]
 macro_rules! daemon_main {
     ($daemon:ident) => {
-        #[global_allocator]
-        static ALLOCATOR: $crate::mimalloc::MiMalloc = $crate::mimalloc::MiMalloc;
-
         #[tokio::main]
         async fn main() -> anyhow::Result<()> {
             let args = <Args as clap::Parser>::parse();

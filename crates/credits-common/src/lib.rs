@@ -20,6 +20,3 @@ pub mod tls;
 pub mod trace;
 
 pub use money::{Money, MoneyError};
-/// The daemons' global allocator ([`daemon_main!`](crate::daemon_main)): glibc's malloc was
-/// 12 % of the ledger's CPU under unary usage (profiled, docs/benchmarks.md).
-pub use mimalloc;
