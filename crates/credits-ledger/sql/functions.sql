@@ -66,6 +66,8 @@ SET plan_cache_mode = force_generic_plan
 AS $$
 #variable_conflict use_column
 BEGIN
+    -- RETURN QUERY converts nothing: the columns' types must stay those of RETURNS TABLE
+    -- (access_changes' arrays' element types; `xid` cast to bigint).
     RETURN QUERY
     SELECT u.account_id, u.version, u.mode, u.access, u.balance, u.held, c.at,
            c.xid::text::bigint

@@ -23,15 +23,33 @@ pub struct Coalescer {
     tx: mpsc::Sender<(PostingRequest, Reply)>,
 }
 
+/// How postings are gathered into statements.
+#[derive(Clone, Copy, Debug)]
+pub struct Batching {
+    /// Batch posters (`GROUP_COMMIT_WORKERS`).
+    pub workers: usize,
+    /// The most postings one statement carries (`GROUP_COMMIT_MAX`).
+    pub max_batch: usize,
+    /// Batches posted at once before the next one lingers (`GROUP_COMMIT_PARALLEL`).
+    pub parallel: usize,
+}
+
 impl Coalescer {
     /// Starts `workers` batch posters taking up to `max_batch` postings each.
-    pub fn start(store: Store, workers: usize, max_batch: usize) -> Coalescer {
-        let (workers, max_batch) = (workers.max(1), max_batch.max(1));
+    pub fn start(store: Store, batching: Batching) -> Coalescer {
+        let (workers, max_batch) = (batching.workers.max(1), batching.max_batch.max(1));
+        let parallel = batching.parallel.max(1);
         let (tx, rx) = mpsc::channel(max_batch * workers * 4);
         let rx = Arc::new(Mutex::new(rx));
         let flight = Arc::new(InFlight::default());
         for _ in 0..workers {
-            tokio::spawn(worker(store.clone(), rx.clone(), max_batch, flight.clone()));
+            tokio::spawn(worker(
+                store.clone(),
+                rx.clone(),
+                max_batch,
+                parallel,
+                flight.clone(),
+            ));
         }
         Coalescer { tx }
     }
@@ -60,16 +78,18 @@ struct InFlight {
 /// ledger posts a lone debit at once).
 const LINGER_BELOW: usize = 2;
 const LINGER: Duration = Duration::from_millis(5);
-/// Batches posted at once before another lingers. One: a batch's fixed cost (~0.8 ms of
-/// PostgreSQL's CPU, most of a small batch's) is paid once for everything that arrives
-/// while the one before is posted. With two, 64 unary callers made batches of 16 on
-/// average; with one, of 30, for 6-10 % more usage per second (docs/benchmarks.md).
-const LINGER_WHILE: usize = 1;
+/// Batches posted at once before another lingers (`GROUP_COMMIT_PARALLEL`). One: a batch's
+/// fixed cost (~0.8 ms of PostgreSQL's CPU, most of a small batch's) is paid once for
+/// everything that arrives while the one before is posted. With two, 64 unary callers made
+/// batches of 16 on average; with one, of 30, for 6-10 % more usage per second on two cores
+/// (docs/benchmarks.md). A database with many cores to spare may want more at once.
+pub const DEFAULT_PARALLEL: usize = 1;
 
 async fn worker(
     store: Store,
     rx: Arc<Mutex<mpsc::Receiver<(PostingRequest, Reply)>>>,
     max_batch: usize,
+    parallel: usize,
     flight: Arc<InFlight>,
 ) {
     loop {
@@ -82,15 +102,17 @@ async fn worker(
                 None => return,
             }
             drain(&mut rx, &mut batch, max_batch);
-            // A statement's fixed cost (~1 ms of PostgreSQL's CPU, profiled) is most of a
-            // small batch's: while another batch is being posted anyway, this one gathers
-            // the postings that arrive until that one ends, so the database spends its
+            // A statement's fixed cost (~0.8 ms of PostgreSQL's CPU, profiled) is most of a
+            // small batch's: while other batches are being posted anyway, this one gathers
+            // the postings that arrive until one of them ends, so the database spends its
             // time on debits, not on statements (docs/benchmarks.md).
             let deadline = tokio::time::Instant::now() + LINGER;
-            while batch.len() < max_batch / LINGER_BELOW
-                && flight.batches.load(Ordering::Acquire) >= LINGER_WHILE
-            {
+            while batch.len() < max_batch / LINGER_BELOW {
+                // Made before the count is read: a batch ending in between still wakes it.
                 let ended = flight.ended.notified();
+                if flight.batches.load(Ordering::Acquire) < parallel {
+                    break;
+                }
                 tokio::select! {
                     job = rx.recv() => match job {
                         Some(job) => {

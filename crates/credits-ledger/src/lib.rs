@@ -27,7 +27,7 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 pub static FUNCTIONS: &str = include_str!("../sql/functions.sql");
 /// The version of `sql/functions.sql`: raise it with every change of the file, or the
 /// databases that already hold this version keep their function bodies.
-pub const FUNCTIONS_VERSION: i32 = 16;
+pub const FUNCTIONS_VERSION: i32 = 17;
 
 pub const DEFAULT_DATABASE_URL: &str = "postgres://localhost/credits_ledger";
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
@@ -37,9 +37,11 @@ pub const DEFAULT_METRICS: &str = "127.0.0.1:9151";
 pub struct Config {
     /// What every daemon is configured with: database, broker, tokens, pool, relay.
     pub daemon: credits_common::config::DaemonConfig,
-    /// Group commit: concurrent batch posters, and the most postings one commit carries.
+    /// Group commit: batch posters, the most postings one commit carries, and the batches
+    /// posted at once before the next one waits for more (`coalesce`).
     pub group_commit_workers: usize,
     pub group_commit_max: usize,
+    pub group_commit_parallel: usize,
     /// R15: how often this replica looks for holds past `expires_at`.
     pub hold_sweep_every: std::time::Duration,
     /// R28: the most one `StreamUsage` call carries.
@@ -68,6 +70,7 @@ impl Config {
             ),
             group_commit_workers: 4,
             group_commit_max: 128,
+            group_commit_parallel: coalesce::DEFAULT_PARALLEL,
             hold_sweep_every: DEFAULT_HOLD_SWEEP,
             stream_limits: grpc::StreamLimits::default(),
             purchased_credits_expire_days: None,
@@ -139,8 +142,11 @@ impl App {
         .await?;
         let coalescer = coalesce::Coalescer::start(
             store.clone(),
-            self.cfg.group_commit_workers,
-            self.cfg.group_commit_max,
+            coalesce::Batching {
+                workers: self.cfg.group_commit_workers,
+                max_batch: self.cfg.group_commit_max,
+                parallel: self.cfg.group_commit_parallel,
+            },
         );
         let svc = LedgerServiceServer::new(
             grpc::LedgerGrpc::new(store, coalescer, views, feed)

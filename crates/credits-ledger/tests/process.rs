@@ -127,6 +127,7 @@ async fn zero_or_absurd_settings_are_a_clear_start_up_error_not_a_panic() {
     for (name, value) in [
         ("GROUP_COMMIT_WORKERS", "0"),
         ("GROUP_COMMIT_MAX", "1000000"),
+        ("GROUP_COMMIT_PARALLEL", "0"),
         ("DB_MAX_CONNECTIONS", "0"),
         ("OUTBOX_PARK_AFTER_SECS", "-5"),
     ] {

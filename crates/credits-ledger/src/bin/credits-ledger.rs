@@ -21,6 +21,10 @@ struct Args {
     /// Group commit: most postings one commit carries.
     #[arg(long, env = "GROUP_COMMIT_MAX", default_value_t = 128, value_parser = ranged::<1, 1000>)]
     group_commit_max: u64,
+    /// Group commit: batches posted at once before the next one waits (at most 5 ms) to
+    /// gather more postings.
+    #[arg(long, env = "GROUP_COMMIT_PARALLEL", default_value_t = credits_ledger::coalesce::DEFAULT_PARALLEL as u64, value_parser = ranged::<1, 64>)]
+    group_commit_parallel: u64,
     /// R28: the most usage items one `StreamUsage` call carries before the server ends it
     /// (the client sends the rest on a new stream).
     #[arg(long, env = "STREAM_USAGE_MAX_ITEMS", default_value_t = credits_ledger::grpc::STREAM_MAX_ITEMS, value_parser = ranged::<1, 100_000_000>)]
@@ -61,6 +65,7 @@ impl Args {
         cfg.daemon.apply(&self.common);
         cfg.group_commit_workers = self.group_commit_workers as usize;
         cfg.group_commit_max = self.group_commit_max as usize;
+        cfg.group_commit_parallel = self.group_commit_parallel as usize;
         cfg.stream_limits = credits_ledger::grpc::StreamLimits {
             max_items: self.stream_usage_max_items as usize,
             max_lifetime: std::time::Duration::from_secs(self.stream_usage_max_secs),
