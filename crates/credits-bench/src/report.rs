@@ -284,6 +284,10 @@ pub async fn markdown(a: &Args, r: &[Stats]) -> anyhow::Result<String> {
     ));
     md.push_str(&format!("- rustc: {}\n", sh("rustc --version")));
     md.push_str(&format!("- run: concurrency {}, {} s per scenario, {} accounts (usage-spread), {} accounts (recharge-latency, all at once), batches of {}\n", a.concurrency, a.duration, a.accounts, a.recharge_accounts, a.batch));
+    md.push_str(&format!(
+        "- load: `credits-bench` on {} tokio runtime thread(s) (`TOKIO_WORKER_THREADS`; `scripts/bench` gives it one, `BENCH_THREADS` more), the daemons on one per core\n",
+        std::env::var("TOKIO_WORKER_THREADS").unwrap_or_else(|_| "one per core".into())
+    ));
     let rates: Vec<String> = open_recharge(r)
         .iter()
         .map(|(rate, _)| rate.to_string())
