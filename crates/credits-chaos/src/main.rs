@@ -591,10 +591,14 @@ async fn run(a: &Args, seed: u64) -> anyhow::Result<bool> {
 
     let mut clean = true;
     for d in c.all() {
-        clean &= d.stop().await;
+        if let Err(e) = d.stop().await {
+            println!("{}: {e} (its log: {})", d.spec.name, d.log.display());
+            clean = false;
+        }
     }
     println!("daemons stopped cleanly on SIGTERM: {clean}");
-    if !a.keep && ok {
+    // A daemon that did not stop cleanly keeps the logs that say why.
+    if !a.keep && ok && clean {
         check::drop_all(&a.pg_url, &c.dbs, &a.amqp_url, &c.queue, &c.exchange).await;
         let _ = std::fs::remove_dir_all(&logdir);
     } else {

@@ -76,10 +76,10 @@ impl Daemon {
         format!("http://127.0.0.1:{}", self.spec.port)
     }
 
-    /// SIGTERM and wait; true when it exited 0.
-    pub async fn stop(&mut self) -> bool {
+    /// SIGTERM and wait: `Ok` when it exited 0, else what happened instead.
+    pub async fn stop(&mut self) -> Result<(), String> {
         let Some(mut c) = self.child.take() else {
-            return true;
+            return Ok(());
         };
         if let Some(pid) = c.id() {
             let _ = Command::new("kill")
@@ -88,10 +88,12 @@ impl Daemon {
                 .await;
         }
         match tokio::time::timeout(std::time::Duration::from_secs(20), c.wait()).await {
-            Ok(Ok(s)) => s.success(),
-            _ => {
+            Ok(Ok(s)) if s.success() => Ok(()),
+            Ok(Ok(s)) => Err(format!("exited with {s}")),
+            Ok(Err(e)) => Err(format!("could not be waited for: {e}")),
+            Err(_) => {
                 let _ = c.kill().await;
-                false
+                Err("still running 20 s after SIGTERM (killed)".into())
             }
         }
     }
