@@ -85,7 +85,8 @@ impl Args {
     }
 }
 
-/// As the daemons: a load generator on the same two cores should not spend them in malloc.
+/// A load generator on the same two cores should not spend them in glibc's malloc. (The
+/// daemons keep the system allocator: mimalloc cost them 20-40 MiB, docs/benchmarks.md.)
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -74,8 +74,8 @@ struct InFlight {
 }
 
 /// A batch smaller than `max_batch / LINGER_BELOW` waits (at most `LINGER`) for more
-/// postings while another batch is being posted — not when nothing else is (an idle
-/// ledger posts a lone debit at once).
+/// postings while `parallel` batches are being posted — not when fewer are (an idle ledger
+/// posts a lone debit at once).
 const LINGER_BELOW: usize = 2;
 const LINGER: Duration = Duration::from_millis(5);
 /// Batches posted at once before another lingers (`GROUP_COMMIT_PARALLEL`). One: a batch's
