@@ -132,7 +132,7 @@ pub async fn run(a: &Args, name: &str, accounts: usize) -> anyhow::Result<Stats>
     })
 }
 
-/// How many postings one group-commit statement carries at most (`Config::group_commit_max`).
+/// How many postings one group-commit statement carries at most (`Batching::max_batch`).
 pub const GROUP_COMMIT_BATCH: usize = 128;
 
 /// What a ceiling run sends per statement.

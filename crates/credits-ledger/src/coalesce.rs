@@ -34,6 +34,16 @@ pub struct Batching {
     pub parallel: usize,
 }
 
+impl Default for Batching {
+    fn default() -> Self {
+        Batching {
+            workers: 4,
+            max_batch: 128,
+            parallel: DEFAULT_PARALLEL,
+        }
+    }
+}
+
 impl Coalescer {
     /// Starts `workers` batch posters taking up to `max_batch` postings each.
     pub fn start(store: Store, batching: Batching) -> Coalescer {

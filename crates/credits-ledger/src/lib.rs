@@ -38,10 +38,8 @@ pub struct Config {
     /// What every daemon is configured with: database, broker, tokens, pool, relay.
     pub daemon: credits_common::config::DaemonConfig,
     /// Group commit: batch posters, the most postings one commit carries, and the batches
-    /// posted at once before the next one waits for more (`coalesce`).
-    pub group_commit_workers: usize,
-    pub group_commit_max: usize,
-    pub group_commit_parallel: usize,
+    /// posted at once before the next one waits for more.
+    pub group_commit: coalesce::Batching,
     /// R15: how often this replica looks for holds past `expires_at`.
     pub hold_sweep_every: std::time::Duration,
     /// R28: the most one `StreamUsage` call carries.
@@ -68,9 +66,7 @@ impl Config {
                 amqp_url,
                 "credits-ledger",
             ),
-            group_commit_workers: 4,
-            group_commit_max: 128,
-            group_commit_parallel: coalesce::DEFAULT_PARALLEL,
+            group_commit: coalesce::Batching::default(),
             hold_sweep_every: DEFAULT_HOLD_SWEEP,
             stream_limits: grpc::StreamLimits::default(),
             purchased_credits_expire_days: None,
@@ -140,14 +136,7 @@ impl App {
             shutdown.clone(),
         )
         .await?;
-        let coalescer = coalesce::Coalescer::start(
-            store.clone(),
-            coalesce::Batching {
-                workers: self.cfg.group_commit_workers,
-                max_batch: self.cfg.group_commit_max,
-                parallel: self.cfg.group_commit_parallel,
-            },
-        );
+        let coalescer = coalesce::Coalescer::start(store.clone(), self.cfg.group_commit);
         let svc = LedgerServiceServer::new(
             grpc::LedgerGrpc::new(store, coalescer, views, feed)
                 .with_stream_limits(self.cfg.stream_limits)

@@ -63,9 +63,11 @@ impl Args {
     fn config(&self) -> anyhow::Result<Config> {
         let mut cfg = Config::new(&self.database_url, &self.common.amqp_url);
         cfg.daemon.apply(&self.common);
-        cfg.group_commit_workers = self.group_commit_workers as usize;
-        cfg.group_commit_max = self.group_commit_max as usize;
-        cfg.group_commit_parallel = self.group_commit_parallel as usize;
+        cfg.group_commit = credits_ledger::coalesce::Batching {
+            workers: self.group_commit_workers as usize,
+            max_batch: self.group_commit_max as usize,
+            parallel: self.group_commit_parallel as usize,
+        };
         cfg.stream_limits = credits_ledger::grpc::StreamLimits {
             max_items: self.stream_usage_max_items as usize,
             max_lifetime: std::time::Duration::from_secs(self.stream_usage_max_secs),
